@@ -1,0 +1,367 @@
+"""Dataset adapters: a folder of real images (+ masks) → one canonical source table.
+
+:func:`ingest` reads one of three on-disk layouts and returns a :class:`pandas.DataFrame`
+with one row per real image (the *source manifest* before it is written to Parquet):
+
+================  =====================================================================
+column            meaning
+================  =====================================================================
+image_id          unique, stable id ``<category>/<defect_type>/<stem>`` (see layouts)
+category          product / surface name (``bottle``, ``magnetic-tile``, ...)
+defect_type       defect class, ``"good"`` for a defect-free image
+image_path        POSIX path of the image, relative to ``root``
+mask_path         POSIX path of the mask relative to ``root``; ``None`` for good images
+width, height     image size in pixels (ints)
+image_sha256      SHA-256 of the image file's bytes
+mask_sha256       SHA-256 of the mask file's bytes; ``None`` for good images
+mask_area         defect pixels after thresholding the mask (``>= mask_threshold``); 0 for good
+origin            ``"train"`` / ``"test"`` as the source dataset labels the image (MVTec AD's
+                  own split), ``"unspecified"`` where the layout has no split
+================  =====================================================================
+
+Every image and every mask is decoded in full before anything is returned, so a
+corrupt file, a mask of the wrong size, an empty or missing mask stops ingestion with a
+:class:`~defectforge.errors.DataError` whose one line names the file; the caller writes
+nothing in that case.
+
+Layouts
+-------
+``mvtec`` (MVTec AD)::
+
+    <root>/<category>/train/good/<id>.png
+    <root>/<category>/test/<defect_type>/<id>.png          (test/good too)
+    <root>/<category>/ground_truth/<defect_type>/<id>_mask.png
+
+``root`` may also be a single category folder (one holding ``train/`` and ``test/``);
+the category is then the folder's name. Ids: ``bottle/good/train-000``,
+``bottle/good/test-000`` (train and test goods stay distinct), ``bottle/broken_large/000``
+(a defect image found under ``train/`` would get ``train-000``). ``mask_rule`` is not used:
+MVTec AD's masks are always ``ground_truth/<defect_type>/<stem>_mask.png``.
+
+``folder`` (generic)::
+
+    <root>/<category>/<defect_type>/<images matching image_glob>
+
+A folder named ``good`` holds defect-free images (no mask needed). Every other image
+needs a mask found by ``mask_rule``: a :meth:`str.format` pattern for the mask's path
+*relative to the folder the image is in*, with the fields ``{stem}`` (file name without
+suffix), ``{name}`` (file name), ``{suffix}`` (``.png``), ``{category}`` and
+``{defect_type}``. Examples:
+
+* ``"{stem}_mask.png"`` (default): ``crack/001.png`` + ``crack/001_mask.png`` side by side;
+* ``"../masks/{stem}.png"`` with ``image_glob="images/*"``: ``crack/images/001.jpg`` +
+  ``crack/masks/001.png``;
+* ``"{stem}.png"`` with ``image_glob="*.jpg"``: ``crack/001.jpg`` + ``crack/001.png``.
+
+Files that are the mask of another image are never taken as images themselves. If
+``root`` itself holds a ``good`` folder it is read as a single category named after
+``root``. ``origin`` is ``"unspecified"``. Ids: ``<category>/<defect_type>/<stem>``.
+
+``magnetic-tile`` (Huang et al., "Surface defect saliency of magnetic tile")::
+
+    <root>/MT_<Class>/Imgs/<id>.jpg   with the mask <id>.png beside it
+
+``MT_Free`` is defect-free (``defect_type="good"``, its all-black masks are not read);
+other classes give ``defect_type=<class>.lower()`` (``blowhole``, ``break``, ``crack``,
+``fray``, ``uneven``). Category ``magnetic-tile``. Its masks are not clean 0/255 (values
+1..254 occur at the edges), hence the threshold. ``image_glob`` filters the ``.jpg``/``.jpeg``
+files of each ``Imgs`` folder.
+
+Example
+-------
+>>> from defectforge.data.adapters import ingest
+>>> df = ingest("magnetic-tile", "../shared/data/magnetic-tile")  # doctest: +SKIP
+>>> df.groupby("defect_type").size().to_dict()                     # doctest: +SKIP
+{'blowhole': 115, 'break': 85, 'crack': 57, 'good': 476}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from defectforge.data.io import IMAGE_SUFFIXES
+from defectforge.errors import DataError, ParamsError
+
+LAYOUTS = ("mvtec", "folder", "magnetic-tile")
+GOOD = "good"
+COLUMNS = [
+    "image_id",
+    "category",
+    "defect_type",
+    "image_path",
+    "mask_path",
+    "width",
+    "height",
+    "image_sha256",
+    "mask_sha256",
+    "mask_area",
+    "origin",
+]
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One image found on disk, before its files are read."""
+
+    image_id: str
+    category: str
+    defect_type: str
+    image: Path
+    mask: Path | None  # None only for good images
+    origin: str
+
+
+# --------------------------------------------------------------------------- public
+
+
+def ingest(
+    layout: str,
+    root: str | os.PathLike,
+    *,
+    image_glob: str = "*",
+    mask_rule: str = "{stem}_mask.png",
+    mask_threshold: int = 128,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Read a dataset folder into the canonical source table (see the module docstring).
+
+    Args:
+        layout: ``"mvtec"``, ``"folder"`` or ``"magnetic-tile"``.
+        root: the dataset folder; every path in the result is relative to it.
+        image_glob: glob for image files inside each leaf folder (only files with an
+            image suffix are taken).
+        mask_rule: ``folder`` layout only: the mask's path relative to its image's folder.
+        mask_threshold: a mask pixel is defect where its gray value is ``>=`` this.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        One row per image, sorted by ``image_id``, columns :data:`COLUMNS`.
+
+    Raises:
+        DataError: unknown layout, missing root, no images, a corrupt image or mask, a mask
+            of another size than its image, an empty or missing mask; the message names
+            the file.
+    """
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; allowed layouts: {', '.join(LAYOUTS)}")
+    if isinstance(mask_threshold, bool) or not isinstance(mask_threshold, (int, np.integer)) or not 1 <= mask_threshold <= 255:
+        raise ParamsError(f"mask_threshold={mask_threshold!r}: must be an integer in 1..255")
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: dataset root not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root is not a folder")
+
+    finder = {"mvtec": _find_mvtec, "folder": _find_folder, "magnetic-tile": _find_magnetic_tile}[layout]
+    entries = finder(root, image_glob=image_glob, mask_rule=mask_rule)
+    if not entries:
+        raise DataError(f"{root}: no images found for layout {layout!r} (see `defectforge ingest --help` for the layout)")
+    _check_unique_ids(entries)
+
+    rows = [_read_entry(root, e, mask_threshold) for e in _progress(entries, progress, f"ingest {layout}")]
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = df.sort_values("image_id", kind="stable").reset_index(drop=True)
+    df["width"] = df["width"].astype("int64")
+    df["height"] = df["height"].astype("int64")
+    df["mask_area"] = df["mask_area"].astype("int64")
+    for col in ("mask_path", "mask_sha256"):  # None (not NaN) where a good image has no mask
+        df[col] = pd.Series([v if isinstance(v, str) else None for v in df[col]], dtype=object)
+    return df
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _find_mvtec(root: Path, *, image_glob: str, mask_rule: str) -> list[_Entry]:
+    del mask_rule  # MVTec AD's mask naming is fixed
+    single = (root / "train").is_dir() or (root / "test").is_dir()
+    category_dirs = [root] if single else _subdirs(root)
+    entries: list[_Entry] = []
+    for cat_dir in category_dirs:
+        category = cat_dir.name
+        for origin in ("train", "test"):
+            for defect_dir in _subdirs(cat_dir / origin):
+                defect_type = defect_dir.name
+                for image in _images(defect_dir, image_glob):
+                    if defect_type == GOOD:
+                        image_id, mask = f"{category}/{GOOD}/{origin}-{image.stem}", None
+                    else:
+                        prefix = "train-" if origin == "train" else ""
+                        image_id = f"{category}/{defect_type}/{prefix}{image.stem}"
+                        mask = cat_dir / "ground_truth" / defect_type / f"{image.stem}_mask.png"
+                    entries.append(_Entry(image_id, category, defect_type, image, mask, origin))
+    return entries
+
+
+def _find_folder(root: Path, *, image_glob: str, mask_rule: str) -> list[_Entry]:
+    _check_mask_rule(mask_rule)
+    category_dirs = [root] if (root / GOOD).is_dir() else _subdirs(root)
+    entries: list[_Entry] = []
+    for cat_dir in category_dirs:
+        category = cat_dir.name
+        for defect_dir in _subdirs(cat_dir):
+            defect_type = defect_dir.name
+            candidates = _images(defect_dir, image_glob)
+
+            def mask_of(image: Path) -> Path:
+                rel = mask_rule.format(
+                    stem=image.stem, name=image.name, suffix=image.suffix, category=category, defect_type=defect_type
+                )
+                return Path(os.path.normpath(image.parent / rel))
+
+            masks = {}
+            for image in candidates:
+                m = mask_of(image)
+                if m == Path(os.path.normpath(image)):
+                    raise DataError(f"{image}: mask_rule {mask_rule!r} maps this image onto itself")
+                masks[image] = m
+            taken_as_mask = {os.path.normpath(m) for m in masks.values()}
+            for image in candidates:
+                if os.path.normpath(image) in taken_as_mask:
+                    continue  # the mask of another image, not an image
+                mask = None if defect_type == GOOD else masks[image]
+                entries.append(
+                    _Entry(f"{category}/{defect_type}/{image.stem}", category, defect_type, image, mask, "unspecified")
+                )
+    return entries
+
+
+def _find_magnetic_tile(root: Path, *, image_glob: str, mask_rule: str) -> list[_Entry]:
+    del mask_rule  # the dataset's rule is fixed: <id>.png beside <id>.jpg
+    entries: list[_Entry] = []
+    for class_dir in _subdirs(root):
+        if not class_dir.name.startswith("MT_"):
+            continue
+        name = class_dir.name[len("MT_"):].lower()
+        defect_type = GOOD if name == "free" else name
+        for image in _images(class_dir / "Imgs", image_glob, suffixes=(".jpg", ".jpeg")):
+            mask = None if defect_type == GOOD else image.with_suffix(".png")
+            entries.append(
+                _Entry(f"magnetic-tile/{defect_type}/{image.stem}", "magnetic-tile", defect_type, image, mask, "unspecified")
+            )
+    return entries
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_entry(root: Path, e: _Entry, threshold: int) -> dict:
+    data = _read_bytes(e.image, "image")
+    width, height = _decode_size(e.image, data)
+    row = {
+        "image_id": e.image_id,
+        "category": e.category,
+        "defect_type": e.defect_type,
+        "image_path": _relative(root, e.image),
+        "mask_path": None,
+        "width": width,
+        "height": height,
+        "image_sha256": hashlib.sha256(data).hexdigest(),
+        "mask_sha256": None,
+        "mask_area": 0,
+        "origin": e.origin,
+    }
+    if e.mask is None:
+        return row
+    if not e.mask.is_file():
+        raise DataError(f"{e.image}: no mask for this defect image (expected {e.mask})")
+    mdata = _read_bytes(e.mask, "mask")
+    mask = _decode_mask(e.mask, mdata, threshold)
+    if mask.shape != (height, width):
+        raise DataError(
+            f"{e.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {e.image} is {width}x{height}"
+        )
+    area = int(np.count_nonzero(mask))
+    if area == 0:
+        raise DataError(f"{e.mask}: empty mask (no pixel >= {threshold}) for defect image {e.image}")
+    row.update(mask_path=_relative(root, e.mask), mask_sha256=hashlib.sha256(mdata).hexdigest(), mask_area=area)
+    return row
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc.strerror or exc.__class__.__name__})") from None
+
+
+def _decode_size(path: Path, data: bytes) -> tuple[int, int]:
+    """Decode the whole image (catches truncated files) and return (width, height)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            width, height = im.size
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__})") from None
+    if width == 0 or height == 0:
+        raise DataError(f"{path}: image has no pixels")
+    return width, height
+
+
+def _decode_mask(path: Path, data: bytes, threshold: int) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            gray = np.asarray(im.convert("L"), dtype=np.uint8)
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{path}: unreadable or corrupt mask ({exc.__class__.__name__})") from None
+    return gray >= threshold
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images(folder: Path, pattern: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
+    )
+
+
+def _relative(root: Path, path: Path) -> str:
+    rel = Path(os.path.relpath(path, root)).as_posix()
+    if rel == ".." or rel.startswith("../"):
+        raise DataError(f"{path}: path escapes the dataset root {root}")
+    return rel
+
+
+def _check_mask_rule(rule: str) -> None:
+    try:
+        rule.format(stem="x", name="x.png", suffix=".png", category="c", defect_type="d")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ParamsError(
+            f"mask_rule {rule!r}: invalid pattern ({exc}); fields: {{stem}} {{name}} {{suffix}} {{category}} {{defect_type}}"
+        ) from None
+
+
+def _check_unique_ids(entries: list[_Entry]) -> None:
+    seen: dict[str, Path] = {}
+    for e in entries:
+        if e.image_id in seen:
+            raise DataError(f"{e.image}: image id {e.image_id!r} already used by {seen[e.image_id]} (same file stem)")
+        seen[e.image_id] = e.image
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="img", file=sys.stderr)

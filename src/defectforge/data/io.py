@@ -1,0 +1,118 @@
+"""Image and mask input/output.
+
+Images are handled as ``uint8`` arrays of shape (H, W, 3) (grayscale sources are
+replicated to three channels so every method sees one format); masks as ``bool``
+arrays of shape (H, W). Every write goes to a temporary file in the destination
+folder and is renamed into place, so a killed process never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from defectforge.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as uint8 (H, W, 3); raises DataError naming the file if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__})") from None
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"{path}: image has no pixels")
+    return arr
+
+
+def read_mask(path: str | os.PathLike, threshold: int = 128) -> np.ndarray:
+    """Read a mask as bool (H, W): a pixel is defect where its gray value >= threshold.
+
+    Masks from real datasets are rarely clean 0/255 (JPEG ringing, anti-aliasing), so
+    they are always thresholded rather than compared with 255.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: mask file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt mask ({exc.__class__.__name__})") from None
+    return arr >= threshold
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the header only; raises DataError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__})") from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 image (H, W, 3) / (H, W) or a bool mask (stored 0/255).
+
+    PNG encoding with fixed settings is deterministic, so the hash of the bytes is a
+    reproducible content id.
+    """
+    import io
+
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype != np.uint8:
+        raise ValueError(f"encode_png expects uint8 or bool, got {arr.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def write_png(path: str | os.PathLike, arr: np.ndarray) -> str:
+    """Atomically write ``arr`` as PNG; returns the SHA-256 of the written bytes."""
+    data = encode_png(arr)
+    atomic_write_bytes(Path(path), data)
+    return sha256_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(Path(path), text.encode("utf-8"))

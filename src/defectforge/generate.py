@@ -1,0 +1,168 @@
+"""The generation driver: plan samples, run a method shard by shard, write the manifest.
+
+The plan is a pure function of the split manifest and the params: for every defect
+type of the training split, ``n_per_defect`` samples, each with its own normal image
+(a defect-free *training* image of the same category), its own seed and a
+``sample_id`` that hashes everything that determines the sample. Samples are cut
+into shards of ``shard_size``; each shard is written (images, masks, then its
+manifest part) and committed by an atomic rename, so a killed run resumes by
+skipping finished shards and never duplicates rows. Held-out (test) images are never
+used here: they belong to the detector's evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from defectforge.data.io import read_image, read_mask, sha256_bytes, encode_png, atomic_write_bytes
+from defectforge.errors import DataError
+from defectforge.manifest.io import ShardedWriter, manifest_info, read_manifest
+from defectforge.masks.target import sample_target_mask
+from defectforge.methods.base import GenerationMethod
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    index: int
+    sample_id: str
+    category: str
+    defect_type: str
+    normal_id: str
+    seed: int
+
+
+def _derive_seed(*parts: Any) -> int:
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: int, params_sha256: str) -> list[SampleSpec]:
+    """Deterministic list of the samples to make (same inputs -> same list)."""
+    train = split[split["split"] == "train"]
+    specs: list[SampleSpec] = []
+    groups = train[train["defect_type"] != "good"].groupby(["category", "defect_type"], sort=True)
+    for (category, defect), _ in groups:
+        normals = sorted(train[(train["category"] == category) & (train["defect_type"] == "good")]["image_id"])
+        if not normals:
+            raise DataError(f"split manifest: category {category!r} has no defect-free training images to paint {defect!r} on")
+        for j in range(n_per_defect):
+            s = _derive_seed(seed, category, defect, j)
+            normal = normals[s % len(normals)]
+            sid = hashlib.sha256(f"{method}|{params_sha256}|{category}|{defect}|{normal}|{s}".encode()).hexdigest()[:20]
+            specs.append(SampleSpec(len(specs), sid, category, defect, normal, s))
+    if not specs:
+        raise DataError("split manifest: no defect types in the training split, nothing to generate")
+    return specs
+
+
+def run_generation(
+    split_manifest: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    method: GenerationMethod,
+    n_per_defect: int,
+    seed: int,
+    shard_size: int,
+    params_sha256: str,
+    target_mask_options: dict[str, Any] | None = None,
+    fit: Callable[[GenerationMethod, str, str, list[tuple[np.ndarray, np.ndarray]]], None] | None = None,
+    shards: list[int] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Generate every planned sample into ``out_dir`` (images/, masks/, raw_masks/, manifest/).
+
+    ``fit(method, category, defect_type, real_train_defects)`` prepares the method for a
+    defect type (default: ``method.fit(defects, defect_type)``). ``shards`` restricts
+    the run to some shard indices (the fan-out of a distributed run); the default is all.
+    Returns the manifest shard folder.
+    """
+    info = manifest_info(split_manifest)
+    src_root = Path(info["dataset_root"])
+    split = read_manifest(split_manifest).to_pandas()
+    out_dir = Path(out_dir)
+    specs = plan_samples(split, method=method.name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256)
+    n_shards = (len(specs) + shard_size - 1) // shard_size
+    writer = ShardedWriter(out_dir / "manifest", kind="synthetic", dataset_root=out_dir)
+    todo = [i for i in (shards if shards is not None else range(n_shards)) if not writer.done(i)]
+    by_id = split.set_index("image_id")
+    crash_after = int(os.environ.get("DEFECTFORGE_TEST_CRASH_AFTER_SHARDS", "0"))  # test hook: simulate a kill
+    fitted: set[tuple[str, str]] = set()
+    real_masks: dict[tuple[str, str], list[np.ndarray]] = {}
+    cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
+    bar = tqdm(total=sum(len(specs[i * shard_size : (i + 1) * shard_size]) for i in todo), desc=f"generate[{method.name}]", unit="img", disable=not progress)
+    written = 0
+    for shard in todo:
+        rows = []
+        for spec in specs[shard * shard_size : (shard + 1) * shard_size]:
+            key = (spec.category, spec.defect_type)
+            if key not in fitted:
+                reals = by_id[(by_id["split"] == "train") & (by_id["category"] == spec.category) & (by_id["defect_type"] == spec.defect_type)]
+                defects = [(read_image(src_root / r.image_path), read_mask(src_root / r.mask_path)) for r in reals.itertuples()]
+                real_masks[key] = [m for _, m in defects]
+                (fit or (lambda m, c, d, reals: m.fit(reals, d)))(method, spec.category, spec.defect_type, defects)
+                fitted.add(key)
+            normal_row = by_id.loc[spec.normal_id]
+            normal = read_image(src_root / normal_row.image_path)
+            rng = np.random.default_rng(spec.seed)
+            target, donor = sample_target_mask(real_masks[key], normal, rng, **(target_mask_options or {}))
+            result = method.generate(normal, target, spec.defect_type, spec.seed)
+            rows.append(_write_sample(out_dir, spec, normal_row, result, method, cfg_json, params_sha256))
+            bar.update(1)
+        writer.write(shard, rows)
+        written += 1
+        if crash_after and written >= crash_after:
+            os._exit(137)
+    bar.close()
+    return writer.dir
+
+
+def _write_sample(out_dir: Path, spec: SampleSpec, normal_row, result, method, cfg_json: str, params_sha256: str) -> dict:
+    if result.image.shape != (normal_row.height, normal_row.width, 3):
+        raise DataError(f"method {method.name} returned an image of shape {result.image.shape} for {spec.normal_id}")
+    if not np.isfinite(result.image).all():
+        raise DataError(f"method {method.name} returned non-finite pixels for sample {spec.sample_id}")
+    sub = f"{spec.category}/{spec.defect_type}/{spec.sample_id}.png"
+    files = {"image_path": f"images/{sub}", "mask_path": f"masks/{sub}", "raw_mask_path": f"raw_masks/{sub}"}
+    hashes = {}
+    for col, arr in (("image_path", result.image), ("mask_path", result.mask), ("raw_mask_path", result.mask)):
+        data = encode_png(arr)
+        atomic_write_bytes(out_dir / files[col], data)
+        hashes[col] = sha256_bytes(data)
+    attention_path = None
+    if result.attention is not None:
+        attention_path = f"attention/{sub}"
+        att = np.clip(np.rint(result.attention * 255), 0, 255).astype(np.uint8)
+        atomic_write_bytes(out_dir / attention_path, encode_png(att))
+    area = int(result.mask.sum())
+    return {
+        "sample_id": spec.sample_id,
+        "dataset_version": None,
+        "category": spec.category,
+        "defect_type": spec.defect_type,
+        "method": method.name,
+        **files,
+        "attention_path": attention_path,
+        "source_image_id": spec.normal_id,
+        "source_sha256": normal_row.image_sha256,
+        "defect_source_id": None,
+        "image_sha256": hashes["image_path"],
+        "mask_sha256": hashes["mask_path"],
+        "raw_mask_sha256": hashes["raw_mask_path"],
+        "seed": spec.seed,
+        "params_sha256": params_sha256,
+        "checkpoint_sha256": method.checkpoint_sha256,
+        "method_config": cfg_json,
+        "width": int(normal_row.width),
+        "height": int(normal_row.height),
+        "mask_area": area,
+        "raw_mask_area": area,
+    }

@@ -1,0 +1,109 @@
+"""Parquet schemas of the three manifests defectforge writes.
+
+* ``source``    — one row per real image found by an adapter (ingest stage);
+* ``split``     — the source rows plus the seeded ``split``/``fold`` assignment;
+* ``synthetic`` — one row per generated sample (generate / refine / quality / release).
+
+Every file carries its kind, the schema version and the dataset root (relative to
+the file's own folder) in the Parquet key-value metadata, so a manifest can be read
+and validated on its own. All paths in a manifest are POSIX paths relative to the
+dataset root; a path that escapes the root is rejected (:func:`check_relpath`).
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+
+from defectforge.errors import ManifestError
+
+SCHEMA_VERSION = "1.0"
+META_KIND = b"defectforge.kind"
+META_VERSION = b"defectforge.schema_version"
+META_ROOT = b"defectforge.dataset_root"
+META_DATASET_VERSION = b"defectforge.dataset_version"
+
+SOURCE_FIELDS = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("category", pa.string(), nullable=False),
+    pa.field("defect_type", pa.string(), nullable=False),
+    pa.field("image_path", pa.string(), nullable=False),
+    pa.field("mask_path", pa.string()),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("image_sha256", pa.string(), nullable=False),
+    pa.field("mask_sha256", pa.string()),
+    pa.field("mask_area", pa.int64(), nullable=False),
+    pa.field("origin", pa.string(), nullable=False),
+]
+
+SPLIT_FIELDS = SOURCE_FIELDS + [
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("fold", pa.int32(), nullable=False),
+]
+
+# Per-sample quality figures are real columns (null until the quality stage ran).
+QC_FIELDS = [
+    pa.field("qc_bg_psnr", pa.float64()),
+    pa.field("qc_defect_contrast", pa.float64()),
+    pa.field("qc_refined_area_ratio", pa.float64()),
+    pa.field("qc_attention_agreement", pa.float64()),
+    pa.field("qc_pass", pa.bool_()),
+    pa.field("qc_reasons", pa.list_(pa.string())),
+]
+
+SYNTHETIC_FIELDS = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("dataset_version", pa.string()),
+    pa.field("category", pa.string(), nullable=False),
+    pa.field("defect_type", pa.string(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("image_path", pa.string(), nullable=False),
+    pa.field("mask_path", pa.string(), nullable=False),
+    pa.field("raw_mask_path", pa.string(), nullable=False),
+    pa.field("attention_path", pa.string()),
+    pa.field("source_image_id", pa.string(), nullable=False),
+    pa.field("source_sha256", pa.string(), nullable=False),
+    pa.field("defect_source_id", pa.string()),
+    pa.field("image_sha256", pa.string(), nullable=False),
+    pa.field("mask_sha256", pa.string(), nullable=False),
+    pa.field("raw_mask_sha256", pa.string(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("params_sha256", pa.string(), nullable=False),
+    pa.field("checkpoint_sha256", pa.string()),
+    pa.field("method_config", pa.string(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("mask_area", pa.int64(), nullable=False),
+    pa.field("raw_mask_area", pa.int64(), nullable=False),
+] + QC_FIELDS
+
+KINDS = {"source": SOURCE_FIELDS, "split": SPLIT_FIELDS, "synthetic": SYNTHETIC_FIELDS}
+PATH_COLUMNS = {
+    "source": ("image_path", "mask_path"),
+    "split": ("image_path", "mask_path"),
+    "synthetic": ("image_path", "mask_path", "raw_mask_path", "attention_path"),
+}
+ID_COLUMN = {"source": "image_id", "split": "image_id", "synthetic": "sample_id"}
+
+
+def schema_for(kind: str, dataset_root: str = ".", dataset_version: str | None = None) -> pa.Schema:
+    """The pyarrow schema of a manifest kind, with version and root in its metadata."""
+    if kind not in KINDS:
+        raise ManifestError(f"unknown manifest kind {kind!r}; allowed: {sorted(KINDS)}")
+    meta = {META_KIND: kind.encode(), META_VERSION: SCHEMA_VERSION.encode(), META_ROOT: dataset_root.encode()}
+    if dataset_version is not None:
+        meta[META_DATASET_VERSION] = dataset_version.encode()
+    return pa.schema(KINDS[kind], metadata=meta)
+
+
+def check_relpath(path: str | None, *, column: str = "path", source: str = "manifest") -> str | None:
+    """Return ``path`` normalised; raise ManifestError if absolute or escaping the root."""
+    if path is None:
+        return None
+    p = str(path).replace("\\", "/")
+    norm = posixpath.normpath(p)
+    if p.startswith("/") or (len(p) > 1 and p[1] == ":") or norm == ".." or norm.startswith("../"):
+        raise ManifestError(f"{source}: {column} {path!r} escapes the dataset root (paths must be relative and stay inside it)")
+    return norm

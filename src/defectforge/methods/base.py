@@ -1,0 +1,98 @@
+"""The interface every generation method implements.
+
+A method turns a defect-free image, a target mask and a defect type into a defect
+image. It never reads params.yaml: its configuration is a frozen dataclass built by
+the generate stage from the method's own params section, and stored (as JSON) beside
+every sample it makes so the sample can be reproduced.
+
+    result = method.generate(image, mask, defect="crack", seed=7)
+    result.image        # uint8 (H, W, 3), same size as the input image
+    result.mask         # bool (H, W): the raw target mask actually used
+    result.attention    # float32 (H, W) in [0, 1] or None (defect-token attention)
+    result.metadata     # JSON-able dict: what produced the sample
+
+Randomness comes only from ``seed`` (a ``numpy.random.Generator`` / ``torch.Generator``
+seeded from it), so one seed gives one output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+@dataclass
+class GenerationResult:
+    image: np.ndarray
+    mask: np.ndarray
+    attention: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base class of a method's frozen configuration."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def sha256(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+class GenerationMethod:
+    """Base class. Subclasses set ``name`` and implement :meth:`generate`.
+
+    ``fit`` is for methods that learn from real defects (the diffusion methods); the
+    model-free baselines keep a reference to the real defects they were given.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+
+    def fit(self, defects: list[tuple[np.ndarray, np.ndarray]], defect: str) -> None:
+        """Learn (or remember) the real defects of one type: list of (image, mask)."""
+        raise NotImplementedError
+
+    def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
+        raise NotImplementedError
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        """Hash of the model weights the method used, or None for model-free methods."""
+        return None
+
+
+_REGISTRY: dict[str, type[GenerationMethod]] = {}
+
+
+def register(cls: type[GenerationMethod]) -> type[GenerationMethod]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method_class(name: str) -> type[GenerationMethod]:
+    from defectforge.errors import ParamsError
+
+    # import side effect: registers the built-in methods
+    import defectforge.methods  # noqa: F401
+
+    if name not in _REGISTRY:
+        raise ParamsError(f"generate.method: unknown method {name!r}; allowed: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def registered_methods() -> list[str]:
+    import defectforge.methods  # noqa: F401
+
+    return sorted(_REGISTRY)

@@ -1,0 +1,137 @@
+"""Typed, validated params.yaml.
+
+Every knob of every stage lives in params.yaml and is read through these models.
+Unknown keys, wrong types and out-of-range values stop the stage with one line that
+names the dotted key and what is allowed::
+
+    params.yaml: split.scheme: got 'thirds'; allowed: 'third' or 'kfold'
+
+A stage reads only its own section (``load_params(path).split``), and dvc.yaml lists
+only those keys, so changing a knob reruns only the stages that use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from defectforge.errors import ParamsError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+class SampleParams(_Section):
+    """The built-in sample (MVTec AD layout, made deterministically)."""
+
+    seed: int = 0
+    size: int = Field(128, ge=32, le=1024)
+    n_train_good: int = Field(24, ge=2)
+    n_test_good: int = Field(8, ge=1)
+    n_defect: int = Field(12, ge=3)
+
+
+class DataParams(_Section):
+    """Where the real images are and how they are laid out."""
+
+    layout: Literal["mvtec", "folder", "magnetic-tile"] = "mvtec"
+    root: str = "data/sample"
+    mask_rule: str = "{stem}_mask.png"
+    mask_threshold: int = Field(128, ge=1, le=255)
+    categories: list[str] = []
+    defect_types: list[str] = []
+
+
+class SplitParams(_Section):
+    """AnomalyDiffusion's lowest-third rule or the DDIM-inversion paper's k-fold."""
+
+    scheme: Literal["third", "kfold"] = "third"
+    k: int = Field(2, ge=2, le=10)
+    fold: int = Field(0, ge=0)
+    seed: int = 0
+    good_test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+
+
+class CopyPasteParams(_Section):
+    """Model-free baseline: cut a real defect with its mask and paste it on a normal image."""
+
+    feather: float = Field(1.5, ge=0.0, le=20.0)
+    max_rotation: float = Field(180.0, ge=0.0, le=180.0)
+    scale_range: tuple[float, float] = (0.8, 1.2)
+    flip: bool = True
+    match_brightness: bool = True
+    placement: Literal["foreground", "anywhere"] = "foreground"
+
+
+class GenerateParams(_Section):
+    method: Literal["copy-paste", "inversion", "blended"] = "copy-paste"
+    n_per_defect: int = Field(8, ge=1, le=100000)
+    seed: int = 0
+    shard_size: int = Field(4, ge=1, le=10000)
+    copy_paste: CopyPasteParams = CopyPasteParams()
+
+
+class ReleaseParams(_Section):
+    name: str = Field("sample", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+
+
+class Params(_Section):
+    sample: SampleParams = SampleParams()
+    data: DataParams = DataParams()
+    split: SplitParams = SplitParams()
+    generate: GenerateParams = GenerateParams()
+    release: ReleaseParams = ReleaseParams()
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    got = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "literal_error":
+        return f"{key}: got {got!r}; allowed: {ctx.get('expected')}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{key}: {got!r} is out of range ({err['msg'].lower()})"
+    return f"{key}: {err['msg']} (got {got!r})"
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params.yaml") -> Params:
+    try:
+        params = Params.model_validate(data or {})
+    except ValidationError as exc:
+        errors = exc.errors()
+        msg = "; ".join(_describe(e) for e in errors[:5])
+        if len(errors) > 5:
+            msg += f"; and {len(errors) - 5} more"
+        raise ParamsError(f"{source}: {msg}") from None
+    if params.split.scheme == "kfold" and params.split.fold >= params.split.k:
+        raise ParamsError(f"{source}: split.fold: {params.split.fold} must be < split.k ({params.split.k})")
+    lo, hi = params.generate.copy_paste.scale_range
+    if not 0 < lo <= hi:
+        raise ParamsError(f"{source}: generate.copy_paste.scale_range: need 0 < low <= high, got {[lo, hi]}")
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; ParamsError names the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections")
+    return parse_params(data, str(path))
