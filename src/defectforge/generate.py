@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -91,6 +92,7 @@ def run_generation(
     out_dir = Path(out_dir)
     specs = plan_samples(split, method=method.name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256)
     n_shards = (len(specs) + shard_size - 1) // shard_size
+    _reset_if_plan_changed(out_dir, specs, shard_size)
     writer = ShardedWriter(out_dir / "manifest", kind="synthetic", dataset_root=out_dir)
     todo = [i for i in (shards if shards is not None else range(n_shards)) if not writer.done(i)]
     by_id = split.set_index("image_id")
@@ -123,6 +125,17 @@ def run_generation(
             os._exit(137)
     bar.close()
     return writer.dir
+
+
+def _reset_if_plan_changed(out_dir: Path, specs: list[SampleSpec], shard_size: int) -> None:
+    """Finished shards are reused only by a run with the same plan; otherwise start clean."""
+    plan = hashlib.sha256(json.dumps([shard_size] + [s.sample_id for s in specs]).encode()).hexdigest()
+    marker = out_dir / "plan.sha256"
+    if out_dir.exists() and (not marker.is_file() or marker.read_text().strip() != plan):
+        for child in ("manifest", "images", "masks", "raw_masks", "attention"):
+            shutil.rmtree(out_dir / child, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(marker, (plan + "\n").encode())
 
 
 def _write_sample(out_dir: Path, spec: SampleSpec, normal_row, result, method, cfg_json: str, params_sha256: str) -> dict:

@@ -100,14 +100,22 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(module: nn.Module, sd: dict, path: str | Path, what: str) -> None:
-    try:
-        module.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()
-        detail = " ".join(first[1:3]).strip() if len(first) > 1 else first[0]
-        raise DefectforgeError(
-            f"{path}: weights do not fit {what} ({detail[:200]})"
-        ) from None
+    """Load ``sd`` into ``module`` or raise one line naming the file and the first misfit."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)} != {expected[k]}" for k in expected
+             if k in sd and tuple(sd[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} tensors of the wrong shape, e.g. {wrong[0]}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+        raise DefectforgeError(f"{path}: weights do not fit {what}: " + "; ".join(parts))
+    module.load_state_dict(sd, strict=True)
 
 
 def _parse_seed(name: str, prefix: str) -> int | None:
@@ -119,13 +127,14 @@ def _parse_seed(name: str, prefix: str) -> int | None:
 
 
 class RandomVGGFeatures(nn.Module):
-    """Seeded random VGG-11 conv stack, pooled: uint8 (N,3,H,W) -> (N,512) or logits.
+    """Seeded random VGG-11 conv stack, pooled: uint8 (N,3,H,W) -> (N,512) features.
 
-    ``output="features"`` gives the pooled 512-d features (FID/KID);
-    ``output="logits"`` the 1000-way random linear head on top (IS).
+    :meth:`logits` adds a seeded random 1000-way linear head on the standardised
+    features (each image's 512 features scaled to zero mean, unit variance), used as
+    the "classifier" of IS for this backbone.
     """
 
-    def __init__(self, seed: int = 0, output: str = "features", input_size: int = RANDOM_VGG_INPUT):
+    def __init__(self, seed: int = 0, input_size: int = RANDOM_VGG_INPUT):
         super().__init__()
         import torchvision
 
@@ -138,11 +147,10 @@ class RandomVGGFeatures(nn.Module):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                     nn.init.constant_(m.bias, 0)
             self.head = nn.Linear(512, 1000)
-            nn.init.normal_(self.head.weight, 0, 0.01)
+            nn.init.normal_(self.head.weight, 0, 1.0 / 512**0.5)
             nn.init.constant_(self.head.bias, 0)
-        self.output = output
         self.input_size = input_size
-        self.num_features = 512 if output == "features" else 1000
+        self.num_features = 512
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1))
         self.requires_grad_(False)
@@ -157,8 +165,23 @@ class RandomVGGFeatures(nn.Module):
         x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                           align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
-        f = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-        return f if self.output == "features" else self.head(f)
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.forward(x)
+        z = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-8)
+        return self.head(z)
+
+
+class _Logits(nn.Module):
+    def __init__(self, base: RandomVGGFeatures):
+        super().__init__()
+        self.base = base
+        self.num_features = 1000
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.logits(x)
 
 
 class _SelectOutput(nn.Module):
@@ -215,14 +238,8 @@ def resolve_feature_backbone(name: str, weights: str | Path | None = None) -> tu
                 "(weights-inception-2015-12-05-6726825d.pth); nothing is downloaded"
             )
         sd = load_state_dict_file(weights)
-        try:
-            ext = build_fidelity_inception(sd)
-        except RuntimeError as exc:
-            lines = str(exc).splitlines()
-            detail = " ".join(lines[1:3]).strip() if len(lines) > 1 else lines[0]
-            raise DefectforgeError(
-                f"{weights}: weights do not fit torch-fidelity Inception-v3 ({detail[:200]})"
-            ) from None
+        ext = build_fidelity_inception(None)
+        _load_strict(ext, sd, weights, "torch-fidelity Inception-v3 (FID weights)")
         return _SelectOutput(ext, 0, 2048), _SelectOutput(ext, 1, 1008), "inception-v3"
     seed = _parse_seed(name, "random-inception-v3")
     if seed is not None:
@@ -232,7 +249,8 @@ def resolve_feature_backbone(name: str, weights: str | Path | None = None) -> tu
     if seed is not None:
         if weights is not None:
             raise DefectforgeError(f"backbone {name!r} is randomly initialised; it takes no weights file ({weights})")
-        return RandomVGGFeatures(seed, "features"), RandomVGGFeatures(seed, "logits"), name
+        base = RandomVGGFeatures(seed)
+        return base, _Logits(base), name
     raise DefectforgeError(
         f"unknown quality backbone {name!r}: use 'inception-v3' (with weights), "
         "'random-vgg11-seed<k>' or 'random-inception-v3-seed<k>'"

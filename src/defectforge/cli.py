@@ -1,0 +1,143 @@
+"""The ``defectforge`` command line: one subcommand per stage, plus ``validate``.
+
+Every subcommand reads its knobs from params.yaml (``--params``), lets the command
+line override the paths, and turns a :class:`DefectforgeError` into one line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from defectforge.errors import DefectforgeError
+
+for _k, _v in {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_ENABLED": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="defectforge: synthetic industrial defect datasets.")
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file")
+
+
+def _params(path: Path):
+    from defectforge.params import load_params
+
+    return load_params(path)
+
+
+@app.command()
+def sample(out: Path = typer.Option(Path("data/sample"), help="output folder (MVTec AD layout)"), params: Path = PARAMS):
+    """Make the built-in sample dataset."""
+    from defectforge.pipeline import run_sample
+
+    typer.echo(run_sample(_params(params).sample, out))
+
+
+@app.command()
+def ingest(
+    out: Path = typer.Option(..., help="source manifest to write (.parquet)"),
+    layout: Optional[str] = typer.Option(None, help="mvtec | folder | magnetic-tile (default: params data.layout)"),
+    root: Optional[Path] = typer.Option(None, help="dataset folder (default: params data.root)"),
+    mask_rule: Optional[str] = typer.Option(None, help="folder layout: mask path rule, e.g. '{stem}_mask.png'"),
+    params: Path = PARAMS,
+):
+    """Read a dataset folder into a validated source manifest."""
+    from defectforge.pipeline import run_ingest
+
+    from defectforge.params import DataParams
+
+    p = _params(params).data if params.exists() else DataParams()
+    updates = {k: v for k, v in {"layout": layout, "mask_rule": mask_rule}.items() if v is not None}
+    if updates:
+        from defectforge.params import parse_params
+
+        p = parse_params({"data": {**p.model_dump(), **updates}}, "command line").data
+    path = run_ingest(p, out, root=root)
+    _summary(path)
+
+
+@app.command()
+def split(source: Path = typer.Option(...), out: Path = typer.Option(...), params: Path = PARAMS):
+    """Assign train/test and folds (seeded) to a source manifest."""
+    from defectforge.pipeline import run_split
+
+    _summary(run_split(_params(params).split, source, out))
+
+
+@app.command()
+def generate(
+    split: Path = typer.Option(..., help="split manifest"),
+    out: Path = typer.Option(..., help="output dataset folder"),
+    method: Optional[str] = typer.Option(None, help="override generate.method"),
+    params: Path = PARAMS,
+):
+    """Generate synthetic defect images, masks and a sharded manifest."""
+    from defectforge.params import parse_params
+    from defectforge.pipeline import run_generate
+
+    p = _params(params).generate
+    if method:
+        p = parse_params({"generate": {**p.model_dump(), "method": method}}, "command line").generate
+    _summary(run_generate(p, split, out))
+
+
+@app.command()
+def release(generated: Path = typer.Option(...), out: Path = typer.Option(...), params: Path = PARAMS):
+    """Write the versioned manifest and dataset card."""
+    from defectforge.pipeline import run_release
+
+    path = run_release(_params(params).release, generated, out)
+    _summary(path)
+
+
+@app.command()
+def validate(manifest: Path = typer.Argument(..., help="manifest file or shard folder")):
+    """Run the Great Expectations suite on a manifest; exit 1 listing failures."""
+    from defectforge.manifest.validate import validate_manifest
+
+    failures = validate_manifest(manifest)
+    if failures:
+        typer.echo(f"{manifest}: {len(failures)} expectation(s) failed:", err=True)
+        for f in failures:
+            typer.echo(f"  - {f}", err=True)
+        raise typer.Exit(1)
+    _summary(manifest)
+
+
+def _summary(path: Path) -> None:
+    from defectforge.manifest.io import manifest_info, read_manifest
+
+    info = manifest_info(path)
+    df = read_manifest(path).to_pandas()
+    typer.echo(f"{path}: {info['kind']} manifest, {len(df)} rows, valid")
+    if "defect_type" in df:
+        counts = df.groupby(["category", "defect_type"]).size()
+        for (c, d), n in counts.items():
+            typer.echo(f"  {c}/{d}: {n}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except DefectforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

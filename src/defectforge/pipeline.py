@@ -1,0 +1,156 @@
+"""One function per DAG stage: what ``stages/*.py``, the CLI and the Prefect flow call.
+
+Each function takes validated params sections and explicit paths (paths come from
+dvc.yaml's command line, never hard-coded twice), writes its outputs atomically and
+validates every manifest it writes with the Great Expectations suite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from defectforge.errors import DataError
+from defectforge.manifest.io import assemble, manifest_info, read_manifest, write_manifest
+from defectforge.manifest.validate import check_manifest
+from defectforge.params import DataParams, GenerateParams, ReleaseParams, SampleParams, SplitParams
+
+
+def run_sample(p: SampleParams, out_dir: str | os.PathLike) -> Path:
+    """Make the built-in sample dataset (MVTec AD layout) in ``out_dir``."""
+    from defectforge.data.sample import make_sample
+
+    return make_sample(out_dir, seed=p.seed, size=p.size, n_train_good=p.n_train_good, n_test_good=p.n_test_good, n_defect=p.n_defect)
+
+
+def run_ingest(p: DataParams, out: str | os.PathLike, *, root: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Read a dataset folder into the source manifest ``out`` (validated)."""
+    from defectforge.data.adapters import ingest
+
+    root = Path(root if root is not None else p.root)
+    df = ingest(p.layout, root, mask_rule=p.mask_rule, mask_threshold=p.mask_threshold, progress=progress)
+    if p.categories:
+        df = df[df["category"].isin(p.categories)]
+    if p.defect_types:
+        df = df[df["defect_type"].isin(list(p.defect_types) + ["good"])]
+    if df.empty:
+        raise DataError(f"{root}: no images left after data.categories / data.defect_types filters")
+    return _write_checked(df, out, kind="source", dataset_root=root)
+
+
+def run_split(p: SplitParams, source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Assign train/test (and folds) to the source rows; writes the split manifest."""
+    from defectforge.data.split import split_sources
+
+    info = manifest_info(source)
+    df = read_manifest(source).to_pandas()
+    out_df = split_sources(df, scheme=p.scheme, k=p.k, fold=p.fold, seed=p.seed, good_test_fraction=p.good_test_fraction)
+    return _write_checked(out_df, out, kind="split", dataset_root=info["dataset_root"])
+
+
+def build_method(p: GenerateParams):
+    from defectforge.methods.base import get_method_class
+
+    cls = get_method_class(p.method)
+    section = {"copy-paste": p.copy_paste}.get(p.method)
+    cfg = cls.config_class(**(section.model_dump() if section is not None else {}))
+    return cls(cfg)
+
+
+def run_generate(p: GenerateParams, split: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True, shards: list[int] | None = None) -> Path:
+    """Generate synthetic samples into ``out_dir``; returns its validated manifest folder."""
+    from defectforge.generate import run_generation
+
+    method = build_method(p)
+    options = {}
+    if p.method == "copy-paste":
+        options = {"max_rotation": p.copy_paste.max_rotation, "scale_range": tuple(p.copy_paste.scale_range), "flip": p.copy_paste.flip}
+    manifest_dir = run_generation(
+        split,
+        out_dir,
+        method=method,
+        n_per_defect=p.n_per_defect,
+        seed=p.seed,
+        shard_size=p.shard_size,
+        params_sha256=p.sha256(),
+        target_mask_options=options,
+        shards=shards,
+        progress=progress,
+    )
+    if shards is None:
+        check_manifest(manifest_dir)
+    return manifest_dir
+
+
+def content_version(manifest_dir: str | os.PathLike) -> str:
+    """A content address for a synthetic dataset: the hash of its sorted ids and file hashes."""
+    df = read_manifest(manifest_dir, columns=["sample_id", "image_sha256", "mask_sha256"]).to_pandas().sort_values("sample_id")
+    blob = "\n".join(f"{r.sample_id} {r.image_sha256} {r.mask_sha256}" for r in df.itertuples())
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run_release(p: ReleaseParams, generated: str | os.PathLike, out_dir: str | os.PathLike, *, metrics: dict | None = None) -> Path:
+    """Write the versioned manifest and a dataset card into ``out_dir``.
+
+    The version is content-addressed (``<name>@<hash of ids and file hashes>``): the same
+    samples always give the same version string.
+    """
+    generated = Path(generated)
+    shard_dir = generated / "manifest" if (generated / "manifest").is_dir() else generated
+    dataset_root = Path(manifest_info(shard_dir)["dataset_root"])
+    version = f"{p.name}@{content_version(shard_dir)}"
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # The release manifest's paths stay relative to the generated dataset root.
+    rel_root = Path(os.path.relpath(dataset_root.resolve(), out_dir.resolve()))
+    manifest = assemble(shard_dir, tmp / "manifest.parquet", kind="synthetic", dataset_root=tmp / rel_root, dataset_version=version)
+    check_manifest(manifest)
+    df = read_manifest(manifest).to_pandas()
+    counts = df.groupby(["category", "defect_type", "method"]).size().reset_index(name="samples")
+    summary = {"dataset_version": version, "samples": int(len(df)), "counts": counts.to_dict(orient="records")}
+    if metrics:
+        summary["metrics"] = metrics
+    (tmp / "release.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (tmp / "README.md").write_text(_card(version, df, counts, metrics))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir / "manifest.parquet"
+
+
+def _card(version: str, df, counts, metrics) -> str:
+    lines = [
+        f"# defectforge dataset `{version}`",
+        "",
+        "Synthetic industrial defect images with pixel masks, made by defectforge.",
+        "",
+        f"- samples: {len(df)}",
+        f"- methods: {', '.join(sorted(df['method'].unique()))}",
+        "- manifest: `manifest.parquet` (one row per sample; paths relative to the dataset root",
+        "  stored in the file's metadata; read it with `defectforge.manifest.io.read_manifest`)",
+        "",
+        "| category | defect type | method | samples |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {r.category} | {r.defect_type} | {r.method} | {r.samples} |" for r in counts.itertuples()]
+    if metrics:
+        lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_checked(df, out, *, kind: str, dataset_root) -> Path:
+    """Write ``df`` to a temporary manifest, validate it, then move it to ``out``."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.unchecked")
+    write_manifest(df, tmp, kind=kind, dataset_root=dataset_root)
+    try:
+        check_manifest(tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out

@@ -1,0 +1,17 @@
+"""DVC stage `generate`: synthetic defect images + masks + sharded manifest (resumable).
+
+usage: python stages/generate.py PARAMS SPLIT_MANIFEST OUT_DIR
+"""
+
+from defectforge.params import load_params
+from defectforge.pipeline import run_generate
+from defectforge.stage import stage
+
+
+@stage
+def main(params: str, split: str, out_dir: str) -> None:
+    run_generate(load_params(params).generate, split, out_dir)
+
+
+if __name__ == "__main__":
+    main()
