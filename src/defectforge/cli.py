@@ -122,7 +122,9 @@ def _summary(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
     except DefectforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -106,6 +106,11 @@ COLUMNS = [
     "mask_area",
     "origin",
 ]
+_EXPECTED = {
+    "mvtec": "<category>/train/good/*.png and <category>/test/<defect_type>/*.png",
+    "folder": "<category>/<defect_type>/<image>",
+    "magnetic-tile": "MT_<Class>/Imgs/<id>.jpg",
+}
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -154,7 +159,8 @@ def ingest(
     """
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; allowed layouts: {', '.join(LAYOUTS)}")
-    if isinstance(mask_threshold, bool) or not isinstance(mask_threshold, (int, np.integer)) or not 1 <= mask_threshold <= 255:
+    is_int = isinstance(mask_threshold, (int, np.integer)) and not isinstance(mask_threshold, bool)
+    if not is_int or not 1 <= mask_threshold <= 255:
         raise ParamsError(f"mask_threshold={mask_threshold!r}: must be an integer in 1..255")
     root = Path(root)
     if not root.exists():
@@ -165,7 +171,10 @@ def ingest(
     finder = {"mvtec": _find_mvtec, "folder": _find_folder, "magnetic-tile": _find_magnetic_tile}[layout]
     entries = finder(root, image_glob=image_glob, mask_rule=mask_rule)
     if not entries:
-        raise DataError(f"{root}: no images found for layout {layout!r} (see `defectforge ingest --help` for the layout)")
+        raise DataError(
+            f"{root}: no images found for layout {layout!r} "
+            f"(expected {_EXPECTED[layout]}, image_glob={image_glob!r})"
+        )
     _check_unique_ids(entries)
 
     rows = [_read_entry(root, e, mask_threshold) for e in _progress(entries, progress, f"ingest {layout}")]
@@ -246,9 +255,8 @@ def _find_magnetic_tile(root: Path, *, image_glob: str, mask_rule: str) -> list[
         defect_type = GOOD if name == "free" else name
         for image in _images(class_dir / "Imgs", image_glob, suffixes=(".jpg", ".jpeg")):
             mask = None if defect_type == GOOD else image.with_suffix(".png")
-            entries.append(
-                _Entry(f"magnetic-tile/{defect_type}/{image.stem}", "magnetic-tile", defect_type, image, mask, "unspecified")
-            )
+            image_id = f"magnetic-tile/{defect_type}/{image.stem}"
+            entries.append(_Entry(image_id, "magnetic-tile", defect_type, image, mask, "unspecified"))
     return entries
 
 
@@ -347,7 +355,8 @@ def _check_mask_rule(rule: str) -> None:
         rule.format(stem="x", name="x.png", suffix=".png", category="c", defect_type="d")
     except (KeyError, IndexError, ValueError) as exc:
         raise ParamsError(
-            f"mask_rule {rule!r}: invalid pattern ({exc}); fields: {{stem}} {{name}} {{suffix}} {{category}} {{defect_type}}"
+            f"mask_rule {rule!r}: invalid pattern ({exc}); "
+            "fields: {stem} {name} {suffix} {category} {defect_type}"
         ) from None
 
 

@@ -15,11 +15,15 @@ Defect images, per ``(category, defect_type)``, with ids in natural order (``img
 before ``img10``):
 
 ``third``
-    AnomalyDiffusion (Hu et al., AAAI 2024, §4 "Dataset"): the lowest third of the
-    sorted ids, ``ceil(n / 3)`` images, trains the generator, the rest is test. At least
-    one image trains, and at least one is left for test when ``n >= 2``.
+    AnomalyDiffusion (Hu et al., AAAI 2024, "Experiment Settings / Dataset": "one-third of
+    the anomaly data with the lowest ID numbers as the training set, reserving the
+    remaining two-thirds for testing"): the lowest ``ceil(n / 3)`` sorted ids train the
+    generator, the rest is test. At least one image trains, and at least one is left for
+    test when ``n >= 2``.
 ``kfold``
-    The DDIM-inversion paper's k-fold protocol (``k=2``): the sorted ids are shuffled
+    The DDIM-inversion paper's protocol (§4.1: "split each anomaly dataset into two folds:
+    one fold is used for training the generative model, and the other for evaluating",
+    results averaged over the folds), generalised to ``k``: the sorted ids are shuffled
     with a generator seeded by ``(seed, category, defect_type)`` and dealt round-robin
     into ``k`` folds; images of fold ``fold`` are test, the others train. Over
     ``fold = 0..k-1`` every image is test exactly once. With ``n < k`` some folds get no
@@ -59,7 +63,8 @@ REQUIRED = ("image_id", "category", "defect_type")
 
 def natural_key(text: str) -> tuple:
     """Sort key that orders the digit runs of ``text`` by value: ``a2 < a10``."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(text)) if part)
+    parts = re.split(r"(\d+)", str(text))
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p)
 
 
 def split_sources(

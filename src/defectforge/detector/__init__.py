@@ -1,0 +1,23 @@
+"""U-Net defect detector: training on real (+ synthetic) pairs, evaluation on held-out real images."""
+
+from defectforge.detector.train import (
+    evaluate_detector,
+    image_scores_from_maps,
+    load_detector,
+    predict_maps,
+    prepare_items,
+    save_detector,
+    train_detector,
+)
+from defectforge.detector.unet import UNet
+
+__all__ = [
+    "UNet",
+    "evaluate_detector",
+    "image_scores_from_maps",
+    "load_detector",
+    "predict_maps",
+    "prepare_items",
+    "save_detector",
+    "train_detector",
+]

@@ -16,7 +16,7 @@ name                           what it is
 ``random-vgg11-seed<k>``       offline default: torchvision VGG-11 convolutional layers
                                with the torchvision init under ``torch.manual_seed(k)``,
                                input resized to 128 px, global-average-pooled 512-d
-                               features; IS uses a seeded random 512->1000 linear head.
+                               features. No classifier: IS is skipped with a reason.
                                **Not comparable with published FID/KID/IS numbers**: it
                                only ranks methods against each other on the same data.
 =============================  ==========================================================
@@ -129,9 +129,8 @@ def _parse_seed(name: str, prefix: str) -> int | None:
 class RandomVGGFeatures(nn.Module):
     """Seeded random VGG-11 conv stack, pooled: uint8 (N,3,H,W) -> (N,512) features.
 
-    :meth:`logits` adds a seeded random 1000-way linear head on the standardised
-    features (each image's 512 features scaled to zero mean, unit variance), used as
-    the "classifier" of IS for this backbone.
+    It has no classifier, so IS (which needs p(y|x) from a trained classifier) is
+    reported as skipped for this backbone rather than computed from a random head.
     """
 
     def __init__(self, seed: int = 0, input_size: int = RANDOM_VGG_INPUT):
@@ -146,9 +145,6 @@ class RandomVGGFeatures(nn.Module):
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                     nn.init.constant_(m.bias, 0)
-            self.head = nn.Linear(512, 1000)
-            nn.init.normal_(self.head.weight, 0, 1.0 / 512**0.5)
-            nn.init.constant_(self.head.bias, 0)
         self.input_size = input_size
         self.num_features = 512
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -166,22 +162,6 @@ class RandomVGGFeatures(nn.Module):
                           align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
         return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.forward(x)
-        z = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-8)
-        return self.head(z)
-
-
-class _Logits(nn.Module):
-    def __init__(self, base: RandomVGGFeatures):
-        super().__init__()
-        self.base = base
-        self.num_features = 1000
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base.logits(x)
 
 
 class _SelectOutput(nn.Module):
@@ -226,10 +206,11 @@ def random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in build_fidelity_inception(None, seed=seed).state_dict().items()}
 
 
-def resolve_feature_backbone(name: str, weights: str | Path | None = None) -> tuple[nn.Module, nn.Module, str]:
-    """(feature module for FID/KID, logits module for IS, recorded name).
+def resolve_feature_backbone(name: str, weights: str | Path | None = None) -> tuple[nn.Module, nn.Module | None, str]:
+    """(feature module for FID/KID, logits module for IS or None, recorded name).
 
-    Both modules take uint8 (N, 3, H, W) and return (N, d).
+    The modules take uint8 (N, 3, H, W) and return (N, d). The logits module is None
+    for backbones without a trained classifier (IS is then skipped with a reason).
     """
     if name == "inception-v3":
         if weights is None:
@@ -249,8 +230,7 @@ def resolve_feature_backbone(name: str, weights: str | Path | None = None) -> tu
     if seed is not None:
         if weights is not None:
             raise DefectforgeError(f"backbone {name!r} is randomly initialised; it takes no weights file ({weights})")
-        base = RandomVGGFeatures(seed)
-        return base, _Logits(base), name
+        return RandomVGGFeatures(seed), None, name
     raise DefectforgeError(
         f"unknown quality backbone {name!r}: use 'inception-v3' (with weights), "
         "'random-vgg11-seed<k>' or 'random-inception-v3-seed<k>'"

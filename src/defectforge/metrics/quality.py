@@ -238,7 +238,11 @@ def compute_quality(
         res["kid_skipped"] = f"needs >= 2 real and 2 fake images, got {n_real} real and {n_fake} fake"
 
     splits = min(is_splits, n_fake // 2)
-    if splits >= 2:
+    if logit_net is None:
+        res["is_skipped"] = (
+            f"IS needs a trained classifier's p(y|x); backbone {name} has none (give inception-v3 weights)"
+        )
+    elif splits >= 2:
         logits = _run(logit_net, x_fake, batch_size)
         _check_finite(logits, f"{name} logits of the fake images")
         with warnings.catch_warnings():

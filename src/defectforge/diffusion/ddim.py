@@ -1,0 +1,72 @@
+"""DDIM updates written as in the DDIM-inversion paper (Eq. 1, 3, 4).
+
+Notation (../shared/seeds/ddim-inversion-disentangled-background.txt, Sec. 2):
+
+    alpha_t      the scheduler's cumulative product ``alphas_cumprod[t]`` (the paper's alpha_t)
+    z_t          latent (pixels for the tiny profile) at timestep t
+    eps          epsilon_theta(z_t, t, C), the UNet's noise prediction
+
+    z_t     = sqrt(alpha_t) z_0 + sqrt(1 - alpha_t) eps                                  (1)
+    z_{t-1} = sqrt(alpha_{t-1}) [ z_t / sqrt(alpha_t)
+              + (sqrt(1/alpha_{t-1} - 1) - sqrt(1/alpha_t - 1)) eps ]                     (3)
+    z~_t    = sqrt(alpha_t) [ z~_{t-1} / sqrt(alpha_{t-1})
+              + (sqrt(1/alpha_t - 1) - sqrt(1/alpha_{t-1} - 1)) eps ]                     (4)
+
+(3) and (4) are the same map ``ddim_step(z, eps, alpha_from, alpha_to)``: sampling
+goes from a noisier alpha to a cleaner one, inversion the other way. The timesteps
+and alphas come from diffusers' :class:`~diffusers.DDIMScheduler` (``set_timesteps``,
+``alphas_cumprod``, ``final_alpha_cumprod``), and ``ddim_step`` equals
+``DDIMScheduler.step(..., eta=0)`` (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DDIMStep:
+    t: int  # timestep the UNet is evaluated at
+    alpha_t: float  # alpha of the noisier end of the step
+    alpha_prev: float  # alpha of the cleaner end (alpha_{t-1})
+
+
+def ddim_schedule(scheduler, steps: int) -> list[DDIMStep]:
+    """The sampling path, noisiest step first: [(t, alpha_t, alpha_{t-1}), ...]."""
+    if steps < 1 or steps > scheduler.config.num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{scheduler.config.num_train_timesteps}, got {steps}")
+    scheduler.set_timesteps(steps)
+    ts = [int(t) for t in scheduler.timesteps]
+    ac = scheduler.alphas_cumprod
+    out = []
+    for i, t in enumerate(ts):
+        a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else float(scheduler.final_alpha_cumprod)
+        out.append(DDIMStep(t, float(ac[t]), a_prev))
+    return out
+
+
+def add_noise(z0: torch.Tensor, eps: torch.Tensor, alpha) -> torch.Tensor:
+    """Eq. (1): z_t = sqrt(alpha_t) z_0 + sqrt(1 - alpha_t) eps."""
+    alpha = torch.as_tensor(alpha, dtype=z0.dtype, device=z0.device)
+    return alpha.sqrt() * z0 + (1 - alpha).sqrt() * eps
+
+
+def ddim_step(z: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
+    """Eq. (3) (alpha_to > alpha_from, denoising) or Eq. (4) (alpha_to < alpha_from, inversion)."""
+    a_f = torch.as_tensor(alpha_from, dtype=z.dtype, device=z.device)
+    a_t = torch.as_tensor(alpha_to, dtype=z.dtype, device=z.device)
+    return a_t.sqrt() * (z / a_f.sqrt() + ((1 / a_t - 1).sqrt() - (1 / a_f - 1).sqrt()) * eps)
+
+
+def predict_x0(z: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Clean estimate z_0 = (z_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)."""
+    a = torch.as_tensor(alpha, dtype=z.dtype, device=z.device)
+    return (z - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def guided(eps_cond: torch.Tensor, eps_base: torch.Tensor, w: float) -> torch.Tensor:
+    """Defect-vs-background guidance, DefectDiffu Eq. (4) with w_p = 1:
+    eps = eps(c_good) + w_d (eps(c_def) - eps(c_good)); w_d = 1 is plain conditioning."""
+    return eps_base + w * (eps_cond - eps_base)

@@ -1,0 +1,333 @@
+"""Model loading for both profiles through one code path.
+
+``load_pipeline_components(path_or_hub_id)`` returns :class:`DiffusionComponents`
+(UNet, autoencoder, DDIM scheduler, prompt encoder) for
+
+* a **tiny** directory written by :func:`defectforge.diffusion.training.pretrain`
+  (``model_index.json`` with ``"profile": "tiny"``, ``unet/``, ``scheduler/``,
+  ``prompt_encoder/``; the autoencoder is the identity, the UNet works in pixels);
+* any **diffusers Stable Diffusion** directory or hub id (``vae/``, ``unet/``,
+  ``text_encoder/``, ``tokenizer/``, ``scheduler/``), on CUDA when present;
+* a **finetune** directory written by :func:`defectforge.diffusion.training.finetune`
+  (``defectforge_finetune.json`` naming its base, plus ``unet/`` or ``lora/`` and,
+  for the tiny profile, ``prompt_encoder/`` with the new defect tokens): the base is
+  loaded by the same function and the fine-tuned weights are applied on top.
+
+Every weight file is safetensors; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from defectforge.diffusion.attention import install_masked_attention
+from defectforge.diffusion.autoencoder import IdentityAutoencoder
+from defectforge.diffusion.prompts import TextPromptEncoder, TokenPromptEncoder, build_context
+from defectforge.errors import DefectforgeError
+
+FINETUNE_FILE = "defectforge_finetune.json"
+TINY_CLASS = "DefectforgeTinyPipeline"
+
+
+def config_json(name: str) -> dict:
+    """A model config shipped in ``defectforge/configs`` (keys starting with ``_`` dropped)."""
+    text = resources.files("defectforge").joinpath("configs", f"{name}.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class DiffusionComponents:
+    """What every method and training loop needs, whatever the profile."""
+
+    unet: torch.nn.Module
+    autoencoder: torch.nn.Module
+    scheduler: object  # diffusers DDIMScheduler
+    prompts: object  # TokenPromptEncoder | TextPromptEncoder
+    profile: str  # "tiny" | "pretrained"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    source: str = ""
+    files: list[Path] = field(default_factory=list)  # weight files, for checkpoint_sha256
+    defect_type: str | None = None  # set for finetune directories
+
+    # ---- geometry ----
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.out_channels)
+
+    @property
+    def inpainting(self) -> bool:
+        """SD-inpainting layout: input = z_t + mask + masked-image latent."""
+        return int(self.unet.config.in_channels) == 2 * self.latent_channels + 1
+
+    @property
+    def has_decoder(self) -> bool:
+        return getattr(self.autoencoder, "has_decoder", True)
+
+    # ---- autoencoder ----
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1], (B, 3, H, W) -> latent z_0 (scaled)."""
+        sf = self.autoencoder.config.scaling_factor
+        return self.autoencoder.encode(x).latent_dist.mode() * sf
+
+    def decode(self, z: torch.Tensor, decoder: torch.nn.Module | None = None) -> torch.Tensor:
+        sf = self.autoencoder.config.scaling_factor
+        ae = decoder if decoder is not None else self.autoencoder
+        return ae.decode(z / sf).sample
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Pixel mask (B, 1, H, W) -> latent mask: a latent pixel is inside if any pixel it covers is."""
+        s = self.vae_scale_factor
+        if s == 1:
+            return mask.float()
+        return (torch.nn.functional.max_pool2d(mask.float(), kernel_size=s, stride=s) > 0).float()
+
+    # ---- prompts and UNet ----
+    def context(self, inside: str, defect: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx, kinds = build_context(self.prompts, inside, defect)
+        return ctx.to(self.device), kinds.to(self.device)
+
+    def eps(
+        self,
+        z: torch.Tensor,
+        t,
+        context: torch.Tensor,
+        token_kinds: torch.Tensor,
+        region_mask: torch.Tensor,
+        cond_image: torch.Tensor | None = None,
+        store=None,
+    ) -> torch.Tensor:
+        """epsilon_theta(z_t, t, C) with masked cross-attention over ``region_mask`` (m').
+
+        For an inpainting UNet the input is ``[z_t, m, (1 - m) * cond_image]``.
+        """
+        x = z
+        if self.inpainting:
+            cond = cond_image if cond_image is not None else torch.zeros_like(z)
+            x = torch.cat([z, region_mask, (1.0 - region_mask) * cond], dim=1)
+        if context.shape[0] != z.shape[0]:
+            context = context.expand(z.shape[0], -1, -1)
+        if not torch.is_tensor(t):
+            t = torch.tensor([t] * z.shape[0], device=z.device)
+        elif t.ndim == 0:
+            t = t.expand(z.shape[0])
+        kwargs = {"region_mask": region_mask, "token_kinds": token_kinds, "attention_store": store}
+        return self.unet(x, t.to(z.device), encoder_hidden_states=context, cross_attention_kwargs=kwargs).sample
+
+    def checkpoint_sha256(self) -> str:
+        """SHA-256 over the weight files this model was loaded from (sorted by name)."""
+        h = hashlib.sha256()
+        for f in sorted(self.files, key=lambda p: str(p)):
+            h.update(Path(f).name.encode())
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+        if not self.files:
+            h.update(self.source.encode())
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------- tiny profile
+def build_tiny_components(seed: int = 0, device: str | torch.device = "cpu") -> DiffusionComponents:
+    """A fresh (untrained) tiny model from the configs in ``defectforge/configs``."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**config_json("tiny_unet"))
+    tok = config_json("tiny_tokens")
+    prompts = TokenPromptEncoder(tok["tokens_per_concept"], tok["dim"], tok["init_std"], seed=seed)
+    scheduler = DDIMScheduler(**config_json("tiny_scheduler"))
+    dev = resolve_device(device)
+    comps = DiffusionComponents(unet.to(dev), IdentityAutoencoder(), scheduler, prompts.to(dev), "tiny", dev, "tiny (untrained)")
+    install_masked_attention(comps.unet)
+    return comps
+
+
+def save_tiny(comps: DiffusionComponents, out_dir: str | Path, extra: dict | None = None) -> None:
+    """Write a tiny model as a diffusers-style directory (safetensors weights)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    comps.unet.save_pretrained(out / "unet", safe_serialization=True)
+    comps.scheduler.save_pretrained(out / "scheduler")
+    comps.prompts.save(out / "prompt_encoder")
+    index = {
+        "_class_name": TINY_CLASS,
+        "profile": "tiny",
+        "autoencoder": "identity (pixel space)",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "prompt_encoder": ["defectforge", "TokenPromptEncoder"],
+        **(extra or {}),
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _load_tiny(path: Path, device: torch.device) -> DiffusionComponents:
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True)
+    scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+    prompts = TokenPromptEncoder.load(path / "prompt_encoder")
+    files = sorted((path / "unet").glob("*.safetensors")) + [path / "prompt_encoder" / "token_embeddings.safetensors"]
+    comps = DiffusionComponents(unet.to(device), IdentityAutoencoder(), scheduler, prompts.to(device), "tiny", device, str(path), files)
+    install_masked_attention(comps.unet)
+    return comps
+
+
+# ---------------------------------------------------------- pretrained profile
+def _hub_error(name: str) -> DefectforgeError:
+    return DefectforgeError(
+        f"{name}: cannot load this model from the Hugging Face hub (no network, or not in the local cache); "
+        "download it on a machine with network and set base_model to its local directory (HF_HUB_OFFLINE=1 makes this fail at once)"
+    )
+
+
+def _load_diffusers(source: str, device: torch.device, local: bool, dtype: torch.dtype) -> DiffusionComponents:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    kw = {"local_files_only": True} if (local or os.environ.get("HF_HUB_OFFLINE")) else {}
+    try:
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        sched_cfg = DDIMScheduler.load_config(source, subfolder="scheduler", **kw)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        if local:
+            raise DefectforgeError(f"{source}: not a loadable diffusers Stable Diffusion directory ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise _hub_error(source) from None
+    except Exception as exc:  # network stacks raise their own types (httpx, requests)
+        if local:
+            raise
+        raise _hub_error(source) from exc
+    scheduler = DDIMScheduler.from_config(sched_cfg)
+    prompts = TextPromptEncoder(tokenizer, text_encoder.to(device), device)
+    files = []
+    if local:
+        files = sorted(p for sub in ("unet", "vae", "text_encoder") for p in (Path(source) / sub).glob("*.safetensors"))
+    vae.requires_grad_(False)
+    comps = DiffusionComponents(unet.to(device), vae.to(device), scheduler, prompts, "pretrained", device, source, files)
+    install_masked_attention(comps.unet)
+    return comps
+
+
+def build_tiny_latent_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a test-size *latent* Stable Diffusion directory (AutoencoderKL, UNet,
+    CLIP text encoder, CLIP tokenizer, DDIM scheduler) with ``save_pretrained``.
+
+    Used to test the pretrained profile offline: the directory loads through
+    :func:`load_pipeline_components` exactly like a real SD 1.5 directory.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    AutoencoderKL(**config_json("tiny_latent_vae")).save_pretrained(out / "vae", safe_serialization=True)
+    UNet2DConditionModel(**config_json("tiny_latent_unet")).save_pretrained(out / "unet", safe_serialization=True)
+    te_cfg = CLIPTextConfig(**config_json("tiny_latent_text_encoder"))
+    CLIPTextModel(te_cfg).save_pretrained(out / "text_encoder", safe_serialization=True)
+    # byte-level CLIP vocabulary without merges: every character is a token (built offline)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=te_cfg.max_position_embeddings)
+    tok.save_pretrained(out / "tokenizer")
+    DDIMScheduler(**config_json("tiny_latent_scheduler")).save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-to-character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+# ------------------------------------------------------------------ one entry
+def load_pipeline_components(
+    path_or_hub_id: str | Path, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
+) -> DiffusionComponents:
+    """Load a tiny, diffusers or finetune directory, or a hub id (see module doc)."""
+    dev = resolve_device(device)
+    p = Path(path_or_hub_id)
+    if p.is_dir():
+        if (p / FINETUNE_FILE).is_file():
+            return _load_finetune(p, dev, dtype)
+        index = p / "model_index.json"
+        if index.is_file() and json.loads(index.read_text()).get("profile") == "tiny":
+            return _load_tiny(p, dev)
+        if (p / "unet").is_dir():
+            return _load_diffusers(str(p), dev, local=True, dtype=dtype)
+        raise DefectforgeError(f"{p}: not a model directory (no {FINETUNE_FILE}, tiny model_index.json or unet/ folder)")
+    name = str(path_or_hub_id)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/")) and not p.suffix
+    if not looks_like_hub_id:
+        raise DefectforgeError(f"{name}: model directory not found")
+    return _load_diffusers(name, dev, local=False, dtype=dtype)
+
+
+def _load_finetune(path: Path, device: torch.device, dtype: torch.dtype) -> DiffusionComponents:
+    from diffusers import UNet2DConditionModel
+
+    meta = json.loads((path / FINETUNE_FILE).read_text())
+    base = meta["base"]
+    base_path = (path / base) if not Path(base).is_absolute() else Path(base)
+    comps = load_pipeline_components(base_path if base_path.is_dir() else base, device, dtype)
+    files = list(comps.files)
+    if meta["mode"] == "unet":
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, torch_dtype=dtype)
+        comps.unet = unet.to(device)
+        files = [f for f in files if "unet" not in Path(f).parent.name] + sorted((path / "unet").glob("*.safetensors"))
+    elif meta["mode"] == "lora":
+        comps.unet.load_lora_adapter(str(path / "lora"), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+        files += sorted((path / "lora").glob("*.safetensors"))
+    else:
+        raise DefectforgeError(f"{path / FINETUNE_FILE}: unknown mode {meta['mode']!r} (unet or lora)")
+    if comps.profile == "tiny":
+        comps.prompts = TokenPromptEncoder.load(path / "prompt_encoder").to(device)
+        files = [f for f in files if Path(f).name != "token_embeddings.safetensors"]
+        files.append(path / "prompt_encoder" / "token_embeddings.safetensors")
+    install_masked_attention(comps.unet)
+    comps.source = str(path)
+    comps.files = files
+    comps.defect_type = meta.get("defect_type")
+    return comps

@@ -1,0 +1,143 @@
+"""Prompt encoders: the contexts C_1 = [C_def, C_bg] and C_2 = [C_m, C_bg].
+
+Two encoders share one interface, ``embed(concept, defect) -> (n_tokens, dim)`` with
+``concept`` in {"defect", "good", "mask", "bg"}:
+
+* :class:`TokenPromptEncoder` (tiny profile): learned token vectors, trained with
+  the UNet (pretrain learns bg / mask / good, finetune adds one group per defect
+  type, like textual inversion's new tokens). Saved as safetensors.
+* :class:`TextPromptEncoder` (pretrained profile): a frozen CLIP text encoder on
+  fixed prompt templates (DreamBooth-style rare identifier ``sks`` for the defect).
+
+:func:`build_context` concatenates an inside group with the background group and
+returns the token-kind vector the masked cross-attention processor needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from defectforge.errors import DefectforgeError
+
+CONCEPTS = ("defect", "good", "mask", "bg")
+
+TEXT_TEMPLATES = {
+    "defect": "a photo of sks {defect} defect",
+    "good": "a photo of a defect-free surface",
+    "mask": "a masked region",
+    "bg": "background",
+}
+
+
+def _key(defect: str) -> str:
+    return "defect__" + re.sub(r"[^0-9A-Za-z_]", "_", defect)
+
+
+class TokenPromptEncoder(nn.Module):
+    """Learned prompt tokens: ``tokens_per_concept`` vectors of size ``dim`` per concept."""
+
+    def __init__(self, tokens_per_concept: int = 4, dim: int = 64, init_std: float = 0.5, seed: int = 0):
+        super().__init__()
+        self.tokens_per_concept = tokens_per_concept
+        self.dim = dim
+        self.init_std = init_std
+        g = torch.Generator().manual_seed(seed)
+        self.tokens = nn.ParameterDict(
+            {c: nn.Parameter(torch.randn(tokens_per_concept, dim, generator=g) * init_std) for c in ("bg", "mask", "good")}
+        )
+        self.defects: list[str] = []
+
+    def add_defect(self, defect: str, seed: int = 0) -> None:
+        """New defect tokens start at the "good" tokens plus noise (textual-inversion-style init)."""
+        if defect in self.defects:
+            return
+        g = torch.Generator().manual_seed(seed)
+        good = self.tokens["good"].detach()
+        init = good + 0.1 * self.init_std * torch.randn(good.shape, generator=g)
+        self.tokens[_key(defect)] = nn.Parameter(init.to(good.device))
+        self.defects.append(defect)
+
+    def defect_parameters(self, defect: str) -> list[nn.Parameter]:
+        return [self.tokens[_key(defect)]]
+
+    def embed(self, concept: str, defect: str | None = None) -> torch.Tensor:
+        if concept == "defect":
+            if defect not in self.defects:
+                raise DefectforgeError(
+                    f"defect type {defect!r} has no learned tokens in this model (known: {self.defects}); "
+                    "run finetune for it first"
+                )
+            return self.tokens[_key(defect)]
+        return self.tokens[concept]
+
+    # ---- persistence (safetensors + json) ----
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tokens.items()}
+        save_file(tensors, str(folder / "token_embeddings.safetensors"))
+        meta = {"tokens_per_concept": self.tokens_per_concept, "dim": self.dim, "init_std": self.init_std, "defects": self.defects}
+        (folder / "tokens.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "TokenPromptEncoder":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta_path, weights = folder / "tokens.json", folder / "token_embeddings.safetensors"
+        if not meta_path.is_file() or not weights.is_file():
+            raise DefectforgeError(f"{folder}: missing tokens.json or token_embeddings.safetensors")
+        meta = json.loads(meta_path.read_text())
+        enc = cls(meta["tokens_per_concept"], meta["dim"], meta.get("init_std", 0.5))
+        state = load_file(str(weights))
+        for name, tensor in state.items():
+            enc.tokens[name] = nn.Parameter(tensor)
+        enc.defects = list(meta.get("defects", []))
+        return enc
+
+
+class TextPromptEncoder:
+    """Frozen tokenizer + text encoder on :data:`TEXT_TEMPLATES`; embeddings are cached."""
+
+    def __init__(self, tokenizer, text_encoder, device: torch.device | str = "cpu", templates: dict[str, str] | None = None):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.templates = dict(templates or TEXT_TEMPLATES)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.text_encoder.config.hidden_size
+
+    def embed(self, concept: str, defect: str | None = None) -> torch.Tensor:
+        prompt = self.templates[concept].format(defect=(defect or "").replace("_", " "))
+        if prompt not in self._cache:
+            ids = self.tokenizer(
+                prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
+            with torch.no_grad():
+                self._cache[prompt] = self.text_encoder(ids)[0][0]
+        return self._cache[prompt]
+
+
+def build_context(encoder, inside: str, defect: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[C_inside, C_bg]`` as (1, L, D) and the token kinds (L,) bool (True = inside).
+
+    ``inside="defect"`` gives C_1, ``"mask"`` gives C_2, ``"good"`` the defect-free
+    baseline used by the defect-vs-background guidance (DefectDiffu Eq. 4).
+    """
+    if inside not in ("defect", "good", "mask"):
+        raise ValueError(f"inside must be defect, good or mask, not {inside!r}")
+    c_in = encoder.embed(inside, defect)
+    c_bg = encoder.embed("bg")
+    ctx = torch.cat([c_in, c_bg], dim=0)[None]
+    kinds = torch.cat([torch.ones(len(c_in), dtype=torch.bool), torch.zeros(len(c_bg), dtype=torch.bool)])
+    return ctx, kinds

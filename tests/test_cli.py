@@ -1,0 +1,118 @@
+"""The command line's contract for bad input: one line naming the culprit, non-zero exit, nothing written."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectforge.manifest.io import read_manifest, write_manifest
+
+CLI = [sys.executable, "-m", "defectforge.cli"]
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env={**os.environ})
+
+
+def _error_line(stderr: str) -> str:
+    """The single error line (progress bars may share stderr); no traceback allowed."""
+    assert "Traceback" not in stderr, stderr
+    lines = [seg for line in stderr.replace("\r", "\n").splitlines() for seg in [line[line.find("error: "):]] if "error: " in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def _mvtec(root: Path, *, mask_size=(32, 32), mask_value=255, corrupt=False, drop_mask=False):
+    (root / "cat/train/good").mkdir(parents=True)
+    (root / "cat/test/crack").mkdir(parents=True)
+    (root / "cat/ground_truth/crack").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 100 + i, np.uint8)).save(root / f"cat/train/good/{i:03d}.png")
+    img = root / "cat/test/crack/000.png"
+    if corrupt:
+        img.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    else:
+        Image.fromarray(np.full((32, 32, 3), 50, np.uint8)).save(img)
+    if not drop_mask:
+        m = np.zeros(mask_size[::-1], np.uint8)
+        m[4:10, 4:10] = mask_value
+        Image.fromarray(m).save(root / "cat/ground_truth/crack/000_mask.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "kwargs, culprit",
+    [
+        (dict(corrupt=True), "000.png"),
+        (dict(mask_size=(16, 32)), "000_mask.png"),
+        (dict(mask_value=0), "000_mask.png"),
+        (dict(drop_mask=True), "000"),
+    ],
+)
+def test_ingest_bad_dataset_one_line_and_nothing_written(tmp_path, kwargs, culprit):
+    root = _mvtec(tmp_path / "ds", **kwargs)
+    out = tmp_path / "out" / "source.parquet"
+    r = _cli("ingest", "--layout", "mvtec", "--root", root, "--out", out, "--params", tmp_path / "none.yaml")
+    assert r.returncode == 2
+    err = _error_line(r.stderr)
+    assert culprit in err, err
+    assert not out.exists()
+
+
+def test_ingest_unknown_layout_and_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = _cli("ingest", "--layout", "coco", "--root", tmp_path / "empty", "--out", tmp_path / "s.parquet", "--params", tmp_path / "none.yaml")
+    assert r.returncode == 2 and "data.layout" in _error_line(r.stderr)
+    r = _cli("ingest", "--layout", "mvtec", "--root", tmp_path / "empty", "--out", tmp_path / "s.parquet", "--params", tmp_path / "none.yaml")
+    assert r.returncode == 2 and str(tmp_path / "empty") in _error_line(r.stderr)
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_ingest_good_dataset_and_validate(tmp_path):
+    root = _mvtec(tmp_path / "ds")
+    out = tmp_path / "source.parquet"
+    r = _cli("ingest", "--layout", "mvtec", "--root", root, "--out", out, "--params", tmp_path / "none.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "4 rows, valid" in r.stdout
+    r = _cli("validate", out)
+    assert r.returncode == 0 and "valid" in r.stdout
+
+
+def test_validate_lists_failures_and_exits_nonzero(tmp_path):
+    root = _mvtec(tmp_path / "ds")
+    out = tmp_path / "source.parquet"
+    assert _cli("ingest", "--layout", "mvtec", "--root", root, "--out", out, "--params", tmp_path / "none.yaml").returncode == 0
+    df = read_manifest(out).to_pandas()
+    (root / df.image_path.iloc[0]).unlink()
+    r = _cli("validate", out)
+    assert r.returncode == 1
+    assert "expectation(s) failed" in r.stderr and df.image_path.iloc[0] in r.stderr
+
+
+def test_bad_params_key_stops_a_stage(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("split:\n  scheme: halves\n")
+    r = subprocess.run([sys.executable, "stages/split.py", params, "a.parquet", "b.parquet"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {params}: split.scheme: got 'halves'; allowed: 'third' or 'kfold'"
+
+
+def test_manifest_with_escaping_path_is_rejected_on_read(tmp_path):
+    import pyarrow.parquet as pq
+
+    root = _mvtec(tmp_path / "ds")
+    out = tmp_path / "source.parquet"
+    assert _cli("ingest", "--layout", "mvtec", "--root", root, "--out", out, "--params", tmp_path / "none.yaml").returncode == 0
+    t = pq.read_table(out)
+    paths = t.column("image_path").to_pylist()
+    paths[0] = "../../etc/passwd"
+    import pyarrow as pa
+
+    t = t.set_column(t.schema.get_field_index("image_path"), t.schema.field("image_path"), pa.array(paths))
+    pq.write_table(t, tmp_path / "evil.parquet")
+    r = _cli("validate", tmp_path / "evil.parquet")
+    assert r.returncode == 2 and "escapes the dataset root" in _error_line(r.stderr)

@@ -1,0 +1,50 @@
+import pytest
+
+from defectforge.errors import ParamsError
+from defectforge.params import Params, load_params, parse_params
+
+
+def test_repo_params_file_is_valid():
+    p = load_params("params.yaml")
+    assert isinstance(p, Params)
+    assert p.generate.method in ("copy-paste", "inversion", "blended")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"split": {"schem": "third"}}, "split.schem: unknown key"),
+        ({"nope": {}}, "nope: unknown key"),
+        ({"split": {"scheme": "thirds"}}, "split.scheme: got 'thirds'; allowed: 'third' or 'kfold'"),
+        ({"generate": {"n_per_defect": "many"}}, "generate.n_per_defect"),
+        ({"generate": {"n_per_defect": 0}}, "generate.n_per_defect: 0 is out of range"),
+        ({"split": {"good_test_fraction": 1.5}}, "split.good_test_fraction"),
+        ({"split": {"scheme": "kfold", "k": 2, "fold": 2}}, "split.fold: 2 must be < split.k"),
+        ({"generate": {"copy_paste": {"scale_range": [2, 1]}}}, "generate.copy_paste.scale_range"),
+        ({"data": {"layout": "coco"}}, "data.layout"),
+        ({"release": {"name": "Bad Name"}}, "release.name"),
+    ],
+)
+def test_bad_params_give_one_line_naming_the_key(data, message):
+    with pytest.raises(ParamsError) as e:
+        parse_params(data, "params.yaml")
+    text = str(e.value)
+    assert message in text and "\n" not in text and text.startswith("params.yaml: ")
+
+
+def test_params_file_errors(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("split: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(bad)
+
+
+def test_section_hash_changes_with_values():
+    a = parse_params({}).generate
+    b = parse_params({"generate": {"seed": 1}}).generate
+    assert a.sha256() != b.sha256() and a.sha256() == parse_params({}).generate.sha256()
