@@ -43,6 +43,7 @@ def ingest(
     layout: Optional[str] = typer.Option(None, help="mvtec | folder | magnetic-tile (default: params data.layout)"),
     root: Optional[Path] = typer.Option(None, help="dataset folder (default: params data.root)"),
     mask_rule: Optional[str] = typer.Option(None, help="folder layout: mask path rule, e.g. '{stem}_mask.png'"),
+    image_glob: Optional[str] = typer.Option(None, help="folder layout: image pattern, e.g. 'images/*'"),
     params: Path = PARAMS,
 ):
     """Read a dataset folder into a validated source manifest."""
@@ -51,7 +52,7 @@ def ingest(
     from defectforge.params import DataParams
 
     p = _params(params).data if params.exists() else DataParams()
-    updates = {k: v for k, v in {"layout": layout, "mask_rule": mask_rule}.items() if v is not None}
+    updates = {k: v for k, v in {"layout": layout, "mask_rule": mask_rule, "image_glob": image_glob}.items() if v is not None}
     if updates:
         from defectforge.params import parse_params
 

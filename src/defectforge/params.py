@@ -45,6 +45,7 @@ class DataParams(_Section):
 
     layout: Literal["mvtec", "folder", "magnetic-tile"] = "mvtec"
     root: str = "data/sample"
+    image_glob: str = "*"
     mask_rule: str = "{stem}_mask.png"
     mask_threshold: int = Field(128, ge=1, le=255)
     categories: list[str] = []

@@ -31,7 +31,7 @@ def run_ingest(p: DataParams, out: str | os.PathLike, *, root: str | os.PathLike
     from defectforge.data.adapters import ingest
 
     root = Path(root if root is not None else p.root)
-    df = ingest(p.layout, root, mask_rule=p.mask_rule, mask_threshold=p.mask_threshold, progress=progress)
+    df = ingest(p.layout, root, image_glob=p.image_glob, mask_rule=p.mask_rule, mask_threshold=p.mask_threshold, progress=progress)
     if p.categories:
         df = df[df["category"].isin(p.categories)]
     if p.defect_types:
