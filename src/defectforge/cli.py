@@ -109,6 +109,36 @@ def validate(manifest: Path = typer.Argument(..., help="manifest file or shard f
     _summary(manifest)
 
 
+@app.command()
+def publish(
+    name: Optional[str] = typer.Option(None, help="dataset name (default: params release.name)"),
+    repo: Path = typer.Option(Path("."), help="the DVC project"),
+    push: bool = typer.Option(True, help="dvc push when a remote is configured"),
+    params: Path = PARAMS,
+):
+    """Publish data/release as the next numbered version (git tag + dvc push); no change, no version."""
+    from defectforge.release import publish as _publish
+
+    name = name or _params(repo / params if not params.is_absolute() else params).release.name
+    r = _publish(repo, name, push=push)
+    typer.echo(f"{'published' if r.created else 'unchanged, still'} {r.name} v{r.version} ({r.tag})")
+
+
+@app.command("list-versions")
+def list_versions(name: Optional[str] = typer.Argument(None), repo: Path = typer.Option(Path("."))):
+    """Show the published dataset versions with their counts and headline metrics."""
+    from defectforge.release import list_versions as _list
+
+    rows = _list(repo, name)
+    if not rows:
+        typer.echo("no published versions")
+        return
+    for v in rows:
+        metrics = v.get("metrics") or {}
+        head = ", ".join(f"{k}={metrics[k]:.3g}" for k in sorted(metrics) if isinstance(metrics[k], (int, float)))[:120]
+        typer.echo(f"{v['tag']:<32} {v.get('samples', '?'):>6} samples  {v.get('content_hash', '')}  {v.get('published_at', '')}  {head}")
+
+
 def _summary(path: Path) -> None:
     from defectforge.manifest.io import manifest_info, read_manifest
 

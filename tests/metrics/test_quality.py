@@ -107,3 +107,18 @@ def test_ic_lpips_clusters_fakes_around_reals(sets):
     # two reals far apart; fakes = 3 near a-like + 3 near b-like
     q = compute_quality([a[0], b[0]], a[1:4] + b[1:4], size=SIZE)
     assert q["ic_lpips_clusters"] == 2 and q["ic_lpips"] > 0
+
+
+def test_crop_around_mask():
+    from defectforge.metrics.quality import crop_around_mask
+
+    im = np.arange(100 * 80 * 3, dtype=np.uint32).reshape(100, 80, 3).astype(np.uint8)
+    m = np.zeros((100, 80), bool)
+    m[40:50, 30:36] = True  # 10 x 6 box centred at (45, 33)
+    c = crop_around_mask(im, m, context=2.0, min_side=8)
+    assert c.shape == (20, 20, 3)
+    assert np.array_equal(c, im[35:55, 23:43])
+    m2 = np.zeros((100, 80), bool)
+    m2[0:4, 76:80] = True  # corner: the crop shifts inside the image
+    c2 = crop_around_mask(im, m2, min_side=32)
+    assert c2.shape == (32, 32, 3) and np.array_equal(c2, im[0:32, 48:80])

@@ -99,8 +99,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _load_strict(module: nn.Module, sd: dict, path: str | Path, what: str) -> None:
-    """Load ``sd`` into ``module`` or raise one line naming the file and the first misfit."""
+def _check_fit(module: nn.Module, sd: dict, path: str | Path, what: str) -> None:
+    """Raise one line naming the file and the first misfit unless ``sd`` fits ``module``."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -115,6 +115,10 @@ def _load_strict(module: nn.Module, sd: dict, path: str | Path, what: str) -> No
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
         raise DefectforgeError(f"{path}: weights do not fit {what}: " + "; ".join(parts))
+
+
+def _load_strict(module: nn.Module, sd: dict, path: str | Path, what: str) -> None:
+    _check_fit(module, sd, path, what)
     module.load_state_dict(sd, strict=True)
 
 
@@ -269,13 +273,16 @@ def resolve_lpips_backbone(name: str, weights: str | Path | None = None) -> tupl
                 f"({'alexnet-owt-7be5be79.pth' if name == 'alexnet' else 'vgg16-397923af.pth'}); nothing is downloaded"
             )
         sd = load_state_dict_file(weights)
-        tv = getattr(torchvision.models, name)(weights=None)
-        _load_strict(tv, sd, weights, f"torchvision {name}")
+        with torch.device("meta"):  # shapes only: no 138 M-parameter allocation for vgg16
+            tv = getattr(torchvision.models, name)(weights=None)
+        _check_fit(tv, sd, weights, f"torchvision {name}")
         net = _LPIPS(pretrained=True, net="alex" if name == "alexnet" else "vgg", pnet_rand=True)
-        # Copy the loaded torchvision layers into the LPIPS slices (named by feature index).
+        # Copy the torchvision ``features.<i>.*`` tensors into the LPIPS slices, whose
+        # children keep the torchvision feature index as their name.
         for slice_mod in net.net.children():
             for idx, layer in slice_mod.named_children():
-                layer.load_state_dict(tv.features[int(idx)].state_dict())
+                own = {k: sd[f"features.{idx}.{k}"] for k in layer.state_dict()}
+                layer.load_state_dict(own, strict=True)
         net.eval().requires_grad_(False)
         return net, f"{name}+lpips-v0.1-lin"
     raise DefectforgeError(

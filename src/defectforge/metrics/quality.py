@@ -85,13 +85,37 @@ def images_to_tensor(images: Sequence[np.ndarray], name: str, size: int) -> torc
             im = np.repeat(im[:, :, None], 3, axis=2)
         if im.ndim != 3 or im.shape[2] != 3 or im.shape[0] == 0 or im.shape[1] == 0:
             raise DataError(f"{name}[{i}]: expected an (H, W, 3) image, got shape {im.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float()
+        t = torch.from_numpy(np.array(im, copy=True)).permute(2, 0, 1)[None].float()
         if t.shape[-2:] != (size, size):
             t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out.append(t.round().clamp(0, 255).to(torch.uint8))
     if not out:
         return torch.zeros((0, 3, size, size), dtype=torch.uint8)
     return torch.cat(out)
+
+
+def crop_around_mask(image: np.ndarray, mask: np.ndarray, *, context: float = 2.0, min_side: int = 32) -> np.ndarray:
+    """Square crop centred on the mask's bounding box, side = max(context x box side, min_side).
+
+    Defects are often a small part of the image, so whole-image statistics mostly
+    measure the background; quality metrics on these crops measure the defect. The
+    crop is shifted (not padded) to stay inside the image; an empty mask gives the
+    centre crop.
+    """
+    image, mask = np.asarray(image), np.asarray(mask).astype(bool)
+    if mask.shape != image.shape[:2]:
+        raise DataError(f"mask shape {mask.shape} != image shape {image.shape[:2]}")
+    h, w = mask.shape
+    if mask.any():
+        ys, xs = np.nonzero(mask)
+        cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+        box = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+    else:
+        cy, cx, box = h / 2, w / 2, 0
+    side = int(min(max(round(box * context), min_side), h, w))
+    y0 = int(np.clip(round(cy - side / 2), 0, h - side))
+    x0 = int(np.clip(round(cx - side / 2), 0, w - side))
+    return image[y0 : y0 + side, x0 : x0 + side]
 
 
 @torch.no_grad()

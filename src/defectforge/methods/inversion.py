@@ -1,0 +1,174 @@
+"""Revisiting DDIM Inversion for Controlling Defect Generation by Disentangling the Background.
+
+Seed paper: ../shared/seeds/ddim-inversion-disentangled-background.txt (training in
+:mod:`defectforge.diffusion.training`, Eq. 5-7; masked cross-attention Eq. 10-11
+in :mod:`defectforge.diffusion.attention`; this file is the inference, Sec. 3.2).
+
+Notation:
+
+    x, m            normal image crop and target mask (pixels); m also at latent size
+    z_0 = E(x)      its latent (the pixels themselves for the tiny profile)
+    z_0^m           (1 - m) * z_0, the masked normal latent
+    C_1, C_2        [C_def, C_bg] (defect branch), [C_m, C_bg] (background branch)
+    C_good          [C_good, C_bg], the defect-free baseline for guidance
+    alpha_t         cumulative alphas of the DDIM schedule (``steps`` steps)
+    w_d             ``guidance``: defect-vs-background guidance (DefectDiffu Eq. 4)
+
+Steps of :meth:`InversionMethod.generate`:
+
+1. Crop around the target mask at the model's resolution (or the whole image).
+2. DDIM-invert the masked normal latent, Eq. (8):
+   z~^m_t = sqrt(a_t) [ z~^m_{t-1} / sqrt(a_{t-1}) + (1 - m) (sqrt(1/a_t - 1) - sqrt(1/a_{t-1} - 1)) eps(z~^m_{t-1}, C_2) ]
+3. Initialise with noise inside the mask, Theorem 1: z*_T = z~^m_T + m * eps, eps ~ N(0, I).
+4. Sample with Eq. (9), both branches in one batched UNet call per step:
+   eps* = (1 - m) eps(z^m_t, C_2) + m * eps_d,  eps_d = eps(z*_t, C_good) + w_d (eps(z*_t, C_1) - eps(z*_t, C_good))
+   z*_{t-1} = DDIM(z*_t, eps*)  and  z^m_{t-1} = DDIM(z^m_t, (1 - m) eps(z^m_t, C_2)),
+   so outside the mask z* follows the inverted background exactly (Proposition 1).
+5. Capture the defect tokens' cross-attention of the defect branch over the last
+   ``attention_fraction`` of the steps (input of Eq. 13, :func:`defectforge.masks.refine.refine_mask`).
+6. Decode, paste the crop back (whole crop, or only the mask pixels with ``paste="mask"``).
+
+With ``guidance = 1`` step 4 is exactly the paper's Eq. (9) (C_good is not evaluated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from defectforge.diffusion.attention import AttentionStore
+from defectforge.diffusion.ddim import ddim_schedule, ddim_step, guided
+from defectforge.diffusion.sampling import ModelCache, attention_to_image, check_inputs, make_crop, paste_back, to_uint8
+from defectforge.errors import ParamsError
+from defectforge.methods.base import GenerationMethod, GenerationResult, MethodConfig, register
+
+
+@dataclass(frozen=True)
+class InversionConfig(MethodConfig):
+    steps: int = 50  # DDIM steps (paper: 50)
+    guidance: float = 2.0  # w_d; 1.0 = plain Eq. (9)
+    crop: bool = True  # False: whole image resized to the model resolution
+    context: float = 1.5  # crop side >= context * defect extent
+    paste: str = "crop"  # "crop": the whole regenerated crop; "mask": only target-mask pixels
+    attention_fraction: float = 0.5  # last share of steps whose attention is averaged
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ParamsError(f"inversion.steps: must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ParamsError(f"inversion.guidance: must be >= 0, got {self.guidance}")
+        if self.paste not in ("crop", "mask"):
+            raise ParamsError(f"inversion.paste: must be 'crop' or 'mask', got {self.paste!r}")
+        if not 0 < self.attention_fraction <= 1:
+            raise ParamsError(f"inversion.attention_fraction: must be in (0, 1], got {self.attention_fraction}")
+        if self.context < 1:
+            raise ParamsError(f"inversion.context: must be >= 1, got {self.context}")
+
+
+@torch.no_grad()
+def invert_masked(comps, z0: torch.Tensor, m: torch.Tensor, steps: int) -> torch.Tensor:
+    """Eq. (8): DDIM inversion of z_0^m = (1 - m) z_0 with C_2; returns z~^m_T.
+
+    The UNet is evaluated at each step's own timestep t (as diffusers'
+    DDIMInverseScheduler and null-text inversion do); the paper writes t - 1.
+    """
+    c2, k2 = comps.context("mask")
+    z = (1 - m) * z0
+    for st in reversed(ddim_schedule(comps.scheduler, steps)):
+        eps = comps.eps(z, st.t, c2, k2, m, cond_image=z0)
+        z = ddim_step(z, (1 - m) * eps, st.alpha_prev, st.alpha_t)
+    return z
+
+
+@torch.no_grad()
+def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float,
+               generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5):
+    """Theorem 1 initialisation and Eq. (9) sampling; returns (z*_0, z^m_0)."""
+    noise = torch.randn(z_T_m.shape, generator=generator).to(z_T_m.device, z_T_m.dtype)
+    z_star = z_T_m + m * noise  # Theorem 1
+    z_m = z_T_m
+    c1, k1 = comps.context("defect", defect)
+    c2, k2 = comps.context("mask")
+    use_good = guidance != 1.0
+    ctx, kinds = [c2, c1], [k2, k1]
+    if use_good:
+        cg, kg = comps.context("good")
+        ctx.append(cg)
+        kinds.append(kg)
+    ctx, kinds = torch.cat(ctx), torch.stack(kinds)
+    sched = ddim_schedule(comps.scheduler, steps)
+    first_captured = int(round((1 - attention_fraction) * len(sched)))
+    for i, st in enumerate(sched):
+        if store is not None:
+            store.active = i >= first_captured
+        rows = torch.cat([z_m, z_star] + ([z_star] if use_good else []))
+        n = rows.shape[0]
+        eps = comps.eps(rows, st.t, ctx, kinds, m.expand(n, -1, -1, -1), cond_image=z0.expand(n, -1, -1, -1), store=store)
+        eps_bg = eps[0:1]
+        eps_def = guided(eps[1:2], eps[2:3], guidance) if use_good else eps[1:2]
+        eps_star = (1 - m) * eps_bg + m * eps_def  # Eq. (9)
+        z_star = ddim_step(z_star, eps_star, st.alpha_t, st.alpha_prev)
+        z_m = ddim_step(z_m, (1 - m) * eps_bg, st.alpha_t, st.alpha_prev)
+    return z_star, z_m
+
+
+@register
+class InversionMethod(GenerationMethod):
+    """DDIM inversion with disentangled background (see module docstring)."""
+
+    name = "inversion"
+
+    def __init__(self, config: InversionConfig, checkpoint=None):
+        super().__init__(config)
+        self.models = ModelCache(checkpoint, config.device) if checkpoint is not None else None
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path | dict, config: InversionConfig | None = None, device: str | None = None):
+        """``checkpoint``: a finetune / tiny / diffusers directory, a hub id, or {defect: directory}."""
+        config = config or InversionConfig()
+        if device is not None and device != config.device:
+            config = InversionConfig(**{**config.to_dict(), "device": device})
+        return cls(config, checkpoint)
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        return self.models.sha256() if self.models else None
+
+    def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
+        if self.models is None:
+            raise ParamsError("inversion: no model checkpoint given (use InversionMethod.from_pretrained)")
+        check_inputs(image, mask)
+        mask = mask.astype(bool)
+        cfg = self.config
+        comps = self.models.get(defect)
+        gen = torch.Generator().manual_seed(int(seed))
+        crop = make_crop(comps, image, mask, cfg.crop, cfg.context)  # 1.
+        z0 = comps.encode(crop.x)
+        m = comps.latent_mask(crop.m)
+        z_T_m = invert_masked(comps, z0, m, cfg.steps)  # 2. Eq. (8)
+        store = AttentionStore(rows=[1])
+        z_star, _ = sample_eq9(comps, z_T_m, z0, m, defect, cfg.steps, cfg.guidance, gen, store, cfg.attention_fraction)  # 3.-5.
+        with torch.no_grad():
+            x_gen = comps.decode(z_star)
+        generated = to_uint8(x_gen)
+        att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()  # m' * A_def (Eq. 13 input)
+        out = paste_back(image, generated, crop.box, only=mask if cfg.paste == "mask" else None)  # 6.
+        return GenerationResult(
+            image=out,
+            mask=mask,
+            attention=attention_to_image(att, mask, crop.box),
+            metadata={
+                "method": self.name,
+                "config": cfg.to_dict(),
+                "defect": defect,
+                "seed": int(seed),
+                "profile": comps.profile,
+                "model": comps.source,
+                "crop_box": crop.box.to_dict(),
+                "resolution": comps.resolution,
+            },
+        )

@@ -1,0 +1,103 @@
+"""The U-Net detector trains a few steps, evaluates to metrics in [0, 1], saves as safetensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from defectforge.detector import evaluate_detector, load_detector, predict_maps, save_detector, train_detector
+from defectforge.detector.unet import UNet
+from defectforge.errors import DataError, DefectforgeError
+from defectforge.metrics.detection import DETECTION_KEYS
+
+SIZE = 32
+TINY = dict(epochs=2, batch_size=4, size=SIZE, base_channels=4, depth=3, lr=3e-3)
+
+
+def _items(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        im = rng.integers(90, 130, (SIZE + 8, SIZE + 8, 3), dtype=np.uint8)  # resized to SIZE
+        m = np.zeros(im.shape[:2], bool)
+        if i % 2:
+            y, x = rng.integers(4, SIZE - 8, 2)
+            m[y : y + 6, x : x + 6] = True
+            im[m] = 20
+        items.append((im, m))
+    return items
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_detector(_items(8, 0), **TINY)
+
+
+def test_unet_shapes():
+    net = UNet(base_channels=4, depth=3)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 32, 32)
+
+
+def test_train_returns_model_and_curve(trained):
+    model, curve = trained
+    assert [r["epoch"] for r in curve] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in curve)
+    assert model.config["size"] == SIZE and not model.training
+
+
+def test_evaluate_returns_all_metrics_in_unit_range(trained):
+    model, _ = trained
+    r = evaluate_detector(model, _items(6, 1))
+    for k in DETECTION_KEYS:
+        assert r[k] is not None and 0.0 <= r[k] <= 1.0, (k, r[k])
+    assert r["n_images"] == 6 and r["n_defect_images"] == 3 and r["eval_size"] == SIZE
+
+
+def test_same_seed_same_weights_and_validation_curve():
+    items, val = _items(6, 0), _items(4, 2)
+    m1, c1 = train_detector(items, **{**TINY, "epochs": 1}, val_items=val)
+    m2, c2 = train_detector(items, **{**TINY, "epochs": 1}, val_items=val)
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert c1[0]["loss"] == c2[0]["loss"]
+    assert set(f"val_{k}" for k in DETECTION_KEYS) <= set(c1[0])
+
+
+def test_training_learns_a_trivial_task():
+    # bright squares on flat grey: a few epochs must beat chance by far on pixel AP
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(12):
+        im = np.full((SIZE, SIZE, 3), 100, np.uint8)
+        m = np.zeros((SIZE, SIZE), bool)
+        if i % 2:
+            y, x = rng.integers(2, SIZE - 10, 2)
+            m[y : y + 8, x : x + 8] = True
+            im[m] = 250
+        items.append((im, m))
+    model, curve = train_detector(items, **{**TINY, "epochs": 8})
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    r = evaluate_detector(model, items)
+    assert r["pixel_ap"] > 0.5 and r["image_auroc"] > 0.9
+
+
+def test_save_load_roundtrip(trained, tmp_path):
+    model, _ = trained
+    p = save_detector(model, tmp_path / "detector.safetensors")
+    m2 = load_detector(p)
+    ims = [im for im, _ in _items(2, 3)]
+    assert np.array_equal(predict_maps(model, ims), predict_maps(m2, ims))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(DefectforgeError, match="junk.safetensors: not a defectforge detector"):
+        load_detector(tmp_path / "junk.safetensors")
+
+
+def test_bad_input_errors():
+    items = _items(2, 0)
+    with pytest.raises(DataError, match=r"train_items\[1\]: mask shape"):
+        train_detector([items[0], (items[1][0], items[1][1][:5])], **TINY)
+    with pytest.raises(DefectforgeError, match="detector.epochs"):
+        train_detector(items, **{**TINY, "epochs": 0})
+    with pytest.raises(DataError, match="no \\(image, mask\\) pairs"):
+        train_detector([], **TINY)

@@ -1,0 +1,88 @@
+"""Releases in a temporary git repository with a local DVC remote, and the consumer side."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import defectforge
+from defectforge.release import list_versions, publish
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd, cwd):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A DVC project (copy of this repo's pipeline, small params) with a local remote, after `dvc repro`."""
+    base = tmp_path_factory.mktemp("release")
+    repo = base / "repo"
+    repo.mkdir()
+    for item in ("dvc.yaml", "stages", "src"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sample"].update(size=64, n_train_good=6, n_test_good=3, n_defect=6)
+    params["generate"].update(n_per_defect=2, shard_size=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc = [sys.executable, "-m", "dvc"]
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "config", "user.email", "t@example.com"], repo)
+    _run(["git", "config", "user.name", "t"], repo)
+    _run(dvc + ["init", "-q"], repo)
+    _run(dvc + ["config", "core.analytics", "false"], repo)
+    _run(dvc + ["remote", "add", "-d", "local", str(base / "remote")], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "project"], repo)
+    _run(dvc + ["repro"], repo)
+    return repo
+
+
+def test_publish_pull_load_and_no_change_no_version(project, tmp_path):
+    r1 = publish(project, "sample")
+    assert r1.created and r1.version == 1 and r1.tag == "dataset/sample/v1"
+    assert "dataset/sample/v1" in _run(["git", "tag"], project)
+    rows = defectforge.load(name="sample", version=1, repo=str(project)).to_pandas()
+    assert (rows.dataset_version == "sample/v1").all() and len(rows) == 8
+
+    # nothing changed: no new version, no new tag
+    r2 = publish(project, "sample")
+    assert not r2.created and r2.version == 1
+    assert _run(["git", "tag"], project).split() == ["dataset/sample/v1"]
+    assert [v["version"] for v in list_versions(project, "sample")] == [1]
+
+    # a fresh clone pulls the tag from the DVC remote and reads the same rows
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", "--branch", "dataset/sample/v1", str(project), str(clone)], tmp_path)
+    _run([sys.executable, "-m", "dvc", "pull", "-q"], clone)
+    pulled = defectforge.load(name="sample", version=1, repo=str(clone))
+    assert sorted(pulled.column("sample_id").to_pylist()) == sorted(rows.sample_id)
+    ds = defectforge.ManifestDataset(pulled)
+    image, mask, row = ds[0]
+    assert image.shape[0] == 3 and mask.shape[0] == 1 and mask.sum() > 0 and row["dataset_version"] == "sample/v1"
+
+    # dvc.api path (no working copy of the data): reads the manifest at the tag
+    crack = defectforge.load(name="sample", version=1, repo=str(project) + "/.git", filters={"defect_type": "crack"})
+    assert set(crack.column("defect_type").to_pylist()) == {"crack"} and crack.num_rows == 2
+
+    # a change makes v2
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["generate"]["n_per_defect"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _run([sys.executable, "-m", "dvc", "repro"], project)
+    _run(["git", "commit", "-qam", "more samples"], project)
+    r3 = publish(project, "sample")
+    assert r3.created and r3.version == 2
+    out = _run([sys.executable, "-m", "defectforge.cli", "list-versions", "sample", "--repo", str(project)], project)
+    assert "dataset/sample/v1" in out and "dataset/sample/v2" in out and "12 samples" in out
