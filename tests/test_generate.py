@@ -98,3 +98,13 @@ def test_category_without_normals_is_a_clear_error(sample_manifests, tmp_path):
     bad = write_manifest(df, tmp_path / "split.parquet", kind="split", dataset_root=manifest_info(split)["dataset_root"])
     with pytest.raises(DataError, match="'brick' has no defect-free training images"):
         run_generate(P, bad, tmp_path / "gen", progress=False)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_two_workers_gives_the_same_manifest(sample_manifests, tmp_path):
+    _, split = sample_manifests
+    single = _rows(run_generate(P, split, tmp_path / "single", progress=False))
+    dask_p = P.model_copy(update={"workers": 2})
+    fanned = _rows(run_generate(dask_p, split, tmp_path / "dask", progress=False))
+    assert fanned == single
+    assert len(list((tmp_path / "dask/manifest").glob("part-*.parquet"))) == 6

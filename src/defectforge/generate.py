@@ -65,6 +65,20 @@ def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: i
     return specs
 
 
+def prepare_output(
+    split_manifest: str | os.PathLike, out_dir: str | os.PathLike, *, method_name: str, n_per_defect: int, seed: int, shard_size: int, params_sha256: str
+) -> int:
+    """Plan the run, clear ``out_dir`` if it holds another plan's shards; returns the shard count.
+
+    A distributed run calls this once in the driver before fanning out, so workers
+    never race on clearing the folder.
+    """
+    split = read_manifest(split_manifest).to_pandas()
+    specs = plan_samples(split, method=method_name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256)
+    _reset_if_plan_changed(Path(out_dir), specs, shard_size)
+    return (len(specs) + shard_size - 1) // shard_size
+
+
 def run_generation(
     split_manifest: str | os.PathLike,
     out_dir: str | os.PathLike,

@@ -78,6 +78,8 @@ class GenerateParams(_Section):
     n_per_defect: int = Field(8, ge=1, le=100000)
     seed: int = 0
     shard_size: int = Field(4, ge=1, le=10000)
+    workers: int = Field(1, ge=1, le=256)
+    scheduler: str = ""
     copy_paste: CopyPasteParams = CopyPasteParams()
 
 

@@ -61,8 +61,20 @@ def build_method(p: GenerateParams):
 
 
 def run_generate(p: GenerateParams, split: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True, shards: list[int] | None = None) -> Path:
-    """Generate synthetic samples into ``out_dir``; returns its validated manifest folder."""
+    """Generate synthetic samples into ``out_dir``; returns its validated manifest folder.
+
+    With ``generate.workers > 1`` or a ``generate.scheduler`` address the shards fan out
+    on Dask (see :mod:`defectforge.fanout`); the stage stays one DVC stage, so there is
+    one ``dvc repro`` and one workspace lock however many machines do the work.
+    """
     from defectforge.generate import run_generation
+
+    if shards is None and (p.workers > 1 or p.scheduler):
+        from defectforge.fanout import generate_on_dask
+
+        manifest_dir = generate_on_dask(p, split, out_dir, progress=progress)
+        check_manifest(manifest_dir)
+        return manifest_dir
 
     method = build_method(p)
     options = {}
