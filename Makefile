@@ -12,6 +12,8 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export OMP_NUM_THREADS ?= 1
+# dvc.yaml's stage commands say `python ...`: make it the project's interpreter
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: run test install bench clean
 

@@ -1,32 +1,34 @@
-"""Prefect flow: the defectforge DAG, stage by stage, as tasks with retries.
+"""Prefect flow: scheduled regeneration of a defectforge dataset.
 
-Runs the same library functions as the DVC stages (``defectforge.pipeline``) and
-writes the same paths (``defectforge.layout.Layout``). A flow never computes: every
-task is one call into the library.
+sync inputs (``dvc pull``) → the DVC DAG stage by stage (one task per stage, retried on
+transient failures) → stop if a quality gate failed → publish a numbered release
+(git tag + ``dvc push``) → a markdown artifact with counts and metrics.
 
-    python flows/regenerate.py --params params.yaml --workdir .
+A flow never computes: each task is one call into ``defectforge.orchestrate`` or
+``defectforge.release``. Deployed by ``prefect.yaml`` onto the ``gpu`` work pool.
+
+    python flows/regenerate.py --repo . --no-publish
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
+from typing import Any
 
 for _k, _v in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"}.items():
     os.environ.setdefault(_k, _v)
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from defectforge import pipeline  # noqa: E402
+from defectforge import orchestrate, release  # noqa: E402
 from defectforge.errors import DefectforgeError  # noqa: E402
-from defectforge.layout import Layout  # noqa: E402
-from defectforge.params import Params, load_params  # noqa: E402
 
 
 def _retry_transient(task, task_run, state) -> bool:
-    """Retry crashes of the machine or the file system, not bad input: that fails the same way again."""
+    """Retry crashes, never bad input or a failed gate: those fail the same way again."""
     try:
         state.result()
     except DefectforgeError:
@@ -36,55 +38,50 @@ def _retry_transient(task, task_run, state) -> bool:
     return False
 
 
-TASK = dict(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
+TASK: dict[str, Any] = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
 
 
-@task(name="sample", **TASK)
-def sample_task(params: Params, out: Path) -> Path:
-    return pipeline.run_sample(params.sample, out)
+@task(name="sync-inputs", **TASK)
+def sync_inputs(repo: str) -> str:
+    return orchestrate.sync_inputs(repo)
 
 
-@task(name="ingest", **TASK)
-def ingest_task(params: Params, out: Path, root: Path) -> Path:
-    return pipeline.run_ingest(params.data, out, root=root, progress=False)
+@task(name="repro-stage", task_run_name="repro-{stage}", **TASK)
+def repro_stage(repo: str, stage: str) -> str:
+    return orchestrate.repro_stage(repo, stage)
 
 
-@task(name="split", **TASK)
-def split_task(params: Params, source: Path, out: Path) -> Path:
-    return pipeline.run_split(params.split, source, out)
+@task(name="publish", **TASK)
+def publish(repo: str, name: str | None, push: bool) -> dict:
+    from defectforge.params import load_params
 
-
-@task(name="generate", **TASK)
-def generate_task(params: Params, split: Path, out: Path) -> Path:
-    return pipeline.run_generate(params.generate, split, out, progress=False)
-
-
-@task(name="release", **TASK)
-def release_task(params: Params, generated: Path, out: Path) -> Path:
-    return pipeline.run_release(params.release, generated, out)
+    r = release.publish(repo, name or load_params(f"{repo}/params.yaml").release.name, push=push)
+    return {"tag": r.tag, "version": r.version, "created": r.created}
 
 
 @flow(name="defectforge-regenerate", log_prints=True)
-def regenerate(params_path: str = "params.yaml", workdir: str = ".") -> str:
-    """Run sample → ingest → split → generate → release; returns the release manifest path."""
+def regenerate(repo: str = ".", params: dict[str, Any] | None = None, name: str | None = None, publish_release: bool = True, push: bool = True) -> dict:
+    """Regenerate the dataset of the DVC project ``repo``.
+
+    ``params``: dotted params.yaml overrides for this run (validated), e.g.
+    ``{"data.root": "/mnt/data/mvtec/bottle", "generate.method": "inversion"}``.
+    """
     logger = get_run_logger()
-    params = load_params(params_path)
-    layout = Layout(Path(workdir))
-    root = Path(params.data.root)
-    if not root.is_absolute():
-        root = Path(params_path).resolve().parent / root
-    sample_task(params, layout.sample)
-    source = ingest_task(params, layout.source, root)
-    split = split_task(params, source, layout.split)
-    generated = generate_task(params, split, layout.generated)
-    manifest = release_task(params, generated, layout.release)
-    logger.info("released %s", manifest)
-    return str(manifest)
+    orchestrate.apply_params(repo, params)
+    logger.info(sync_inputs(repo))
+    for stage in orchestrate.dvc_stages(repo):
+        repro_stage(repo, stage)  # a failed quality gate raises here: nothing is published
+    published = publish(repo, name, push) if publish_release else None
+    summary = orchestrate.run_summary(repo)
+    create_markdown_artifact(key="defectforge-run", markdown=orchestrate.summary_markdown(summary, published), description="counts and metrics of this run")
+    return {"summary": summary, "published": published}
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--workdir", default=".")
+    ap.add_argument("--repo", default=".")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--no-publish", action="store_true")
+    ap.add_argument("--no-push", action="store_true")
     a = ap.parse_args()
-    print(regenerate(a.params, a.workdir))
+    print(regenerate(a.repo, None, a.name, not a.no_publish, not a.no_push))

@@ -49,3 +49,57 @@ def sample_manifests(sample_root, tmp_path_factory):
     source = run_ingest(DataParams(layout="mvtec", root=str(sample_root)), out / "source.parquet", progress=False)
     split = run_split(SplitParams(), source, out / "split.parquet")
     return source, split
+
+
+def _run(cmd, cwd):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="session")
+def make_project():
+    """Factory: a git + DVC project holding this repo's pipeline with small params (and a local remote)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+
+    def make(base: Path, *, remote: bool = True, **param_updates) -> Path:
+        repo = base / "repo"
+        repo.mkdir(parents=True)
+        for item in ("dvc.yaml", "stages", "src"):
+            src = root / item
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["sample"].update(size=64, n_train_good=6, n_test_good=3, n_defect=6)
+        params["generate"].update(n_per_defect=2, shard_size=2)
+        for section, values in param_updates.items():
+            params[section].update(values)
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        dvc = [sys.executable, "-m", "dvc"]
+        _run(["git", "init", "-q"], repo)
+        _run(["git", "config", "user.email", "test@example.com"], repo)
+        _run(["git", "config", "user.name", "test"], repo)
+        _run(dvc + ["init", "-q"], repo)
+        _run(dvc + ["config", "core.analytics", "false"], repo)
+        if remote:
+            _run(dvc + ["remote", "add", "-d", "local", str(base / "remote")], repo)
+        _run(["git", "add", "-A"], repo)
+        _run(["git", "commit", "-qm", "project"], repo)
+        return repo
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_cmd():
+    return _run

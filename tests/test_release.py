@@ -1,8 +1,5 @@
 """Releases in a temporary git repository with a local DVC remote, and the consumer side."""
 
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,44 +9,19 @@ import yaml
 import defectforge
 from defectforge.release import list_versions, publish
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _run(cmd, cwd):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, f"{cmd}: {r.stdout}\n{r.stderr}"
-    return r.stdout + r.stderr
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A DVC project (copy of this repo's pipeline, small params) with a local remote, after `dvc repro`."""
-    base = tmp_path_factory.mktemp("release")
-    repo = base / "repo"
-    repo.mkdir()
-    for item in ("dvc.yaml", "stages", "src"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sample"].update(size=64, n_train_good=6, n_test_good=3, n_defect=6)
-    params["generate"].update(n_per_defect=2, shard_size=2)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    dvc = [sys.executable, "-m", "dvc"]
-    _run(["git", "init", "-q"], repo)
-    _run(["git", "config", "user.email", "t@example.com"], repo)
-    _run(["git", "config", "user.name", "t"], repo)
-    _run(dvc + ["init", "-q"], repo)
-    _run(dvc + ["config", "core.analytics", "false"], repo)
-    _run(dvc + ["remote", "add", "-d", "local", str(base / "remote")], repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "project"], repo)
-    _run(dvc + ["repro"], repo)
+def project(tmp_path_factory, make_project, run_cmd):
+    """A DVC project with a local remote, after `dvc repro`."""
+    repo = make_project(tmp_path_factory.mktemp("release"))
+    run_cmd([sys.executable, "-m", "dvc", "repro"], repo)
     return repo
 
 
-def test_publish_pull_load_and_no_change_no_version(project, tmp_path):
+def test_publish_pull_load_and_no_change_no_version(project, tmp_path, run_cmd):
+    _run = run_cmd
     r1 = publish(project, "sample")
     assert r1.created and r1.version == 1 and r1.tag == "dataset/sample/v1"
     assert "dataset/sample/v1" in _run(["git", "tag"], project)

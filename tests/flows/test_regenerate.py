@@ -1,9 +1,6 @@
-"""The Prefect flow against a real temporary Prefect server (prefect_test_harness)."""
-
-from pathlib import Path
+"""The regeneration flow against a real temporary Prefect server (prefect_test_harness)."""
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -16,58 +13,61 @@ def prefect_server():
         yield
 
 
-def _small_params(tmp_path: Path) -> Path:
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["sample"].update(size=64, n_train_good=6, n_test_good=3, n_defect=6)
-    params["generate"].update(n_per_defect=3, shard_size=2)
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump(params))
-    return p
-
-
-def test_flow_runs_the_dag_end_to_end(prefect_server, tmp_path):
-    from flows.regenerate import regenerate
-    from defectforge.manifest.io import read_manifest
+def test_flow_runs_dag_retries_a_transient_failure_and_publishes(prefect_server, tmp_path, make_project, run_cmd, monkeypatch):
+    from defectforge import orchestrate
     from defectforge.manifest.validate import validate_manifest
-
-    params = _small_params(tmp_path)
-    state = regenerate(str(params), str(tmp_path), return_state=True)
-    assert state.is_completed(), state
-    manifest = Path(state.result())
-    assert manifest == tmp_path / "data/release/manifest.parquet"
-    assert validate_manifest(manifest) == []
-    df = read_manifest(manifest).to_pandas()
-    assert len(df) == 4 * 3 and set(df["method"]) == {"copy-paste"}
-    assert df["dataset_version"].str.startswith("sample@").all()
-
-
-def test_transient_failure_is_retried(prefect_server, tmp_path, monkeypatch):
-    from defectforge import pipeline
     from flows.regenerate import regenerate
 
-    real = pipeline.run_split
+    repo = make_project(tmp_path)
+    real = orchestrate.repro_stage
     calls = []
 
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise OSError("disk hiccup")
-        return real(*args, **kwargs)
+    def flaky(repo_, stage):
+        calls.append(stage)
+        if stage == "split" and calls.count("split") == 1:
+            raise orchestrate.TransientStageError("worker lost")
+        return real(repo_, stage)
 
-    monkeypatch.setattr(pipeline, "run_split", flaky)
-    state = regenerate(str(_small_params(tmp_path)), str(tmp_path), return_state=True)
-    assert state.is_completed()
-    assert len(calls) == 2
+    monkeypatch.setattr(orchestrate, "repro_stage", flaky)
+    state = regenerate(str(repo), return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert calls.count("split") == 2  # retried once, then succeeded
+    assert calls == ["sample", "ingest", "split", "split", "generate", "release"]
+    assert result["published"] == {"tag": "dataset/sample/v1", "version": 1, "created": True}
+    assert result["summary"]["samples"] == 8
+    assert validate_manifest(repo / "releases/sample/v1/manifest.parquet") == []
+    assert "dataset/sample/v1" in run_cmd(["git", "tag"], repo)
+    # the run's artifact exists on the server
+    from prefect.artifacts import Artifact
+
+    art = Artifact.get("defectforge-run")
+    assert art is not None and "dataset/sample/v1" in art.data and "| brick | crack | copy-paste | 2 |" in art.data
 
 
-def test_bad_params_fail_without_retry(prefect_server, tmp_path):
+def test_bad_input_fails_the_run_without_retries_and_publishes_nothing(prefect_server, tmp_path, make_project, run_cmd, monkeypatch):
+    from defectforge import orchestrate
     from flows.regenerate import regenerate
 
-    params = _small_params(tmp_path)
-    data = yaml.safe_load(params.read_text())
-    data["data"]["root"] = str(tmp_path / "nowhere")
-    data["data"]["layout"] = "folder"
-    params.write_text(yaml.safe_dump(data))
-    state = regenerate(str(params), str(tmp_path), return_state=True)
+    repo = make_project(tmp_path)
+    calls = []
+    real = orchestrate.repro_stage
+    monkeypatch.setattr(orchestrate, "repro_stage", lambda r, s: (calls.append(s), real(r, s))[1])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    state = regenerate(str(repo), params={"data.layout": "folder", "data.root": str(empty)}, return_state=True)
     assert state.is_failed()
-    assert not (tmp_path / "data/manifests/source.parquet").exists()
+    assert calls == ["sample", "ingest"]  # not retried
+    with pytest.raises(orchestrate.StageFailed, match=f"stage ingest: .*{empty.name}"):
+        state.result()
+    assert run_cmd(["git", "tag"], repo).strip() == ""
+
+
+def test_params_overrides_are_validated(prefect_server, tmp_path, make_project):
+    from flows.regenerate import regenerate
+
+    repo = make_project(tmp_path)
+    state = regenerate(str(repo), params={"split.scheme": "halves"}, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="split.scheme"):
+        state.result()

@@ -164,7 +164,6 @@ class MaskedCrossAttnProcessor:
                     joint = torch.softmax(scores, dim=-1)
                     share = (joint * inside).sum(-1).mean(1)  # inside-token share of the joint softmax
                     used = (m * m_in * inside).sum(-1).mean(1)  # weights Eq. 10 actually puts on them
-                    h = w = None
                     h0, w0 = region_mask.shape[-2:]
                     s = math.sqrt(h0 * w0 / n_query)
                     h, w = round(h0 / s), round(w0 / s)

@@ -1,0 +1,61 @@
+"""Masked cross-attention (Eq. 10-11) and the captured defect-token maps."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from defectforge.diffusion import AttentionStore
+
+
+def _cross_attn_module(unet):
+    name = next(n for n in unet.attn_processors if n.endswith("attn2.processor"))
+    module = unet.get_submodule(name.rsplit(".processor", 1)[0])
+    return module, module.processor
+
+
+def test_defect_tokens_only_reach_pixels_inside_the_mask(tiny):
+    attn, proc = _cross_attn_module(tiny.unet)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 16 * 16, attn.to_q.in_features, generator=g)
+    tiny.prompts.add_defect("crack")
+    ctx, kinds = tiny.context("defect", "crack")
+    region = torch.zeros(1, 1, 64, 64)
+    region[..., 16:40, 8:32] = 1  # aligned to the 16x16 grid (4 px cells)
+    store = AttentionStore()
+    out = proc(attn, h, ctx, region_mask=region, token_kinds=kinds, attention_store=store)
+    # change the defect tokens only: the output may change inside the mask, never outside
+    ctx2 = ctx.clone()
+    ctx2[:, kinds] += 3.0 * torch.randn(ctx2[:, kinds].shape, generator=g)
+    out2 = proc(attn, h, ctx2, region_mask=region, token_kinds=kinds)
+    inside = torch.nn.functional.interpolate(region, size=(16, 16), mode="area").flatten() > 0
+    diff = (out - out2).abs().amax(-1)[0]
+    assert diff[~inside].max() == 0
+    assert diff[inside].min() > 0
+    # the captured weights actually put on defect tokens are zero outside the mask, one inside
+    used = store.effective[proc.name][0][0].flatten()
+    assert used[~inside].max() == 0
+    torch.testing.assert_close(used[inside], torch.ones(int(inside.sum())))
+    joint = store.joint[proc.name][0]
+    assert joint.shape == (1, 16, 16) and 0 <= joint.min() and joint.max() <= 1
+
+
+def test_without_region_mask_it_is_plain_attention(tiny):
+    attn, proc = _cross_attn_module(tiny.unet)
+    h = torch.randn(2, 8 * 8, attn.to_q.in_features)
+    ctx = torch.randn(2, 8, 64)
+    torch.testing.assert_close(proc(attn, h, ctx), AttnProcessor2_0()(attn, h, ctx), atol=1e-5, rtol=1e-4)
+
+
+def test_unet_captures_maps_at_the_cross_attention_resolutions(tiny):
+    """Through the full UNet: maps come from the 16x16 and 8x8 levels of a 64 px crop."""
+    ctx, kinds = tiny.context("mask")
+    region = torch.zeros(1, 1, 64, 64)
+    region[..., 20:44, 20:44] = 1
+    store = AttentionStore()
+    with torch.no_grad():
+        tiny.eps(torch.randn(1, 3, 64, 64), 500, ctx, kinds, region, cond_image=torch.zeros(1, 3, 64, 64), store=store)
+    shapes = {tuple(v[0].shape[-2:]) for v in store.joint.values()}
+    assert shapes == {(16, 16), (8, 8)}
+    mean = store.mean_map((64, 64), which="effective")[0]
+    assert mean[:8, :8].max() == 0 and mean[28:36, 28:36].min() > 0.99

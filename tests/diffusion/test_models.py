@@ -1,0 +1,118 @@
+"""Loading: both profiles through load_pipeline_components; offline hub id error."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from defectforge.diffusion import build_tiny_components, finetune, load_pipeline_components, pretrain, save_tiny
+from defectforge.diffusion.models import config_json
+from defectforge.diffusion.prompts import TextPromptEncoder
+from defectforge.errors import DefectforgeError
+
+
+def test_tiny_profile_size_and_layout(tiny):
+    n = sum(p.numel() for p in tiny.unet.parameters())
+    assert 2.5e6 < n < 3.5e6  # ~3.1 M (see configs/tiny_unet.json)
+    assert tiny.resolution == 64 and tiny.inpainting and not tiny.has_decoder
+    assert all(type(p).__name__ == "MaskedCrossAttnProcessor" for p in tiny.unet.attn_processors.values())
+
+
+def test_tiny_save_load_round_trip(tiny, tmp_path):
+    tiny.prompts.add_defect("scratch")
+    save_tiny(tiny, tmp_path / "tiny")
+    back = load_pipeline_components(tmp_path / "tiny", device="cpu")
+    assert back.profile == "tiny" and back.prompts.defects == ["scratch"]
+    z = torch.randn(1, 3, 64, 64)
+    m = torch.zeros(1, 1, 64, 64)
+    m[..., 10:20, 10:20] = 1
+    for comps in (tiny, back):
+        ctx, kinds = comps.context("defect", "scratch")
+        with torch.no_grad():
+            comps._out = comps.eps(z, 10, ctx, kinds, m, cond_image=z)
+    torch.testing.assert_close(tiny._out, back._out)
+    assert len(back.checkpoint_sha256()) == 64
+
+
+def test_pretrained_path_round_trip_with_tiny_latent_model(tiny_latent_dir):
+    """A save_pretrained SD-layout directory (AutoencoderKL, CLIP) loads back unchanged."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)  # same order as build_tiny_latent_model(seed=0)
+    vae = AutoencoderKL(**config_json("tiny_latent_vae")).eval()
+    unet = UNet2DConditionModel(**config_json("tiny_latent_unet")).eval()
+    te = CLIPTextModel(CLIPTextConfig(**config_json("tiny_latent_text_encoder"))).eval()
+
+    comps = load_pipeline_components(str(tiny_latent_dir), device="cpu")
+    assert comps.profile == "pretrained" and isinstance(comps.prompts, TextPromptEncoder)
+    assert comps.resolution == 16 and comps.vae_scale_factor == 2 and not comps.inpainting and comps.has_decoder
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(comps.autoencoder.encode(x).latent_dist.mode(), vae.encode(x).latent_dist.mode())
+        ids = comps.prompts.tokenizer("background", padding="max_length", max_length=16, return_tensors="pt").input_ids
+        torch.testing.assert_close(comps.prompts.embed("bg"), te(ids)[0][0])
+        ctx = comps.prompts.embed("bg")[None]
+        z = torch.randn(1, 4, 8, 8)
+        ref = unet(z, torch.tensor([10]), encoder_hidden_states=ctx).sample
+        got = comps.unet(z, torch.tensor([10]), encoder_hidden_states=ctx).sample  # no region mask: plain attention
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_offline_hub_id_fails_with_one_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DefectforgeError) as err:
+        load_pipeline_components("no-such-org/no-such-model", device="cpu")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.count(". ") == 0
+    assert "no-such-org/no-such-model" in msg and "hub" in msg and "local directory" in msg
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(DefectforgeError, match="not found"):
+        load_pipeline_components(tmp_path / "nope" / "model.bin", device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DefectforgeError, match="not a model directory"):
+        load_pipeline_components(tmp_path / "empty", device="cpu")
+
+
+def _defects(n=2, size=72):
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        img = rng.integers(80, 160, (size, size + 8, 3), dtype=np.uint8)
+        m = np.zeros((size, size + 8), bool)
+        m[30:40, 30:44] = True
+        img[m] = 20
+        out.append((img, m))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["unet", "lora"])
+def test_pretrain_then_finetune_writes_loadable_safetensors(tmp_path, mode):
+    normals = [d[0] for d in _defects(2)]
+    m = pretrain(normals, tmp_path / "tiny", steps=2, batch_size=2, progress=False, device="cpu")
+    assert m["unet_parameters"] > 2e6 and (tmp_path / "tiny" / "training_curve.csv").is_file()
+    fm = finetune(tmp_path / "tiny", _defects(), "pit", tmp_path / "ft", normals=normals, mode=mode,
+                  steps=3, batch_size=4, lr=1e-2, progress=False, device="cpu")
+    assert fm["mode"] == mode and fm["steps"] == 3
+    assert not list((tmp_path / "ft").rglob("*.bin")) and not list((tmp_path / "ft").rglob("*.pt"))
+    with open(tmp_path / "ft" / "training_curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "loss", "matching", "regulariser"] and rows[-1]["step"] == "3"
+    base = load_pipeline_components(tmp_path / "tiny", device="cpu")
+    ft = load_pipeline_components(tmp_path / "ft", device="cpu")
+    assert ft.defect_type == "pit" and "pit" in ft.prompts.defects
+    if mode == "lora":
+        assert any("lora" in n for n, _ in ft.unet.named_parameters())
+    z = torch.randn(1, 3, 64, 64)
+    mask = torch.zeros(1, 1, 64, 64)
+    ctx, kinds = base.context("good")
+    with torch.no_grad():
+        a = base.eps(z, 100, ctx, kinds, mask, cond_image=z)
+        b = ft.eps(z, 100, ctx, kinds, mask, cond_image=z)
+    assert not torch.allclose(a, b)  # the fine-tuned weights were applied
+    assert base.checkpoint_sha256() != ft.checkpoint_sha256()

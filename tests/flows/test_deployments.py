@@ -1,0 +1,27 @@
+"""prefect.yaml declares real deployments of the regeneration flow."""
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_deployments_point_at_the_flow_with_a_schedule_and_the_gpu_pool():
+    from flows.regenerate import regenerate
+    from defectforge.params import parse_params
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert spec["deployments"]
+    for d in spec["deployments"]:
+        module, func = d["entrypoint"].split(":")
+        assert (ROOT / module).is_file() and func == regenerate.name.replace("defectforge-", "")
+        assert d["work_pool"]["name"] == "gpu"
+        assert d["schedules"][0]["cron"].count(" ") == 4
+        # the parameters are ones the flow accepts, and overrides are valid params keys
+        assert set(d["parameters"]) <= set(regenerate.parameters.properties)
+        data = {}
+        for key, value in d["parameters"]["params"].items():
+            section, field = key.split(".")
+            data.setdefault(section, {})[field] = value
+        parse_params(data, "prefect.yaml")

@@ -1,0 +1,110 @@
+"""The `inversion` method (DDIM inversion with disentangled background) end to end,
+with untrained tiny models: shapes, paste-back, determinism, both profiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from defectforge.errors import DefectforgeError, ParamsError
+from defectforge.masks.refine import refine_mask
+from defectforge.methods.base import get_method_class
+from defectforge.methods.inversion import InversionConfig, InversionMethod
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from defectforge.diffusion import build_tiny_components, save_tiny
+
+    comps = build_tiny_components(seed=0)
+    comps.prompts.add_defect("crack")
+    out = tmp_path_factory.mktemp("inv") / "tiny"
+    save_tiny(comps, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def latent_dir(tmp_path_factory):
+    from defectforge.diffusion import build_tiny_latent_model
+
+    return build_tiny_latent_model(tmp_path_factory.mktemp("inv-sd") / "sd")
+
+
+def _inputs(h=120, w=160):
+    rng = np.random.default_rng(0)
+    img = rng.integers(60, 200, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), bool)
+    mask[50:62, 70:90] = True
+    return img, mask
+
+
+def _outside(box, shape):
+    out = np.ones(shape, bool)
+    out[box["top"] : box["top"] + box["height"], box["left"] : box["left"] + box["width"]] = False
+    return out
+
+
+def test_registered():
+    assert get_method_class("inversion") is InversionMethod
+
+
+def test_outside_the_crop_is_byte_identical_and_result_is_well_formed(tiny_dir):
+    img, mask = _inputs()
+    method = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=3), device="cpu")
+    r = method.generate(img, mask, "crack", seed=1)
+    assert r.image.dtype == np.uint8 and r.image.shape == img.shape
+    assert np.array_equal(r.mask, mask)
+    out = _outside(r.metadata["crop_box"], mask.shape)
+    assert np.array_equal(r.image[out], img[out])
+    assert not np.array_equal(r.image[mask], img[mask])
+    assert r.attention.dtype == np.float32 and r.attention.shape == mask.shape
+    assert r.attention.min() >= 0 and r.attention.max() <= 1 and r.attention[out].max() == 0
+    assert not (refine_mask(r.attention, mask) & ~mask).any()  # Eq. 13 on the method's output
+    assert r.metadata["profile"] == "tiny" and r.metadata["config"]["steps"] == 3
+    assert len(method.checkpoint_sha256) == 64
+
+
+def test_paste_mask_keeps_every_pixel_outside_the_mask(tiny_dir):
+    img, mask = _inputs()
+    r = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=2, paste="mask"), device="cpu").generate(img, mask, "crack", 3)
+    assert np.array_equal(r.image[~mask], img[~mask])
+
+
+def test_same_seed_same_output_other_seed_other_defect(tiny_dir):
+    img, mask = _inputs()
+    method = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=2), device="cpu")
+    a, b, c = (method.generate(img, mask, "crack", s).image for s in (5, 5, 6))
+    assert np.array_equal(a, b) and not np.array_equal(a[mask], c[mask])
+
+
+def test_whole_image_mode_and_small_images(tiny_dir):
+    img, mask = _inputs(40, 50)
+    mask[:] = False
+    mask[10:20, 10:20] = True
+    r = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=2, crop=False), device="cpu").generate(img, mask, "crack", 0)
+    assert r.image.shape == img.shape and r.metadata["crop_box"] == {"top": 0, "left": 0, "height": 40, "width": 50}
+
+
+def test_pretrained_profile_through_the_same_code(latent_dir):
+    img, mask = _inputs()
+    method = InversionMethod.from_pretrained(str(latent_dir), InversionConfig(steps=3), device="cpu")
+    r = method.generate(img, mask, "scratch", seed=0)  # the text encoder knows any defect name
+    assert r.metadata["profile"] == "pretrained" and r.metadata["resolution"] == 16
+    box = r.metadata["crop_box"]
+    assert box["height"] == 30  # 1.5 x the 20-px defect, larger than the 16-px model
+    assert np.array_equal(r.image[_outside(box, mask.shape)], img[_outside(box, mask.shape)])
+
+
+def test_bad_config_and_unknown_defect(tiny_dir):
+    with pytest.raises(ParamsError, match="inversion.paste"):
+        InversionConfig(paste="everywhere")
+    with pytest.raises(ParamsError, match="inversion.steps"):
+        InversionConfig(steps=0)
+    img, mask = _inputs()
+    with pytest.raises(DefectforgeError, match="no learned tokens"):
+        InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=1), device="cpu").generate(img, mask, "dent", 0)
+    with pytest.raises(DefectforgeError, match="no fine-tuned checkpoint"):
+        InversionMethod.from_pretrained({"crack": tiny_dir}, InversionConfig(steps=1), device="cpu").generate(img, mask, "dent", 0)
