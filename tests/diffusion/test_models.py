@@ -116,3 +116,14 @@ def test_pretrain_then_finetune_writes_loadable_safetensors(tmp_path, mode):
         b = ft.eps(z, 100, ctx, kinds, mask, cond_image=z)
     assert not torch.allclose(a, b)  # the fine-tuned weights were applied
     assert base.checkpoint_sha256() != ft.checkpoint_sha256()
+
+
+def test_finetune_on_the_pretrained_profile_with_lora(tiny_latent_dir, tmp_path):
+    """finetune takes a diffusers SD directory; the LoRA checkpoint loads on top of its base."""
+    fm = finetune(str(tiny_latent_dir), _defects(), "pit", tmp_path / "ft", mode="lora", steps=2, batch_size=2,
+                  lr=1e-2, progress=False, device="cpu")
+    assert fm["profile"] == "pretrained" and (tmp_path / "ft" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (tmp_path / "ft" / "prompt_encoder").exists()  # the frozen text encoder needs no new tokens
+    ft = load_pipeline_components(tmp_path / "ft", device="cpu")
+    assert ft.profile == "pretrained" and ft.defect_type == "pit"
+    assert any("lora" in n for n, _ in ft.unet.named_parameters())

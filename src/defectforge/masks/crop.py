@@ -61,7 +61,7 @@ def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 (H, W, 3) -> (size[0], size[1], 3), bicubic; identity when the size matches."""
     if img.shape[:2] == tuple(size):
         return img.copy()
-    return np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BICUBIC))
+    return np.array(Image.fromarray(img).resize((size[1], size[0]), Image.BICUBIC))
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -93,13 +93,13 @@ def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, background: torch.Ten
         return (((comps.decode(z, decoder=ae) - x) * background) ** 2).sum() / denom
 
     with torch.enable_grad():
-        before = float(bg_mse())
+        before = bg_mse().item()
         for _ in range(steps):
             loss = bg_mse()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        after = float(bg_mse())
+        after = bg_mse().item()
     ae.requires_grad_(False)
     return ae, before, after
 
