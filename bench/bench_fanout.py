@@ -41,7 +41,7 @@ def main() -> None:
         rows = {}
         for workers in (1, 2):
             p = GenerateParams.model_validate(
-                {"method": a.method, "n_per_defect": a.n_per_defect, "shard_size": a.shard_size, "workers": workers, **json.loads(a.extra)}
+                {"methods": [a.method], "n_per_defect": a.n_per_defect, "shard_size": a.shard_size, "workers": workers, **json.loads(a.extra)}
             )
             if workers == 1:
                 p = p.model_copy(update={"scheduler": ""})
@@ -66,9 +66,9 @@ def _single(p: GenerateParams, split: Path, out: Path) -> Path:
     from defectforge.fanout import generate_on_dask
     from defectforge.manifest.validate import check_manifest
 
-    d = generate_on_dask(p, split, out, progress=False)
-    check_manifest(d)
-    return d
+    generate_on_dask(p, p.methods[0], split, out, progress=False)
+    check_manifest(out)
+    return out
 
 
 if __name__ == "__main__":

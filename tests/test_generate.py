@@ -72,10 +72,10 @@ def test_killed_generation_resumes_without_duplicates(sample_manifests, tmp_path
     env = {**os.environ, "DEFECTFORGE_TEST_CRASH_AFTER_SHARDS": "2"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 137, r.stderr
-    assert len(list((tmp_path / "gen/manifest").glob("part-*.parquet"))) == 2
+    assert len(list((tmp_path / "gen/copy-paste/manifest").glob("part-*.parquet"))) == 2
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    resumed = _rows(tmp_path / "gen/manifest")
+    resumed = _rows(tmp_path / "gen/copy-paste/manifest")
     clean = _rows(run_generate(P, split, tmp_path / "clean", progress=False))
     assert resumed == clean and len(resumed) == 12
 
@@ -107,4 +107,4 @@ def test_dask_local_cluster_two_workers_gives_the_same_manifest(sample_manifests
     dask_p = P.model_copy(update={"workers": 2})
     fanned = _rows(run_generate(dask_p, split, tmp_path / "dask", progress=False))
     assert fanned == single
-    assert len(list((tmp_path / "dask/manifest").glob("part-*.parquet"))) == 6
+    assert len(list((tmp_path / "dask/copy-paste/manifest").glob("part-*.parquet"))) == 6

@@ -7,7 +7,7 @@ from defectforge.params import Params, load_params, parse_params
 def test_repo_params_file_is_valid():
     p = load_params("params.yaml")
     assert isinstance(p, Params)
-    assert p.generate.method in ("copy-paste", "inversion", "blended")
+    assert set(p.generate.methods) <= {"copy-paste", "inversion", "blended"}
 
 
 @pytest.mark.parametrize(

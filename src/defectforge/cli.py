@@ -73,7 +73,7 @@ def split(source: Path = typer.Option(...), out: Path = typer.Option(...), param
 def generate(
     split: Path = typer.Option(..., help="split manifest"),
     out: Path = typer.Option(..., help="output dataset folder"),
-    method: Optional[str] = typer.Option(None, help="override generate.method"),
+    method: Optional[list[str]] = typer.Option(None, help="override generate.methods (repeatable)"),
     params: Path = PARAMS,
 ):
     """Generate synthetic defect images, masks and a sharded manifest."""
@@ -82,7 +82,7 @@ def generate(
 
     p = _params(params).generate
     if method:
-        p = parse_params({"generate": {**p.model_dump(), "method": method}}, "command line").generate
+        p = parse_params({"generate": {**p.model_dump(), "methods": list(method)}}, "command line").generate
     _summary(run_generate(p, split, out))
 
 

@@ -19,7 +19,7 @@ from defectforge.errors import DefectforgeError
 from defectforge.params import GenerateParams
 
 
-def _run_shards(p_json: str, split: str, out_dir: str, shards: list[int]) -> list[int]:
+def _run_shards(p_json: str, name: str, split: str, out_root: str, shards: list[int]) -> list[int]:
     """Worker task: generate the given shards (a fresh method per process)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -28,23 +28,24 @@ def _run_shards(p_json: str, split: str, out_dir: str, shards: list[int]) -> lis
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
-    from defectforge.pipeline import run_generate
+    from defectforge.pipeline import generate_method
 
     p = GenerateParams.model_validate_json(p_json)
-    run_generate(p.model_copy(update={"workers": 1, "scheduler": ""}), split, out_dir, progress=False, shards=shards)
+    generate_method(p, name, split, out_root, progress=False, shards=shards)
     return shards
 
 
-def generate_on_dask(p: GenerateParams, split: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True) -> Path:
+def generate_on_dask(p: GenerateParams, name: str, split: str | os.PathLike, out_root: str | os.PathLike, *, progress: bool = True) -> Path:
+    """Generate method ``name``'s shards on Dask into ``out_root/<name>/``; returns its shard folder."""
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm import tqdm
 
     from defectforge.generate import prepare_output
     from defectforge.pipeline import build_method
 
-    method = build_method(p)
+    method = build_method(p, name)
     n_shards = prepare_output(
-        split, out_dir, method_name=method.name, n_per_defect=p.n_per_defect, seed=p.seed, shard_size=p.shard_size, params_sha256=p.sha256()
+        split, Path(out_root) / name, method_name=method.name, n_per_defect=p.n_per_defect, seed=p.seed, shard_size=p.shard_size, params_sha256=p.method_sha256(name)
     )
     cluster = None
     if p.scheduler:
@@ -56,7 +57,8 @@ def generate_on_dask(p: GenerateParams, split: str | os.PathLike, out_dir: str |
         # one chunk of shards per task keeps the per-task cost (loading a model) low
         n_tasks = max(1, min(n_shards, 4 * max(p.workers, len(client.scheduler_info()["workers"]) or 1)))
         chunks = [list(range(i, n_shards, n_tasks)) for i in range(n_tasks)]
-        futures = client.map(_run_shards, [p.model_dump_json()] * len(chunks), [str(split)] * len(chunks), [str(out_dir)] * len(chunks), chunks, pure=False)
+        n = len(chunks)
+        futures = client.map(_run_shards, [p.model_dump_json()] * n, [name] * n, [str(split)] * n, [str(out_root)] * n, chunks, pure=False)
         with tqdm(total=n_shards, desc=f"generate[{method.name}] shards on dask", disable=not progress) as bar:
             for fut in as_completed(futures):
                 try:
@@ -69,4 +71,4 @@ def generate_on_dask(p: GenerateParams, split: str | os.PathLike, out_dir: str |
         client.close()
         if cluster is not None:
             cluster.close()
-    return Path(out_dir) / "manifest"
+    return Path(out_root) / name / "manifest"

@@ -92,12 +92,15 @@ def run_generation(
     fit: Callable[[GenerationMethod, str, str, list[tuple[np.ndarray, np.ndarray]]], None] | None = None,
     shards: list[int] | None = None,
     progress: bool = True,
+    dataset_root: str | os.PathLike | None = None,
 ) -> Path:
     """Generate every planned sample into ``out_dir`` (images/, masks/, raw_masks/, manifest/).
 
     ``fit(method, category, defect_type, real_train_defects)`` prepares the method for a
     defect type (default: ``method.fit(defects, defect_type)``). ``shards`` restricts
     the run to some shard indices (the fan-out of a distributed run); the default is all.
+    ``dataset_root`` (default ``out_dir``) is the root the manifest's paths are relative
+    to: the generate stage puts each method in ``<root>/<method>/`` under one root.
     Returns the manifest shard folder.
     """
     info = manifest_info(split_manifest)
@@ -107,7 +110,10 @@ def run_generation(
     specs = plan_samples(split, method=method.name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256)
     n_shards = (len(specs) + shard_size - 1) // shard_size
     _reset_if_plan_changed(out_dir, specs, shard_size)
-    writer = ShardedWriter(out_dir / "manifest", kind="synthetic", dataset_root=out_dir)
+    root = Path(dataset_root) if dataset_root is not None else out_dir
+    prefix = Path(os.path.relpath(out_dir.resolve(), root.resolve())).as_posix()
+    prefix = "" if prefix == "." else prefix + "/"
+    writer = ShardedWriter(out_dir / "manifest", kind="synthetic", dataset_root=root)
     todo = [i for i in (shards if shards is not None else range(n_shards)) if not writer.done(i)]
     by_id = split.set_index("image_id")
     crash_after = int(os.environ.get("DEFECTFORGE_TEST_CRASH_AFTER_SHARDS", "0"))  # test hook: simulate a kill
@@ -131,7 +137,7 @@ def run_generation(
             rng = np.random.default_rng(spec.seed)
             target, donor = sample_target_mask(real_masks[key], normal, rng, **(target_mask_options or {}))
             result = method.generate(normal, target, spec.defect_type, spec.seed)
-            rows.append(_write_sample(out_dir, spec, normal_row, result, method, cfg_json, params_sha256))
+            rows.append(_write_sample(out_dir, prefix, spec, normal_row, result, method, cfg_json, params_sha256))
             bar.update(1)
         writer.write(shard, rows)
         written += 1
@@ -152,7 +158,7 @@ def _reset_if_plan_changed(out_dir: Path, specs: list[SampleSpec], shard_size: i
     atomic_write_bytes(marker, (plan + "\n").encode())
 
 
-def _write_sample(out_dir: Path, spec: SampleSpec, normal_row, result, method, cfg_json: str, params_sha256: str) -> dict:
+def _write_sample(out_dir: Path, prefix: str, spec: SampleSpec, normal_row, result, method, cfg_json: str, params_sha256: str) -> dict:
     if result.image.shape != (normal_row.height, normal_row.width, 3):
         raise DataError(f"method {method.name} returned an image of shape {result.image.shape} for {spec.normal_id}")
     if not np.isfinite(result.image).all():
@@ -164,11 +170,12 @@ def _write_sample(out_dir: Path, spec: SampleSpec, normal_row, result, method, c
         data = encode_png(arr)
         atomic_write_bytes(out_dir / files[col], data)
         hashes[col] = sha256_bytes(data)
+    files = {k: prefix + v for k, v in files.items()}
     attention_path = None
     if result.attention is not None:
-        attention_path = f"attention/{sub}"
         att = np.clip(np.rint(result.attention * 255), 0, 255).astype(np.uint8)
-        atomic_write_bytes(out_dir / attention_path, encode_png(att))
+        atomic_write_bytes(out_dir / f"attention/{sub}", encode_png(att))
+        attention_path = prefix + f"attention/{sub}"
     area = int(result.mask.sum())
     return {
         "sample_id": spec.sample_id,

@@ -73,14 +73,24 @@ class CopyPasteParams(_Section):
     placement: Literal["foreground", "anywhere"] = "foreground"
 
 
+MethodName = Literal["copy-paste", "inversion", "blended"]
+
+
 class GenerateParams(_Section):
-    method: Literal["copy-paste", "inversion", "blended"] = "copy-paste"
+    methods: list[MethodName] = Field(default_factory=lambda: ["copy-paste"], min_length=1)
     n_per_defect: int = Field(8, ge=1, le=100000)
     seed: int = 0
     shard_size: int = Field(4, ge=1, le=10000)
     workers: int = Field(1, ge=1, le=256)
     scheduler: str = ""
     copy_paste: CopyPasteParams = CopyPasteParams()
+
+    def method_sha256(self, method: str) -> str:
+        """Hash of what determines one method's samples: the common knobs and its own section."""
+        common = self.model_dump(mode="json", exclude={"methods", "workers", "scheduler", "copy_paste"})
+        own = getattr(self, method.replace("-", "_"), None)
+        blob = json.dumps({"common": common, "method": method, "own": own.model_dump(mode="json") if own is not None else None}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
 
 class ReleaseParams(_Section):

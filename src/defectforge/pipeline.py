@@ -51,50 +51,61 @@ def run_split(p: SplitParams, source: str | os.PathLike, out: str | os.PathLike)
     return _write_checked(out_df, out, kind="split", dataset_root=info["dataset_root"])
 
 
-def build_method(p: GenerateParams):
+def build_method(p: GenerateParams, name: str):
+    """The configured method object for ``name`` (its config from the method's params section)."""
     from defectforge.methods.base import get_method_class
 
-    cls = get_method_class(p.method)
-    section = {"copy-paste": p.copy_paste}.get(p.method)
+    cls = get_method_class(name)
+    section = getattr(p, name.replace("-", "_"), None)
     cfg = cls.config_class(**(section.model_dump() if section is not None else {}))
     return cls(cfg)
 
 
-def run_generate(p: GenerateParams, split: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True, shards: list[int] | None = None) -> Path:
-    """Generate synthetic samples into ``out_dir``; returns its validated manifest folder.
+def run_generate(p: GenerateParams, split: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True) -> Path:
+    """Generate synthetic samples with every method of ``generate.methods`` into ``out_dir/<method>/``.
 
-    With ``generate.workers > 1`` or a ``generate.scheduler`` address the shards fan out
-    on Dask (see :mod:`defectforge.fanout`); the stage stays one DVC stage, so there is
+    One dataset root (``out_dir``) holds all methods; returns it after the manifest suite
+    passed. With ``generate.workers > 1`` or a ``generate.scheduler`` address the shards
+    fan out on Dask (:mod:`defectforge.fanout`); the stage stays one DVC stage, so there is
     one ``dvc repro`` and one workspace lock however many machines do the work.
     """
+    out_root = Path(out_dir)
+    if out_root.is_dir():  # persist: drop the output of methods no longer asked for
+        for child in out_root.iterdir():
+            if child.is_dir() and child.name not in p.methods:
+                shutil.rmtree(child)
+    for name in p.methods:
+        if p.workers > 1 or p.scheduler:
+            from defectforge.fanout import generate_on_dask
+
+            generate_on_dask(p, name, split, out_root, progress=progress)
+        else:
+            generate_method(p, name, split, out_root, progress=progress)
+    check_manifest(out_root)
+    return out_root
+
+
+def generate_method(p: GenerateParams, name: str, split, out_root, *, progress: bool = True, shards: list[int] | None = None) -> Path:
+    """One method's samples (or some of its shards) into ``out_root/<name>/``."""
     from defectforge.generate import run_generation
 
-    if shards is None and (p.workers > 1 or p.scheduler):
-        from defectforge.fanout import generate_on_dask
-
-        manifest_dir = generate_on_dask(p, split, out_dir, progress=progress)
-        check_manifest(manifest_dir)
-        return manifest_dir
-
-    method = build_method(p)
+    method = build_method(p, name)
     options = {}
-    if p.method == "copy-paste":
+    if name == "copy-paste":
         options = {"max_rotation": p.copy_paste.max_rotation, "scale_range": tuple(p.copy_paste.scale_range), "flip": p.copy_paste.flip}
-    manifest_dir = run_generation(
+    return run_generation(
         split,
-        out_dir,
+        Path(out_root) / name,
+        dataset_root=out_root,
         method=method,
         n_per_defect=p.n_per_defect,
         seed=p.seed,
         shard_size=p.shard_size,
-        params_sha256=p.sha256(),
+        params_sha256=p.method_sha256(name),
         target_mask_options=options,
         shards=shards,
         progress=progress,
     )
-    if shards is None:
-        check_manifest(manifest_dir)
-    return manifest_dir
 
 
 def content_version(manifest_dir: str | os.PathLike) -> str:
@@ -110,8 +121,7 @@ def run_release(p: ReleaseParams, generated: str | os.PathLike, out_dir: str | o
     The version is content-addressed (``<name>@<hash of ids and file hashes>``): the same
     samples always give the same version string.
     """
-    generated = Path(generated)
-    shard_dir = generated / "manifest" if (generated / "manifest").is_dir() else generated
+    shard_dir = Path(generated)
     dataset_root = Path(manifest_info(shard_dir)["dataset_root"])
     version = f"{p.name}@{content_version(shard_dir)}"
     out_dir = Path(out_dir)

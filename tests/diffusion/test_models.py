@@ -71,6 +71,14 @@ def test_offline_hub_id_fails_with_one_sentence(monkeypatch):
     assert "no-such-org/no-such-model" in msg and "hub" in msg and "local directory" in msg
 
 
+def test_hub_id_without_network_fails_fast_even_when_not_marked_offline(monkeypatch):
+    """No HF_HUB_OFFLINE: the cache misses, the hub endpoint does not answer -> the same error, no retries."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(DefectforgeError, match="cannot load this model from the Hugging Face hub"):
+        load_pipeline_components("no-such-org/no-such-model", device="cpu")
+
+
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(DefectforgeError, match="not found"):
         load_pipeline_components(tmp_path / "nope" / "model.bin", device="cpu")

@@ -202,11 +202,11 @@ def _hub_error(name: str) -> DefectforgeError:
     )
 
 
-def _load_diffusers(source: str, device: torch.device, local: bool, dtype: torch.dtype) -> DiffusionComponents:
+def _load_diffusers(source: str, device: torch.device, local: bool, dtype: torch.dtype, cache_only: bool = False) -> DiffusionComponents:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    kw = {"local_files_only": True} if (local or os.environ.get("HF_HUB_OFFLINE")) else {}
+    kw = {"local_files_only": True} if (local or cache_only or os.environ.get("HF_HUB_OFFLINE")) else {}
     try:
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
@@ -302,7 +302,27 @@ def load_pipeline_components(
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/")) and not p.suffix
     if not looks_like_hub_id:
         raise DefectforgeError(f"{name}: model directory not found")
+    # a hub id: the local cache first; the network only when the hub answers at once,
+    # so a machine without network fails in seconds instead of retrying for a minute
+    if not os.environ.get("HF_HUB_OFFLINE"):
+        try:
+            return _load_diffusers(name, dev, local=False, dtype=dtype, cache_only=True)
+        except DefectforgeError:
+            if not _hub_reachable():
+                raise _hub_error(name) from None
     return _load_diffusers(name, dev, local=False, dtype=dtype)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _load_finetune(path: Path, device: torch.device, dtype: torch.dtype) -> DiffusionComponents:

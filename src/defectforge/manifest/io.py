@@ -138,6 +138,11 @@ class ShardedWriter:
         return sorted(self.dir.glob("part-*.parquet"))
 
 
+def shard_files(folder: str | os.PathLike) -> list[Path]:
+    """Committed shard files under ``folder`` (any depth: one sub-folder per method), sorted."""
+    return sorted(Path(folder).rglob("part-*.parquet"))
+
+
 def assemble(
     shard_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -148,7 +153,7 @@ def assemble(
     expected_shards: int | None = None,
 ) -> Path:
     """Concatenate the shards of ``shard_dir`` into one manifest file, atomically."""
-    shards = sorted(Path(shard_dir).glob("part-*.parquet"))
+    shards = shard_files(shard_dir)
     if expected_shards is not None and len(shards) != expected_shards:
         raise ManifestError(f"{shard_dir}: {len(shards)} shards found, {expected_shards} expected (run not finished)")
     tables = [pq.read_table(s) for s in shards]
@@ -167,7 +172,7 @@ def assemble(
 def manifest_info(path: str | os.PathLike) -> dict[str, str]:
     """Kind, schema version, absolute dataset root and dataset version of a manifest file or shard folder."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob("part-*.parquet"))
+    files = [path] if path.is_file() else shard_files(path)
     if not files:
         raise ManifestError(f"{path}: no manifest file found")
     try:
@@ -218,7 +223,7 @@ def read_manifest(
     if unknown:
         raise ManifestError(f"{path}: cannot filter on unknown columns {unknown}")
     p = Path(path)
-    source = str(p) if p.is_file() else sorted(str(s) for s in p.glob("part-*.parquet"))
+    source = str(p) if p.is_file() else [str(s) for s in shard_files(p)]
     dataset = ds.dataset(source, format="parquet", schema=schema)
     table = dataset.to_table(filter=_filter_expression(filters), columns=list(columns) if columns else None)
     for col in PATH_COLUMNS[info["kind"]]:

@@ -228,6 +228,8 @@ def resolve_feature_backbone(name: str, weights: str | Path | None = None) -> tu
         return _SelectOutput(ext, 0, 2048), _SelectOutput(ext, 1, 1008), "inception-v3"
     seed = _parse_seed(name, "random-inception-v3")
     if seed is not None:
+        if weights is not None:
+            raise DefectforgeError(f"backbone {name!r} is randomly initialised; it takes no weights file ({weights})")
         ext = build_fidelity_inception(None, seed=seed)
         return _SelectOutput(ext, 0, 2048), _SelectOutput(ext, 1, 1008), name
     seed = _parse_seed(name, "random-vgg11")
