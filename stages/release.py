@@ -1,6 +1,6 @@
-"""DVC stage `release`: the versioned manifest and dataset card.
+"""DVC stage `release`: the versioned manifest (with QC), metrics, HTML report and dataset card.
 
-usage: python stages/release.py PARAMS GENERATED_DIR OUT_DIR
+usage: python stages/release.py PARAMS SPLIT_MANIFEST REFINED_MANIFEST QUALITY_DIR DETECTOR_DIR OUT_DIR
 """
 
 from defectforge.params import load_params
@@ -9,8 +9,8 @@ from defectforge.stage import stage
 
 
 @stage
-def main(params: str, generated: str, out_dir: str) -> None:
-    run_release(load_params(params).release, generated, out_dir)
+def main(params: str, split: str, refined: str, quality: str, detector: str, out_dir: str) -> None:
+    run_release(load_params(params).release, refined, out_dir, quality=quality, detector=detector, split=split)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def make_project():
         params = yaml.safe_load((root / "params.yaml").read_text())
         params["sample"].update(size=64, n_train_good=6, n_test_good=3, n_defect=6)
         params["generate"].update(n_per_defect=2, shard_size=2)
+        params["detector"].update(epochs=1, size=32, base_channels=4, depth=2)
+        params["quality"].update(size=32)
         for section, values in param_updates.items():
             params[section].update(values)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

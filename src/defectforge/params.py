@@ -93,6 +93,39 @@ class GenerateParams(_Section):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
+class RefineParams(_Section):
+    """Mask refinement from the defect tokens' cross-attention (DDIM-inversion Eq. 13)."""
+
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    radius: int = Field(1, ge=0, le=10)
+
+
+class QualityParams(_Section):
+    """Image-quality metrics per (category, defect type, method) and the gates."""
+
+    backbone: str = "random-vgg11-seed0"
+    weights: str | None = None
+    lpips_backbone: str = "random-alexnet-seed0"
+    lpips_weights: str | None = None
+    size: int = Field(64, ge=16, le=512)
+    crop_context: float = Field(2.0, ge=1.0, le=10.0)
+    gates: dict[str, float | int] = {}
+    set_gates: dict[str, float | None] = {"min_pass_rate": 0.5}
+
+
+class DetectorParams(_Section):
+    """The U-Net detector trained real-only and real+synthetic, evaluated on held-out real images."""
+
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(8, ge=1, le=512)
+    lr: float = Field(1e-3, gt=0, le=1)
+    seed: int = 0
+    size: int = Field(128, ge=32, le=1024)
+    base_channels: int = Field(16, ge=4, le=128)
+    depth: int = Field(4, ge=2, le=6)
+    synthetic: Literal["qc_pass", "all"] = "qc_pass"
+
+
 class ReleaseParams(_Section):
     name: str = Field("sample", pattern=r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -102,6 +135,9 @@ class Params(_Section):
     data: DataParams = DataParams()
     split: SplitParams = SplitParams()
     generate: GenerateParams = GenerateParams()
+    refine: RefineParams = RefineParams()
+    quality: QualityParams = QualityParams()
+    detector: DetectorParams = DetectorParams()
     release: ReleaseParams = ReleaseParams()
 
 
@@ -130,6 +166,13 @@ def parse_params(data: dict[str, Any] | None, source: str = "params.yaml") -> Pa
         raise ParamsError(f"{source}: {msg}") from None
     if params.split.scheme == "kfold" and params.split.fold >= params.split.k:
         raise ParamsError(f"{source}: split.fold: {params.split.fold} must be < split.k ({params.split.k})")
+    from defectforge.metrics.gates import GateThresholds, SetThresholds, thresholds_from_dict
+
+    for key, cls in (("gates", GateThresholds), ("set_gates", SetThresholds)):
+        try:
+            thresholds_from_dict(getattr(params.quality, key), cls)
+        except ParamsError as exc:
+            raise ParamsError(f"{source}: quality.{key}: {exc}") from None
     lo, hi = params.generate.copy_paste.scale_range
     if not 0 < lo <= hi:
         raise ParamsError(f"{source}: generate.copy_paste.scale_range: need 0 < low <= high, got {[lo, hi]}")

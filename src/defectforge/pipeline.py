@@ -115,36 +115,74 @@ def content_version(manifest_dir: str | os.PathLike) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def run_release(p: ReleaseParams, generated: str | os.PathLike, out_dir: str | os.PathLike, *, metrics: dict | None = None) -> Path:
-    """Write the versioned manifest and a dataset card into ``out_dir``.
+def run_release(
+    p: ReleaseParams,
+    refined: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    quality: str | os.PathLike | None = None,
+    detector: str | os.PathLike | None = None,
+    split: str | os.PathLike | None = None,
+) -> Path:
+    """Write the versioned manifest (with per-sample QC), metrics, the HTML report and the card.
 
     The version is content-addressed (``<name>@<hash of ids and file hashes>``): the same
-    samples always give the same version string.
+    samples always give the same version string. ``quality`` and ``detector`` are the
+    folders of those stages (optional, so a copy-paste-only DAG can release too).
     """
-    shard_dir = Path(generated)
-    dataset_root = Path(manifest_info(shard_dir)["dataset_root"])
-    version = f"{p.name}@{content_version(shard_dir)}"
+    refined = Path(refined)
+    dataset_root = Path(manifest_info(refined)["dataset_root"])
+    version = f"{p.name}@{content_version(refined)}"
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    # The release manifest's paths stay relative to the generated dataset root.
-    rel_root = Path(os.path.relpath(dataset_root.resolve(), out_dir.resolve()))
-    manifest = assemble(shard_dir, tmp / "manifest.parquet", kind="synthetic", dataset_root=tmp / rel_root, dataset_version=version)
+    df = read_manifest(refined).to_pandas()
+    metrics: dict = {}
+    if quality is not None:
+        import pandas as pd
+
+        from defectforge.manifest.schema import QC_COLUMNS
+
+        qc = pd.read_parquet(Path(quality) / "qc.parquet")
+        df = df.drop(columns=[c for c in QC_COLUMNS if c in df.columns]).merge(qc, on="sample_id", how="left")
+        metrics["quality"] = json.loads((Path(quality) / "metrics.json").read_text())
+    if detector is not None:
+        metrics["detector"] = json.loads((Path(detector) / "metrics.json").read_text())
+    df["dataset_version"] = version
+    manifest = write_manifest(df, tmp / "manifest.parquet", kind="synthetic", dataset_root=dataset_root, dataset_version=version)
     check_manifest(manifest)
-    df = read_manifest(manifest).to_pandas()
     counts = df.groupby(["category", "defect_type", "method"]).size().reset_index(name="samples")
-    summary = {"dataset_version": version, "samples": int(len(df)), "counts": counts.to_dict(orient="records")}
-    if metrics:
-        summary["metrics"] = metrics
+    headline = headline_metrics(metrics)
+    summary = {"dataset_version": version, "samples": int(len(df)), "counts": counts.to_dict(orient="records"), "metrics": headline}
     (tmp / "release.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    (tmp / "README.md").write_text(_card(version, df, counts, metrics))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    report = None
+    if split is not None:
+        from defectforge.reporting import build_report
+
+        report = build_report(tmp / "report.html", title=f"defectforge dataset {version}", manifest=manifest, split=split, metrics=metrics, detector_dir=detector)
+    (tmp / "README.md").write_text(_card(version, df, counts, headline, report is not None))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir / "manifest.parquet"
 
 
-def _card(version: str, df, counts, metrics) -> str:
+def headline_metrics(metrics: dict) -> dict:
+    """A flat dict of the numbers a data team looks at first (for cards and list-versions)."""
+    out = {}
+    q = metrics.get("quality")
+    if q:
+        out["qc_pass_rate"] = q.get("pass_rate")
+    d = (metrics.get("detector") or {}).get("mean", {})
+    for run, m in d.items():
+        for k in ("image_auroc", "pixel_ap", "aupro"):
+            if k in m:
+                out[f"{run}.{k}"] = m[k]
+    return out
+
+
+def _card(version: str, df, counts, metrics, has_report: bool = False) -> str:
     lines = [
         f"# defectforge dataset `{version}`",
         "",
@@ -159,8 +197,15 @@ def _card(version: str, df, counts, metrics) -> str:
         "| --- | --- | --- | --- |",
     ]
     lines += [f"| {r.category} | {r.defect_type} | {r.method} | {r.samples} |" for r in counts.itertuples()]
+    if "qc_pass" in df and df["qc_pass"].notna().any():
+        lines += ["", f"Per-sample quality gates: {int(df['qc_pass'].fillna(False).sum())} of {len(df)} samples pass "
+                  "(failing rows are kept, flagged in `qc_pass` / `qc_reasons`)."]
     if metrics:
-        lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```"]
+        lines += ["", "## Headline metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+        lines += ["", "Full numbers, with the backbone beside every image-quality figure: `metrics.json`."]
+    if has_report:
+        lines += ["", "Report (sample grids, quality and detector tables, training curves): [report.html](report.html)"]
     return "\n".join(lines) + "\n"
 
 

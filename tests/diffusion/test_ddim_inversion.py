@@ -74,3 +74,19 @@ def test_eq9_background_equality_holds_with_a_real_unet(tiny):
     z_star, z_m = sample_eq9(tiny, z_T_m, z0, m, "pit", 4, guidance=2.0, generator=torch.Generator().manual_seed(5))
     assert torch.equal(z_star * (1 - m), z_m * (1 - m))
     assert not torch.allclose(z_star * m, z_m * m)
+
+
+def test_reading_the_background_from_the_inversion_path_is_exact(tiny):
+    """background="inverted": outside the mask z*_0 is (1 - m) z_0 exactly, even with an
+    untrained UNet whose plain inversion error is large."""
+    g = torch.Generator().manual_seed(6)
+    z0 = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    m = torch.zeros(1, 1, 64, 64)
+    m[..., 8:24, 40:60] = 1
+    tiny.prompts.add_defect("pit")
+    path = []
+    z_T_m = invert_masked(tiny, z0, m, 5, trajectory=path)
+    assert len(path) == 5 and torch.equal(path[0], (1 - m) * z0)
+    z_star, _ = sample_eq9(tiny, z_T_m, z0, m, "pit", 5, 2.0, torch.Generator().manual_seed(7), trajectory=path)
+    torch.testing.assert_close(z_star * (1 - m), z0 * (1 - m))
+    assert not torch.allclose(z_star * m, z0 * m)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectforge.diffusion import build_tiny_components, finetune, load_pipeline_components, pretrain, save_tiny
+from defectforge.diffusion import finetune, load_pipeline_components, pretrain, save_tiny
 from defectforge.diffusion.models import config_json
 from defectforge.diffusion.prompts import TextPromptEncoder
 from defectforge.errors import DefectforgeError

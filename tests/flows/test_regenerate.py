@@ -33,7 +33,7 @@ def test_flow_runs_dag_retries_a_transient_failure_and_publishes(prefect_server,
     assert state.is_completed(), state
     result = state.result()
     assert calls.count("split") == 2  # retried once, then succeeded
-    assert calls == ["sample", "ingest", "split", "split", "generate", "release"]
+    assert calls == ["sample", "ingest", "split", "split", "generate", "refine", "quality", "detector", "release"]
     assert result["published"] == {"tag": "dataset/sample/v1", "version": 1, "created": True}
     assert result["summary"]["samples"] == 8
     assert validate_manifest(repo / "releases/sample/v1/manifest.parquet") == []

@@ -53,7 +53,7 @@ def test_registered():
 
 def test_outside_the_crop_is_byte_identical_and_result_is_well_formed(tiny_dir):
     img, mask = _inputs()
-    method = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=3), device="cpu")
+    method = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=3, background="sampled"), device="cpu")
     r = method.generate(img, mask, "crack", seed=1)
     assert r.image.dtype == np.uint8 and r.image.shape == img.shape
     assert np.array_equal(r.mask, mask)
@@ -67,9 +67,19 @@ def test_outside_the_crop_is_byte_identical_and_result_is_well_formed(tiny_dir):
     assert len(method.checkpoint_sha256) == 64
 
 
+def test_inverted_background_keeps_the_crop_outside_the_mask(tiny_dir):
+    """Default background="inverted", identity autoencoder, crop at model size: every pixel
+    outside the mask comes back with its own bytes even with paste="crop"."""
+    img, mask = _inputs()
+    r = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=2), device="cpu").generate(img, mask, "crack", 3)
+    assert r.metadata["crop_box"]["height"] == 64
+    assert np.array_equal(r.image[~mask], img[~mask])
+
+
 def test_paste_mask_keeps_every_pixel_outside_the_mask(tiny_dir):
     img, mask = _inputs()
-    r = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=2, paste="mask"), device="cpu").generate(img, mask, "crack", 3)
+    cfg = InversionConfig(steps=2, paste="mask", background="sampled")
+    r = InversionMethod.from_pretrained(tiny_dir, cfg, device="cpu").generate(img, mask, "crack", 3)
     assert np.array_equal(r.image[~mask], img[~mask])
 
 
@@ -101,6 +111,8 @@ def test_pretrained_profile_through_the_same_code(latent_dir):
 def test_bad_config_and_unknown_defect(tiny_dir):
     with pytest.raises(ParamsError, match="inversion.paste"):
         InversionConfig(paste="everywhere")
+    with pytest.raises(ParamsError, match="inversion.background"):
+        InversionConfig(background="both")
     with pytest.raises(ParamsError, match="inversion.steps"):
         InversionConfig(steps=0)
     img, mask = _inputs()

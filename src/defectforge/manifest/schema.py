@@ -46,12 +46,15 @@ SPLIT_FIELDS = SOURCE_FIELDS + [
 # Per-sample quality figures are real columns (null until the quality stage ran).
 QC_FIELDS = [
     pa.field("qc_bg_psnr", pa.float64()),
+    pa.field("qc_bg_exact", pa.bool_()),
     pa.field("qc_defect_contrast", pa.float64()),
-    pa.field("qc_refined_area_ratio", pa.float64()),
-    pa.field("qc_attention_agreement", pa.float64()),
+    pa.field("qc_mask_area_ratio", pa.float64()),
+    pa.field("qc_mask_inside_frac", pa.float64()),
+    pa.field("qc_attention_inside", pa.float64()),
     pa.field("qc_pass", pa.bool_()),
     pa.field("qc_reasons", pa.list_(pa.string())),
 ]
+QC_COLUMNS = [f.name for f in QC_FIELDS]
 
 SYNTHETIC_FIELDS = [
     pa.field("sample_id", pa.string(), nullable=False),
@@ -77,6 +80,9 @@ SYNTHETIC_FIELDS = [
     pa.field("height", pa.int32(), nullable=False),
     pa.field("mask_area", pa.int64(), nullable=False),
     pa.field("raw_mask_area", pa.int64(), nullable=False),
+    # "raw" (the target mask is the defect mask), "refined" (Eq. 13 from attention) or
+    # "raw-fallback" (refinement came out empty; the raw mask is kept, qc says so)
+    pa.field("mask_source", pa.string()),
 ] + QC_FIELDS
 
 KINDS = {"source": SOURCE_FIELDS, "split": SPLIT_FIELDS, "synthetic": SYNTHETIC_FIELDS}

@@ -28,7 +28,13 @@ Steps of :meth:`InversionMethod.generate`:
    ``attention_fraction`` of the steps (input of Eq. 13, :func:`defectforge.masks.refine.refine_mask`).
 6. Decode, paste the crop back (whole crop, or only the mask pixels with ``paste="mask"``).
 
-With ``guidance = 1`` step 4 is exactly the paper's Eq. (9) (C_good is not evaluated).
+With ``guidance = 1`` and ``background = "sampled"`` step 4 is exactly the paper's Eq. (9)
+(C_good is not evaluated). The default ``background = "inverted"`` reads the
+background branch from the stored inversion path instead of re-sampling it (the
+"direct inversion" correction): with a small model the inversion error of Eq. (8)
+showed as a colour cast over the whole crop (measured on Magnetic Tile, see
+docs/diffusion-bench.md); reading the path removes it while the defect branch
+still follows Eq. (9) inside the mask.
 """
 
 from __future__ import annotations
@@ -54,11 +60,14 @@ class InversionConfig(MethodConfig):
     context: float = 1.5  # crop side >= context * defect extent
     paste: str = "crop"  # "crop": the whole regenerated crop; "mask": only target-mask pixels
     attention_fraction: float = 0.5  # last share of steps whose attention is averaged
+    background: str = "inverted"  # "inverted": read the background from the Eq. 8 path; "sampled": the paper's Eq. 9
     device: str = "auto"
 
     def __post_init__(self):
         if self.steps < 1:
             raise ParamsError(f"inversion.steps: must be >= 1, got {self.steps}")
+        if self.background not in ("inverted", "sampled"):
+            raise ParamsError(f"inversion.background: must be 'inverted' or 'sampled', got {self.background!r}")
         if self.guidance < 0:
             raise ParamsError(f"inversion.guidance: must be >= 0, got {self.guidance}")
         if self.paste not in ("crop", "mask"):
@@ -70,15 +79,18 @@ class InversionConfig(MethodConfig):
 
 
 @torch.no_grad()
-def invert_masked(comps, z0: torch.Tensor, m: torch.Tensor, steps: int) -> torch.Tensor:
+def invert_masked(comps, z0: torch.Tensor, m: torch.Tensor, steps: int, trajectory: list | None = None) -> torch.Tensor:
     """Eq. (8): DDIM inversion of z_0^m = (1 - m) z_0 with C_2; returns z~^m_T.
 
     The UNet is evaluated at each step's own timestep t (as diffusers'
     DDIMInverseScheduler and null-text inversion do); the paper writes t - 1.
+    ``trajectory`` (a list) receives z~^m_t after every step, cleanest first.
     """
     c2, k2 = comps.context("mask")
     z = (1 - m) * z0
     for st in reversed(ddim_schedule(comps.scheduler, steps)):
+        if trajectory is not None:
+            trajectory.append(z)
         eps = comps.eps(z, st.t, c2, k2, m, cond_image=z0)
         z = ddim_step(z, (1 - m) * eps, st.alpha_prev, st.alpha_t)
     return z
@@ -86,8 +98,17 @@ def invert_masked(comps, z0: torch.Tensor, m: torch.Tensor, steps: int) -> torch
 
 @torch.no_grad()
 def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float,
-               generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5):
-    """Theorem 1 initialisation and Eq. (9) sampling; returns (z*_0, z^m_0)."""
+               generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5,
+               trajectory: list | None = None):
+    """Theorem 1 initialisation and Eq. (9) sampling; returns (z*_0, z^m_0).
+
+    With ``trajectory`` (the inversion path from :func:`invert_masked`) the background
+    branch is not re-sampled but read from the inversion path, z^m_{t-1} := z~^m_{t-1}
+    (the "direct inversion" correction of Ju et al., 2023): the background part of
+    z* then ends exactly at (1 - m) z_0 whatever the inversion error. Without it,
+    this is the paper's Eq. (9), whose background reproduces z_0 only up to the
+    DDIM inversion error (Proposition 1).
+    """
     noise = torch.randn(z_T_m.shape, generator=generator).to(z_T_m.device, z_T_m.dtype)
     z_star = z_T_m + m * noise  # Theorem 1
     z_m = z_T_m
@@ -113,6 +134,9 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
         eps_star = (1 - m) * eps_bg + m * eps_def  # Eq. (9)
         z_star = ddim_step(z_star, eps_star, st.alpha_t, st.alpha_prev)
         z_m = ddim_step(z_m, (1 - m) * eps_bg, st.alpha_t, st.alpha_prev)
+        if trajectory is not None:
+            z_m = trajectory[len(sched) - 1 - i]
+            z_star = (1 - m) * z_m + m * z_star
     return z_star, z_m
 
 
@@ -149,9 +173,10 @@ class InversionMethod(GenerationMethod):
         crop = make_crop(comps, image, mask, cfg.crop, cfg.context)  # 1.
         z0 = comps.encode(crop.x)
         m = comps.latent_mask(crop.m)
-        z_T_m = invert_masked(comps, z0, m, cfg.steps)  # 2. Eq. (8)
+        path = [] if cfg.background == "inverted" else None
+        z_T_m = invert_masked(comps, z0, m, cfg.steps, trajectory=path)  # 2. Eq. (8)
         store = AttentionStore(rows=[1])
-        z_star, _ = sample_eq9(comps, z_T_m, z0, m, defect, cfg.steps, cfg.guidance, gen, store, cfg.attention_fraction)  # 3.-5.
+        z_star, _ = sample_eq9(comps, z_T_m, z0, m, defect, cfg.steps, cfg.guidance, gen, store, cfg.attention_fraction, path)  # 3.-5.
         with torch.no_grad():
             x_gen = comps.decode(z_star)
         generated = to_uint8(x_gen)

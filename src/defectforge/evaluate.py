@@ -1,0 +1,216 @@
+"""The refine, quality and detector stages: from generated samples to measured ones.
+
+* :func:`run_refine` — the mask that goes into the dataset: Eq. 13 of the
+  DDIM-inversion paper from the defect tokens' cross-attention where a method saved
+  one, the raw target mask otherwise (the raw mask stays in the manifest beside it).
+* :func:`run_quality` — per-sample gates (written per row, failing rows flagged with
+  reasons, never dropped) and per (category, defect type, method) FID / KID / IS /
+  LPIPS / IC-LPIPS against the held-out real defects, computed on crops around the
+  masks (defects are small: on whole images the background dominates every feature
+  backbone). The backbone is written beside every number. Set-level gates make the
+  stage fail with a readable report.
+* :func:`run_detector` — the U-Net trained on the real training split alone
+  (``real-only``) and with each method's synthetic samples, same seed and budget,
+  evaluated on the held-out real test split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from defectforge.data.io import atomic_write_text, encode_png, atomic_write_bytes, read_image, read_mask, sha256_bytes
+from defectforge.errors import DataError, DefectforgeError
+from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
+from defectforge.manifest.schema import QC_COLUMNS
+from defectforge.manifest.validate import check_manifest
+from defectforge.params import DetectorParams, QualityParams, RefineParams
+
+
+class QualityGateError(DefectforgeError):
+    """A set-level quality gate failed: the dataset must not be published."""
+
+
+# ----------------------------------------------------------------------------- refine
+def run_refine(p: RefineParams, generated: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Refined masks into ``out_dir``; returns its manifest (root: the common parent folder)."""
+    from defectforge.masks.refine import refine_mask
+
+    generated, out_dir = Path(generated), Path(out_dir)
+    gen_root = Path(manifest_info(generated)["dataset_root"])
+    root = Path(os.path.commonpath([gen_root.resolve(), out_dir.resolve()]))
+    df = read_manifest(generated).to_pandas().sort_values("sample_id").reset_index(drop=True)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for r in df.to_dict(orient="records"):
+        raw = read_mask(gen_root / r["raw_mask_path"])
+        for col in ("image_path", "raw_mask_path", "attention_path"):
+            r[col] = os.path.relpath(gen_root / r[col], root) if isinstance(r.get(col), str) else None
+        source = "raw"
+        mask = raw
+        if r["attention_path"] is not None:
+            attention = np.asarray(read_image(root / r["attention_path"])[..., 0], np.float32) / 255.0
+            refined = refine_mask(attention, raw, threshold=p.threshold, radius=p.radius)
+            mask, source = (refined, "refined") if refined.any() else (raw, "raw-fallback")
+        rel = Path(r["method"]) / "masks" / r["category"] / r["defect_type"] / f"{r['sample_id']}.png"
+        data = encode_png(mask)
+        atomic_write_bytes(tmp / rel, data)
+        r.update(
+            mask_path=os.path.relpath(out_dir / rel, root),
+            mask_sha256=sha256_bytes(data),
+            mask_area=int(mask.sum()),
+            mask_source=source,
+        )
+        rows.append(r)
+    # tmp and out_dir are siblings under root, so the stored relative root stays right after the rename
+    write_manifest(rows, tmp / "manifest.parquet", kind="synthetic", dataset_root=root)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    final = out_dir / "manifest.parquet"
+    check_manifest(final)
+    return final
+
+
+# ----------------------------------------------------------------------------- quality
+def _real_defects(split: str | os.PathLike, which: str) -> pd.DataFrame:
+    df = read_manifest(split).to_pandas()
+    return df[(df["split"] == which) & (df["defect_type"] != "good")]
+
+
+def run_quality(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """qc.parquet (per-sample gates), metrics.json (per set), gates.json; raises QualityGateError."""
+    from tqdm import tqdm
+
+    from defectforge.metrics.gates import GateThresholds, SetThresholds, gate_sample, gate_set, thresholds_from_dict
+    from defectforge.metrics.quality import compute_quality, crop_around_mask
+
+    gates = thresholds_from_dict(p.gates, GateThresholds)
+    set_gates = thresholds_from_dict(p.set_gates, SetThresholds)
+    out_dir = Path(out_dir)
+    src_root = Path(manifest_info(split)["dataset_root"])
+    split_df = read_manifest(split).to_pandas().set_index("image_id")
+    root = Path(manifest_info(refined)["dataset_root"])
+    df = read_manifest(refined).to_pandas().sort_values("sample_id")
+    qc_rows, crops = [], {}
+    for r in tqdm(df.itertuples(), total=len(df), desc="quality: per-sample gates", disable=not progress):
+        normal = read_image(src_root / split_df.loc[r.source_image_id, "image_path"])
+        image = read_image(root / r.image_path)
+        raw = read_mask(root / r.raw_mask_path)
+        mask = read_mask(root / r.mask_path)
+        attention = None
+        if isinstance(r.attention_path, str):
+            attention = np.asarray(read_image(root / r.attention_path)[..., 0], np.float32) / 255.0
+        qc, passed, reasons = gate_sample(normal, image, raw, mask if r.mask_source != "raw" else None, attention, gates)
+        if r.mask_source == "raw-fallback":
+            passed, reasons = False, reasons + ["refined mask from attention was empty; raw target mask kept"]
+        qc_rows.append({"sample_id": r.sample_id, **{k: qc.get(k) for k in QC_COLUMNS if k in qc}, "qc_pass": bool(passed), "qc_reasons": list(reasons)})
+        crops.setdefault((r.category, r.defect_type, r.method), []).append(crop_around_mask(image, mask, context=p.crop_context))
+    qc = pd.DataFrame(qc_rows)
+    reals = _real_defects(split, "test")
+    sets, failures = [], []
+    for (category, defect, method), fake in sorted(crops.items()):
+        rr = reals[(reals["category"] == category) & (reals["defect_type"] == defect)]
+        if rr.empty:
+            entry = {"quality_skipped": f"no held-out real {category}/{defect} images to compare with"}
+        else:
+            real = [crop_around_mask(read_image(src_root / x.image_path), read_mask(src_root / x.mask_path), context=p.crop_context) for x in rr.itertuples()]
+            entry = compute_quality(real, fake, backbone=p.backbone, weights=p.weights, lpips_backbone=p.lpips_backbone, lpips_weights=p.lpips_weights, size=p.size)
+        ids = df[(df.category == category) & (df.defect_type == defect) & (df.method == method)].sample_id
+        pass_rate = float(qc.set_index("sample_id").loc[ids, "qc_pass"].mean())
+        entry = {"category": category, "defect_type": defect, "method": method, "pass_rate": round(pass_rate, 4), **entry}
+        sets.append(entry)
+        if "quality_skipped" not in entry:
+            failures += gate_set(entry, pass_rate, set_gates, label=f"{category}/{defect}/{method}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    qc_path = out_dir / "qc.parquet"
+    tmp = out_dir / ".qc.parquet.tmp"
+    qc.to_parquet(tmp, index=False)
+    os.replace(tmp, qc_path)
+    # keyed (not a list) so `dvc metrics show` can flatten it into a table
+    metrics = {
+        "sets": {f"{e['category']}/{e['defect_type']}/{e['method']}": e for e in sets},
+        "pass_rate": round(float(qc["qc_pass"].mean()), 4),
+        "samples": int(len(qc)),
+    }
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=_json) + "\n")
+    atomic_write_text(out_dir / "gates.json", json.dumps({"passed": not failures, "failures": failures}, indent=2) + "\n")
+    if failures:
+        raise QualityGateError(f"quality gate failed ({len(failures)}): " + "; ".join(failures) + f" - see {out_dir / 'gates.json'}")
+    return metrics
+
+
+def _json(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.bool_):
+        return bool(v)
+    raise TypeError(type(v))
+
+
+# ----------------------------------------------------------------------------- detector
+def run_detector(
+    p: DetectorParams, split: str | os.PathLike, refined: str | os.PathLike, qc: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True
+) -> dict:
+    """Per category: real-only and real+<method> U-Nets, same budget; metrics.json + curves.tsv."""
+    from defectforge.detector import evaluate_detector, train_detector
+
+    out_dir = Path(out_dir)
+    src_root = Path(manifest_info(split)["dataset_root"])
+    sp = read_manifest(split).to_pandas()
+    root = Path(manifest_info(refined)["dataset_root"])
+    syn = read_manifest(refined).to_pandas()
+    qcdf = pd.read_parquet(qc)[["sample_id", "qc_pass"]]
+    syn = syn.merge(qcdf, on="sample_id", how="left", suffixes=("_old", ""))
+    if p.synthetic == "qc_pass":
+        syn = syn[syn["qc_pass"].fillna(False).astype(bool)]
+    load_real = lambda rows: [(read_image(src_root / r.image_path), read_mask(src_root / r.mask_path) if isinstance(r.mask_path, str) else None) for r in rows.itertuples()]  # noqa: E731
+    results, curves = {}, []
+    for category in sorted(sp["category"].unique()):
+        c = sp[sp["category"] == category]
+        train_real = [(im, m if m is not None else np.zeros(im.shape[:2], bool)) for im, m in load_real(c[c["split"] == "train"])]
+        test = [(im, m if m is not None else np.zeros(im.shape[:2], bool)) for im, m in load_real(c[c["split"] == "test"])]
+        if not any(m.any() for _, m in test):
+            results[category] = {"skipped": f"category {category!r} has no held-out real defect images to evaluate on"}
+            continue
+        runs = {"real-only": []}
+        for method in sorted(syn["method"].unique()):
+            s = syn[(syn["category"] == category) & (syn["method"] == method)]
+            runs[method] = [(read_image(root / r.image_path), read_mask(root / r.mask_path)) for r in s.itertuples()]
+        results[category] = {}
+        for run, extra in runs.items():
+            label = f"{category}/{run}"
+            model, curve = train_detector(
+                train_real + extra, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=p.seed, size=p.size,
+                base_channels=p.base_channels, depth=p.depth, progress=(lambda row, label=label: print(f"detector[{label}] epoch {row['epoch']}: loss {row['loss']:.4f}", flush=True)) if progress else False,
+            )
+            m = evaluate_detector(model, test)
+            m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
+            results[category][run] = {**m, "train_real": len(train_real), "train_synthetic": len(extra)}
+            curves += [{"run": run, "category": category, "epoch": row["epoch"], "loss": round(float(row["loss"]), 5)} for row in curve]
+    summary = _mean_over_categories(results)
+    metrics = {"per_category": results, "mean": summary, "budget": p.model_dump(mode="json")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=_json) + "\n")
+    pd.DataFrame(curves).to_csv(out_dir / "curves.csv", index=False)
+    return metrics
+
+
+KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
+
+
+def _mean_over_categories(results: dict) -> dict:
+    runs: dict[str, dict[str, list[float]]] = {}
+    for per_run in results.values():
+        for run, m in per_run.items():
+            if not isinstance(m, dict):
+                continue
+            for k in KEYS:
+                if isinstance(m.get(k), (int, float)):
+                    runs.setdefault(run, {}).setdefault(k, []).append(m[k])
+    return {run: {k: round(float(np.mean(v)), 4) for k, v in ms.items()} for run, ms in runs.items()}

@@ -1,0 +1,17 @@
+"""DVC stage `quality`: per-sample gates, FID/KID/IS/LPIPS/IC-LPIPS per set, set-level gates.
+
+usage: python stages/quality.py PARAMS SPLIT_MANIFEST REFINED_MANIFEST OUT_DIR
+"""
+
+from defectforge.evaluate import run_quality
+from defectforge.params import load_params
+from defectforge.stage import stage
+
+
+@stage
+def main(params: str, split: str, refined: str, out_dir: str) -> None:
+    run_quality(load_params(params).quality, split, refined, out_dir)
+
+
+if __name__ == "__main__":
+    main()
