@@ -51,6 +51,10 @@ def tile(arr: np.ndarray, box) -> Image.Image:
     ys, xs = box.slices()
     a = arr[ys, xs]
     if a.dtype == bool:
+        if a.shape != (TILE, TILE):  # thin cracks must survive the downsampling: any-pixel rule
+            from defectforge.masks.crop import resize_float
+
+            a = resize_float(a.astype(np.float32), (TILE, TILE)) > 0.15
         a = np.repeat((a.astype(np.uint8) * 255)[..., None], 3, axis=2)
     im = Image.fromarray(a).resize((TILE, TILE), Image.BILINEAR) if a.shape[:2] != (TILE, TILE) else Image.fromarray(a)
     return im.resize((TILE * ZOOM, TILE * ZOOM), Image.NEAREST)

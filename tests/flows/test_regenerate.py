@@ -71,3 +71,21 @@ def test_params_overrides_are_validated(prefect_server, tmp_path, make_project):
     assert state.is_failed()
     with pytest.raises(Exception, match="split.scheme"):
         state.result()
+
+
+def test_failed_quality_gate_stops_the_release(prefect_server, tmp_path, make_project, run_cmd, monkeypatch):
+    from defectforge import orchestrate
+    from flows.regenerate import regenerate
+
+    repo = make_project(tmp_path)
+    calls = []
+    real = orchestrate.repro_stage
+    monkeypatch.setattr(orchestrate, "repro_stage", lambda r, s: (calls.append(s), real(r, s))[1])
+    # KID can never be below -1: the set-level gate must fail
+    state = regenerate(str(repo), params={"quality.set_gates": {"kid_max": -1.0, "min_pass_rate": 0.5}}, return_state=True)
+    assert state.is_failed()
+    assert calls == ["sample", "ingest", "split", "generate", "refine", "quality"]  # failed once, not retried
+    with pytest.raises(orchestrate.StageFailed, match=r"stage quality: quality gate failed .*kid_mean .* > -1\.0"):
+        state.result()
+    assert run_cmd(["git", "tag"], repo).strip() == ""
+    assert not (repo / "releases").exists()

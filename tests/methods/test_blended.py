@@ -97,3 +97,11 @@ def test_same_seed_same_output(tiny_dir):
 def test_bad_config():
     with pytest.raises(ParamsError, match="blended.free_fraction"):
         BlendedConfig(free_fraction=1.5)
+
+
+def test_grayscale_sources_stay_grayscale(tiny_dir):
+    img, mask = _inputs()
+    gray = np.repeat(img[..., :1], 3, axis=2)
+    r = BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=2), device="cpu").generate(gray, mask, "pit", 0)
+    assert r.metadata["grayscale_output"]
+    assert np.array_equal(r.image[..., 0], r.image[..., 1]) and np.array_equal(r.image[..., 1], r.image[..., 2])

@@ -82,9 +82,21 @@ def make_crop(comps: DiffusionComponents, image: np.ndarray, mask: np.ndarray, c
     return Crop(box, img, m, x, mt)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) in [-1, 1] -> uint8 (H, W, 3)."""
-    return ((x[0].detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+def to_uint8(x: torch.Tensor, gray: bool = False) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1] -> uint8 (H, W, 3).
+
+    ``gray``: the source is grayscale (R = G = B, e.g. Magnetic Tile), so the output is
+    projected onto the gray axis (channel mean): an RGB model must not put colour
+    into a grayscale product.
+    """
+    x = x[0].detach().float().cpu().clamp(-1, 1)
+    if gray:
+        x = x.mean(dim=0, keepdim=True).expand(3, -1, -1)
+    return ((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def is_gray(image: np.ndarray) -> bool:
+    return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
 
 
 def paste_back(image: np.ndarray, generated: np.ndarray, box: CropBox, only: np.ndarray | None = None) -> np.ndarray:

@@ -42,7 +42,7 @@ import torch
 
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, ddim_schedule, ddim_step, guided
-from defectforge.diffusion.sampling import ModelCache, attention_to_image, check_inputs, make_crop, paste_back, to_uint8
+from defectforge.diffusion.sampling import ModelCache, attention_to_image, check_inputs, is_gray, make_crop, paste_back, to_uint8
 from defectforge.errors import ParamsError
 from defectforge.masks.trimap import DEFECT, make_trimap
 from defectforge.methods.base import GenerationMethod, GenerationResult, MethodConfig, register
@@ -175,7 +175,8 @@ class BlendedMethod(GenerationMethod):
         else:
             adaptation = {"decoder_adaptation": "off (adapt_steps = 0)"}
         with torch.no_grad():
-            generated = to_uint8(comps.decode(z, decoder=decoder))
+            gray = is_gray(image)
+            generated = to_uint8(comps.decode(z, decoder=decoder), gray)
         # 5. pixel-level blending inside the defect region only
         out = paste_back(image, generated, crop.box, only=region)
         att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()
@@ -193,6 +194,7 @@ class BlendedMethod(GenerationMethod):
                 "crop_box": crop.box.to_dict(),
                 "resolution": comps.resolution,
                 "mask_pixels_off_object": int((raw & ~region).sum()),
+                "grayscale_output": gray,
                 **adaptation,
             },
         )

@@ -47,7 +47,7 @@ import torch
 
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import ddim_schedule, ddim_step, guided
-from defectforge.diffusion.sampling import ModelCache, attention_to_image, check_inputs, make_crop, paste_back, to_uint8
+from defectforge.diffusion.sampling import ModelCache, attention_to_image, check_inputs, is_gray, make_crop, paste_back, to_uint8
 from defectforge.errors import ParamsError
 from defectforge.methods.base import GenerationMethod, GenerationResult, MethodConfig, register
 
@@ -179,7 +179,8 @@ class InversionMethod(GenerationMethod):
         z_star, _ = sample_eq9(comps, z_T_m, z0, m, defect, cfg.steps, cfg.guidance, gen, store, cfg.attention_fraction, path)  # 3.-5.
         with torch.no_grad():
             x_gen = comps.decode(z_star)
-        generated = to_uint8(x_gen)
+        gray = is_gray(image)
+        generated = to_uint8(x_gen, gray)
         att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()  # m' * A_def (Eq. 13 input)
         out = paste_back(image, generated, crop.box, only=mask if cfg.paste == "mask" else None)  # 6.
         return GenerationResult(
@@ -195,5 +196,6 @@ class InversionMethod(GenerationMethod):
                 "model": comps.source,
                 "crop_box": crop.box.to_dict(),
                 "resolution": comps.resolution,
+                "grayscale_output": gray,
             },
         )
