@@ -138,7 +138,10 @@ def run_quality(p: QualityParams, split: str | os.PathLike, refined: str | os.Pa
         "pass_rate": round(float(qc["qc_pass"].mean()), 4),
         "samples": int(len(qc)),
     }
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=_json) + "\n")
+    atomic_write_text(out_dir / "details.json", json.dumps(metrics, indent=2, sort_keys=True, default=_json) + "\n")
+    headline = ("fid", "kid_mean", "lpips", "ic_lpips", "is_mean", "pass_rate", "backbone", "lpips_backbone", "quality_skipped")
+    short = {**metrics, "sets": {k: {h: e[h] for h in headline if h in e} for k, e in metrics["sets"].items()}}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(short, indent=2, sort_keys=True, default=_json) + "\n")
     atomic_write_text(out_dir / "gates.json", json.dumps({"passed": not failures, "failures": failures}, indent=2) + "\n")
     if failures:
         raise QualityGateError(f"quality gate failed ({len(failures)}): " + "; ".join(failures) + f" - see {out_dir / 'gates.json'}")
@@ -196,7 +199,9 @@ def run_detector(
     summary = _mean_over_categories(results)
     metrics = {"per_category": results, "mean": summary, "budget": p.model_dump(mode="json")}
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=_json) + "\n")
+    atomic_write_text(out_dir / "details.json", json.dumps(metrics, indent=2, sort_keys=True, default=_json) + "\n")
+    # metrics.json (what `dvc metrics show` prints): the mean over categories per run
+    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     pd.DataFrame(curves).to_csv(out_dir / "curves.csv", index=False)
     return metrics
 

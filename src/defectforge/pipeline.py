@@ -146,9 +146,9 @@ def run_release(
 
         qc = pd.read_parquet(Path(quality) / "qc.parquet")
         df = df.drop(columns=[c for c in QC_COLUMNS if c in df.columns]).merge(qc, on="sample_id", how="left")
-        metrics["quality"] = json.loads((Path(quality) / "metrics.json").read_text())
+        metrics["quality"] = json.loads((Path(quality) / "details.json").read_text())
     if detector is not None:
-        metrics["detector"] = json.loads((Path(detector) / "metrics.json").read_text())
+        metrics["detector"] = json.loads((Path(detector) / "details.json").read_text())
     df["dataset_version"] = version
     manifest = write_manifest(df, tmp / "manifest.parquet", kind="synthetic", dataset_root=dataset_root, dataset_version=version)
     check_manifest(manifest)
