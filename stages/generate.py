@@ -1,6 +1,6 @@
-"""DVC stage `generate`: synthetic defect images + masks + sharded manifest (resumable).
+"""DVC stage `generate`: synthetic defect images + masks + sharded manifest (resumable, fans out on Dask).
 
-usage: python stages/generate.py PARAMS SPLIT_MANIFEST OUT_DIR
+usage: python stages/generate.py PARAMS SPLIT_MANIFEST CHECKPOINTS_DIR OUT_DIR
 """
 
 from defectforge.params import load_params
@@ -9,8 +9,8 @@ from defectforge.stage import stage
 
 
 @stage
-def main(params: str, split: str, out_dir: str) -> None:
-    run_generate(load_params(params).generate, split, out_dir)
+def main(params: str, split: str, checkpoints: str, out_dir: str) -> None:
+    run_generate(load_params(params).generate, split, out_dir, checkpoints=checkpoints)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from defectforge.errors import DefectforgeError
 from defectforge.params import GenerateParams
 
 
-def _run_shards(p_json: str, name: str, split: str, out_root: str, shards: list[int]) -> list[int]:
+def _run_shards(p_json: str, name: str, split: str, out_root: str, checkpoints: str | None, shards: list[int]) -> list[int]:
     """Worker task: generate the given shards (a fresh method per process)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -31,11 +31,13 @@ def _run_shards(p_json: str, name: str, split: str, out_root: str, shards: list[
     from defectforge.pipeline import generate_method
 
     p = GenerateParams.model_validate_json(p_json)
-    generate_method(p, name, split, out_root, progress=False, shards=shards)
+    generate_method(p, name, split, out_root, checkpoints=checkpoints, progress=False, shards=shards)
     return shards
 
 
-def generate_on_dask(p: GenerateParams, name: str, split: str | os.PathLike, out_root: str | os.PathLike, *, progress: bool = True) -> Path:
+def generate_on_dask(
+    p: GenerateParams, name: str, split: str | os.PathLike, out_root: str | os.PathLike, *, checkpoints: str | os.PathLike | None = None, progress: bool = True
+) -> Path:
     """Generate method ``name``'s shards on Dask into ``out_root/<name>/``; returns its shard folder."""
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm import tqdm
@@ -58,7 +60,8 @@ def generate_on_dask(p: GenerateParams, name: str, split: str | os.PathLike, out
         n_tasks = max(1, min(n_shards, 4 * max(p.workers, len(client.scheduler_info()["workers"]) or 1)))
         chunks = [list(range(i, n_shards, n_tasks)) for i in range(n_tasks)]
         n = len(chunks)
-        futures = client.map(_run_shards, [p.model_dump_json()] * n, [name] * n, [str(split)] * n, [str(out_root)] * n, chunks, pure=False)
+        ck = str(checkpoints) if checkpoints is not None else None
+        futures = client.map(_run_shards, [p.model_dump_json()] * n, [name] * n, [str(split)] * n, [str(out_root)] * n, [ck] * n, chunks, pure=False)
         with tqdm(total=n_shards, desc=f"generate[{method.name}] shards on dask", disable=not progress) as bar:
             for fut in as_completed(futures):
                 try:

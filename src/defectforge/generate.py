@@ -117,8 +117,8 @@ def run_generation(
     todo = [i for i in (shards if shards is not None else range(n_shards)) if not writer.done(i)]
     by_id = split.set_index("image_id")
     crash_after = int(os.environ.get("DEFECTFORGE_TEST_CRASH_AFTER_SHARDS", "0"))  # test hook: simulate a kill
-    fitted: set[tuple[str, str]] = set()
-    real_masks: dict[tuple[str, str], list[np.ndarray]] = {}
+    real_defects: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+    current: tuple[str, str] | None = None
     cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
     bar = tqdm(total=sum(len(specs[i * shard_size : (i + 1) * shard_size]) for i in todo), desc=f"generate[{method.name}]", unit="img", disable=not progress)
     written = 0
@@ -126,16 +126,16 @@ def run_generation(
         rows = []
         for spec in specs[shard * shard_size : (shard + 1) * shard_size]:
             key = (spec.category, spec.defect_type)
-            if key not in fitted:
+            if key not in real_defects:
                 reals = by_id[(by_id["split"] == "train") & (by_id["category"] == spec.category) & (by_id["defect_type"] == spec.defect_type)]
-                defects = [(read_image(src_root / r.image_path), read_mask(src_root / r.mask_path)) for r in reals.itertuples()]
-                real_masks[key] = [m for _, m in defects]
-                (fit or (lambda m, c, d, reals: m.fit(reals, d)))(method, spec.category, spec.defect_type, defects)
-                fitted.add(key)
+                real_defects[key] = [(read_image(src_root / r.image_path), read_mask(src_root / r.mask_path)) for r in reals.itertuples()]
+            if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
+                (fit or (lambda m, c, d, reals: m.fit(reals, d)))(method, spec.category, spec.defect_type, real_defects[key])
+                current = key
             normal_row = by_id.loc[spec.normal_id]
             normal = read_image(src_root / normal_row.image_path)
             rng = np.random.default_rng(spec.seed)
-            target, donor = sample_target_mask(real_masks[key], normal, rng, **(target_mask_options or {}))
+            target, donor = sample_target_mask([m for _, m in real_defects[key]], normal, rng, **(target_mask_options or {}))
             result = method.generate(normal, target, spec.defect_type, spec.seed)
             rows.append(_write_sample(out_dir, prefix, spec, normal_row, result, method, cfg_json, params_sha256))
             bar.update(1)
@@ -193,7 +193,7 @@ def _write_sample(out_dir: Path, prefix: str, spec: SampleSpec, normal_row, resu
         "raw_mask_sha256": hashes["raw_mask_path"],
         "seed": spec.seed,
         "params_sha256": params_sha256,
-        "checkpoint_sha256": method.checkpoint_sha256,
+        "checkpoint_sha256": method.checkpoint_for(spec.defect_type),
         "method_config": cfg_json,
         "width": int(normal_row.width),
         "height": int(normal_row.height),

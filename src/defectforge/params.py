@@ -73,6 +73,61 @@ class CopyPasteParams(_Section):
     placement: Literal["foreground", "anywhere"] = "foreground"
 
 
+class PretrainParams(_Section):
+    """The base model. tiny: trained here from scratch on defect-free crops (CPU);
+    pretrained: any diffusers Stable Diffusion directory or hub id (GPU workers)."""
+
+    profile: Literal["tiny", "pretrained"] = "tiny"
+    base: str = ""
+    steps: int = Field(600, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1, le=1024)
+    lr: float = Field(1e-3, gt=0, le=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class FinetuneParams(_Section):
+    """Per defect type: the DDIM-inversion paper's disentangled training (Eq. 5-7, 10-11)."""
+
+    mode: Literal["unet", "lora"] = "unet"
+    steps: int = Field(150, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1, le=1024)
+    lr: float | None = Field(None, gt=0, le=1)
+    token_lr: float = Field(5e-3, gt=0, le=1)
+    lora_rank: int = Field(4, ge=1, le=256)
+    prior_fraction: float = Field(0.25, ge=0, lt=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class InversionParams(_Section):
+    """DDIM inversion (Eq. 8), noise in the mask (Thm. 1), sampling with Eq. 9."""
+
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = Field(2.0, ge=0, le=20)
+    crop: bool = True
+    context: float = Field(1.5, ge=1, le=10)
+    paste: Literal["crop", "mask"] = "crop"
+    attention_fraction: float = Field(0.5, gt=0, le=1)
+    background: Literal["inverted", "sampled"] = "inverted"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class BlendedParams(_Section):
+    """AdaBLDM: free denoising, latent blending, pixel blending, decoder adaptation."""
+
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = Field(2.0, ge=0, le=20)
+    crop: bool = True
+    context: float = Field(1.5, ge=1, le=10)
+    free_fraction: float = Field(0.2, ge=0, lt=1)
+    trimap: bool = True
+    adapt_steps: int = Field(20, ge=0, le=10000)
+    adapt_lr: float = Field(1e-4, gt=0, le=1)
+    attention_fraction: float = Field(0.5, gt=0, le=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 MethodName = Literal["copy-paste", "inversion", "blended"]
 
 
@@ -84,10 +139,15 @@ class GenerateParams(_Section):
     workers: int = Field(1, ge=1, le=256)
     scheduler: str = ""
     copy_paste: CopyPasteParams = CopyPasteParams()
+    inversion: InversionParams = InversionParams()
+    blended: BlendedParams = BlendedParams()
+
+    def diffusion_methods(self) -> list[str]:
+        return [m for m in self.methods if m != "copy-paste"]
 
     def method_sha256(self, method: str) -> str:
         """Hash of what determines one method's samples: the common knobs and its own section."""
-        common = self.model_dump(mode="json", exclude={"methods", "workers", "scheduler", "copy_paste"})
+        common = self.model_dump(mode="json", exclude={"methods", "workers", "scheduler", "copy_paste", "inversion", "blended"})
         own = getattr(self, method.replace("-", "_"), None)
         blob = json.dumps({"common": common, "method": method, "own": own.model_dump(mode="json") if own is not None else None}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -134,6 +194,8 @@ class Params(_Section):
     sample: SampleParams = SampleParams()
     data: DataParams = DataParams()
     split: SplitParams = SplitParams()
+    pretrain: PretrainParams = PretrainParams()
+    finetune: FinetuneParams = FinetuneParams()
     generate: GenerateParams = GenerateParams()
     refine: RefineParams = RefineParams()
     quality: QualityParams = QualityParams()
@@ -173,6 +235,8 @@ def parse_params(data: dict[str, Any] | None, source: str = "params.yaml") -> Pa
             thresholds_from_dict(getattr(params.quality, key), cls)
         except ParamsError as exc:
             raise ParamsError(f"{source}: quality.{key}: {exc}") from None
+    if params.pretrain.profile == "pretrained" and not params.pretrain.base:
+        raise ParamsError(f"{source}: pretrain.base: the pretrained profile needs a diffusers model directory or hub id")
     lo, hi = params.generate.copy_paste.scale_range
     if not 0 < lo <= hi:
         raise ParamsError(f"{source}: generate.copy_paste.scale_range: need 0 < low <= high, got {[lo, hi]}")

@@ -57,11 +57,17 @@ def build_method(p: GenerateParams, name: str):
 
     cls = get_method_class(name)
     section = getattr(p, name.replace("-", "_"), None)
-    cfg = cls.config_class(**(section.model_dump() if section is not None else {}))
-    return cls(cfg)
+    kwargs = section.model_dump() if section is not None else {}
+    if name == "copy-paste":
+        return cls(cls.config_class(**kwargs))
+    module = __import__(cls.__module__, fromlist=["x"])
+    config_cls = {"inversion": "InversionConfig", "blended": "BlendedConfig"}[name]
+    return cls.from_pretrained({}, getattr(module, config_cls)(**kwargs))
 
 
-def run_generate(p: GenerateParams, split: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True) -> Path:
+def run_generate(
+    p: GenerateParams, split: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoints: str | os.PathLike | None = None, progress: bool = True
+) -> Path:
     """Generate synthetic samples with every method of ``generate.methods`` into ``out_dir/<method>/``.
 
     One dataset root (``out_dir``) holds all methods; returns it after the manifest suite
@@ -78,18 +84,38 @@ def run_generate(p: GenerateParams, split: str | os.PathLike, out_dir: str | os.
         if p.workers > 1 or p.scheduler:
             from defectforge.fanout import generate_on_dask
 
-            generate_on_dask(p, name, split, out_root, progress=progress)
+            generate_on_dask(p, name, split, out_root, checkpoints=checkpoints, progress=progress)
         else:
-            generate_method(p, name, split, out_root, progress=progress)
+            generate_method(p, name, split, out_root, checkpoints=checkpoints, progress=progress)
     check_manifest(out_root)
     return out_root
 
 
-def generate_method(p: GenerateParams, name: str, split, out_root, *, progress: bool = True, shards: list[int] | None = None) -> Path:
-    """One method's samples (or some of its shards) into ``out_root/<name>/``."""
+def generate_method(
+    p: GenerateParams, name: str, split, out_root, *, checkpoints: str | os.PathLike | None = None, progress: bool = True, shards: list[int] | None = None
+) -> Path:
+    """One method's samples (or some of its shards) into ``out_root/<name>/``.
+
+    Diffusion methods load the fine-tuned checkpoint of each (category, defect type)
+    from ``checkpoints`` (the finetune stage's folder).
+    """
     from defectforge.generate import run_generation
 
     method = build_method(p, name)
+    fit = None
+    if name != "copy-paste":
+        if checkpoints is None:
+            raise DataError(f"generate: method {name!r} needs the finetune stage's checkpoints")
+        from defectforge.diffusion.sampling import ModelCache
+        from defectforge.modeling import checkpoints as category_checkpoints
+
+        caches: dict = {}
+
+        def fit(m, category, defect, reals):  # noqa: ARG001 - the checkpoint already learned the reals
+            if category not in caches:
+                caches[category] = ModelCache(category_checkpoints(checkpoints, category), m.config.device)
+            m.models = caches[category]
+
     options = {}
     if name == "copy-paste":
         options = {"max_rotation": p.copy_paste.max_rotation, "scale_range": tuple(p.copy_paste.scale_range), "flip": p.copy_paste.flip}
@@ -103,6 +129,7 @@ def generate_method(p: GenerateParams, name: str, split, out_root, *, progress: 
         shard_size=p.shard_size,
         params_sha256=p.method_sha256(name),
         target_mask_options=options,
+        fit=fit,
         shards=shards,
         progress=progress,
     )

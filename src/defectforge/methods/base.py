@@ -70,8 +70,18 @@ class GenerationMethod:
         """Hash of the model weights the method used, or None for model-free methods."""
         return None
 
+    def checkpoint_for(self, defect: str) -> str | None:
+        """Hash of the weights that generate ``defect`` (a per-defect-type checkpoint where there is one)."""
+        models = getattr(self, "models", None)
+        if models is not None and hasattr(models, "sha256"):
+            return models.sha256(defect)
+        return self.checkpoint_sha256
+
 
 _REGISTRY: dict[str, type[GenerationMethod]] = {}
+# Methods that need torch/diffusers register on first use, so the registry (and the
+# manifest suite that checks method names) stays cheap to import.
+_LAZY = {"inversion": "defectforge.methods.inversion", "blended": "defectforge.methods.blended"}
 
 
 def register(cls: type[GenerationMethod]) -> type[GenerationMethod]:
@@ -87,12 +97,16 @@ def get_method_class(name: str) -> type[GenerationMethod]:
     # import side effect: registers the built-in methods
     import defectforge.methods  # noqa: F401
 
+    if name not in _REGISTRY and name in _LAZY:
+        import importlib
+
+        importlib.import_module(_LAZY[name])
     if name not in _REGISTRY:
-        raise ParamsError(f"generate.method: unknown method {name!r}; allowed: {sorted(_REGISTRY)}")
+        raise ParamsError(f"generate.methods: unknown method {name!r}; allowed: {registered_methods()}")
     return _REGISTRY[name]
 
 
 def registered_methods() -> list[str]:
     import defectforge.methods  # noqa: F401
 
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_LAZY))

@@ -1,0 +1,18 @@
+"""DVC stage `finetune`: one checkpoint per (category, defect type), Eq. 5 loss, training curve.
+
+usage: python stages/finetune.py PARAMS SPLIT_MANIFEST PRETRAIN_DIR OUT_DIR
+"""
+
+from defectforge.modeling import run_finetune
+from defectforge.params import load_params
+from defectforge.stage import stage
+
+
+@stage
+def main(params: str, split: str, pretrain_dir: str, out_dir: str) -> None:
+    p = load_params(params)
+    run_finetune(p.finetune, split, pretrain_dir, out_dir, needed=p.generate.diffusion_methods())
+
+
+if __name__ == "__main__":
+    main()

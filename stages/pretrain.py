@@ -1,0 +1,18 @@
+"""DVC stage `pretrain`: the base diffusion model (tiny: trained here; pretrained: recorded).
+
+usage: python stages/pretrain.py PARAMS SPLIT_MANIFEST OUT_DIR
+"""
+
+from defectforge.modeling import run_pretrain
+from defectforge.params import load_params
+from defectforge.stage import stage
+
+
+@stage
+def main(params: str, split: str, out_dir: str) -> None:
+    p = load_params(params)
+    run_pretrain(p.pretrain, split, out_dir, needed=p.generate.diffusion_methods())
+
+
+if __name__ == "__main__":
+    main()
