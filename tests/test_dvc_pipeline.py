@@ -35,3 +35,24 @@ def test_dvc_repro_runs_the_dag_and_second_repro_does_nothing(tmp_path, make_pro
     third = run_cmd(dvc + ["repro"], repo)
     assert "Running stage 'detector'" in third
     assert "Running stage 'generate'" not in third and "Running stage 'quality'" not in third
+
+
+@pytest.mark.slow
+def test_dvc_repro_with_the_diffusion_methods(tmp_path, make_project, run_cmd):
+    """pretrain -> finetune -> generate with inversion and blended (tiny budgets) -> refine -> release."""
+    from defectforge.manifest.io import read_manifest
+    from defectforge.manifest.validate import validate_manifest
+
+    repo = make_project(tmp_path, remote=False, generate={"methods": ["inversion", "blended"], "n_per_defect": 1})
+    out = run_cmd([sys.executable, "-m", "dvc", "repro"], repo)
+    assert "Running stage 'pretrain'" in out and "Running stage 'finetune'" in out
+    assert (repo / "data/models/base/model/unet/config.json").is_file()
+    ckpts = yaml.safe_load((repo / "data/models/finetune/checkpoints.json").read_text())
+    assert sorted(ckpts) == ["brick/crack", "brick/hole", "gravel/scratch", "gravel/stain"]
+    release = repo / "data/release/manifest.parquet"
+    assert validate_manifest(release) == []
+    df = read_manifest(release).to_pandas()
+    assert sorted(df.method.unique()) == ["blended", "inversion"] and len(df) == 8
+    assert df.attention_path.notna().all()  # both diffusion methods save the defect tokens' attention
+    assert set(df.mask_source) <= {"refined", "raw-fallback"}
+    assert df.checkpoint_sha256.notna().all() and df.checkpoint_sha256.str.len().eq(64).all()

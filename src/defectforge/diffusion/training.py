@@ -12,8 +12,9 @@ cross-attention of Eq. (10)-(11) (:mod:`defectforge.diffusion.attention`):
   defect tokens C_def are learned as well (the frozen CLIP encoder of the
   pretrained profile needs no new tokens: the prompt carries a rare identifier).
   DreamBooth's prior preservation: when normal images are given, a share of each
-  batch (``prior_fraction``) is normal crops with random masks and C_good, so the
-  "good" baseline of the defect-vs-background guidance keeps meaning normal.
+  batch (``prior_fraction``, default one half as DreamBooth's equal class batch) is
+  normal crops with random masks and C_good, so the "good" baseline of the
+  defect-vs-background guidance keeps meaning normal.
 
 Each step evaluates the two branches (z_t, C_1) and (z_t^m, C_2) in one batched
 UNet call. Outputs: safetensors weights, ``training_curve.csv`` (step, loss,
@@ -241,7 +242,7 @@ def finetune(
     lr: float | None = None,
     token_lr: float = 5e-3,
     lora_rank: int = 4,
-    prior_fraction: float = 0.25,
+    prior_fraction: float = 0.5,
     rotate: bool = True,
     seed: int = 0,
     device: str = "auto",
