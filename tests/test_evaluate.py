@@ -1,0 +1,99 @@
+"""refine / quality / detector stage logic on the small sample (copy-paste), with hand-made bad cases."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from defectforge.data.io import read_mask, write_png
+from defectforge.errors import DataError
+from defectforge.evaluate import QualityGateError, run_detector, run_quality, run_refine
+from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
+from defectforge.params import DetectorParams, GenerateParams, QualityParams, RefineParams
+from defectforge.pipeline import run_generate
+
+
+@pytest.fixture(scope="module")
+def generated(sample_manifests, tmp_path_factory):
+    _, split = sample_manifests
+    out = tmp_path_factory.mktemp("gen") / "generated"
+    return run_generate(GenerateParams(n_per_defect=2, shard_size=4), split, out, progress=False)
+
+
+def test_refine_keeps_raw_masks_without_attention(generated, tmp_path):
+    refined = run_refine(RefineParams(), generated, tmp_path / "refined")
+    df = read_manifest(refined).to_pandas()
+    assert (df.mask_source == "raw").all() and (df.mask_area == df.raw_mask_area).all()
+
+
+def test_refine_uses_attention_eq13_and_falls_back_when_empty(generated, tmp_path):
+    import shutil
+
+    gen = tmp_path / "generated"
+    shutil.copytree(generated, gen)
+    df = read_manifest(gen).to_pandas()
+    root = manifest_info(gen)["dataset_root"]
+    att_paths = []
+    for i, r in enumerate(df.itertuples()):
+        raw = read_mask(gen / r.raw_mask_path)
+        att = np.zeros(raw.shape, np.float32)
+        if i > 0:  # left half of the mask's bounding box attends to the defect tokens
+            ys, xs = np.nonzero(raw)
+            att[:, : (xs.min() + xs.max()) // 2 + 1] = 0.9
+        p = f"copy-paste/attention/{r.sample_id}.png"
+        write_png(gen / p, np.rint(att * 255).astype(np.uint8))
+        att_paths.append(p)
+    df["attention_path"] = att_paths
+    for shard in (gen / "copy-paste/manifest").glob("part-*.parquet"):
+        shard.unlink()
+    write_manifest(df, gen / "copy-paste/manifest/part-00000.parquet", kind="synthetic", dataset_root=root)
+    refined = run_refine(RefineParams(radius=0), gen, tmp_path / "refined")
+    out = read_manifest(refined).to_pandas().sort_values("sample_id").reset_index(drop=True)
+    first = df.sample_id.iloc[0]
+    assert out.set_index("sample_id").loc[first, "mask_source"] == "raw-fallback"
+    rroot = manifest_info(refined)["dataset_root"]
+    for r in out[out.mask_source == "refined"].itertuples():
+        m, raw = read_mask(f"{rroot}/{r.mask_path}"), read_mask(f"{rroot}/{r.raw_mask_path}")
+        assert m.sum() < raw.sum() and not (m & ~raw).any()  # Eq. 13: inside the target mask
+    assert (out.mask_source == "refined").sum() == len(out) - 1
+
+
+def test_quality_writes_per_sample_gates_and_named_backbones(sample_manifests, generated, tmp_path):
+    _, split = sample_manifests
+    refined = run_refine(RefineParams(), generated, tmp_path / "refined")
+    metrics = run_quality(QualityParams(size=32), split, refined, tmp_path / "q", progress=False)
+    qc = pd.read_parquet(tmp_path / "q/qc.parquet")
+    assert len(qc) == 8 and qc.qc_pass.dtype == bool and "qc_bg_psnr" in qc
+    for key, e in metrics["sets"].items():
+        assert e["backbone"] == "random-vgg11-seed0" and e["lpips_backbone"].startswith("random-alexnet")
+        assert e["fid"] is not None and e["is_mean"] is None and "classifier" in e["is_skipped"]
+    short = json.loads((tmp_path / "q/metrics.json").read_text())
+    assert all("backbone" in e for e in short["sets"].values())
+
+
+def test_failed_set_gate_fails_with_a_readable_report(sample_manifests, generated, tmp_path):
+    _, split = sample_manifests
+    refined = run_refine(RefineParams(), generated, tmp_path / "refined")
+    with pytest.raises(QualityGateError, match=r"brick/crack/copy-paste: fid .* > -1"):
+        run_quality(QualityParams(size=32, set_gates={"fid_max": -1.0}), split, refined, tmp_path / "q", progress=False)
+    gates = json.loads((tmp_path / "q/gates.json").read_text())
+    assert gates["passed"] is False and len(gates["failures"]) == 4
+
+
+def test_defect_type_without_held_out_reals_is_marked_skipped(sample_manifests, generated, tmp_path):
+    _, split = sample_manifests
+    df = read_manifest(split).to_pandas()
+    df.loc[(df.category == "brick") & (df.defect_type == "crack"), "split"] = "train"
+    bad = write_manifest(df, tmp_path / "split.parquet", kind="split", dataset_root=manifest_info(split)["dataset_root"])
+    refined = run_refine(RefineParams(), generated, tmp_path / "refined")
+    metrics = run_quality(QualityParams(size=32), bad, refined, tmp_path / "q", progress=False)
+    e = metrics["sets"]["brick/crack/copy-paste"]
+    assert e["quality_skipped"] == "no held-out real brick/crack images to compare with" and "fid" not in e
+    # a category with no held-out defects at all: the detector marks it skipped, never a silent zero
+    df.loc[df.category == "gravel", "split"] = df.loc[df.category == "gravel", "split"].where(df.defect_type == "good", "train")
+    bad2 = write_manifest(df, tmp_path / "split2.parquet", kind="split", dataset_root=manifest_info(split)["dataset_root"])
+    det = run_detector(DetectorParams(epochs=1, size=32, base_channels=4, depth=2), bad2, refined, tmp_path / "q/qc.parquet", tmp_path / "d", progress=False)
+    assert "no held-out real defect images" in det["per_category"]["gravel"]["skipped"]
+    assert set(det["per_category"]["brick"]) == {"real-only", "copy-paste"}
+    assert set(det["mean"]) == {"real-only", "copy-paste"}
