@@ -100,32 +100,31 @@ class FinetuneParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class InversionParams(_Section):
-    """DDIM inversion (Eq. 8), noise in the mask (Thm. 1), sampling with Eq. 9."""
+class _SamplingParams(_Section):
+    """What every diffusion method shares: DDIM steps, guidance, crop mode, attention."""
 
     steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(2.0, ge=0, le=20)
     crop: bool = True
     context: float = Field(1.5, ge=1, le=10)
-    paste: Literal["crop", "mask"] = "crop"
     attention_fraction: float = Field(0.5, gt=0, le=1)
-    background: Literal["inverted", "sampled"] = "inverted"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class BlendedParams(_Section):
+class InversionParams(_SamplingParams):
+    """DDIM inversion (Eq. 8), noise in the mask (Thm. 1), sampling with Eq. 9."""
+
+    paste: Literal["crop", "mask"] = "crop"
+    background: Literal["inverted", "sampled"] = "inverted"
+
+
+class BlendedParams(_SamplingParams):
     """AdaBLDM: free denoising, latent blending, pixel blending, decoder adaptation."""
 
-    steps: int = Field(50, ge=1, le=1000)
-    guidance: float = Field(2.0, ge=0, le=20)
-    crop: bool = True
-    context: float = Field(1.5, ge=1, le=10)
     free_fraction: float = Field(0.2, ge=0, lt=1)
     trimap: bool = True
     adapt_steps: int = Field(20, ge=0, le=10000)
     adapt_lr: float = Field(1e-4, gt=0, le=1)
-    attention_fraction: float = Field(0.5, gt=0, le=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 MethodName = Literal["copy-paste", "inversion", "blended"]

@@ -34,17 +34,21 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as uint8 (H, W, 3); raises DataError naming the file if unreadable."""
+def _decode(path: str | os.PathLike, mode: str, what: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: image file not found")
+        raise DataError(f"{path}: {what} file not found")
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return np.asarray(im.convert(mode), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__})") from None
+        raise DataError(f"{path}: unreadable or corrupt {what} ({exc.__class__.__name__})") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as uint8 (H, W, 3); raises DataError naming the file if unreadable."""
+    arr = _decode(path, "RGB", "image")
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataError(f"{path}: image has no pixels")
     return arr
@@ -56,16 +60,7 @@ def read_mask(path: str | os.PathLike, threshold: int = 128) -> np.ndarray:
     Masks from real datasets are rarely clean 0/255 (JPEG ringing, anti-aliasing), so
     they are always thresholded rather than compared with 255.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: mask file not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt mask ({exc.__class__.__name__})") from None
-    return arr >= threshold
+    return _decode(path, "L", "mask") >= threshold
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
