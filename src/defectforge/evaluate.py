@@ -176,7 +176,11 @@ def run_detector(
     results, curves = {}, []
     for category in sorted(sp["category"].unique()):
         c = sp[sp["category"] == category]
-        train_real = [(im, m if m is not None else np.zeros(im.shape[:2], bool)) for im, m in load_real(c[c["split"] == "train"])]
+        tr = c[c["split"] == "train"]
+        good = tr[tr["defect_type"] == "good"]
+        if p.max_train_good is not None and len(good) > p.max_train_good:
+            tr = pd.concat([tr[tr["defect_type"] != "good"], good.sample(n=p.max_train_good, random_state=p.seed)])
+        train_real = [(im, m if m is not None else np.zeros(im.shape[:2], bool)) for im, m in load_real(tr)]
         test = [(im, m if m is not None else np.zeros(im.shape[:2], bool)) for im, m in load_real(c[c["split"] == "test"])]
         if not any(m.any() for _, m in test):
             results[category] = {"skipped": f"category {category!r} has no held-out real defect images to evaluate on"}

@@ -183,6 +183,7 @@ class DetectorParams(_Section):
     base_channels: int = Field(16, ge=4, le=128)
     depth: int = Field(4, ge=2, le=6)
     synthetic: Literal["qc_pass", "all"] = "qc_pass"
+    max_train_good: int | None = Field(None, ge=1)  # seeded subset of defect-free training images (same for every run)
 
 
 class ReleaseParams(_Section):
