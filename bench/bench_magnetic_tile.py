@@ -42,13 +42,18 @@ def main() -> None:
     ap.add_argument("--n-per-defect", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--max-train-good", type=int, default=80)
+    ap.add_argument("--finetune-lr", type=float, default=None)
+    ap.add_argument("--base-model", default=None, help="start from this (tiny or diffusers) model directory instead of pretraining")
     ap.add_argument("--reuse", action="store_true")
+    ap.add_argument("--suffix", default="", help="docs file name suffix")
     a = ap.parse_args()
     torch.set_num_threads(1)
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     data["data"].update(layout="magnetic-tile", root=a.root, defect_types=["blowhole", "crack"])
     data["pretrain"].update(steps=a.pretrain_steps)
-    data["finetune"].update(steps=a.finetune_steps)
+    if a.base_model:
+        data["pretrain"].update(profile="pretrained", base=a.base_model)
+    data["finetune"].update(steps=a.finetune_steps, lr=a.finetune_lr)
     data["generate"].update(methods=a.methods, n_per_defect=a.n_per_defect)
     data["generate"]["inversion"].update(steps=a.ddim_steps)
     data["generate"]["blended"].update(steps=a.ddim_steps)
@@ -92,7 +97,9 @@ def write_docs(w: Path, times: dict, p, a) -> None:
     lines = [
         "# Magnetic Tile (Blowhole, Crack): measured",
         "",
-        f"Run by `bench/bench_magnetic_tile.py --methods {' '.join(a.methods)}` on a 2-core CPU (no GPU), "
+        f"Run by `bench/bench_magnetic_tile.py --methods {' '.join(a.methods)}"
+        + (f" --base-model {a.base_model}" if a.base_model else "")
+        + f" --finetune-steps {a.finetune_steps} --ddim-steps {a.ddim_steps}` on a 2-core CPU (no GPU), "
         f"{p.generate.n_per_defect} synthetic samples per defect type and method; split: AnomalyDiffusion's "
         "lowest third of sorted ids per defect type for the generator and the detector's real training set, the rest held out.",
         "",
@@ -132,9 +139,9 @@ def write_docs(w: Path, times: dict, p, a) -> None:
         "| " + " | ".join("---" for _ in times) + " |",
         "| " + " | ".join(str(v) for v in times.values()) + " |",
     ]
-    out = ROOT / "docs" / "magnetic-tile-results.md"
+    out = ROOT / "docs" / f"magnetic-tile-results{a.suffix}.md"
     out.write_text("\n".join(lines) + "\n")
-    (ROOT / "docs" / "magnetic-tile-results.json").write_text(json.dumps({"times": times, "quality": q, "detector": d}, indent=2, default=str) + "\n")
+    (ROOT / "docs" / f"magnetic-tile-results{a.suffix}.json").write_text(json.dumps({"times": times, "quality": q, "detector": d}, indent=2, default=str) + "\n")
     print(out.read_text())
 
 
