@@ -81,7 +81,7 @@ def main() -> None:
         timed("pretrain", run_pretrain, p.pretrain, split, w / "models/base", needed=diffusion, reuse_if=w / "models/base")
         timed("finetune", run_finetune, p.finetune, split, w / "models/base", w / "models/finetune", needed=diffusion, reuse_if=w / "models/finetune")
     gen = timed("generate", run_generate, p.generate, split, w / "generated", checkpoints=w / "models/finetune" if diffusion else None)
-    refined = timed("refine", run_refine, p.refine, gen, w / "refined")
+    refined = timed("refine", run_refine, p.refine, split, gen, w / "refined")
     try:
         timed("quality", run_quality, p.quality, split, refined, w / "quality")
     except QualityGateError as exc:

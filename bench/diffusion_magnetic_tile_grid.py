@@ -26,7 +26,7 @@ from diffusion_magnetic_tile_train import load_class, split_defects  # noqa: E40
 
 from defectforge.data.io import read_image, read_mask  # noqa: E402
 from defectforge.masks.crop import crop_box  # noqa: E402
-from defectforge.masks.refine import refine_mask  # noqa: E402
+from defectforge.masks.refine import difference_mask, refine_mask  # noqa: E402
 from defectforge.methods.blended import BlendedConfig, BlendedMethod  # noqa: E402
 from defectforge.methods.inversion import InversionConfig, InversionMethod  # noqa: E402
 
@@ -72,7 +72,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     normals = load_class("Free")
-    rows = {k: [] for k in ("normal crop", "target mask", "inversion", "inversion refined", "blended", "blended refined", "real defect")}
+    rows = {k: [] for k in ("normal crop", "target mask", "inversion", "inversion Eq.13", "inversion diff", "blended", "blended Eq.13",
+                            "blended diff", "real defect")}
     timings = {"inversion": [], "blended": []}
     meta = []
     col = 0
@@ -97,9 +98,11 @@ def main() -> None:
                 timings[key].append(time.perf_counter() - t0)
                 rows[key].append(tile(r.image, box))
                 refined = refine_mask(r.attention, r.mask)
-                rows[f"{key} refined"].append(tile(refined, box))
+                rows[f"{key} Eq.13"].append(tile(refined, box))
+                diff = difference_mask(img, r.image, r.mask)
+                rows[f"{key} diff"].append(tile(diff, box))
                 meta.append({"defect": name, "method": key, "normal": normal_path.name, "mask_from": src.name,
-                             "target_px": int(mask.sum()), "refined_px": int(refined.sum()),
+                             "target_px": int(mask.sum()), "refined_px": int(refined.sum()), "difference_px": int(diff.sum()),
                              "attention_max": float(r.attention.max()), "seconds": round(timings[key][-1], 2)})
             real_img, real_mask = read_image(reals[k]), read_mask(reals[k].with_suffix(".png"))
             rows["real defect"].append(tile(real_img, crop_box(real_mask, TILE)))

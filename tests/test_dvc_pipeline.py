@@ -54,5 +54,5 @@ def test_dvc_repro_with_the_diffusion_methods(tmp_path, make_project, run_cmd):
     df = read_manifest(release).to_pandas()
     assert sorted(df.method.unique()) == ["blended", "inversion"] and len(df) == 8
     assert df.attention_path.notna().all()  # both diffusion methods save the defect tokens' attention
-    assert set(df.mask_source) <= {"refined", "raw-fallback"}
+    assert set(df.mask_source) <= {"attention", "difference", "raw-fallback"}
     assert df.checkpoint_sha256.notna().all() and df.checkpoint_sha256.str.len().eq(64).all()

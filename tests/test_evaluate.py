@@ -21,13 +21,15 @@ def generated(sample_manifests, tmp_path_factory):
     return run_generate(GenerateParams(n_per_defect=2, shard_size=4), split, out, progress=False)
 
 
-def test_refine_keeps_raw_masks_without_attention(generated, tmp_path):
-    refined = run_refine(RefineParams(), generated, tmp_path / "refined")
+def test_refine_keeps_raw_masks_without_attention(sample_manifests, generated, tmp_path):
+    _, split = sample_manifests
+    refined = run_refine(RefineParams(), split, generated, tmp_path / "refined")
     df = read_manifest(refined).to_pandas()
     assert (df.mask_source == "raw").all() and (df.mask_area == df.raw_mask_area).all()
 
 
-def test_refine_uses_attention_eq13_and_falls_back_when_empty(generated, tmp_path):
+def test_refine_uses_attention_eq13_and_falls_back_when_empty(sample_manifests, generated, tmp_path):
+    _, split = sample_manifests
     import shutil
 
     gen = tmp_path / "generated"
@@ -48,20 +50,25 @@ def test_refine_uses_attention_eq13_and_falls_back_when_empty(generated, tmp_pat
     for shard in (gen / "copy-paste/manifest").glob("part-*.parquet"):
         shard.unlink()
     write_manifest(df, gen / "copy-paste/manifest/part-00000.parquet", kind="synthetic", dataset_root=root)
-    refined = run_refine(RefineParams(radius=0), gen, tmp_path / "refined")
+    refined = run_refine(RefineParams(radius=0, fallback="raw"), split, gen, tmp_path / "refined")
     out = read_manifest(refined).to_pandas().sort_values("sample_id").reset_index(drop=True)
     first = df.sample_id.iloc[0]
     assert out.set_index("sample_id").loc[first, "mask_source"] == "raw-fallback"
     rroot = manifest_info(refined)["dataset_root"]
-    for r in out[out.mask_source == "refined"].itertuples():
+    for r in out[out.mask_source == "attention"].itertuples():
         m, raw = read_mask(f"{rroot}/{r.mask_path}"), read_mask(f"{rroot}/{r.raw_mask_path}")
         assert m.sum() < raw.sum() and not (m & ~raw).any()  # Eq. 13: inside the target mask
-    assert (out.mask_source == "refined").sum() == len(out) - 1
+    assert (out.mask_source == "attention").sum() == len(out) - 1
+    # with the image-difference fallback the sample without attention gets the pixels that changed
+    refined2 = run_refine(RefineParams(radius=0), split, gen, tmp_path / "refined2")
+    out2 = read_manifest(refined2).to_pandas().set_index("sample_id")
+    assert out2.loc[first, "mask_source"] == "difference"
+    assert 0 < out2.loc[first, "mask_area"] <= out2.loc[first, "raw_mask_area"]
 
 
 def test_quality_writes_per_sample_gates_and_named_backbones(sample_manifests, generated, tmp_path):
     _, split = sample_manifests
-    refined = run_refine(RefineParams(), generated, tmp_path / "refined")
+    refined = run_refine(RefineParams(), split, generated, tmp_path / "refined")
     metrics = run_quality(QualityParams(size=32), split, refined, tmp_path / "q", progress=False)
     qc = pd.read_parquet(tmp_path / "q/qc.parquet")
     assert len(qc) == 8 and qc.qc_pass.dtype == bool and "qc_bg_psnr" in qc
@@ -74,7 +81,7 @@ def test_quality_writes_per_sample_gates_and_named_backbones(sample_manifests, g
 
 def test_failed_set_gate_fails_with_a_readable_report(sample_manifests, generated, tmp_path):
     _, split = sample_manifests
-    refined = run_refine(RefineParams(), generated, tmp_path / "refined")
+    refined = run_refine(RefineParams(), split, generated, tmp_path / "refined")
     with pytest.raises(QualityGateError, match=r"brick/crack/copy-paste: fid .* > -1"):
         run_quality(QualityParams(size=32, set_gates={"fid_max": -1.0}), split, refined, tmp_path / "q", progress=False)
     gates = json.loads((tmp_path / "q/gates.json").read_text())
@@ -86,7 +93,7 @@ def test_defect_type_without_held_out_reals_is_marked_skipped(sample_manifests, 
     df = read_manifest(split).to_pandas()
     df.loc[(df.category == "brick") & (df.defect_type == "crack"), "split"] = "train"
     bad = write_manifest(df, tmp_path / "split.parquet", kind="split", dataset_root=manifest_info(split)["dataset_root"])
-    refined = run_refine(RefineParams(), generated, tmp_path / "refined")
+    refined = run_refine(RefineParams(), split, generated, tmp_path / "refined")
     metrics = run_quality(QualityParams(size=32), bad, refined, tmp_path / "q", progress=False)
     e = metrics["sets"]["brick/crack/copy-paste"]
     assert e["quality_skipped"] == "no held-out real brick/crack images to compare with" and "fid" not in e

@@ -37,12 +37,27 @@ class QualityGateError(DefectforgeError):
 
 
 # ----------------------------------------------------------------------------- refine
-def run_refine(p: RefineParams, generated: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Refined masks into ``out_dir``; returns its manifest (root: the common parent folder)."""
-    from defectforge.masks.refine import refine_mask
+def run_refine(p: RefineParams, split: str | os.PathLike, generated: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Refined masks into ``out_dir``; returns its manifest (root: the common parent folder).
+
+    Per sample (``mask_source`` records which rule made the mask):
+
+    1. ``attention`` - Eq. 13: the defect tokens' cross-attention, resized, thresholded
+       at ``threshold`` inside the target mask, light morphology; accepted when it keeps
+       at least ``min_area_ratio`` of the target mask;
+    2. ``difference`` - otherwise (``fallback: difference``): where the generation
+       actually changed the normal image inside the target mask. Needed with the tiny
+       profile, whose defect-token attention is flat (about 1/2) inside the mask;
+    3. ``raw-fallback`` - neither found anything: the raw target mask is kept and the
+       quality stage flags the sample;
+    4. ``raw`` - the method saved no attention (copy-paste: its mask is exact).
+    """
+    from defectforge.masks.refine import difference_mask, refine_mask
 
     generated, out_dir = Path(generated), Path(out_dir)
     gen_root = Path(manifest_info(generated)["dataset_root"])
+    src_root = Path(manifest_info(split)["dataset_root"])
+    sources = read_manifest(split, columns=["image_id", "image_path"]).to_pandas().set_index("image_id")["image_path"]
     root = Path(os.path.commonpath([gen_root.resolve(), out_dir.resolve()]))
     df = read_manifest(generated).to_pandas().sort_values("sample_id").reset_index(drop=True)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -52,21 +67,20 @@ def run_refine(p: RefineParams, generated: str | os.PathLike, out_dir: str | os.
         raw = read_mask(gen_root / r["raw_mask_path"])
         for col in ("image_path", "raw_mask_path", "attention_path"):
             r[col] = os.path.relpath(gen_root / r[col], root) if isinstance(r.get(col), str) else None
-        source = "raw"
-        mask = raw
+        source, mask = "raw", raw
         if r["attention_path"] is not None:
             attention = np.asarray(read_image(root / r["attention_path"])[..., 0], np.float32) / 255.0
-            refined = refine_mask(attention, raw, threshold=p.threshold, radius=p.radius)
-            mask, source = (refined, "refined") if refined.any() else (raw, "raw-fallback")
+            mask, source = refine_mask(attention, raw, threshold=p.threshold, radius=p.radius), "attention"  # Eq. 13
+            if mask.sum() < p.min_area_ratio * raw.sum() and p.fallback == "difference":
+                normal = read_image(src_root / sources.loc[r["source_image_id"]])
+                mask = difference_mask(normal, read_image(root / r["image_path"]), raw, fraction=p.difference_fraction, radius=p.radius)
+                source = "difference"
+            if mask.sum() < p.min_area_ratio * raw.sum():
+                mask, source = raw, "raw-fallback"
         rel = Path(r["method"]) / "masks" / r["category"] / r["defect_type"] / f"{r['sample_id']}.png"
         data = encode_png(mask)
         atomic_write_bytes(tmp / rel, data)
-        r.update(
-            mask_path=os.path.relpath(out_dir / rel, root),
-            mask_sha256=sha256_bytes(data),
-            mask_area=int(mask.sum()),
-            mask_source=source,
-        )
+        r.update(mask_path=os.path.relpath(out_dir / rel, root), mask_sha256=sha256_bytes(data), mask_area=int(mask.sum()), mask_source=source)
         rows.append(r)
     # tmp and out_dir are siblings under root, so the stored relative root stays right after the rename
     write_manifest(rows, tmp / "manifest.parquet", kind="synthetic", dataset_root=root)

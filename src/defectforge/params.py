@@ -95,7 +95,7 @@ class FinetuneParams(_Section):
     lr: float | None = Field(None, gt=0, le=1)
     token_lr: float = Field(5e-3, gt=0, le=1)
     lora_rank: int = Field(4, ge=1, le=256)
-    prior_fraction: float = Field(0.25, ge=0, lt=1)
+    prior_fraction: float = Field(0.5, ge=0, lt=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -157,6 +157,9 @@ class RefineParams(_Section):
 
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     radius: int = Field(1, ge=0, le=10)
+    min_area_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    fallback: Literal["difference", "raw"] = "difference"
+    difference_fraction: float = Field(0.5, gt=0.0, lt=1.0)
 
 
 class QualityParams(_Section):

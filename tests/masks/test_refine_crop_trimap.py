@@ -80,3 +80,17 @@ def test_trimap_puts_the_defect_on_the_object_only():
     # the object's estimated outline is blurred by a few pixels at its corner (sigma = 2)
     assert 90 <= (tri == DEFECT).sum() <= 100 and not (tri[10:20, 10:20] == DEFECT).any()
     assert ((tri == DEFECT) <= mask).all()
+
+
+def test_difference_mask_marks_what_was_painted():
+    from defectforge.masks.refine import difference_mask
+
+    normal = np.full((32, 32, 3), 120, np.uint8)
+    target = np.zeros((32, 32), bool)
+    target[8:24, 8:24] = True
+    gen = normal.copy()
+    gen[10:20, 12:18] = 30  # a dark stroke inside the target
+    gen[0:4, 0:4] = 0  # a change outside the target is ignored
+    out = difference_mask(normal, gen, target)
+    assert out[11:19, 13:17].all() and not (out & ~target).any() and out.sum() <= 60
+    assert not difference_mask(normal, normal, target).any()  # nothing painted -> empty

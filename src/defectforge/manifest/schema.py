@@ -80,8 +80,10 @@ SYNTHETIC_FIELDS = [
     pa.field("height", pa.int32(), nullable=False),
     pa.field("mask_area", pa.int64(), nullable=False),
     pa.field("raw_mask_area", pa.int64(), nullable=False),
-    # "raw" (the target mask is the defect mask), "refined" (Eq. 13 from attention) or
-    # "raw-fallback" (refinement came out empty; the raw mask is kept, qc says so)
+    # how mask_path was made: "raw" (the method's own mask, exact: copy-paste), "attention"
+    # (Eq. 13 from the defect tokens' cross-attention), "difference" (where the image
+    # changed inside the target mask, when attention found nothing) or "raw-fallback"
+    # (nothing found; the raw target mask is kept and the quality stage flags the sample)
     pa.field("mask_source", pa.string()),
 ] + QC_FIELDS
 

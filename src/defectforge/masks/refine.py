@@ -40,3 +40,27 @@ def refine_mask(attention: np.ndarray, target_mask: np.ndarray, threshold: float
         refined = ndimage.binary_closing(refined, structure=se)
         refined = ndimage.binary_opening(refined, structure=se)
     return refined & target
+
+
+def difference_mask(
+    normal: np.ndarray, generated: np.ndarray, target_mask: np.ndarray, fraction: float = 0.5, min_change: float = 8.0, radius: int = 1
+) -> np.ndarray:
+    """Where the generation actually changed the normal image inside the target mask.
+
+    Not Eq. 13: an image-space alternative for models whose cross-attention carries no
+    defect evidence (the tiny profile, where the defect tokens' share is flat at about
+    1/2 inside the mask; see docs/diffusion-bench.md). A target pixel is kept when its
+    absolute change (mean over channels) is at least ``fraction`` of the largest change
+    inside the target; nothing is kept when that largest change is below ``min_change``
+    gray levels (nothing was painted). Same morphology as :func:`refine_mask`; the
+    result is a subset of ``target_mask``.
+    """
+    if normal.shape != generated.shape or normal.shape[:2] != target_mask.shape:
+        raise DataError(f"difference_mask: shapes differ ({normal.shape}, {generated.shape}, {target_mask.shape})")
+    target = target_mask.astype(bool)
+    diff = np.abs(generated.astype(np.float32) - normal.astype(np.float32))
+    diff = diff.mean(axis=2) if diff.ndim == 3 else diff
+    top = float(diff[target].max()) if target.any() else 0.0
+    if top < min_change:
+        return np.zeros_like(target)
+    return refine_mask(diff / top, target, threshold=fraction, radius=radius)
