@@ -69,13 +69,14 @@ def run_refine(p: RefineParams, split: str | os.PathLike, generated: str | os.Pa
             r[col] = os.path.relpath(gen_root / r[col], root) if isinstance(r.get(col), str) else None
         source, mask = "raw", raw
         if r["attention_path"] is not None:
+            enough = lambda m: m.sum() >= max(1, p.min_area_ratio * raw.sum())  # noqa: E731
             attention = np.asarray(read_image(root / r["attention_path"])[..., 0], np.float32) / 255.0
-            mask, source = refine_mask(attention, raw, threshold=p.threshold, radius=p.radius), "attention"  # Eq. 13
-            if mask.sum() < p.min_area_ratio * raw.sum() and p.fallback == "difference":
-                normal = read_image(src_root / sources.loc[r["source_image_id"]])
-                mask = difference_mask(normal, read_image(root / r["image_path"]), raw, fraction=p.difference_fraction, radius=p.radius)
+            mask, source = _with_morphology(lambda rad: refine_mask(attention, raw, threshold=p.threshold, radius=rad), p.radius, enough), "attention"  # Eq. 13
+            if not enough(mask) and p.fallback == "difference":
+                normal, image = read_image(src_root / sources.loc[r["source_image_id"]]), read_image(root / r["image_path"])
+                mask = _with_morphology(lambda rad: difference_mask(normal, image, raw, fraction=p.difference_fraction, radius=rad), p.radius, enough)
                 source = "difference"
-            if mask.sum() < p.min_area_ratio * raw.sum():
+            if not enough(mask):
                 mask, source = raw, "raw-fallback"
         rel = Path(r["method"]) / "masks" / r["category"] / r["defect_type"] / f"{r['sample_id']}.png"
         data = encode_png(mask)
@@ -89,6 +90,12 @@ def run_refine(p: RefineParams, split: str | os.PathLike, generated: str | os.Pa
     final = out_dir / "manifest.parquet"
     check_manifest(final)
     return final
+
+
+def _with_morphology(make, radius: int, enough) -> np.ndarray:
+    """``make(radius)``; if the morphology erased a thin defect (a crack, a scratch), ``make(0)``."""
+    mask = make(radius)
+    return mask if enough(mask) or radius == 0 else make(0)
 
 
 # ----------------------------------------------------------------------------- quality
@@ -122,7 +129,7 @@ def run_quality(p: QualityParams, split: str | os.PathLike, refined: str | os.Pa
             attention = np.asarray(read_image(root / r.attention_path)[..., 0], np.float32) / 255.0
         qc, passed, reasons = gate_sample(normal, image, raw, mask if r.mask_source != "raw" else None, attention, gates)
         if r.mask_source == "raw-fallback":
-            passed, reasons = False, reasons + ["refined mask from attention was empty; raw target mask kept"]
+            passed, reasons = False, reasons + ["neither attention (Eq. 13) nor the image difference located the defect; raw target mask kept"]
         qc_rows.append({"sample_id": r.sample_id, **{k: qc.get(k) for k in QC_COLUMNS if k in qc}, "qc_pass": bool(passed), "qc_reasons": list(reasons)})
         crops.setdefault((r.category, r.defect_type, r.method), []).append(crop_around_mask(image, mask, context=p.crop_context))
     qc = pd.DataFrame(qc_rows)
