@@ -20,7 +20,7 @@ for _k, _v in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     os.environ.setdefault(_k, _v)
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from defectforge import orchestrate, release  # noqa: E402
@@ -73,7 +73,10 @@ def regenerate(repo: str = ".", params: dict[str, Any] | None = None, name: str 
         repro_stage(repo, stage)  # a failed quality gate raises here: nothing is published
     published = publish(repo, name, push) if publish_release else None
     summary = orchestrate.run_summary(repo)
-    create_markdown_artifact(key="defectforge-run", markdown=orchestrate.summary_markdown(summary, published), description="counts and metrics of this run")
+    report = orchestrate.report_path(repo, published)
+    create_markdown_artifact(key="defectforge-run", markdown=orchestrate.summary_markdown(summary, published, report), description="counts and metrics of this run")
+    if report is not None:
+        create_link_artifact(key="defectforge-report", link=report.as_uri(), link_text="HTML report", description="the release's self-contained report")
     return {"summary": summary, "published": published}
 
 

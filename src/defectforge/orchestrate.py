@@ -99,8 +99,21 @@ def run_summary(repo: str | os.PathLike) -> dict[str, Any]:
     return summary
 
 
-def summary_markdown(summary: dict[str, Any], published: dict[str, Any] | None = None) -> str:
+def report_path(repo: str | os.PathLike, published: dict[str, Any] | None = None) -> Path | None:
+    """The run's HTML report: the published version's copy, else the release stage's."""
+    repo = Path(repo).resolve()
+    candidates = []
+    if published:
+        name, version = published["tag"].split("/")[1], published["version"]
+        candidates.append(repo / "releases" / name / f"v{version}" / "report.html")
+    candidates.append(repo / "data/release/report.html")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def summary_markdown(summary: dict[str, Any], published: dict[str, Any] | None = None, report: Path | None = None) -> str:
     lines = [f"# defectforge run: `{summary.get('dataset_version', '?')}`", ""]
+    if report is not None:
+        lines += [f"[HTML report]({report.as_uri()}) (`{report}`)", ""]
     if published:
         state = "published" if published.get("created") else "unchanged (no new version)"
         lines += [f"**Release:** `{published.get('tag')}` - {state}", ""]

@@ -33,7 +33,7 @@ def test_flow_runs_dag_retries_a_transient_failure_and_publishes(prefect_server,
     assert state.is_completed(), state
     result = state.result()
     assert calls.count("split") == 2  # retried once, then succeeded
-    assert calls == ["sample", "ingest", "split", "split", "generate", "refine", "quality", "detector", "release"]
+    assert calls == ["sample", "ingest", "split", "split", "pretrain", "finetune", "generate", "refine", "quality", "detector", "release"]
     assert result["published"] == {"tag": "dataset/sample/v1", "version": 1, "created": True}
     assert result["summary"]["samples"] == 8
     assert validate_manifest(repo / "releases/sample/v1/manifest.parquet") == []
@@ -43,6 +43,9 @@ def test_flow_runs_dag_retries_a_transient_failure_and_publishes(prefect_server,
 
     art = Artifact.get("defectforge-run")
     assert art is not None and "dataset/sample/v1" in art.data and "| brick | crack | copy-paste | 2 |" in art.data
+    assert "releases/sample/v1/report.html" in art.data
+    link = Artifact.get("defectforge-report")
+    assert link is not None and link.data.endswith("releases/sample/v1/report.html")
 
 
 def test_bad_input_fails_the_run_without_retries_and_publishes_nothing(prefect_server, tmp_path, make_project, run_cmd, monkeypatch):
@@ -84,7 +87,7 @@ def test_failed_quality_gate_stops_the_release(prefect_server, tmp_path, make_pr
     # KID can never be below -1: the set-level gate must fail
     state = regenerate(str(repo), params={"quality.set_gates": {"kid_max": -1.0, "min_pass_rate": 0.5}}, return_state=True)
     assert state.is_failed()
-    assert calls == ["sample", "ingest", "split", "generate", "refine", "quality"]  # failed once, not retried
+    assert calls == ["sample", "ingest", "split", "pretrain", "finetune", "generate", "refine", "quality"]  # failed once, not retried
     with pytest.raises(orchestrate.StageFailed, match=r"stage quality: quality gate failed .*kid_mean .* > -1\.0"):
         state.result()
     assert run_cmd(["git", "tag"], repo).strip() == ""
