@@ -45,7 +45,7 @@ def test_flow_runs_dag_retries_a_transient_failure_and_publishes(prefect_server,
     assert art is not None and "dataset/sample/v1" in art.data and "| brick | crack | copy-paste | 2 |" in art.data
     assert "releases/sample/v1/report.html" in art.data
     link = Artifact.get("defectforge-report")
-    assert link is not None and link.data.endswith("releases/sample/v1/report.html")
+    assert link is not None and "releases/sample/v1/report.html" in link.data
 
 
 def test_bad_input_fails_the_run_without_retries_and_publishes_nothing(prefect_server, tmp_path, make_project, run_cmd, monkeypatch):
