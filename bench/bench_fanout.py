@@ -31,12 +31,17 @@ def main() -> None:
     ap.add_argument("--n-per-defect", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=4)
     ap.add_argument("--extra", default="{}", help="JSON of extra generate params (e.g. method sections)")
+    ap.add_argument("--split", default=None, help="an existing split manifest (default: make the built-in sample)")
+    ap.add_argument("--checkpoints", default=None, help="the finetune stage's folder (needed by inversion / blended)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root = run_sample(SampleParams(), tmp / "sample")
-        source = run_ingest(DataParams(root=str(root)), tmp / "source.parquet", progress=False)
-        split = run_split(SplitParams(), source, tmp / "split.parquet")
+        if a.split:
+            split = Path(a.split)
+        else:
+            root = run_sample(SampleParams(), tmp / "sample")
+            source = run_ingest(DataParams(root=str(root)), tmp / "source.parquet", progress=False)
+            split = run_split(SplitParams(), source, tmp / "split.parquet")
         results = {}
         rows = {}
         for workers in (1, 2):
@@ -46,7 +51,7 @@ def main() -> None:
             if workers == 1:
                 p = p.model_copy(update={"scheduler": ""})
             t0 = time.perf_counter()
-            out = run_generate(p, split, tmp / f"gen{workers}", progress=False) if workers > 1 else _single(p, split, tmp / "gen1")
+            out = run_generate(p, split, tmp / f"gen{workers}", checkpoints=a.checkpoints, progress=False) if workers > 1 else _single(p, split, tmp / "gen1", a.checkpoints)
             dt = time.perf_counter() - t0
             df = read_manifest(out).to_pandas().sort_values("sample_id")
             rows[workers] = list(zip(df.sample_id, df.image_sha256))
@@ -61,12 +66,12 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-def _single(p: GenerateParams, split: Path, out: Path) -> Path:
+def _single(p: GenerateParams, split: Path, out: Path, checkpoints: str | None) -> Path:
     """workers=1 through Dask too (a one-worker LocalCluster), so both runs pay the same overhead."""
     from defectforge.fanout import generate_on_dask
     from defectforge.manifest.validate import check_manifest
 
-    generate_on_dask(p, p.methods[0], split, out, progress=False)
+    generate_on_dask(p, p.methods[0], split, out, checkpoints=checkpoints, progress=False)
     check_manifest(out)
     return out
 
