@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from defectforge.data.io import atomic_write_text, encode_png, atomic_write_bytes, read_image, read_mask, sha256_bytes
-from defectforge.errors import DataError, DefectforgeError
+from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
 from defectforge.manifest.validate import check_manifest

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from defectforge.errors import DataError
-from defectforge.manifest.io import assemble, manifest_info, read_manifest, write_manifest
+from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.validate import check_manifest
 from defectforge.params import DataParams, GenerateParams, ReleaseParams, SampleParams, SplitParams
 
@@ -60,9 +60,7 @@ def build_method(p: GenerateParams, name: str):
     kwargs = section.model_dump() if section is not None else {}
     if name == "copy-paste":
         return cls(cls.config_class(**kwargs))
-    module = __import__(cls.__module__, fromlist=["x"])
-    config_cls = {"inversion": "InversionConfig", "blended": "BlendedConfig"}[name]
-    return cls.from_pretrained({}, getattr(module, config_cls)(**kwargs))
+    return cls.from_pretrained({}, cls.config_class(**kwargs))
 
 
 def run_generate(
@@ -102,20 +100,7 @@ def generate_method(
     from defectforge.generate import run_generation
 
     method = build_method(p, name)
-    fit = None
-    if name != "copy-paste":
-        if checkpoints is None:
-            raise DataError(f"generate: method {name!r} needs the finetune stage's checkpoints")
-        from defectforge.diffusion.sampling import ModelCache
-        from defectforge.modeling import checkpoints as category_checkpoints
-
-        caches: dict = {}
-
-        def fit(m, category, defect, reals):  # noqa: ARG001 - the checkpoint already learned the reals
-            if category not in caches:
-                caches[category] = ModelCache(category_checkpoints(checkpoints, category), m.config.device)
-            m.models = caches[category]
-
+    fit = None if name == "copy-paste" else _checkpoint_loader(name, checkpoints)
     options = {}
     if name == "copy-paste":
         options = {"max_rotation": p.copy_paste.max_rotation, "scale_range": tuple(p.copy_paste.scale_range), "flip": p.copy_paste.flip}
@@ -133,6 +118,23 @@ def generate_method(
         shards=shards,
         progress=progress,
     )
+
+
+def _checkpoint_loader(name: str, checkpoints: str | os.PathLike | None):
+    """The ``fit`` hook of a diffusion method: load its category's fine-tuned checkpoints."""
+    if checkpoints is None:
+        raise DataError(f"generate: method {name!r} needs the finetune stage's checkpoints")
+    from defectforge.diffusion.sampling import ModelCache
+    from defectforge.modeling import checkpoints as category_checkpoints
+
+    caches: dict = {}
+
+    def load(method, category, defect, reals):  # noqa: ARG001 - the checkpoint already learned the reals
+        if category not in caches:
+            caches[category] = ModelCache(category_checkpoints(checkpoints, category), method.config.device)
+        method.models = caches[category]
+
+    return load
 
 
 def content_version(manifest_dir: str | os.PathLike) -> str:

@@ -78,6 +78,39 @@ class GenerationMethod:
         return self.checkpoint_sha256
 
 
+class DiffusionMethod(GenerationMethod):
+    """Shared plumbing of the diffusion methods: a config class and fine-tuned checkpoints.
+
+    ``checkpoint`` is a finetune / tiny / diffusers directory, a hub id, or
+    ``{defect type: directory}``; models load lazily on first use.
+    """
+
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig, checkpoint=None):
+        super().__init__(config)
+        from defectforge.diffusion.sampling import ModelCache
+
+        self.models = ModelCache(checkpoint, config.device) if checkpoint is not None else None
+
+    @classmethod
+    def from_pretrained(cls, checkpoint, config: MethodConfig | None = None, device: str | None = None):
+        config = config or cls.config_class()
+        if device is not None and device != config.device:
+            config = cls.config_class(**{**config.to_dict(), "device": device})
+        return cls(config, checkpoint)
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        return self.models.sha256() if self.models else None
+
+    def _require_models(self) -> None:
+        from defectforge.errors import ParamsError
+
+        if self.models is None:
+            raise ParamsError(f"{self.name}: no model checkpoint given (use {type(self).__name__}.from_pretrained)")
+
+
 _REGISTRY: dict[str, type[GenerationMethod]] = {}
 # Methods that need torch/diffusers register on first use, so the registry (and the
 # manifest suite that checks method names) stays cheap to import.

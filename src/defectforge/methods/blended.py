@@ -35,17 +35,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, ddim_schedule, ddim_step, guided
-from defectforge.diffusion.sampling import ModelCache, attention_to_image, check_inputs, is_gray, make_crop, paste_back, to_uint8
+from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, to_uint8
 from defectforge.errors import ParamsError
 from defectforge.masks.trimap import DEFECT, make_trimap
-from defectforge.methods.base import GenerationMethod, GenerationResult, MethodConfig, register
+from defectforge.methods.base import DiffusionMethod, GenerationResult, MethodConfig, register
 
 
 @dataclass(frozen=True)
@@ -105,29 +104,14 @@ def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, background: torch.Ten
 
 
 @register
-class BlendedMethod(GenerationMethod):
+class BlendedMethod(DiffusionMethod):
     """AdaBLDM three-stage blended latent diffusion (see module docstring)."""
 
     name = "blended"
-
-    def __init__(self, config: BlendedConfig, checkpoint=None):
-        super().__init__(config)
-        self.models = ModelCache(checkpoint, config.device) if checkpoint is not None else None
-
-    @classmethod
-    def from_pretrained(cls, checkpoint: str | Path | dict, config: BlendedConfig | None = None, device: str | None = None):
-        config = config or BlendedConfig()
-        if device is not None and device != config.device:
-            config = BlendedConfig(**{**config.to_dict(), "device": device})
-        return cls(config, checkpoint)
-
-    @property
-    def checkpoint_sha256(self) -> str | None:
-        return self.models.sha256() if self.models else None
+    config_class = BlendedConfig
 
     def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
-        if self.models is None:
-            raise ParamsError("blended: no model checkpoint given (use BlendedMethod.from_pretrained)")
+        self._require_models()
         check_inputs(image, mask)
         cfg = self.config
         raw = mask.astype(bool)

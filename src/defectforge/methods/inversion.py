@@ -40,16 +40,15 @@ still follows Eq. (9) inside the mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import ddim_schedule, ddim_step, guided
-from defectforge.diffusion.sampling import ModelCache, attention_to_image, check_inputs, is_gray, make_crop, paste_back, to_uint8
+from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, to_uint8
 from defectforge.errors import ParamsError
-from defectforge.methods.base import GenerationMethod, GenerationResult, MethodConfig, register
+from defectforge.methods.base import DiffusionMethod, GenerationResult, MethodConfig, register
 
 
 @dataclass(frozen=True)
@@ -141,30 +140,14 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
 
 
 @register
-class InversionMethod(GenerationMethod):
+class InversionMethod(DiffusionMethod):
     """DDIM inversion with disentangled background (see module docstring)."""
 
     name = "inversion"
-
-    def __init__(self, config: InversionConfig, checkpoint=None):
-        super().__init__(config)
-        self.models = ModelCache(checkpoint, config.device) if checkpoint is not None else None
-
-    @classmethod
-    def from_pretrained(cls, checkpoint: str | Path | dict, config: InversionConfig | None = None, device: str | None = None):
-        """``checkpoint``: a finetune / tiny / diffusers directory, a hub id, or {defect: directory}."""
-        config = config or InversionConfig()
-        if device is not None and device != config.device:
-            config = InversionConfig(**{**config.to_dict(), "device": device})
-        return cls(config, checkpoint)
-
-    @property
-    def checkpoint_sha256(self) -> str | None:
-        return self.models.sha256() if self.models else None
+    config_class = InversionConfig
 
     def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
-        if self.models is None:
-            raise ParamsError("inversion: no model checkpoint given (use InversionMethod.from_pretrained)")
+        self._require_models()
         check_inputs(image, mask)
         mask = mask.astype(bool)
         cfg = self.config
