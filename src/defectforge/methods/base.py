@@ -104,6 +104,21 @@ class DiffusionMethod(GenerationMethod):
     def checkpoint_sha256(self) -> str | None:
         return self.models.sha256() if self.models else None
 
+    def _metadata(self, comps, crop, defect: str, seed: int, gray: bool, **extra) -> dict[str, Any]:
+        """What produced a sample: config, model, crop (stored beside it for reproduction)."""
+        return {
+            "method": self.name,
+            "config": self.config.to_dict(),
+            "defect": defect,
+            "seed": int(seed),
+            "profile": comps.profile,
+            "model": comps.source,
+            "crop_box": crop.box.to_dict(),
+            "resolution": comps.resolution,
+            "grayscale_output": gray,
+            **extra,
+        }
+
     def _require_models(self) -> None:
         from defectforge.errors import ParamsError
 

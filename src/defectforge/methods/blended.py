@@ -168,17 +168,5 @@ class BlendedMethod(DiffusionMethod):
             image=out,
             mask=region,
             attention=attention_to_image(att, region, crop.box),
-            metadata={
-                "method": self.name,
-                "config": cfg.to_dict(),
-                "defect": defect,
-                "seed": int(seed),
-                "profile": comps.profile,
-                "model": comps.source,
-                "crop_box": crop.box.to_dict(),
-                "resolution": comps.resolution,
-                "mask_pixels_off_object": int((raw & ~region).sum()),
-                "grayscale_output": gray,
-                **adaptation,
-            },
+            metadata=self._metadata(comps, crop, defect, seed, gray, mask_pixels_off_object=int((raw & ~region).sum()), **adaptation),
         )

@@ -170,15 +170,5 @@ class InversionMethod(DiffusionMethod):
             image=out,
             mask=mask,
             attention=attention_to_image(att, mask, crop.box),
-            metadata={
-                "method": self.name,
-                "config": cfg.to_dict(),
-                "defect": defect,
-                "seed": int(seed),
-                "profile": comps.profile,
-                "model": comps.source,
-                "crop_box": crop.box.to_dict(),
-                "resolution": comps.resolution,
-                "grayscale_output": gray,
-            },
+            metadata=self._metadata(comps, crop, defect, seed, gray),
         )
