@@ -108,14 +108,19 @@ class _SamplingParams(_Section):
     crop: bool = True
     context: float = Field(1.5, ge=1, le=10)
     attention_fraction: float = Field(0.5, gt=0, le=1)
+    clip_x0: bool = True
+    latent_bound: float = Field(0.0, ge=0, le=100)
+    gray_steps: bool = True
+    feather: float = Field(1.5, ge=0, le=20)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class InversionParams(_SamplingParams):
     """DDIM inversion (Eq. 8), noise in the mask (Thm. 1), sampling with Eq. 9."""
 
-    paste: Literal["crop", "mask"] = "crop"
+    paste: Literal["crop", "mask"] = "mask"
     background: Literal["inverted", "sampled"] = "inverted"
+    defect_background: Literal["inverted", "noised"] = "inverted"
 
 
 class BlendedParams(_SamplingParams):

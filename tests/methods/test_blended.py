@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from defectforge.errors import ParamsError
+from defectforge.masks.crop import feather_radius
 from defectforge.methods.base import get_method_class
 from defectforge.methods.blended import BlendedConfig, BlendedMethod, adapt_decoder
 
@@ -39,15 +40,32 @@ def _inputs():
     return img, mask
 
 
+def _dilate(mask, r):
+    """Square (Chebyshev) dilation by r pixels: the reach of feather_mask."""
+    out = mask.copy()
+    p = np.pad(mask, r)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out |= p[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
+    return out
+
+
 def test_registered():
     assert get_method_class("blended") is BlendedMethod
 
 
 def test_outside_the_mask_bit_for_bit_tiny_profile(tiny_dir):
+    """Feathered paste (default): every pixel farther than the feather's reach from the
+    mask keeps its bytes, the rim is blended; feather = 0: every pixel outside the mask."""
     img, mask = _inputs()
     r = BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=4), device="cpu").generate(img, mask, "pit", 0)
     assert r.image.shape == img.shape and r.image.dtype == np.uint8
-    assert np.array_equal(r.image[~r.mask], img[~r.mask])
+    reach = _dilate(r.mask, feather_radius(BlendedConfig().feather))
+    assert np.array_equal(r.image[~reach], img[~reach])
+    rim = reach & ~r.mask
+    assert not np.array_equal(r.image[rim], img[rim])  # the seam is blended, not a hard edge
+    hard = BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=4, feather=0), device="cpu").generate(img, mask, "pit", 0)
+    assert np.array_equal(hard.image[~hard.mask], img[~hard.mask])
     assert not np.array_equal(r.image[r.mask], img[r.mask])
     assert r.metadata["decoder_adaptation"].startswith("skipped")
     assert r.attention.shape == mask.shape and r.attention[~mask].max() == 0
@@ -56,7 +74,8 @@ def test_outside_the_mask_bit_for_bit_tiny_profile(tiny_dir):
 def test_outside_the_mask_bit_for_bit_latent_profile_with_adaptation(latent_dir):
     img, mask = _inputs()
     r = BlendedMethod.from_pretrained(str(latent_dir), BlendedConfig(steps=4, adapt_steps=5, adapt_lr=1e-3), device="cpu").generate(img, mask, "pit", 0)
-    assert np.array_equal(r.image[~mask], img[~mask])
+    reach = _dilate(r.mask, feather_radius(BlendedConfig().feather))
+    assert np.array_equal(r.image[~reach], img[~reach])
     ad = r.metadata["decoder_adaptation"]
     assert ad["steps"] == 5 and ad["background_mse_after"] < ad["background_mse_before"]
 
@@ -85,7 +104,8 @@ def test_trimap_keeps_defects_on_the_object(tiny_dir):
     r = BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=3), device="cpu").generate(img, mask, "pit", 0)
     assert r.metadata["mask_pixels_off_object"] > 0
     assert not r.mask[14:22].any() and (r.mask <= mask).all()
-    assert np.array_equal(r.image[~r.mask], img[~r.mask])
+    reach = _dilate(r.mask, feather_radius(BlendedConfig().feather))
+    assert np.array_equal(r.image[~reach], img[~reach])
 
 
 def test_same_seed_same_output(tiny_dir):

@@ -68,19 +68,36 @@ def test_outside_the_crop_is_byte_identical_and_result_is_well_formed(tiny_dir):
 
 
 def test_inverted_background_keeps_the_crop_outside_the_mask(tiny_dir):
-    """Default background="inverted", identity autoencoder, crop at model size: every pixel
-    outside the mask comes back with its own bytes even with paste="crop"."""
+    """background="inverted", identity autoencoder, crop at model size, hard mask: every
+    pixel outside the mask comes back with its own bytes even with paste="crop"."""
     img, mask = _inputs()
-    r = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=2), device="cpu").generate(img, mask, "crack", 3)
+    cfg = InversionConfig(steps=2, paste="crop", feather=0)
+    r = InversionMethod.from_pretrained(tiny_dir, cfg, device="cpu").generate(img, mask, "crack", 3)
     assert r.metadata["crop_box"]["height"] == 64
     assert np.array_equal(r.image[~mask], img[~mask])
 
 
 def test_paste_mask_keeps_every_pixel_outside_the_mask(tiny_dir):
     img, mask = _inputs()
-    cfg = InversionConfig(steps=2, paste="mask", background="sampled")
+    cfg = InversionConfig(steps=2, paste="mask", background="sampled", feather=0)
     r = InversionMethod.from_pretrained(tiny_dir, cfg, device="cpu").generate(img, mask, "crack", 3)
     assert np.array_equal(r.image[~mask], img[~mask])
+
+
+def test_feathered_paste_keeps_every_pixel_beyond_its_reach(tiny_dir):
+    """Default feather: the rim (within ceil(2 sigma) px of the mask) is blended, every
+    pixel beyond it keeps its bytes, also with the "noised" defect-branch background."""
+    from defectforge.masks.crop import feather_radius
+
+    img, mask = _inputs()
+    for cfg in (InversionConfig(steps=2, background="sampled"), InversionConfig(steps=2, defect_background="noised")):
+        r = InversionMethod.from_pretrained(tiny_dir, cfg, device="cpu").generate(img, mask, "crack", 3)
+        reach = mask.copy()
+        k = feather_radius(cfg.feather)
+        reach[50 - k : 62 + k, 70 - k : 90 + k] = True  # the rectangle mask dilated by k
+        assert np.array_equal(r.image[~reach], img[~reach])
+        rim = reach & ~mask
+        assert not np.array_equal(r.image[rim], img[rim])
 
 
 def test_same_seed_same_output_other_seed_other_defect(tiny_dir):
@@ -115,6 +132,10 @@ def test_bad_config_and_unknown_defect(tiny_dir):
         InversionConfig(background="both")
     with pytest.raises(ParamsError, match="inversion.steps"):
         InversionConfig(steps=0)
+    with pytest.raises(ParamsError, match="inversion.defect_background"):
+        InversionConfig(defect_background="clean")
+    with pytest.raises(ParamsError, match="inversion.latent_bound"):
+        InversionConfig(feather=-1)
     img, mask = _inputs()
     with pytest.raises(DefectforgeError, match="no learned tokens"):
         InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=1), device="cpu").generate(img, mask, "dent", 0)

@@ -17,6 +17,18 @@ goes from a noisier alpha to a cleaner one, inversion the other way. The timeste
 and alphas come from diffusers' :class:`~diffusers.DDIMScheduler` (``set_timesteps``,
 ``alphas_cumprod``, ``final_alpha_cumprod``), and ``ddim_step`` equals
 ``DDIMScheduler.step(..., eta=0)`` (tested).
+
+Bounding the clean estimate (``bound_eps``), as diffusers' DDIMScheduler does with
+``clip_sample=True, use_clipped_model_output=True``:
+
+    x0^ = (z_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)                                 (Eq. 3, first term)
+    x0^ <- clamp(x0^, -b, b)           (and, for grayscale sources, its channel mean)
+    eps <- (z_t - sqrt(alpha_t) x0^) / sqrt(1 - alpha_t)
+
+so the DDIM step (3) lands on a point whose clean estimate is a valid image. Without
+it a small model's x0^ leaves [-1, 1] inside the defect mask and only the final
+uint8 conversion clamps: measured as saturated black / white / colour blobs
+(docs/realism-ablation.md).
 """
 
 from __future__ import annotations
@@ -64,6 +76,23 @@ def predict_x0(z: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor
     """Clean estimate z_0 = (z_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)."""
     a = torch.as_tensor(alpha, dtype=z.dtype, device=z.device)
     return (z - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def bound_eps(z: torch.Tensor, eps: torch.Tensor, alpha: float, bound: float = 1.0, gray: bool = False) -> torch.Tensor:
+    """The noise prediction re-derived from a bounded clean estimate (module docstring).
+
+    ``bound`` <= 0 leaves x0^ unclamped; ``gray`` projects x0^ onto the grey axis (the
+    channel mean, pixel space only). With neither, ``eps`` is returned unchanged.
+    """
+    if bound <= 0 and not gray:
+        return eps
+    a = torch.as_tensor(alpha, dtype=z.dtype, device=z.device)
+    x0 = predict_x0(z, eps, alpha)
+    if bound > 0:
+        x0 = x0.clamp(-bound, bound)
+    if gray:
+        x0 = x0.mean(dim=1, keepdim=True).expand_as(x0)
+    return (z - a.sqrt() * x0) / (1 - a).sqrt()
 
 
 def guided(eps_cond: torch.Tensor, eps_base: torch.Tensor, w: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from defectforge.diffusion.models import DiffusionComponents, load_pipeline_components
 from defectforge.errors import DataError, DefectforgeError
-from defectforge.masks.crop import CropBox, crop_box, extract, paste_float, resize_image, whole_box
+from defectforge.masks.crop import CropBox, crop_box, extract, feather_mask, paste_float, resize_image, whole_box
 
 
 def check_inputs(image: np.ndarray, mask: np.ndarray) -> None:
@@ -99,16 +99,24 @@ def is_gray(image: np.ndarray) -> bool:
     return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
 
 
-def paste_back(image: np.ndarray, generated: np.ndarray, box: CropBox, only: np.ndarray | None = None) -> np.ndarray:
+def paste_back(image: np.ndarray, generated: np.ndarray, box: CropBox, only: np.ndarray | None = None,
+               alpha: np.ndarray | None = None) -> np.ndarray:
     """Write ``generated`` (model resolution) into ``box`` of a copy of ``image``.
 
     ``only`` (bool, image size): replace just these pixels (pixel-level blending);
-    otherwise the whole box. Pixels outside the box (or outside ``only``) keep their bytes.
+    ``alpha`` (float in [0, 1], image size, e.g. :func:`~defectforge.masks.crop.feather_mask`):
+    soft blending round(alpha * generated + (1 - alpha) * image); otherwise the whole box.
+    Pixels outside the box, outside ``only``, or where ``alpha`` is 0 keep their bytes.
     """
     out = image.copy()
     ys, xs = box.slices()
     gen = resize_image(generated, (box.height, box.width))
-    if only is None:
+    if alpha is not None:
+        a = np.clip(alpha[ys, xs].astype(np.float32), 0, 1)[..., None]
+        region = out[ys, xs]
+        mixed = np.clip(np.rint(a * gen.astype(np.float32) + (1 - a) * region.astype(np.float32)), 0, 255).astype(np.uint8)
+        out[ys, xs] = np.where(a > 0, mixed, region)
+    elif only is None:
         out[ys, xs] = gen
     else:
         sel = only[ys, xs]
@@ -116,6 +124,20 @@ def paste_back(image: np.ndarray, generated: np.ndarray, box: CropBox, only: np.
         region[sel] = gen[sel]
         out[ys, xs] = region
     return out
+
+
+def soft_masks(comps: DiffusionComponents, crop: Crop, mask: np.ndarray, sigma: float) -> tuple[torch.Tensor, np.ndarray]:
+    """Feathered blending weights: (latent-size tensor (1, 1, h, w), image-size float32 (H, W)).
+
+    The latent weights come from the crop's pixel mask (feathered at model resolution,
+    then max-pooled to the latent grid like :meth:`DiffusionComponents.latent_mask`);
+    the image weights from the full-resolution mask, so the paste touches no pixel
+    farther than ``feather_radius(sigma)`` from it. ``sigma`` <= 0: the binary masks.
+    """
+    soft = torch.from_numpy(feather_mask(crop.mask, sigma))[None, None].to(comps.device)
+    s = comps.vae_scale_factor
+    latent = soft if s == 1 else torch.nn.functional.max_pool2d(soft, kernel_size=s, stride=s)
+    return latent, feather_mask(mask, sigma)
 
 
 def attention_to_image(att: torch.Tensor, mask: np.ndarray, box: CropBox) -> np.ndarray:

@@ -99,3 +99,30 @@ def paste_float(shape: tuple[int, int], values: np.ndarray, box: CropBox) -> np.
     ys, xs = box.slices()
     out[ys, xs] = resize_float(values, (box.height, box.width))
     return out
+
+
+def feather_radius(sigma: float) -> int:
+    """Pixels beyond the mask that :func:`feather_mask` can reach."""
+    return int(math.ceil(2 * sigma)) if sigma > 0 else 0
+
+
+def feather_mask(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Soft blending weights: max(mask, min(1, 2 G_sigma * mask)), float32 (H, W) in [0, 1].
+
+    G_sigma is a Gaussian truncated at R = ceil(2 sigma) (separable, zero padding), so
+    the weights are exactly 1 on the mask, about 1 on its rim (a straight edge gives
+    G * mask = 1/2 there), fall smoothly to 0 outside, and are exactly 0 beyond R pixels
+    (Chebyshev distance) from the mask. ``sigma`` <= 0: the binary mask as float.
+    """
+    m = mask.astype(np.float32)
+    if sigma <= 0:
+        return m
+    r = feather_radius(sigma)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-(x**2) / (2 * sigma**2))
+    k /= k.sum()
+    h, w = m.shape
+    pad = np.pad(m, r).astype(np.float64)
+    rows = sum(k[i] * pad[i : i + h, :] for i in range(2 * r + 1))  # along y: (h, w + 2r)
+    blur = sum(k[i] * rows[:, i : i + w] for i in range(2 * r + 1))  # along x: (h, w)
+    return np.maximum(m, np.minimum(1.0, 2.0 * blur)).astype(np.float32)

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from defectforge.diffusion.attention import AttentionStore
-from defectforge.diffusion.ddim import add_noise, ddim_schedule, ddim_step, guided
-from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, to_uint8
+from defectforge.diffusion.ddim import add_noise, bound_eps, ddim_schedule, ddim_step, guided
+from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.errors import ParamsError
 from defectforge.masks.trimap import DEFECT, make_trimap
 from defectforge.methods.base import DiffusionMethod, GenerationResult, MethodConfig, register
@@ -58,6 +58,10 @@ class BlendedConfig(MethodConfig):
     adapt_steps: int = 20  # online decoder adaptation steps (0 = off)
     adapt_lr: float = 1e-4
     attention_fraction: float = 0.5
+    clip_x0: bool = True  # bound x0^ to [-1, 1] in every step (pixel profile), eps re-derived from it
+    latent_bound: float = 0.0  # the x0^ bound for latent profiles when clip_x0 (0: off)
+    gray_steps: bool = True  # grayscale source: project x0^ onto the grey axis in every step (pixel profile)
+    feather: float = 1.5  # Gaussian sigma (px) of the soft mask for latent and pixel blending; 0: binary
     device: str = "auto"
 
     def __post_init__(self):
@@ -73,6 +77,8 @@ class BlendedConfig(MethodConfig):
             raise ParamsError(f"blended.attention_fraction: must be in (0, 1], got {self.attention_fraction}")
         if self.context < 1:
             raise ParamsError(f"blended.context: must be >= 1, got {self.context}")
+        if self.latent_bound < 0 or self.feather < 0:
+            raise ParamsError("blended.latent_bound and blended.feather must be >= 0")
 
 
 def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, background: torch.Tensor, steps: int, lr: float):
@@ -103,6 +109,50 @@ def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, background: torch.Ten
     return ae, before, after
 
 
+@torch.no_grad()
+def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float, free_fraction: float,
+                   generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5, *,
+                   bound: float = 0.0, gray: bool = False, soft: torch.Tensor | None = None) -> torch.Tensor:
+    """Stages 2-3: free denoising, then blended latent diffusion; returns z_0.
+
+    z_T = sqrt(a_T) z_0 + sqrt(1 - a_T) eps (Eq. 1); each step
+    eps = eps(z_t, C_good) + w_d (eps(z_t, C_1) - eps(z_t, C_good)) (DefectDiffu Eq. 4),
+    z_{t-1} = DDIM(z_t, eps) (Eq. 3) and, after the first ``free_fraction`` of the steps,
+    z_{t-1} <- m_d z_{t-1} + (1 - m_d) (sqrt(a_{t-1}) z_0 + sqrt(1 - a_{t-1}) eps') (blending).
+    The random draws come from ``generator`` in that order (z_T's noise, then one eps'
+    per blended step). Options (defaults = the plain sampler): ``bound``/``gray`` bound
+    x0^ in every step (:func:`~defectforge.diffusion.ddim.bound_eps`), ``soft`` replaces
+    m_d by feathered weights in the blend (the UNet's attention mask stays binary).
+    """
+    noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+    ms = m if soft is None else soft
+    c1, k1 = comps.context("defect", defect)
+    use_good = guidance != 1.0
+    ctx, kinds = [c1], [k1]
+    if use_good:
+        cg, kg = comps.context("good")
+        ctx.append(cg)
+        kinds.append(kg)
+    ctx, kinds = torch.cat(ctx), torch.stack(kinds)
+    n = ctx.shape[0]
+    sched = ddim_schedule(comps.scheduler, steps)
+    n_free = int(round(free_fraction * len(sched)))
+    first_captured = int(round((1 - attention_fraction) * len(sched)))
+    z = add_noise(z0, noise, sched[0].alpha_t)  # Eq. (1)
+    for i, st in enumerate(sched):
+        if store is not None:
+            store.active = i >= first_captured
+        eps = comps.eps(z.expand(n, -1, -1, -1), st.t, ctx, kinds, m.expand(n, -1, -1, -1),
+                        cond_image=z0.expand(n, -1, -1, -1), store=store)
+        e = guided(eps[0:1], eps[1:2], guidance) if use_good else eps[0:1]
+        e = bound_eps(z, e, st.alpha_t, bound, gray)
+        z = ddim_step(z, e, st.alpha_t, st.alpha_prev)  # Eq. (3)
+        if i >= n_free:  # 3. latent blending with the normal latent noised to the new level
+            step_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+            z = ms * z + (1 - ms) * add_noise(z0, step_noise, st.alpha_prev)
+    return z
+
+
 @register
 class BlendedMethod(DiffusionMethod):
     """AdaBLDM three-stage blended latent diffusion (see module docstring)."""
@@ -125,30 +175,13 @@ class BlendedMethod(DiffusionMethod):
         m = comps.latent_mask(crop.m)
         noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
 
-        c1, k1 = comps.context("defect", defect)
-        use_good = cfg.guidance != 1.0
-        ctx, kinds = [c1], [k1]
-        if use_good:
-            cg, kg = comps.context("good")
-            ctx.append(cg)
-            kinds.append(kg)
-        ctx, kinds = torch.cat(ctx), torch.stack(kinds)
-        n = ctx.shape[0]
-        sched = ddim_schedule(comps.scheduler, cfg.steps)
-        n_free = int(round(cfg.free_fraction * len(sched)))
-        first_captured = int(round((1 - cfg.attention_fraction) * len(sched)))
+        gray = is_gray(image)
+        pixel = not comps.has_decoder  # identity autoencoder: the latent is the image
+        bound = (1.0 if pixel else cfg.latent_bound) if cfg.clip_x0 else 0.0
+        soft, alpha = soft_masks(comps, crop, region, cfg.feather)
         store = AttentionStore(rows=[0])
-        z = add_noise(z0, noise, sched[0].alpha_t)
-        with torch.no_grad():
-            for i, st in enumerate(sched):
-                store.active = i >= first_captured
-                eps = comps.eps(z.expand(n, -1, -1, -1), st.t, ctx, kinds, m.expand(n, -1, -1, -1),
-                                cond_image=z0.expand(n, -1, -1, -1), store=store)
-                e = guided(eps[0:1], eps[1:2], cfg.guidance) if use_good else eps[0:1]
-                z = ddim_step(z, e, st.alpha_t, st.alpha_prev)
-                if i >= n_free:  # 3. latent blending with the normal latent noised to the new level
-                    step_noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
-                    z = m * z + (1 - m) * add_noise(z0, step_noise, st.alpha_prev)
+        z = sample_blended(comps, z0, m, defect, cfg.steps, cfg.guidance, cfg.free_fraction, gen, store, cfg.attention_fraction,  # 2.-3.
+                           bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None)
         # 4. online decoder adaptation
         decoder, adaptation = None, {}
         if not comps.has_decoder:
@@ -159,14 +192,13 @@ class BlendedMethod(DiffusionMethod):
         else:
             adaptation = {"decoder_adaptation": "off (adapt_steps = 0)"}
         with torch.no_grad():
-            gray = is_gray(image)
             generated = to_uint8(comps.decode(z, decoder=decoder), gray)
-        # 5. pixel-level blending inside the defect region only
-        out = paste_back(image, generated, crop.box, only=region)
+        # 5. pixel-level blending inside the (feathered) defect region only
+        out = paste_back(image, generated, crop.box, only=region, alpha=alpha if cfg.feather > 0 else None)
         att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()
         return GenerationResult(
             image=out,
             mask=region,
             attention=attention_to_image(att, region, crop.box),
-            metadata=self._metadata(comps, crop, defect, seed, gray, mask_pixels_off_object=int((raw & ~region).sum()), **adaptation),
+            metadata=self._metadata(comps, crop, defect, seed, gray, x0_bound=bound, mask_pixels_off_object=int((raw & ~region).sum()), **adaptation),
         )

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 from defectforge.diffusion.attention import AttentionStore
-from defectforge.diffusion.ddim import ddim_schedule, ddim_step, guided
-from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, to_uint8
+from defectforge.diffusion.ddim import add_noise, bound_eps, ddim_schedule, ddim_step, guided
+from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.errors import ParamsError
 from defectforge.methods.base import DiffusionMethod, GenerationResult, MethodConfig, register
 
@@ -57,9 +57,14 @@ class InversionConfig(MethodConfig):
     guidance: float = 2.0  # w_d; 1.0 = plain Eq. (9)
     crop: bool = True  # False: whole image resized to the model resolution
     context: float = 1.5  # crop side >= context * defect extent
-    paste: str = "crop"  # "crop": the whole regenerated crop; "mask": only target-mask pixels
+    paste: str = "mask"  # "mask": only (feathered) target-mask pixels; "crop": the whole regenerated crop
     attention_fraction: float = 0.5  # last share of steps whose attention is averaged
     background: str = "inverted"  # "inverted": read the background from the Eq. 8 path; "sampled": the paper's Eq. 9
+    clip_x0: bool = True  # bound x0^ to [-1, 1] in every step (pixel profile), eps re-derived from it
+    latent_bound: float = 0.0  # the x0^ bound for latent profiles when clip_x0 (0: off)
+    gray_steps: bool = True  # grayscale source: project x0^ onto the grey axis in every step (pixel profile)
+    feather: float = 1.5  # Gaussian sigma (px) of the soft mask of Eq. 9's mix, the path blend and the paste; 0: binary
+    defect_background: str = "inverted"  # what the defect branch sees outside m: "inverted" path or "noised" z_0 (Eq. 6)
     device: str = "auto"
 
     def __post_init__(self):
@@ -67,6 +72,8 @@ class InversionConfig(MethodConfig):
             raise ParamsError(f"inversion.steps: must be >= 1, got {self.steps}")
         if self.background not in ("inverted", "sampled"):
             raise ParamsError(f"inversion.background: must be 'inverted' or 'sampled', got {self.background!r}")
+        if self.defect_background not in ("inverted", "noised"):
+            raise ParamsError(f"inversion.defect_background: must be 'inverted' or 'noised', got {self.defect_background!r}")
         if self.guidance < 0:
             raise ParamsError(f"inversion.guidance: must be >= 0, got {self.guidance}")
         if self.paste not in ("crop", "mask"):
@@ -75,6 +82,8 @@ class InversionConfig(MethodConfig):
             raise ParamsError(f"inversion.attention_fraction: must be in (0, 1], got {self.attention_fraction}")
         if self.context < 1:
             raise ParamsError(f"inversion.context: must be >= 1, got {self.context}")
+        if self.latent_bound < 0 or self.feather < 0:
+            raise ParamsError("inversion.latent_bound and inversion.feather must be >= 0")
 
 
 @torch.no_grad()
@@ -91,14 +100,15 @@ def invert_masked(comps, z0: torch.Tensor, m: torch.Tensor, steps: int, trajecto
         if trajectory is not None:
             trajectory.append(z)
         eps = comps.eps(z, st.t, c2, k2, m, cond_image=z0)
-        z = ddim_step(z, (1 - m) * eps, st.alpha_prev, st.alpha_t)
+        z = ddim_step(z, (1 - m) * eps, st.alpha_prev, st.alpha_t)  # Eq. (8)
     return z
 
 
 @torch.no_grad()
 def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float,
                generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5,
-               trajectory: list | None = None):
+               trajectory: list | None = None, *, bound: float = 0.0, gray: bool = False, soft: torch.Tensor | None = None,
+               noised_background: bool = False):
     """Theorem 1 initialisation and Eq. (9) sampling; returns (z*_0, z^m_0).
 
     With ``trajectory`` (the inversion path from :func:`invert_masked`) the background
@@ -107,10 +117,18 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
     z* then ends exactly at (1 - m) z_0 whatever the inversion error. Without it,
     this is the paper's Eq. (9), whose background reproduces z_0 only up to the
     DDIM inversion error (Proposition 1).
+
+    The keyword options are the realism fixes (module docstring); their defaults are
+    the paper's sampler: ``bound`` (> 0: x0^ clamped to [-bound, bound] in every step,
+    :func:`~defectforge.diffusion.ddim.bound_eps`), ``gray`` (x0^ on the grey axis),
+    ``soft`` (feathered weights replacing m in Eq. 9's mix and in the path blend; the
+    UNet's mask and Theorem 1's noise stay binary), ``noised_background`` (the defect
+    branch sees sqrt(a_t) z_0 + sqrt(1 - a_t) eps outside m, Eq. 6, as in training).
     """
     noise = torch.randn(z_T_m.shape, generator=generator).to(z_T_m.device, z_T_m.dtype)
     z_star = z_T_m + m * noise  # Theorem 1
     z_m = z_T_m
+    ms = m if soft is None else soft
     c1, k1 = comps.context("defect", defect)
     c2, k2 = comps.context("mask")
     use_good = guidance != 1.0
@@ -125,17 +143,22 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
     for i, st in enumerate(sched):
         if store is not None:
             store.active = i >= first_captured
-        rows = torch.cat([z_m, z_star] + ([z_star] if use_good else []))
+        z_def = z_star
+        if noised_background:  # Eq. (6): the background the defect branch was trained with
+            bg_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+            z_def = m * z_star + (1 - m) * add_noise(z0, bg_noise, st.alpha_t)
+        rows = torch.cat([z_m, z_def] + ([z_def] if use_good else []))
         n = rows.shape[0]
         eps = comps.eps(rows, st.t, ctx, kinds, m.expand(n, -1, -1, -1), cond_image=z0.expand(n, -1, -1, -1), store=store)
-        eps_bg = eps[0:1]
-        eps_def = guided(eps[1:2], eps[2:3], guidance) if use_good else eps[1:2]
-        eps_star = (1 - m) * eps_bg + m * eps_def  # Eq. (9)
-        z_star = ddim_step(z_star, eps_star, st.alpha_t, st.alpha_prev)
-        z_m = ddim_step(z_m, (1 - m) * eps_bg, st.alpha_t, st.alpha_prev)
+        eps_bg = eps[0:1]  # eps(z^m_t, t, C_2)
+        eps_def = guided(eps[1:2], eps[2:3], guidance) if use_good else eps[1:2]  # eps(z*_t, t, C_1), guided
+        eps_star = (1 - ms) * eps_bg + ms * eps_def  # Eq. (9)
+        eps_star = bound_eps(z_star, eps_star, st.alpha_t, bound, gray)
+        z_star = ddim_step(z_star, eps_star, st.alpha_t, st.alpha_prev)  # Eq. (9) = Eq. (3) with eps*
+        z_m = ddim_step(z_m, bound_eps(z_m, (1 - m) * eps_bg, st.alpha_t, bound, gray), st.alpha_t, st.alpha_prev)
         if trajectory is not None:
             z_m = trajectory[len(sched) - 1 - i]
-            z_star = (1 - m) * z_m + m * z_star
+            z_star = (1 - ms) * z_m + ms * z_star
     return z_star, z_m
 
 
@@ -156,19 +179,27 @@ class InversionMethod(DiffusionMethod):
         crop = make_crop(comps, image, mask, cfg.crop, cfg.context)  # 1.
         z0 = comps.encode(crop.x)
         m = comps.latent_mask(crop.m)
+        gray = is_gray(image)
+        pixel = not comps.has_decoder  # identity autoencoder: the latent is the image
+        bound = (1.0 if pixel else cfg.latent_bound) if cfg.clip_x0 else 0.0
+        soft, alpha = soft_masks(comps, crop, mask, cfg.feather)
         path = [] if cfg.background == "inverted" else None
         z_T_m = invert_masked(comps, z0, m, cfg.steps, trajectory=path)  # 2. Eq. (8)
         store = AttentionStore(rows=[1])
-        z_star, _ = sample_eq9(comps, z_T_m, z0, m, defect, cfg.steps, cfg.guidance, gen, store, cfg.attention_fraction, path)  # 3.-5.
+        z_star, _ = sample_eq9(comps, z_T_m, z0, m, defect, cfg.steps, cfg.guidance, gen, store, cfg.attention_fraction, path,  # 3.-5.
+                               bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
+                               noised_background=cfg.defect_background == "noised")
         with torch.no_grad():
             x_gen = comps.decode(z_star)
-        gray = is_gray(image)
         generated = to_uint8(x_gen, gray)
         att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()  # m' * A_def (Eq. 13 input)
-        out = paste_back(image, generated, crop.box, only=mask if cfg.paste == "mask" else None)  # 6.
+        if cfg.paste == "crop":  # 6.
+            out = paste_back(image, generated, crop.box)
+        else:
+            out = paste_back(image, generated, crop.box, only=mask, alpha=alpha if cfg.feather > 0 else None)
         return GenerationResult(
             image=out,
             mask=mask,
             attention=attention_to_image(att, mask, crop.box),
-            metadata=self._metadata(comps, crop, defect, seed, gray),
+            metadata=self._metadata(comps, crop, defect, seed, gray, x0_bound=bound),
         )
