@@ -176,6 +176,9 @@ class QualityParams(_Section):
     lpips_weights: str | None = None
     size: int = Field(64, ge=16, le=512)
     crop_context: float = Field(2.0, ge=1.0, le=10.0)
+    c2st_folds: int = Field(5, ge=2, le=20)      # classifier two-sample test: stratified k-fold
+    c2st_size: int = Field(32, ge=8, le=256)     # crops resized to this for the two-sample test
+    seed: int = 0                                # seeds the two-sample test's folds and real-vs-real halves
     gates: dict[str, float | int] = {}
     set_gates: dict[str, float | None] = {"min_pass_rate": 0.5}
 

@@ -107,3 +107,93 @@ def test_set_gate_readable_failures():
     skipped = {"kid_mean": None, "kid_skipped": "needs >= 2 real and 2 fake images, got 1 real and 5 fake"}
     f = gate_set(skipped, None, SetThresholds(kid_max=0.05))
     assert f == ["kid_mean could not be checked against 0.05: needs >= 2 real and 2 fake images, got 1 real and 5 fake"]
+
+
+# --------------------------------------------------------------------------- realism gates
+
+
+def _grey_scene(seed=0, size=64):
+    """A textured grey surface, an oval mask, and a realistic soft grey (Gaussian-profile) dark defect."""
+    rng = np.random.default_rng(seed)
+    normal = np.repeat(np.clip(rng.normal(120, 6, (size, size)), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    yy, xx = np.mgrid[:size, :size]
+    prof = np.exp(-(((yy - 32) / 8.0) ** 2 + ((xx - 30) / 11.0) ** 2))
+    mask = prof > 0.2
+    soft = np.clip(normal.astype(float) - 50 * prof[..., None], 0, 255).astype(np.uint8)
+    return normal, soft, mask
+
+
+def _saturated_blob(normal, mask):
+    gen = normal.copy()
+    gen[mask] = 0  # a pitch-black plateau
+    gen[mask & (np.arange(64)[None, :] % 7 == 0)] = 255  # with white speckle
+    return gen
+
+
+def _confetti(normal, mask, seed=0):
+    rng = np.random.default_rng(seed)
+    palette = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)], np.uint8)
+    gen = normal.copy()
+    gen[mask] = palette[rng.integers(0, len(palette), int(mask.sum()))]
+    return gen
+
+
+def test_realistic_soft_grey_defect_passes_the_realism_gates():
+    normal, soft, mask = _grey_scene()
+    qc, ok, reasons = gate_sample(normal, soft, mask, real={"saturated_share": 0.0, "chroma_excess": 0.0})
+    assert ok, reasons
+    assert qc["qc_saturated_share"] == 0 and qc["qc_saturated"] is False and qc["qc_colour_drift"] is False
+    assert qc["qc_chroma"] == 0 and qc["qc_contrast_ring"] < -10
+
+
+def test_saturated_blob_fails_its_gate():
+    normal, _, mask = _grey_scene()
+    qc, ok, reasons = gate_sample(normal, _saturated_blob(normal, mask), mask)
+    assert not ok and qc["qc_saturated"] is True and qc["qc_saturated_share"] == 1.0
+    assert any(r.startswith("saturated: 100% of in-mask pixels") for r in reasons), reasons
+    assert qc["qc_colour_drift"] is False  # black and white are grey: no colour drift
+
+
+def test_colour_confetti_fails_saturation_and_colour_drift():
+    normal, _, mask = _grey_scene()
+    qc, ok, reasons = gate_sample(normal, _confetti(normal, mask), mask)
+    assert not ok and qc["qc_saturated"] is True and qc["qc_colour_drift"] is True
+    assert qc["qc_chroma"] > 100 and qc["qc_chroma_source"] == 0
+    assert any(r.startswith("colour drift: in-mask chroma") for r in reasons), reasons
+
+
+def test_saturation_and_colour_allowance_follow_the_real_defects():
+    normal, _, mask = _grey_scene()
+    blob = _saturated_blob(normal, mask)
+    # real defects of the type that are themselves black: a black sample is not flagged
+    _, ok, reasons = gate_sample(normal, blob, mask, real={"saturated_share": 1.0, "chroma_excess": 0.0})
+    assert ok, reasons
+    # a rust-coloured stain is fine when the real stains are that much more colourful than their ring
+    rust = normal.copy()
+    rust[mask] = (170, 130, 110)  # chroma 60 on a grey surface
+    _, ok, _ = gate_sample(normal, rust, mask)
+    assert not ok
+    _, ok, reasons = gate_sample(normal, rust, mask, real={"saturated_share": 0.0, "chroma_excess": 45.0})
+    assert ok, reasons
+    # just above and just below the default thresholds (5 % saturated, 20 grey levels of chroma)
+    ys, xs = np.nonzero(mask)
+    n = len(ys)
+    for k, flagged in ((int(0.05 * n), False), (int(0.05 * n) + 2, True)):
+        gen = normal.copy()
+        gen[ys[:k], xs[:k]] = 0
+        assert gate_sample(normal, gen, mask, thresholds=GateThresholds(contrast_min=0))[0]["qc_saturated"] is flagged
+    for c, flagged in ((19, False), (21, True)):
+        gen = normal.copy()
+        gen[mask, 0] = np.clip(gen[mask, 0].astype(int) + c, 0, 255)
+        assert gate_sample(normal, gen, mask, thresholds=GateThresholds(contrast_min=0))[0]["qc_colour_drift"] is flagged
+
+
+def test_set_gate_fails_a_set_of_mostly_saturated_or_drifted_samples():
+    t = SetThresholds(min_pass_rate=None)
+    assert gate_set({"saturated_samples": 0.5, "colour_drift_samples": 0.0}, None, t) == []
+    f = gate_set({"saturated_samples": 0.75, "colour_drift_samples": 1.0}, None, t, label="gravel/stain/blended")
+    assert f == ["gravel/stain/blended: 75% of samples are saturated > 50%",
+                 "gravel/stain/blended: 100% of samples are colour-drifted > 50%"]
+    f = gate_set({"saturation": 0.2, "c2st_accuracy": 0.9, "c2st_skipped": None}, None,
+                 SetThresholds(min_pass_rate=None, saturation_max=0.01, c2st_max=0.75))
+    assert f == ["saturation 0.2 > 0.01", "c2st_accuracy 0.9 > 0.75"]

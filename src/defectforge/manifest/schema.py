@@ -51,6 +51,16 @@ QC_FIELDS = [
     pa.field("qc_mask_area_ratio", pa.float64()),
     pa.field("qc_mask_inside_frac", pa.float64()),
     pa.field("qc_attention_inside", pa.float64()),
+    # realism figures inside the defect mask (defectforge.metrics.realism.defect_stats);
+    # manifests written before these columns existed read them as null
+    pa.field("qc_saturated_share", pa.float64()),
+    pa.field("qc_in_mask_mean", pa.float64()),
+    pa.field("qc_contrast_ring", pa.float64()),
+    pa.field("qc_edge_sharpness", pa.float64()),
+    pa.field("qc_chroma", pa.float64()),
+    pa.field("qc_chroma_source", pa.float64()),
+    pa.field("qc_saturated", pa.bool_()),
+    pa.field("qc_colour_drift", pa.bool_()),
     pa.field("qc_pass", pa.bool_()),
     pa.field("qc_reasons", pa.list_(pa.string())),
 ]

@@ -17,6 +17,13 @@ reasons a sample failed, and the manifest keeps all three (``qc_*`` columns,
    ``inside_min`` of its pixels inside the target mask dilated by ``inside_margin``.
 4. **attention agrees with the mask** — where a method provides an attention map,
    the fraction of its mass inside the (dilated) target mask.
+5. **not saturated** — the share of in-mask pixels at the ends of the value range
+   (:func:`~defectforge.metrics.realism.defect_stats`) at most ``saturation_max`` above
+   the real defects' share of the type (real Magnetic Tile blowholes: 0).
+6. **no colour drift** — the in-mask chroma (mean max - min over RGB) at most
+   ``chroma_margin`` grey levels above the source surface's chroma around the mask,
+   plus the excess the real defects of the type show over their own ring (a rust stain
+   is more colourful than its gravel; confetti of pure R/G/B pixels is not a defect).
 
 Example::
 
@@ -38,6 +45,7 @@ import numpy as np
 from scipy import ndimage
 
 from defectforge.errors import DataError, DefectforgeError
+from defectforge.metrics.realism import SATURATION_HIGH, SATURATION_LOW, defect_stats
 
 PSNR_CAP = 100.0
 
@@ -56,6 +64,9 @@ class GateThresholds:
     inside_min: float = 0.8         # fraction of refined-mask pixels inside the dilated target
     inside_margin: int = 4          # px of dilation of the target for the inside check
     attention_inside_min: float = 0.5  # attention mass inside the dilated target
+    saturation_max: float = 0.05    # in-mask saturated share above the real defects' share
+    chroma_margin: float = 20.0     # grey levels of in-mask chroma above the source's (+ the reals' excess)
+    ring: int = 4                   # px of the ring around the mask for the realism statistics
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,11 @@ class SetThresholds:
     fid_max: float | None = None
     lpips_min: float | None = None   # generated images must not be copies of the real ones
     min_pass_rate: float | None = 0.5
+    saturated_samples_max: float | None = 0.5     # share of samples failing the saturation gate
+    colour_drift_samples_max: float | None = 0.5  # share of samples failing the colour-drift gate
+    saturation_max: float | None = None           # pooled in-mask saturated share of the set
+    c2st_max: float | None = None                 # classifier two-sample test accuracy
+    intensity_distance_max: float | None = None
 
 
 def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
@@ -88,6 +104,8 @@ def gate_sample(
     refined_mask: np.ndarray | None = None,
     attention: np.ndarray | float | None = None,
     thresholds: GateThresholds = GateThresholds(),
+    *,
+    real: dict | None = None,
 ) -> tuple[dict, bool, list[str]]:
     """Check one synthetic sample.
 
@@ -98,11 +116,17 @@ def gate_sample(
         refined_mask: bool (H, W) mask the method/refinement reports, or None.
         attention: float (H, W) attention map (non-negative), or a float already giving
             the agreement score in [0, 1], or None when the method has none.
+        real: reference figures of the real defects of the type: ``saturated_share``
+            (pooled in-mask saturated share) and ``chroma_excess`` (how much their chroma
+            exceeds their ring's, see :func:`real_reference`); None: 0 for both.
 
     Returns:
         (qc, passed, reasons): ``qc`` holds ``qc_bg_psnr``, ``qc_bg_exact``,
         ``qc_defect_contrast``, ``qc_mask_area``, ``qc_mask_area_ratio``,
-        ``qc_mask_inside_frac``, ``qc_attention_inside`` (None where not applicable).
+        ``qc_mask_inside_frac``, ``qc_attention_inside``, the realism figures
+        ``qc_saturated_share``, ``qc_in_mask_mean``, ``qc_contrast_ring``,
+        ``qc_edge_sharpness``, ``qc_chroma``, ``qc_chroma_source`` and the flags
+        ``qc_saturated``, ``qc_colour_drift`` (None where not applicable).
     """
     t = thresholds
     normal, generated = np.asarray(normal), np.asarray(generated)
@@ -184,6 +208,30 @@ def gate_sample(
                 f"attention disagrees with the mask: {att_inside:.0%} of its mass inside < {t.attention_inside_min:.0%}"
             )
 
+    # 5./6. realism: saturation and colour drift inside the defect mask
+    real = real or {}
+    stats = defect_stats(generated, defect, ring=t.ring, reference=normal) if defect.any() else None
+    saturated = drifted = None
+    if stats is not None:
+        sat_real = float(real.get("saturated_share") or 0.0)
+        saturated = stats["saturated_share"] > sat_real + t.saturation_max
+        if saturated:
+            reasons.append(
+                f"saturated: {stats['saturated_share']:.0%} of in-mask pixels at 0-{SATURATION_LOW} or "
+                f"{SATURATION_HIGH}-255 > {sat_real:.0%} (real defects) + {t.saturation_max:.0%}"
+            )
+        allowed = stats["chroma_source"] + t.chroma_margin + max(0.0, float(real.get("chroma_excess") or 0.0))
+        drifted = stats["chroma"] > allowed
+        if drifted:
+            reasons.append(
+                f"colour drift: in-mask chroma {stats['chroma']:.0f} > {allowed:.0f} grey levels "
+                f"(source around the mask {stats['chroma_source']:.0f} + margin)"
+            )
+
+    def r3(key):
+        v = None if stats is None else stats[key]
+        return None if v is None or not math.isfinite(v) else round(v, 4)
+
     qc = {
         "qc_bg_psnr": round(bg_psnr, 3),
         "qc_bg_exact": bg_exact,
@@ -192,6 +240,14 @@ def gate_sample(
         "qc_mask_area_ratio": None if ratio is None else round(ratio, 4),
         "qc_mask_inside_frac": None if inside is None else round(inside, 4),
         "qc_attention_inside": None if att_inside is None else round(att_inside, 4),
+        "qc_saturated_share": r3("saturated_share"),
+        "qc_in_mask_mean": r3("in_mask_mean"),
+        "qc_contrast_ring": r3("contrast"),
+        "qc_edge_sharpness": r3("edge_sharpness"),
+        "qc_chroma": r3("chroma"),
+        "qc_chroma_source": r3("chroma_source"),
+        "qc_saturated": saturated,
+        "qc_colour_drift": drifted,
     }
     return qc, not reasons, reasons
 
@@ -200,7 +256,10 @@ def gate_set(quality: dict, pass_rate: float | None = None, thresholds: SetThres
              label: str = "") -> list[str]:
     """Readable failures of a generated set (empty list = the set passes).
 
-    ``quality`` is a :func:`~defectforge.metrics.quality.compute_quality` result;
+    ``quality`` is a :func:`~defectforge.metrics.quality.compute_quality` result,
+    with the quality stage's realism keys (``saturation``, ``c2st_accuracy``,
+    ``intensity_distance``, and ``saturated_samples`` / ``colour_drift_samples``: the
+    share of its samples that failed the saturation / colour-drift gate);
     ``pass_rate`` the fraction of its samples that passed :func:`gate_sample`. A
     threshold on a metric that was skipped is a failure too (it was not shown to hold).
     """
@@ -218,11 +277,19 @@ def gate_set(quality: dict, pass_rate: float | None = None, thresholds: SetThres
                             f"{quality.get(skipped_key) or 'not computed'}")
         elif (v > limit) if worse == "above" else (v < limit):
             op = ">" if worse == "above" else "<"
-            failures.append(f"{where}{key} {v:.4g} {op} {limit} (backbone {backbone})")
+            failures.append(f"{where}{key} {v:.4g} {op} {limit}" + (f" (backbone {backbone})" if backbone != "none" else ""))
 
     check("kid_mean", t.kid_max, "above", "kid_skipped", bb)
     check("fid", t.fid_max, "above", "fid_skipped", bb)
     check("lpips", t.lpips_min, "below", "lpips_skipped", quality.get("lpips_backbone", "?"))
+    check("saturation", t.saturation_max, "above", "saturation_skipped", "none")
+    check("c2st_accuracy", t.c2st_max, "above", "c2st_skipped", "none")
+    check("intensity_distance", t.intensity_distance_max, "above", "intensity_skipped", "none")
+    for key, limit, what in (("saturated_samples", t.saturated_samples_max, "saturated"),
+                             ("colour_drift_samples", t.colour_drift_samples_max, "colour-drifted")):
+        v = quality.get(key)
+        if limit is not None and v is not None and v > limit:
+            failures.append(f"{where}{v:.0%} of samples are {what} > {limit:.0%}")
     if t.min_pass_rate is not None and pass_rate is not None and pass_rate < t.min_pass_rate:
         failures.append(f"{where}only {pass_rate:.0%} of samples passed the per-sample gates "
                         f"< {t.min_pass_rate:.0%}")
@@ -239,3 +306,18 @@ def thresholds_from_dict(d: dict | None, cls=GateThresholds):
     if unknown:
         raise ParamsError(f"unknown {cls.__name__} key(s) {unknown}; known: {sorted(known)}")
     return cls(**d)
+
+
+def real_reference(stats: list[dict], *, quantile: float = 90.0) -> dict:
+    """Reference figures of the real defects of a type for :func:`gate_sample`'s ``real``.
+
+    ``saturated_share``: pooled in-mask saturated share; ``chroma_excess``: the
+    ``quantile``-th percentile of (in-mask chroma - ring chroma) over the real defects.
+    """
+    from defectforge.metrics.realism import pooled_saturation
+
+    excess = [s["chroma"] - s["chroma_ring"] for s in stats if math.isfinite(s["chroma_ring"])]
+    return {
+        "saturated_share": pooled_saturation(stats) or 0.0,
+        "chroma_excess": float(np.percentile(excess, quantile)) if excess else 0.0,
+    }
