@@ -98,7 +98,8 @@ def run_finetune(
             print(f"finetune {category}/{defect}: {len(defects)} real defects, {len(normals)} normals, {p.steps} steps", flush=True)
         metrics = finetune(
             base, defects, defect, target, normals=normals, mode=p.mode, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
-            token_lr=p.token_lr, lora_rank=p.lora_rank, prior_fraction=p.prior_fraction, seed=p.seed, device=p.device, progress=progress,
+            token_lr=p.token_lr, lora_rank=p.lora_rank, prior_fraction=p.prior_fraction, loss_norm=p.loss_norm,
+            attention_loss=p.attention_loss, attention_rows=p.attention_rows, seed=p.seed, device=p.device, progress=progress,
         )
         index[f"{category}/{defect}"] = {"path": f"{category}/{defect}", "metrics": metrics}
         c = pd.read_csv(target / CURVE_FILE)

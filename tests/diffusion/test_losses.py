@@ -52,3 +52,58 @@ def test_masked_noising_background_identity():
     torch.testing.assert_close((1 - m) * z_t, z_t_m)
     assert (z_t_m * m).abs().max() == 0
     torch.testing.assert_close(z_t, alpha.sqrt() * z0 + (1 - alpha).sqrt() * eps)
+
+
+def test_area_norm_by_hand():
+    """loss_norm "area": per sample sum(m e^2) / (C |m|) and sum((1-m) e^2) / (C |1-m|), then the batch mean."""
+    eps = torch.zeros(2, 2, 2, 2)
+    m = torch.zeros(2, 1, 2, 2)
+    m[0, 0, 0, 0] = 1  # sample 0: one mask pixel out of four
+    m[1, 0, :, 0] = 1  # sample 1: two mask pixels
+    err = torch.zeros(2, 2, 2, 2)
+    err[0, 0, 0, 0] = 2.0  # inside, channel 0: e^2 = 4
+    err[0, 1, 1, 1] = 3.0  # outside (defect branch: not penalised)
+    err[1, :, 0, 0] = 1.0  # inside, both channels: e^2 = 1 + 1
+    eps_def = eps - err
+    bg_err = torch.zeros(2, 2, 2, 2)
+    bg_err[0, 0, 1, 1] = 3.0  # outside, e^2 = 9 over 3 background pixels x 2 channels
+    bg_err[1, 1, 0, 1] = 2.0  # outside, e^2 = 4 over 2 background pixels x 2 channels
+    eps_bg = eps - bg_err
+    out = disentangled_loss(eps, eps_def, eps_bg, m, norm="area")
+    matching = ((4 / (2 * 1)) + (2 / (2 * 2))) / 2  # 1.25
+    regulariser = ((9 / (2 * 3)) + (4 / (2 * 2))) / 2  # 1.25
+    torch.testing.assert_close(out["matching"], torch.tensor(matching))
+    torch.testing.assert_close(out["regulariser"], torch.tensor(regulariser))
+    torch.testing.assert_close(out["loss"], torch.tensor(matching + regulariser))
+    # the same errors under "all": everything over B*C*H*W = 16 elements
+    all_ = disentangled_loss(eps, eps_def, eps_bg, m, norm="all")
+    torch.testing.assert_close(all_["matching"], torch.tensor((4 + 2) / 16))
+    torch.testing.assert_close(all_["regulariser"], torch.tensor((9 + 4) / 16))
+
+
+def test_area_norm_weighs_a_small_mask_like_a_large_one():
+    """The same per-pixel error inside the mask gives the same matching term whatever the
+    mask's size under "area"; under "all" it scales with the area."""
+    eps = torch.zeros(1, 3, 16, 16)
+    small, large = torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)
+    small[..., 2:4, 2:4] = 1
+    large[..., 2:10, 2:10] = 1
+    pred = eps - 0.5  # error 0.5 everywhere
+    a_small = disentangled_loss(eps, pred, eps, small, norm="area")["matching"]
+    a_large = disentangled_loss(eps, pred, eps, large, norm="area")["matching"]
+    torch.testing.assert_close(a_small, torch.tensor(0.25))
+    torch.testing.assert_close(a_large, torch.tensor(0.25))
+    r_small = disentangled_loss(eps, pred, eps, small, norm="all")["matching"]
+    r_large = disentangled_loss(eps, pred, eps, large, norm="all")["matching"]
+    torch.testing.assert_close(r_large / r_small, torch.tensor(16.0))
+    # an empty mask contributes nothing instead of dividing by zero
+    z = disentangled_loss(eps, pred, eps, torch.zeros(1, 1, 16, 16), norm="area")
+    assert z["matching"].item() == 0 and torch.isfinite(z["regulariser"])
+
+
+def test_unknown_norm_is_refused():
+    import pytest
+
+    _, eps, m = _setup()
+    with pytest.raises(ValueError, match="norm"):
+        disentangled_loss(eps, eps, eps, m, norm="pixels")

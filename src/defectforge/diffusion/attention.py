@@ -26,6 +26,24 @@ to the defect tokens than to the background token. (The paper writes
 threshold only makes sense for the defect share of the joint softmax.) The store
 also records the weights actually used, ``m' * M_in`` summed over inside tokens,
 which is zero outside the mask by construction (tested).
+
+Training the joint softmax. Eq. 10-11 use separate softmaxes over the inside and the
+background tokens, so the diffusion loss never trains the *joint* softmax that Eq. 13
+reads: left alone, the defect share stays near its initial 1/2 everywhere. With an
+:class:`AttentionShareCollector` passed as ``attention_store`` during training, each
+cross-attention layer hands over the same joint share *with its gradient* together
+with m' at the layer's resolution, and :meth:`AttentionShareCollector.loss` turns them
+into an attention loss (the training counterpart of DefectDiffu's mask prediction loss,
+loss_m = ||M_f - Mask_f||^2, Eq. 6 of ../shared/seeds/defectdiffu-consistency-modeling.txt,
+over the layer-averaged cross-attention of its Eq. 7, with the share itself as the mask
+prediction instead of a learned decoder):
+
+    L_attn = mean_layers mean_rows 1/2 [ sum m' (-log s) / sum m'
+                                       + sum (1 - m') (-log (1 - s)) / sum (1 - m') ]
+
+a class-balanced binary cross-entropy between the share s and m', balanced because a
+2-3 % mask would otherwise be outvoted by the background (DefectDiffu's adaptive ratio,
+Eq. 8-9, addresses the same imbalance).
 """
 
 from __future__ import annotations
@@ -77,6 +95,45 @@ class AttentionStore:
         return acc / n
 
 
+class AttentionShareCollector:
+    """Training-time collector: the inside tokens' joint-softmax share with gradient.
+
+    ``rows``: which rows of the UNet batch the attention loss applies to (e.g. the
+    defect rows of C_1). Pass as ``attention_store`` (``cross_attention_kwargs``); the
+    processor calls :meth:`add_share` once per cross-attention layer.
+    """
+
+    with_grad = True
+
+    def __init__(self, rows: list[int]):
+        self.rows = list(rows)
+        self.shares: list[torch.Tensor] = []  # (R, N) per layer
+        self.targets: list[torch.Tensor] = []  # m' (R, N) per layer
+
+    def add_share(self, name: str, share: torch.Tensor, region: torch.Tensor) -> None:
+        self.shares.append(share[self.rows].flatten(1))
+        self.targets.append(region[self.rows].flatten(1).detach())
+
+    def loss(self) -> torch.Tensor:
+        """Class-balanced BCE between the share and m', averaged over layers and rows."""
+        if not self.shares:
+            raise RuntimeError("no cross-attention share was collected (no masked cross-attention layer ran)")
+        terms = []
+        for s, m in zip(self.shares, self.targets):
+            s = s.float().clamp(1e-6, 1 - 1e-6)
+            m = m.float()
+            inside = (m * -torch.log(s)).sum(1) / m.sum(1).clamp_min(1e-6)
+            outside = ((1 - m) * -torch.log1p(-s)).sum(1) / (1 - m).sum(1).clamp_min(1e-6)
+            terms.append(0.5 * (inside + outside))  # (R,)
+        return torch.stack(terms).mean()
+
+    def mean_share(self) -> tuple[float, float]:
+        """Mean share inside / outside m' (m' > 1/2 counts as inside), for logs and tests."""
+        s = torch.cat([x.detach().flatten() for x in self.shares])
+        m = torch.cat([x.flatten() for x in self.targets]) > 0.5
+        return float(s[m].mean()) if m.any() else float("nan"), float(s[~m].mean()) if (~m).any() else float("nan")
+
+
 def _resize_region(region_mask: torch.Tensor, n_query: int, batch: int) -> tuple[torch.Tensor, int, int]:
     """Resize (B or 1, 1, H0, W0) to the layer's query grid; returns (B, N, 1), h, w."""
     h0, w0 = region_mask.shape[-2:]
@@ -111,7 +168,7 @@ class MaskedCrossAttnProcessor:
         temb: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
         token_kinds: torch.Tensor | None = None,
-        attention_store: AttentionStore | None = None,
+        attention_store: AttentionStore | AttentionShareCollector | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -159,7 +216,11 @@ class MaskedCrossAttnProcessor:
             m_bg = torch.softmax(scores.masked_fill(inside, neg), dim=-1)  # M_bg
             # Eq. 10 / 11: m' (M_in V_in) + (1 - m') (M_bg V_bg)
             out = m * (m_in @ v) + (1.0 - m) * (m_bg @ v)
-            if attention_store is not None:
+            if getattr(attention_store, "with_grad", False):
+                # training: the joint share with its gradient, for the attention loss
+                share = (torch.softmax(scores, dim=-1) * inside).sum(-1).mean(1)  # (B, N)
+                attention_store.add_share(self.name, share, m[:, 0, :, 0])
+            elif attention_store is not None:
                 with torch.no_grad():
                     joint = torch.softmax(scores, dim=-1)
                     share = (joint * inside).sum(-1).mean(1)  # inside-token share of the joint softmax

@@ -17,8 +17,12 @@ cross-attention of Eq. (10)-(11) (:mod:`defectforge.diffusion.attention`):
   defect-vs-background guidance keeps meaning normal.
 
 Each step evaluates the two branches (z_t, C_1) and (z_t^m, C_2) in one batched
-UNet call. Outputs: safetensors weights, ``training_curve.csv`` (step, loss,
-matching, regulariser: a DVC plot) and a metrics dict.
+UNet call. Options of ``finetune``: ``loss_norm`` ("all" | "area", how Eq. 5's squared
+norms are normalised, see :mod:`defectforge.diffusion.losses`) and ``attention_loss``
+(weight of the attention loss that trains the defect tokens' joint-softmax share, the
+input of Eq. 13, towards m'; see :class:`~defectforge.diffusion.attention.AttentionShareCollector`).
+Outputs: safetensors weights, ``training_curve.csv`` (step, loss, matching,
+regulariser, and attention when that loss is on: a DVC plot) and a metrics dict.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defectforge.diffusion.losses import disentangled_loss, masked_noising
+from defectforge.diffusion.attention import AttentionShareCollector
+from defectforge.diffusion.losses import NORMS, disentangled_loss, masked_noising
 from defectforge.diffusion.models import (
     FINETUNE_FILE,
     DiffusionComponents,
@@ -127,9 +132,17 @@ def disentangled_step(
     inside: list[str],
     defect: str | None,
     generator: torch.Generator,
+    *,
+    loss_norm: str = "all",
+    attention_loss: float = 0.0,
+    attention_rows: str = "defect",
 ) -> dict[str, torch.Tensor]:
     """Eq. (5)-(7) on a batch: x (B, 3, H, W) in [-1, 1], mask (B, 1, H, W) in {0, 1};
-    ``inside[i]`` is "defect" or "good" (the inside tokens of C_1 for row i)."""
+    ``inside[i]`` is "defect" or "good" (the inside tokens of C_1 for row i).
+
+    ``attention_loss`` > 0 adds that weight times the attention loss on the rows of
+    C_1 whose inside tokens are C_def ("defect"), and also on every C_2 row
+    ("defect+mask"); the result then has an "attention" entry."""
     b = x.shape[0]
     with torch.no_grad():
         z0 = comps.encode(x)
@@ -145,9 +158,20 @@ def disentangled_step(
     kinds = torch.stack([k for _, k in c1] + [kinds2] * b, dim=0)
     z_in = torch.cat([z_t, z_t_m], dim=0)
     # the inpainting channels carry the clean background (1 - m) * z_0 for both branches
-    eps_pred = comps.eps(z_in, torch.cat([t, t]), ctx, kinds, torch.cat([m, m]), cond_image=torch.cat([z0, z0]))
+    collector = None
+    if attention_loss > 0:
+        rows = [i for i, k in enumerate(inside) if k == "defect"]
+        if attention_rows == "defect+mask":
+            rows += list(range(b, 2 * b))
+        collector = AttentionShareCollector(rows) if rows else None
+    eps_pred = comps.eps(z_in, torch.cat([t, t]), ctx, kinds, torch.cat([m, m]), cond_image=torch.cat([z0, z0]), store=collector)
     eps_def, eps_bg = eps_pred[:b], eps_pred[b:]
-    return disentangled_loss(eps, eps_def, eps_bg, m)  # Eq. (5)
+    out = disentangled_loss(eps, eps_def, eps_bg, m, norm=loss_norm)  # Eq. (5)
+    if attention_loss > 0:
+        att = collector.loss() if collector is not None else torch.zeros((), device=out["loss"].device)
+        out["attention"] = att
+        out["loss"] = out["loss"] + attention_loss * att
+    return out
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -161,7 +185,7 @@ def _write_curve(path: Path, rows: list[tuple]) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "loss", "matching", "regulariser"])
+        w.writerow(["step", "loss", "matching", "regulariser", "attention"][: len(rows[0]) if rows else 4])
         w.writerows(rows)
     os.replace(tmp, path)
 
@@ -243,6 +267,9 @@ def finetune(
     token_lr: float = 5e-3,
     lora_rank: int = 4,
     prior_fraction: float = 0.5,
+    loss_norm: str = "all",
+    attention_loss: float = 0.0,
+    attention_rows: str = "defect",
     rotate: bool = True,
     seed: int = 0,
     device: str = "auto",
@@ -262,6 +289,12 @@ def finetune(
         raise DataError(f"finetune: no real defect images given for {defect_type!r}")
     if not 0 <= prior_fraction < 1:
         raise ParamsError(f"finetune.prior_fraction: must be in [0, 1), got {prior_fraction}")
+    if loss_norm not in NORMS:
+        raise ParamsError(f"finetune.loss_norm: must be one of {NORMS}, got {loss_norm!r}")
+    if attention_loss < 0:
+        raise ParamsError(f"finetune.attention_loss: must be >= 0, got {attention_loss}")
+    if attention_rows not in ("defect", "defect+mask"):
+        raise ParamsError(f"finetune.attention_rows: must be 'defect' or 'defect+mask', got {attention_rows!r}")
     pairs = []
     for i, (img, m) in enumerate(defects):
         img = _as_rgb(img, f"finetune defect {i}")
@@ -316,7 +349,8 @@ def finetune(
 
     comps.unet.train()
     # token embeddings learn faster than the UNet (textual inversion uses ~5e-3)
-    rows, seconds = _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect_type, seed, progress, f"finetune {defect_type}")
+    step_kw = {"loss_norm": loss_norm, "attention_loss": attention_loss, "attention_rows": attention_rows}
+    rows, seconds = _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect_type, seed, progress, f"finetune {defect_type}", step_kw)
     comps.unet.eval()
 
     out = Path(out_dir)
@@ -337,7 +371,7 @@ def finetune(
         base_ref = os.path.relpath(Path(base).resolve(), out.resolve())
     metrics = _metrics(
         rows, seconds, steps, batch_size, sum(p.numel() for p in params),
-        {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile},
+        {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile, **step_kw},
     )
     meta = {"format": "defectforge-finetune/1", "base": base_ref, "mode": mode, "defect_type": defect_type, "profile": comps.profile, "metrics": metrics}
     (out / FINETUNE_FILE).write_text(json.dumps(meta, indent=2))
@@ -345,8 +379,12 @@ def finetune(
     return metrics
 
 
-def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc):
-    """Like :func:`_loop` with a separate learning rate for the defect tokens."""
+def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw=None):
+    """AdamW with warm-up and cosine decay; the defect tokens get their own learning rate.
+
+    ``step_kw``: keyword arguments of :func:`disentangled_step` (loss norm, attention loss)."""
+    step_kw = step_kw or {}
+    keys = ("loss", "matching", "regulariser") + (("attention",) if step_kw.get("attention_loss", 0) > 0 else ())
     from tqdm import tqdm
 
     trainable_ids = {id(p) for g in param_groups for p in g["params"]}
@@ -356,13 +394,13 @@ def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defec
     opt = torch.optim.AdamW(groups, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     rows, t0 = [], time.perf_counter()
-    acc, n_acc = {"loss": 0.0, "matching": 0.0, "regulariser": 0.0}, 0
+    acc, n_acc = dict.fromkeys(keys, 0.0), 0
     bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=5)
     for step in bar:
         for g, lr0 in zip(opt.param_groups, base_lrs):
             g["lr"] = _lr_at(step, steps, lr0, warmup=min(50, steps // 10 + 1))
         x, m, inside = make_batch()
-        out = disentangled_step(comps, x, m, inside, defect, gen)
+        out = disentangled_step(comps, x, m, inside, defect, gen, **step_kw)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -371,7 +409,7 @@ def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defec
             acc[k] += out[k].item()
         n_acc += 1
         if (step + 1) % 10 == 0 or step + 1 == steps:
-            rows.append((step + 1, *(round(acc[k] / n_acc, 6) for k in ("loss", "matching", "regulariser"))))
+            rows.append((step + 1, *(round(acc[k] / n_acc, 6) for k in keys)))
             bar.set_postfix(loss=f"{acc['loss'] / n_acc:.4f}")
             acc, n_acc = dict.fromkeys(acc, 0.0), 0
     return rows, time.perf_counter() - t0
