@@ -96,6 +96,9 @@ class FinetuneParams(_Section):
     token_lr: float = Field(5e-3, gt=0, le=1)
     lora_rank: int = Field(4, ge=1, le=256)
     prior_fraction: float = Field(0.5, ge=0, lt=1)
+    loss_norm: Literal["all", "area"] = "all"  # Eq. 5 norms: mean over all pixels | over the mask / background pixels
+    attention_loss: float = Field(0.0, ge=0, le=100)  # weight of the attention loss (joint defect share -> m', for Eq. 13)
+    attention_rows: Literal["defect", "defect+mask"] = "defect"  # C_1 defect rows only, or also the C_2 rows
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
