@@ -1,12 +1,16 @@
-"""The HTML report is one self-contained file with the grids, tables, backbone names and curves."""
+"""The HTML report and the dataset card: self-contained, the sample grid at the top (every method
+column, failures first), and the detector's and realism's results said in words."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
+import pandas as pd
+import pytest
 
-from defectforge.report import SampleGrid, overlay, render_report, write_report
+from defectforge.report import Sample, SampleGrid, failures_first, overlay, render_report, write_report
 
 
 def _pair(seed):
@@ -15,6 +19,46 @@ def _pair(seed):
     m = np.zeros((40, 40), bool)
     m[10:20, 12:25] = True
     return im, m
+
+
+def _sample(seed, label, qc_pass=True, reasons=()):
+    im, m = _pair(seed)
+    return Sample(im, m, qc_pass, reasons, label)
+
+
+def _comparison(category, method, metric, diff, lo, hi, verdict, n=3):
+    return {"category": category, "defect_type": "all", "method": method, "metric": metric, "mean_diff": diff,
+            "ci_low": lo, "ci_high": hi, "n_seeds": n, "verdict": verdict}
+
+
+# A details.json of the new detector stage: brick learned (one method hurts, one has no
+# measurable effect), gravel did not learn.
+DETECTOR = {
+    "budget": {"size": 64, "epochs": 8, "seeds": [0, 1, 2]},
+    "learned": {"brick": {"learned": True, "reason": "", "image_auroc_real_only": 0.91},
+                "gravel": {"learned": False, "reason": "real-only image AUROC 0.48 is not above 0.5",
+                           "image_auroc_real_only": 0.48}},
+    "comparisons": [
+        _comparison("brick", "copy-paste", "pixel_ap", 0.012, -0.021, 0.043, "no measurable effect"),
+        _comparison("brick", "inversion", "pixel_ap", -0.52, -0.61, -0.43, "hurts"),
+        _comparison("gravel", "copy-paste", "pixel_ap", 0.31, 0.2, 0.4, "detector did not learn"),
+        _comparison("gravel", "inversion", "pixel_ap", 0.05, 0.01, 0.09, "detector did not learn"),
+    ],
+    "per_category": {
+        "brick": {"real-only": {"pixel_ap": 0.54}, "inversion": {"pixel_ap": 0.02}},
+        "gravel": {"real-only": {"pixel_ap": 0.11}, "copy-paste": {"pixel_ap": 0.4217}},
+    },
+}
+DETECTOR_ROWS = [{"defect_type": c, "run": run, **m} for c, runs in DETECTOR["per_category"].items() for run, m in runs.items()]
+
+REALISM_SETS = [
+    {"category": "brick", "defect_type": "crack", "method": "copy-paste", "saturation": 0.0, "saturation_real": 0.0,
+     "intensity_distance": 0.4, "contrast_median": -30.0, "contrast_real_iqr": [-45.0, -20.0],
+     "c2st_accuracy": 0.7, "c2st_real_vs_real": 0.52, "backbone": "random-vgg11-seed0"},
+    {"category": "brick", "defect_type": "crack", "method": "inversion", "saturation": 0.67, "saturation_real": 0.0,
+     "intensity_distance": 2.5, "contrast_median": -90.0, "contrast_real_iqr": [-45.0, -20.0],
+     "c2st_accuracy": 0.97, "c2st_real_vs_real": 0.52, "backbone": "random-vgg11-seed0"},
+]
 
 
 def test_report_is_self_contained_with_tables(tmp_path):
@@ -37,7 +81,7 @@ def test_report_is_self_contained_with_tables(tmp_path):
     assert "http://" not in html and "https://" not in html
     assert not re.search(r"<(script|link)\b", html)
     assert not re.search(r'src="(?!data:image/png;base64,)', html)  # every image embedded
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 3 * 4  # per sample: image, mask, overlay crops + whole
     assert "random-vgg11-seed0" in html and "random-alexnet-seed0+uniform-lin" in html
     assert "not comparable with published numbers" in html
     assert 'class="baseline"' in html and html.count('class="baseline"') == 1
@@ -45,6 +89,95 @@ def test_report_is_self_contained_with_tables(tmp_path):
     assert "IS needs a trained classifier" in html  # skipped metric shown with its reason
     assert html.count("<svg") == 2 and "<polyline" in html  # loss and val_pixel_ap charts
     assert "<table>" in html and "12.5000" in html
+    # detector rows without `comparisons`: a single-seed run, said so, not ranked
+    assert "one seed per condition" in html and "not to be ranked" in html
+
+
+def test_grid_is_at_the_top_with_every_method_column_in_order():
+    grids = [SampleGrid("brick / crack", [_pair(0)],
+                        {"inversion": [_pair(1)], "blended": [_pair(2)], "copy-paste": [_pair(3)]})]
+    html = render_report(title="t", grids=grids, quality_rows=REALISM_SETS, detector=DETECTOR, detector_rows=DETECTOR_ROWS)
+    heads = re.findall(r"<th>([a-z-]+) <small>\(\d+ samples", html)
+    assert heads == ["real", "copy-paste", "inversion", "blended"]
+    positions = [html.index(h) for h in ("Samples: real vs synthetic", "Does the synthetic data help",
+                                         "Realism of the synthetic defects", "Image quality")]
+    assert positions == sorted(positions)
+    # each cell: plain image, mask and overlay (cropped around the mask) and the whole image
+    for kind in ("image", "mask", "overlay", "whole"):
+        assert html.count(f'alt="inversion {kind}"') == 1
+
+
+def test_grid_puts_failures_first_with_their_reasons():
+    column = [_sample(0, "pass-a"), _sample(1, "fail-b", False, ["saturated", "colour drift"]),
+              _sample(2, "pass-c"), _sample(3, "fail-d", False, ["mask outside"])]
+    assert [s.label for s in failures_first(column)] == ["fail-b", "fail-d", "pass-a", "pass-c"]
+    html = render_report(title="t", grids=[SampleGrid("brick / crack", [_pair(9)], {"inversion": column})],
+                         max_per_cell=3)
+    order = [m for m in re.findall(r"(fail-b|fail-d|pass-a|pass-c)", html)]
+    assert order == ["fail-b", "fail-d", "pass-a"]  # capped at 3, failures kept
+    assert "QC fail: saturated, colour drift" in html and "QC fail: mask outside" in html
+    assert html.count('class="sample fail"') == 2
+    assert "4 samples, 2 fail QC" in html
+
+
+def test_hurts_and_no_effect_are_said_in_words():
+    html = render_report(title="t", detector=DETECTOR, detector_rows=DETECTOR_ROWS)
+    assert "Synthetic data hurts the detector here" in html
+    assert "inversion: hurts pixel AP (Δ -0.520, 95 % CI [-0.610, -0.430], 3 seeds)" in html
+    assert "copy-paste: no measurable effect on pixel AP (Δ +0.012, 95 % CI [-0.021, +0.043], 3 seeds)" in html
+    # the findings box above the grid names the harm too
+    top = html[: html.index("Samples: real vs synthetic")]
+    assert "brick: inversion: hurts pixel AP" in top
+
+
+def test_detector_that_did_not_learn_gets_a_sentence_and_no_ranking():
+    html = render_report(title="t", detector=DETECTOR, detector_rows=DETECTOR_ROWS)
+    assert "The detector did not learn on gravel (real-only image AUROC 0.480" in html
+    assert "no method is ranked on this category" in html
+    verdicts = html[html.index("Does the synthetic data help"): html.index("Realism of the synthetic")]
+    gravel = verdicts[verdicts.index("<h3>gravel</h3>"):]
+    assert "+0.310" not in gravel and "+0.050" not in gravel and "<table>" not in gravel
+    # the raw table shows gravel's numbers without differences to real-only
+    raw = html[html.index("raw numbers"):]
+    assert "0.4217" in raw and "+0.3117" not in raw
+    assert "-0.5200" in raw  # brick learned: its difference is shown
+
+
+def test_realism_scores_with_references_and_one_line_each():
+    html = render_report(title="t", quality_rows=REALISM_SETS)
+    section = html[html.index("Realism of the synthetic defects"): html.index("Image quality")]
+    assert "0.5 = indistinguishable" in section
+    assert "67.0 %" in section and "real 0.0 %" in section
+    assert "0.97 <small>(real-vs-real 0.52, copy-paste 0.7)</small>" in section
+    assert "real IQR [-45, -20])</small> inside" in section  # copy-paste's -30
+    assert 'real IQR [-45, -20])</small> <span class="v-hurts">outside' in section  # inversion's -90
+    assert "saturated share" in section and "intensity distance" in section
+
+
+def test_card_says_the_truth(tmp_path):
+    from defectforge.pipeline import _card, headline_metrics
+
+    df = pd.DataFrame({"method": ["copy-paste", "inversion"], "qc_pass": [True, False]})
+    counts = pd.DataFrame({"category": ["brick"] * 2, "defect_type": ["crack"] * 2, "method": ["copy-paste", "inversion"], "samples": [1, 1]})
+    details = {"detector": DETECTOR, "quality": {"pass_rate": 0.5, "sets": {f"s{i}": r for i, r in enumerate(REALISM_SETS)}}}
+    head = headline_metrics(details)
+    card = _card("v@1", df, counts, head, True, details=details)
+    measured = card[card.index("## Measured"): card.index("## Headline")]
+    assert "inversion: hurts pixel AP (Δ -0.520, 95 % CI [-0.610, -0.430], 3 seeds)" in measured
+    assert "copy-paste: no measurable effect on pixel AP (Δ +0.012, 95 % CI [-0.021, +0.043], 3 seeds)" in measured
+    assert "**Synthetic data hurts the detector** in: brick: inversion" in measured
+    assert "gravel: The detector did not learn on gravel" in measured and "+0.310" not in measured
+    assert "inversion: saturated in-mask share 67.0 % (real 0.0 %); C2ST accuracy 0.97" in measured
+    assert "copy-paste 0.7" in measured and "0.5 = indistinguishable" in measured
+    assert "`random-vgg11-seed0`" in measured and "U-Net from scratch (size 64, epochs 8, 3 seeds)" in measured
+    assert head["detector.gravel.learned"] is False and head["detector.gravel.inversion.pixel_ap"] == "detector did not learn"
+    assert head["detector.brick.inversion.pixel_ap"].startswith("hurts (Δ -0.520")
+    assert head["realism.inversion.saturation"] == 0.67
+
+    # the old single-seed details.json: the card says the numbers are not a ranking
+    old = {"detector": {"mean": {"real-only": {"pixel_ap": 0.5}}, "per_category": {"brick": {}}}}
+    card = _card("v@1", df, counts, headline_metrics(old), details=old)
+    assert "One seed per condition" in card and "**not a ranking**" in card
 
 
 def test_overlay_marks_the_mask_in_red():
@@ -60,3 +193,48 @@ def test_overlay_marks_the_mask_in_red():
 def test_empty_report_renders_and_escapes():
     html = render_report(title="<b>x</b>")
     assert "&lt;b&gt;x&lt;/b&gt;" in html and "No samples" in html
+
+
+def test_release_report_and_card_from_real_manifests(sample_manifests, tmp_path):
+    """The release stage's wiring: grids read from a generated manifest and the split, QC merged
+    (failures first), a second method's column, and the verdicts in report and card."""
+    from defectforge.manifest.io import read_manifest, write_manifest
+    from defectforge.params import GenerateParams, ReleaseParams
+    from defectforge.pipeline import run_generate, run_release
+
+    _, split = sample_manifests
+    root = run_generate(GenerateParams(n_per_defect=2, shard_size=4, seed=0), split, tmp_path / "gen", progress=False)
+    cp = read_manifest(root).to_pandas()
+    # a second method's rows over the same files (a fake-but-valid manifest: same schema, own ids)
+    inv = cp.assign(method="inversion", sample_id=["inv" + s[3:] for s in cp.sample_id])
+    write_manifest(inv, root / "inversion" / "manifest" / "part-00000.parquet", kind="synthetic", dataset_root=root)
+    rows = pd.concat([cp, inv]).sort_values("sample_id")
+    # per type, the inversion sample with the larger id fails: failures-first must move it up
+    failed = set(rows[rows.method == "inversion"].groupby(["category", "defect_type"]).sample_id.max())
+    qdir, ddir = tmp_path / "quality", tmp_path / "detector"
+    qdir.mkdir(), ddir.mkdir()
+    pd.DataFrame({"sample_id": rows.sample_id, "qc_pass": [s not in failed for s in rows.sample_id],
+                  "qc_reasons": [["saturated"] if s in failed else [] for s in rows.sample_id]}).to_parquet(qdir / "qc.parquet")
+    (qdir / "details.json").write_text(json.dumps({"pass_rate": 0.75, "sets": {f"s{i}": r for i, r in enumerate(REALISM_SETS)}}))
+    (ddir / "details.json").write_text(json.dumps(DETECTOR))
+    out = run_release(ReleaseParams(), root, tmp_path / "release", quality=qdir, detector=ddir, split=split)
+    html = (out.parent / "report.html").read_text()
+    card = (out.parent / "README.md").read_text()
+    blocks = html.split("<h3>")[1:]
+    grid_blocks = [b for b in blocks if 'class="samples"' in b]
+    assert len(grid_blocks) == cp.groupby(["category", "defect_type"]).ngroups
+    for b in grid_blocks:
+        heads = re.findall(r"<th>([a-z-]+) <small>", b)
+        assert heads == ["real", "copy-paste", "inversion"]
+        cells = [re.findall(r"<td>(.*?)</td>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", b)[1:]]
+        inv = [re.match(r'<figure class="([a-z ]+)"', row[2]).group(1) for row in cells if row[2]]
+        assert inv == ["sample fail", "sample"] and "QC fail: saturated" in b  # one of two failed, shown first
+        assert "test " in b  # the real column holds held-out test defects
+    assert "inversion: hurts pixel AP" in html and "did not learn on gravel" in html
+    # the builder keeps failures when it caps a column: with one sample per cell, the failed one
+    from defectforge.reporting import sample_grids
+
+    for g in sample_grids(out, split, per_cell=1):
+        assert [s.qc_pass for s in g.synthetic["inversion"]] == [False] and g.synthetic["inversion"][0].reasons == ("saturated",)
+        assert [s.qc_pass for s in g.synthetic["copy-paste"]] == [True] and len(g.real) == 1
+    assert "inversion: hurts pixel AP" in card and "did not learn on gravel" in card

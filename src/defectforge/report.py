@@ -3,16 +3,24 @@
 Everything is inside the file: images are PNG data URIs (base64), training curves
 are inline SVG, the style sheet is inline; there is no script and no reference to
 any network address, so the report opens offline and can be archived with the
-release. Sections:
+release. Sections, top to bottom:
 
-1. a header with the dataset version and run facts (``meta``);
-2. per defect type, a grid of real vs synthetic samples (one row per source: the
-   real defect images, then each method), each thumbnail with its mask overlaid;
-3. the quality table (FID / KID / IS / LPIPS / IC-LPIPS) with the backbone names
-   beside the numbers and skipped metrics shown with their reason;
-4. the detector table with the ``real-only`` baseline row highlighted and every
-   other row's difference to the baseline of the same defect type;
-5. training curves (per-epoch loss and validation metrics) as SVG line charts.
+1. a header with the dataset version and run facts (``meta``) and the findings in
+   words (where synthetic data hurts, where the detector did not learn);
+2. the sample grid: per (category, defect type) one block with the columns
+   ``real | copy-paste | <other methods>``; each cell shows a crop around the mask
+   of the plain image, the mask and the overlay, plus a small thumbnail of the whole
+   image. Samples that failed their quality gate come first, captioned with the
+   gate's reasons;
+3. the detector's verdicts: per category, method and metric the mean paired
+   difference against ``real-only`` with its 95 % interval and the verdict in words
+   (``helps`` / ``hurts`` / ``no measurable effect``). A category whose detector
+   did not learn gets that sentence and no ranking. A single-seed run (no
+   ``comparisons``) is labelled as such;
+4. realism scores per set (saturation, intensity distance, contrast against the
+   real interquartile range, classifier two-sample test) with one line per score;
+5. the quality table (FID / KID / IS / LPIPS / IC-LPIPS) with the backbone names;
+6. the raw detector table (``real-only`` highlighted) and training curves (SVG).
 
 Example::
 
@@ -55,13 +63,104 @@ _SKIP_KEY = {"fid": "fid_skipped", "kid_mean": "kid_skipped", "kid_std": "kid_sk
              "pixel_f1max": "pixel_skipped", "aupro": "aupro_skipped"}
 
 
+METRIC_NAMES = {"pixel_ap": "pixel AP", "aupro": "AUPRO", "image_auroc": "image AUROC", "image_ap": "image AP",
+                "pixel_auroc": "pixel AUROC", "pixel_f1max": "pixel F1-max", "image_f1max": "image F1-max"}
+VERDICTS = ("helps", "hurts", "no measurable effect", "detector did not learn")
+NOT_LEARNED = "detector did not learn"
+
+
+@dataclass
+class Sample:
+    """One grid entry: the image, its mask and, for synthetic samples, the quality gate's result."""
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    qc_pass: bool | None = None
+    reasons: Sequence[str] = ()
+    label: str = ""
+
+
 @dataclass
 class SampleGrid:
-    """Samples of one defect type: real (image, mask) pairs and each method's pairs."""
+    """Samples of one (category, defect type): the real ones and each method's.
+
+    Entries are :class:`Sample` or plain ``(image, mask)`` pairs. The methods are shown
+    in the dict's order, except that ``copy-paste`` (the baseline) always comes first.
+    """
 
     defect_type: str
-    real: Sequence[tuple[np.ndarray, np.ndarray]] = ()
-    synthetic: dict[str, Sequence[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    real: Sequence = ()
+    synthetic: dict[str, Sequence] = field(default_factory=dict)
+
+
+def as_sample(entry) -> Sample:
+    """A :class:`Sample` from a Sample or an ``(image, mask)`` pair."""
+    if isinstance(entry, Sample):
+        return entry
+    image, mask = entry[0], entry[1]
+    return Sample(np.asarray(image), None if mask is None else np.asarray(mask))
+
+
+def failures_first(entries: Sequence) -> list[Sample]:
+    """The samples with the ones that failed their quality gate first (stable otherwise)."""
+    samples = [as_sample(e) for e in entries]
+    return sorted(samples, key=lambda s: 0 if s.qc_pass is False else 1)
+
+
+def method_columns(methods: Sequence[str]) -> list[str]:
+    """Method order of the grid: ``copy-paste`` first, then the others as given."""
+    return [m for m in methods if m == "copy-paste"] + [m for m in methods if m != "copy-paste"]
+
+
+def metric_name(key: str) -> str:
+    return METRIC_NAMES.get(key, key)
+
+
+def describe_comparison(row: dict, learned: dict | None = None) -> str:
+    """One sentence for one row of the detector's ``comparisons``.
+
+    >>> describe_comparison({"method": "inversion", "metric": "pixel_ap", "mean_diff": 0.01, "ci_low": -0.02,
+    ...                      "ci_high": 0.04, "n_seeds": 3, "verdict": "no measurable effect"})
+    'inversion: no measurable effect on pixel AP (Δ +0.010, 95 % CI [-0.020, +0.040], 3 seeds)'
+    """
+    method, metric = row.get("method", "?"), metric_name(str(row.get("metric", "?")))
+    if row.get("defect_type") not in (None, "", "all"):
+        method = f"{method} ({row['defect_type']})"
+    verdict = row.get("verdict")
+    if verdict == NOT_LEARNED or (learned is not None and learned.get("learned") is False):
+        return f"{method}: {metric} not measured: the detector did not learn on this category"
+    numbers = f"Δ {signed(row.get('mean_diff'))}, 95 % CI [{signed(row.get('ci_low'))}, {signed(row.get('ci_high'))}]"
+    seeds = row.get("n_seeds")
+    if seeds is not None:
+        numbers += f", {seeds} seed{'s' if seeds != 1 else ''}"
+    if verdict == "hurts":
+        words = f"hurts {metric}"
+    elif verdict == "helps":
+        words = f"helps {metric}"
+    elif verdict == "no measurable effect":
+        words = f"no measurable effect on {metric}"
+    else:
+        words = f"{verdict or 'no verdict'} on {metric}"
+    return f"{method}: {words} ({numbers})"
+
+
+def not_learned_sentence(category: str, info: dict) -> str:
+    """The plain sentence for a category whose detector did not learn (no ranking follows)."""
+    auroc = info.get("image_auroc_real_only")
+    bits = []
+    if isinstance(auroc, (int, float)):
+        bits.append(f"real-only image AUROC {auroc:.3f}")
+    if info.get("reason"):
+        bits.append(str(info["reason"]))
+    extra = f" ({'; '.join(bits)})" if bits else ""
+    return (f"The detector did not learn on {category}{extra}, so its numbers say nothing about the synthetic data; "
+            "no method is ranked on this category.")
+
+
+def signed(v) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return "?"
+    return f"{v:+.3f}"
 
 
 def _esc(x) -> str:
@@ -182,7 +281,7 @@ def svg_line_chart(series: dict[str, Sequence[tuple[float, float]]], *, title: s
 
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1500px}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
@@ -190,32 +289,271 @@ th{background:#f2f2f2} td.num{text-align:right;font-variant-numeric:tabular-nums
 td.skipped{color:#a60;font-size:12px} td.skipped small{color:#777}
 tr.baseline td{background:#fff6cc;font-weight:600}
 .delta{display:block;font-size:11px;font-weight:400} .up{color:#1a7f37} .down{color:#c62828}
-.grid{display:flex;flex-wrap:wrap;gap:4px;align-items:flex-start}
-.grid figure{margin:0;text-align:center;font-size:11px}
-.grid img{display:block;width:112px;height:auto;image-rendering:pixelated;border:1px solid #ddd}
-.src{font-weight:600;margin:.6em 0 .2em}
+table.samples td{padding:2px}
+.sample{margin:0 0 4px 0;font-size:11px;border:2px solid transparent;padding:1px}
+.sample.fail{border-color:#c62828;background:#fdecea}
+.sample .row{display:flex;gap:2px;align-items:flex-start}
+.sample img{display:block;width:84px;height:84px;image-rendering:pixelated;border:1px solid #ddd}
+.sample img.thumb{width:42px;height:auto}
+.sample figcaption{max-width:300px} .sample .why{color:#c62828}
 .note{background:#eef4ff;border-left:4px solid #4a7bd0;padding:.5em .8em;font-size:13px}
+.warn{background:#fdecea;border-left:4px solid #c62828;padding:.5em .8em;font-size:13px}
+.v-hurts{color:#c62828;font-weight:600} .v-helps{color:#1a7f37;font-weight:600} .v-none{color:#555}
 dl.meta{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}
 dl.meta dt{font-weight:600} .chart{margin:4px 12px 4px 0} .ct{font-size:13px;font-weight:600}
 .ax{font-size:10px;fill:#444} .charts{display:flex;flex-wrap:wrap}
 """
 
 
-def _grid_section(g: SampleGrid, max_per_row: int) -> str:
-    out = [f"<h3>{_esc(g.defect_type)}</h3>"]
-    sources = [("real", g.real)] + list(g.synthetic.items())
-    for name, pairs in sources:
-        figs = []
-        for i, (im, m) in enumerate(list(pairs)[:max_per_row]):
-            area = int(np.asarray(m).astype(bool).sum()) if m is not None else 0
-            figs.append(f'<figure><img src="{png_data_uri(overlay(im, m))}" alt="{_esc(name)} {i}">'
-                        f"<figcaption>{area} px</figcaption></figure>")
-        body = "".join(figs) if figs else "<em>no samples</em>"
-        out.append(f'<div class="src">{_esc(name)} ({len(pairs)})</div><div class="grid">{body}</div>')
-    return "".join(out)
+def _crops(s: Sample) -> list[np.ndarray]:
+    """Plain image, mask and overlay, each cropped around the mask; then the whole overlay."""
+    from defectforge.metrics.quality import crop_around_mask
+
+    img = np.asarray(s.image)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    h, w = img.shape[:2]
+    m = np.zeros((h, w), bool) if s.mask is None else np.asarray(s.mask).astype(bool)
+    if m.shape != (h, w):
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+    mask_rgb = np.repeat((m.astype(np.uint8) * 255)[:, :, None], 3, axis=2)
+    ov = overlay(img, m)
+    return [crop_around_mask(x, m, context=2.5, min_side=32) for x in (img, mask_rgb, ov)] + [ov]
 
 
-def _detector_section(rows: Sequence[dict], baseline: str) -> str:
+def _sample_cell(s: Sample, name: str) -> str:
+    crop_img, crop_mask, crop_ov, whole = _crops(s)
+    kinds = (("image", crop_img), ("mask", crop_mask), ("overlay", crop_ov))
+    imgs = "".join(f'<img src="{png_data_uri(x, 96)}" alt="{_esc(name)} {k}" title="{k} (crop around the mask)">'
+                   for k, x in kinds)
+    imgs += f'<img class="thumb" src="{png_data_uri(whole, 48)}" alt="{_esc(name)} whole" title="whole image">'
+    area = int(np.asarray(s.mask).astype(bool).sum()) if s.mask is not None else 0
+    cap = [f"{_esc(s.label)} " if s.label else "", f"{area} px"]
+    if s.qc_pass is False:
+        why = ", ".join(str(r) for r in s.reasons) or "no reason recorded"
+        cap.append(f' <span class="why">QC fail: {_esc(why)}</span>')
+    cls = "sample fail" if s.qc_pass is False else "sample"
+    return f'<figure class="{cls}"><div class="row">{imgs}</div><figcaption>{"".join(cap)}</figcaption></figure>'
+
+
+def _grid_section(g: SampleGrid, max_per_cell: int) -> str:
+    """One block: columns real | copy-paste | other methods; rows of samples, failures first."""
+    columns = [("real", g.real)] + [(m, g.synthetic[m]) for m in method_columns(list(g.synthetic))]
+    cells, heads = [], []
+    for name, entries in columns:
+        ordered = failures_first(entries)
+        n_fail = sum(s.qc_pass is False for s in ordered)
+        heads.append(f"<th>{_esc(name)} <small>({len(ordered)} samples"
+                     f"{f', {n_fail} fail QC' if n_fail else ''})</small></th>")
+        cells.append(ordered[:max_per_cell])
+    rows = []
+    for i in range(max((len(c) for c in cells), default=0)):
+        tds = "".join(f"<td>{_sample_cell(c[i], name) if i < len(c) else ''}</td>" for (name, _), c in zip(columns, cells))
+        rows.append(f"<tr>{tds}</tr>")
+    body = "".join(rows) or f'<tr><td colspan="{len(columns)}"><em>no samples</em></td></tr>'
+    return (f'<h3>{_esc(g.defect_type)}</h3><table class="samples"><thead><tr>{"".join(heads)}</tr></thead>'
+            f"<tbody>{body}</tbody></table>")
+
+
+def _verdict_class(verdict) -> str:
+    return {"hurts": "v-hurts", "helps": "v-helps"}.get(verdict, "v-none")
+
+
+def detector_findings(detector: dict | None) -> list[tuple[str, str]]:
+    """(kind, sentence) findings of a detector details dict, worst first: the categories whose
+    detector did not learn, the rows where synthetic data hurts, then the ones where it helps.
+    ``kind`` is ``not-learned``, ``hurts``, ``helps`` or ``single-seed``."""
+    if not detector:
+        return []
+    out = []
+    learned = detector.get("learned") or {}
+    for category, info in sorted(learned.items()):
+        if isinstance(info, dict) and info.get("learned") is False:
+            out.append(("not-learned", not_learned_sentence(category, info)))
+    if "comparisons" not in detector:
+        if detector.get("per_category") or detector.get("mean"):
+            out.append(("single-seed", "The detector ran one seed per condition: its differences are within "
+                        "seed-to-seed noise and are not a ranking of the methods."))
+        return out
+    skip = {c for c, info in learned.items() if isinstance(info, dict) and info.get("learned") is False}
+    for kind in ("hurts", "helps"):
+        for r in detector.get("comparisons") or []:
+            if r.get("verdict") == kind and r.get("category") not in skip:
+                out.append((kind, f"{r.get('category')}: {describe_comparison(r)}"))
+    return out
+
+
+def _verdict_section(detector: dict) -> str:
+    """Per category: the comparisons in words and as a table; 'did not learn' with no ranking."""
+    comparisons = detector.get("comparisons")
+    learned = detector.get("learned") or {}
+    if comparisons is None:
+        return ('<p class="warn">This detector run has <b>one seed per condition</b> and no confidence intervals. '
+                "Differences between the numbers in the raw table below are within seed-to-seed noise: "
+                "they are <b>not to be ranked</b>.</p>")
+    parts = ['<p class="note">Each row: the mean paired difference (same seed, same budget) of real + synthetic '
+             "against real-only on the held-out real test images, with its 95 % interval over the seeds. "
+             "<b>helps</b> / <b>hurts</b>: the interval lies above / below 0; <b>no measurable effect</b>: it "
+             "contains 0.</p>"]
+    categories = sorted({str(r.get("category")) for r in comparisons} | set(learned))
+    for category in categories:
+        parts.append(f"<h3>{_esc(category)}</h3>")
+        info = learned.get(category) or {}
+        rows = [r for r in comparisons if str(r.get("category")) == category]
+        if info.get("learned") is False or any(r.get("verdict") == NOT_LEARNED for r in rows):
+            parts.append(f'<p class="warn">{_esc(not_learned_sentence(category, info))}</p>')
+            continue
+        if isinstance(info.get("image_auroc_real_only"), (int, float)):
+            parts.append(f"<p>The detector learned on this category: real-only image AUROC "
+                         f"{info['image_auroc_real_only']:.3f}.</p>")
+        hurts = [r for r in rows if r.get("verdict") == "hurts"]
+        if hurts:
+            items = "".join(f"<li>{_esc(describe_comparison(r))}</li>" for r in hurts)
+            parts.append(f'<div class="warn"><b>Synthetic data hurts the detector here:</b><ul>{items}</ul></div>')
+        body = []
+        for r in rows:
+            v = r.get("verdict")
+            dt = r.get("defect_type")
+            body.append(
+                f"<tr><td>{_esc(r.get('method'))}</td><td>{_esc('all' if dt in (None, '') else dt)}</td>"
+                f"<td>{_esc(metric_name(str(r.get('metric'))))}</td>"
+                f'<td class="num">{signed(r.get("mean_diff"))}</td>'
+                f'<td class="num">[{signed(r.get("ci_low"))}, {signed(r.get("ci_high"))}]</td>'
+                f'<td class="num">{_esc(r.get("n_seeds", "?"))}</td>'
+                f'<td class="{_verdict_class(v)}">{_esc(v)}</td></tr>')
+        if body:
+            parts.append("<table><thead><tr><th>method</th><th>defect type</th><th>metric</th><th>mean Δ vs real-only</th>"
+                         f"<th>95 % CI</th><th>seeds</th><th>verdict</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
+            parts.append("<ul>" + "".join(f"<li>{_esc(describe_comparison(r))}</li>" for r in rows) + "</ul>")
+        else:
+            parts.append("<p><em>No comparisons for this category.</em></p>")
+    return "".join(parts)
+
+
+REALISM_KEYS = ("saturation", "saturation_real", "intensity_distance", "contrast_median", "contrast_real_iqr",
+                "c2st_accuracy", "c2st_real_vs_real")
+REALISM_EXPLAINED = (
+    ("saturated share", "share of in-mask pixels at the ends of the value range (a channel ≤ 3 or ≥ 252); "
+     "in brackets the same share over the real defects of the type."),
+    ("intensity distance", "distance between synthetic and real defects in per-sample statistics (in-mask mean "
+     "and spread, contrast against a ring around the mask, edge sharpness); 0 = the same profile."),
+    ("contrast", "median in-mask contrast (in-mask mean minus ring mean) of the set against the real defects' "
+     "interquartile range; 'inside' means within it."),
+    ("C2ST accuracy", "held-out accuracy of a small cross-validated classifier told to separate real defect crops "
+     "from these; 0.5 = indistinguishable, 1.0 = always told apart. References: a real-vs-real split "
+     "(what 'indistinguishable' reads as on this little data) and copy-paste of the same type."),
+)
+
+
+def _num(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _pct(v) -> str:
+    v = _num(v)
+    return "—" if v is None else f"{100 * v:.1f} %"
+
+
+def _g(v) -> str:
+    v = _num(v)
+    return "—" if v is None else f"{v:.3g}"
+
+
+def contrast_inside(row: dict) -> bool | None:
+    """Whether a set's median contrast lies within the real defects' interquartile range."""
+    c, iqr = _num(row.get("contrast_median")), row.get("contrast_real_iqr")
+    if c is None or not isinstance(iqr, (list, tuple)) or len(iqr) != 2 or None in (_num(iqr[0]), _num(iqr[1])):
+        return None
+    return iqr[0] <= c <= iqr[1]
+
+
+def _set_label(r: dict) -> str:
+    category, defect = str(r.get("category", "")), str(r.get("defect_type", ""))
+    return defect if not category or defect.startswith(f"{category}/") else f"{category}/{defect}"
+
+
+def _realism_section(sets: Sequence[dict]) -> str:
+    rows = [r for r in sets if any(k in r for k in REALISM_KEYS)]
+    if not rows:
+        return "<p><em>This run's quality stage wrote no realism scores.</em></p>"
+    c2st_cp = {(r.get("category"), r.get("defect_type")): r.get("c2st_accuracy") for r in rows if r.get("method") == "copy-paste"}
+    expl = "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>" for k, v in REALISM_EXPLAINED)
+    body = []
+    for r in rows:
+        iqr = r.get("contrast_real_iqr")
+        iqr_s = f"[{_g(iqr[0])}, {_g(iqr[1])}]" if isinstance(iqr, (list, tuple)) and len(iqr) == 2 else "—"
+        inside = contrast_inside(r)
+        inside_s = "" if inside is None else (" inside" if inside else ' <span class="v-hurts">outside</span>')
+        cp = c2st_cp.get((r.get("category"), r.get("defect_type")))
+        refs = f"real-vs-real {_g(r.get('c2st_real_vs_real'))}"
+        if r.get("method") != "copy-paste":
+            refs += f", copy-paste {_g(cp)}"
+        sat = _num(r.get("saturation"))
+        sat_cls = ' class="v-hurts"' if sat is not None and sat > max(0.01, (_num(r.get("saturation_real")) or 0) * 2) else ""
+        body.append(
+            f"<tr><td>{_esc(_set_label(r))}</td><td>{_esc(r.get('method'))}</td>"
+            f"<td{sat_cls}>{_pct(sat)} <small>(real {_pct(r.get('saturation_real'))})</small></td>"
+            f'<td class="num">{_g(r.get("intensity_distance"))}</td>'
+            f"<td>{_g(r.get('contrast_median'))} <small>(real IQR {iqr_s})</small>{inside_s}</td>"
+            f"<td>{_g(r.get('c2st_accuracy'))} <small>({refs})</small></td></tr>")
+    per_method = "".join(f"<li>{_esc(realism_sentence(m, v))}</li>" for m, v in realism_by_method(rows).items())
+    return (f"<ul class=\"note\">{expl}</ul><p>Per method:</p><ul>{per_method}</ul><table><thead><tr><th>set</th><th>method</th><th>saturated share</th>"
+            "<th>intensity distance</th><th>contrast median</th><th>C2ST accuracy</th></tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def realism_by_method(sets: Sequence[dict]) -> dict[str, dict]:
+    """Per method, the realism scores over its sets: mean saturation (and the real one), mean
+    C2ST accuracy (and the real-vs-real and copy-paste references over the same defect
+    types), mean intensity distance, and in how many sets the contrast lies in the real IQR."""
+    rows = [r for r in sets if any(k in r for k in REALISM_KEYS)]
+    cp = {(r.get("category"), r.get("defect_type")): _num(r.get("c2st_accuracy")) for r in rows if r.get("method") == "copy-paste"}
+
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    out: dict[str, dict] = {}
+    methods = method_columns(list(dict.fromkeys(str(r.get("method")) for r in rows)))
+    for m in methods:
+        mine = [r for r in rows if str(r.get("method")) == m]
+        inside = [contrast_inside(r) for r in mine]
+        out[m] = {
+            "sets": len(mine),
+            "saturation": mean(_num(r.get("saturation")) for r in mine),
+            "saturation_real": mean(_num(r.get("saturation_real")) for r in mine),
+            "intensity_distance": mean(_num(r.get("intensity_distance")) for r in mine),
+            "c2st_accuracy": mean(_num(r.get("c2st_accuracy")) for r in mine),
+            "c2st_real_vs_real": mean(_num(r.get("c2st_real_vs_real")) for r in mine),
+            "c2st_copy_paste": None if m == "copy-paste" else mean(cp.get((r.get("category"), r.get("defect_type"))) for r in mine),
+            "contrast_inside": sum(1 for i in inside if i), "contrast_known": sum(1 for i in inside if i is not None),
+        }
+    return out
+
+
+def realism_sentence(method: str, r: dict) -> str:
+    """One line of a method's realism scores (see :func:`realism_by_method`).
+
+    >>> realism_sentence("inversion", {"sets": 2, "saturation": 0.0, "saturation_real": 0.0, "c2st_accuracy": 0.6,
+    ...     "c2st_real_vs_real": 0.5, "c2st_copy_paste": 0.7, "intensity_distance": 0.8, "contrast_inside": 1, "contrast_known": 2})
+    'inversion: saturated in-mask share 0.0 % (real 0.0 %); C2ST accuracy 0.6 (0.5 = indistinguishable; real-vs-real 0.5, copy-paste 0.7); intensity distance 0.8; contrast within the real IQR in 1 of 2 sets (mean over 2 sets)'
+    """
+    bits = []
+    if r.get("saturation") is not None:
+        bits.append(f"saturated in-mask share {_pct(r['saturation'])} (real {_pct(r.get('saturation_real'))})")
+    if r.get("c2st_accuracy") is not None:
+        refs = [f"real-vs-real {_g(r.get('c2st_real_vs_real'))}"]
+        if r.get("c2st_copy_paste") is not None:
+            refs.append(f"copy-paste {_g(r['c2st_copy_paste'])}")
+        bits.append(f"C2ST accuracy {_g(r['c2st_accuracy'])} (0.5 = indistinguishable; {', '.join(refs)})")
+    if r.get("intensity_distance") is not None:
+        bits.append(f"intensity distance {_g(r['intensity_distance'])}")
+    if r.get("contrast_known"):
+        bits.append(f"contrast within the real IQR in {r['contrast_inside']} of {r['contrast_known']} sets")
+    return f"{method}: {'; '.join(bits) or 'no realism scores'} (mean over {r.get('sets', 0)} sets)"
+
+
+def _detector_section(rows: Sequence[dict], baseline: str, unlearned: set[str] = frozenset(), single_seed: bool = False) -> str:
     def key(r):
         return r.get("defect_type", "")
 
@@ -226,21 +564,21 @@ def _detector_section(rows: Sequence[dict], baseline: str) -> str:
 
     def extra(r, c):
         b = base.get(key(r))
-        if c not in DETECTOR_METRICS or b is None or r is b:
+        if c not in DETECTOR_METRICS or b is None or r is b or key(r) in unlearned:
             return ""
         v, bv = r.get(c), b.get(c)
         if not isinstance(v, (int, float)) or not isinstance(bv, (int, float)):
             return ""
         d = v - bv
-        cls = "up" if d > 0 else "down" if d < 0 else ""
+        cls = "" if single_seed else "up" if d > 0 else "down" if d < 0 else ""
         return f'<span class="delta {cls}">{d:+.4f}</span>'
 
     cols = ["defect_type", "run", "n_train", "n_synthetic", *DETECTOR_METRICS, "seconds", "seed", "epochs"]
     extra_cols = sorted({k for r in rows for k in r} - set(cols) - {v for v in _SKIP_KEY.values()})
     note = (f'<p class="note">Highlighted: the <b>{_esc(baseline)}</b> baseline (U-Net on the real training '
-            "split only). Small numbers under a value: difference to that baseline for the same defect type. "
-            "All runs share seed, budget and architecture and are evaluated on the same held-out real test split. "
-            "AdaBLDM's IAP/IAP90 are not reported: the seed text does not define them.</p>")
+            "split only). Small numbers under a value: difference to that baseline for the same category "
+            "(left out where the detector did not learn). The verdicts above, not these raw numbers, say whether "
+            "a method helps. AdaBLDM's IAP/IAP90 are not reported: the seed text does not define them.</p>")
     return note + _table(rows, cols + extra_cols, row_class=row_class, extra=extra)
 
 
@@ -250,35 +588,62 @@ def render_report(
     grids: Sequence[SampleGrid] = (),
     quality_rows: Sequence[dict] = (),
     detector_rows: Sequence[dict] = (),
+    detector: dict | None = None,
     curves: dict[str, Sequence[dict]] | None = None,
     baseline: str = BASELINE,
     meta: dict | None = None,
     notes: Sequence[str] = (),
-    max_per_row: int = 8,
+    max_per_cell: int = 4,
 ) -> str:
     """The report as one HTML string (see the module docstring for the sections).
 
     Args:
+        grids: one :class:`SampleGrid` per (category, defect type), shown at the top.
         quality_rows: :func:`~defectforge.metrics.quality.compute_quality` dicts, each
-            with ``defect_type`` and ``method`` added (and optionally ``pass_rate``).
-        detector_rows: :func:`~defectforge.detector.evaluate_detector` dicts, each with
-            ``run`` (``real-only``, ``copy-paste``, a method name) and ``defect_type``.
+            with ``defect_type`` and ``method`` added (and optionally ``pass_rate`` and the
+            realism keys ``saturation``, ``c2st_accuracy``, ...).
+        detector_rows: raw per-run rows, each with ``run`` (``real-only``, a method) and
+            ``defect_type`` (the category).
+        detector: the detector stage's details dict; its ``comparisons`` and ``learned``
+            give the verdicts (absent ``comparisons``: a single-seed run, said so).
         curves: run name -> per-epoch rows (``epoch``, ``loss``, ``val_*``).
+        max_per_cell: samples shown per grid column (failures first).
     """
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"]
     if meta:
         items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(_fmt(v))}</dd>" for k, v in meta.items())
         parts.append(f'<dl class="meta">{items}</dl>')
+    findings = detector_findings(detector)
+    if findings:
+        items = "".join(f'<li class="{"v-helps" if k == "helps" else "v-hurts" if k != "single-seed" else ""}">'
+                        f"{_esc(t)}</li>" for k, t in findings)
+        parts.append(f'<div class="{"warn" if any(k != "helps" for k, _ in findings) else "note"}">'
+                     f"<b>Findings of the detector:</b><ul>{items}</ul></div>")
     for n in notes:
         parts.append(f'<p class="note">{_esc(n)}</p>')
 
     parts.append("<h2>Samples: real vs synthetic</h2>")
     if grids:
-        parts.append("<p>Masks are overlaid in red; captions give the mask area in pixels.</p>")
-        parts.extend(_grid_section(g, max_per_row) for g in grids)
+        parts.append("<p>Each cell: the plain image, the mask and the overlay (mask in red), cropped around the mask, "
+                     "then the whole image. Samples that failed their quality gate come first, framed in red with "
+                     f"the gate's reasons. At most {max_per_cell} samples per column.</p>")
+        parts.extend(_grid_section(g, max_per_cell) for g in grids)
     else:
         parts.append("<p><em>No samples.</em></p>")
+
+    unlearned = {c for c, i in ((detector or {}).get("learned") or {}).items() if isinstance(i, dict) and i.get("learned") is False}
+    single_seed = bool(detector_rows) and (detector is None or "comparisons" not in detector)
+    parts.append("<h2>Does the synthetic data help the detector?</h2>")
+    if detector:
+        parts.append(_verdict_section(detector))
+    elif detector_rows:
+        parts.append(_verdict_section({}))
+    else:
+        parts.append("<p><em>No detector runs.</em></p>")
+
+    parts.append("<h2>Realism of the synthetic defects</h2>")
+    parts.append(_realism_section(quality_rows))
 
     parts.append("<h2>Image quality</h2>")
     names = sorted({str(r.get(k)) for r in quality_rows for k in ("backbone", "lpips_backbone") if r.get(k)})
@@ -289,12 +654,15 @@ def render_report(
                      "networks (no pretrained weights are available offline). Their FID/KID/LPIPS rank methods "
                      "against each other on the same data and are <b>not comparable with published numbers</b>.</p>")
     qcols = list(QUALITY_COLUMNS) + sorted(
-        {k for r in quality_rows for k in r} - set(QUALITY_COLUMNS) - set(_SKIP_KEY.values())
+        {k for r in quality_rows for k in r} - set(QUALITY_COLUMNS) - set(_SKIP_KEY.values()) - set(REALISM_KEYS)
         - {"size", "kid_subset_size", "is_splits", "ic_lpips_clusters"})
     parts.append(_table(quality_rows, qcols))
 
-    parts.append("<h2>Detector (U-Net) on held-out real images</h2>")
-    parts.append(_detector_section(detector_rows, baseline) if detector_rows else "<p><em>No runs.</em></p>")
+    parts.append("<h2>Detector (U-Net) on held-out real images: raw numbers</h2>")
+    if detector_rows:
+        parts.append(_detector_section(detector_rows, baseline, unlearned, single_seed))
+    else:
+        parts.append("<p><em>No runs.</em></p>")
 
     parts.append("<h2>Training curves</h2>")
     if curves:
