@@ -132,7 +132,7 @@ def test_hurts_and_no_effect_are_said_in_words():
 
 def test_detector_that_did_not_learn_gets_a_sentence_and_no_ranking():
     html = render_report(title="t", detector=DETECTOR, detector_rows=DETECTOR_ROWS)
-    assert "The detector did not learn on gravel (real-only image AUROC 0.480" in html
+    assert "The detector did not learn on gravel (real-only image AUROC 0.48 is not above 0.5)" in html
     assert "no method is ranked on this category" in html
     verdicts = html[html.index("Does the synthetic data help"): html.index("Realism of the synthetic")]
     gravel = verdicts[verdicts.index("<h3>gravel</h3>"):]
@@ -238,3 +238,21 @@ def test_release_report_and_card_from_real_manifests(sample_manifests, tmp_path)
         assert [s.qc_pass for s in g.synthetic["inversion"]] == [False] and g.synthetic["inversion"][0].reasons == ("saturated",)
         assert [s.qc_pass for s in g.synthetic["copy-paste"]] == [True] and len(g.real) == 1
     assert "inversion: hurts pixel AP" in card and "did not learn on gravel" in card
+
+
+def test_grid_crop_shows_the_defect_when_its_pieces_are_far_apart():
+    """Two blobs at the top and bottom of a tall image: the crop centres on the larger one
+    (a crop at the empty centre of their bounding box would show no defect)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    im = np.full((200, 60, 3), 100, np.uint8)
+    m = np.zeros((200, 60), bool)
+    m[2:12, 20:34] = True  # larger blob at the top
+    m[192:196, 40:44] = True  # small blob at the bottom
+    html = render_report(title="t", grids=[SampleGrid("a / b", [], {"copy-paste": [(im, m)]})])
+    uri = re.search(r'src="data:image/png;base64,([^"]+)" alt="copy-paste mask"', html).group(1)
+    crop = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("L"))
+    assert crop.max() == 255 and (crop > 127).mean() > 0.02

@@ -148,7 +148,7 @@ def not_learned_sentence(category: str, info: dict) -> str:
     """The plain sentence for a category whose detector did not learn (no ranking follows)."""
     auroc = info.get("image_auroc_real_only")
     bits = []
-    if isinstance(auroc, (int, float)):
+    if isinstance(auroc, (int, float)) and "AUROC" not in str(info.get("reason", "")):
         bits.append(f"real-only image AUROC {auroc:.3f}")
     if info.get("reason"):
         bits.append(str(info["reason"]))
@@ -318,7 +318,20 @@ def _crops(s: Sample) -> list[np.ndarray]:
         m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
     mask_rgb = np.repeat((m.astype(np.uint8) * 255)[:, :, None], 3, axis=2)
     ov = overlay(img, m)
-    return [crop_around_mask(x, m, context=2.5, min_side=32) for x in (img, mask_rgb, ov)] + [ov]
+    focus = _largest_component(m)
+    return [crop_around_mask(x, focus, context=2.5, min_side=32) for x in (img, mask_rgb, ov)] + [ov]
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The mask's largest 8-connected component: a mask of blobs far apart (a crack in pieces
+    from top to bottom) has an empty bounding-box centre, and a crop there would show nothing."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (1 + int(np.argmax(sizes)))
 
 
 def _sample_cell(s: Sample, name: str) -> str:
@@ -549,8 +562,10 @@ def realism_sentence(method: str, r: dict) -> str:
     if r.get("intensity_distance") is not None:
         bits.append(f"intensity distance {_g(r['intensity_distance'])}")
     if r.get("contrast_known"):
-        bits.append(f"contrast within the real IQR in {r['contrast_inside']} of {r['contrast_known']} sets")
-    return f"{method}: {'; '.join(bits) or 'no realism scores'} (mean over {r.get('sets', 0)} sets)"
+        k = r["contrast_known"]
+        bits.append(f"contrast within the real IQR in {r['contrast_inside']} of {k} set{'' if k == 1 else 's'}")
+    n = r.get("sets", 0)
+    return f"{method}: {'; '.join(bits) or 'no realism scores'} (mean over {n} set{'' if n == 1 else 's'})"
 
 
 def _detector_section(rows: Sequence[dict], baseline: str, unlearned: set[str] = frozenset(), single_seed: bool = False) -> str:
