@@ -217,6 +217,8 @@ def test_release_report_and_card_from_real_manifests(sample_manifests, tmp_path)
                   "qc_reasons": [["saturated"] if s in failed else [] for s in rows.sample_id]}).to_parquet(qdir / "qc.parquet")
     (qdir / "details.json").write_text(json.dumps({"pass_rate": 0.75, "sets": {f"s{i}": r for i, r in enumerate(REALISM_SETS)}}))
     (ddir / "details.json").write_text(json.dumps(DETECTOR))
+    pd.DataFrame({"category": "brick", "run": "real-only", "seed": [0, 0, 1, 1], "epoch": [1, 2, 1, 2],
+                  "step": [1, 2, 1, 2], "loss": [1.0, 0.4, 0.5, 0.1], "lr": 0.001}).to_csv(ddir / "curves.csv", index=False)
     out = run_release(ReleaseParams(), root, tmp_path / "release", quality=qdir, detector=ddir, split=split)
     html = (out.parent / "report.html").read_text()
     card = (out.parent / "README.md").read_text()
@@ -238,6 +240,8 @@ def test_release_report_and_card_from_real_manifests(sample_manifests, tmp_path)
         assert [s.qc_pass for s in g.synthetic["inversion"]] == [False] and g.synthetic["inversion"][0].reasons == ("saturated",)
         assert [s.qc_pass for s in g.synthetic["copy-paste"]] == [True] and len(g.real) == 1
     assert "inversion: hurts pixel AP" in card and "did not learn on gravel" in card
+    # training curves: one line per (category, run), the mean over the seeds
+    assert html.count(">brick/real-only</text>") == 1 and ">0.75</text>" in html and ">0.25</text>" in html
 
 
 def test_grid_crop_shows_the_defect_when_its_pieces_are_far_apart():

@@ -160,6 +160,8 @@ def not_learned_sentence(category: str, info: dict) -> str:
 def signed(v) -> str:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
         return "?"
+    if 0 < abs(v) < 0.0005:  # an interval end just off 0 must not read as 0 (it decides the verdict)
+        return f"{v:+.1e}"
     return f"{v:+.3f}"
 
 
@@ -389,8 +391,10 @@ def detector_findings(detector: dict | None) -> list[tuple[str, str]]:
                         "seed-to-seed noise and are not a ranking of the methods."))
         return out
     skip = {c for c, info in learned.items() if isinstance(info, dict) and info.get("learned") is False}
+    rows = detector.get("comparisons") or []
+    rows = [r for r in rows if r.get("defect_type") in (None, "", "all")] or rows  # the whole test set when there
     for kind in ("hurts", "helps"):
-        for r in detector.get("comparisons") or []:
+        for r in rows:
             if r.get("verdict") == kind and r.get("category") not in skip:
                 out.append((kind, f"{r.get('category')}: {describe_comparison(r)}"))
     return out
@@ -416,7 +420,9 @@ def _verdict_section(detector: dict) -> str:
         if info.get("learned") is False or any(r.get("verdict") == NOT_LEARNED for r in rows):
             parts.append(f'<p class="warn">{_esc(not_learned_sentence(category, info))}</p>')
             continue
-        if isinstance(info.get("image_auroc_real_only"), (int, float)):
+        if info.get("reason"):
+            parts.append(f"<p>The detector learned on this category: {_esc(info['reason'])}.</p>")
+        elif isinstance(info.get("image_auroc_real_only"), (int, float)):
             parts.append(f"<p>The detector learned on this category: real-only image AUROC "
                          f"{info['image_auroc_real_only']:.3f}.</p>")
         hurts = [r for r in rows if r.get("verdict") == "hurts"]

@@ -100,9 +100,8 @@ def build_report(
                                       **{k: v for k, v in m.items() if not isinstance(v, (dict, list))}})
     if detector_dir is not None and (Path(detector_dir) / "curves.csv").is_file():
         c = pd.read_csv(Path(detector_dir) / "curves.csv")
-        keys = [k for k in ("category", "run", "seed") if k in c.columns and (k != "seed" or c["seed"].nunique() > 1)]
-        for key, g in c.groupby(keys, sort=True):
-            curves["/".join(str(k) for k in key)] = g[["epoch", "loss"]].to_dict(orient="records")
+        for (category, run), g in c.groupby(["category", "run"], sort=True):  # several seeds: their mean loss per epoch
+            curves[f"{category}/{run}"] = g.groupby("epoch", as_index=False)["loss"].mean().to_dict(orient="records")
     meta = {"samples": len(syn), "methods": ", ".join(method_order(list(syn["method"].unique()), methods))}
     if "qc_pass" in syn:
         meta["qc_pass"] = f"{int(syn['qc_pass'].fillna(False).sum())} / {len(syn)}"
