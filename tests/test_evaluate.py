@@ -104,3 +104,40 @@ def test_defect_type_without_held_out_reals_is_marked_skipped(sample_manifests, 
     assert "no held-out real defect images" in det["per_category"]["gravel"]["skipped"]
     assert set(det["per_category"]["brick"]) == {"real-only", "copy-paste"}
     assert set(det["mean"]) == {"real-only", "copy-paste"}
+
+
+def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, tmp_path):
+    _, split = sample_manifests
+    refined = run_refine(RefineParams(), split, generated, tmp_path / "refined")
+    out = tmp_path / "d"
+    det = run_detector(DetectorParams(epochs=1, size=32, base_channels=4, depth=2, seeds=[3, 7]), split, refined, None, out, progress=False)
+    on_disk = json.loads((out / "details.json").read_text())
+    assert on_disk["comparisons"] == det["comparisons"] and on_disk["learned"] == det["learned"]
+    keys = {"category", "defect_type", "method", "metric", "mean_diff", "ci_low", "ci_high", "n_seeds", "verdict"}
+    rows = det["comparisons"]
+    assert rows and all(set(r) == keys for r in rows)
+    assert {r["metric"] for r in rows} == {"pixel_ap", "aupro", "image_auroc", "pixel_auroc"}
+    assert {(r["category"], r["method"]) for r in rows} == {("brick", "copy-paste"), ("gravel", "copy-paste")}
+    # "all" plus every defect type of the category, each on its own defect images + all good test images
+    types = read_manifest(split).to_pandas().query("split == 'test' and defect_type != 'good'").groupby("category").defect_type.unique()
+    for cat in ("brick", "gravel"):
+        assert {r["defect_type"] for r in rows if r["category"] == cat} == {"all", *types[cat]}
+    assert all(r["n_seeds"] == 2 for r in rows)
+    for cat, entry in det["learned"].items():
+        assert set(entry) >= {"learned", "reason", "image_auroc_real_only"}
+        verdicts = {r["verdict"] for r in rows if r["category"] == cat}
+        assert verdicts == {"detector did not learn"} if not entry["learned"] else verdicts <= {"helps", "hurts", "no measurable effect"}
+    # the per-seed rows are the ones the comparison is computed from: recompute one by hand
+    runs = pd.DataFrame(det["runs"]).query("category == 'brick' and defect_type == 'all'").set_index(["run", "seed"])["pixel_ap"]
+    diffs = [runs[("copy-paste", s)] - runs[("real-only", s)] for s in (3, 7)]
+    row = next(r for r in rows if r["category"] == "brick" and r["defect_type"] == "all" and r["metric"] == "pixel_ap")
+    assert row["mean_diff"] == pytest.approx(np.mean(diffs), abs=1e-4)
+    half = 12.706204736174698 * np.std(diffs, ddof=1) / np.sqrt(2)  # t_{0.975, 1}
+    assert row["ci_low"] == pytest.approx(np.mean(diffs) - half, abs=1e-4)
+    # flat metrics for `dvc metrics show`, and curves per seed
+    flat = json.loads((out / "metrics.json").read_text())
+    assert set(flat) == {"brick/real-only", "brick/copy-paste", "gravel/real-only", "gravel/copy-paste"}
+    assert {"pixel_ap_diff", "pixel_ap_ci_low", "pixel_ap_ci_high", "pixel_ap_verdict", "aupro_verdict"} <= set(flat["brick/copy-paste"])
+    assert isinstance(flat["brick/real-only"]["learned"], bool)
+    curves = pd.read_csv(out / "curves.csv")
+    assert set(curves.seed) == {3, 7} and {"category", "run", "epoch", "loss"} <= set(curves.columns)

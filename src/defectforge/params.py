@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from defectforge.errors import ParamsError
 
@@ -187,17 +187,24 @@ class QualityParams(_Section):
 
 
 class DetectorParams(_Section):
-    """The U-Net detector trained real-only and real+synthetic, evaluated on held-out real images."""
+    """The U-Net detector trained real-only and real+synthetic, paired by seed, evaluated on held-out real images."""
 
-    epochs: int = Field(8, ge=1, le=1000)
+    epochs: int = Field(8, ge=1, le=1000)        # passes over the real training set (the same steps for every run)
     batch_size: int = Field(8, ge=1, le=512)
-    lr: float = Field(1e-3, gt=0, le=1)
-    seed: int = 0
+    lr: float = Field(1e-3, gt=0, le=1)          # peak; cosine decay to 0
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, max_length=100)
     size: int = Field(128, ge=32, le=1024)
     base_channels: int = Field(16, ge=4, le=128)
     depth: int = Field(4, ge=2, le=6)
     synthetic: Literal["qc_pass", "all"] = "qc_pass"
-    max_train_good: int | None = Field(None, ge=1)  # seeded subset of defect-free training images (same for every run)
+    max_train_good: int | None = Field(None, ge=1)  # one fixed subset of defect-free training images (same for every run and seed)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
 
 
 class ReleaseParams(_Section):

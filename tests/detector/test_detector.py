@@ -101,3 +101,29 @@ def test_bad_input_errors():
         train_detector(items, **{**TINY, "epochs": 0})
     with pytest.raises(DataError, match="no \\(image, mask\\) pairs"):
         train_detector([], **TINY)
+
+
+def test_same_step_budget_with_synthetic_data_and_cosine_decay():
+    real, syn = _items(6, 0), _items(10, 5)
+    syn = [(im, m) for im, m in syn if m.any()]
+    m_real, c_real = train_detector(real, **{**TINY, "epochs": 2})
+    m_syn, c_syn = train_detector(real, synthetic_items=syn, **{**TINY, "epochs": 2})
+    # the budget counts passes over the real set: synthetic samples add no steps
+    assert [r["step"] for r in c_real] == [r["step"] for r in c_syn] == [2, 4]
+    assert c_real[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and c_real[0]["lr"] < TINY["lr"]
+    # same seed, same initial weights; the synthetic samples change what is learned
+    assert any(not torch.equal(a, b) for a, b in zip(m_real.state_dict().values(), m_syn.state_dict().values()))
+    m_seed1, _ = train_detector(real, **{**TINY, "epochs": 2, "seed": 1})
+    assert any(not torch.equal(a, b) for a, b in zip(m_real.state_dict().values(), m_seed1.state_dict().values()))
+
+
+def test_prepared_tensors_train_like_items():
+    from defectforge.detector import prepare_items
+
+    items = _items(6, 0)
+    m1, _ = train_detector(items, **{**TINY, "epochs": 1})
+    m2, _ = train_detector(prepare_items(items, SIZE), **{**TINY, "epochs": 1})
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(DataError, match="prepared tensors"):
+        train_detector(prepare_items(items, 16), **{**TINY, "epochs": 1})

@@ -2,6 +2,7 @@
 
 from defectforge.detector.train import (
     evaluate_detector,
+    evaluate_groups,
     image_scores_from_maps,
     load_detector,
     predict_maps,
@@ -14,6 +15,7 @@ from defectforge.detector.unet import UNet
 __all__ = [
     "UNet",
     "evaluate_detector",
+    "evaluate_groups",
     "image_scores_from_maps",
     "load_detector",
     "predict_maps",
