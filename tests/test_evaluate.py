@@ -77,6 +77,67 @@ def test_quality_writes_per_sample_gates_and_named_backbones(sample_manifests, g
         assert e["fid"] is not None and e["is_mean"] is None and "classifier" in e["is_skipped"]
     short = json.loads((tmp_path / "q/metrics.json").read_text())
     assert all("backbone" in e for e in short["sets"].values())
+    # realism scores beside FID / KID / LPIPS, against the held-out reals (4 per type here)
+    for key, e in metrics["sets"].items():
+        # copy-paste's brightness matching clips a few pixels of the dark hole floors to 0: a small share, no sample flagged
+        assert 0 <= e["saturation"] < 0.1 and e["saturation_real"] == 0 and e["saturated_samples"] == 0
+        assert len(e["contrast_real_iqr"]) == 2 and e["contrast_real_iqr"][0] <= e["contrast_real_iqr"][1]
+        assert e["intensity_distance"] >= 0 and set(e["intensity_per_stat"]) == {"in_mask_mean", "in_mask_std", "contrast", "edge_sharpness"}
+        assert e["c2st_accuracy"] is None and e["c2st_skipped"] == "needs >= 4 real and 4 synthetic crops, got 4 and 2"
+        assert e["c2st_real_vs_real"] is None and "got 4" in e["c2st_real_vs_real_skipped"]
+        assert {"saturation", "c2st_accuracy", "intensity_distance", "contrast_median"} <= set(short["sets"][key])
+    assert qc.qc_saturated_share.notna().all() and not qc.qc_saturated.any() and not qc.qc_colour_drift.any()
+    assert qc.qc_chroma.notna().all() and qc.qc_contrast_ring.notna().all()
+
+
+def test_quality_two_sample_test_runs_with_enough_crops(sample_manifests, tmp_path):
+    _, split = sample_manifests
+    gen = run_generate(GenerateParams(n_per_defect=4, shard_size=4, methods=["copy-paste"]), split, tmp_path / "gen", progress=False)
+    refined = run_refine(RefineParams(), split, gen, tmp_path / "refined")
+    m1 = run_quality(QualityParams(size=32, c2st_folds=4), split, refined, tmp_path / "q", progress=False)
+    m2 = run_quality(QualityParams(size=32, c2st_folds=4), split, refined, tmp_path / "q2", progress=False)
+    for key, e in m1["sets"].items():
+        assert 0 <= e["c2st_accuracy"] <= 1 and len(e["c2st_folds"]) == 4 and e["c2st_n"] == 4
+        assert "logistic-regression" in e["c2st_classifier"]
+        assert e["c2st_accuracy"] == m2["sets"][key]["c2st_accuracy"]  # seeded
+
+
+def _confetti_copy(generated, dest, category, defect):
+    """A copy of the generated samples whose (category, defect) images are saturated colour confetti in the mask."""
+    import shutil
+
+    from defectforge.data.io import read_image
+
+    shutil.copytree(generated, dest)
+    df = read_manifest(dest).to_pandas()
+    root = manifest_info(dest)["dataset_root"]
+    palette = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)], np.uint8)
+    rng = np.random.default_rng(0)
+    hit = df[(df.category == category) & (df.defect_type == defect)]
+    for r in hit.itertuples():
+        im, m = read_image(f"{root}/{r.image_path}").copy(), read_mask(f"{root}/{r.raw_mask_path}")
+        im[m] = palette[rng.integers(0, len(palette), int(m.sum()))]
+        write_png(f"{root}/{r.image_path}", im)
+    return hit.sample_id.tolist()
+
+
+def test_saturated_colour_confetti_fails_its_gates_and_the_set(sample_manifests, generated, tmp_path):
+    _, split = sample_manifests
+    bad_ids = _confetti_copy(generated, tmp_path / "generated", "gravel", "stain")
+    refined = run_refine(RefineParams(), split, tmp_path / "generated", tmp_path / "refined")
+    with pytest.raises(QualityGateError, match=r"gravel/stain/copy-paste: 100% of samples are saturated > 50%"):
+        run_quality(QualityParams(size=32), split, refined, tmp_path / "q", progress=False)
+    gates = json.loads((tmp_path / "q/gates.json").read_text())
+    assert "gravel/stain/copy-paste: 100% of samples are colour-drifted > 50%" in gates["failures"]
+    assert not any(f.startswith(("brick/", "gravel/scratch")) for f in gates["failures"])
+    qc = pd.read_parquet(tmp_path / "q/qc.parquet").set_index("sample_id")
+    bad = qc.loc[bad_ids]
+    assert bad.qc_saturated.all() and bad.qc_colour_drift.all() and not bad.qc_pass.any()
+    assert all(any(r.startswith("saturated:") for r in rs) and any(r.startswith("colour drift:") for r in rs) for rs in bad.qc_reasons)
+    good = qc.drop(index=bad_ids)
+    assert not good.qc_saturated.any() and not good.qc_colour_drift.any()
+    e = json.loads((tmp_path / "q/details.json").read_text())["sets"]["gravel/stain/copy-paste"]
+    assert e["saturation"] > 0.5 and e["saturation_real"] == 0
 
 
 def test_failed_set_gate_fails_with_a_readable_report(sample_manifests, generated, tmp_path):

@@ -178,10 +178,21 @@ def test_saturation_and_colour_allowance_follow_the_real_defects():
     # just above and just below the default thresholds (5 % saturated, 20 grey levels of chroma)
     ys, xs = np.nonzero(mask)
     n = len(ys)
+    assert n * 0.05 > 16  # the share decides, not the pixel floor
     for k, flagged in ((int(0.05 * n), False), (int(0.05 * n) + 2, True)):
         gen = normal.copy()
         gen[ys[:k], xs[:k]] = 0
         assert gate_sample(normal, gen, mask, thresholds=GateThresholds(contrast_min=0))[0]["qc_saturated"] is flagged
+    # a few clipped pixels (a small share of a small mask above 5 %) are not a visible plateau
+    small = np.zeros_like(mask)
+    small[30:35, 30:36] = True  # 30 px
+    gen = normal.copy()
+    gen[small] = 40
+    gen[30, 30:36] = 0  # 6 px = 20 %
+    qc, ok, reasons = gate_sample(normal, gen, small)
+    assert ok and qc["qc_saturated"] is False and qc["qc_saturated_share"] == 0.2, reasons
+    gen[31:34, 30:36] = 0  # 24 px = 80 %
+    assert gate_sample(normal, gen, small)[0]["qc_saturated"] is True
     for c, flagged in ((19, False), (21, True)):
         gen = normal.copy()
         gen[mask, 0] = np.clip(gen[mask, 0].astype(int) + c, 0, 255)

@@ -19,7 +19,9 @@ reasons a sample failed, and the manifest keeps all three (``qc_*`` columns,
    the fraction of its mass inside the (dilated) target mask.
 5. **not saturated** — the share of in-mask pixels at the ends of the value range
    (:func:`~defectforge.metrics.realism.defect_stats`) at most ``saturation_max`` above
-   the real defects' share of the type (real Magnetic Tile blowholes: 0).
+   the real defects' share of the type (real Magnetic Tile blowholes: 0); fewer than
+   ``saturation_min_px`` saturated pixels never fail (a few clipped pixels at the bottom
+   of a dark pit are not visible as a plateau; a black slab or confetti is).
 6. **no colour drift** — the in-mask chroma (mean max - min over RGB) at most
    ``chroma_margin`` grey levels above the source surface's chroma around the mask,
    plus the excess the real defects of the type show over their own ring (a rust stain
@@ -65,6 +67,7 @@ class GateThresholds:
     inside_margin: int = 4          # px of dilation of the target for the inside check
     attention_inside_min: float = 0.5  # attention mass inside the dilated target
     saturation_max: float = 0.05    # in-mask saturated share above the real defects' share
+    saturation_min_px: int = 16     # ... and at least this many saturated pixels
     chroma_margin: float = 20.0     # grey levels of in-mask chroma above the source's (+ the reals' excess)
     ring: int = 4                   # px of the ring around the mask for the realism statistics
 
@@ -214,11 +217,11 @@ def gate_sample(
     saturated = drifted = None
     if stats is not None:
         sat_real = float(real.get("saturated_share") or 0.0)
-        saturated = stats["saturated_share"] > sat_real + t.saturation_max
+        saturated = stats["saturated_share"] > sat_real + t.saturation_max and stats["saturated_px"] >= t.saturation_min_px
         if saturated:
             reasons.append(
-                f"saturated: {stats['saturated_share']:.0%} of in-mask pixels at 0-{SATURATION_LOW} or "
-                f"{SATURATION_HIGH}-255 > {sat_real:.0%} (real defects) + {t.saturation_max:.0%}"
+                f"saturated: {stats['saturated_share']:.0%} of in-mask pixels ({stats['saturated_px']:.0f} px) at "
+                f"0-{SATURATION_LOW} or {SATURATION_HIGH}-255 > {sat_real:.0%} (real defects) + {t.saturation_max:.0%}"
             )
         allowed = stats["chroma_source"] + t.chroma_margin + max(0.0, float(real.get("chroma_excess") or 0.0))
         drifted = stats["chroma"] > allowed
