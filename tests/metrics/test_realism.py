@@ -49,7 +49,10 @@ def test_saturated_share_is_exactly_k_over_n():
     img[0, 0] = 0  # outside the mask: ignored
     s = defect_stats(img, mask)
     assert s["saturated_share"] == 5 / 64 and s["saturated_px"] == 5 and s["mask_px"] == 64
-    assert pooled_saturation([s, defect_stats(np.full((32, 32, 3), 128, np.uint8), mask)]) == 5 / 128
+    # pooled over pixels (not the mean of per-sample shares): 5 of 64 + 128 in-mask pixels
+    big = np.zeros((32, 32), bool)
+    big[:8, :16] = True  # 128 px, none saturated
+    assert pooled_saturation([s, defect_stats(np.full((32, 32, 3), 128, np.uint8), big)]) == 5 / 192
 
 
 def test_contrast_ring_and_chroma_have_their_known_values():
@@ -89,6 +92,9 @@ def test_edge_sharpness_is_higher_for_a_hard_rim_than_a_soft_edge():
     m[:, :16] = True
     flat[m] = 60
     assert defect_stats(flat, m)["edge_sharpness"] == pytest.approx(20.0)
+    # the same step on a rough surface stands out less against the surface's own edges
+    rough = np.clip(flat.astype(float) + np.random.default_rng(1).normal(0, 12, (32, 32, 1)), 0, 255).astype(np.uint8)
+    assert defect_stats(rough, m)["edge_sharpness"] < 0.5 * 20.0
 
 
 def test_mask_covering_the_image_has_no_ring_and_empty_masks_are_rejected():
@@ -157,5 +163,8 @@ def test_c2st_balances_classes_is_deterministic_and_rejects_tiny_sets():
     a, b = c2st_accuracy(real, syn, seed=7), c2st_accuracy(real, syn, seed=7)
     assert a == b and a["n_real"] == a["n_syn"] == 12
     assert len(c2st_accuracy(real[:3], syn[:3], folds=5)["folds"]) == 3  # folds capped at the class size
+    # indistinguishable sets of unequal size: balanced, so chance stays 0.5 (not 40/50 for "always real")
+    accs = [c2st_accuracy(_crops(1, 40), _crops(2, 10), seed=s)["accuracy"] for s in range(3)]
+    assert np.mean(accs) <= 0.65, accs
     with pytest.raises(DataError, match="c2st needs"):
         c2st_accuracy(real[:1], syn)
