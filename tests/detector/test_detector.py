@@ -127,3 +127,16 @@ def test_prepared_tensors_train_like_items():
         assert torch.equal(a, b)
     with pytest.raises(DataError, match="prepared tensors"):
         train_detector(prepare_items(items, 16), **{**TINY, "epochs": 1})
+
+
+def test_detector_params_seeds():
+    from defectforge.errors import ParamsError
+    from defectforge.params import parse_params
+
+    assert parse_params({"detector": {"seeds": [4, 2]}}).detector.seeds == [4, 2]
+    with pytest.raises(ParamsError, match="detector.seeds: .*distinct"):
+        parse_params({"detector": {"seeds": [1, 1]}})
+    with pytest.raises(ParamsError, match="detector.seeds"):
+        parse_params({"detector": {"seeds": []}})
+    with pytest.raises(ParamsError, match="detector.seed: unknown key"):
+        parse_params({"detector": {"seed": 0}})
