@@ -100,6 +100,17 @@ def test_quality_two_sample_test_runs_with_enough_crops(sample_manifests, tmp_pa
         assert 0 <= e["c2st_accuracy"] <= 1 and len(e["c2st_folds"]) == 4 and e["c2st_n"] == 4
         assert "logistic-regression" in e["c2st_classifier"]
         assert e["c2st_accuracy"] == m2["sets"][key]["c2st_accuracy"]  # seeded
+    # the real-vs-real references need >= 8 held-out reals: 4 here, so two copies of them
+    from pathlib import Path
+
+    from defectforge.evaluate import _real_defects, _real_reference
+
+    rr = _real_defects(split, "test")
+    rr = rr[(rr.category == "gravel") & (rr.defect_type == "stain")]
+    ref = _real_reference(QualityParams(), 4, Path(manifest_info(split)["dataset_root"]), pd.concat([rr, rr]))
+    assert len(ref["crops"]) == len(ref["stats"]) == 8 and ref["c2st_real_vs_real_skipped"] is None
+    assert 0 <= ref["c2st_real_vs_real"] <= 1 and ref["intensity_distance_real_vs_real"] >= 0
+    assert ref["gate"]["saturated_share"] == 0
 
 
 def _confetti_copy(generated, dest, category, defect):

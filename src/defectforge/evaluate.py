@@ -109,14 +109,14 @@ C2ST_MIN = 4           # crops per side for the classifier two-sample test
 REAL_VS_REAL_MIN = 8   # held-out real defects for the real-vs-real reference (two halves of >= 4)
 HEADLINE = ("fid", "kid_mean", "lpips", "ic_lpips", "is_mean", "pass_rate", "backbone", "lpips_backbone", "quality_skipped",
             "saturation", "saturation_real", "intensity_distance", "contrast_median", "c2st_accuracy", "c2st_real_vs_real",
-            "saturated_samples", "colour_drift_samples")
+            "saturated_samples", "colour_drift_samples", "intensity_distance_real_vs_real")
 
 
 def _real_reference(p: QualityParams, ring: int, src_root: Path, rr: pd.DataFrame) -> dict:
     """Held-out real defects of one type: crops, per-sample realism stats, gate reference, real-vs-real C2ST."""
     from defectforge.metrics.gates import real_reference
     from defectforge.metrics.quality import crop_around_mask
-    from defectforge.metrics.realism import c2st_accuracy, defect_stats
+    from defectforge.metrics.realism import c2st_accuracy, defect_stats, intensity_distance
 
     crops, stats = [], []
     for x in rr.sort_values("image_id").itertuples():
@@ -125,7 +125,7 @@ def _real_reference(p: QualityParams, ring: int, src_root: Path, rr: pd.DataFram
         if mask.any():  # some real masks are empty: no defect statistics from them
             stats.append(defect_stats(image, mask, ring=ring))
     out = {"crops": crops, "stats": stats, "gate": real_reference(stats) if stats else None,
-           "c2st_real_vs_real": None, "c2st_real_vs_real_skipped": None}
+           "c2st_real_vs_real": None, "c2st_real_vs_real_skipped": None, "intensity_distance_real_vs_real": None}
     n = len(crops)
     if n < REAL_VS_REAL_MIN:
         out["c2st_real_vs_real_skipped"] = f"needs >= {REAL_VS_REAL_MIN} held-out real defects (two halves), got {n}"
@@ -134,6 +134,11 @@ def _real_reference(p: QualityParams, ring: int, src_root: Path, rr: pd.DataFram
         a, b = perm[: n // 2], perm[n // 2 : 2 * (n // 2)]
         res = c2st_accuracy([crops[i] for i in a], [crops[i] for i in b], seed=p.seed, folds=p.c2st_folds, size=p.c2st_size)
         out["c2st_real_vs_real"] = round(res["accuracy"], 4)
+        if len(stats) >= REAL_VS_REAL_MIN:
+            sp = np.random.default_rng(p.seed).permutation(len(stats))
+            half = len(stats) // 2
+            d = intensity_distance([stats[i] for i in sp[:half]], [stats[i] for i in sp[half : 2 * half]])
+            out["intensity_distance_real_vs_real"] = round(d["distance"], 4)
     return out
 
 
@@ -156,6 +161,7 @@ def _realism(p: QualityParams, ref: dict, crops: list, stats: list[dict], flags:
         "c2st_classifier": None, "c2st_n": None,
         "c2st_real_vs_real": ref["c2st_real_vs_real"] if ref else None,
         "c2st_real_vs_real_skipped": ref["c2st_real_vs_real_skipped"] if ref else "no held-out real defects of the type",
+        "intensity_distance_real_vs_real": ref["intensity_distance_real_vs_real"] if ref else None,
     }
     out["saturation_skipped"] = None if stats else "no sample has a non-empty mask"
     if stats and real_stats:
