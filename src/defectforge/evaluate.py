@@ -47,8 +47,10 @@ def run_refine(p: RefineParams, split: str | os.PathLike, generated: str | os.Pa
        at ``threshold`` inside the target mask, light morphology; accepted when it keeps
        at least ``min_area_ratio`` of the target mask;
     2. ``difference`` - otherwise (``fallback: difference``): where the generation
-       actually changed the normal image inside the target mask. Needed with the tiny
-       profile, whose defect-token attention is flat (about 1/2) inside the mask;
+       actually changed the normal image inside the target mask. Needed when the
+       joint softmax was never trained (``finetune.attention_loss: 0``): the defect
+       tokens' share is then flat at about 1/2 and Eq. 13 keeps all or nothing
+       (docs/eq13-attention.md);
     3. ``raw-fallback`` - neither found anything: the raw target mask is kept and the
        quality stage flags the sample;
     4. ``raw`` - the method saved no attention (copy-paste: its mask is exact).
