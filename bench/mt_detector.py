@@ -98,7 +98,8 @@ def markdown(r: dict, cmd: str) -> str:
     lines = [
         "# Magnetic Tile: does synthetic data help the detector? (paired seeds, 95 % intervals)",
         "",
-        f"Run by `{cmd}` on a 2-core CPU; {r['seconds']} s. Split: the library's (`{r['split']}`). "
+        f"Run by `{cmd}` on a 2-core CPU; {r['seconds']} s. Split: the library's (`{r['split']}`). Synthetic manifests: "
+        f"{', '.join(f'`{x}`' for x in r['synthetic'])}. "
         f"Seeds {p['seeds']}: per seed, real-only and real+method start from the same weights, see the real images in the same "
         f"order and take the same number of steps (epochs x ceil(n_real / batch)). Detector: U-Net {p['size']} px, "
         f"{p['base_channels']} base channels, depth {p['depth']}, {p['epochs']} epochs over the real set, batch {p['batch_size']} "
