@@ -30,7 +30,7 @@ def test_dvc_repro_runs_the_dag_and_second_repro_does_nothing(tmp_path, make_pro
     assert "Running stage" not in again
     # a params change reruns only what depends on it
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["detector"]["seed"] = 1
+    params["detector"]["seeds"] = [1]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run_cmd(dvc + ["repro"], repo)
     assert "Running stage 'detector'" in third
