@@ -21,7 +21,8 @@ library's split, a target mask per image from the class's real *training* masks
 * which mask the refine stage would keep (``mask_source``: attention when Eq. 13 keeps
   at least ``refine.min_area_ratio`` of the target, else difference).
 
-Writes ``--out`` (JSON: per sample, per class, per fine-tune).
+The inversion method runs with params.yaml's ``generate.inversion`` settings on the CPU
+(``--steps`` overrides the DDIM steps). Writes ``--out`` (JSON: per sample, per class, per fine-tune).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _refine(make, radius: int, enough):
     return m if enough(m) or radius == 0 else make(0)
 
 
-def evaluate(finetune_dir: Path, split: Path, n: int, steps: int, seed: int, log=print) -> dict:
+def evaluate(finetune_dir: Path, split: Path, n: int, steps: int, seed: int, classes: list[str] = DEFECTS, log=print) -> dict:
     from defectforge.methods.inversion import InversionConfig, InversionMethod
 
     rp = RefineParams()
@@ -80,7 +81,16 @@ def evaluate(finetune_dir: Path, split: Path, n: int, steps: int, seed: int, log
     df = read_manifest(split).to_pandas()
     category = df["category"].iloc[0]
     ckpts = checkpoints(finetune_dir, category)
-    cfg = InversionConfig(steps=steps, device="cpu")
+    import dataclasses
+
+    import yaml
+
+    # the generate stage's inversion settings (params.yaml), on the CPU; --steps overrides
+    given = yaml.safe_load((ROOT / "params.yaml").read_text())["generate"]["inversion"]
+    fields = {f.name for f in dataclasses.fields(InversionConfig)}
+    kw = {k: v for k, v in given.items() if k in fields}
+    kw.update(device="cpu", **({"steps": steps} if steps else {}))
+    cfg = InversionConfig(**kw)
     method = InversionMethod.from_pretrained(ckpts, cfg)
     goods = df[(df.split == "test") & (df.defect_type == "good")].sort_values("image_id")
     pick = np.random.default_rng(seed).choice(len(goods), size=min(n, len(goods)), replace=False)
@@ -89,7 +99,7 @@ def evaluate(finetune_dir: Path, split: Path, n: int, steps: int, seed: int, log
     inversion_mod.AttentionStore = _KeptStore  # read the store the method fills (no change to the method)
     try:
         for d_i, defect in enumerate(DEFECTS):
-            if defect not in ckpts:
+            if defect not in ckpts or defect not in classes:
                 continue
             reals = df[(df.split == "train") & (df.defect_type == defect)].sort_values("image_id")
             masks = [read_mask(root / r.mask_path) for r in reals.itertuples()]
@@ -140,8 +150,9 @@ def main() -> None:
     ap.add_argument("--split", default="/tmp/mt/split.parquet")
     ap.add_argument("--finetune", nargs="+", required=True, help="tag=finetune_dir ...")
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the inversion method")
+    ap.add_argument("--steps", type=int, default=0, help="DDIM steps of the inversion method (0: params.yaml's generate.inversion.steps)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--classes", nargs="+", default=DEFECTS, help="evaluate only these classes (merged into --out)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/eq13-iou.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -150,8 +161,15 @@ def main() -> None:
     for item in a.finetune:
         tag, path = item.split("=", 1)
         meta = json.loads((Path(path) / "checkpoints.json").read_text())
-        r = evaluate(Path(path), Path(a.split), a.n, a.steps, a.seed, log=lambda s, tag=tag: print(f"[{tag}] {s}", flush=True))
+        r = evaluate(Path(path), Path(a.split), a.n, a.steps, a.seed, a.classes, log=lambda s, tag=tag: print(f"[{tag}] {s}", flush=True))
         r["finetune_metrics"] = {k: v.get("metrics", {}) for k, v in meta.items()}
+        old = result.get(tag, {})
+        if old.get("inversion_config") == r["inversion_config"]:  # merge classes evaluated in separate runs
+            kept = [x for x in old.get("samples", []) if x["defect"] not in r["per_class"]]
+            r["samples"] = sorted(kept + r["samples"], key=lambda x: (DEFECTS.index(x["defect"]), x["seed"]))
+            r["per_class"] = {d: _summary([x for x in r["samples"] if x["defect"] == d]) for d in DEFECTS if any(x["defect"] == d for x in r["samples"])}
+            r["all"] = _summary(r["samples"])
+            r["finetune_metrics"] = {**old.get("finetune_metrics", {}), **r["finetune_metrics"]}
         result[tag] = r
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
