@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=250)
     ap.add_argument("--finetune-tag", default="")
     ap.add_argument("--finetune-json", default="{}")
+    ap.add_argument("--finetune-dir", default=None, help="use these finetune checkpoints as they are")
     ap.add_argument("--inversion-json", default="{}")
     ap.add_argument("--blended-json", default="{}")
     ap.add_argument("--detector-json", default="{}")
@@ -98,7 +99,7 @@ def main() -> None:
         return out
 
     diffusion = p.generate.diffusion_methods()
-    paths = build(w, p, finetune_tag=a.finetune_tag) if diffusion else {"split": w / "split.parquet"}
+    paths = build(w, p, finetune_tag=a.finetune_tag, finetune_dir=a.finetune_dir) if diffusion else {"split": w / "split.parquet"}
     split = paths["split"]
     gen = timed("generate", run_generate, p.generate, split, w / f"generated-{tag}", checkpoints=paths.get("finetune"))
     refined = timed("refine", run_refine, p.refine, split, gen, w / f"refined-{tag}")

@@ -55,8 +55,11 @@ def _key(*parts) -> str:
     return h.hexdigest()[:12]
 
 
-def build(work: Path, p, *, finetune_tag: str = "", log=print) -> dict[str, Path]:
-    """ingest, split, pretrain, finetune under ``work``; returns the paths."""
+def build(work: Path, p, *, finetune_tag: str = "", finetune_dir: str | Path | None = None, log=print) -> dict[str, Path]:
+    """ingest, split, pretrain, finetune under ``work``; returns the paths.
+
+    ``finetune_dir``: use these checkpoints as they are (e.g. a run made before a params
+    field was added, whose key would differ now)."""
     work.mkdir(parents=True, exist_ok=True)
     source, split = work / "source.parquet", work / "split.parquet"
     if not source.exists():
@@ -71,8 +74,14 @@ def build(work: Path, p, *, finetune_tag: str = "", log=print) -> dict[str, Path
         log(f"[pretrain] {time.perf_counter() - t:.0f} s -> {base}")
     else:
         log(f"[pretrain] reused {base}")
-    ft = work / "models" / f"finetune-{finetune_tag or 'default'}-{_key(split_sha, base.name, p.finetune.model_dump(mode='json'))}"
-    if not (ft / "checkpoints.json").exists():
+    # keyed on the params that differ from the defaults, so a new field with a default keeps old keys valid
+    ft = work / "models" / f"finetune-{finetune_tag or 'default'}-{_key(split_sha, base.name, p.finetune.model_dump(mode='json', exclude_defaults=True))}"
+    if finetune_dir is not None:
+        ft = Path(finetune_dir)
+        if not (ft / "checkpoints.json").exists():
+            raise SystemExit(f"{ft}: no checkpoints.json (not a finetune stage output)")
+        log(f"[finetune] given {ft}")
+    elif not (ft / "checkpoints.json").exists():
         t = time.perf_counter()
         run_finetune(p.finetune, split, base, ft, needed=["inversion"])
         log(f"[finetune] {time.perf_counter() - t:.0f} s -> {ft}")
