@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "bench/results/mt-detector.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/magnetic-tile-detector.md"))
     ap.add_argument("--render-only", action="store_true", help="no training: rewrite the json and markdown from WORKDIR/detector/details.json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="WORKDIR",
+                    help="no training: pool the per-seed runs of several workdirs (e.g. seeds run in parallel processes) and recompute the paired intervals")
     for k, v in BENCH_DETECTOR.items():  # detector budget; --filter for detector.synthetic (qc_pass | all)
         ap.add_argument(f"--{'filter' if k == 'synthetic' else k.replace('_', '-')}", dest=f"det_{k}", type=type(v), default=v)
     a = ap.parse_args()
@@ -63,7 +65,11 @@ def main() -> None:
         gen = run_generate(GenerateParams(methods=["copy-paste"], n_per_defect=a.copy_paste, seed=0), a.split, w / "generated", progress=False)
         synthetic.append(str(run_refine(RefineParams(), a.split, gen, w / "refined")))
         qcs = None if qcs is None else [*qcs, None]
-    if a.render_only:
+    if a.merge:
+        det = merge_details([Path(d) / "detector/details.json" for d in a.merge])
+        p = DetectorParams(**det["budget"])
+        seconds = det.pop("seconds")
+    elif a.render_only:
         det = json.loads((w / "detector/details.json").read_text())
         p = DetectorParams(**det["budget"])
         seconds = json.loads(Path(a.json).read_text()).get("seconds") if Path(a.json).is_file() else None
@@ -81,6 +87,34 @@ def main() -> None:
     Path(a.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     Path(a.md).write_text(markdown(result, " ".join(["bench/mt_detector.py", *(["--copy-paste", str(a.copy_paste)] if a.copy_paste else []), "--seeds", *map(str, a.seeds)])))
     print(f"{a.json}, {a.md} ({seconds} s)")
+
+
+def merge_details(paths: list[Path]) -> dict:
+    """One details dict from several run_detector outputs with the same budget and disjoint seeds."""
+    from defectforge.detector.compare import compare_runs
+    from defectforge.evaluate import _seed_summary
+
+    parts = [json.loads(x.read_text()) for x in paths]
+    budgets = [{k: v for k, v in d["budget"].items() if k != "seeds"} for d in parts]
+    if any(b != budgets[0] for b in budgets):
+        raise SystemExit(f"--merge: the workdirs were run with different detector budgets: {budgets}")
+    rows = [r for d in parts for r in d["runs"]]
+    keys = [(r["category"], r["defect_type"], r["run"], r["seed"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("--merge: a (category, defect type, run, seed) appears twice; give workdirs with disjoint seeds")
+    comparisons, learned = compare_runs(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    per_cat, per_type = {}, {}
+    for cat in sorted({r["category"] for r in rows}):
+        mine = [r for r in rows if r["category"] == cat]
+        runs = sorted({r["run"] for r in mine})
+        per_cat[cat] = {run: _seed_summary([r for r in mine if r["run"] == run and r["defect_type"] == "all"]) for run in runs}
+        per_type[cat] = {dt: {run: _seed_summary([r for r in mine if r["run"] == run and r["defect_type"] == dt]) for run in runs}
+                         for dt in sorted({r["defect_type"] for r in mine} - {"all"})}
+    # wall time of the parallel processes: the longest one (training seconds summed per process)
+    seconds = max(sum(r["seconds"] for r in d["runs"] if r["defect_type"] == "all") for d in parts)
+    return {"comparisons": comparisons, "learned": learned, "per_category": per_cat, "per_defect_type": per_type, "runs": rows,
+            "budget": {**parts[0]["budget"], "seeds": seeds}, "seconds": round(seconds, 1)}
 
 
 def _ci(c: dict | None) -> str:
@@ -101,9 +135,11 @@ def markdown(r: dict, cmd: str) -> str:
         f"Run by `{cmd}` on a 2-core CPU; {r['seconds']} s. Split: the library's (`{r['split']}`). Synthetic manifests: "
         f"{', '.join(f'`{x}`' for x in r['synthetic'])}. "
         f"Seeds {p['seeds']}: per seed, real-only and real+method start from the same weights, see the real images in the same "
-        f"order and take the same number of steps (epochs x ceil(n_real / batch)). Detector: U-Net {p['size']} px, "
-        f"{p['base_channels']} base channels, depth {p['depth']}, {p['epochs']} epochs over the real set, batch {p['batch_size']} "
-        f"(half defect images), Adam lr {p['lr']} with cosine decay, {p['max_train_good']} defect-free training images.",
+        f"order and take the same number of steps (epochs x ceil(n_real / batch)). Detector: U-Net on images "
+        + (f"resized by {p['scale']} (aspect ratio kept)" if p.get("scale") else f"with the short side resized to {p['size']} px")
+        + f", trained on {p.get('patch') or p['size']} px patches (half centred near a defect pixel), evaluated on whole images; "
+        f"{p['base_channels']} base channels, depth {p['depth']}, {p.get('norm', 'group')} norm, {p['epochs']} epochs over the real set, batch {p['batch_size']}, "
+        f"Adam lr {p['lr']} with cosine decay, {p['max_train_good']} defect-free training images.",
         "",
         "Δ = metric(real + method) − metric(real-only), mean over seeds with its 95 % t-interval; **helps** / **hurts** when "
         "the interval lies above / below 0, *no measurable effect* when it contains 0. Per class: that class's held-out defect "

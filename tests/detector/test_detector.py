@@ -125,7 +125,7 @@ def test_prepared_tensors_train_like_items():
     m2, _ = train_detector(prepare_items(items, SIZE), **{**TINY, "epochs": 1})
     for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(DataError, match="prepared tensors"):
+    with pytest.raises(DataError, match="prepared at size 16"):
         train_detector(prepare_items(items, 16), **{**TINY, "epochs": 1})
 
 
@@ -140,3 +140,60 @@ def test_detector_params_seeds():
         parse_params({"detector": {"seeds": []}})
     with pytest.raises(ParamsError, match="detector.seed: unknown key"):
         parse_params({"detector": {"seed": 0}})
+
+
+def _tall_item(h: int = 40, w: int = 90, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    im = rng.integers(90, 130, (h, w, 3), dtype=np.uint8)
+    m = np.zeros((h, w), bool)
+    m[30:33, 70:76] = True  # a small defect near a corner of a non-square image
+    im[m] = 20
+    return im, m
+
+
+def test_patch_sampler_defect_patches_hold_defect_pixels_and_are_seeded():
+    from defectforge.detector import prepare_items, sample_patch
+
+    prep = prepare_items([_tall_item(), (np.full((40, 90, 3), 100, np.uint8), np.zeros((40, 90), bool))], 32, scale=1.0)
+    assert prep.xs[0].shape == (3, 40, 90) and len(prep.defect_pixels[0]) == 18 and len(prep.defect_pixels[1]) == 0
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [sample_patch(prep.xs[0], prep.ys[0], prep.defect_pixels[0], 16, torch.rand(3, generator=g)) for _ in range(50)]
+
+    a, b, c = draw(0), draw(0), draw(1)
+    for x, y in a:
+        assert x.shape == (3, 16, 16) and y.shape == (1, 16, 16)
+        assert y.sum() > 0  # every defect patch holds defect pixels
+        assert torch.equal((x[0] < -0.5).float(), y[0])  # and image and mask are cut at the same place
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b))  # same seed, same patches
+    assert any(not torch.equal(p[0], q[0]) for p, q in zip(a, c))
+    # defect-free image: uniform corner; an image smaller than the patch is padded
+    x, y = sample_patch(prep.xs[1], prep.ys[1], prep.defect_pixels[1], 64, torch.tensor([0.5, 0.99, 0.99]))
+    assert x.shape == (3, 64, 64) and y.sum() == 0
+
+
+def test_whole_image_evaluation_of_a_non_square_image():
+    from defectforge.detector import prepare_items, ragged_detection_metrics
+    from defectforge.metrics.detection import detection_metrics
+
+    im, m = _tall_item(42, 70)
+    model, _ = train_detector([(im, m), _tall_item(42, 70, 1)], **{**TINY, "epochs": 1, "patch": 16, "scale": 0.5})
+    (pm,) = predict_maps(model, [im])
+    assert pm.shape == (21, 35)  # aspect ratio kept, not squashed to SIZE x SIZE
+    # fully convolutional on the reflect-padded whole image, cropped back
+    x = prepare_items([(im, m)], SIZE, scale=0.5).xs[0][None]
+    ref = torch.sigmoid(model(torch.nn.functional.pad(x, (0, 1, 0, 3), mode="reflect")))[0, 0, :21, :35]
+    np.testing.assert_allclose(pm, ref.detach().numpy(), atol=1e-6)
+    # metrics over images of different sizes: cutting one image into two along a row that no
+    # region crosses changes no pixel metric (regions are labelled per image, no padding pixels)
+    rng = np.random.default_rng(0)
+    s = rng.random((20, 30))
+    g = np.zeros((20, 30), bool)
+    g[2:5, 3:9] = g[12:18, 20:22] = g[14, 5] = True
+    s[g] += 0.4 * rng.random(int(g.sum()))
+    whole = detection_metrics([0.5], [1], s[None], g[None])
+    parts = ragged_detection_metrics([0.9, 0.1], [1, 0], [s[:8], s[8:]], [g[:8], g[8:]])
+    for k in ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"):
+        assert parts[k] == pytest.approx(whole[k], abs=1e-9), k
+    assert parts["n_regions"] == whole["n_regions"] == 3 and parts["image_auroc"] == 1.0

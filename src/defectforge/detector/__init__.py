@@ -6,13 +6,19 @@ from defectforge.detector.train import (
     image_scores_from_maps,
     load_detector,
     predict_maps,
+    Prepared,
     prepare_items,
+    ragged_detection_metrics,
+    sample_patch,
     save_detector,
     train_detector,
 )
 from defectforge.detector.unet import UNet
 
 __all__ = [
+    "Prepared",
+    "ragged_detection_metrics",
+    "sample_patch",
     "UNet",
     "evaluate_detector",
     "evaluate_groups",

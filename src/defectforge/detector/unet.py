@@ -16,14 +16,20 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    g = max(1, min(8, cout // 4))
+NORMS = ("group", "batch")
+
+
+def _norm(kind: str, c: int) -> nn.Module:
+    return nn.GroupNorm(max(1, min(8, c // 4)), c) if kind == "group" else nn.BatchNorm2d(c)
+
+
+def _block(cin: int, cout: int, norm: str = "group") -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-        nn.GroupNorm(g, cout),
+        _norm(norm, cout),
         nn.ReLU(inplace=True),
         nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-        nn.GroupNorm(g, cout),
+        _norm(norm, cout),
         nn.ReLU(inplace=True),
     )
 
@@ -34,18 +40,20 @@ class UNet(nn.Module):
     H and W must be divisible by ``2 ** (depth - 1)``.
     """
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 16, depth: int = 4):
+    def __init__(self, in_channels: int = 3, base_channels: int = 16, depth: int = 4, norm: str = "group"):
         super().__init__()
-        self.config = {"in_channels": in_channels, "base_channels": base_channels, "depth": depth}
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.config = {"in_channels": in_channels, "base_channels": base_channels, "depth": depth, "norm": norm}
         chans = [base_channels * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
         cin = in_channels
         for c in chans:
-            self.down.append(_block(cin, c))
+            self.down.append(_block(cin, c, norm))
             cin = c
         self.up = nn.ModuleList()
         for c_skip in reversed(chans[:-1]):
-            self.up.append(_block(cin + c_skip, c_skip))
+            self.up.append(_block(cin + c_skip, c_skip, norm))
             cin = c_skip
         self.head = nn.Conv2d(cin, 1, 1)
 
