@@ -335,26 +335,26 @@ def run_detector(
         if not any(m.any() for _, m in test):
             results[category] = {"skipped": f"category {category!r} has no held-out real defect images to evaluate on"}
             continue
-        train_real = prepare_items(_load_pairs(src_root, tr), p.size, f"{category} real training images")
-        test_t = prepare_items(test, p.size, f"{category} test images")
+        train_real = prepare_items(_load_pairs(src_root, tr), p.size, f"{category} real training images", scale=p.scale)
+        test_t = prepare_items(test, p.size, f"{category} test images", scale=p.scale)
         types = list(te["defect_type"])
         groups = {"all": None, **{t: [i for i, d in enumerate(types) if d in (t, "good")] for t in sorted(set(types) - {"good"})}}
         runs = {BASELINE: None}
         for method in sorted(syn["method"].unique()):
             s = syn[(syn["category"] == category) & (syn["method"] == method)]
             if len(s):
-                runs[method] = prepare_items([(read_image(Path(r.abs_image)), read_mask(Path(r.abs_mask))) for r in s.itertuples()], p.size, f"{category}/{method} synthetic samples")
+                runs[method] = prepare_items([(read_image(Path(r.abs_image)), read_mask(Path(r.abs_mask))) for r in s.itertuples()], p.size, f"{category}/{method} synthetic samples", scale=p.scale)
         for seed in p.seeds:
             for run, extra in runs.items():
                 label = f"{category}/{run}/seed {seed}"
                 model, curve = train_detector(
                     train_real, synthetic_items=extra, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=seed, size=p.size,
-                    base_channels=p.base_channels, depth=p.depth,
+                    scale=p.scale, patch=p.patch, base_channels=p.base_channels, depth=p.depth, norm=p.norm,
                 )
                 for dt, m in evaluate_groups(model, test_t, groups).items():
                     rows.append({"category": category, "defect_type": dt, "run": run, "seed": seed,
                                  **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
-                                 "train_real": len(train_real[0]), "train_synthetic": 0 if extra is None else len(extra[0]),
+                                 "train_real": len(train_real), "train_synthetic": 0 if extra is None else len(extra),
                                  "seconds": round(sum(r["seconds"] for r in curve), 2)})
                     if dt == "all" and progress:
                         print(f"detector[{label}] loss {curve[-1]['loss']:.4f}; image AUROC {m['image_auroc']}, pixel AP {m['pixel_ap']}, AUPRO {m['aupro']}", flush=True)

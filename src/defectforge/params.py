@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from defectforge.errors import ParamsError
 
@@ -193,11 +193,21 @@ class DetectorParams(_Section):
     batch_size: int = Field(8, ge=1, le=512)
     lr: float = Field(1e-3, gt=0, le=1)          # peak; cosine decay to 0
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, max_length=100)
-    size: int = Field(128, ge=32, le=1024)
+    size: int = Field(128, ge=8, le=1024)       # short side after resizing (aspect ratio kept) when scale is null
+    scale: float | None = Field(None, gt=0, le=4)  # resize every image by this factor instead (the same pixel pitch for all)
+    patch: int | None = Field(None, ge=8, le=1024)  # training crops of patch x patch px (null: size); evaluation on whole images
     base_channels: int = Field(16, ge=4, le=128)
     depth: int = Field(4, ge=2, le=6)
+    norm: Literal["group", "batch"] = "group"   # batch: the same per-channel affine on patches and whole images at eval
     synthetic: Literal["qc_pass", "all"] = "qc_pass"
     max_train_good: int | None = Field(None, ge=1)  # one fixed subset of defect-free training images (same for every run and seed)
+
+    @model_validator(mode="after")
+    def _patch_fits_depth(self) -> "DetectorParams":
+        patch = self.size if self.patch is None else self.patch
+        if patch % 2 ** (self.depth - 1):
+            raise ValueError(f"patch (or size when patch is null) {patch} must be divisible by 2**(depth-1) = {2 ** (self.depth - 1)}")
+        return self
 
     @field_validator("seeds")
     @classmethod
