@@ -349,7 +349,7 @@ def run_detector(
                 label = f"{category}/{run}/seed {seed}"
                 model, curve = train_detector(
                     train_real, synthetic_items=extra, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=seed, size=p.size,
-                    scale=p.scale, patch=p.patch, base_channels=p.base_channels, depth=p.depth, norm=p.norm,
+                    scale=p.scale, patch=p.patch, base_channels=p.base_channels, depth=p.depth, norm=p.norm, score_pool=p.score_pool,
                 )
                 for dt, m in evaluate_groups(model, test_t, groups).items():
                     rows.append({"category": category, "defect_type": dt, "run": run, "seed": seed,

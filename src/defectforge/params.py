@@ -199,6 +199,7 @@ class DetectorParams(_Section):
     base_channels: int = Field(16, ge=4, le=128)
     depth: int = Field(4, ge=2, le=6)
     norm: Literal["group", "batch"] = "group"   # batch: the same per-channel affine on patches and whole images at eval
+    score_pool: int = Field(9, ge=1, le=63)     # image score: max of the score_pool x score_pool average-pooled map
     synthetic: Literal["qc_pass", "all"] = "qc_pass"
     max_train_good: int | None = Field(None, ge=1)  # one fixed subset of defect-free training images (same for every run and seed)
 

@@ -140,6 +140,20 @@ def test_detector_params_seeds():
         parse_params({"detector": {"seeds": []}})
     with pytest.raises(ParamsError, match="detector.seed: unknown key"):
         parse_params({"detector": {"seed": 0}})
+    d = parse_params({"detector": {"scale": 0.5, "patch": 64, "depth": 3, "norm": "batch", "score_pool": 3}}).detector
+    assert (d.scale, d.patch, d.norm, d.score_pool) == (0.5, 64, "batch", 3)
+    with pytest.raises(ParamsError, match="detector: .*patch .* 60 must be divisible by 2\\*\\*\\(depth-1\\) = 8"):
+        parse_params({"detector": {"patch": 60, "depth": 4}})
+    with pytest.raises(ParamsError, match="detector.norm"):
+        parse_params({"detector": {"norm": "layer"}})
+
+
+def test_batchnorm_detector_saves_and_loads(tmp_path):
+    model, _ = train_detector(_items(6, 0), **{**TINY, "epochs": 1, "norm": "batch"})
+    assert model.config["norm"] == "batch"
+    m2 = load_detector(save_detector(model, tmp_path / "bn.safetensors"))
+    ims = [im for im, _ in _items(2, 3)]
+    assert m2.config["norm"] == "batch" and np.array_equal(predict_maps(model, ims), predict_maps(m2, ims))
 
 
 def _tall_item(h: int = 40, w: int = 90, seed: int = 0):
