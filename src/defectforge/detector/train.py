@@ -25,7 +25,8 @@ Image score: the max of the anomaly map after average pooling (AnomalyDiffusion:
 "localisation outcomes are aggregated using average pooling to derive confidence
 scores", as in DRAEM), with a ``score_pool`` x ``score_pool`` window.
 
-Loss: per-pixel binary cross-entropy + soft Dice (defect pixels are rare).
+Loss: per-pixel binary cross-entropy + soft Dice (defect pixels are rare). With patches,
+use ``norm="batch"`` (see :mod:`defectforge.detector.unet`).
 
 Example::
 

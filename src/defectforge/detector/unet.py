@@ -5,8 +5,15 @@ real + synthetic image-mask pairs (AnomalyDiffusion Sec. 4, ddim-inversion Sec. 
 DefectDiffu Sec. 4.3). No pretrained encoder can be downloaded here, so this is the
 original encoder-decoder shape at a small width: ``depth`` stages of two 3x3
 conv-GroupNorm-ReLU layers, max-pool down, bilinear up + skip concatenation, and a 1x1
-head giving one defect logit per pixel. GroupNorm instead of BatchNorm keeps training
-and evaluation identical with the tiny batches used here.
+head giving one defect logit per pixel.
+
+``norm="group"`` (GroupNorm) normalises each image over its own extent: training and
+evaluation agree when both see whole images of one size (the built-in sample), but not
+when training sees patches and evaluation whole images, whose statistics differ.
+``norm="batch"`` (BatchNorm) is a fixed per-channel affine at evaluation (running
+statistics), the same for a patch and a whole image: on Magnetic Tile (64 px patches,
+whole-image evaluation) it raised real-only image AUROC from 0.60 to 0.73-0.76 at the
+same budget (docs/magnetic-tile-detector-spread.md, "Making it learn").
 """
 
 from __future__ import annotations
