@@ -114,6 +114,7 @@ class _SamplingParams(_Section):
     clip_x0: bool = True
     latent_bound: float = Field(0.0, ge=0, le=100)
     gray_steps: bool = True
+    chroma_steps: bool = True
     feather: float = Field(1.5, ge=0, le=20)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

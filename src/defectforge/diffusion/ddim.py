@@ -78,13 +78,25 @@ def predict_x0(z: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor
     return (z - (1 - a).sqrt() * eps) / a.sqrt()
 
 
-def bound_eps(z: torch.Tensor, eps: torch.Tensor, alpha: float, bound: float = 1.0, gray: bool = False) -> torch.Tensor:
+def chroma_range(x: torch.Tensor, q: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The colour gamut of a pixel-space crop x (1, 3, H, W): per channel the ``q`` and
+    ``1 - q`` quantiles of its chroma x - mean_c(x); two (1, 3, 1, 1) tensors."""
+    c = (x - x.mean(dim=1, keepdim=True)).flatten(2).float()
+    lo, hi = torch.quantile(c, q, dim=2), torch.quantile(c, 1 - q, dim=2)
+    return lo[..., None, None].to(x.dtype), hi[..., None, None].to(x.dtype)
+
+
+def bound_eps(z: torch.Tensor, eps: torch.Tensor, alpha: float, bound: float = 1.0, gray: bool = False,
+              chroma: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The noise prediction re-derived from a bounded clean estimate (module docstring).
 
     ``bound`` <= 0 leaves x0^ unclamped; ``gray`` projects x0^ onto the grey axis (the
-    channel mean, pixel space only). With neither, ``eps`` is returned unchanged.
+    channel mean, pixel space only); ``chroma`` = (lo, hi) from :func:`chroma_range`
+    bounds x0^'s chroma per channel to the source's gamut (colour products: the
+    defect may change brightness and texture, not paint colours the product does not
+    have). With none of them, ``eps`` is returned unchanged.
     """
-    if bound <= 0 and not gray:
+    if bound <= 0 and not gray and chroma is None:
         return eps
     a = torch.as_tensor(alpha, dtype=z.dtype, device=z.device)
     x0 = predict_x0(z, eps, alpha)
@@ -92,6 +104,10 @@ def bound_eps(z: torch.Tensor, eps: torch.Tensor, alpha: float, bound: float = 1
         x0 = x0.clamp(-bound, bound)
     if gray:
         x0 = x0.mean(dim=1, keepdim=True).expand_as(x0)
+    elif chroma is not None:
+        g = x0.mean(dim=1, keepdim=True)
+        c = torch.minimum(torch.maximum(x0 - g, chroma[0]), chroma[1])
+        x0 = g + c - c.mean(dim=1, keepdim=True)  # re-centred: the grey level (the defect's brightness) is kept exactly
     return (z - a.sqrt() * x0) / (1 - a).sqrt()
 
 

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from defectforge.diffusion.attention import AttentionStore
-from defectforge.diffusion.ddim import add_noise, bound_eps, ddim_schedule, ddim_step, guided
+from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.errors import ParamsError
 from defectforge.masks.trimap import DEFECT, make_trimap
@@ -75,6 +75,7 @@ class BlendedConfig(MethodConfig):
     clip_x0: bool = True  # bound x0^ to [-1, 1] in every step (pixel profile), eps re-derived from it
     latent_bound: float = 0.0  # the x0^ bound for latent profiles when clip_x0 (0: off)
     gray_steps: bool = True  # grayscale source: project x0^ onto the grey axis in every step (pixel profile)
+    chroma_steps: bool = True  # colour source: bound x0^'s chroma to the source crop's gamut in every step (pixel profile)
     feather: float = 1.5  # Gaussian sigma (px) of the soft mask for latent and pixel blending; 0: binary
     device: str = "auto"
 
@@ -126,7 +127,7 @@ def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, background: torch.Ten
 @torch.no_grad()
 def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float, free_fraction: float,
                    generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5, *,
-                   bound: float = 0.0, gray: bool = False, soft: torch.Tensor | None = None) -> torch.Tensor:
+                   bound: float = 0.0, gray: bool = False, soft: torch.Tensor | None = None, chroma: tuple | None = None) -> torch.Tensor:
     """Stages 2-3: free denoising, then blended latent diffusion; returns z_0.
 
     z_T = sqrt(a_T) z_0 + sqrt(1 - a_T) eps (Eq. 1); each step
@@ -159,7 +160,7 @@ def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps:
         eps = comps.eps(z.expand(n, -1, -1, -1), st.t, ctx, kinds, m.expand(n, -1, -1, -1),
                         cond_image=z0.expand(n, -1, -1, -1), store=store)
         e = guided(eps[0:1], eps[1:2], guidance) if use_good else eps[0:1]
-        e = bound_eps(z, e, st.alpha_t, bound, gray)
+        e = bound_eps(z, e, st.alpha_t, bound, gray, chroma)
         z = ddim_step(z, e, st.alpha_t, st.alpha_prev)  # Eq. (3)
         if i >= n_free:  # 3. latent blending with the normal latent noised to the new level
             step_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
@@ -195,7 +196,8 @@ class BlendedMethod(DiffusionMethod):
         soft, alpha = soft_masks(comps, crop, region, cfg.feather)
         store = AttentionStore(rows=[0])
         z = sample_blended(comps, z0, m, defect, cfg.steps, cfg.guidance, cfg.free_fraction, gen, store, cfg.attention_fraction,  # 2.-3.
-                           bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None)
+                           bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
+                           chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None)
         # 4. online decoder adaptation
         decoder, adaptation = None, {}
         if not comps.has_decoder:

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 
 from defectforge.diffusion.attention import AttentionStore
-from defectforge.diffusion.ddim import add_noise, bound_eps, ddim_schedule, ddim_step, guided
+from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.errors import ParamsError
 from defectforge.methods.base import DiffusionMethod, GenerationResult, MethodConfig, register
@@ -88,6 +88,7 @@ class InversionConfig(MethodConfig):
     clip_x0: bool = True  # bound x0^ to [-1, 1] in every step (pixel profile), eps re-derived from it
     latent_bound: float = 0.0  # the x0^ bound for latent profiles when clip_x0 (0: off)
     gray_steps: bool = True  # grayscale source: project x0^ onto the grey axis in every step (pixel profile)
+    chroma_steps: bool = True  # colour source: bound x0^'s chroma to the source crop's gamut in every step (pixel profile)
     feather: float = 1.5  # Gaussian sigma (px) of the soft mask of Eq. 9's mix, the path blend and the paste; 0: binary
     defect_background: str = "inverted"  # what the defect branch sees outside m: "inverted" path or "noised" z_0 (Eq. 6)
     device: str = "auto"
@@ -133,7 +134,7 @@ def invert_masked(comps, z0: torch.Tensor, m: torch.Tensor, steps: int, trajecto
 def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float,
                generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5,
                trajectory: list | None = None, *, bound: float = 0.0, gray: bool = False, soft: torch.Tensor | None = None,
-               noised_background: bool = False):
+               noised_background: bool = False, chroma: tuple | None = None):
     """Theorem 1 initialisation and Eq. (9) sampling; returns (z*_0, z^m_0).
 
     With ``trajectory`` (the inversion path from :func:`invert_masked`) the background
@@ -178,9 +179,9 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
         eps_bg = eps[0:1]  # eps(z^m_t, t, C_2)
         eps_def = guided(eps[1:2], eps[2:3], guidance) if use_good else eps[1:2]  # eps(z*_t, t, C_1), guided
         eps_star = (1 - ms) * eps_bg + ms * eps_def  # Eq. (9)
-        eps_star = bound_eps(z_star, eps_star, st.alpha_t, bound, gray)
+        eps_star = bound_eps(z_star, eps_star, st.alpha_t, bound, gray, chroma)
         z_star = ddim_step(z_star, eps_star, st.alpha_t, st.alpha_prev)  # Eq. (9) = Eq. (3) with eps*
-        z_m = ddim_step(z_m, bound_eps(z_m, (1 - m) * eps_bg, st.alpha_t, bound, gray), st.alpha_t, st.alpha_prev)
+        z_m = ddim_step(z_m, bound_eps(z_m, (1 - m) * eps_bg, st.alpha_t, bound, gray, chroma), st.alpha_t, st.alpha_prev)
         if trajectory is not None:
             z_m = trajectory[len(sched) - 1 - i]
             z_star = (1 - ms) * z_m + ms * z_star
@@ -213,7 +214,8 @@ class InversionMethod(DiffusionMethod):
         store = AttentionStore(rows=[1])
         z_star, _ = sample_eq9(comps, z_T_m, z0, m, defect, cfg.steps, cfg.guidance, gen, store, cfg.attention_fraction, path,  # 3.-5.
                                bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
-                               noised_background=cfg.defect_background == "noised")
+                               noised_background=cfg.defect_background == "noised",
+                               chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None)
         with torch.no_grad():
             x_gen = comps.decode(z_star)
         generated = to_uint8(x_gen, gray)
