@@ -40,6 +40,7 @@ from defectforge.evaluate import QualityGateError, run_detector, run_quality, ru
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
 from defectforge.params import parse_params  # noqa: E402
 from defectforge.pipeline import run_generate, run_release  # noqa: E402
+from defectforge.report import largest_component  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,14 +124,7 @@ TILE, PER_ROW = 96, 6
 
 
 def _crop(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from scipy import ndimage
-
-    lab, n = ndimage.label(mask)
-    if n > 1:  # centre on the largest piece (real crack masks come in pieces)
-        sizes = ndimage.sum(mask, lab, range(1, n + 1))
-        mask_c = lab == (1 + int(np.argmax(sizes)))
-    else:
-        mask_c = mask
+    mask_c = largest_component(mask)  # centre on the largest piece (real crack masks come in pieces)
     ys, xs = np.nonzero(mask_c)
     cy, cx = (ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2
     side = int(max(48, 2.0 * max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)))

@@ -320,11 +320,11 @@ def _crops(s: Sample) -> list[np.ndarray]:
         m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
     mask_rgb = np.repeat((m.astype(np.uint8) * 255)[:, :, None], 3, axis=2)
     ov = overlay(img, m)
-    focus = _largest_component(m)
+    focus = largest_component(m)
     return [crop_around_mask(x, focus, context=2.5, min_side=32) for x in (img, mask_rgb, ov)] + [ov]
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
     """The mask's largest 8-connected component: a mask of blobs far apart (a crack in pieces
     from top to bottom) has an empty bounding-box centre, and a crop there would show nothing."""
     from scipy import ndimage
