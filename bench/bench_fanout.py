@@ -21,8 +21,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from defectforge.manifest.io import read_manifest  # noqa: E402
-from defectforge.params import DataParams, GenerateParams, SampleParams, SplitParams  # noqa: E402
-from defectforge.pipeline import run_generate, run_ingest, run_sample, run_split  # noqa: E402
+from defectforge.config import DataParams, GenerateParams, SampleParams, SplitParams  # noqa: E402
+from defectforge.pipeline.generate import run as run_generate  # noqa: E402
+from defectforge.pipeline.ingest import run as run_ingest  # noqa: E402
+from defectforge.pipeline.sample import run as run_sample  # noqa: E402
+from defectforge.pipeline.split import run as run_split  # noqa: E402
 
 
 def main() -> None:
@@ -68,10 +71,14 @@ def main() -> None:
 
 def _single(p: GenerateParams, split: Path, out: Path, checkpoints: str | None) -> Path:
     """workers=1 through Dask too (a one-worker LocalCluster), so both runs pay the same overhead."""
-    from defectforge.fanout import generate_on_dask
     from defectforge.manifest.validate import check_manifest
+    from defectforge.pipeline.fanout import run_on_dask
+    from defectforge.pipeline.generate import prepare_output, run_method
 
-    generate_on_dask(p, p.methods[0], split, out, checkpoints=checkpoints, progress=False)
+    name = p.methods[0]
+    n = prepare_output(split, out / name, method_name=name, n_per_defect=p.n_per_defect, seed=p.seed, shard_size=p.shard_size,
+                       params_sha256=p.method_sha256(name))
+    run_on_dask(run_method, (p, name, str(split), str(out)), n, workers=1, kwargs={"checkpoints": checkpoints}, progress=False)
     check_manifest(out)
     return out
 

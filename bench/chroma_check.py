@@ -12,7 +12,7 @@ from defectforge.manifest.io import read_manifest, manifest_info
 from defectforge.data.io import read_image, read_mask
 from defectforge.methods.inversion import InversionMethod, InversionConfig
 from defectforge.methods.blended import BlendedMethod, BlendedConfig
-from defectforge.modeling import checkpoints
+from defectforge.diffusion.sampling import category_checkpoints as checkpoints
 from defectforge.masks.target import sample_target_mask
 from defectforge.metrics.gates import gate_sample, GateThresholds
 split = sys.argv[1] + "/data/manifests/split.parquet"

@@ -30,8 +30,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import torch  # noqa: E402
 
-from defectforge.evaluate import run_detector, run_refine  # noqa: E402
-from defectforge.params import DetectorParams, GenerateParams, RefineParams  # noqa: E402
+from defectforge.pipeline.detector import run as run_detector  # noqa: E402
+from defectforge.pipeline.refine import run as run_refine  # noqa: E402
+from defectforge.config import DetectorParams, GenerateParams, RefineParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Magnetic Tile budget (measured in docs/magnetic-tile-detector-spread.md, "Making it learn"): images at half size with their
@@ -62,7 +63,7 @@ def main() -> None:
     w = Path(a.workdir)
     synthetic, qcs = list(a.synthetic), a.qc
     if a.copy_paste:
-        from defectforge.pipeline import run_generate
+        from defectforge.pipeline.generate import run as run_generate
 
         gen = run_generate(GenerateParams(methods=["copy-paste"], n_per_defect=a.copy_paste, seed=0), a.split, w / "generated", progress=False)
         synthetic.append(str(run_refine(RefineParams(), a.split, gen, w / "refined")))
@@ -94,7 +95,7 @@ def main() -> None:
 def merge_details(paths: list[Path]) -> dict:
     """One details dict from several run_detector outputs with the same budget and disjoint seeds."""
     from defectforge.detector.compare import compare_runs
-    from defectforge.evaluate import _seed_summary
+    from defectforge.pipeline.detector import _seed_summary
 
     parts = [json.loads(x.read_text()) for x in paths]
     budgets = [{k: v for k, v in d["budget"].items() if k != "seeds"} for d in parts]

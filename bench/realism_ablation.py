@@ -34,13 +34,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from defectforge.data.io import read_image, read_mask
-from defectforge.generate import plan_samples
+from defectforge.pipeline.generate import plan_samples
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.masks.target import sample_target_mask
 from defectforge.methods.blended import BlendedConfig, BlendedMethod
 from defectforge.methods.inversion import InversionConfig, InversionMethod
 from defectforge.metrics.realism import defect_stats, intensity_distance
-from defectforge.modeling import checkpoints
+from defectforge.diffusion.sampling import category_checkpoints as checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ transient failures) → stop if a quality gate failed → publish a numbered rel
 (git tag + ``dvc push``) → a markdown artifact with counts and metrics.
 
 A flow never computes: each task is one call into ``defectforge.orchestrate`` or
-``defectforge.release``. Deployed by ``prefect.yaml`` onto the ``gpu`` work pool.
+``defectforge.publish.versions``. Deployed by ``prefect.yaml`` onto the ``gpu`` work pool.
 
     python flows/regenerate.py --repo . --no-publish
 """
@@ -23,7 +23,8 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from defectforge import orchestrate, release  # noqa: E402
+from defectforge import orchestrate  # noqa: E402
+from defectforge.publish import versions  # noqa: E402
 from defectforge.errors import DefectforgeError  # noqa: E402
 
 
@@ -53,9 +54,9 @@ def repro_stage(repo: str, stage: str) -> str:
 
 @task(name="publish", **TASK)
 def publish(repo: str, name: str | None, push: bool) -> dict:
-    from defectforge.params import load_params
+    from defectforge.config import load_params
 
-    r = release.publish(repo, name or load_params(f"{repo}/params.yaml").release.name, push=push)
+    r = versions.publish(repo, name or load_params(f"{repo}/params.yaml").release.name, push=push)
     return {"tag": r.tag, "version": r.version, "created": r.created}
 
 

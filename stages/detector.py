@@ -3,14 +3,14 @@
 usage: python stages/detector.py PARAMS SPLIT_MANIFEST REFINED_MANIFEST QC_TABLE OUT_DIR
 """
 
-from defectforge.evaluate import run_detector
-from defectforge.params import load_params
-from defectforge.stage import stage
+from defectforge.config import load_params
+from defectforge.pipeline import detector
+from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, split: str, refined: str, qc: str, out_dir: str) -> None:
-    run_detector(load_params(params).detector, split, refined, qc, out_dir)
+    detector.run(load_params(params).detector, split, refined, qc, out_dir)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,15 @@
 usage: python stages/finetune.py PARAMS SPLIT_MANIFEST PRETRAIN_DIR OUT_DIR
 """
 
-from defectforge.modeling import run_finetune
-from defectforge.params import load_params
-from defectforge.stage import stage
+from defectforge.config import load_params
+from defectforge.pipeline import finetune
+from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, split: str, pretrain_dir: str, out_dir: str) -> None:
     p = load_params(params)
-    run_finetune(p.finetune, split, pretrain_dir, out_dir, needed=p.generate.diffusion_methods())
+    finetune.run(p.finetune, split, pretrain_dir, out_dir, needed=p.generate.diffusion_methods())
 
 
 if __name__ == "__main__":

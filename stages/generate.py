@@ -3,14 +3,14 @@
 usage: python stages/generate.py PARAMS SPLIT_MANIFEST CHECKPOINTS_DIR OUT_DIR
 """
 
-from defectforge.params import load_params
-from defectforge.pipeline import run_generate
-from defectforge.stage import stage
+from defectforge.config import load_params
+from defectforge.pipeline import generate
+from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, split: str, checkpoints: str, out_dir: str) -> None:
-    run_generate(load_params(params).generate, split, out_dir, checkpoints=checkpoints)
+    generate.run(load_params(params).generate, split, out_dir, checkpoints=checkpoints)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@
 usage: python stages/ingest.py PARAMS OUT_MANIFEST
 """
 
-from defectforge.params import load_params
-from defectforge.pipeline import run_ingest
-from defectforge.stage import stage
+from defectforge.config import load_params
+from defectforge.pipeline import ingest
+from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, out: str) -> None:
-    run_ingest(load_params(params).data, out)
+    ingest.run(load_params(params).data, out)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,15 @@
 usage: python stages/pretrain.py PARAMS SPLIT_MANIFEST OUT_DIR
 """
 
-from defectforge.modeling import run_pretrain
-from defectforge.params import load_params
-from defectforge.stage import stage
+from defectforge.config import load_params
+from defectforge.pipeline import pretrain
+from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, split: str, out_dir: str) -> None:
     p = load_params(params)
-    run_pretrain(p.pretrain, split, out_dir, needed=p.generate.diffusion_methods())
+    pretrain.run(p.pretrain, split, out_dir, needed=p.generate.diffusion_methods())
 
 
 if __name__ == "__main__":

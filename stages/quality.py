@@ -3,14 +3,14 @@
 usage: python stages/quality.py PARAMS SPLIT_MANIFEST REFINED_MANIFEST OUT_DIR
 """
 
-from defectforge.evaluate import run_quality
-from defectforge.params import load_params
-from defectforge.stage import stage
+from defectforge.config import load_params
+from defectforge.pipeline import quality
+from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, split: str, refined: str, out_dir: str) -> None:
-    run_quality(load_params(params).quality, split, refined, out_dir)
+    quality.run(load_params(params).quality, split, refined, out_dir)
 
 
 if __name__ == "__main__":

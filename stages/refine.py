@@ -3,14 +3,14 @@
 usage: python stages/refine.py PARAMS SPLIT_MANIFEST GENERATED_DIR OUT_DIR
 """
 
-from defectforge.evaluate import run_refine
-from defectforge.params import load_params
-from defectforge.stage import stage
+from defectforge.config import load_params
+from defectforge.pipeline import refine
+from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, split: str, generated: str, out_dir: str) -> None:
-    run_refine(load_params(params).refine, split, generated, out_dir)
+    refine.run(load_params(params).refine, split, generated, out_dir)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@
 usage: python stages/release.py PARAMS SPLIT_MANIFEST REFINED_MANIFEST QUALITY_DIR DETECTOR_DIR OUT_DIR
 """
 
-from defectforge.params import load_params
-from defectforge.pipeline import run_release
-from defectforge.stage import stage
+from defectforge.config import load_params
+from defectforge.pipeline import release
+from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, split: str, refined: str, quality: str, detector: str, out_dir: str) -> None:
-    run_release(load_params(params).release, refined, out_dir, quality=quality, detector=detector, split=split)
+    release.run(load_params(params).release, refined, out_dir, quality=quality, detector=detector, split=split)
 
 
 if __name__ == "__main__":

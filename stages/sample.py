@@ -3,14 +3,14 @@
 usage: python stages/sample.py PARAMS OUT_DIR
 """
 
-from defectforge.params import load_params
-from defectforge.pipeline import run_sample
-from defectforge.stage import stage
+from defectforge.config import load_params
+from defectforge.pipeline import sample
+from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, out_dir: str) -> None:
-    run_sample(load_params(params).sample, out_dir)
+    sample.run(load_params(params).sample, out_dir)
 
 
 if __name__ == "__main__":

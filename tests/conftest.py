@@ -42,8 +42,9 @@ def sample_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_manifests(sample_root, tmp_path_factory):
     """(source manifest, split manifest) of the small sample."""
-    from defectforge.params import DataParams, SplitParams
-    from defectforge.pipeline import run_ingest, run_split
+    from defectforge.config import DataParams, SplitParams
+    from defectforge.pipeline.ingest import run as run_ingest
+    from defectforge.pipeline.split import run as run_split
 
     out = tmp_path_factory.mktemp("manifests")
     source = run_ingest(DataParams(layout="mvtec", root=str(sample_root)), out / "source.parquet", progress=False)

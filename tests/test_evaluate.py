@@ -8,10 +8,12 @@ import pytest
 
 from defectforge.data.io import read_mask, write_png
 from defectforge.errors import DataError
-from defectforge.evaluate import QualityGateError, run_detector, run_quality, run_refine
+from defectforge.pipeline.quality import QualityGateError, run as run_quality
+from defectforge.pipeline.detector import run as run_detector
+from defectforge.pipeline.refine import run as run_refine
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
-from defectforge.params import DetectorParams, GenerateParams, QualityParams, RefineParams
-from defectforge.pipeline import run_generate
+from defectforge.config import DetectorParams, GenerateParams, QualityParams, RefineParams
+from defectforge.pipeline.generate import run as run_generate
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_quality_two_sample_test_runs_with_enough_crops(sample_manifests, tmp_pa
     # the real-vs-real references need >= 8 held-out reals: 4 here, so two copies of them
     from pathlib import Path
 
-    from defectforge.evaluate import _real_defects, _real_reference
+    from defectforge.pipeline.quality import _real_defects, _real_reference
 
     rr = _real_defects(split, "test")
     rr = rr[(rr.category == "gravel") & (rr.defect_type == "stain")]

@@ -11,8 +11,8 @@ from defectforge.data.io import read_image, read_mask
 from defectforge.errors import DataError
 from defectforge.manifest.io import read_manifest
 from defectforge.manifest.validate import validate_manifest
-from defectforge.params import GenerateParams
-from defectforge.pipeline import run_generate
+from defectforge.config import GenerateParams
+from defectforge.pipeline.generate import run as run_generate
 
 P = GenerateParams(n_per_defect=3, shard_size=2, seed=0)
 
@@ -66,7 +66,7 @@ def test_same_seed_same_dataset_other_seed_other_dataset(sample_manifests, tmp_p
 def test_killed_generation_resumes_without_duplicates(sample_manifests, tmp_path):
     _, split = sample_manifests
     code = (
-        "from defectforge.params import GenerateParams; from defectforge.pipeline import run_generate; "
+        "from defectforge.config import GenerateParams; from defectforge.pipeline.generate import run as run_generate; "
         f"run_generate(GenerateParams(n_per_defect=3, shard_size=2), {str(split)!r}, {str(tmp_path / 'gen')!r}, progress=False)"
     )
     env = {**os.environ, "DEFECTFORGE_TEST_CRASH_AFTER_SHARDS": "2"}

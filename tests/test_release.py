@@ -1,13 +1,12 @@
 """Releases in a temporary git repository with a local DVC remote, and the consumer side."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 import defectforge
-from defectforge.release import list_versions, publish
+from defectforge.publish.versions import list_versions, publish
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from defectforge.report import Sample, SampleGrid, failures_first, overlay, render_report, write_report
+from defectforge.publish.report import Sample, SampleGrid, failures_first, overlay, render_report, write_report
 
 
 def _pair(seed):
@@ -155,7 +155,7 @@ def test_realism_scores_with_references_and_one_line_each():
 
 
 def test_card_says_the_truth(tmp_path):
-    from defectforge.pipeline import _card, headline_metrics
+    from defectforge.publish.card import card as _card, headline_metrics
 
     df = pd.DataFrame({"method": ["copy-paste", "inversion"], "qc_pass": [True, False]})
     counts = pd.DataFrame({"category": ["brick"] * 2, "defect_type": ["crack"] * 2, "method": ["copy-paste", "inversion"], "samples": [1, 1]})
@@ -199,8 +199,9 @@ def test_release_report_and_card_from_real_manifests(sample_manifests, tmp_path)
     """The release stage's wiring: grids read from a generated manifest and the split, QC merged
     (failures first), a second method's column, and the verdicts in report and card."""
     from defectforge.manifest.io import read_manifest, write_manifest
-    from defectforge.params import GenerateParams, ReleaseParams
-    from defectforge.pipeline import run_generate, run_release
+    from defectforge.config import GenerateParams, ReleaseParams
+    from defectforge.pipeline.generate import run as run_generate
+    from defectforge.pipeline.release import run as run_release
 
     _, split = sample_manifests
     root = run_generate(GenerateParams(n_per_defect=2, shard_size=4, seed=0), split, tmp_path / "gen", progress=False)
@@ -234,7 +235,7 @@ def test_release_report_and_card_from_real_manifests(sample_manifests, tmp_path)
         assert "test " in b  # the real column holds held-out test defects
     assert "inversion: hurts pixel AP" in html and "did not learn on gravel" in html
     # the builder keeps failures when it caps a column: with one sample per cell, the failed one
-    from defectforge.reporting import sample_grids
+    from defectforge.publish.report import sample_grids
 
     for g in sample_grids(out, split, per_cell=1):
         assert [s.qc_pass for s in g.synthetic["inversion"]] == [False] and g.synthetic["inversion"][0].reasons == ("saturated",)

@@ -10,14 +10,14 @@ __version__ = "0.1.0"
 
 def load(*args, **kwargs):
     """See :func:`defectforge.consume.load`."""
-    from defectforge.consume import load as _load
+    from defectforge.publish.consume import load as _load
 
     return _load(*args, **kwargs)
 
 
 def __getattr__(name):
     if name == "ManifestDataset":
-        from defectforge.consume import ManifestDataset
+        from defectforge.publish.consume import ManifestDataset
 
         return ManifestDataset
     raise AttributeError(name)

@@ -24,7 +24,7 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file")
 
 
 def _params(path: Path):
-    from defectforge.params import load_params
+    from defectforge.config import load_params
 
     return load_params(path)
 
@@ -32,9 +32,9 @@ def _params(path: Path):
 @app.command()
 def sample(out: Path = typer.Option(Path("data/sample"), help="output folder (MVTec AD layout)"), params: Path = PARAMS):
     """Make the built-in sample dataset."""
-    from defectforge.pipeline import run_sample
+    from defectforge.pipeline import sample as stage
 
-    typer.echo(run_sample(_params(params).sample, out))
+    typer.echo(stage.run(_params(params).sample, out))
 
 
 @app.command()
@@ -47,52 +47,122 @@ def ingest(
     params: Path = PARAMS,
 ):
     """Read a dataset folder into a validated source manifest."""
-    from defectforge.pipeline import run_ingest
-
-    from defectforge.params import DataParams
+    from defectforge.config import DataParams, parse_params
+    from defectforge.pipeline import ingest as stage
 
     p = _params(params).data if params.exists() else DataParams()
     updates = {k: v for k, v in {"layout": layout, "mask_rule": mask_rule, "image_glob": image_glob}.items() if v is not None}
     if updates:
-        from defectforge.params import parse_params
-
         p = parse_params({"data": {**p.model_dump(), **updates}}, "command line").data
-    path = run_ingest(p, out, root=root)
-    _summary(path)
+    _summary(stage.run(p, out, root=root))
 
 
 @app.command()
-def split(source: Path = typer.Option(...), out: Path = typer.Option(...), params: Path = PARAMS):
+def split(source: Path = typer.Option(..., help="source manifest"), out: Path = typer.Option(..., help="split manifest to write"), params: Path = PARAMS):
     """Assign train/test and folds (seeded) to a source manifest."""
-    from defectforge.pipeline import run_split
+    from defectforge.pipeline import split as stage
 
-    _summary(run_split(_params(params).split, source, out))
+    _summary(stage.run(_params(params).split, source, out))
+
+
+@app.command()
+def pretrain(split: Path = typer.Option(..., help="split manifest"), out: Path = typer.Option(..., help="model folder to write"), params: Path = PARAMS):
+    """Train (tiny profile) or record (pretrained profile) the base diffusion model."""
+    from defectforge.pipeline import pretrain as stage
+
+    p = _params(params)
+    typer.echo(stage.run(p.pretrain, split, out, needed=p.generate.diffusion_methods()))
+
+
+@app.command()
+def finetune(
+    split: Path = typer.Option(..., help="split manifest"),
+    base: Path = typer.Option(..., help="the pretrain command's folder"),
+    out: Path = typer.Option(..., help="checkpoint folder to write"),
+    params: Path = PARAMS,
+):
+    """Fine-tune one checkpoint per (category, defect type) from the base model."""
+    from defectforge.pipeline import finetune as stage
+
+    p = _params(params)
+    typer.echo(stage.run(p.finetune, split, base, out, needed=p.generate.diffusion_methods()))
 
 
 @app.command()
 def generate(
     split: Path = typer.Option(..., help="split manifest"),
     out: Path = typer.Option(..., help="output dataset folder"),
+    checkpoints: Optional[Path] = typer.Option(None, help="the finetune command's folder (needed by the diffusion methods)"),
     method: Optional[list[str]] = typer.Option(None, help="override generate.methods (repeatable)"),
     params: Path = PARAMS,
 ):
     """Generate synthetic defect images, masks and a sharded manifest."""
-    from defectforge.params import parse_params
-    from defectforge.pipeline import run_generate
+    from defectforge.config import parse_params
+    from defectforge.pipeline import generate as stage
 
     p = _params(params).generate
     if method:
         p = parse_params({"generate": {**p.model_dump(), "methods": list(method)}}, "command line").generate
-    _summary(run_generate(p, split, out))
+    _summary(stage.run(p, split, out, checkpoints=checkpoints))
 
 
 @app.command()
-def release(generated: Path = typer.Option(...), out: Path = typer.Option(...), params: Path = PARAMS):
-    """Write the versioned manifest and dataset card."""
-    from defectforge.pipeline import run_release
+def refine(
+    split: Path = typer.Option(..., help="split manifest"),
+    generated: Path = typer.Option(..., help="the generate command's folder"),
+    out: Path = typer.Option(..., help="refined folder to write"),
+    params: Path = PARAMS,
+):
+    """Refine the masks (Eq. 13 from attention; raw target mask otherwise)."""
+    from defectforge.pipeline import refine as stage
 
-    path = run_release(_params(params).release, generated, out)
-    _summary(path)
+    _summary(stage.run(_params(params).refine, split, generated, out))
+
+
+@app.command()
+def quality(
+    split: Path = typer.Option(..., help="split manifest"),
+    refined: Path = typer.Option(..., help="the refine command's manifest"),
+    out: Path = typer.Option(..., help="quality folder to write"),
+    params: Path = PARAMS,
+):
+    """Per-sample gates, FID/KID/LPIPS and realism scores; exit 2 when a set-level gate fails."""
+    from defectforge.pipeline import quality as stage
+
+    m = stage.run(_params(params).quality, split, refined, out)
+    typer.echo(f"{out}: {m['samples']} samples, pass rate {m['pass_rate']}")
+
+
+@app.command()
+def detector(
+    split: Path = typer.Option(..., help="split manifest"),
+    refined: Path = typer.Option(..., help="the refine command's manifest"),
+    qc: Optional[Path] = typer.Option(None, help="the quality command's qc.parquet (default: no quality filter)"),
+    out: Path = typer.Option(..., help="detector folder to write"),
+    params: Path = PARAMS,
+):
+    """Train the detector real-only and real + synthetic (paired seeds); verdicts with 95 % intervals."""
+    from defectforge.pipeline import detector as stage
+
+    d = stage.run(_params(params).detector, split, refined, qc, out)
+    for r in d["comparisons"]:
+        if r.get("defect_type") == "all":
+            typer.echo(f"{r['category']}/{r['method']} {r['metric']}: {r['verdict']}")
+
+
+@app.command()
+def release(
+    refined: Path = typer.Option(..., "--refined", "--generated", help="the refine (or generate) command's manifest"),
+    out: Path = typer.Option(..., help="release folder to write"),
+    quality: Optional[Path] = typer.Option(None, help="the quality command's folder"),
+    detector: Optional[Path] = typer.Option(None, help="the detector command's folder"),
+    split: Optional[Path] = typer.Option(None, help="split manifest (for the report's real columns)"),
+    params: Path = PARAMS,
+):
+    """Write the versioned manifest, metrics, report and dataset card."""
+    from defectforge.pipeline import release as stage
+
+    _summary(stage.run(_params(params).release, refined, out, quality=quality, detector=detector, split=split))
 
 
 @app.command()
@@ -117,7 +187,7 @@ def publish(
     params: Path = PARAMS,
 ):
     """Publish data/release as the next numbered version (git tag + dvc push); no change, no version."""
-    from defectforge.release import publish as _publish
+    from defectforge.publish.versions import publish as _publish
 
     name = name or _params(repo / params if not params.is_absolute() else params).release.name
     r = _publish(repo, name, push=push)
@@ -127,7 +197,7 @@ def publish(
 @app.command("list-versions")
 def list_versions(name: Optional[str] = typer.Argument(None), repo: Path = typer.Option(Path("."))):
     """Show the published dataset versions with their counts and headline metrics."""
-    from defectforge.release import list_versions as _list
+    from defectforge.publish.versions import list_versions as _list
 
     rows = _list(repo, name)
     if not rows:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from defectforge.errors import DefectforgeError, ParamsError
-from defectforge.params import parse_params
+from defectforge.config import parse_params
 
 
 class StageFailed(DefectforgeError):

@@ -131,7 +131,7 @@ def test_prepared_tensors_train_like_items():
 
 def test_detector_params_seeds():
     from defectforge.errors import ParamsError
-    from defectforge.params import parse_params
+    from defectforge.config import parse_params
 
     assert parse_params({"detector": {"seeds": [4, 2]}}).detector.seeds == [4, 2]
     with pytest.raises(ParamsError, match="detector.seeds: .*distinct"):

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_deployments_point_at_the_flow_with_a_schedule_and_the_gpu_pool():
     from flows.regenerate import regenerate
-    from defectforge.params import parse_params
+    from defectforge.config import parse_params
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert spec["deployments"]

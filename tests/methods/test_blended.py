@@ -8,7 +8,7 @@ import torch
 
 from defectforge.errors import ParamsError
 from defectforge.masks.crop import feather_radius
-from defectforge.methods.base import get_method_class
+from defectforge.methods import get_method_class
 from defectforge.methods.blended import BlendedConfig, BlendedMethod, adapt_decoder
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import torch
 
 from defectforge.errors import DefectforgeError, ParamsError
 from defectforge.masks.refine import refine_mask
-from defectforge.methods.base import get_method_class
+from defectforge.methods import get_method_class
 from defectforge.methods.inversion import InversionConfig, InversionMethod
 
 torch.set_num_threads(1)
@@ -134,7 +134,7 @@ def test_bad_config_and_unknown_defect(tiny_dir):
         InversionConfig(steps=0)
     with pytest.raises(ParamsError, match="inversion.defect_background"):
         InversionConfig(defect_background="clean")
-    with pytest.raises(ParamsError, match="inversion.latent_bound"):
+    with pytest.raises(ParamsError, match="inversion.feather"):
         InversionConfig(feather=-1)
     img, mask = _inputs()
     with pytest.raises(DefectforgeError, match="no learned tokens"):

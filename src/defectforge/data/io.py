@@ -9,9 +9,13 @@ folder and is renamed into place, so a killed process never leaves a torn file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -72,10 +76,19 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__})") from None
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """``base`` less the process umask: the mode ``open()`` would give (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode())  # readable by a data team sharing the folder, as the umask says
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -109,5 +122,67 @@ def write_png(path: str | os.PathLike, arr: np.ndarray) -> str:
     return sha256_bytes(data)
 
 
+def _json_value(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.bool_):
+        return bool(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """``obj`` as indented JSON with sorted keys (numpy scalars allowed): byte-stable for DVC."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_value) + "\n")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+OWNED = ".defectforge"  # marker file in every folder defectforge creates as a whole
+
+
+def claim_dir(out_dir: str | os.PathLike, what: str = "output folder", markers: tuple[str, ...] = ()) -> Path:
+    """Refuse to take over ``out_dir`` unless it is missing, empty, or carries our marker.
+
+    defectforge replaces whole output folders; it must never delete a folder it did
+    not create (a user's ``--out`` pointing at their documents). Symlinks are resolved
+    first, and anything that is not a directory (a file, ``/dev/full``) is refused.
+    """
+    out = Path(out_dir)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        kind = "a symlink" if out.is_symlink() else "not a directory"
+        raise DataError(f"{out}: {what} is {kind}; give a new folder path")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in (OWNED, *markers)):
+        raise DataError(f"{out}: {what} exists, is not empty and was not made by defectforge (no {OWNED} marker); "
+                        "refusing to replace it - give a new or empty folder")
+    return out
+
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike, what: str = "output folder", markers: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Build a folder completely, then swap it in: readers never see half of it.
+
+    ``with atomic_dir(out) as tmp:`` yields a fresh sibling ``.<name>.tmp`` folder; on
+    success it gets the ownership marker and replaces ``out`` (the old folder is only
+    removed after :func:`claim_dir` said it is ours; ``markers``: older marker files that
+    also prove it); on error it is removed and
+    ``out`` is untouched.
+    """
+    out = claim_dir(out_dir, what, markers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, umask_mode(0o777))
+        yield tmp
+        (tmp / OWNED).write_text("made by defectforge; the whole folder is replaced on the next run\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

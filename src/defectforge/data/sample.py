@@ -51,9 +51,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +58,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from defectforge.data.io import atomic_write_text, write_png
+from defectforge.data.io import atomic_dir, atomic_write_text, write_png
 from defectforge.errors import DataError, ParamsError
+from defectforge.seeding import keyed_rng
 
 SAMPLE_VERSION = 1  # bump when the drawing code changes what a given seed produces
 META_FILE = "sample.json"
@@ -132,10 +130,7 @@ def make_sample(
     elif out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(f"{out_dir}: exists and is not a defectforge sample (no {META_FILE}); refusing to replace it")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_dir(out_dir, "sample folder", markers=(META_FILE,)) as tmp:
         _build(tmp, args)
         atomic_write_text(
             tmp / META_FILE,
@@ -154,16 +149,6 @@ def make_sample(
             )
             + "\n",
         )
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -177,19 +162,16 @@ def _build(root: Path, args: dict) -> None:
         plan = [("train/good", "train-good", args["n_train_good"]), ("test/good", "test-good", args["n_test_good"])]
         for folder, key, n in plan:
             for k in range(n):
-                rng = _rng(seed, name, key, k)
+                rng = keyed_rng(seed, name, key, k)
                 write_png(root / name / folder / f"{k:03d}.png", _to_uint8(_surface(texture, cat, size, rng)))
         for defect in cat.defects:
             for k in range(args["n_defect"]):
-                rng = _rng(seed, name, defect, k)
+                rng = keyed_rng(seed, name, defect, k)
                 image, mask = _defect_image(_surface(texture, cat, size, rng), defect, rng)
                 write_png(root / name / "test" / defect / f"{k:03d}.png", image)
                 write_png(root / name / "ground_truth" / defect / f"{k:03d}_mask.png", mask)
 
 
-def _rng(seed: int, *key: object) -> np.random.Generator:
-    words = [zlib.crc32(str(part).encode()) for part in key]
-    return np.random.default_rng(np.random.SeedSequence([seed, *words]))
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:

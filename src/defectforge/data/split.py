@@ -49,12 +49,12 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 
 import numpy as np
 import pandas as pd
 
 from defectforge.errors import DataError, ParamsError
+from defectforge.seeding import keyed_rng
 
 SCHEMES = ("third", "kfold")
 GOOD = "good"
@@ -129,7 +129,7 @@ def split_sources(
             split.loc[ids[n_train:]] = "test"
             folds.loc[ids] = 0
         else:
-            order = _rng(seed, "kfold", category, defect_type).permutation(len(ids))
+            order = keyed_rng(seed, "kfold", category, defect_type).permutation(len(ids))
             for position, j in enumerate(order):
                 folds.at[ids[j]] = position % k
             split.loc[[i for i in ids if folds.at[i] == fold]] = "test"
@@ -152,7 +152,7 @@ def _good_test(ids: list, origin: pd.Series, category: str, seed: int, fraction:
         test = {i for i, o in zip(ids, labels) if o == "test"}
         rest = [i for i, o in zip(ids, labels) if o not in ("train", "test")]
         if rest:
-            order = _rng(seed, "good", category).permutation(len(rest))
+            order = keyed_rng(seed, "good", category).permutation(len(rest))
             n_test = round(fraction * len(rest))
             test |= {rest[j] for j in order[:n_test]}
         return test
@@ -160,13 +160,10 @@ def _good_test(ids: list, origin: pd.Series, category: str, seed: int, fraction:
     if n < 2:
         return set()
     n_test = min(max(1, round(fraction * n)), n - 1)
-    order = _rng(seed, "good", category).permutation(n)
+    order = keyed_rng(seed, "good", category).permutation(n)
     return {ids[j] for j in order[:n_test]}
 
 
-def _rng(seed: int, *key: str) -> np.random.Generator:
-    """A generator that depends only on the seed and the key (not on other groups)."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), *(zlib.crc32(str(p).encode()) for p in key)]))
 
 
 def _is_int(value) -> bool:

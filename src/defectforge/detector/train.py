@@ -60,7 +60,7 @@ from torch.nn import functional as F
 
 from defectforge.detector.unet import UNet
 from defectforge.errors import DataError, DefectforgeError
-from defectforge.metrics.detection import DETECTION_KEYS, aupro, binary_scores, detection_metrics
+from defectforge.metrics.detection import DETECTION_KEYS, binary_scores, detection_metrics
 
 Item = tuple[np.ndarray, np.ndarray]
 

@@ -64,6 +64,17 @@ class ModelCache:
             return None
 
 
+CHECKPOINT_INDEX = "checkpoints.json"  # the finetune stage's index: {"<category>/<defect>": {"path": ...}}
+
+
+def category_checkpoints(finetune_dir: str | Path, category: str) -> dict[str, str]:
+    """{defect type: checkpoint directory} of one category, from the finetune stage's index."""
+    import json
+
+    index = json.loads((Path(finetune_dir) / CHECKPOINT_INDEX).read_text())
+    return {k.split("/", 1)[1]: str(Path(finetune_dir) / v["path"]) for k, v in index.items() if k.split("/", 1)[0] == category}
+
+
 @dataclass
 class Crop:
     box: CropBox

@@ -85,7 +85,9 @@ def random_mask(res: int, rng: np.random.Generator) -> np.ndarray:
     return m
 
 
-def _augment(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, rotate: bool) -> tuple[np.ndarray, np.ndarray]:
+def _dihedral(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, rotate: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A random flip and quarter turn of a training crop: exact (no interpolation), so the
+    surface texture the model learns is never smoothed (unlike :mod:`defectforge.masks.augment`)."""
     if rng.random() < 0.5:
         img, mask = img[:, ::-1], mask[:, ::-1]
     if rng.random() < 0.5:
@@ -234,7 +236,7 @@ def pretrain(
     def make_batch():
         crops, masks = [], []
         for _ in range(batch_size):
-            img, m = _augment(random_normal_crop(images, res, rng), random_mask(res, rng), rng, rotate)
+            img, m = _dihedral(random_normal_crop(images, res, rng), random_mask(res, rng), rng, rotate)
             crops.append(img)
             masks.append(m)
         x, m = _to_tensor(crops, masks, comps.device)
@@ -341,7 +343,7 @@ def finetune(
             else:
                 img, m = random_defect_crop(*pairs[int(rng.integers(len(pairs)))], res, rng)
                 inside.append("defect")
-            img, m = _augment(img, m, rng, rotate)
+            img, m = _dihedral(img, m, rng, rotate)
             crops.append(img)
             masks.append(m)
         x, m = _to_tensor(crops, masks, comps.device)

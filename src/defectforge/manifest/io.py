@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from defectforge.data.io import umask_mode
 from defectforge.errors import ManifestError
 from defectforge.manifest.schema import (
     ID_COLUMN,
@@ -96,6 +97,7 @@ def write_manifest(
     schema = schema_for(kind, _relative_root(path, dataset_root), dataset_version)
     table = _to_table(rows, schema, str(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, umask_mode())  # mkstemp makes 0600; a shared folder needs what the umask says
     os.close(fd)
     try:
         pq.write_table(table, tmp)

@@ -21,7 +21,7 @@ from typing import ClassVar
 import pandas as pd
 
 from defectforge.errors import ManifestError
-from defectforge.manifest.io import manifest_info, read_manifest
+from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import ID_COLUMN, PATH_COLUMNS, schema_for
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -117,9 +117,9 @@ def validate_frame(df: pd.DataFrame, *, kind: str, root: str | os.PathLike, meth
     bd = ctx.data_sources.add_pandas("manifest").add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
     frame = _frame(df, kind)
     if methods is None and kind == "synthetic":
-        from defectforge.methods.base import registered_methods
+        from defectforge.config import METHOD_NEEDS_CHECKPOINTS
 
-        methods = registered_methods()
+        methods = list(METHOD_NEEDS_CHECKPOINTS)
     suite = build_suite(kind, str(root), methods)
     result = bd.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
     failures = []
@@ -165,3 +165,25 @@ def check_manifest(path: str | os.PathLike) -> None:
     failures = validate_manifest(path)
     if failures:
         raise ManifestError(f"{Path(path)}: {len(failures)} expectation(s) failed: " + "; ".join(failures))
+
+
+def write_checked(df, out, *, kind: str, dataset_root) -> Path:
+    """Write ``df`` to a temporary manifest, validate it, then move it to ``out``.
+
+    ``out`` must be a regular file or missing (never a folder or a device node); errors
+    name ``out``, not the temporary file that is removed.
+    """
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise ManifestError(f"{out}: exists and is not a regular file; give a new .parquet path")
+    tmp = out.with_name(f".{out.name}.unchecked")
+    try:
+        write_manifest(df, tmp, kind=kind, dataset_root=dataset_root)
+        check_manifest(tmp)
+        os.replace(tmp, out)
+    except ManifestError as exc:
+        raise ManifestError(str(exc).replace(str(tmp), str(out))) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out

@@ -5,11 +5,8 @@ shapes come from the real training masks of the defect type; here they are augme
 (flip, rotation, scale) and placed on a plausible part of the normal image: inside
 its foreground (the object), never across the border.
 
-The foreground estimate is deliberately simple and explainable: industrial images
-show the part against a darker or brighter background, so Otsu's threshold on the
-blurred gray image splits the two, and the part is the class that covers the image
-centre. When the split is not convincing (the part fills the frame, as a texture
-does; either class under 20 % of the image) the whole image is foreground.
+The foreground is :func:`defectforge.masks.foreground.estimate_foreground` (the same
+estimate as ``blended``'s trimap).
 """
 
 from __future__ import annotations
@@ -17,28 +14,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-
-def estimate_foreground(image: np.ndarray, min_fraction: float = 0.2) -> np.ndarray:
-    """Bool (H, W) mask of the object in ``image`` (uint8 HxWx3)."""
-    from skimage.filters import threshold_otsu
-
-    gray = image.astype(np.float32).mean(axis=2)
-    blurred = ndimage.gaussian_filter(gray, sigma=max(1.0, min(gray.shape) / 64))
-    if float(blurred.max() - blurred.min()) < 1e-3:
-        return np.ones(gray.shape, bool)
-    fg = blurred > threshold_otsu(blurred)
-    h, w = gray.shape
-    centre = fg[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].mean()
-    if centre < 0.5:
-        fg = ~fg
-    frac = fg.mean()
-    # A texture (or a part filling the frame) has no convincing two-class split.
-    separation = abs(blurred[fg].mean() - blurred[~fg].mean()) if 0 < frac < 1 else 0.0
-    if frac < min_fraction or frac > 1 - min_fraction / 4 or separation < 0.15 * blurred.std() * 4:
-        return np.ones(gray.shape, bool)
-    fg = ndimage.binary_opening(fg, iterations=2)
-    fg = ndimage.binary_fill_holes(fg)
-    return fg
+from defectforge.masks.augment import random_transform
+from defectforge.masks.foreground import estimate_foreground
 
 
 def crop_to_bbox(mask: np.ndarray) -> np.ndarray:
@@ -55,22 +32,8 @@ def augment_shape(
     flip: bool = True,
     max_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Randomly flipped, rotated and scaled copy of a bool shape, cropped to its bbox."""
-    out = shape.astype(np.float32)
-    if flip and rng.random() < 0.5:
-        out = out[:, ::-1]
-    if flip and rng.random() < 0.5:
-        out = out[::-1, :]
-    angle = float(rng.uniform(-max_rotation, max_rotation)) if max_rotation > 0 else 0.0
-    if angle:
-        out = ndimage.rotate(out, angle, order=1, reshape=True, mode="constant")
-    scale = float(rng.uniform(*scale_range))
-    if max_size is not None:
-        fit = min(max_size[0] / out.shape[0], max_size[1] / out.shape[1], 1e9)
-        scale = min(scale, fit)
-    if abs(scale - 1.0) > 1e-6:
-        out = ndimage.zoom(out, scale, order=1)
-    out = out > 0.5
+    """Randomly flipped, rotated and scaled copy of a bool shape (:func:`random_transform`), cropped to its bbox."""
+    _, out = random_transform(shape, rng, max_rotation=max_rotation, scale_range=scale_range, flip=flip, max_size=max_size)
     if not out.any():  # a thin shape can vanish when shrunk: keep its centre pixel
         out = np.zeros((1, 1), bool)
         out[0, 0] = True

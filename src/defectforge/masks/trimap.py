@@ -19,38 +19,9 @@ contrasting background (MVTec objects, BTAD), or a texture that fills the frame
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+from defectforge.masks.foreground import estimate_foreground
 
 BACKGROUND, OBJECT, DEFECT = 0, 1, 2
-
-
-def estimate_foreground(image: np.ndarray, border_share: float = 0.8, sigma: float = 2.0) -> np.ndarray:
-    """bool (H, W): True on the object. ``image``: uint8 (H, W, 3) or (H, W)."""
-    from skimage.filters import threshold_otsu
-
-    gray = image.astype(np.float32).mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
-    h, w = gray.shape
-    blur = ndimage.gaussian_filter(gray, sigma)
-    if blur.max() - blur.min() < 1.0:
-        return np.ones((h, w), bool)
-    bright = blur > threshold_otsu(blur)
-    border = np.concatenate([bright[0], bright[-1], bright[:, 0], bright[:, -1]])
-    share_bright = border.mean()
-    if share_bright >= border_share:
-        obj = ~bright
-    elif 1 - share_bright >= border_share:
-        obj = bright
-    else:
-        return np.ones((h, w), bool)  # texture: the object fills the frame
-    obj = ndimage.binary_fill_holes(obj)
-    labels, n = ndimage.label(obj)
-    if n:
-        sizes = ndimage.sum(obj, labels, index=np.arange(1, n + 1))
-        keep = np.flatnonzero(sizes >= 0.01 * h * w) + 1
-        obj = np.isin(labels, keep)
-    if obj.mean() < 0.02:
-        return np.ones((h, w), bool)
-    return obj
 
 
 def make_trimap(image: np.ndarray, mask: np.ndarray, foreground: np.ndarray | None = None) -> np.ndarray:

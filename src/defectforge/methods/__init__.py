@@ -1,6 +1,54 @@
-"""Generation methods. Importing this package registers every built-in method."""
+"""Generation methods: the registry (here) and one file per method.
 
-from defectforge.methods.base import GenerationMethod, GenerationResult, MethodConfig, get_method_class, registered_methods
-from defectforge.methods import copy_paste  # noqa: F401  (registers "copy-paste")
+=============  ===================================  =====================================
+name           module                               paper
+=============  ===================================  =====================================
+copy-paste     :mod:`defectforge.methods.copy_paste`  the baseline of every paper's tables
+inversion      :mod:`defectforge.methods.inversion`   DDIM inversion + disentangled sampling
+blended        :mod:`defectforge.methods.blended`     AdaBLDM (blended latent diffusion)
+=============  ===================================  =====================================
 
-__all__ = ["GenerationMethod", "GenerationResult", "MethodConfig", "get_method_class", "registered_methods"]
+Modules load on first use, so the registry (and the manifest suite that checks method
+names) stays cheap to import; a method that needs torch pulls it in only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from defectforge.config import METHOD_NEEDS_CHECKPOINTS, REFERENCE_METHOD as REFERENCE, MethodConfig
+from defectforge.methods.base import DiffusionMethod, GenerationMethod, GenerationResult
+
+# name: module (the names, and whether each needs checkpoints, are declared in defectforge.config)
+METHODS: dict[str, str] = {
+    "copy-paste": "defectforge.methods.copy_paste",
+    "inversion": "defectforge.methods.inversion",
+    "blended": "defectforge.methods.blended",
+}
+
+
+def get_method_class(name: str) -> type[GenerationMethod]:
+    from defectforge.errors import ParamsError
+
+    if name not in METHODS:
+        raise ParamsError(f"generate.methods: unknown method {name!r}; allowed: {registered_methods()}")
+    module = importlib.import_module(METHODS[name])
+    cls = next(c for c in vars(module).values() if isinstance(c, type) and issubclass(c, GenerationMethod) and c.name == name)
+    return cls
+
+
+def needs_checkpoints(name: str) -> bool:
+    """Whether ``name`` needs the fine-tuned models (without importing the method)."""
+    if name not in METHOD_NEEDS_CHECKPOINTS:
+        from defectforge.errors import ParamsError
+
+        raise ParamsError(f"generate.methods: unknown method {name!r}; allowed: {registered_methods()}")
+    return METHOD_NEEDS_CHECKPOINTS[name]
+
+
+def registered_methods() -> list[str]:
+    return list(METHODS)
+
+
+__all__ = ["METHODS", "REFERENCE", "DiffusionMethod", "GenerationMethod", "GenerationResult", "MethodConfig",
+           "get_method_class", "needs_checkpoints", "registered_methods"]

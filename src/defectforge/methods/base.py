@@ -1,8 +1,8 @@
 """The interface every generation method implements.
 
 A method turns a defect-free image, a target mask and a defect type into a defect
-image. It never reads params.yaml: its configuration is a frozen dataclass built by
-the generate stage from the method's own params section, and stored (as JSON) beside
+image. It never reads params.yaml: its configuration is its frozen
+``generate.<method>`` section (:mod:`defectforge.config`), stored (as JSON) beside
 every sample it makes so the sample can be reproduced.
 
     result = method.generate(image, mask, defect="crack", seed=7)
@@ -17,13 +17,12 @@ seeded from it), so one seed gives one output.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+
+from defectforge.config import MethodConfig
 
 
 @dataclass
@@ -34,18 +33,6 @@ class GenerationResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class MethodConfig:
-    """Base class of a method's frozen configuration."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def sha256(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-
 class GenerationMethod:
     """Base class. Subclasses set ``name`` and implement :meth:`generate`.
 
@@ -54,9 +41,23 @@ class GenerationMethod:
     """
 
     name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
 
     def __init__(self, config: MethodConfig):
         self.config = config
+
+    @classmethod
+    def for_stage(cls, config: MethodConfig, checkpoints=None) -> "GenerationMethod":
+        """The method as the generate stage runs it (``checkpoints``: the finetune stage's folder)."""
+        return cls(config)
+
+    def prepare(self, category: str, defect: str, reals: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Get ready to make ``defect`` on ``category`` images (default: :meth:`fit` the reals)."""
+        self.fit(reals, defect)
+
+    def target_mask_options(self) -> dict[str, Any]:
+        """Keyword options of :func:`defectforge.masks.target.sample_target_mask` for this method."""
+        return {}
 
     def fit(self, defects: list[tuple[np.ndarray, np.ndarray]], defect: str) -> None:
         """Learn (or remember) the real defects of one type: list of (image, mask)."""
@@ -85,13 +86,33 @@ class DiffusionMethod(GenerationMethod):
     ``{defect type: directory}``; models load lazily on first use.
     """
 
-    config_class: ClassVar[type[MethodConfig]]
-
     def __init__(self, config: MethodConfig, checkpoint=None):
         super().__init__(config)
         from defectforge.diffusion.sampling import ModelCache
 
         self.models = ModelCache(checkpoint, config.device) if checkpoint is not None else None
+        self._finetuned: str | None = None
+        self._caches: dict = {}
+
+    @classmethod
+    def for_stage(cls, config: MethodConfig, checkpoints=None) -> "DiffusionMethod":
+        from defectforge.errors import DataError
+
+        if checkpoints is None:
+            raise DataError(f"generate: method {cls.name!r} needs the finetune stage's checkpoints (--checkpoints)")
+        method = cls(config)
+        method._finetuned = str(checkpoints)
+        return method
+
+    def prepare(self, category: str, defect: str, reals) -> None:  # noqa: ARG002 - the checkpoint already learned the reals
+        """Load ``category``'s fine-tuned checkpoints (one per defect type) from the finetune folder."""
+        if self._finetuned is None:
+            return
+        from defectforge.diffusion.sampling import ModelCache, category_checkpoints
+
+        if category not in self._caches:
+            self._caches[category] = ModelCache(category_checkpoints(self._finetuned, category), self.config.device)
+        self.models = self._caches[category]
 
     @classmethod
     def from_pretrained(cls, checkpoint, config: MethodConfig | None = None, device: str | None = None):
@@ -124,37 +145,3 @@ class DiffusionMethod(GenerationMethod):
 
         if self.models is None:
             raise ParamsError(f"{self.name}: no model checkpoint given (use {type(self).__name__}.from_pretrained)")
-
-
-_REGISTRY: dict[str, type[GenerationMethod]] = {}
-# Methods that need torch/diffusers register on first use, so the registry (and the
-# manifest suite that checks method names) stays cheap to import.
-_LAZY = {"inversion": "defectforge.methods.inversion", "blended": "defectforge.methods.blended"}
-
-
-def register(cls: type[GenerationMethod]) -> type[GenerationMethod]:
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_method_class(name: str) -> type[GenerationMethod]:
-    from defectforge.errors import ParamsError
-
-    # import side effect: registers the built-in methods
-    import defectforge.methods  # noqa: F401
-
-    if name not in _REGISTRY and name in _LAZY:
-        import importlib
-
-        importlib.import_module(_LAZY[name])
-    if name not in _REGISTRY:
-        raise ParamsError(f"generate.methods: unknown method {name!r}; allowed: {registered_methods()}")
-    return _REGISTRY[name]
-
-
-def registered_methods() -> list[str]:
-    import defectforge.methods  # noqa: F401
-
-    return sorted(set(_REGISTRY) | set(_LAZY))

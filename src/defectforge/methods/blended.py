@@ -16,7 +16,7 @@ Notation:
 
 Steps of :meth:`BlendedMethod.generate`:
 
-1. Trimap: object foreground estimate (:func:`defectforge.masks.trimap.estimate_foreground`);
+1. Trimap: object foreground estimate (:func:`defectforge.masks.foreground.estimate_foreground`);
    the defect region is the target mask on the object, so defects are not placed
    off the object. Crop around it at the model's resolution.
 2. Free denoising (first ``free_fraction`` of the steps): DDIM from the noised
@@ -48,7 +48,6 @@ gray_steps=False, feather=0``; measured in docs/realism-ablation.md):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,44 +55,9 @@ import torch
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
-from defectforge.errors import ParamsError
 from defectforge.masks.trimap import DEFECT, make_trimap
-from defectforge.methods.base import DiffusionMethod, GenerationResult, MethodConfig, register
-
-
-@dataclass(frozen=True)
-class BlendedConfig(MethodConfig):
-    steps: int = 50  # DDIM steps
-    guidance: float = 2.0  # w_d
-    crop: bool = True
-    context: float = 1.5
-    free_fraction: float = 0.2  # share of steps of free denoising (stage 1)
-    trimap: bool = True  # clip the mask to the estimated object foreground
-    adapt_steps: int = 20  # online decoder adaptation steps (0 = off)
-    adapt_lr: float = 1e-4
-    attention_fraction: float = 0.5
-    clip_x0: bool = True  # bound x0^ to [-1, 1] in every step (pixel profile), eps re-derived from it
-    latent_bound: float = 0.0  # the x0^ bound for latent profiles when clip_x0 (0: off)
-    gray_steps: bool = True  # grayscale source: project x0^ onto the grey axis in every step (pixel profile)
-    chroma_steps: bool = True  # colour source: bound x0^'s chroma to the source crop's gamut in every step (pixel profile)
-    feather: float = 1.5  # Gaussian sigma (px) of the soft mask for latent and pixel blending; 0: binary
-    device: str = "auto"
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise ParamsError(f"blended.steps: must be >= 1, got {self.steps}")
-        if self.guidance < 0:
-            raise ParamsError(f"blended.guidance: must be >= 0, got {self.guidance}")
-        if not 0 <= self.free_fraction < 1:
-            raise ParamsError(f"blended.free_fraction: must be in [0, 1), got {self.free_fraction}")
-        if self.adapt_steps < 0 or self.adapt_lr <= 0:
-            raise ParamsError("blended.adapt_steps must be >= 0 and blended.adapt_lr > 0")
-        if not 0 < self.attention_fraction <= 1:
-            raise ParamsError(f"blended.attention_fraction: must be in (0, 1], got {self.attention_fraction}")
-        if self.context < 1:
-            raise ParamsError(f"blended.context: must be >= 1, got {self.context}")
-        if self.latent_bound < 0 or self.feather < 0:
-            raise ParamsError("blended.latent_bound and blended.feather must be >= 0")
+from defectforge.config import BlendedConfig
+from defectforge.methods.base import DiffusionMethod, GenerationResult
 
 
 def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, background: torch.Tensor, steps: int, lr: float):
@@ -168,7 +132,6 @@ def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps:
     return z
 
 
-@register
 class BlendedMethod(DiffusionMethod):
     """AdaBLDM three-stage blended latent diffusion (see module docstring)."""
 
@@ -188,7 +151,6 @@ class BlendedMethod(DiffusionMethod):
         with torch.no_grad():
             z0 = comps.encode(crop.x)
         m = comps.latent_mask(crop.m)
-        noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
 
         gray = is_gray(image)
         pixel = not comps.has_decoder  # identity autoencoder: the latent is the image

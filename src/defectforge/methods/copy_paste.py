@@ -16,27 +16,15 @@ Steps of :meth:`CopyPaste.generate`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import ndimage
 
 from defectforge.errors import DataError
-from defectforge.methods.base import GenerationMethod, GenerationResult, MethodConfig, register
+from defectforge.masks.augment import random_transform
+from defectforge.config import CopyPasteConfig
+from defectforge.methods.base import GenerationMethod, GenerationResult
 
 
-@dataclass(frozen=True)
-class CopyPasteConfig(MethodConfig):
-    feather: float = 1.5
-    max_rotation: float = 180.0
-    scale_range: tuple[float, float] = (0.8, 1.2)
-    flip: bool = True
-    match_brightness: bool = True
-    placement: str = "foreground"
-    margin: int = 4
-
-
-@register
 class CopyPaste(GenerationMethod):
     name = "copy-paste"
     config_class = CopyPasteConfig
@@ -44,6 +32,10 @@ class CopyPaste(GenerationMethod):
     def __init__(self, config: CopyPasteConfig | None = None):
         super().__init__(config or CopyPasteConfig())
         self.donors: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def target_mask_options(self) -> dict:
+        """The target mask gets the same augmentation knobs as the donor."""
+        return self.config.target_mask_options()
 
     def fit(self, defects, defect: str) -> None:
         """Remember the real defects of one type as (pixel crop, mask crop) around each mask."""
@@ -60,26 +52,6 @@ class CopyPaste(GenerationMethod):
             raise DataError(f"copy-paste: no real training defects with a non-empty mask for defect type {defect!r}")
         self.donors[defect] = crops
 
-    def _augment(self, pixels, mask, rng, max_hw):
-        c = self.config
-        if c.flip and rng.random() < 0.5:
-            pixels, mask = pixels[:, ::-1], mask[:, ::-1]
-        if c.flip and rng.random() < 0.5:
-            pixels, mask = pixels[::-1], mask[::-1]
-        angle = float(rng.uniform(-c.max_rotation, c.max_rotation)) if c.max_rotation > 0 else 0.0
-        scale = float(rng.uniform(*c.scale_range))
-        alpha = mask.astype(np.float32)
-        if angle:
-            # mode="nearest" avoids black corners on the pixels; the mask decides what is pasted
-            pixels = ndimage.rotate(pixels, angle, axes=(0, 1), order=1, reshape=True, mode="nearest")
-            alpha = ndimage.rotate(alpha, angle, order=1, reshape=True, mode="constant")
-        fit = min(max_hw[0] / pixels.shape[0], max_hw[1] / pixels.shape[1])
-        scale = min(scale, fit)
-        if abs(scale - 1) > 1e-6:
-            pixels = ndimage.zoom(pixels, (scale, scale, 1), order=1, mode="nearest")
-            alpha = ndimage.zoom(alpha, scale, order=1)
-        return pixels, alpha > 0.5
-
     def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
         if defect not in self.donors:
             raise DataError(f"copy-paste: defect type {defect!r} was not fitted")
@@ -90,7 +62,8 @@ class CopyPaste(GenerationMethod):
         d = int(rng.integers(0, len(donors)))
         pixels, dmask = donors[d]
         # 2. augmentation
-        pixels, dmask = self._augment(pixels, dmask, rng, (H - 2, W - 2))
+        c = self.config
+        pixels, dmask = random_transform(dmask, rng, pixels=pixels, max_rotation=c.max_rotation, scale_range=tuple(c.scale_range), flip=c.flip, max_size=(H - 2, W - 2))
         if not dmask.any():
             dmask = np.zeros(dmask.shape, bool)
             dmask[dmask.shape[0] // 2, dmask.shape[1] // 2] = True

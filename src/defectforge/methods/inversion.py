@@ -64,7 +64,6 @@ gray_steps=False, feather=0, paste="crop"``; measured in docs/realism-ablation.m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -72,44 +71,8 @@ import torch
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
-from defectforge.errors import ParamsError
-from defectforge.methods.base import DiffusionMethod, GenerationResult, MethodConfig, register
-
-
-@dataclass(frozen=True)
-class InversionConfig(MethodConfig):
-    steps: int = 50  # DDIM steps (paper: 50)
-    guidance: float = 2.0  # w_d; 1.0 = plain Eq. (9)
-    crop: bool = True  # False: whole image resized to the model resolution
-    context: float = 1.5  # crop side >= context * defect extent
-    paste: str = "mask"  # "mask": only (feathered) target-mask pixels; "crop": the whole regenerated crop
-    attention_fraction: float = 0.5  # last share of steps whose attention is averaged
-    background: str = "inverted"  # "inverted": read the background from the Eq. 8 path; "sampled": the paper's Eq. 9
-    clip_x0: bool = True  # bound x0^ to [-1, 1] in every step (pixel profile), eps re-derived from it
-    latent_bound: float = 0.0  # the x0^ bound for latent profiles when clip_x0 (0: off)
-    gray_steps: bool = True  # grayscale source: project x0^ onto the grey axis in every step (pixel profile)
-    chroma_steps: bool = True  # colour source: bound x0^'s chroma to the source crop's gamut in every step (pixel profile)
-    feather: float = 1.5  # Gaussian sigma (px) of the soft mask of Eq. 9's mix, the path blend and the paste; 0: binary
-    defect_background: str = "inverted"  # what the defect branch sees outside m: "inverted" path or "noised" z_0 (Eq. 6)
-    device: str = "auto"
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise ParamsError(f"inversion.steps: must be >= 1, got {self.steps}")
-        if self.background not in ("inverted", "sampled"):
-            raise ParamsError(f"inversion.background: must be 'inverted' or 'sampled', got {self.background!r}")
-        if self.defect_background not in ("inverted", "noised"):
-            raise ParamsError(f"inversion.defect_background: must be 'inverted' or 'noised', got {self.defect_background!r}")
-        if self.guidance < 0:
-            raise ParamsError(f"inversion.guidance: must be >= 0, got {self.guidance}")
-        if self.paste not in ("crop", "mask"):
-            raise ParamsError(f"inversion.paste: must be 'crop' or 'mask', got {self.paste!r}")
-        if not 0 < self.attention_fraction <= 1:
-            raise ParamsError(f"inversion.attention_fraction: must be in (0, 1], got {self.attention_fraction}")
-        if self.context < 1:
-            raise ParamsError(f"inversion.context: must be >= 1, got {self.context}")
-        if self.latent_bound < 0 or self.feather < 0:
-            raise ParamsError("inversion.latent_bound and inversion.feather must be >= 0")
+from defectforge.config import InversionConfig
+from defectforge.methods.base import DiffusionMethod, GenerationResult
 
 
 @torch.no_grad()
@@ -188,7 +151,6 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
     return z_star, z_m
 
 
-@register
 class InversionMethod(DiffusionMethod):
     """DDIM inversion with disentangled background (see module docstring)."""
 

@@ -1,21 +1,8 @@
-"""Image-quality metrics (backbone recorded beside every number), detection metrics, quality gates."""
+"""Metrics, one module per family (imported one by one, so a stage pays only for what it uses):
 
-from defectforge.metrics.backbones import DEFAULT_BACKBONE, DEFAULT_LPIPS_BACKBONE
-from defectforge.metrics.detection import DETECTION_KEYS, aupro, detection_metrics
-from defectforge.metrics.gates import GateThresholds, SetThresholds, gate_sample, gate_set, thresholds_from_dict
-from defectforge.metrics.quality import QUALITY_KEYS, compute_quality
-
-__all__ = [
-    "DEFAULT_BACKBONE",
-    "DEFAULT_LPIPS_BACKBONE",
-    "DETECTION_KEYS",
-    "GateThresholds",
-    "QUALITY_KEYS",
-    "SetThresholds",
-    "aupro",
-    "compute_quality",
-    "detection_metrics",
-    "gate_sample",
-    "gate_set",
-    "thresholds_from_dict",
-]
+* :mod:`~defectforge.metrics.quality` - FID / KID / IS / LPIPS / IC-LPIPS on defect crops;
+* :mod:`~defectforge.metrics.backbones` - the feature networks, named beside every number;
+* :mod:`~defectforge.metrics.realism` - realism scores that need no downloaded weights;
+* :mod:`~defectforge.metrics.gates` - per-sample and set-level quality gates;
+* :mod:`~defectforge.metrics.detection` - image / pixel AUROC, AP, F1-max, AUPRO.
+"""

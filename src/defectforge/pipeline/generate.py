@@ -1,4 +1,10 @@
-"""The generation driver: plan samples, run a method shard by shard, write the manifest.
+"""Stage ``generate``: plan samples, run each method shard by shard, write the manifest.
+
+:func:`run` is the stage: every method of ``generate.methods`` into ``<out>/<method>/``
+under one dataset root, locally (:func:`run_method`) or fanned out on Dask
+(:mod:`defectforge.pipeline.fanout`, when ``generate.workers > 1`` or a
+``generate.scheduler`` is set). Method objects come from the registry
+(:mod:`defectforge.methods`) with their ``generate.<method>`` config.
 
 The plan is a pure function of the split manifest and the params: for every defect
 type of the training split, ``n_per_defect`` samples, each with its own normal image
@@ -18,17 +24,76 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from defectforge.data.io import read_image, read_mask, sha256_bytes, encode_png, atomic_write_bytes
+from defectforge.config import GenerateParams
+from defectforge.data.io import OWNED, atomic_write_bytes, claim_dir, encode_png, read_image, read_mask, sha256_bytes
 from defectforge.errors import DataError
 from defectforge.manifest.io import ShardedWriter, manifest_info, read_manifest
+from defectforge.manifest.validate import check_manifest
 from defectforge.masks.target import sample_target_mask
-from defectforge.methods.base import GenerationMethod
+from defectforge.methods import GenerationMethod, get_method_class
+from defectforge.seeding import derive_seed
+
+PLAN_FILE = "plan.sha256"
+
+
+def run(
+    p: GenerateParams, split: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoints: str | os.PathLike | None = None, progress: bool = True
+) -> Path:
+    """Generate with every method of ``generate.methods`` into ``out_dir/<method>/``; returns ``out_dir``.
+
+    One dataset root (``out_dir``) holds all methods; it is returned after the manifest
+    suite passed. The stage stays one DVC stage however many machines do the work, so
+    there is one ``dvc repro`` and one workspace lock. A method folder of an earlier run
+    that ``generate.methods`` no longer asks for is removed - only if defectforge made it.
+    """
+    out_root = _claim_root(Path(out_dir))
+    for child in sorted(out_root.iterdir()):
+        if child.is_dir() and child.name not in p.methods and (child / PLAN_FILE).is_file():
+            shutil.rmtree(child)
+    for name in p.methods:
+        if p.workers > 1 or p.scheduler:
+            from defectforge.pipeline.fanout import run_on_dask
+
+            n_shards = prepare_output(split, out_root / name, method_name=name, n_per_defect=p.n_per_defect, seed=p.seed,
+                                      shard_size=p.shard_size, params_sha256=p.method_sha256(name))
+            run_on_dask(run_method, (p, name, str(split), str(out_root)), n_shards, workers=p.workers, scheduler=p.scheduler,
+                        kwargs={"checkpoints": None if checkpoints is None else str(checkpoints)}, desc=f"generate[{name}]", progress=progress)
+        else:
+            run_method(p, name, split, out_root, checkpoints=checkpoints, progress=progress)
+    check_manifest(out_root)
+    return out_root
+
+
+def _claim_root(out_root: Path) -> Path:
+    """``out_root`` if it is new, empty or ours (marker, or method folders with a plan); marked."""
+    ours = out_root.is_dir() and any((c / PLAN_FILE).is_file() for c in out_root.iterdir() if c.is_dir())
+    if not ours:
+        claim_dir(out_root, "generate output folder")
+    out_root.mkdir(parents=True, exist_ok=True)
+    if not (out_root / OWNED).is_file():
+        atomic_write_bytes(out_root / OWNED, b"made by defectforge; method folders are replaced on the next run\n")
+    return out_root
+
+
+def build_method(p: GenerateParams, name: str, checkpoints: str | os.PathLike | None = None) -> GenerationMethod:
+    """The configured method ``name`` as the stage runs it (diffusion methods need ``checkpoints``)."""
+    return get_method_class(name).for_stage(p.method_config(name), checkpoints)
+
+
+def run_method(
+    p: GenerateParams, name: str, split, out_root, *, checkpoints: str | os.PathLike | None = None, progress: bool = True, shards: list[int] | None = None
+) -> Path:
+    """One method's samples (or some of its shards) into ``out_root/<name>/``; returns its shard folder."""
+    method = build_method(p, name, checkpoints)
+    return generate_shards(
+        split, Path(out_root) / name, dataset_root=out_root, method=method, n_per_defect=p.n_per_defect, seed=p.seed,
+        shard_size=p.shard_size, params_sha256=p.method_sha256(name), shards=shards, progress=progress,
+    )
 
 
 @dataclass(frozen=True)
@@ -41,11 +106,6 @@ class SampleSpec:
     seed: int
 
 
-def _derive_seed(*parts: Any) -> int:
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: int, params_sha256: str) -> list[SampleSpec]:
     """Deterministic list of the samples to make (same inputs -> same list)."""
     train = split[split["split"] == "train"]
@@ -56,7 +116,7 @@ def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: i
         if not normals:
             raise DataError(f"split manifest: category {category!r} has no defect-free training images to paint {defect!r} on")
         for j in range(n_per_defect):
-            s = _derive_seed(seed, category, defect, j)
+            s = derive_seed(seed, category, defect, j)
             normal = normals[s % len(normals)]
             sid = hashlib.sha256(f"{method}|{params_sha256}|{category}|{defect}|{normal}|{s}".encode()).hexdigest()[:20]
             specs.append(SampleSpec(len(specs), sid, category, defect, normal, s))
@@ -79,7 +139,7 @@ def prepare_output(
     return (len(specs) + shard_size - 1) // shard_size
 
 
-def run_generation(
+def generate_shards(
     split_manifest: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
@@ -88,16 +148,14 @@ def run_generation(
     seed: int,
     shard_size: int,
     params_sha256: str,
-    target_mask_options: dict[str, Any] | None = None,
-    fit: Callable[[GenerationMethod, str, str, list[tuple[np.ndarray, np.ndarray]]], None] | None = None,
     shards: list[int] | None = None,
     progress: bool = True,
     dataset_root: str | os.PathLike | None = None,
 ) -> Path:
     """Generate every planned sample into ``out_dir`` (images/, masks/, raw_masks/, manifest/).
 
-    ``fit(method, category, defect_type, real_train_defects)`` prepares the method for a
-    defect type (default: ``method.fit(defects, defect_type)``). ``shards`` restricts
+    ``method.prepare(category, defect_type, real_train_defects)`` readies the method for
+    a defect type (loads its checkpoint, or remembers the donors). ``shards`` restricts
     the run to some shard indices (the fan-out of a distributed run); the default is all.
     ``dataset_root`` (default ``out_dir``) is the root the manifest's paths are relative
     to: the generate stage puts each method in ``<root>/<method>/`` under one root.
@@ -130,12 +188,12 @@ def run_generation(
                 reals = by_id[(by_id["split"] == "train") & (by_id["category"] == spec.category) & (by_id["defect_type"] == spec.defect_type)]
                 real_defects[key] = [(read_image(src_root / r.image_path), read_mask(src_root / r.mask_path)) for r in reals.itertuples()]
             if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
-                (fit or (lambda m, c, d, reals: m.fit(reals, d)))(method, spec.category, spec.defect_type, real_defects[key])
+                method.prepare(spec.category, spec.defect_type, real_defects[key])
                 current = key
             normal_row = by_id.loc[spec.normal_id]
             normal = read_image(src_root / normal_row.image_path)
             rng = np.random.default_rng(spec.seed)
-            target, donor = sample_target_mask([m for _, m in real_defects[key]], normal, rng, **(target_mask_options or {}))
+            target, donor = sample_target_mask([m for _, m in real_defects[key]], normal, rng, **method.target_mask_options())
             result = method.generate(normal, target, spec.defect_type, spec.seed)
             rows.append(_write_sample(out_dir, prefix, spec, normal_row, result, method, cfg_json, params_sha256))
             bar.update(1)
@@ -150,7 +208,7 @@ def run_generation(
 def _reset_if_plan_changed(out_dir: Path, specs: list[SampleSpec], shard_size: int) -> None:
     """Finished shards are reused only by a run with the same plan; otherwise start clean."""
     plan = hashlib.sha256(json.dumps([shard_size] + [s.sample_id for s in specs]).encode()).hexdigest()
-    marker = out_dir / "plan.sha256"
+    marker = out_dir / PLAN_FILE
     if out_dir.exists() and (not marker.is_file() or marker.read_text().strip() != plan):
         for child in ("manifest", "images", "masks", "raw_masks", "attention"):
             shutil.rmtree(out_dir / child, ignore_errors=True)

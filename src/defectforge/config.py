@@ -1,6 +1,10 @@
-"""Typed, validated params.yaml.
+"""Typed, validated params.yaml: the one place every knob is declared.
 
 Every knob of every stage lives in params.yaml and is read through these models.
+The generation methods' configurations (:class:`CopyPasteConfig`,
+:class:`InversionConfig`, :class:`BlendedConfig`) are declared here too, once: they
+are both the ``generate.<method>`` sections and the frozen config a method object
+holds (and stores beside every sample it makes).
 Unknown keys, wrong types and out-of-range values stop the stage with one line that
 names the dotted key and what is allowed::
 
@@ -15,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,17 +66,6 @@ class SplitParams(_Section):
     good_test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
 
 
-class CopyPasteParams(_Section):
-    """Model-free baseline: cut a real defect with its mask and paste it on a normal image."""
-
-    feather: float = Field(1.5, ge=0.0, le=20.0)
-    max_rotation: float = Field(180.0, ge=0.0, le=180.0)
-    scale_range: tuple[float, float] = (0.8, 1.2)
-    flip: bool = True
-    match_brightness: bool = True
-    placement: Literal["foreground", "anywhere"] = "foreground"
-
-
 class PretrainParams(_Section):
     """The base model. tiny: trained here from scratch on defect-free crops (CPU);
     pretrained: any diffusers Stable Diffusion directory or hub id (GPU workers)."""
@@ -103,40 +96,91 @@ class FinetuneParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class _SamplingParams(_Section):
-    """What every diffusion method shares: DDIM steps, guidance, crop mode, attention."""
+class _ConfigMeta(type(BaseModel)):
+    """Direct construction (``InversionConfig(steps=0)``) raises :class:`ParamsError` naming
+    ``<section>.<key>``; inside :func:`parse_params` the nested errors keep their full
+    dotted path (``generate.inversion.steps``), because nested validation never calls this."""
 
-    steps: int = Field(50, ge=1, le=1000)
-    guidance: float = Field(2.0, ge=0, le=20)
-    crop: bool = True
-    context: float = Field(1.5, ge=1, le=10)
-    attention_fraction: float = Field(0.5, gt=0, le=1)
-    clip_x0: bool = True
-    latent_bound: float = Field(0.0, ge=0, le=100)
-    gray_steps: bool = True
-    chroma_steps: bool = True
-    feather: float = Field(1.5, ge=0, le=20)
+    def __call__(cls, *args: Any, **kwargs: Any):
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as exc:
+            raise ParamsError("; ".join(_describe(e, cls.section) for e in exc.errors()[:5])) from None
+
+
+class MethodConfig(_Section, metaclass=_ConfigMeta):
+    """A generation method's frozen configuration = its ``generate.<section>`` of params.yaml."""
+
+    section: ClassVar[str] = "method"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class CopyPasteConfig(MethodConfig):
+    """Model-free baseline: cut a real defect with its mask and paste it on a normal image."""
+
+    section: ClassVar[str] = "copy_paste"
+    feather: float = Field(1.5, ge=0.0, le=20.0)          # Gaussian sigma (px) of the paste's alpha
+    max_rotation: float = Field(180.0, ge=0.0, le=180.0)  # target mask and donor: rotation in [-x, x] degrees
+    scale_range: tuple[float, float] = (0.8, 1.2)
+    flip: bool = True
+    match_brightness: bool = True
+    placement: Literal["foreground", "anywhere"] = "foreground"
+    margin: int = Field(4, ge=0, le=64)                   # px of context cut around each donor mask
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"need 0 < low <= high, got {list(v)}")
+        return v
+
+    def target_mask_options(self) -> dict[str, Any]:
+        return {"max_rotation": self.max_rotation, "scale_range": tuple(self.scale_range), "flip": self.flip}
+
+
+class _SamplingConfig(MethodConfig):
+    """What every diffusion method shares: DDIM steps, guidance, crop mode, attention, x0 bounds."""
+
+    steps: int = Field(50, ge=1, le=1000)                   # DDIM steps (papers: 50)
+    guidance: float = Field(2.0, ge=0, le=20)               # w_d; 1.0 = no extra push along good -> defect
+    crop: bool = True                                       # False: whole image resized to the model resolution
+    context: float = Field(1.5, ge=1, le=10)                # crop side >= context * defect extent
+    attention_fraction: float = Field(0.5, gt=0, le=1)      # last share of steps whose attention is averaged (Eq. 13)
+    clip_x0: bool = True                                    # bound x0^ to [-1, 1] in every step (pixel profile)
+    latent_bound: float = Field(0.0, ge=0, le=100)          # the x0^ bound for latent profiles when clip_x0 (0: off)
+    gray_steps: bool = True                                 # grey source: project x0^ onto the grey axis in every step
+    chroma_steps: bool = True                               # colour source: bound x0^'s chroma to the crop's gamut
+    feather: float = Field(1.5, ge=0, le=20)                # Gaussian sigma (px) of the soft masks; 0: binary
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class InversionParams(_SamplingParams):
+class InversionConfig(_SamplingConfig):
     """DDIM inversion (Eq. 8), noise in the mask (Thm. 1), sampling with Eq. 9."""
 
-    paste: Literal["crop", "mask"] = "mask"
-    background: Literal["inverted", "sampled"] = "inverted"
-    defect_background: Literal["inverted", "noised"] = "inverted"
+    section: ClassVar[str] = "inversion"
+    paste: Literal["crop", "mask"] = "mask"                 # mask: only (feathered) target-mask pixels change
+    background: Literal["inverted", "sampled"] = "inverted"  # read the background from the Eq. 8 path, or Eq. 9's
+    defect_background: Literal["inverted", "noised"] = "inverted"  # defect branch outside m: inverted path or noised z_0 (Eq. 6)
 
 
-class BlendedParams(_SamplingParams):
+class BlendedConfig(_SamplingConfig):
     """AdaBLDM: free denoising, latent blending, pixel blending, decoder adaptation."""
 
-    free_fraction: float = Field(0.2, ge=0, lt=1)
-    trimap: bool = True
-    adapt_steps: int = Field(20, ge=0, le=10000)
+    section: ClassVar[str] = "blended"
+    free_fraction: float = Field(0.2, ge=0, lt=1)   # share of steps of free denoising (stage 1)
+    trimap: bool = True                             # clip the mask to the estimated object foreground
+    adapt_steps: int = Field(20, ge=0, le=10000)    # online decoder adaptation steps (0 = off)
     adapt_lr: float = Field(1e-4, gt=0, le=1)
 
 
+# The method names params.yaml accepts, and whether each needs the pretrain + finetune
+# stages' checkpoints; the registry (defectforge.methods) maps each name to its module.
+METHOD_NEEDS_CHECKPOINTS: dict[str, bool] = {"copy-paste": False, "inversion": True, "blended": True}
 MethodName = Literal["copy-paste", "inversion", "blended"]
+# the model-free baseline the reports and realism scores compare every method with
+REFERENCE_METHOD = "copy-paste"
 
 
 class GenerateParams(_Section):
@@ -146,12 +190,17 @@ class GenerateParams(_Section):
     shard_size: int = Field(4, ge=1, le=10000)
     workers: int = Field(1, ge=1, le=256)
     scheduler: str = ""
-    copy_paste: CopyPasteParams = CopyPasteParams()
-    inversion: InversionParams = InversionParams()
-    blended: BlendedParams = BlendedParams()
+    copy_paste: CopyPasteConfig = CopyPasteConfig()
+    inversion: InversionConfig = InversionConfig()
+    blended: BlendedConfig = BlendedConfig()
+
+    def method_config(self, method: str) -> MethodConfig:
+        """The configuration of ``method`` (its section of this one)."""
+        return getattr(self, method.replace("-", "_"))
 
     def diffusion_methods(self) -> list[str]:
-        return [m for m in self.methods if m != "copy-paste"]
+        """The methods that need the pretrain and finetune stages' models."""
+        return [m for m in self.methods if METHOD_NEEDS_CHECKPOINTS[m]]
 
     def method_sha256(self, method: str) -> str:
         """Hash of what determines one method's samples: the common knobs and its own section."""
@@ -236,8 +285,8 @@ class Params(_Section):
     release: ReleaseParams = ReleaseParams()
 
 
-def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"])
+def _describe(err: dict[str, Any], prefix: str = "") -> str:
+    key = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]])
     kind = err["type"]
     got = err.get("input")
     ctx = err.get("ctx") or {}
@@ -247,6 +296,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{key}: got {got!r}; allowed: {ctx.get('expected')}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"{key}: {got!r} is out of range ({err['msg'].lower()})"
+    if kind == "value_error":
+        return f"{key}: {err['msg'].removeprefix('Value error, ')}"
     return f"{key}: {err['msg']} (got {got!r})"
 
 
@@ -270,9 +321,6 @@ def parse_params(data: dict[str, Any] | None, source: str = "params.yaml") -> Pa
             raise ParamsError(f"{source}: quality.{key}: {exc}") from None
     if params.pretrain.profile == "pretrained" and not params.pretrain.base:
         raise ParamsError(f"{source}: pretrain.base: the pretrained profile needs a diffusers model directory or hub id")
-    lo, hi = params.generate.copy_paste.scale_range
-    if not 0 < lo <= hi:
-        raise ParamsError(f"{source}: generate.copy_paste.scale_range: need 0 < low <= high, got {[lo, hi]}")
     return params
 
 

@@ -1,4 +1,5 @@
-"""One self-contained HTML report per dataset version.
+"""One self-contained HTML report per dataset version (:func:`build_report` from the
+stage outputs; :func:`render_report` from plain rows).
 
 Everything is inside the file: images are PNG data URIs (base64), training curves
 are inline SVG, the style sheet is inline; there is no script and no reference to
@@ -36,14 +37,19 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
-from defectforge.data.io import atomic_write_text, encode_png
+from defectforge.data.io import atomic_write_text, encode_png, read_image, read_mask
+from defectforge.manifest.io import manifest_info, read_manifest
+from defectforge.metrics.detection import DETECTION_KEYS
+from defectforge.config import REFERENCE_METHOD as REFERENCE
 
 BASELINE = "real-only"
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -52,9 +58,7 @@ QUALITY_COLUMNS = (
     "defect_type", "method", "n_real", "n_fake", "fid", "kid_mean", "kid_std", "is_mean", "is_std",
     "lpips", "ic_lpips", "backbone", "lpips_backbone", "pass_rate",
 )
-DETECTOR_METRICS = (
-    "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro",
-)
+DETECTOR_METRICS = DETECTION_KEYS
 # columns of a row whose None value is explained by another key
 _SKIP_KEY = {"fid": "fid_skipped", "kid_mean": "kid_skipped", "kid_std": "kid_skipped",
              "is_mean": "is_skipped", "is_std": "is_skipped", "lpips": "lpips_skipped",
@@ -108,8 +112,8 @@ def failures_first(entries: Sequence) -> list[Sample]:
 
 
 def method_columns(methods: Sequence[str]) -> list[str]:
-    """Method order of the grid: ``copy-paste`` first, then the others as given."""
-    return [m for m in methods if m == "copy-paste"] + [m for m in methods if m != "copy-paste"]
+    """Method order of the grid: the reference baseline (``copy-paste``) first, then the others as given."""
+    return [m for m in methods if m == REFERENCE] + [m for m in methods if m != REFERENCE]
 
 
 def metric_name(key: str) -> str:
@@ -495,7 +499,7 @@ def _realism_section(sets: Sequence[dict]) -> str:
     rows = [r for r in sets if any(k in r for k in REALISM_KEYS)]
     if not rows:
         return "<p><em>This run's quality stage wrote no realism scores.</em></p>"
-    c2st_cp = {(r.get("category"), r.get("defect_type")): r.get("c2st_accuracy") for r in rows if r.get("method") == "copy-paste"}
+    c2st_cp = {(r.get("category"), r.get("defect_type")): r.get("c2st_accuracy") for r in rows if r.get("method") == REFERENCE}
     expl = "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>" for k, v in REALISM_EXPLAINED)
     body = []
     for r in rows:
@@ -505,7 +509,7 @@ def _realism_section(sets: Sequence[dict]) -> str:
         inside_s = "" if inside is None else (" inside" if inside else ' <span class="v-hurts">outside</span>')
         cp = c2st_cp.get((r.get("category"), r.get("defect_type")))
         refs = f"real-vs-real {_g(r.get('c2st_real_vs_real'))}"
-        if r.get("method") != "copy-paste":
+        if r.get("method") != REFERENCE:
             refs += f", copy-paste {_g(cp)}"
         sat = _num(r.get("saturation"))
         sat_cls = ' class="v-hurts"' if sat is not None and sat > max(0.01, (_num(r.get("saturation_real")) or 0) * 2) else ""
@@ -526,7 +530,7 @@ def realism_by_method(sets: Sequence[dict]) -> dict[str, dict]:
     C2ST accuracy (and the real-vs-real and copy-paste references over the same defect
     types), mean intensity distance, and in how many sets the contrast lies in the real IQR."""
     rows = [r for r in sets if any(k in r for k in REALISM_KEYS)]
-    cp = {(r.get("category"), r.get("defect_type")): _num(r.get("c2st_accuracy")) for r in rows if r.get("method") == "copy-paste"}
+    cp = {(r.get("category"), r.get("defect_type")): _num(r.get("c2st_accuracy")) for r in rows if r.get("method") == REFERENCE}
 
     def mean(vals):
         vals = [v for v in vals if v is not None]
@@ -544,7 +548,7 @@ def realism_by_method(sets: Sequence[dict]) -> dict[str, dict]:
             "intensity_distance": mean(_num(r.get("intensity_distance")) for r in mine),
             "c2st_accuracy": mean(_num(r.get("c2st_accuracy")) for r in mine),
             "c2st_real_vs_real": mean(_num(r.get("c2st_real_vs_real")) for r in mine),
-            "c2st_copy_paste": None if m == "copy-paste" else mean(cp.get((r.get("category"), r.get("defect_type"))) for r in mine),
+            "c2st_copy_paste": None if m == REFERENCE else mean(cp.get((r.get("category"), r.get("defect_type"))) for r in mine),
             "contrast_inside": sum(1 for i in inside if i), "contrast_known": sum(1 for i in inside if i is not None),
         }
     return out
@@ -707,3 +711,101 @@ def write_report(path: str | Path, **kwargs) -> Path:
     path = Path(path)
     atomic_write_text(path, render_report(**kwargs))
     return path
+
+
+# ----------------------------------------------------------------------------- from stage outputs
+def method_order(present: Sequence[str], methods: Sequence[str] | None = None) -> list[str]:
+    """The grid's method columns: ``copy-paste`` first, then ``methods`` (``generate.methods``;
+    default: the registry's order), then any other method present, sorted."""
+    from defectforge.config import METHOD_NEEDS_CHECKPOINTS
+
+    order = list(methods) if methods is not None else list(METHOD_NEEDS_CHECKPOINTS)
+    known = [m for m in order if m in present]
+    rest = sorted(m for m in present if m not in known)
+    out = known + rest
+    return method_columns(out)
+
+
+def _reasons(value) -> tuple[str, ...]:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ()
+    return tuple(str(v) for v in value)
+
+
+def _qc(value) -> bool | None:
+    return None if value is None or pd.isna(value) else bool(value)
+
+
+def sample_grids(manifest, split, *, per_cell: int = 4, methods: Sequence[str] | None = None) -> list[SampleGrid]:
+    """One :class:`SampleGrid` per (category, defect type) of the synthetic manifest.
+
+    ``real``: the split's real defects of the type, held-out test images first, then
+    training ones. Each method's samples keep their quality-gate result; the ones that
+    failed come first and at most ``per_cell`` are read per column.
+    """
+    root = Path(manifest_info(manifest)["dataset_root"])
+    src_root = Path(manifest_info(split)["dataset_root"])
+    syn = read_manifest(manifest).to_pandas().sort_values("sample_id")
+    real = read_manifest(split).to_pandas()
+    real = real[(real["defect_type"] != "good") & real["mask_path"].notna()]
+    real = real.assign(_order=(real["split"] != "test").astype(int)).sort_values(["_order", "image_id"], kind="stable")
+    if "qc_pass" not in syn:
+        syn = syn.assign(qc_pass=None)
+    if "qc_reasons" not in syn:
+        syn = syn.assign(qc_reasons=None)
+    grids = []
+    for (category, defect), group in syn.groupby(["category", "defect_type"], sort=True):
+        rr = real[(real["category"] == category) & (real["defect_type"] == defect)].head(per_cell)
+        synthetic = {}
+        for method in method_order(list(group["method"].unique()), methods):
+            g = group[group["method"] == method]
+            g = g.assign(_fail=g["qc_pass"].map(lambda v: 0 if _qc(v) is False else 1)).sort_values(["_fail", "sample_id"], kind="stable")
+            synthetic[method] = [
+                Sample(read_image(root / r.image_path), read_mask(root / r.mask_path), _qc(r.qc_pass), _reasons(r.qc_reasons), r.sample_id[:12])
+                for r in g.head(per_cell).itertuples()
+            ]
+        grids.append(
+            SampleGrid(
+                defect_type=f"{category} / {defect}",
+                real=[Sample(read_image(src_root / r.image_path), read_mask(src_root / r.mask_path), label=f"{r.split} {Path(r.image_path).stem}") for r in rr.itertuples()],
+                synthetic=synthetic,
+            )
+        )
+    return grids
+
+
+def build_report(
+    path: str | os.PathLike,
+    *,
+    title: str,
+    manifest: str | os.PathLike,
+    split: str | os.PathLike,
+    metrics: dict,
+    detector_dir: str | os.PathLike | None = None,
+    per_cell: int = 4,
+    methods: Sequence[str] | None = None,
+) -> Path:
+    """One self-contained HTML file: the sample grid per (category, defect type) at the top
+    (real | copy-paste | other methods; plain image, mask, overlay; failures first), the
+    detector's verdicts, the realism scores, the quality table (backbones named), the raw
+    detector table and the detector's training curves."""
+    syn = read_manifest(manifest).to_pandas()
+    grids = sample_grids(manifest, split, per_cell=per_cell, methods=methods)
+    quality_rows = [dict(r, defect_type=f"{r['category']}/{r['defect_type']}") for r in (metrics.get("quality") or {}).get("sets", {}).values()]
+    detector_rows, curves = [], {}
+    det = metrics.get("detector") or {}
+    for category, runs in (det.get("per_category") or {}).items():
+        for run, m in runs.items():
+            if isinstance(m, dict):
+                detector_rows.append({"defect_type": category, "run": run, "n_train": m.get("train_real"), "n_synthetic": m.get("train_synthetic"),
+                                      **{k: v for k, v in m.items() if not isinstance(v, (dict, list))}})
+    if detector_dir is not None and (Path(detector_dir) / "curves.csv").is_file():
+        c = pd.read_csv(Path(detector_dir) / "curves.csv")
+        for (category, run), g in c.groupby(["category", "run"], sort=True):  # several seeds: their mean loss per epoch
+            curves[f"{category}/{run}"] = g.groupby("epoch", as_index=False)["loss"].mean().to_dict(orient="records")
+    meta = {"samples": len(syn), "methods": ", ".join(method_order(list(syn["method"].unique()), methods))}
+    if "qc_pass" in syn:
+        meta["qc_pass"] = f"{int(syn['qc_pass'].fillna(False).sum())} / {len(syn)}"
+    return write_report(path, title=title, grids=grids, quality_rows=quality_rows, detector_rows=detector_rows, detector=det or None,
+                        curves=curves, meta=meta, max_per_cell=per_cell)
+

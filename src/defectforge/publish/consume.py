@@ -23,7 +23,7 @@ from PIL import Image
 
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest
-from defectforge.release import tag_name
+from defectforge.publish.versions import tag_name
 
 
 def _release_path(name: str, version: int) -> str:

@@ -1,0 +1,65 @@
+"""Stage ``finetune``: one checkpoint per (category, defect type).
+
+For every (category, defect type) of the training split, the DDIM-inversion paper's
+disentangled training (masked matching loss + background regulariser, Eq. 5-7;
+masked cross-attention, Eq. 10-11; the attention loss that makes Eq. 13 work) from
+the base model, into ``<out>/<category>/<defect type>/`` (safetensors), the index
+``checkpoints.json`` (read by :func:`defectforge.diffusion.sampling.category_checkpoints`)
+and one training curve for DVC plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from defectforge.config import FinetuneParams
+from defectforge.data.io import atomic_dir, atomic_write_text, read_image, read_mask
+from defectforge.diffusion.sampling import CHECKPOINT_INDEX
+from defectforge.errors import DataError
+from defectforge.pipeline.pretrain import base_model, train_rows
+
+
+def run(
+    p: FinetuneParams, split: str | os.PathLike, pretrain_dir: str | os.PathLike, out_dir: str | os.PathLike, *, needed: list[str] | None = None, progress: bool = True
+) -> Path:
+    """Fine-tune the base model of ``pretrain_dir`` per defect type into ``out_dir``."""
+    with atomic_dir(out_dir, "finetune folder") as tmp:
+        if needed is not None and not needed:
+            atomic_write_text(tmp / CHECKPOINT_INDEX, "{}\n")
+            pd.DataFrame({"defect": [], "step": [], "loss": []}).to_csv(tmp / "training_curve.csv", index=False)
+        else:
+            _train_all(p, split, pretrain_dir, tmp, progress)
+    return Path(out_dir)
+
+
+def _train_all(p: FinetuneParams, split, pretrain_dir, tmp: Path, progress: bool) -> None:
+    from defectforge.diffusion import CURVE_FILE, finetune
+
+    base = base_model(pretrain_dir)
+    root, train = train_rows(split)
+    curves, index = [], {}
+    groups = train[train["defect_type"] != "good"].groupby(["category", "defect_type"], sort=True)
+    for (category, defect), rows in groups:
+        defects = [(read_image(root / r.image_path), read_mask(root / r.mask_path)) for r in rows.itertuples()]
+        goods = train[(train["category"] == category) & (train["defect_type"] == "good")]
+        normals = [read_image(root / r.image_path) for r in goods.itertuples()]
+        target = tmp / category / defect
+        if progress:
+            print(f"finetune {category}/{defect}: {len(defects)} real defects, {len(normals)} normals, {p.steps} steps", flush=True)
+        metrics = finetune(
+            base, defects, defect, target, normals=normals, mode=p.mode, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+            token_lr=p.token_lr, lora_rank=p.lora_rank, prior_fraction=p.prior_fraction, loss_norm=p.loss_norm,
+            attention_loss=p.attention_loss, attention_rows=p.attention_rows, seed=p.seed, device=p.device, progress=progress,
+        )
+        index[f"{category}/{defect}"] = {"path": f"{category}/{defect}", "metrics": metrics}
+        c = pd.read_csv(target / CURVE_FILE)
+        c.insert(0, "defect", f"{category}/{defect}")
+        curves.append(c)
+    if not index:
+        raise DataError(f"{split}: no defect types in the training split to fine-tune on")
+    pd.concat(curves).to_csv(tmp / "training_curve.csv", index=False)
+    atomic_write_text(tmp / CHECKPOINT_INDEX, json.dumps(index, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,207 @@
+"""Stage ``quality``: per-sample gates and per-set image quality and realism.
+
+Per-sample gates are written per row (failing rows flagged with reasons, never
+dropped). Per (category, defect type, method), against the held-out real defects:
+FID / KID / IS / LPIPS / IC-LPIPS on crops around the masks (defects are small: on
+whole images the background dominates every feature backbone), with the backbone
+written beside every number, and the realism scores that need no downloaded weights
+(:mod:`defectforge.metrics.realism`). Set-level gates make the stage fail with a
+readable report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from defectforge.config import QualityParams
+from defectforge.data.io import atomic_write_json, atomic_write_text, read_image, read_mask
+from defectforge.errors import DefectforgeError
+from defectforge.manifest.io import manifest_info, read_manifest
+from defectforge.manifest.schema import QC_COLUMNS
+
+
+class QualityGateError(DefectforgeError):
+    """A set-level quality gate failed: the dataset must not be published."""
+
+
+def _real_defects(split: str | os.PathLike, which: str) -> pd.DataFrame:
+    df = read_manifest(split).to_pandas()
+    return df[(df["split"] == which) & (df["defect_type"] != "good")]
+
+
+C2ST_MIN = 4           # crops per side for the classifier two-sample test
+REAL_VS_REAL_MIN = 8   # held-out real defects for the real-vs-real reference (two halves of >= 4)
+HEADLINE = ("fid", "kid_mean", "lpips", "ic_lpips", "is_mean", "pass_rate", "backbone", "lpips_backbone", "quality_skipped",
+            "saturation", "saturation_real", "intensity_distance", "contrast_median", "c2st_accuracy", "c2st_real_vs_real",
+            "saturated_samples", "colour_drift_samples", "intensity_distance_real_vs_real")
+
+
+def _real_reference(p: QualityParams, ring: int, src_root: Path, rr: pd.DataFrame) -> dict:
+    """Held-out real defects of one type: crops, per-sample realism stats, gate reference, real-vs-real C2ST."""
+    from defectforge.metrics.gates import real_reference
+    from defectforge.metrics.quality import crop_around_mask
+    from defectforge.metrics.realism import c2st_accuracy, defect_stats, intensity_distance
+
+    crops, stats = [], []
+    for x in rr.sort_values("image_id").itertuples():
+        image, mask = read_image(src_root / x.image_path), read_mask(src_root / x.mask_path)
+        crops.append(crop_around_mask(image, mask, context=p.crop_context))
+        if mask.any():  # some real masks are empty: no defect statistics from them
+            stats.append(defect_stats(image, mask, ring=ring))
+    out = {"crops": crops, "stats": stats, "gate": real_reference(stats) if stats else None,
+           "c2st_real_vs_real": None, "c2st_real_vs_real_skipped": None, "intensity_distance_real_vs_real": None}
+    n = len(crops)
+    if n < REAL_VS_REAL_MIN:
+        out["c2st_real_vs_real_skipped"] = f"needs >= {REAL_VS_REAL_MIN} held-out real defects (two halves), got {n}"
+    else:  # two seeded halves of the held-out reals
+        perm = np.random.default_rng(p.seed).permutation(n)
+        a, b = perm[: n // 2], perm[n // 2 : 2 * (n // 2)]
+        res = c2st_accuracy([crops[i] for i in a], [crops[i] for i in b], seed=p.seed, folds=p.c2st_folds, size=p.c2st_size)
+        out["c2st_real_vs_real"] = round(res["accuracy"], 4)
+        if len(stats) >= REAL_VS_REAL_MIN:
+            sp = np.random.default_rng(p.seed).permutation(len(stats))
+            half = len(stats) // 2
+            d = intensity_distance([stats[i] for i in sp[:half]], [stats[i] for i in sp[half : 2 * half]])
+            out["intensity_distance_real_vs_real"] = round(d["distance"], 4)
+    return out
+
+
+def _realism(p: QualityParams, ref: dict, crops: list, stats: list[dict], flags: dict[str, list]) -> dict:
+    """Per-set realism scores (defectforge.metrics.realism) against the held-out reals of the type."""
+    from defectforge.metrics.realism import c2st_accuracy, intensity_distance, pooled_saturation
+
+    r4 = lambda v: None if v is None else round(float(v), 4)  # noqa: E731
+    real_stats = ref["stats"] if ref else []
+    contrast = [s["contrast"] for s in stats if np.isfinite(s["contrast"])]
+    real_contrast = [s["contrast"] for s in real_stats if np.isfinite(s["contrast"])]
+    out = {
+        "saturation": r4(pooled_saturation(stats)),
+        "saturation_real": r4(pooled_saturation(real_stats)),
+        "contrast_median": r4(np.median(contrast)) if contrast else None,
+        "contrast_real_iqr": [round(float(q), 4) for q in np.percentile(real_contrast, [25, 75])] if real_contrast else None,
+        "saturated_samples": r4(np.mean(flags["saturated"])) if flags["saturated"] else None,
+        "colour_drift_samples": r4(np.mean(flags["drift"])) if flags["drift"] else None,
+        "intensity_distance": None, "intensity_per_stat": None, "c2st_accuracy": None, "c2st_folds": None,
+        "c2st_classifier": None, "c2st_n": None,
+        "c2st_real_vs_real": ref["c2st_real_vs_real"] if ref else None,
+        "c2st_real_vs_real_skipped": ref["c2st_real_vs_real_skipped"] if ref else "no held-out real defects of the type",
+        "intensity_distance_real_vs_real": ref["intensity_distance_real_vs_real"] if ref else None,
+    }
+    out["saturation_skipped"] = None if stats else "no sample has a non-empty mask"
+    if stats and real_stats:
+        d = intensity_distance(stats, real_stats)
+        out["intensity_distance"] = r4(d["distance"])
+        out["intensity_per_stat"] = {k: r4(v) for k, v in d["per_stat"].items()}
+        out["intensity_skipped"] = None
+    else:
+        out["intensity_skipped"] = f"needs samples and real defects with non-empty masks, got {len(stats)} and {len(real_stats)}"
+    real_crops = ref["crops"] if ref else []
+    if min(len(real_crops), len(crops)) < C2ST_MIN:
+        out["c2st_skipped"] = f"needs >= {C2ST_MIN} real and {C2ST_MIN} synthetic crops, got {len(real_crops)} and {len(crops)}"
+    else:
+        c = c2st_accuracy(real_crops, crops, seed=p.seed, folds=p.c2st_folds, size=p.c2st_size)
+        out.update(c2st_accuracy=round(c["accuracy"], 4), c2st_folds=[round(f, 4) for f in c["folds"]],
+                   c2st_classifier=c["classifier"], c2st_n=c["n_real"], c2st_skipped=None)
+    return out
+
+
+def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """qc.parquet (per-sample gates), details.json / metrics.json (per set), gates.json; raises QualityGateError.
+
+    Per (category, defect type, method), against the held-out real defects of the type:
+    FID / KID / IS / LPIPS / IC-LPIPS and the realism scores of
+    :mod:`defectforge.metrics.realism` - ``saturation`` / ``saturation_real`` (pooled
+    in-mask saturated share), ``intensity_distance``, ``contrast_median`` /
+    ``contrast_real_iqr``, ``c2st_accuracy`` with its references ``c2st_real_vs_real``
+    (the held-out reals in two seeded halves) and copy-paste's own ``c2st_accuracy``;
+    ``saturated_samples`` / ``colour_drift_samples``: the share of samples that failed
+    those per-sample gates.
+    """
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from defectforge.metrics.gates import GateThresholds, SetThresholds, gate_sample, gate_set, thresholds_from_dict
+    from defectforge.metrics.quality import compute_quality, crop_around_mask
+    from defectforge.metrics.realism import defect_stats
+
+    gates = thresholds_from_dict(p.gates, GateThresholds)
+    set_gates = thresholds_from_dict(p.set_gates, SetThresholds)
+    out_dir = Path(out_dir)
+    src_root = Path(manifest_info(split)["dataset_root"])
+    split_df = read_manifest(split).to_pandas().set_index("image_id")
+    root = Path(manifest_info(refined)["dataset_root"])
+    df = read_manifest(refined).to_pandas().sort_values("sample_id")
+    # 1. the held-out real defects of every type there are samples of
+    reals = _real_defects(split, "test")
+    refs = {}
+    for category, defect in sorted(set(zip(df.category, df.defect_type))):
+        rr = reals[(reals["category"] == category) & (reals["defect_type"] == defect)]
+        refs[(category, defect)] = None if rr.empty else _real_reference(p, gates.ring, src_root, rr)
+    # 2. per sample: gates (saturation and colour drift against the reals' reference) and realism stats
+    qc_rows, crops, stats = [], {}, {}
+    flags: dict = {}
+    for r in tqdm(df.itertuples(), total=len(df), desc="quality: per-sample gates", disable=not progress):
+        key = (r.category, r.defect_type, r.method)
+        ref = refs[key[:2]]
+        normal = read_image(src_root / split_df.loc[r.source_image_id, "image_path"])
+        image = read_image(root / r.image_path)
+        raw = read_mask(root / r.raw_mask_path)
+        mask = read_mask(root / r.mask_path)
+        attention = None
+        if isinstance(r.attention_path, str):
+            attention = np.asarray(read_image(root / r.attention_path)[..., 0], np.float32) / 255.0
+        qc, passed, reasons = gate_sample(normal, image, raw, mask if r.mask_source != "raw" else None, attention, gates,
+                                          real=ref["gate"] if ref else None)
+        if r.mask_source == "raw-fallback":
+            passed, reasons = False, reasons + ["neither attention (Eq. 13) nor the image difference located the defect; raw target mask kept"]
+        qc_rows.append({"sample_id": r.sample_id, **{k: qc.get(k) for k in QC_COLUMNS if k in qc}, "qc_pass": bool(passed), "qc_reasons": list(reasons)})
+        crops.setdefault(key, []).append(crop_around_mask(image, mask, context=p.crop_context))
+        f = flags.setdefault(key, {"saturated": [], "drift": []})
+        if mask.any():
+            stats.setdefault(key, []).append(defect_stats(image, mask, ring=gates.ring, reference=normal))
+        if qc["qc_saturated"] is not None:
+            f["saturated"].append(bool(qc["qc_saturated"]))
+            f["drift"].append(bool(qc["qc_colour_drift"]))
+    qc = pd.DataFrame(qc_rows)
+    # 3. per set: FID / KID / LPIPS and the realism scores; set-level gates
+    sets, failures = [], []
+    only_realism = replace(set_gates, kid_max=None, fid_max=None, lpips_min=None, c2st_max=None,
+                           intensity_distance_max=None, min_pass_rate=None)
+    for (category, defect, method), fake in sorted(crops.items()):
+        ref = refs[(category, defect)]
+        if ref is None:
+            entry = {"quality_skipped": f"no held-out real {category}/{defect} images to compare with"}
+        else:
+            entry = compute_quality(ref["crops"], fake, backbone=p.backbone, weights=p.weights, lpips_backbone=p.lpips_backbone, lpips_weights=p.lpips_weights, size=p.size)
+        entry.update(_realism(p, ref, fake, stats.get((category, defect, method), []), flags[(category, defect, method)]))
+        ids = df[(df.category == category) & (df.defect_type == defect) & (df.method == method)].sample_id
+        pass_rate = float(qc.set_index("sample_id").loc[ids, "qc_pass"].mean())
+        entry = {"category": category, "defect_type": defect, "method": method, "pass_rate": round(pass_rate, 4), **entry}
+        sets.append(entry)
+        # without held-out reals only the checks that need none (saturation, colour drift)
+        failures += gate_set(entry, pass_rate, set_gates if "quality_skipped" not in entry else only_realism,
+                             label=f"{category}/{defect}/{method}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    qc_path = out_dir / "qc.parquet"
+    tmp = out_dir / ".qc.parquet.tmp"
+    qc.to_parquet(tmp, index=False)
+    os.replace(tmp, qc_path)
+    # keyed (not a list) so `dvc metrics show` can flatten it into a table
+    metrics = {
+        "sets": {f"{e['category']}/{e['defect_type']}/{e['method']}": e for e in sets},
+        "pass_rate": round(float(qc["qc_pass"].mean()), 4),
+        "samples": int(len(qc)),
+    }
+    atomic_write_json(out_dir / "details.json", metrics)
+    short = {**metrics, "sets": {k: {h: e[h] for h in HEADLINE if h in e} for k, e in metrics["sets"].items()}}
+    atomic_write_json(out_dir / "metrics.json", short)
+    atomic_write_text(out_dir / "gates.json", json.dumps({"passed": not failures, "failures": failures}, indent=2) + "\n")
+    if failures:
+        raise QualityGateError(f"quality gate failed ({len(failures)}): " + "; ".join(failures) + f" - see {out_dir / 'gates.json'}")
+    return metrics

@@ -1,0 +1,76 @@
+"""Stage ``release``: the versioned manifest with per-sample QC, metrics, report and card.
+
+The version is content-addressed (``<name>@<hash of ids and file hashes>``): the same
+samples always give the same version string. Publishing a release as a numbered
+version (git tag + ``dvc push``) is :mod:`defectforge.publish.versions`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from defectforge.config import ReleaseParams
+from defectforge.data.io import atomic_dir
+from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
+from defectforge.manifest.schema import QC_COLUMNS
+from defectforge.manifest.validate import check_manifest
+from defectforge.publish.card import card, headline_metrics
+from defectforge.publish.report import build_report
+
+
+def content_version(manifest_dir: str | os.PathLike) -> str:
+    """A content address for a synthetic dataset: the hash of its sorted ids and file hashes."""
+    df = read_manifest(manifest_dir, columns=["sample_id", "image_sha256", "mask_sha256"]).to_pandas().sort_values("sample_id")
+    blob = "\n".join(f"{r.sample_id} {r.image_sha256} {r.mask_sha256}" for r in df.itertuples())
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run(
+    p: ReleaseParams,
+    refined: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    quality: str | os.PathLike | None = None,
+    detector: str | os.PathLike | None = None,
+    split: str | os.PathLike | None = None,
+) -> Path:
+    """Write the versioned manifest (with per-sample QC), metrics, the HTML report and the card.
+
+    The version is content-addressed (``<name>@<hash of ids and file hashes>``): the same
+    samples always give the same version string. ``quality`` and ``detector`` are the
+    folders of those stages (optional, so a copy-paste-only DAG can release too).
+    """
+    refined = Path(refined)
+    dataset_root = Path(manifest_info(refined)["dataset_root"])
+    version = f"{p.name}@{content_version(refined)}"
+    with atomic_dir(out_dir, "release folder") as tmp:
+        _write_release(p, refined, tmp, version, dataset_root, quality, detector, split)
+    return Path(out_dir) / "manifest.parquet"
+
+
+def _write_release(p: ReleaseParams, refined: Path, tmp: Path, version: str, dataset_root: Path, quality, detector, split) -> None:
+    df = read_manifest(refined).to_pandas()
+    metrics: dict = {}
+    if quality is not None:
+        qc = pd.read_parquet(Path(quality) / "qc.parquet")
+        df = df.drop(columns=[c for c in QC_COLUMNS if c in df.columns]).merge(qc, on="sample_id", how="left")
+        metrics["quality"] = json.loads((Path(quality) / "details.json").read_text())
+    if detector is not None:
+        metrics["detector"] = json.loads((Path(detector) / "details.json").read_text())
+    df["dataset_version"] = version
+    manifest = write_manifest(df, tmp / "manifest.parquet", kind="synthetic", dataset_root=dataset_root, dataset_version=version)
+    check_manifest(manifest)
+    counts = df.groupby(["category", "defect_type", "method"]).size().reset_index(name="samples")
+    headline = headline_metrics(metrics)
+    summary = {"dataset_version": version, "samples": int(len(df)), "counts": counts.to_dict(orient="records"), "metrics": headline}
+    (tmp / "release.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    report = None
+    if split is not None:
+        report = build_report(tmp / "report.html", title=f"defectforge dataset {version}", manifest=manifest, split=split, metrics=metrics, detector_dir=detector)
+    (tmp / "README.md").write_text(card(version, df, counts, headline, report is not None, details=metrics))
