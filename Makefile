@@ -39,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf data/generated data/manifests data/release data/sample
+	rm -rf data/sample data/manifests data/models data/generated data/refined data/quality data/detector data/release

@@ -65,7 +65,7 @@ def regenerate(repo: str = ".", params: dict[str, Any] | None = None, name: str 
     """Regenerate the dataset of the DVC project ``repo``.
 
     ``params``: dotted params.yaml overrides for this run (validated), e.g.
-    ``{"data.root": "/mnt/data/mvtec/bottle", "generate.method": "inversion"}``.
+    ``{"data.root": "/mnt/data/mvtec/bottle", "generate.methods": ["inversion"]}``.
     """
     logger = get_run_logger()
     orchestrate.apply_params(repo, params)

@@ -1,6 +1,5 @@
 """The command line's contract for bad input: one line naming the culprit, non-zero exit, nothing written."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +10,25 @@ from PIL import Image
 
 from defectforge.manifest.io import read_manifest, write_manifest
 
-CLI = [sys.executable, "-m", "defectforge.cli"]
+def _cli(*args):
+    """The command line in-process (``defectforge.cli.main``): exit status, stdout, stderr.
 
+    In-process saves a Python start and the torch / Great Expectations imports per call;
+    test_bad_params_key_stops_a_stage keeps one real subprocess end to end.
+    """
+    import contextlib
+    import io
 
-def _cli(*args, cwd=None):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env={**os.environ})
+    from defectforge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["defectforge", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def _error_line(stderr: str) -> str:
@@ -79,7 +92,9 @@ def test_ingest_good_dataset_and_validate(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "4 rows, valid" in r.stdout
     r = _cli("validate", out)
-    assert r.returncode == 0 and "valid" in r.stdout
+    # the row count and the per-type counts come from the file: 3 good + 1 crack
+    assert r.returncode == 0 and f"{out}: source manifest, 4 rows, valid" in r.stdout
+    assert "cat/crack: 1" in r.stdout and "cat/good: 3" in r.stdout
 
 
 def test_validate_lists_failures_and_exits_nonzero(tmp_path):

@@ -32,9 +32,11 @@ def test_same_args_give_byte_identical_files(tmp_path):
 
 def test_mvtec_layout_counts_and_masks(tmp_path):
     root = make_sample(tmp_path / "s", **SMALL)
-    assert len(CATEGORIES) >= 2
+    # what is on disk, not the constants: every category folder with >= 2 defect folders
+    on_disk = {c.name: sorted(d.name for d in (c / "test").iterdir() if d.name != "good") for c in root.iterdir() if c.is_dir()}
+    assert on_disk == {name: sorted(cat.defects) for name, cat in CATEGORIES.items()}
+    assert len(on_disk) >= 2 and all(len(d) >= 2 for d in on_disk.values())
     for name, cat in CATEGORIES.items():
-        assert len(cat.defects) >= 2
         assert len(list((root / name / "train/good").glob("*.png"))) == 3
         assert len(list((root / name / "test/good").glob("*.png"))) == 2
         for defect in cat.defects:

@@ -73,10 +73,33 @@ def test_offline_hub_id_fails_with_one_sentence(monkeypatch):
 
 def test_hub_id_without_network_fails_fast_even_when_not_marked_offline(monkeypatch):
     """No HF_HUB_OFFLINE: the cache misses, the hub endpoint does not answer -> the same error, no retries."""
+    import socket
+
+    import defectforge.diffusion.models as models
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there
+    probes, real_connect = [], socket.create_connection
+
+    def connect(address, timeout=None, *a, **k):
+        probes.append((address, timeout))
+        return real_connect(address, timeout, *a, **k)
+
+    downloads = []
+    real_load = models._load_diffusers
+
+    def load(name, dev, *, local, dtype, cache_only=False):
+        if not cache_only:
+            downloads.append(name)  # a download attempt would retry for a minute
+        return real_load(name, dev, local=local, dtype=dtype, cache_only=cache_only)
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    monkeypatch.setattr(models, "_load_diffusers", load)
     with pytest.raises(DefectforgeError, match="cannot load this model from the Hugging Face hub"):
         load_pipeline_components("no-such-org/no-such-model", device="cpu")
+    # "fast": one probe of the endpoint's own host and port with a short timeout, and no download attempt
+    assert probes == [(("127.0.0.1", 9), 3.0)]
+    assert downloads == []
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
