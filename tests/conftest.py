@@ -110,3 +110,27 @@ def make_project():
 @pytest.fixture(scope="session")
 def run_cmd():
     return _run
+
+
+class Reproduced:
+    """A project after one ``dvc repro`` of the copy-paste DAG (made once per session)."""
+
+    def __init__(self, repo, output: str):
+        self.repo, self.output = repo, output
+
+    def copy(self, dest):
+        """A private copy (git history, DVC cache and outputs, the same local remote)."""
+        import shutil
+
+        target = dest / "repo"
+        shutil.copytree(self.repo, target, symlinks=True)
+        return target
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, make_project):
+    """The copy-paste DAG reproduced once; tests take a ``.copy(tmp_path)`` instead of rerunning it."""
+    import sys
+
+    repo = make_project(tmp_path_factory.mktemp("reproduced"))
+    return Reproduced(repo, _run([sys.executable, "-m", "dvc", "repro"], repo))

@@ -9,10 +9,10 @@ STAGES = ("sample", "ingest", "split", "generate", "refine", "quality", "detecto
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_dag_and_second_repro_does_nothing(tmp_path, make_project, run_cmd):
-    repo = make_project(tmp_path, remote=False)
+def test_dvc_repro_runs_the_dag_and_second_repro_does_nothing(tmp_path, reproduced, run_cmd):
+    out = reproduced.output  # the session's one `dvc repro` of this DAG
+    repo = reproduced.copy(tmp_path)
     dvc = [sys.executable, "-m", "dvc"]
-    out = run_cmd(dvc + ["repro"], repo)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out
     release = repo / "data/release"
@@ -38,17 +38,25 @@ def test_dvc_repro_runs_the_dag_and_second_repro_does_nothing(tmp_path, make_pro
 
 
 @pytest.mark.slow
-def test_dvc_repro_with_the_diffusion_methods(tmp_path, make_project, run_cmd):
-    """pretrain -> finetune -> generate with inversion and blended (tiny budgets) -> refine -> release."""
+def test_dvc_repro_with_the_diffusion_methods(tmp_path, reproduced, run_cmd):
+    """pretrain -> finetune -> generate with inversion and blended (tiny budgets) -> refine -> release.
+
+    On a copy of the reproduced copy-paste project: switching the methods reruns from
+    pretrain on, and leaves sample, ingest and split alone (their deps did not change).
+    """
     from defectforge.manifest.io import read_manifest
     from defectforge.manifest.validate import validate_manifest
 
     # 2 training steps paint noise: the realism gates rightly fail it (tested in test_evaluate); here the DAG's plumbing is tested
     no_set_gates = {"min_pass_rate": None, "kid_max": None, "saturated_samples_max": None, "colour_drift_samples_max": None}
-    repo = make_project(tmp_path, remote=False, generate={"methods": ["inversion", "blended"], "n_per_defect": 1},
-                        quality={"set_gates": no_set_gates})
+    repo = reproduced.copy(tmp_path)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["generate"].update(methods=["inversion", "blended"], n_per_defect=1)
+    params["quality"]["set_gates"] = no_set_gates
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run_cmd([sys.executable, "-m", "dvc", "repro"], repo)
     assert "Running stage 'pretrain'" in out and "Running stage 'finetune'" in out
+    assert not any(f"Running stage '{s}'" in out for s in ("sample", "ingest", "split"))
     assert (repo / "data/models/base/model/unet/config.json").is_file()
     ckpts = yaml.safe_load((repo / "data/models/finetune/checkpoints.json").read_text())
     assert sorted(ckpts) == ["brick/crack", "brick/hole", "gravel/scratch", "gravel/stain"]

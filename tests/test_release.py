@@ -12,11 +12,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, make_project, run_cmd):
-    """A DVC project with a local remote, after `dvc repro`."""
-    repo = make_project(tmp_path_factory.mktemp("release"))
-    run_cmd([sys.executable, "-m", "dvc", "repro"], repo)
-    return repo
+def project(tmp_path_factory, reproduced):
+    """A DVC project with a local remote, after `dvc repro` (a copy of the session's)."""
+    return reproduced.copy(tmp_path_factory.mktemp("release"))
 
 
 def test_publish_pull_load_and_no_change_no_version(project, tmp_path, run_cmd):

@@ -13,12 +13,21 @@ def prefect_server():
         yield
 
 
-def test_flow_runs_dag_retries_a_transient_failure_and_publishes(prefect_server, tmp_path, make_project, run_cmd, monkeypatch):
+@pytest.fixture(autouse=True)
+def no_retry_wait(monkeypatch):
+    """The retries are real; only their 2 s / 10 s back-off is not waited for in tests."""
+    import flows.regenerate as module
+
+    for name in ("sync_inputs", "repro_stage", "publish"):
+        monkeypatch.setattr(module, name, getattr(module, name).with_options(retry_delay_seconds=0))
+
+
+def test_flow_runs_dag_retries_a_transient_failure_and_publishes(prefect_server, tmp_path, reproduced, run_cmd, monkeypatch):
     from defectforge import orchestrate
     from defectforge.manifest.validate import validate_manifest
     from flows.regenerate import regenerate
 
-    repo = make_project(tmp_path)
+    repo = reproduced.copy(tmp_path)  # the stages the flow runs are up to date or rerun as params say
     real = orchestrate.repro_stage
     calls = []
 
@@ -48,11 +57,11 @@ def test_flow_runs_dag_retries_a_transient_failure_and_publishes(prefect_server,
     assert link is not None and "releases/sample/v1/report.html" in link.data
 
 
-def test_bad_input_fails_the_run_without_retries_and_publishes_nothing(prefect_server, tmp_path, make_project, run_cmd, monkeypatch):
+def test_bad_input_fails_the_run_without_retries_and_publishes_nothing(prefect_server, tmp_path, reproduced, run_cmd, monkeypatch):
     from defectforge import orchestrate
     from flows.regenerate import regenerate
 
-    repo = make_project(tmp_path)
+    repo = reproduced.copy(tmp_path)  # the stages the flow runs are up to date or rerun as params say
     calls = []
     real = orchestrate.repro_stage
     monkeypatch.setattr(orchestrate, "repro_stage", lambda r, s: (calls.append(s), real(r, s))[1])
@@ -66,21 +75,21 @@ def test_bad_input_fails_the_run_without_retries_and_publishes_nothing(prefect_s
     assert run_cmd(["git", "tag"], repo).strip() == ""
 
 
-def test_params_overrides_are_validated(prefect_server, tmp_path, make_project):
+def test_params_overrides_are_validated(prefect_server, tmp_path, reproduced):
     from flows.regenerate import regenerate
 
-    repo = make_project(tmp_path)
+    repo = reproduced.copy(tmp_path)  # the stages the flow runs are up to date or rerun as params say
     state = regenerate(str(repo), params={"split.scheme": "halves"}, return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="split.scheme"):
         state.result()
 
 
-def test_failed_quality_gate_stops_the_release(prefect_server, tmp_path, make_project, run_cmd, monkeypatch):
+def test_failed_quality_gate_stops_the_release(prefect_server, tmp_path, reproduced, run_cmd, monkeypatch):
     from defectforge import orchestrate
     from flows.regenerate import regenerate
 
-    repo = make_project(tmp_path)
+    repo = reproduced.copy(tmp_path)  # the stages the flow runs are up to date or rerun as params say
     calls = []
     real = orchestrate.repro_stage
     monkeypatch.setattr(orchestrate, "repro_stage", lambda r, s: (calls.append(s), real(r, s))[1])
