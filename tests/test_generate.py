@@ -108,3 +108,21 @@ def test_dask_local_cluster_two_workers_gives_the_same_manifest(sample_manifests
     fanned = _rows(run_generate(dask_p, split, tmp_path / "dask", progress=False))
     assert fanned == single
     assert len(list((tmp_path / "dask/copy-paste/manifest").glob("part-*.parquet"))) == 6
+
+
+def test_a_fan_out_worker_leaves_the_other_workers_temporaries_alone(sample_manifests, tmp_path):
+    """The flaky two-worker test: every worker's writer deleted every ``.*.tmp`` in the shared
+    manifest folder, including another worker's shard being written. Only the driver cleans."""
+    from defectforge.pipeline.generate import prepare_output, run_method
+
+    _, split = sample_manifests
+    out = tmp_path / "gen"
+    n = prepare_output(split, out / "copy-paste", method_name="copy-paste", n_per_defect=P.n_per_defect, seed=P.seed,
+                       shard_size=P.shard_size, params_sha256=P.method_sha256("copy-paste"))
+    in_flight = out / "copy-paste" / "manifest" / ".part-00001.parquet.x1y2.tmp"  # worker B, mid-write
+    in_flight.write_bytes(b"partial")
+    run_method(P, "copy-paste", split, out, shards=[0], progress=False)  # worker A
+    assert in_flight.is_file() and n > 1
+    prepare_output(split, out / "copy-paste", method_name="copy-paste", n_per_defect=P.n_per_defect, seed=P.seed,
+                   shard_size=P.shard_size, params_sha256=P.method_sha256("copy-paste"))  # the next run's driver
+    assert not in_flight.exists()

@@ -115,7 +115,7 @@ class ShardedWriter:
     >>> if not w.done(0): w.write(0, rows)                                      # doctest: +SKIP
     """
 
-    def __init__(self, manifest_dir: str | os.PathLike, *, kind: str, dataset_root: str | os.PathLike):
+    def __init__(self, manifest_dir: str | os.PathLike, *, kind: str, dataset_root: str | os.PathLike, clean: bool = True):
         if kind not in KINDS:
             raise ManifestError(f"unknown manifest kind {kind!r}")
         self.dir = Path(manifest_dir)
@@ -123,9 +123,12 @@ class ShardedWriter:
         self.dataset_root = Path(dataset_root)
         self.dir.mkdir(parents=True, exist_ok=True)
         # A killed run may leave temporaries behind: they were never renamed, so they
-        # hold no committed rows and are removed.
-        for stale in self.dir.glob(".*.tmp"):
-            stale.unlink()
+        # hold no committed rows and are removed - by the one process that owns the run
+        # (``clean``). A fan-out worker must not: the temporaries of the other workers'
+        # shards in flight look the same (that race made the two-worker test flaky).
+        if clean:
+            for stale in self.dir.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
 
     def shard_path(self, index: int) -> Path:
         return self.dir / f"part-{index:05d}.parquet"

@@ -136,6 +136,7 @@ def prepare_output(
     split = read_manifest(split_manifest).to_pandas()
     specs = plan_samples(split, method=method_name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256)
     _reset_if_plan_changed(Path(out_dir), specs, shard_size)
+    ShardedWriter(Path(out_dir) / "manifest", kind="synthetic", dataset_root=out_dir, clean=True)  # stale temporaries, once
     return (len(specs) + shard_size - 1) // shard_size
 
 
@@ -171,7 +172,8 @@ def generate_shards(
     root = Path(dataset_root) if dataset_root is not None else out_dir
     prefix = Path(os.path.relpath(out_dir.resolve(), root.resolve())).as_posix()
     prefix = "" if prefix == "." else prefix + "/"
-    writer = ShardedWriter(out_dir / "manifest", kind="synthetic", dataset_root=root)
+    # the whole run cleans stale temporaries; a fan-out worker (``shards`` given) leaves them to the driver
+    writer = ShardedWriter(out_dir / "manifest", kind="synthetic", dataset_root=root, clean=shards is None)
     todo = [i for i in (shards if shards is not None else range(n_shards)) if not writer.done(i)]
     by_id = split.set_index("image_id")
     crash_after = int(os.environ.get("DEFECTFORGE_TEST_CRASH_AFTER_SHARDS", "0"))  # test hook: simulate a kill
