@@ -45,6 +45,8 @@ raises one :class:`~defectforge.errors.DefectforgeError` naming the file.
 
 from __future__ import annotations
 
+import functools
+
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -290,3 +292,30 @@ def resolve_lpips_backbone(name: str, weights: str | Path | None = None) -> tupl
     raise DefectforgeError(
         f"unknown LPIPS backbone {name!r}: use 'alexnet' or 'vgg16' (with weights) or 'random-alexnet-seed<k>'"
     )
+
+
+# --------------------------------------------------------------------------- reuse
+def _stamp(weights: str | Path | None) -> tuple | None:
+    if weights is None:
+        return None
+    st = Path(weights).stat() if Path(weights).is_file() else None
+    return (str(weights), st.st_size, st.st_mtime_ns) if st else (str(weights),)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(kind: str, name: str, weights: str | None, stamp: tuple | None):
+    return resolve_feature_backbone(name, weights) if kind == "features" else resolve_lpips_backbone(name, weights)
+
+
+def feature_backbone(name: str, weights: str | Path | None = None):
+    """:func:`resolve_feature_backbone`, built once per (name, weights file state) and process.
+
+    The networks are in eval mode without gradients, so one instance serves every set
+    of a quality stage (one build per set cost seconds each, and dominated small runs).
+    """
+    return _cached("features", name, None if weights is None else str(weights), _stamp(weights))
+
+
+def lpips_backbone(name: str, weights: str | Path | None = None):
+    """:func:`resolve_lpips_backbone`, built once per (name, weights file state) and process."""
+    return _cached("lpips", name, None if weights is None else str(weights), _stamp(weights))

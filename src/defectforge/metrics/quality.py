@@ -49,8 +49,8 @@ from defectforge.metrics.backbones import (
     DEFAULT_BACKBONE,
     DEFAULT_LPIPS_BACKBONE,
     _seeded,
-    resolve_feature_backbone,
-    resolve_lpips_backbone,
+    feature_backbone,
+    lpips_backbone as cached_lpips_backbone,
 )
 
 QUALITY_KEYS = (
@@ -232,7 +232,7 @@ def compute_quality(
     # 1. Features once per image; FID, KID, IS by torchmetrics on those features.
     from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
 
-    feat_net, logit_net, name = resolve_feature_backbone(backbone, weights)
+    feat_net, logit_net, name = feature_backbone(backbone, weights)
     res["backbone"] = name
     f_real = _run(feat_net, x_real, batch_size)
     f_fake = _run(feat_net, x_fake, batch_size)
@@ -280,7 +280,7 @@ def compute_quality(
         res["is_skipped"] = f"needs >= 4 fake images (2 splits of 2), got {n_fake}"
 
     # 2. LPIPS: fake -> nearest real, and IC-LPIPS over clusters of fakes around reals.
-    net, lname = resolve_lpips_backbone(lpips_backbone, lpips_weights)
+    net, lname = cached_lpips_backbone(lpips_backbone, lpips_weights)
     res["lpips_backbone"] = lname
     if n_real >= 1 and n_fake >= 1:
         fr = lpips_features(net, x_real, batch_size)
