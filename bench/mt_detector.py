@@ -4,7 +4,7 @@
         --synthetic /tmp/det/refined/manifest.parquet [more manifests ...] [--qc qc.parquet ...] \\
         [--copy-paste N]   # or let the bench make N copy-paste samples per defect type itself
 
-Runs :func:`defectforge.evaluate.run_detector` (the library's detector stage) on the
+Runs :func:`defectforge.pipeline.detector.run` (the library's detector stage) on the
 library's split with >= 5 paired seeds: per seed, real-only and real+<method> from the same
 initial weights, the same order of real images and the same step budget. Writes
 ``bench/results/mt-detector.json`` and ``docs/magnetic-tile-detector.md``: per defect class
