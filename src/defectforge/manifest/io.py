@@ -186,7 +186,10 @@ def manifest_info(path: str | os.PathLike) -> dict[str, str]:
         raise ManifestError(f"{files[0]}: not a readable Parquet file ({exc})") from None
     if META_KIND not in meta:
         raise ManifestError(f"{files[0]}: not a defectforge manifest (no {META_KIND.decode()} metadata)")
-    root = (files[0].parent / meta.get(META_ROOT, b".").decode()).resolve()
+    stored_root = meta.get(META_ROOT, b".").decode()
+    if os.path.isabs(stored_root):  # write_manifest always stores it relative to the file's folder
+        raise ManifestError(f"{files[0]}: dataset_root metadata {stored_root!r} is absolute; it must be relative to the manifest's folder")
+    root = (files[0].parent / stored_root).resolve()
     info = {
         "kind": meta[META_KIND].decode(),
         "schema_version": meta.get(META_VERSION, b"").decode(),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -23,11 +25,59 @@ from PIL import Image
 
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest
+from defectforge.manifest.schema import META_ROOT
 from defectforge.publish.versions import tag_name
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"  # the release-name pattern of params release.name
+_PROJECT_MARKERS = (".git", ".dvc", "dvc.yaml")
 
 
 def _release_path(name: str, version: int) -> str:
     return f"releases/{name}/v{version}/manifest.parquet"
+
+
+def _check_name_version(name: Any, version: Any) -> int:
+    """``name`` matches the release-name pattern and ``version`` is a positive int (``3``, ``"3"``, ``"v3"``)."""
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise DefectforgeError(f"load: name={name!r} is not a release name (lower-case letters, digits, '_' and '-', e.g. 'sample')")
+    v = version
+    if isinstance(v, str) and re.fullmatch(r"v?[0-9]+", v):
+        v = int(v.lstrip("v"))
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise DefectforgeError(f"load: version={version!r} is not a positive integer version (1, 2, ... or 'v1')")
+    return v
+
+
+def _inside(path: str | os.PathLike, base: str | os.PathLike) -> bool:
+    """True if ``path`` is ``base`` or below it, both with symlinks resolved."""
+    p, b = os.path.realpath(path), os.path.realpath(base)
+    return p == b or os.path.commonpath([p, b]) == b
+
+
+def _project_of(manifest: Path) -> Path:
+    """The project a manifest file lives in: nearest folder up holding .git, .dvc or dvc.yaml; else its own folder."""
+    folder = manifest.resolve() if manifest.is_dir() else manifest.resolve().parent
+    for d in (folder, *folder.parents):
+        if any((d / m).exists() for m in _PROJECT_MARKERS):
+            return d
+    return folder
+
+
+def _confined_root(manifest: Path, within: Path) -> str:
+    """The manifest's dataset root, refused when absolute or outside ``within`` (symlinks resolved)."""
+    import pyarrow.parquet as pq
+
+    from defectforge.manifest.io import shard_files
+
+    files = [manifest] if manifest.is_file() else shard_files(manifest)
+    stored = ((pq.read_schema(files[0]).metadata or {}).get(META_ROOT, b".") if files else b".").decode()
+    if os.path.isabs(stored) or (len(stored) > 1 and stored[1] == ":"):
+        raise DefectforgeError(f"{manifest}: dataset_root metadata {stored!r} is absolute; a manifest's root must be relative to its own folder")
+    root = manifest_info(manifest)["dataset_root"]
+    if not _inside(root, within):
+        raise DefectforgeError(f"{manifest}: dataset_root metadata {stored!r} resolves to {os.path.realpath(root)}, "
+                               f"outside {os.path.realpath(within)}; refusing to read files there")
+    return os.path.realpath(root)
 
 
 def load(
@@ -38,6 +88,7 @@ def load(
     repo: str | None = None,
     filters: dict[str, Any] | None = None,
     columns: list[str] | None = None,
+    within: str | os.PathLike | None = None,
 ) -> pa.Table:
     """The manifest of a dataset version as a pyarrow Table (``.to_pandas()`` for pandas).
 
@@ -46,17 +97,31 @@ def load(
     directory) or, for a remote git URL, through ``dvc.api`` at the tag
     ``dataset/<name>/v<version>``. The table's metadata keeps the dataset root; for a
     remote read it records ``repo`` and ``rev`` so :class:`ManifestDataset` can fetch files.
+
+    Reads are confined: the dataset root stored in the manifest (relative to the
+    manifest's folder) must resolve, symlinks followed, inside ``within`` - by default
+    the repository for ``name``/``version`` and, for a ``path``, the project holding the
+    manifest (nearest folder up with ``.git``, ``.dvc`` or ``dvc.yaml``; else the
+    manifest's own folder). An absolute or escaping root is refused.
     """
     if path is not None:
+        path = Path(path)
+        base = Path(within) if within is not None else _project_of(path)
+        if not _inside(path, base):
+            raise DefectforgeError(f"load: {path} is outside {os.path.realpath(base)}")
+        root = _confined_root(path, base)
         table = read_manifest(path, filters=filters, columns=columns)
-        return _with_origin(table, root=manifest_info(path)["dataset_root"])
+        return _with_origin(table, root=root)
     if name is None or version is None:
         raise DefectforgeError("load: give a manifest path, or name= and version= of a published release")
-    v = int(str(version).lstrip("v"))
+    v = _check_name_version(name, version)
     rel = _release_path(name, v)
     local = Path(repo or ".") / rel
     if (repo is None or Path(repo).is_dir()) and local.is_file():
-        return load(local, filters=filters, columns=columns)
+        base = Path(repo or ".")
+        if not _inside(local, base / "releases"):
+            raise DefectforgeError(f"load: {local} resolves outside {os.path.realpath(base / 'releases')}; refusing to read it")
+        return load(local, filters=filters, columns=columns, within=base)
     import dvc.api
 
     rev = tag_name(name, v)
@@ -68,9 +133,15 @@ def load(
         f = Path(tmp) / "manifest.parquet"
         f.write_bytes(data)
         table = read_manifest(f, filters=filters, columns=columns)
-        info = manifest_info(f)
-    # The manifest's root is relative to releases/<name>/v<N>/ inside the repo.
-    root_in_repo = os.path.normpath(os.path.join(os.path.dirname(rel), os.path.relpath(info["dataset_root"], tmp)))
+        import pyarrow.parquet as pq
+
+        stored = (pq.read_schema(f).metadata or {}).get(META_ROOT, b".").decode()
+    # The manifest's root is relative to releases/<name>/v<N>/ inside the repo; it must stay in the repo.
+    if os.path.isabs(stored):
+        raise DefectforgeError(f"load: {rel} at {rev}: dataset_root metadata {stored!r} is absolute; refusing to read files there")
+    root_in_repo = posixpath.normpath(posixpath.join(posixpath.dirname(rel), stored.replace("\\", "/")))
+    if root_in_repo == ".." or root_in_repo.startswith("../") or posixpath.isabs(root_in_repo):
+        raise DefectforgeError(f"load: {rel} at {rev}: dataset_root metadata {stored!r} escapes the repository; refusing to read files there")
     return _with_origin(table, root=root_in_repo, repo=repo, rev=rev)
 
 
@@ -90,11 +161,25 @@ class ManifestDataset:
     returns torch tensors; ``transform(image, mask)`` runs on the tensors.
     """
 
-    def __init__(self, table: pa.Table, transform: Callable | None = None, opener: Callable[[str], bytes] | None = None):
+    def __init__(
+        self,
+        table: pa.Table,
+        transform: Callable | None = None,
+        opener: Callable[[str], bytes] | None = None,
+        root: str | os.PathLike | None = None,
+    ):
+        """``table`` from :func:`load` (it records the dataset root); any other table needs ``root=``.
+
+        Every file read stays inside the root: a row path that is absolute, climbs out
+        with ``..`` or leads out through a symlink raises :class:`DefectforgeError`.
+        """
         self.rows = table.to_pylist()
         meta = table.schema.metadata or {}
-        self.root = meta.get(b"defectforge.load.root", b".").decode()
-        self.repo = meta.get(b"defectforge.load.repo", b"").decode() or None
+        if root is None and b"defectforge.load.root" not in meta:
+            raise DefectforgeError("ManifestDataset: the table does not come from defectforge.load (no dataset root recorded); "
+                                   "pass root= the folder its paths are relative to")
+        self.root = str(root) if root is not None else meta[b"defectforge.load.root"].decode()
+        self.repo = None if root is not None else (meta.get(b"defectforge.load.repo", b"").decode() or None)
         self.rev = meta.get(b"defectforge.load.rev", b"").decode() or None
         self.transform = transform
         self._opener = opener
@@ -102,15 +187,26 @@ class ManifestDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _full(self, relpath: str) -> str:
+        """``root/relpath``, refused unless it stays inside the root (symlinks resolved for local reads)."""
+        p = str(relpath).replace("\\", "/")
+        norm = posixpath.normpath(p)
+        if not p or p.startswith("/") or (len(p) > 1 and p[1] == ":") or norm == ".." or norm.startswith("../"):
+            raise DefectforgeError(f"ManifestDataset: path {relpath!r} escapes the dataset root {self.root}")
+        full = os.path.join(self.root, norm)
+        if self.repo is None and self._opener is None and not _inside(full, self.root):
+            raise DefectforgeError(f"ManifestDataset: {full} resolves to {os.path.realpath(full)}, outside the dataset root {os.path.realpath(self.root)}")
+        return full
+
     def _read(self, relpath: str) -> bytes:
-        full = os.path.join(self.root, relpath)
+        full = self._full(relpath)
         if self._opener is not None:
             return self._opener(full)
         if self.repo is None:
-            return Path(full).read_bytes()
+            return Path(os.path.realpath(full)).read_bytes()
         import dvc.api
 
-        return dvc.api.read(os.path.normpath(full), repo=self.repo, rev=self.rev, mode="rb")
+        return dvc.api.read(posixpath.normpath(full), repo=self.repo, rev=self.rev, mode="rb")
 
     def __getitem__(self, i: int):
         import torch
