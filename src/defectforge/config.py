@@ -10,6 +10,13 @@ names the dotted key and what is allowed::
 
     params.yaml: split.scheme: got 'thirds'; allowed: 'third' or 'kfold'
 
+Types are strict (pydantic strict mode): ``"3"`` is not an integer, ``true`` is not a
+count, ``"off"`` is not a boolean; an integer is accepted where a float is expected
+(``lr: 1``), a YAML list where a pair is (``scale_range: [0.8, 1.2]``). ``dvc exp run -S
+key=value`` writes its value into params.yaml typed by YAML, so ``-S generate.seed=3``
+arrives as an integer. The params file itself must be UTF-8 YAML without duplicate keys
+and without aliases (``*name``: an alias "bomb" expands to gigabytes).
+
 A stage reads only its own section (``load_params(path).split``), and dvc.yaml lists
 only those keys, so changing a knob reruns only the stages that use it.
 """
@@ -28,10 +35,23 @@ from defectforge.errors import ParamsError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def image_glob_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be an ``image_glob`` (matched inside each class folder), or None."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not pattern.strip():
+        return "must be a non-empty pattern such as '*' or 'images/*'"
+    if PurePosixPath(pattern).is_absolute() or PureWindowsPath(pattern).is_absolute() or pattern.startswith("~"):
+        return "must be relative to each class folder, not an absolute path"
+    if ".." in PurePosixPath(pattern.replace("\\", "/")).parts:
+        return "may not climb out of the class folder with '..'"
+    return None
 
 
 class SampleParams(_Section):
@@ -54,6 +74,15 @@ class DataParams(_Section):
     mask_threshold: int = Field(128, ge=1, le=255)
     categories: list[str] = []
     defect_types: list[str] = []
+    on_bad: Literal["fail", "skip"] = "fail"  # bad samples: stop ingest listing all | leave out, list in the quarantine file
+
+    @field_validator("image_glob")
+    @classmethod
+    def _relative_glob(cls, v: str) -> str:
+        problem = image_glob_problem(v)
+        if problem:
+            raise ValueError(f"{v!r}: {problem}")
+        return v
 
 
 class SplitParams(_Section):
@@ -129,6 +158,11 @@ class CopyPasteConfig(MethodConfig):
     placement: Literal["foreground", "anywhere"] = "foreground"
     margin: int = Field(4, ge=0, le=64)                   # px of context cut around each donor mask
 
+    @field_validator("scale_range", mode="before")
+    @classmethod
+    def _pair_from_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v  # YAML and JSON have lists, no tuples
+
     @field_validator("scale_range")
     @classmethod
     def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
@@ -138,6 +172,38 @@ class CopyPasteConfig(MethodConfig):
 
     def target_mask_options(self) -> dict[str, Any]:
         return {"max_rotation": self.max_rotation, "scale_range": tuple(self.scale_range), "flip": self.flip}
+
+
+class CutPasteConfig(MethodConfig):
+    """Model-free baseline: CutPaste (Li et al. 2021), a jittered cut of the image itself pasted elsewhere."""
+
+    section: ClassVar[str] = "cutpaste"
+    variant: Literal["patch", "scar", "both"] = "both"     # both: patch or scar with probability 1/2 (paper's 3-way)
+    area_ratio: tuple[float, float] = (0.02, 0.15)          # patch area as a share of the image (paper)
+    aspect: float = Field(0.3, gt=0, le=1)                  # patch aspect ratio log-uniform in [aspect, 1/aspect]
+    scar_width: tuple[int, int] = (2, 16)                   # px (paper)
+    scar_height: tuple[int, int] = (10, 25)                 # px (paper)
+    scar_rotation: float = Field(45.0, ge=0, le=180)        # degrees, uniform in [-x, x]
+    jitter: float = Field(0.1, ge=0, le=0.5)                # ColorJitter brightness = contrast = saturation = hue
+
+    @field_validator("area_ratio", "scar_width", "scar_height")
+    @classmethod
+    def _range(cls, v):
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"need 0 < low <= high, got {list(v)}")
+        return v
+
+
+class PerlinConfig(MethodConfig):
+    """Model-free baseline: DRAEM's Perlin-noise anomalies (Zavrtanik et al. 2021)."""
+
+    section: ClassVar[str] = "perlin"
+    max_scale_exp: int = Field(6, ge=1, le=8)               # lattice 2^a x 2^b, a, b in {0, ..., x-1} (DRAEM: 6)
+    threshold: float = Field(0.5, ge=-1, lt=1)              # M_a = noise > threshold (DRAEM: 0.5)
+    beta_max: float = Field(0.8, ge=0, le=1)                # beta uniform in [0, x] (DRAEM: 0.8)
+    source: Literal["defects", "self"] = "defects"          # anomaly source A (DRAEM: DTD textures, not available offline)
+    placement: Literal["target", "anywhere"] = "target"     # target: inside the target mask's grown box; anywhere: DRAEM
+    spread: float = Field(1.0, ge=0, le=10)                 # growth of the target box, as a share of its size
 
 
 class _SamplingConfig(MethodConfig):
@@ -177,8 +243,8 @@ class BlendedConfig(_SamplingConfig):
 
 # The method names params.yaml accepts, and whether each needs the pretrain + finetune
 # stages' checkpoints; the registry (defectforge.methods) maps each name to its module.
-METHOD_NEEDS_CHECKPOINTS: dict[str, bool] = {"copy-paste": False, "inversion": True, "blended": True}
-MethodName = Literal["copy-paste", "inversion", "blended"]
+METHOD_NEEDS_CHECKPOINTS: dict[str, bool] = {"copy-paste": False, "cutpaste": False, "perlin": False, "inversion": True, "blended": True}
+MethodName = Literal["copy-paste", "cutpaste", "perlin", "inversion", "blended"]
 # the model-free baseline the reports and realism scores compare every method with
 REFERENCE_METHOD = "copy-paste"
 
@@ -191,6 +257,8 @@ class GenerateParams(_Section):
     workers: int = Field(1, ge=1, le=256)
     scheduler: str = ""
     copy_paste: CopyPasteConfig = CopyPasteConfig()
+    cutpaste: CutPasteConfig = CutPasteConfig()
+    perlin: PerlinConfig = PerlinConfig()
     inversion: InversionConfig = InversionConfig()
     blended: BlendedConfig = BlendedConfig()
 
@@ -204,7 +272,7 @@ class GenerateParams(_Section):
 
     def method_sha256(self, method: str) -> str:
         """Hash of what determines one method's samples: the common knobs and its own section."""
-        common = self.model_dump(mode="json", exclude={"methods", "workers", "scheduler", "copy_paste", "inversion", "blended"})
+        common = self.model_dump(mode="json", exclude={"methods", "workers", "scheduler", "copy_paste", "cutpaste", "perlin", "inversion", "blended"})
         own = getattr(self, method.replace("-", "_"), None)
         blob = json.dumps({"common": common, "method": method, "own": own.model_dump(mode="json") if own is not None else None}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -285,10 +353,32 @@ class Params(_Section):
     release: ReleaseParams = ReleaseParams()
 
 
+MAX_MESSAGE = 500  # characters of a params error line (a value is cut to 80)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Got:
+    """Shows a (possibly huge) offending value as its shortened repr."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return _short(self.value)
+
+
+def _cap(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+
+
 def _describe(err: dict[str, Any], prefix: str = "") -> str:
     key = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]])
     kind = err["type"]
-    got = err.get("input")
+    got = _Got(err.get("input"))
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
         return f"{key}: unknown key"
@@ -298,6 +388,8 @@ def _describe(err: dict[str, Any], prefix: str = "") -> str:
         return f"{key}: {got!r} is out of range ({err['msg'].lower()})"
     if kind == "value_error":
         return f"{key}: {err['msg'].removeprefix('Value error, ')}"
+    if kind in ("int_type", "bool_type", "float_type", "string_type", "list_type", "tuple_type", "dict_type"):
+        return f"{key}: {err['msg'].lower()}, got {type(got.value).__name__} {got!r} (params are strictly typed)"
     return f"{key}: {err['msg']} (got {got!r})"
 
 
@@ -309,7 +401,7 @@ def parse_params(data: dict[str, Any] | None, source: str = "params.yaml") -> Pa
         msg = "; ".join(_describe(e) for e in errors[:5])
         if len(errors) > 5:
             msg += f"; and {len(errors) - 5} more"
-        raise ParamsError(f"{source}: {msg}") from None
+        raise ParamsError(_cap(f"{source}: {msg}")) from None
     if params.split.scheme == "kfold" and params.split.fold >= params.split.k:
         raise ParamsError(f"{source}: split.fold: {params.split.fold} must be < split.k ({params.split.k})")
     from defectforge.metrics.gates import GateThresholds, SetThresholds, thresholds_from_dict
@@ -324,15 +416,64 @@ def parse_params(data: dict[str, Any] | None, source: str = "params.yaml") -> Pa
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; ParamsError names the file and the key."""
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases (``*name``) and duplicate keys."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(
+                None, None, f"alias *{event.anchor} is not allowed in a params file (write the value out)", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise yaml.MarkedYAMLError(
+                    None, None,
+                    f"duplicate key {_short(key, 40)} (first on line {seen[key].line + 1})", key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def read_params_yaml(path: str | Path) -> Any:
+    """The parsed params file (UTF-8, no aliases, no duplicate keys); ParamsError names the file."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read params file ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ParamsError(_cap(f"{path}: not valid YAML ({_yaml_problem(exc)})")) from None
+    except RecursionError:
+        raise ParamsError(f"{path}: not valid YAML (nested too deeply)") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; ParamsError names the file and the key."""
+    path = Path(path)
+    data = read_params_yaml(path)
     if data is not None and not isinstance(data, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections")
     return parse_params(data, str(path))

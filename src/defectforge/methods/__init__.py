@@ -4,6 +4,8 @@
 name           module                               paper
 =============  ===================================  =====================================
 copy-paste     :mod:`defectforge.methods.copy_paste`  the baseline of every paper's tables
+cutpaste       :mod:`defectforge.methods.cutpaste`    CutPaste (Li et al. 2021), patch and scar
+perlin         :mod:`defectforge.methods.perlin`      DRAEM's Perlin-noise anomalies
 inversion      :mod:`defectforge.methods.inversion`   DDIM inversion + disentangled sampling
 blended        :mod:`defectforge.methods.blended`     AdaBLDM (blended latent diffusion)
 =============  ===================================  =====================================
@@ -22,6 +24,8 @@ from defectforge.methods.base import DiffusionMethod, GenerationMethod, Generati
 # name: module (the names, and whether each needs checkpoints, are declared in defectforge.config)
 METHODS: dict[str, str] = {
     "copy-paste": "defectforge.methods.copy_paste",
+    "cutpaste": "defectforge.methods.cutpaste",
+    "perlin": "defectforge.methods.perlin",
     "inversion": "defectforge.methods.inversion",
     "blended": "defectforge.methods.blended",
 }
