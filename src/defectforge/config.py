@@ -186,6 +186,11 @@ class CutPasteConfig(MethodConfig):
     scar_rotation: float = Field(45.0, ge=0, le=180)        # degrees, uniform in [-x, x]
     jitter: float = Field(0.1, ge=0, le=0.5)                # ColorJitter brightness = contrast = saturation = hue
 
+    @field_validator("area_ratio", "scar_width", "scar_height", mode="before")
+    @classmethod
+    def _pair_from_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v  # YAML and JSON have lists, no tuples
+
     @field_validator("area_ratio", "scar_width", "scar_height")
     @classmethod
     def _range(cls, v):
@@ -261,6 +266,14 @@ class GenerateParams(_Section):
     perlin: PerlinConfig = PerlinConfig()
     inversion: InversionConfig = InversionConfig()
     blended: BlendedConfig = BlendedConfig()
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct_methods(cls, v: list[str]) -> list[str]:
+        dup = sorted({m for m in v if v.count(m) > 1})
+        if dup:
+            raise ValueError(f"each method may be listed once, {', '.join(map(repr, dup))} is repeated")
+        return v
 
     def method_config(self, method: str) -> MethodConfig:
         """The configuration of ``method`` (its section of this one)."""
