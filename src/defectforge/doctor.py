@@ -7,6 +7,7 @@ one, the tiny profile runs on CPU).
 - ``path``: ``dvc``, ``prefect`` and ``defectforge`` are on PATH and come from one venv;
 - ``git remote``: the checkout has one (releases are pushed there) and it answers
   ``git ls-remote`` within a few seconds;
+- ``git identity``: git can commit (a release is a commit);
 - ``dvc remote``: one is configured (the release's images are pushed there);
 - ``python``: the Python that runs the worker (the one of ``prefect`` on PATH) has the
   version of the project's venv (the flow runs in the first, the stages in the second);
@@ -89,6 +90,14 @@ def check_git_remote(repo: Path) -> Check:
         last = (r.stderr.strip().splitlines() or ["no answer"])[-1]
         return Check("git remote", False, f"{name} ({url}) is not reachable: {last}")
     return Check("git remote", True, f"{name} {url} reachable")
+
+
+def check_git_identity(repo: Path) -> Check:
+    """Publishing commits in the worker's checkout: git must know who commits."""
+    r = _run(["git", "var", "GIT_COMMITTER_IDENT"], repo)
+    if r is None or r.returncode != 0:
+        return Check("git identity", False, "git has no committer name/email: a release commit would fail (git config --global user.name/user.email, or GIT_COMMITTER_NAME/EMAIL in the worker's environment)")
+    return Check("git identity", True, r.stdout.rsplit(">", 1)[0] + ">")
 
 
 def check_dvc_remote(repo: Path) -> Check:
@@ -175,6 +184,7 @@ def run(repo: str | os.PathLike = ".", out: Callable[[str], object] = print, wor
     checks = [
         check_path(repo),
         check_git_remote(repo),
+        check_git_identity(repo),
         check_dvc_remote(repo),
         check_python(repo, worker_python),
         check_prefect_api(api_url),
