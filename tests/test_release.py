@@ -1,14 +1,115 @@
-"""Releases in a temporary git repository with a local DVC remote, and the consumer side."""
+"""The release stage on a hand-built manifest (a user's --out folder, a failed release, hashes),
+and releases in a temporary git repository with a local DVC remote, with the consumer side."""
 
+import contextlib
+import io
+import json
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
 import defectforge
+from defectforge.config import ReleaseParams
+from defectforge.data.io import write_png
+from defectforge.errors import DataError
+from defectforge.manifest.io import write_manifest
+from defectforge.pipeline import release
 from defectforge.publish.versions import list_versions, publish
 
-pytestmark = pytest.mark.slow
+
+def _refined(base, n=3):
+    """data/generated + data/refined PNGs and a synthetic manifest over them (root data/)."""
+    data = base / "data"
+    rows = []
+    for i in range(n):
+        sid = f"{i:02d}" + "cd" * 31
+        img = np.full((16, 16, 3), 40 + 20 * i, np.uint8)
+        mask = np.zeros((16, 16), bool)
+        mask[3:7, 5:9] = True
+        sub = f"cat/crack/{sid}.png"
+        rows.append(dict(sample_id=sid, category="cat", defect_type="crack", method="copy-paste",
+                         image_path=f"generated/images/{sub}", mask_path=f"refined/masks/{sub}", raw_mask_path=f"generated/raw/{sub}",
+                         image_sha256=write_png(data / f"generated/images/{sub}", img),
+                         mask_sha256=write_png(data / f"refined/masks/{sub}", mask),
+                         raw_mask_sha256=write_png(data / f"generated/raw/{sub}", mask),
+                         source_image_id=f"cat/good/{i:03d}", source_sha256="0" * 64, defect_source_id=f"cat/crack/{i:03d}",
+                         seed=i, params_sha256="1" * 64, method_config="{}", width=16, height=16, mask_area=16, raw_mask_area=16))
+    return write_manifest(rows, data / "refined/manifest.parquet", kind="synthetic", dataset_root=data), rows
+
+
+def _cli(*args):
+    from defectforge.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    return code, err.getvalue()
+
+
+def _params(folder):
+    f = folder / "params.yaml"
+    f.write_text("release:\n  name: sample\n")
+    return f
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp"))
+
+
+def test_release_refuses_a_users_folder_and_deletes_nothing(tmp_path):
+    man, _ = _refined(tmp_path)
+    docs = tmp_path / "mydocs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "sub/thesis.txt").write_text("four years of work")
+    code, err = _cli("release", "--refined", man, "--out", docs, "--params", _params(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "mydocs" in err and "not made by defectforge" in err, err
+    assert (docs / "sub/thesis.txt").read_text() == "four years of work"
+    assert sorted(p.name for p in docs.rglob("*")) == ["sub", "thesis.txt"]
+    # a folder defectforge made is replaced as a whole
+    out = tmp_path / "rel"
+    release.run(ReleaseParams(), man, out)
+    release.run(ReleaseParams(), man, out)
+    assert (out / "manifest.parquet").is_file() and (out / ".defectforge").is_file()
+    assert _leftovers(tmp_path) == []
+
+
+def test_failed_release_leaves_nothing_behind(tmp_path):
+    man, rows = _refined(tmp_path)
+    (tmp_path / "data" / rows[1]["mask_path"]).unlink()  # fails midway: the manifest's check, inside the build folder
+    out = tmp_path / "release"
+    with pytest.raises(Exception, match="mask_path"):
+        release.run(ReleaseParams(), man, out, verify=False)
+    assert not out.exists() and _leftovers(tmp_path) == []
+    # with an earlier good release in place, a failed one keeps it untouched
+    man2, rows2 = _refined(tmp_path / "good")
+    release.run(ReleaseParams(), man2, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(Exception, match="mask_path"):
+        release.run(ReleaseParams(), man, out, verify=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _leftovers(tmp_path) == []
+
+
+def test_release_verifies_hashes_before_publishing(tmp_path):
+    man, rows = _refined(tmp_path)
+    bad = tmp_path / "data" / rows[2]["image_path"]
+    write_png(bad, np.full((16, 16, 3), 250, np.uint8))  # same size, other bytes
+    out = tmp_path / "release"
+    with pytest.raises(DataError) as exc:
+        release.run(ReleaseParams(), man, out)
+    msg = str(exc.value)
+    assert rows[2]["sample_id"] in msg and str(bad) in msg and "image_sha256" in msg and "\n" not in msg
+    assert not out.exists() and _leftovers(tmp_path) == []
+    code, err = _cli("release", "--refined", man, "--out", out, "--params", _params(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and rows[2]["sample_id"] in err, err
+    # the check can be skipped
+    release.run(ReleaseParams(), man, out, verify=False)
+    assert json.loads((out / "release.json").read_text())["samples"] == 3
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +118,7 @@ def project(tmp_path_factory, reproduced):
     return reproduced.copy(tmp_path_factory.mktemp("release"))
 
 
+@pytest.mark.slow
 def test_publish_pull_load_and_no_change_no_version(project, tmp_path, run_cmd):
     _run = run_cmd
     r1 = publish(project, "sample")

@@ -3,6 +3,10 @@
 The version is content-addressed (``<name>@<hash of ids and file hashes>``): the same
 samples always give the same version string. Publishing a release as a numbered
 version (git tag + ``dvc push``) is :mod:`defectforge.publish.versions`.
+
+Before anything is written, every row's ``image_sha256`` / ``mask_sha256`` is checked
+against its file (:func:`verify_hashes`, files hashed in parallel threads; ``verify=False``,
+``--no-verify`` on the command line, skips it): a file changed after generation is never published under the old hash.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from defectforge.config import ReleaseParams
-from defectforge.data.io import atomic_dir
+from defectforge.data.io import atomic_dir, claim_dir
+from defectforge.errors import DataError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
 from defectforge.manifest.validate import check_manifest
@@ -30,6 +35,22 @@ def content_version(manifest_dir: str | os.PathLike) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def verify_hashes(df: pd.DataFrame, root: str | os.PathLike, *, source: str = "manifest", workers: int | None = None) -> None:
+    """Check each row's file hashes (image, mask, raw mask) against the files' bytes, hashed in parallel.
+
+    :func:`defectforge.manifest.validate.verify_hashes` does the hashing (a thread pool;
+    each file once). Raises :class:`DataError`, one line naming ``source``, the first bad
+    row and its file (and how many more are bad), when a file is missing or differs.
+    """
+    from defectforge.manifest.validate import verify_hashes as _mismatches
+
+    bad = _mismatches(df, root, workers)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{source}: {bad[0].line()}{more}; the file changed after it was recorded - regenerate it, "
+                        "or release with --no-verify to skip the check")
+
+
 def run(
     p: ReleaseParams,
     refined: str | os.PathLike,
@@ -38,15 +59,24 @@ def run(
     quality: str | os.PathLike | None = None,
     detector: str | os.PathLike | None = None,
     split: str | os.PathLike | None = None,
+    verify: bool = True,
 ) -> Path:
     """Write the versioned manifest (with per-sample QC), metrics, the HTML report and the card.
 
     The version is content-addressed (``<name>@<hash of ids and file hashes>``): the same
     samples always give the same version string. ``quality`` and ``detector`` are the
     folders of those stages (optional, so a copy-paste-only DAG can release too).
+    ``verify``: check every row's image and mask hash against its file first.
+
+    ``out_dir`` is replaced only when it is missing, empty or made by defectforge; the
+    new folder is built beside it and swapped in, and a failure leaves neither a
+    half-written release nor a temporary folder behind.
     """
+    claim_dir(out_dir, "release folder")  # refuse a user's folder before any work
     refined = Path(refined)
     dataset_root = Path(manifest_info(refined)["dataset_root"])
+    if verify:
+        verify_hashes(read_manifest(refined).to_pandas(), dataset_root, source=str(refined))
     version = f"{p.name}@{content_version(refined)}"
     with atomic_dir(out_dir, "release folder") as tmp:
         _write_release(p, refined, tmp, version, dataset_root, quality, detector, split)

@@ -154,11 +154,32 @@ def _with_origin(table: pa.Table, *, root: str, repo: str | None = None, rev: st
     return table.replace_schema_metadata(meta)
 
 
+def _collatable(value: Any, typ: pa.DataType) -> Any:
+    """``value`` as torch's default collate takes it: no None, no ragged lists."""
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        return "; ".join(str(v) for v in (value or []))
+    if value is not None:
+        return value
+    if pa.types.is_floating(typ):
+        return float("nan")
+    if pa.types.is_integer(typ):
+        return -1
+    if pa.types.is_boolean(typ):
+        return False
+    return ""
+
+
 class ManifestDataset:
     """A torch-style Dataset over a loaded manifest: item = (image float CHW in [0,1], mask 1HW, row dict).
 
     Works as a ``torch.utils.data.Dataset`` (it has ``__len__``/``__getitem__``) and
     returns torch tensors; ``transform(image, mask)`` runs on the tensors.
+
+    Rows are ready for ``torch.utils.data.DataLoader``'s default collate: a missing
+    value becomes a typed default (text ``""``, float ``nan``, integer ``-1``, boolean
+    ``False`` - e.g. ``qc_pass`` of a release made without the quality stage) and a
+    list column (``qc_reasons``) one ``"; "``-joined string. ``raw_rows=True`` gives the
+    rows as stored (with ``None`` and lists; then pass your own ``collate_fn``).
     """
 
     def __init__(
@@ -167,6 +188,7 @@ class ManifestDataset:
         transform: Callable | None = None,
         opener: Callable[[str], bytes] | None = None,
         root: str | os.PathLike | None = None,
+        raw_rows: bool = False,
     ):
         """``table`` from :func:`load` (it records the dataset root); any other table needs ``root=``.
 
@@ -174,6 +196,9 @@ class ManifestDataset:
         with ``..`` or leads out through a symlink raises :class:`DefectforgeError`.
         """
         self.rows = table.to_pylist()
+        if not raw_rows:
+            types = {f.name: f.type for f in table.schema}
+            self.rows = [{k: _collatable(v, types[k]) for k, v in r.items()} for r in self.rows]
         meta = table.schema.metadata or {}
         if root is None and b"defectforge.load.root" not in meta:
             raise DefectforgeError("ManifestDataset: the table does not come from defectforge.load (no dataset root recorded); "
@@ -183,6 +208,12 @@ class ManifestDataset:
         self.rev = meta.get(b"defectforge.load.rev", b"").decode() or None
         self.transform = transform
         self._opener = opener
+        self._fs = None  # one DVCFileSystem per process for remote reads (not pickled to DataLoader workers)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fs"] = None
+        return state
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -198,15 +229,26 @@ class ManifestDataset:
             raise DefectforgeError(f"ManifestDataset: {full} resolves to {os.path.realpath(full)}, outside the dataset root {os.path.realpath(self.root)}")
         return full
 
+    def read_bytes(self, relpath: str) -> bytes:
+        """The bytes of the file at ``relpath`` (a row's ``image_path``, ``mask_path``, ...), confined to the root."""
+        return self._read(relpath)
+
     def _read(self, relpath: str) -> bytes:
         full = self._full(relpath)
         if self._opener is not None:
             return self._opener(full)
         if self.repo is None:
             return Path(os.path.realpath(full)).read_bytes()
-        import dvc.api
+        if self._fs is None:
+            from dvc.api import DVCFileSystem
 
-        return dvc.api.read(posixpath.normpath(full), repo=self.repo, rev=self.rev, mode="rb")
+            self._fs = DVCFileSystem(self.repo, rev=self.rev)
+        path = "/" + posixpath.normpath(full).lstrip("/")
+        try:
+            return self._fs.read_bytes(path)
+        except Exception as exc:  # noqa: BLE001 - dvc raises many kinds; one line for the user
+            raise DefectforgeError(f"ManifestDataset: cannot read {path} at {self.rev} from {self.repo}: "
+                                   f"{exc.__class__.__name__}: {exc}") from None
 
     def __getitem__(self, i: int):
         import torch
@@ -218,4 +260,4 @@ class ManifestDataset:
         mask_t = torch.from_numpy(mask.copy())[None].float()
         if self.transform is not None:
             image_t, mask_t = self.transform(image_t, mask_t)
-        return image_t, mask_t, row
+        return image_t, mask_t, dict(row)
