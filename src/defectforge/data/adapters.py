@@ -19,10 +19,16 @@ origin            ``"train"`` / ``"test"`` as the source dataset labels the imag
                   own split), ``"unspecified"`` where the layout has no split
 ================  =====================================================================
 
-Every image and every mask is decoded in full before anything is returned, so a
-corrupt file, a mask of the wrong size, an empty or missing mask stops ingestion with a
-:class:`~defectforge.errors.DataError` whose one line names the file; the caller writes
-nothing in that case.
+Every image and every mask is decoded in full before anything is returned, in one pass
+over all files: a corrupt file, a mask of the wrong size, an empty or missing mask is a
+*bad sample*. With ``on_bad="fail"`` (the default) ingestion stops after the pass with a
+:class:`BadSamplesError` whose first line says how many files are bad and names the
+first ones (``.bad`` holds them all); with ``on_bad="skip"`` the bad samples are left out
+of the table and returned in ``df.attrs["bad"]`` (see :class:`BadSample`).
+
+Paths are confined: every image and mask must resolve (symlinks followed) inside the
+real path of ``root``; a symlinked file or class folder pointing outside stops ingestion
+whatever ``on_bad`` says. ``image_glob`` must be relative and may not contain ``..``.
 
 Layouts
 -------
@@ -81,6 +87,7 @@ import hashlib
 import io
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +95,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from defectforge.data.io import IMAGE_SUFFIXES
+from defectforge.config import image_glob_problem
+from defectforge.data.io import IMAGE_SUFFIXES, _decode
 from defectforge.errors import DataError, ParamsError
 
 LAYOUTS = ("mvtec", "folder", "magnetic-tile")
+ON_BAD = ("fail", "skip")
 GOOD = "good"
 COLUMNS = [
     "image_id",
@@ -112,6 +121,46 @@ _EXPECTED = {
     "magnetic-tile": "MT_<Class>/Imgs/<id>.jpg",
 }
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """One sample left out (or stopping ingestion): which file, and why.
+
+    ``reason`` is one of :data:`REASONS`; ``detail`` is the one-line message naming the file.
+    Paths are POSIX, relative to the dataset root.
+    """
+
+    image_id: str
+    category: str
+    defect_type: str
+    image_path: str
+    mask_path: str | None
+    reason: str
+    detail: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+REASONS = ("unreadable image", "image has no pixels", "missing mask", "unreadable mask", "size mismatch", "empty mask")
+
+
+class BadSamplesError(DataError):
+    """Bad samples found with ``on_bad="fail"``: the message is one summary line, ``bad`` has them all."""
+
+    def __init__(self, message: str, bad: list[BadSample]):
+        super().__init__(message)
+        self.bad = bad
+        self.details = [b.detail for b in bad]
+
+
+class _Bad(Exception):
+    """Raised inside :func:`_read_entry`; collected, never seen by callers."""
+
+    def __init__(self, reason: str, detail: str, mask: Path | None = None):
+        super().__init__(detail)
+        self.reason, self.detail, self.mask = reason, detail, mask
 
 
 @dataclass(frozen=True)
@@ -136,6 +185,7 @@ def ingest(
     image_glob: str = "*",
     mask_rule: str = "{stem}_mask.png",
     mask_threshold: int = 128,
+    on_bad: str = "fail",
     progress: bool = False,
 ) -> pd.DataFrame:
     """Read a dataset folder into the canonical source table (see the module docstring).
@@ -147,21 +197,31 @@ def ingest(
             image suffix are taken).
         mask_rule: ``folder`` layout only: the mask's path relative to its image's folder.
         mask_threshold: a mask pixel is defect where its gray value is ``>=`` this.
-        progress: show a progress bar on stderr.
+        on_bad: ``"fail"``: bad samples stop ingestion (all of them reported at once);
+            ``"skip"``: they are left out and listed in ``df.attrs["bad"]``.
+        progress: show a progress bar on stderr (closed before any error is raised).
 
     Returns:
-        One row per image, sorted by ``image_id``, columns :data:`COLUMNS`.
+        One row per image, sorted by ``image_id``, columns :data:`COLUMNS`;
+        ``df.attrs["bad"]``: the :class:`BadSample` list (sorted by id), ``df.attrs["checked"]``:
+        how many images were read.
 
     Raises:
-        DataError: unknown layout, missing root, no images, a corrupt image or mask, a mask
-            of another size than its image, an empty or missing mask; the message names
-            the file.
+        BadSamplesError: with ``on_bad="fail"``, a corrupt image or mask, a mask of another
+            size than its image, an empty or missing mask (every one found, the first
+            line says how many).
+        DataError: unknown layout, missing root, no images, a path escaping the root,
+            every sample bad; the message names the file.
+        ParamsError: a bad ``mask_threshold``, ``image_glob``, ``mask_rule`` or ``on_bad``.
     """
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; allowed layouts: {', '.join(LAYOUTS)}")
     is_int = isinstance(mask_threshold, (int, np.integer)) and not isinstance(mask_threshold, bool)
     if not is_int or not 1 <= mask_threshold <= 255:
         raise ParamsError(f"mask_threshold={mask_threshold!r}: must be an integer in 1..255")
+    if on_bad not in ON_BAD:
+        raise ParamsError(f"on_bad={on_bad!r}: allowed: {' or '.join(map(repr, ON_BAD))}")
+    check_image_glob(image_glob)
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: dataset root not found")
@@ -175,9 +235,22 @@ def ingest(
             f"{root}: no images found for layout {layout!r} "
             f"(expected {_EXPECTED[layout]}, image_glob={image_glob!r})"
         )
+    _check_confined(root, entries)
     _check_unique_ids(entries)
 
-    rows = [_read_entry(root, e, mask_threshold) for e in _progress(entries, progress, f"ingest {layout}")]
+    rows, bad = [], []
+    with _progress(entries, progress, f"ingest {layout}") as items:
+        for e in items:
+            try:
+                rows.append(_read_entry(root, e, mask_threshold))
+            except _Bad as b:
+                bad.append(BadSample(e.image_id, e.category, e.defect_type, _relative(root, e.image),
+                                     None if b.mask is None else _relative(root, b.mask), b.reason, b.detail))
+    bad.sort(key=lambda b: b.image_id)
+    if bad and (on_bad == "fail" or not rows):
+        what = "every sample is bad" if not rows else "nothing read"
+        raise BadSamplesError(
+            f"{root}: {len(bad)} of {len(entries)} samples are bad ({summarize(bad)}); {what}; first: {bad[0].detail}", bad)
     df = pd.DataFrame(rows, columns=COLUMNS)
     df = df.sort_values("image_id", kind="stable").reset_index(drop=True)
     df["width"] = df["width"].astype("int64")
@@ -185,7 +258,24 @@ def ingest(
     df["mask_area"] = df["mask_area"].astype("int64")
     for col in ("mask_path", "mask_sha256"):  # None (not NaN) where a good image has no mask
         df[col] = pd.Series([v if isinstance(v, str) else None for v in df[col]], dtype=object)
+    df.attrs["bad"] = bad
+    df.attrs["checked"] = len(entries)
     return df
+
+
+def summarize(bad: list[BadSample]) -> str:
+    """``"3 empty mask, 1 missing mask"``: counts by reason, most frequent first."""
+    counts: dict[str, int] = {}
+    for b in bad:
+        counts[b.reason] = counts.get(b.reason, 0) + 1
+    return ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def check_image_glob(image_glob: str) -> None:
+    """``image_glob`` is matched inside each class folder: it must be relative, without ``..``."""
+    problem = image_glob_problem(image_glob) if isinstance(image_glob, str) else "must be a string"
+    if problem:
+        raise ParamsError(f"image_glob={image_glob!r}: {problem}")
 
 
 # --------------------------------------------------------------------------- layouts
@@ -264,6 +354,7 @@ def _find_magnetic_tile(root: Path, *, image_glob: str, mask_rule: str) -> list[
 
 
 def _read_entry(root: Path, e: _Entry, threshold: int) -> dict:
+    """One row, or :class:`_Bad` naming the file and the reason."""
     data = _read_bytes(e.image, "image")
     width, height = _decode_size(e.image, data)
     row = {
@@ -282,16 +373,15 @@ def _read_entry(root: Path, e: _Entry, threshold: int) -> dict:
     if e.mask is None:
         return row
     if not e.mask.is_file():
-        raise DataError(f"{e.image}: no mask for this defect image (expected {e.mask})")
+        raise _Bad("missing mask", f"{e.image}: no mask for this defect image (expected {e.mask})", e.mask)
     mdata = _read_bytes(e.mask, "mask")
     mask = _decode_mask(e.mask, mdata, threshold)
     if mask.shape != (height, width):
-        raise DataError(
-            f"{e.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {e.image} is {width}x{height}"
-        )
+        raise _Bad("size mismatch",
+                   f"{e.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {e.image} is {width}x{height}", e.mask)
     area = int(np.count_nonzero(mask))
     if area == 0:
-        raise DataError(f"{e.mask}: empty mask (no pixel >= {threshold}) for defect image {e.image}")
+        raise _Bad("empty mask", f"{e.mask}: empty mask (no pixel >= {threshold}) for defect image {e.image}", e.mask)
     row.update(mask_path=_relative(root, e.mask), mask_sha256=hashlib.sha256(mdata).hexdigest(), mask_area=area)
     return row
 
@@ -300,7 +390,8 @@ def _read_bytes(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read {what} ({exc.strerror or exc.__class__.__name__})") from None
+        raise _Bad(f"unreadable {what}", f"{path}: cannot read {what} ({exc.strerror or exc.__class__.__name__})",
+                   path if what == "mask" else None) from None
 
 
 def _decode_size(path: Path, data: bytes) -> tuple[int, int]:
@@ -310,23 +401,39 @@ def _decode_size(path: Path, data: bytes) -> tuple[int, int]:
             im.load()
             width, height = im.size
     except _DECODE_ERRORS as exc:
-        raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__})") from None
+        raise _Bad("unreadable image", f"{path}: unreadable or corrupt image ({exc.__class__.__name__})") from None
     if width == 0 or height == 0:
-        raise DataError(f"{path}: image has no pixels")
+        raise _Bad("image has no pixels", f"{path}: image has no pixels")
     return width, height
 
 
 def _decode_mask(path: Path, data: bytes, threshold: int) -> np.ndarray:
+    """The mask at its real bit depth (16-bit masks scaled to 8 bits), thresholded."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            gray = np.asarray(im.convert("L"), dtype=np.uint8)
-    except _DECODE_ERRORS as exc:
-        raise DataError(f"{path}: unreadable or corrupt mask ({exc.__class__.__name__})") from None
-    return gray >= threshold
+        return _decode(path, "L", "mask", data=data) >= threshold
+    except DataError as exc:
+        raise _Bad("unreadable mask", str(exc), path) from None
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _check_confined(root: Path, entries: list[_Entry]) -> None:
+    """Every image and mask must resolve (symlinks followed) inside the real dataset root."""
+    real_root = root.resolve()
+    escaping = []
+    for e in entries:
+        for path in (e.image, e.mask):
+            if path is None:
+                continue
+            real = path.resolve()
+            if real != real_root and real_root not in real.parents:
+                escaping.append((path, real))
+    if escaping:
+        path, real = escaping[0]
+        via = f" through a symlink (to {real})" if Path(os.path.abspath(path)) != real else ""
+        more = f"; {len(escaping) - 1} more file(s) escape too" if len(escaping) > 1 else ""
+        raise DataError(f"{path}: path escapes the dataset root {real_root}{via}; refusing to ingest it{more}")
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -368,9 +475,17 @@ def _check_unique_ids(entries: list[_Entry]) -> None:
         seen[e.image_id] = e.image
 
 
+@contextmanager
 def _progress(items, enabled: bool, desc: str):
+    """Iterate ``items``, with a bar on stderr when enabled; the bar's line is always ended
+    (also on an exception) so an error message starts on a line of its own."""
     if not enabled:
-        return items
+        yield items
+        return
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="img", file=sys.stderr)
+    bar = tqdm(items, desc=desc, unit="img", file=sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()  # leave=True: redraws the bar and ends its line
