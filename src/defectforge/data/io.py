@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,8 +120,24 @@ def umask_mode(base: int = 0o666) -> int:
     return base & ~mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """``path`` if it is missing or a regular file; anything else (``/dev/full``, a fifo,
+    a socket, a folder) is refused: an atomic rename would replace the node itself."""
     path = Path(path)
+    try:
+        st = os.stat(path)  # follows a symlink: a link to a device is refused too
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise DataError(f"{path}: {what} cannot be checked ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, fifo or socket)"
+        raise DataError(f"{path}: {what} exists and is {kind}; give a new file path")
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -176,42 +193,82 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 OWNED = ".defectforge"  # marker file in every folder defectforge creates as a whole
+_MARK = "made by defectforge: "  # the marker's first line names what the folder is ("refine output folder")
 
 
-def claim_dir(out_dir: str | os.PathLike, what: str = "output folder", markers: tuple[str, ...] = ()) -> Path:
+def owned_marker_text(what: str) -> str:
+    """The content of the :data:`OWNED` marker of a folder made as ``what``."""
+    return f"{_MARK}{what}; the whole folder is replaced on the next run\n"
+
+
+def _marked_as(folder: Path) -> str | None:
+    """What ``folder``'s marker says it was made as; None for an older marker that does not say."""
+    with open(folder / OWNED, "rb") as f:
+        first = f.read(300).decode("utf-8", "replace").split("\n")[0]
+    return first[len(_MARK):].split(";")[0] if first.startswith(_MARK) else None
+
+
+def check_apart(out: str | os.PathLike, what: str, inputs) -> None:
+    """Refuse ``out`` if, symlinks resolved, it is one of the folders ``inputs``, inside one, or holds one."""
+    real = Path(os.path.realpath(out))
+    for src in inputs:
+        if src is None:
+            continue
+        other = Path(os.path.realpath(src))
+        if real == other or other in real.parents or real in other.parents:
+            raise DataError(f"{out}: {what} overlaps the input folder {src} (the same folder, or one inside the other); "
+                            "give an output folder outside the data it reads")
+
+
+def claim_dir(
+    out_dir: str | os.PathLike, what: str = "output folder", markers: tuple[str, ...] = (), inputs: tuple = ()
+) -> Path:
     """Refuse to take over ``out_dir`` unless it is missing, empty, or carries our marker.
 
     defectforge replaces whole output folders; it must never delete a folder it did
-    not create (a user's ``--out`` pointing at their documents). Symlinks are resolved
-    first, and anything that is not a directory (a file, ``/dev/full``) is refused.
+    not create (a user's ``--out`` pointing at their documents). ``out_dir`` itself must
+    not be a symlink, and anything that is not a directory (a file, ``/dev/full``) is
+    refused. ``inputs`` are the folders the stage reads (dataset roots): after resolving
+    symlinks (of ``out_dir``'s parents too), ``out_dir`` must be neither one of them,
+    nor inside one, nor hold one. A marker names what the folder was made as: a folder
+    made as something else (a copy of the sample dataset given as a refine output) is
+    refused too; older markers that do not say are accepted.
     """
     out = Path(out_dir)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         kind = "a symlink" if out.is_symlink() else "not a directory"
         raise DataError(f"{out}: {what} is {kind}; give a new folder path")
-    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in (OWNED, *markers)):
-        raise DataError(f"{out}: {what} exists, is not empty and was not made by defectforge (no {OWNED} marker); "
-                        "refusing to replace it - give a new or empty folder")
+    check_apart(out, what, inputs)
+    if out.is_dir() and any(out.iterdir()):
+        if not any((out / m).is_file() for m in (OWNED, *markers)):
+            raise DataError(f"{out}: {what} exists, is not empty and was not made by defectforge (no {OWNED} marker); "
+                            "refusing to replace it - give a new or empty folder")
+        made_as = _marked_as(out) if (out / OWNED).is_file() else None
+        if made_as is not None and made_as != what:
+            raise DataError(f"{out}: {what} is a folder defectforge made as a {made_as}; refusing to replace it - "
+                            "give a new or empty folder")
     return out
 
 
 @contextmanager
-def atomic_dir(out_dir: str | os.PathLike, what: str = "output folder", markers: tuple[str, ...] = ()) -> Iterator[Path]:
+def atomic_dir(
+    out_dir: str | os.PathLike, what: str = "output folder", markers: tuple[str, ...] = (), inputs: tuple = ()
+) -> Iterator[Path]:
     """Build a folder completely, then swap it in: readers never see half of it.
 
     ``with atomic_dir(out) as tmp:`` yields a fresh sibling ``.<name>.tmp`` folder; on
     success it gets the ownership marker and replaces ``out`` (the old folder is only
     removed after :func:`claim_dir` said it is ours; ``markers``: older marker files that
-    also prove it); on error it is removed and
+    also prove it; ``inputs``: folders it must not overlap); on error it is removed and
     ``out`` is untouched.
     """
-    out = claim_dir(out_dir, what, markers)
+    out = claim_dir(out_dir, what, markers, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         os.chmod(tmp, umask_mode(0o777))
         yield tmp
-        (tmp / OWNED).write_text("made by defectforge; the whole folder is replaced on the next run\n")
+        (tmp / OWNED).write_text(owned_marker_text(what))
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "x")

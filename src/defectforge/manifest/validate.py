@@ -9,18 +9,27 @@ Expectations (per kind):
 
 ``validate_manifest`` returns the list of failures (empty when valid);
 ``check_manifest`` raises :class:`ManifestError` with a readable list.
+
+Content hashes: :func:`verify_hashes` (``verify_hashes(table, root, workers=None) ->
+list[HashMismatch]``) re-hashes every row's files in parallel and returns the rows whose
+bytes no longer match ``image_sha256`` / ``mask_sha256`` / ``raw_mask_sha256``;
+:func:`check_hashes` raises for a manifest file (``defectforge validate`` runs it
+unless ``--no-hashes``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import pandas as pd
 
-from defectforge.errors import ManifestError
+from defectforge.data.io import sha256_file
+from defectforge.errors import DefectforgeError, ManifestError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import ID_COLUMN, PATH_COLUMNS, schema_for
 
@@ -170,20 +179,109 @@ def check_manifest(path: str | os.PathLike) -> None:
 def write_checked(df, out, *, kind: str, dataset_root) -> Path:
     """Write ``df`` to a temporary manifest, validate it, then move it to ``out``.
 
-    ``out`` must be a regular file or missing (never a folder or a device node); errors
-    name ``out``, not the temporary file that is removed.
+    ``out`` must be a regular file or missing (never a folder, a symlink or a device
+    node such as ``/dev/full``); errors name ``out``, never the temporary file, which is
+    removed. The temporary name is unique (``mkstemp``): a user's file never collides with it.
     """
     out = Path(out)
     if out.is_symlink() or (out.exists() and not out.is_file()):
         raise ManifestError(f"{out}: exists and is not a regular file; give a new .parquet path")
-    tmp = out.with_name(f".{out.name}.unchecked")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".unchecked", dir=out.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise ManifestError(f"{out}: cannot write here ({exc.strerror or exc})") from None
+    tmp = Path(name)
     try:
         write_manifest(df, tmp, kind=kind, dataset_root=dataset_root)
         check_manifest(tmp)
         os.replace(tmp, out)
-    except ManifestError as exc:
-        raise ManifestError(str(exc).replace(str(tmp), str(out))) from None
+    except DefectforgeError as exc:
+        raise type(exc)(_untemp(str(exc), tmp, out)) from None
+    except OSError as exc:
+        raise ManifestError(f"{out}: cannot write ({exc.strerror or _untemp(str(exc), tmp, out)})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _untemp(message: str, tmp: Path, out: Path) -> str:
+    """``message`` with every spelling of the temporary file's path replaced by ``out``."""
+    for spelling in {str(tmp.resolve()), str(tmp), tmp.name}:
+        message = message.replace(spelling, str(out) if spelling != tmp.name else out.name)
+    return message
+
+
+# --- content hashes -----------------------------------------------------------------
+
+HASHED_COLUMNS = (("image_path", "image_sha256"), ("mask_path", "mask_sha256"), ("raw_mask_path", "raw_mask_sha256"))
+
+
+class HashMismatch(NamedTuple):
+    """A row whose file's bytes do not hash to the value its manifest records."""
+
+    row_id: str  # the manifest's id column (image_id / sample_id)
+    column: str  # the hash column, e.g. "image_sha256"
+    path: str  # the file, absolute (the manifest's relative path under ``root``)
+    expected: str
+    actual: str | None  # None: the file is missing or unreadable
+
+    def line(self) -> str:
+        got = "file missing or unreadable" if self.actual is None else f"file hashes to {self.actual[:12]}..."
+        return f"row {self.row_id}: {self.path}: {self.column} {self.expected[:12]}... does not match ({got})"
+
+
+def _sha256_or_none(path: str) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def verify_hashes(table, root: str | os.PathLike, workers: int | None = None) -> list[HashMismatch]:
+    """Check every row's file hashes against the files' bytes; returns the mismatches (empty: all good).
+
+    ``table``: a manifest as a pandas DataFrame or pyarrow Table; ``root``: its dataset
+    root (``manifest_info(path)["dataset_root"]``). Every (path, hash) column pair the
+    table has is checked (``image_path``/``image_sha256``, ``mask_path``/``mask_sha256``,
+    ``raw_mask_path``/``raw_mask_sha256``); rows with no path or no hash are skipped.
+    Files are hashed on a thread pool of ``workers`` threads (default: 4 per CPU, at
+    most 32): hashlib releases the GIL, so hashing and reading overlap. Each distinct
+    file is hashed once. Mismatches come sorted by row id, then column.
+    """
+    df = table.to_pandas() if hasattr(table, "to_pandas") and not isinstance(table, pd.DataFrame) else table
+    idcol = next((c for c in ("sample_id", "image_id") if c in df.columns), None)
+    root = Path(root)
+    wanted: list[tuple[str, str, str, str]] = []  # (row id, hash column, file, expected)
+    for path_col, sha_col in HASHED_COLUMNS:
+        if path_col not in df.columns or sha_col not in df.columns:
+            continue
+        ids = df[idcol].astype(str).tolist() if idcol else [str(i) for i in range(len(df))]
+        for rid, rel, expected in zip(ids, df[path_col].tolist(), df[sha_col].tolist()):
+            if isinstance(rel, str) and isinstance(expected, str):
+                wanted.append((rid, sha_col, os.path.join(root, rel), expected))
+    files = sorted({w[2] for w in wanted})
+    n = workers or min(32, 4 * (os.cpu_count() or 1))
+    if n <= 1 or len(files) <= 1:
+        digests = dict(zip(files, map(_sha256_or_none, files)))
+    else:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            digests = dict(zip(files, pool.map(_sha256_or_none, files)))
+    bad = [HashMismatch(rid, col, f, exp, digests[f]) for rid, col, f, exp in wanted if digests[f] != exp]
+    return sorted(bad, key=lambda m: (m.row_id, m.column))
+
+
+def hash_failures(path: str | os.PathLike, workers: int | None = None) -> list[str]:
+    """:func:`verify_hashes` of the manifest file or shard folder ``path``, as readable lines."""
+    info = manifest_info(path)
+    return [m.line() for m in verify_hashes(read_manifest(path).to_pandas(), info["dataset_root"], workers)]
+
+
+def check_hashes(path: str | os.PathLike, workers: int | None = None, show: int = 3) -> None:
+    """Raise ManifestError naming the manifest, the rows and the files whose bytes changed."""
+    lines = hash_failures(path, workers)
+    if lines:
+        more = f"; and {len(lines) - show} more" if len(lines) > show else ""
+        raise ManifestError(f"{Path(path)}: {len(lines)} file hash(es) do not match: " + "; ".join(lines[:show]) + more)

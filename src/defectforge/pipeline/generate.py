@@ -9,11 +9,19 @@ under one dataset root, locally (:func:`run_method`) or fanned out on Dask
 The plan is a pure function of the split manifest and the params: for every defect
 type of the training split, ``n_per_defect`` samples, each with its own normal image
 (a defect-free *training* image of the same category), its own seed and a
-``sample_id`` that hashes everything that determines the sample. Samples are cut
+``sample_id`` that hashes everything that determines the sample - the SHA-256 of the
+normal image and of the real defects it learns from included, so a source replaced by
+another image (even of the same size) is a new sample, never a reused one. Samples are cut
 into shards of ``shard_size``; each shard is written (images, masks, then its
 manifest part) and committed by an atomic rename, so a killed run resumes by
 skipping finished shards and never duplicates rows. Held-out (test) images are never
-used here: they belong to the detector's evaluation.
+used here: they belong to the detector's evaluation. Every source file read is checked
+against the split manifest's hash (a file changed after ingest is refused, not silently
+used under its old hash).
+
+Safety: the output root must be new, empty or made by defectforge (its ``.defectforge``
+marker), must not overlap the dataset root it reads, and the split is checked before
+anything under it is created or removed.
 """
 
 from __future__ import annotations
@@ -30,7 +38,18 @@ import pandas as pd
 from tqdm import tqdm
 
 from defectforge.config import GenerateParams
-from defectforge.data.io import OWNED, atomic_write_bytes, claim_dir, encode_png, read_image, read_mask, sha256_bytes
+from defectforge.data.io import (
+    OWNED,
+    atomic_write_bytes,
+    check_apart,
+    claim_dir,
+    encode_png,
+    owned_marker_text,
+    read_image,
+    read_mask,
+    sha256_bytes,
+    sha256_file,
+)
 from defectforge.errors import DataError
 from defectforge.manifest.io import ShardedWriter, manifest_info, read_manifest
 from defectforge.manifest.validate import check_manifest
@@ -39,6 +58,7 @@ from defectforge.methods import GenerationMethod, get_method_class
 from defectforge.seeding import derive_seed
 
 PLAN_FILE = "plan.sha256"
+ROOT_WHAT = "generate output folder"  # what the root's marker says it is
 
 
 def run(
@@ -50,10 +70,20 @@ def run(
     suite passed. The stage stays one DVC stage however many machines do the work, so
     there is one ``dvc repro`` and one workspace lock. A method folder of an earlier run
     that ``generate.methods`` no longer asks for is removed - only if defectforge made it.
+    Nothing is created or removed before the output folder is claimed and the split
+    manifest planned without error.
     """
-    out_root = _claim_root(Path(out_dir))
+    out_root = Path(out_dir)
+    _claim_root(out_root)  # refuse a user's folder before even reading the split
+    src_root = read_split_info(split)["dataset_root"]
+    _claim_root(out_root, inputs=(src_root,))
+    split_df = read_manifest(split).to_pandas()
+    for name in p.methods:  # a bad split fails here, before anything is written
+        plan_samples(split_df, method=name, n_per_defect=p.n_per_defect, seed=p.seed, params_sha256=p.method_sha256(name))
+        claim_dir(out_root / name, f"generate method folder of {name}", markers=(PLAN_FILE,))
+    _mark_root(out_root)
     for child in sorted(out_root.iterdir()):
-        if child.is_dir() and child.name not in p.methods and (child / PLAN_FILE).is_file():
+        if child.is_dir() and not child.is_symlink() and child.name not in p.methods and (child / PLAN_FILE).is_file():
             shutil.rmtree(child)
     for name in p.methods:
         if p.workers > 1 or p.scheduler:
@@ -69,15 +99,30 @@ def run(
     return out_root
 
 
-def _claim_root(out_root: Path) -> Path:
-    """``out_root`` if it is new, empty or ours (marker, or method folders with a plan); marked."""
-    ours = out_root.is_dir() and any((c / PLAN_FILE).is_file() for c in out_root.iterdir() if c.is_dir())
-    if not ours:
-        claim_dir(out_root, "generate output folder")
+def _claim_root(out_root: Path, inputs: tuple = ()) -> Path:
+    """Refuse ``out_root`` unless it is new, empty or ours, and apart from ``inputs``; creates nothing.
+
+    Ours: the marker, or (a folder of an older defectforge) nothing in it but method
+    folders with a plan - a user's folder that merely holds one old method folder is not.
+    """
+    entries = [c for c in out_root.iterdir() if not c.name.startswith(".")] if out_root.is_dir() and not out_root.is_symlink() else []
+    legacy = bool(entries) and all(c.is_dir() and not c.is_symlink() and (c / PLAN_FILE).is_file() for c in entries)
+    check_apart(out_root, ROOT_WHAT, inputs)
+    return out_root if legacy else claim_dir(out_root, ROOT_WHAT)
+
+
+def _mark_root(out_root: Path) -> None:
     out_root.mkdir(parents=True, exist_ok=True)
     if not (out_root / OWNED).is_file():
-        atomic_write_bytes(out_root / OWNED, b"made by defectforge; method folders are replaced on the next run\n")
-    return out_root
+        atomic_write_bytes(out_root / OWNED, owned_marker_text(ROOT_WHAT).encode())
+
+
+def read_split_info(split: str | os.PathLike) -> dict[str, str]:
+    """``manifest_info`` of ``split``, refusing any other kind of manifest with one line."""
+    info = manifest_info(split)
+    if info["kind"] != "split":
+        raise DataError(f"{split}: is a {info['kind']} manifest; generate needs the split stage's manifest (split.parquet)")
+    return info
 
 
 def build_method(p: GenerateParams, name: str, checkpoints: str | os.PathLike | None = None) -> GenerationMethod:
@@ -107,18 +152,27 @@ class SampleSpec:
 
 
 def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: int, params_sha256: str) -> list[SampleSpec]:
-    """Deterministic list of the samples to make (same inputs -> same list)."""
+    """Deterministic list of the samples to make (same inputs -> same list).
+
+    A sample's id hashes the content (SHA-256) of its normal image and of its defect
+    type's real training defects (images and masks) beside the params, so a changed
+    source file makes a new plan and the sample is generated again.
+    """
     train = split[split["split"] == "train"]
     specs: list[SampleSpec] = []
+    sha = train.set_index("image_id")["image_sha256"]
     groups = train[train["defect_type"] != "good"].groupby(["category", "defect_type"], sort=True)
-    for (category, defect), _ in groups:
+    for (category, defect), reals in groups:
         normals = sorted(train[(train["category"] == category) & (train["defect_type"] == "good")]["image_id"])
         if not normals:
             raise DataError(f"split manifest: category {category!r} has no defect-free training images to paint {defect!r} on")
+        donors = hashlib.sha256(
+            json.dumps(sorted(zip(reals["image_id"], reals["image_sha256"], reals["mask_sha256"].tolist()))).encode()
+        ).hexdigest()
         for j in range(n_per_defect):
             s = derive_seed(seed, category, defect, j)
             normal = normals[s % len(normals)]
-            sid = hashlib.sha256(f"{method}|{params_sha256}|{category}|{defect}|{normal}|{s}".encode()).hexdigest()[:20]
+            sid = hashlib.sha256(f"{method}|{params_sha256}|{category}|{defect}|{normal}|{sha[normal]}|{donors}|{s}".encode()).hexdigest()[:20]
             specs.append(SampleSpec(len(specs), sid, category, defect, normal, s))
     if not specs:
         raise DataError("split manifest: no defect types in the training split, nothing to generate")
@@ -133,6 +187,7 @@ def prepare_output(
     A distributed run calls this once in the driver before fanning out, so workers
     never race on clearing the folder.
     """
+    read_split_info(split_manifest)
     split = read_manifest(split_manifest).to_pandas()
     specs = plan_samples(split, method=method_name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256)
     _reset_if_plan_changed(Path(out_dir), specs, shard_size)
@@ -162,7 +217,7 @@ def generate_shards(
     to: the generate stage puts each method in ``<root>/<method>/`` under one root.
     Returns the manifest shard folder.
     """
-    info = manifest_info(split_manifest)
+    info = read_split_info(split_manifest)
     src_root = Path(info["dataset_root"])
     split = read_manifest(split_manifest).to_pandas()
     out_dir = Path(out_dir)
@@ -180,6 +235,18 @@ def generate_shards(
     real_defects: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
     current: tuple[str, str] | None = None
     cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
+    verified: set[str] = set()
+
+    def checked(rel: str, expected: str | None) -> Path:
+        """The source file ``rel``, after checking its bytes still hash to the split's value."""
+        path = src_root / rel
+        if rel not in verified and expected is not None and path.is_file():
+            if sha256_file(path) != expected:
+                raise DataError(f"{path}: source file changed since ingest (its SHA-256 differs from {split_manifest}); "
+                                "run ingest and split again")
+            verified.add(rel)
+        return path
+
     bar = tqdm(total=sum(len(specs[i * shard_size : (i + 1) * shard_size]) for i in todo), desc=f"generate[{method.name}]", unit="img", disable=not progress)
     written = 0
     for shard in todo:
@@ -188,12 +255,14 @@ def generate_shards(
             key = (spec.category, spec.defect_type)
             if key not in real_defects:
                 reals = by_id[(by_id["split"] == "train") & (by_id["category"] == spec.category) & (by_id["defect_type"] == spec.defect_type)]
-                real_defects[key] = [(read_image(src_root / r.image_path), read_mask(src_root / r.mask_path)) for r in reals.itertuples()]
+                real_defects[key] = [
+                    (read_image(checked(r.image_path, r.image_sha256)), read_mask(checked(r.mask_path, r.mask_sha256))) for r in reals.itertuples()
+                ]
             if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
                 method.prepare(spec.category, spec.defect_type, real_defects[key])
                 current = key
             normal_row = by_id.loc[spec.normal_id]
-            normal = read_image(src_root / normal_row.image_path)
+            normal = read_image(checked(normal_row.image_path, normal_row.image_sha256))
             rng = np.random.default_rng(spec.seed)
             target, donor = sample_target_mask([m for _, m in real_defects[key]], normal, rng, **method.target_mask_options())
             result = method.generate(normal, target, spec.defect_type, spec.seed)
@@ -208,9 +277,13 @@ def generate_shards(
 
 
 def _reset_if_plan_changed(out_dir: Path, specs: list[SampleSpec], shard_size: int) -> None:
-    """Finished shards are reused only by a run with the same plan; otherwise start clean."""
+    """Finished shards are reused only by a run with the same plan; otherwise start clean.
+
+    Only a folder that holds our plan file (or nothing) is cleared: anything else is refused.
+    """
     plan = hashlib.sha256(json.dumps([shard_size] + [s.sample_id for s in specs]).encode()).hexdigest()
     marker = out_dir / PLAN_FILE
+    claim_dir(out_dir, "generate method folder", markers=(PLAN_FILE,))
     if out_dir.exists() and (not marker.is_file() or marker.read_text().strip() != plan):
         for child in ("manifest", "images", "masks", "raw_masks", "attention"):
             shutil.rmtree(out_dir / child, ignore_errors=True)

@@ -14,6 +14,7 @@ import numpy as np
 
 from defectforge.config import RefineParams
 from defectforge.data.io import atomic_dir, atomic_write_bytes, encode_png, read_image, read_mask, sha256_bytes
+from defectforge.errors import DataError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.validate import check_manifest
 from defectforge.masks.refine import difference_mask, refine_mask
@@ -35,14 +36,21 @@ def run(p: RefineParams, split: str | os.PathLike, generated: str | os.PathLike,
     3. ``raw-fallback`` - neither found anything: the raw target mask is kept and the
        quality stage flags the sample;
     4. ``raw`` - the method saved no attention (copy-paste: its mask is exact).
+
+    ``out_dir`` must be new, empty or made by defectforge, and apart from the folders
+    it reads (the generated root, the source dataset root).
     """
     generated, out_dir = Path(generated), Path(out_dir)
-    gen_root = Path(manifest_info(generated)["dataset_root"])
+    gen_info = manifest_info(generated)
+    if gen_info["kind"] != "synthetic":
+        raise DataError(f"{generated}: is a {gen_info['kind']} manifest; refine needs the generate stage's folder or manifest")
+    gen_root = Path(gen_info["dataset_root"])
     src_root = Path(manifest_info(split)["dataset_root"])
     sources = read_manifest(split, columns=["image_id", "image_path"]).to_pandas().set_index("image_id")["image_path"]
     root = Path(os.path.commonpath([gen_root.resolve(), out_dir.resolve()]))
     df = read_manifest(generated).to_pandas().sort_values("sample_id").reset_index(drop=True)
-    with atomic_dir(out_dir, "refine output folder") as tmp:
+    # never inside (or holding) the folders it reads: replacing it would delete their files
+    with atomic_dir(out_dir, "refine output folder", inputs=(gen_root, src_root, generated if generated.is_dir() else None)) as tmp:
         rows = [_refine_row(p, r, gen_root, src_root, root, sources, tmp, out_dir) for r in df.to_dict(orient="records")]
         # tmp and out_dir are siblings under root, so the stored relative root stays right after the swap
         write_manifest(rows, tmp / "manifest.parquet", kind="synthetic", dataset_root=root)
