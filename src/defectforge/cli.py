@@ -44,14 +44,16 @@ def ingest(
     root: Optional[Path] = typer.Option(None, help="dataset folder (default: params data.root)"),
     mask_rule: Optional[str] = typer.Option(None, help="folder layout: mask path rule, e.g. '{stem}_mask.png'"),
     image_glob: Optional[str] = typer.Option(None, help="folder layout: image pattern, e.g. 'images/*'"),
+    on_bad: Optional[str] = typer.Option(None, help="fail | skip: bad samples stop ingest, or are left out and listed "
+                                         "in <out stem>.quarantine.json (default: params data.on_bad)"),
     params: Path = PARAMS,
 ):
-    """Read a dataset folder into a validated source manifest."""
+    """Read a dataset folder into a validated source manifest (bad samples: see --on-bad)."""
     from defectforge.config import DataParams, parse_params
     from defectforge.pipeline import ingest as stage
 
     p = _params(params).data if params.exists() else DataParams()
-    updates = {k: v for k, v in {"layout": layout, "mask_rule": mask_rule, "image_glob": image_glob}.items() if v is not None}
+    updates = {k: v for k, v in {"layout": layout, "mask_rule": mask_rule, "image_glob": image_glob, "on_bad": on_bad}.items() if v is not None}
     if updates:
         p = parse_params({"data": {**p.model_dump(), **updates}}, "command line").data
     _summary(stage.run(p, out, root=root))
@@ -173,7 +175,12 @@ def validate(
     """Run the Great Expectations suite on a manifest; exit 1 listing failures, exit 2 when a file's bytes do not match its hash."""
     from defectforge.manifest.validate import check_hashes, validate_manifest
 
-    failures = validate_manifest(manifest)
+    try:
+        failures = validate_manifest(manifest)
+    except DefectforgeError as exc:
+        if str(manifest) in str(exc):
+            raise
+        raise type(exc)(f"{manifest}: {exc}") from None
     if failures:
         typer.echo(f"{manifest}: {len(failures)} expectation(s) failed:", err=True)
         for f in failures:
@@ -226,13 +233,30 @@ def _summary(path: Path) -> None:
             typer.echo(f"  {c}/{d}: {n}")
 
 
+MAX_ERROR = 1000  # characters of the error line
+MAX_DETAILS = 50  # lines listed under it (an error with ``details``: every bad sample); the rest are in the file it names
+
+
+def _report(exc: DefectforgeError) -> None:
+    """``error: <one line>`` on stderr, then the error's ``details`` (if any), one per line, indented."""
+    line = str(exc)
+    if len(line) > MAX_ERROR:
+        line = line[: MAX_ERROR - 3] + "..."
+    print(f"error: {line}", file=sys.stderr)
+    details = list(getattr(exc, "details", None) or ())
+    for d in details[:MAX_DETAILS]:
+        print(f"  {' '.join(str(d).split())[:MAX_ERROR]}", file=sys.stderr)
+    if len(details) > MAX_DETAILS:
+        print(f"  ... and {len(details) - MAX_DETAILS} more", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, standalone_mode=False)
         if isinstance(rv, int) and rv:
             sys.exit(rv)
     except DefectforgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
