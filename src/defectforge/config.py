@@ -207,8 +207,9 @@ class PerlinConfig(MethodConfig):
     threshold: float = Field(0.5, ge=-1, lt=1)              # M_a = noise > threshold (DRAEM: 0.5)
     beta_max: float = Field(0.8, ge=0, le=1)                # beta uniform in [0, x] (DRAEM: 0.8)
     source: Literal["defects", "self"] = "defects"          # anomaly source A (DRAEM: DTD textures, not available offline)
-    placement: Literal["target", "anywhere"] = "target"     # target: inside the target mask's grown box; anywhere: DRAEM
+    placement: Literal["target", "anywhere"] = "anywhere"   # anywhere: DRAEM; target: inside the target mask's grown box
     spread: float = Field(1.0, ge=0, le=10)                 # growth of the target box, as a share of its size
+    keep_gray: bool = True                                  # grey input: grey anomaly source (DRAEM pastes colour)
 
 
 class _SamplingConfig(MethodConfig):

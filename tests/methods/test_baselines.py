@@ -87,7 +87,7 @@ def test_perlin_mask_thresholds_the_noise():
 
 def test_perlin_generate_changes_only_its_mask_which_sits_in_the_grown_target_box(scene):
     image, mask, defect_img = scene
-    method = Perlin(PerlinConfig(spread=1.0))
+    method = Perlin(PerlinConfig(placement="target", spread=1.0))
     method.fit([(defect_img, mask)], "crack")
     for seed in range(8):
         r = method.generate(image, mask, "crack", seed)
@@ -103,13 +103,24 @@ def test_perlin_generate_changes_only_its_mask_which_sits_in_the_grown_target_bo
 
 def test_perlin_placement_anywhere_is_drae_ms_whole_image(scene):
     image, mask, defect_img = scene
-    method = Perlin(PerlinConfig(placement="anywhere", source="self"))
+    method = Perlin(PerlinConfig(source="self"))  # the default placement is DRAEM's
     method.fit([], "crack")
     outside = 0
     for seed in range(8):
         r = method.generate(image, mask, "crack", seed)
         outside += int((r.mask & ~np.pad(np.ones((36, 60), bool), ((28, H - 64), (35, W - 95)))).sum())
     assert outside > 0
+
+
+def test_perlin_keeps_a_grey_part_grey(scene):
+    image, mask, defect_img = scene  # the anomaly source is coloured noise
+    grey = np.repeat(image[..., :1], 3, axis=-1)
+    for keep, expect_grey in [(True, True), (False, False)]:
+        method = Perlin(PerlinConfig(keep_gray=keep))
+        method.fit([(defect_img, mask)], "crack")
+        outs = [method.generate(grey, mask, "crack", s).image for s in range(4)]
+        spread = max(int(np.abs(o.astype(int) - o[..., :1].astype(int)).max()) for o in outs)
+        assert (spread <= 2) == expect_grey, spread
 
 
 def test_perlin_without_fitted_defects_says_which_type(scene):

@@ -17,9 +17,12 @@ DRAEM simulates anomalies without any real defect:
 DRAEM draws A from the DTD texture set, which cannot be downloaded here: the anomaly
 source is a random real training image of the defect type (``source: defects``) or
 the defect-free image itself (``source: self``), resized to the image. DRAEM places
-M_a anywhere on the image; here (``placement: target``, the default) M_a is kept
-inside the target mask's box grown by ``spread`` so every method paints where the
-stage's target mask is; ``placement: anywhere`` is DRAEM's. The mask is M_a.
+M_a anywhere on the image (``placement: anywhere``, the default); ``placement: target``
+keeps M_a inside the target mask's box grown by ``spread``, where the other methods
+paint (the box then cuts the Perlin blobs with straight edges). DRAEM pastes colour
+textures on grey objects too; with ``keep_gray`` (default) a grey input gets a grey
+anomaly source, because colour on a grey part is what the per-sample gates reject.
+The mask is M_a.
 """
 
 from __future__ import annotations
@@ -122,6 +125,14 @@ def _augmentations():
 AUGMENTATIONS = _augmentations()
 
 
+def is_gray(image: np.ndarray, tol: int = 2) -> bool:
+    """True when every pixel's channels agree within ``tol`` (a grey part stored as RGB)."""
+    if image.ndim == 2 or image.shape[-1] == 1:
+        return True
+    i = image.astype(np.int16)
+    return int(np.abs(i - i[..., :1]).max()) <= tol
+
+
 def draem_blend(image: np.ndarray, source: np.ndarray, m_a: np.ndarray, beta: float) -> np.ndarray:
     """DRAEM Eq. 1: I_a = (1 - M_a) * I + (1 - beta) * (M_a * A) + beta * (M_a * I), as uint8."""
     m = m_a[..., None].astype(np.float32)
@@ -184,6 +195,8 @@ class Perlin(GenerationMethod):
             src = image
         src = np.asarray(Image.fromarray(src).convert("RGB").resize((W, H), Image.BILINEAR))
         a = augment_source(src, rng)
+        if c.keep_gray and is_gray(image):
+            a = np.repeat(np.asarray(Image.fromarray(a).convert("L"))[..., None], 3, axis=-1)
         beta = float(rng.uniform(0.0, c.beta_max))
         return GenerationResult(
             image=draem_blend(image, a, m_a, beta),  # DRAEM Eq. 1
