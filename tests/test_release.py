@@ -4,15 +4,17 @@ and releases in a temporary git repository with a local DVC remote, with the con
 import contextlib
 import io
 import json
+import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
 import defectforge
 from defectforge.config import ReleaseParams
-from defectforge.data.io import write_png
+from defectforge.data.io import sha256_file, write_png
 from defectforge.errors import DataError
 from defectforge.manifest.io import write_manifest
 from defectforge.pipeline import release
@@ -157,3 +159,65 @@ def test_publish_pull_load_and_no_change_no_version(project, tmp_path, run_cmd):
     assert r3.created and r3.version == 2
     out = _run([sys.executable, "-m", "defectforge.cli", "list-versions", "sample", "--repo", str(project)], project)
     assert "dataset/sample/v1" in out and "dataset/sample/v2" in out and "12 samples" in out
+
+
+def _split(base):
+    """A tiny source dataset (sample.json with a licence, a quarantine file) and its split manifest."""
+    src = base / "src"
+    rows = []
+    for i, (defect, split) in enumerate([("crack", "train"), ("crack", "test"), ("good", "train")]):
+        img = src / f"cat/{defect}/{i:03d}.png"
+        write_png(img, np.full((16, 16, 3), 90, np.uint8))
+        mask = np.zeros((16, 16), bool)
+        mask[2:6, 2:6] = defect != "good"
+        mpath = src / f"cat/{defect}/{i:03d}_mask.png" if defect != "good" else None
+        if mpath:
+            write_png(mpath, mask)
+        rows.append(dict(image_id=f"cat/{defect}/{i:03d}", category="cat", defect_type=defect, image_path=f"cat/{defect}/{i:03d}.png",
+                         mask_path=mpath and f"cat/{defect}/{i:03d}_mask.png", width=16, height=16,
+                         image_sha256=sha256_file(img), mask_sha256=mpath and sha256_file(mpath), mask_area=int(mask.sum()),
+                         origin="test", split=split, fold=0))
+    (src / "sample.json").write_text(json.dumps({"name": "tiny parts", "license": "CC-BY-4.0"}))
+    man = write_manifest(rows, base / "manifests/split.parquet", kind="split", dataset_root=src)
+    return man
+
+
+def test_card_has_provenance_limitations_and_quarantine(tmp_path):
+    man, rows = _refined(tmp_path)
+    split = _split(tmp_path)
+    quality = tmp_path / "quality"
+    quality.mkdir()
+    pd.DataFrame({"sample_id": [r["sample_id"] for r in rows], "qc_pass": [True, False, False],
+                  "qc_reasons": [[], ["saturated"], ["saturated", "colour drift"]]}).to_parquet(quality / "qc.parquet")
+    (quality / "details.json").write_text(json.dumps({"pass_rate": 0.33, "samples": 3, "sets": {}}))
+    (quality / "gates.json").write_text(json.dumps({"passed": False, "failures": ["cat/crack copy-paste: saturated share 0.40 > 0.25"]}))
+    detector = tmp_path / "detector"
+    detector.mkdir()
+    (detector / "details.json").write_text(json.dumps({
+        "learned": {"cat": {"learned": False, "image_auroc_real_only": 0.41}, "dog": {"learned": True}},
+        "comparisons": [{"category": "dog", "defect_type": "all", "method": "copy-paste", "metric": "pixel_ap",
+                         "mean_diff": -0.05, "ci_low": -0.08, "ci_high": -0.02, "n_seeds": 3, "verdict": "hurts"}]}))
+    card = (release.run(ReleaseParams(), man, tmp_path / "release", quality=quality, detector=detector, split=split).parent / "README.md").read_text()
+    prov = card[card.index("## Provenance"):]
+    assert "tiny parts (licence: CC-BY-4.0)" in prov
+    assert "git commit not a git checkout" in prov and "`" + "1" * 64 + "`" in prov and "- copy-paste: `{}`" in prov
+    limits = prov[prov.index("## Known limitations"):prov.index("## Quarantine")]
+    assert "Set-level quality gates failed: cat/crack copy-paste: saturated share 0.40 > 0.25" in limits
+    assert "2 of 3 samples fail the per-sample quality gates (saturated 2, colour drift 1)" in limits
+    assert "Detector did not learn" in limits and "cat" in limits
+    assert "Synthetic data hurts the detector: dog: copy-paste: hurts pixel AP" in limits
+    assert "No method measurably helps" in limits
+    assert prov[prov.index("## Quarantine"):].split("\n")[4] == "none"
+    summary = json.loads((tmp_path / "release/release.json").read_text())["provenance"]
+    assert summary["source_license"] == "CC-BY-4.0" and summary["quarantined"] == 0 and summary["methods"] == ["copy-paste"]
+
+    # a quarantine file written at ingest (data.on_bad: skip) is listed; a git checkout's commit is named
+    (tmp_path / "manifests/source.quarantine.json").write_text(json.dumps({
+        "format": "defectforge-quarantine/1", "samples": [
+            {"image_id": "cat/crack/007", "reason": "empty mask", "detail": "src/cat/crack/007_mask.png: empty mask"}]}))
+    for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    card = (release.run(ReleaseParams(), man, tmp_path / "release", quality=quality, detector=detector, split=split).parent / "README.md").read_text()
+    assert f"git commit {head}" in card
+    assert "- `cat/crack/007` (empty mask): src/cat/crack/007_mask.png: empty mask" in card

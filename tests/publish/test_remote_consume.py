@@ -131,3 +131,30 @@ def test_publish_without_dvc_remote_is_refused_before_anything_is_made(tmp_path,
         publish(proj, "tiny")
     assert not (proj / "releases").exists()
     assert run_cmd(["git", "tag"], proj).strip() == ""
+
+
+def test_manifest_dataset_in_a_dataloader_with_the_default_collate(tmp_path):
+    """None fields (no attention map, no QC yet) and ragged qc_reasons lists collate into a batch."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "dvc.yaml").write_text("stages: {}\n")
+    rows = _tiny_release(proj)
+    rows[0].update(qc_pass=True, qc_reasons=[], qc_bg_psnr=41.5)
+    rows[1].update(qc_pass=False, qc_reasons=["saturated", "colour drift"])  # rows[2]: QC columns all missing
+    man = write_manifest(rows, proj / "data/release/manifest.parquet", kind="synthetic", dataset_root=proj / "data")
+    ds = defectforge.ManifestDataset(defectforge.load(man))
+    batches = list(DataLoader(ds, batch_size=2))
+    assert [b[0].shape for b in batches] == [torch.Size([2, 3, 16, 16]), torch.Size([1, 3, 16, 16])]
+    assert [b[1].shape for b in batches] == [torch.Size([2, 1, 16, 16]), torch.Size([1, 1, 16, 16])]
+    first, last = batches[0][2], batches[1][2]
+    assert first["sample_id"] == [rows[0]["sample_id"], rows[1]["sample_id"]]
+    assert first["attention_path"] == ["", ""] and first["qc_reasons"] == ["", "saturated; colour drift"]
+    assert first["qc_pass"].tolist() == [True, False] and first["seed"].tolist() == [0, 1]
+    assert first["qc_bg_psnr"][0].item() == 41.5 and torch.isnan(first["qc_bg_psnr"][1])
+    assert last["qc_pass"].tolist() == [False] and torch.isnan(last["qc_bg_psnr"]).all()
+    # the rows as stored stay available (with None and lists) for a custom collate_fn
+    raw = defectforge.ManifestDataset(defectforge.load(man), raw_rows=True)
+    assert raw[2][2]["qc_pass"] is None and raw[1][2]["qc_reasons"] == ["saturated", "colour drift"]

@@ -138,6 +138,8 @@ def make_sample(
                 {
                     "args": args,
                     "layout": "mvtec",
+                    "name": "defectforge built-in sample (scikit-image textures)",
+                    "license": "CC0-1.0 (textures from CC0Textures via scikit-image; the defects are drawn by defectforge)",
                     "categories": {name: list(c.defects) for name, c in CATEGORIES.items()},
                     "sources": {
                         name: f"scikit-image data/{c.texture} (CC0Textures, CC0 licence)"

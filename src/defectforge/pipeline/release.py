@@ -24,7 +24,7 @@ from defectforge.errors import DataError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
 from defectforge.manifest.validate import check_manifest
-from defectforge.publish.card import card, headline_metrics
+from defectforge.publish.card import card, headline_metrics, provenance
 from defectforge.publish.report import build_report
 
 
@@ -97,10 +97,17 @@ def _write_release(p: ReleaseParams, refined: Path, tmp: Path, version: str, dat
     check_manifest(manifest)
     counts = df.groupby(["category", "defect_type", "method"]).size().reset_index(name="samples")
     headline = headline_metrics(metrics)
-    summary = {"dataset_version": version, "samples": int(len(df)), "counts": counts.to_dict(orient="records"), "metrics": headline}
+    gates = None
+    if quality is not None and (Path(quality) / "gates.json").is_file():
+        gates = json.loads((Path(quality) / "gates.json").read_text())
+    prov = provenance(df, source_root=manifest_info(split)["dataset_root"] if split is not None else None,
+                      project=refined.resolve().parent, quarantine_dir=Path(split).parent if split is not None else None)
+    summary = {"dataset_version": version, "samples": int(len(df)), "counts": counts.to_dict(orient="records"), "metrics": headline,
+               "provenance": {**{k: v for k, v in prov.items() if k not in ("methods", "quarantine")},
+                              "methods": sorted(prov["methods"]), "quarantined": len(prov["quarantine"])}}
     (tmp / "release.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     report = None
     if split is not None:
         report = build_report(tmp / "report.html", title=f"defectforge dataset {version}", manifest=manifest, split=split, metrics=metrics, detector_dir=detector)
-    (tmp / "README.md").write_text(card(version, df, counts, headline, report is not None, details=metrics))
+    (tmp / "README.md").write_text(card(version, df, counts, headline, report is not None, details=metrics, prov=prov, gates=gates))

@@ -4,9 +4,22 @@ The card says in words what the numbers say: per category whether the detector
 learned, each method's verdict against real-only with its 95 % interval ("no
 measurable effect" where the interval contains 0, "hurts" where it lies below),
 realism per method, and which backbone produced every number.
+
+Its "Provenance" part (:func:`provenance`) names the source dataset and its licence, the
+git commit of the code, the params hashes and the methods with their configs; "Known
+limitations" lists what was measured against the data (failed quality gates, samples
+failing the per-sample gates, categories where the detector did not learn, methods that
+hurt the detector); "Quarantine" lists the source samples ingest left out
+(``data.on_bad: skip``), or says "none".
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
 
 from defectforge.publish.report import (NOT_LEARNED, describe_comparison, detector_findings, not_learned_sentence,
                                         realism_by_method, realism_sentence, signed)
@@ -94,6 +107,129 @@ def _measured(details: dict) -> list[str]:
     return ["", "## Measured", *lines] if lines else []
 
 
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt", "LICENCE", "LICENCE.txt")
+DATASET_META_FILES = ("sample.json", "dataset.json")  # sample.json: the built-in sample's marker
+
+
+def source_license(root: str | os.PathLike | None) -> tuple[str, str]:
+    """(dataset name, licence) of a source dataset folder: the ``license`` / ``name`` fields of its
+    ``sample.json`` / ``dataset.json``, else the first line of a LICENSE file, else "not recorded"."""
+    if root is None:
+        return "unknown", "not recorded"
+    root = Path(root)
+    name = root.name
+    for meta in DATASET_META_FILES:
+        f = root / meta
+        if f.is_file():
+            try:
+                info = json.loads(f.read_text())
+            except (ValueError, OSError):
+                continue
+            if isinstance(info, dict) and info.get("license"):
+                return str(info.get("name") or name), str(info["license"])
+    for lic in LICENSE_FILES:
+        f = root / lic
+        if f.is_file():
+            try:
+                first = next((ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()), "")
+            except OSError:
+                continue
+            return name, f"{first[:200]} (from {lic})" if first else f"see {lic}"
+    return name, "not recorded (add a LICENSE file or a dataset.json with a \"license\" field to the dataset folder)"
+
+
+def git_commit(folder: str | os.PathLike) -> str:
+    """The commit the code in ``folder`` is at, "+ uncommitted changes" when code, params or
+    dvc.yaml differ from it (data outputs and dvc.lock, rewritten by every run, are not counted)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return "not a git checkout"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock", ":(exclude)data",
+                ":(exclude)releases")
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def read_quarantine(folder: str | os.PathLike | None) -> list[dict]:
+    """The samples ingest quarantined: every ``*.quarantine.json`` of defectforge in ``folder``."""
+    out: list[dict] = []
+    if folder is None or not Path(folder).is_dir():
+        return out
+    for f in sorted(Path(folder).glob("*.quarantine.json")):
+        try:
+            q = json.loads(f.read_text())
+        except (ValueError, OSError):
+            continue
+        if isinstance(q, dict) and str(q.get("format", "")).startswith("defectforge-quarantine/"):
+            out += [s for s in q.get("samples") or [] if isinstance(s, dict)]
+    return out
+
+
+def provenance(df, *, source_root=None, project=None, quarantine_dir=None) -> dict:
+    """Where the release comes from: source dataset + licence, commit, params hashes, methods, quarantine."""
+    name, lic = source_license(source_root)
+    methods = {}
+    for m, cfg in df.drop_duplicates("method")[["method", "method_config"]].itertuples(index=False):
+        methods[str(m)] = str(cfg)
+    return {
+        "source_dataset": name,
+        "source_license": lic,
+        "git_commit": git_commit(project) if project is not None else "not recorded",
+        "params_sha256": sorted({str(h) for h in df["params_sha256"].dropna()}),
+        "methods": dict(sorted(methods.items())),
+        "quarantine": read_quarantine(quarantine_dir),
+    }
+
+
+def limitations(df, details: dict | None, gates: dict | None) -> list[str]:
+    """What was measured against this data, in words (empty: nothing found)."""
+    out: list[str] = []
+    if gates and gates.get("passed") is False:
+        out.append("Set-level quality gates failed: " + "; ".join(str(f) for f in gates.get("failures") or ["(no detail)"]) + ".")
+    if "qc_pass" in df and df["qc_pass"].notna().any():
+        failing = df[df["qc_pass"].eq(False)]
+        if len(failing):
+            reasons = Counter(r for rs in failing.get("qc_reasons", []) if rs is not None for r in list(rs))
+            why = ", ".join(f"{r} {n}" for r, n in reasons.most_common()) or "no reason recorded"
+            out.append(f"{len(failing)} of {len(df)} samples fail the per-sample quality gates ({why}); they are kept, "
+                       "flagged in `qc_pass`.")
+    else:
+        out.append("The per-sample quality gates were not run.")
+    det = (details or {}).get("detector")
+    if not det:
+        out.append("No detector was trained: there is no evidence here that these samples help a detector.")
+    else:
+        from defectforge.publish.report import detector_findings
+
+        findings = detector_findings(det)
+        out += [f"Detector did not learn: {t}" for k, t in findings if k == "not-learned"]
+        out += [f"Synthetic data hurts the detector: {t}" for k, t in findings if k == "hurts"]
+        out += [t for k, t in findings if k == "single-seed"]
+        if not any(k == "helps" for k, _ in findings):
+            out.append("No method measurably helps the detector on any category.")
+    return out
+
+
+def _provenance_lines(prov: dict, limits: list[str]) -> list[str]:
+    lines = ["", "## Provenance", "",
+             f"- source dataset: {prov.get('source_dataset')} (licence: {prov.get('source_license')})",
+             f"- code: git commit {prov.get('git_commit')}",
+             f"- params sha256: {', '.join(f'`{h}`' for h in prov.get('params_sha256') or []) or 'not recorded'}",
+             "- methods (config as recorded per row in `method_config`):"]
+    lines += [f"  - {m}: `{cfg}`" for m, cfg in (prov.get("methods") or {}).items()]
+    lines += ["", "## Known limitations", ""]
+    lines += [f"- {t}" for t in limits] or ["- none measured"]
+    q = prov.get("quarantine") or []
+    lines += ["", "## Quarantine", "", "Source samples left out at ingest as bad (`data.on_bad: skip`):", ""]
+    if q:
+        lines += [f"- `{s.get('image_id')}` ({s.get('reason')}): {s.get('detail') or s.get('image_path')}" for s in q]
+    else:
+        lines.append("none")
+    return lines
+
+
 def _detector_name(det: dict) -> str:
     b = det.get("budget") or {}
     facts = [f"{k} {b[k]}" for k in ("size", "epochs", "base_channels", "depth") if k in b]
@@ -105,7 +241,9 @@ def _detector_name(det: dict) -> str:
     return "detector: U-Net from scratch" + (f" ({', '.join(facts)})" if facts else "")
 
 
-def card(version: str, df, counts, metrics, has_report: bool = False, *, details: dict | None = None) -> str:
+def card(version: str, df, counts, metrics, has_report: bool = False, *, details: dict | None = None,
+         prov: dict | None = None, gates: dict | None = None) -> str:
+    """The card in markdown; ``prov`` from :func:`provenance`, ``gates`` the quality stage's gates.json."""
     lines = [
         f"# defectforge dataset `{version}`",
         "",
@@ -123,6 +261,8 @@ def card(version: str, df, counts, metrics, has_report: bool = False, *, details
     if "qc_pass" in df and df["qc_pass"].notna().any():
         lines += ["", f"Per-sample quality gates: {int(df['qc_pass'].fillna(False).sum())} of {len(df)} samples pass "
                   "(failing rows are kept, flagged in `qc_pass` / `qc_reasons`)."]
+    if prov is not None:
+        lines += _provenance_lines(prov, limitations(df, details, gates))
     if details:
         lines += _measured(details)
     if metrics:
