@@ -5,11 +5,14 @@ renamed into place (``os.replace`` is atomic on POSIX), so a killed run never le
 torn manifest. :class:`ShardedWriter` writes one file per shard (``part-00000.parquet``
 ...); a rerun asks :meth:`ShardedWriter.done` and skips finished shards, so rows are
 never duplicated. :func:`assemble` concatenates the shards into one manifest file,
-again atomically.
+again atomically. Rows are checked and converted a column at a time (pyarrow, numpy:
+no Python loop over the values), and a synthetic manifest is stored ordered by
+(category, defect type) in row groups of :data:`ROW_GROUP_SIZE` rows.
 
 Reading: :func:`read_manifest` opens a file or a folder of shards as a
 ``pyarrow.dataset`` and pushes filters down to Parquet (row-group statistics), so
-selecting one defect type never reads the whole table into memory first.
+selecting one defect type never reads the whole table into memory first. Row
+order is not part of a manifest's contract: readers that need one sort.
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from defectforge.data.io import umask_mode
 from defectforge.errors import ManifestError
 from defectforge.manifest.schema import (
+    HEX_COLUMNS,
     ID_COLUMN,
     KINDS,
     META_DATASET_VERSION,
@@ -35,40 +41,114 @@ from defectforge.manifest.schema import (
     META_VERSION,
     PATH_COLUMNS,
     SCHEMA_VERSION,
+    SORT_KEYS,
+    UNIQUE_COLUMNS,
     check_relpath,
     schema_for,
 )
 
 
 def _to_table(rows: pd.DataFrame | pa.Table | list[dict], schema: pa.Schema, source: str) -> pa.Table:
+    """``rows`` as a table of ``schema``: one pyarrow conversion per column, no loop over values.
+
+    Same rules as the per-value conversion it replaced (:func:`_column_by_value`, still
+    used for a column the fast conversion cannot take as is, so the result and the error
+    messages stay the same): a missing value (None, NaN, pd.NA) is null in a nullable
+    column, every path is checked and normalised (:func:`check_paths`), a value that does
+    not fit its column's type is one error naming the file and the column. A required
+    column with a missing value is refused here, naming the row (pyarrow's writer used
+    to fail on it with a bare ArrowInvalid).
+    """
     if isinstance(rows, pa.Table):
-        df = rows.to_pandas()
+        df = rows
     elif isinstance(rows, pd.DataFrame):
         df = rows
     else:
         df = pd.DataFrame(list(rows))
+    columns = df.column_names if isinstance(df, pa.Table) else list(df.columns)
     names = schema.names
-    missing = [n for n in names if n not in df.columns and not schema.field(n).nullable]
+    missing = [n for n in names if n not in columns and not schema.field(n).nullable]
     if missing:
         raise ManifestError(f"{source}: missing required columns {missing}")
-    extra = [c for c in df.columns if c not in names]
+    extra = [c for c in columns if c not in names]
     if extra:
         raise ManifestError(f"{source}: columns not in the schema: {extra}")
+    n = df.num_rows if isinstance(df, pa.Table) else len(df)
     kind = schema.metadata[META_KIND].decode()
-    for col in PATH_COLUMNS[kind]:
-        if col in df.columns:
-            df = df.assign(**{col: [check_relpath(p, column=col, source=source) if _present(p) else None for p in df[col]]})
-    arrays = []
-    for f in schema:
-        if f.name in df.columns:
-            values = [None if not _present(v) else v for v in df[f.name].tolist()] if f.nullable else df[f.name].tolist()
+    paths = [c for c in PATH_COLUMNS[kind] if c in columns]
+    arrays: dict[str, pa.ChunkedArray | pa.Array] = {}
+    for name in paths + [f.name for f in schema if f.name in columns and f.name not in paths]:  # paths first, as before
+        arrays[name] = _column(df, schema.field(name), source, is_path=name in paths)
+    return pa.Table.from_arrays([arrays[f.name] if f.name in arrays else pa.nulls(n, type=f.type) for f in schema], schema=schema)
+
+
+_NUMPY_KINDS = {"int": "iu", "float": "iuf", "bool": "b"}
+
+
+def _fast_ok(values: pd.Series, field: pa.Field) -> bool:
+    """Whether pyarrow's whole-column conversion of ``values`` gives what the per-value one gives."""
+    dtype = values.dtype
+    if dtype == object:
+        return True  # Python objects: the same converter as a list, value by value (in C)
+    if pa.types.is_integer(field.type):
+        kinds = _NUMPY_KINDS["int"]
+    elif pa.types.is_floating(field.type):
+        kinds = _NUMPY_KINDS["float"]
+    elif pa.types.is_boolean(field.type):
+        kinds = _NUMPY_KINDS["bool"]
+    elif pa.types.is_string(field.type):
+        return isinstance(dtype, pd.StringDtype) or (isinstance(dtype, pd.ArrowDtype) and pa.types.is_string(dtype.pyarrow_dtype))
+    else:
+        return False
+    return isinstance(dtype, np.dtype) and dtype.kind in kinds
+
+
+def _column(df: pd.DataFrame | pa.Table, field: pa.Field, source: str, *, is_path: bool) -> pa.Array | pa.ChunkedArray:
+    """One column of ``df`` as ``field``'s type (see :func:`_to_table`)."""
+    if isinstance(df, pa.Table):
+        col = df.column(field.name)
+        if col.type != field.type:
+            # what the per-value conversion did with a table: through pandas, this column only
+            return _column(pd.DataFrame({field.name: col.to_pandas()}), field, source, is_path=is_path)
+        arr = col
+        if pa.types.is_floating(field.type) and pc.any(pc.is_nan(arr)).as_py():
+            arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, field.type), arr)  # NaN is missing, as in pandas
+    else:
+        values = df[field.name]
+        arr = None
+        if _fast_ok(values, field):
             try:
-                arrays.append(pa.array(values, type=f.type))
-            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
-                raise ManifestError(f"{source}: column {f.name!r} does not fit {f.type}: {exc}") from None
-        else:
-            arrays.append(pa.nulls(len(df), type=f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+                # a path column turns every missing value into None (then null), required or not
+                arr = pa.array(values, type=field.type, from_pandas=field.nullable or is_path)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                arr = None  # the per-value conversion below raises the error it always raised
+        if arr is None:
+            return _column_by_value(values, field, source, is_path=is_path)
+    if is_path:
+        arr = check_paths(arr, column=field.name, source=source)
+    if not field.nullable and arr.null_count:
+        if not isinstance(df, pa.Table):
+            _column_by_value(df[field.name], field, source, is_path=is_path)  # its error where it had one
+        row = int(np.flatnonzero(_to_numpy_bool(pc.is_null(arr)))[0])
+        raise ManifestError(f"{source}: column {field.name!r} is required but row {row} has no value ({arr.null_count} rows without one)")
+    return arr
+
+
+def _column_by_value(values: pd.Series, field: pa.Field, source: str, *, is_path: bool) -> pa.Array:
+    """The per-value conversion (the fast one's reference; used where that one cannot go)."""
+    vals = values.tolist()
+    if is_path:
+        vals = [check_relpath(p, column=field.name, source=source) if _present(p) else None for p in vals]
+    if field.nullable:
+        vals = [None if not _present(v) else v for v in vals]
+    try:
+        arr = pa.array(vals, type=field.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{source}: column {field.name!r} does not fit {field.type}: {exc}") from None
+    if not field.nullable and arr.null_count:
+        row = int(np.flatnonzero(_to_numpy_bool(pc.is_null(arr)))[0])
+        raise ManifestError(f"{source}: column {field.name!r} is required but row {row} has no value ({arr.null_count} rows without one)")
+    return arr
 
 
 def _present(v: Any) -> bool:
@@ -77,6 +157,120 @@ def _present(v: Any) -> bool:
     if isinstance(v, float) and v != v:
         return False
     return v is not pd.NA
+
+
+def _to_numpy_bool(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.to_numpy(zero_copy_only=False)
+
+
+# ---------------------------------------------------------------- paths, vectorised
+# check_relpath changes or refuses a path only if it is empty, absolute, starts with a
+# drive letter, holds a backslash, '//' or a '.' / '..' segment, or ends with '/'. Those
+# rows are found with byte tests on the Arrow buffers (a superset: a row flagged by
+# mistake is merely checked one by one) and only they go through check_relpath, in row
+# order, so the first bad row raises the same error as before.
+_SLASH, _DOT, _COLON = ord("/"), ord("."), ord(":")
+_INNER = (b"\\", b"//", b"/./", b"/../")  # anywhere inside a path (searched in the whole data buffer)
+_INNER_RE = r"\\|//|/\.\.?/"
+
+
+def _suspect_rows(chunk: pa.Array) -> np.ndarray:
+    """Rows of one string array that check_relpath may change or refuse (a superset)."""
+    n = len(chunk)
+    if n == 0:
+        return np.zeros(0, bool)
+    buffers = chunk.buffers()
+    width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+    offsets = np.frombuffer(buffers[1], dtype=width, count=n + 1, offset=chunk.offset * np.dtype(width).itemsize).astype(np.int64)
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    data = np.concatenate([data, np.zeros(2, np.uint8)])  # so the byte gathers below never index past the end
+    starts, ends = offsets[:-1], offsets[1:]
+    length = ends - starts
+    first, second = data[starts], data[starts + 1]
+    last, before_last = data[np.maximum(ends - 1, 0)], data[np.maximum(ends - 2, 0)]
+    dot_or_slash_2 = (second == _DOT) | (second == _SLASH)
+    dot_or_slash_l = (before_last == _DOT) | (before_last == _SLASH)
+    flags = (
+        (length == 0)
+        | (first == _SLASH)
+        | (first >= 0x80)  # a non-ASCII first character: its second character is not the second byte
+        | ((length > 1) & (second == _COLON))
+        | ((first == _DOT) & ((length == 1) | dot_or_slash_2))
+        | ((length > 0) & (last == _SLASH))
+        | ((length > 0) & (last == _DOT) & ((length == 1) | dot_or_slash_l))
+    )
+    blob = data[offsets[0] : offsets[-1]].tobytes()
+    if any(pattern in blob for pattern in _INNER):
+        flags |= _to_numpy_bool(pc.match_substring_regex(chunk, _INNER_RE).fill_null(False))
+    if chunk.null_count:
+        flags &= _to_numpy_bool(chunk.is_valid())
+    return flags
+
+
+def check_paths(arr: pa.Array | pa.ChunkedArray, *, column: str = "path", source: str = "manifest") -> pa.Array | pa.ChunkedArray:
+    """:func:`~defectforge.manifest.schema.check_relpath` over a string column: the same
+    normalised values and the same error (on the first bad row), without a loop over the
+    rows that are already relative and normal."""
+    chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+    out, changed = [], False
+    for chunk in chunks:
+        rows = np.flatnonzero(_suspect_rows(chunk))
+        if len(rows) == 0:
+            out.append(chunk)
+            continue
+        values = chunk.to_pylist()
+        for i in rows:
+            norm = check_relpath(values[i], column=column, source=source)
+            if norm != values[i]:
+                values[i], changed = norm, True
+        out.append(pa.array(values, type=chunk.type))
+    if not changed:
+        return arr
+    return pa.chunked_array(out, type=arr.type) if isinstance(arr, pa.ChunkedArray) else out[0]
+
+
+# ---------------------------------------------------------------- Parquet layout
+# Rows of a synthetic manifest are stored ordered by SORT_KEYS (stable: ties keep their
+# order), so a filter on category / defect type reads one or two row groups of
+# ROW_GROUP_SIZE rows instead of the whole file. Dictionary encoding and statistics only
+# where they pay: not on per-row unique values (ids, per-file digests, paths); hex
+# digests are stored uncompressed (snappy finds nothing to shorten in them and costs
+# a third of the write).
+ROW_GROUP_SIZE = 16384
+
+
+def _sort_rows(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
+    """``table`` stably ordered by ``keys`` (string columns, code-point order, as pandas
+    sorts); the table itself when it is already in that order."""
+    if not keys or table.num_rows < 2:
+        return table
+    composite = np.zeros(table.num_rows, np.int64)
+    for key in keys:
+        enc = table.column(key).combine_chunks().dictionary_encode()
+        words = enc.dictionary.to_pylist()
+        rank = np.empty(len(words), np.int64)
+        rank[np.argsort(np.array(words, dtype=object), kind="stable")] = np.arange(len(words))
+        composite = composite * max(len(words), 1) + rank[enc.indices.to_numpy(zero_copy_only=False)]
+    if np.all(composite[1:] >= composite[:-1]):
+        return table
+    if composite.max() < 2**16:
+        composite = composite.astype(np.uint16)  # numpy's stable sort is a radix sort on 16 bits
+    order = np.argsort(composite, kind="stable")
+    return table.take(pa.array(order))
+
+
+def _write_options(schema: pa.Schema) -> dict[str, Any]:
+    kind = schema.metadata[META_KIND].decode()
+    plain = set(UNIQUE_COLUMNS[kind]) | set(PATH_COLUMNS[kind])
+    hexes = set(HEX_COLUMNS[kind])
+    return {
+        "row_group_size": ROW_GROUP_SIZE,
+        "use_dictionary": [f.name for f in schema if f.name not in plain and (pa.types.is_string(f.type) or pa.types.is_list(f.type))],
+        "write_statistics": [f.name for f in schema if f.name not in plain],
+        "compression": {f.name: ("none" if f.name in hexes else "snappy") for f in schema},
+    }
 
 
 def _relative_root(file: Path, dataset_root: str | os.PathLike) -> str:
@@ -95,12 +289,12 @@ def write_manifest(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = schema_for(kind, _relative_root(path, dataset_root), dataset_version)
-    table = _to_table(rows, schema, str(path))
+    table = _sort_rows(_to_table(rows, schema, str(path)), SORT_KEYS[kind])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, umask_mode())  # mkstemp makes 0600; a shared folder needs what the umask says
     os.close(fd)
     try:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, **_write_options(schema))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -236,6 +430,5 @@ def read_manifest(
     table = dataset.to_table(filter=_filter_expression(filters), columns=list(columns) if columns else None)
     for col in PATH_COLUMNS[info["kind"]]:
         if col in table.column_names:
-            for v in table.column(col).to_pylist():
-                check_relpath(v, column=col, source=str(path))
+            check_paths(table.column(col), column=col, source=str(path))
     return table

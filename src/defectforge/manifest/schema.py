@@ -104,6 +104,24 @@ PATH_COLUMNS = {
     "synthetic": ("image_path", "mask_path", "raw_mask_path", "attention_path"),
 }
 ID_COLUMN = {"source": "image_id", "split": "image_id", "synthetic": "sample_id"}
+# Storage only (the schema and the values do not depend on it), see manifest.io:
+# the order rows are written in - a synthetic manifest by (category, defect type), so a
+# filtered read touches only the row groups of that pair. Source and split manifests
+# keep the order they are given in: the pretrain and detector stages iterate over their
+# rows, and a different order would train different models.
+SORT_KEYS: dict[str, tuple[str, ...]] = {"source": (), "split": (), "synthetic": ("category", "defect_type")}
+# columns whose values are (nearly) all different: no dictionary, no statistics ...
+UNIQUE_COLUMNS = {
+    "source": ("image_id", "image_sha256", "mask_sha256"),
+    "split": ("image_id", "image_sha256", "mask_sha256"),
+    "synthetic": ("sample_id", "image_sha256", "mask_sha256", "raw_mask_sha256"),
+}
+# ... and of those, the hex digests: not compressed either (nothing to gain)
+HEX_COLUMNS = {
+    "source": ("image_sha256", "mask_sha256"),
+    "split": ("image_sha256", "mask_sha256"),
+    "synthetic": ("sample_id", "image_sha256", "mask_sha256", "raw_mask_sha256"),
+}
 
 
 def schema_for(kind: str, dataset_root: str = ".", dataset_version: str | None = None) -> pa.Schema:
