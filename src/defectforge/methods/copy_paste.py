@@ -6,7 +6,8 @@ defect-free image, blend the edge; the mask follows the pasted pixels. This is t
 DefectDiffu Tab. 2).
 
 Steps of :meth:`CopyPaste.generate`:
-  1. pick a donor defect (image, mask) of the requested type;
+  1. pick a donor defect (image, mask) of the requested type (recorded: ``defect_source_index``
+     in the metadata, the real image's id in the manifest's ``defect_source_id``);
   2. augment it: flip, rotation, scale (the same transform for pixels and mask);
   3. place it centred on the target mask, clipped to stay inside the image;
   4. match brightness: shift the donor so its surroundings have the target's local mean;
@@ -32,6 +33,7 @@ class CopyPaste(GenerationMethod):
     def __init__(self, config: CopyPasteConfig | None = None):
         super().__init__(config or CopyPasteConfig())
         self.donors: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.donor_sources: dict[str, list[int]] = {}
 
     def target_mask_options(self) -> dict:
         """The target mask gets the same augmentation knobs as the donor."""
@@ -41,9 +43,11 @@ class CopyPaste(GenerationMethod):
         """Remember the real defects of one type as (pixel crop, mask crop) around each mask."""
         m = self.config.margin
         crops = []
-        for image, mask in defects:
+        self.donor_sources[defect] = []  # donor i is defects[donor_sources[defect][i]] (empty masks are skipped)
+        for k, (image, mask) in enumerate(defects):
             if not mask.any():
                 continue
+            self.donor_sources[defect].append(k)
             ys, xs = np.nonzero(mask)
             y0, y1 = max(ys.min() - m, 0), min(ys.max() + m + 1, mask.shape[0])
             x0, x1 = max(xs.min() - m, 0), min(xs.max() + m + 1, mask.shape[1])
@@ -95,5 +99,7 @@ class CopyPaste(GenerationMethod):
             image=out,
             mask=full_mask,
             attention=None,
-            metadata={"donor_index": d, "offset": [y0, x0]},
+            # defect_source_index: which of the real defects given to fit() was pasted; the generate
+            # stage turns it into the manifest's defect_source_id (that real image's id)
+            metadata={"donor_index": d, "defect_source_index": self.donor_sources[defect][d], "offset": [y0, x0]},
         )

@@ -233,6 +233,7 @@ def generate_shards(
     by_id = split.set_index("image_id")
     crash_after = int(os.environ.get("DEFECTFORGE_TEST_CRASH_AFTER_SHARDS", "0"))  # test hook: simulate a kill
     real_defects: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+    real_ids: dict[tuple[str, str], list[str]] = {}  # the image ids of real_defects, same order
     current: tuple[str, str] | None = None
     cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
     verified: set[str] = set()
@@ -258,6 +259,7 @@ def generate_shards(
                 real_defects[key] = [
                     (read_image(checked(r.image_path, r.image_sha256)), read_mask(checked(r.mask_path, r.mask_sha256))) for r in reals.itertuples()
                 ]
+                real_ids[key] = [str(i) for i in reals.index]
             if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
                 method.prepare(spec.category, spec.defect_type, real_defects[key])
                 current = key
@@ -266,7 +268,9 @@ def generate_shards(
             rng = np.random.default_rng(spec.seed)
             target, donor = sample_target_mask([m for _, m in real_defects[key]], normal, rng, **method.target_mask_options())
             result = method.generate(normal, target, spec.defect_type, spec.seed)
-            rows.append(_write_sample(out_dir, prefix, spec, normal_row, result, method, cfg_json, params_sha256))
+            src = result.metadata.get("defect_source_index")  # a method that pastes a real defect says which
+            rows.append(_write_sample(out_dir, prefix, spec, normal_row, result, method, cfg_json, params_sha256,
+                                      defect_source_id=real_ids[key][src] if src is not None else None))
             bar.update(1)
         writer.write(shard, rows)
         written += 1
@@ -291,7 +295,8 @@ def _reset_if_plan_changed(out_dir: Path, specs: list[SampleSpec], shard_size: i
     atomic_write_bytes(marker, (plan + "\n").encode())
 
 
-def _write_sample(out_dir: Path, prefix: str, spec: SampleSpec, normal_row, result, method, cfg_json: str, params_sha256: str) -> dict:
+def _write_sample(out_dir: Path, prefix: str, spec: SampleSpec, normal_row, result, method, cfg_json: str, params_sha256: str,
+                  defect_source_id: str | None = None) -> dict:
     if result.image.shape != (normal_row.height, normal_row.width, 3):
         raise DataError(f"method {method.name} returned an image of shape {result.image.shape} for {spec.normal_id}")
     if not np.isfinite(result.image).all():
@@ -320,7 +325,7 @@ def _write_sample(out_dir: Path, prefix: str, spec: SampleSpec, normal_row, resu
         "attention_path": attention_path,
         "source_image_id": spec.normal_id,
         "source_sha256": normal_row.image_sha256,
-        "defect_source_id": None,
+        "defect_source_id": defect_source_id,
         "image_sha256": hashes["image_path"],
         "mask_sha256": hashes["mask_path"],
         "raw_mask_sha256": hashes["raw_mask_path"],
