@@ -254,3 +254,10 @@ def test_errors_name_the_output_not_a_deleted_temporary(sample_manifests, tmp_pa
     (tmp_path / "notes.txt").write_text("x")  # a file where a folder is expected: one line, not a traceback
     with pytest.raises(ManifestError, match="notes.txt/source.parquet: cannot write"):
         write_checked(df, tmp_path / "notes.txt" / "source.parquet", kind="source", dataset_root=folder)
+
+
+def test_a_bad_split_creates_nothing(sample_manifests, tmp_path):
+    _, split = sample_manifests
+    with pytest.raises(DataError, match="no defect-free training images"):
+        run_generate(P, _bad_split(split, tmp_path), tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
