@@ -159,12 +159,13 @@ def release(
     quality: Optional[Path] = typer.Option(None, help="the quality command's folder"),
     detector: Optional[Path] = typer.Option(None, help="the detector command's folder"),
     split: Optional[Path] = typer.Option(None, help="split manifest (for the report's real columns)"),
+    verify: bool = typer.Option(True, help="check every row's image/mask sha256 against its file first"),
     params: Path = PARAMS,
 ):
     """Write the versioned manifest, metrics, report and dataset card."""
     from defectforge.pipeline import release as stage
 
-    _summary(stage.run(_params(params).release, refined, out, quality=quality, detector=detector, split=split))
+    _summary(stage.run(_params(params).release, refined, out, quality=quality, detector=detector, split=split, verify=verify))
 
 
 @app.command()
@@ -195,7 +196,7 @@ def validate(
 def publish(
     name: Optional[str] = typer.Option(None, help="dataset name (default: params release.name)"),
     repo: Path = typer.Option(Path("."), help="the DVC project"),
-    push: bool = typer.Option(True, help="dvc push when a remote is configured"),
+    push: bool = typer.Option(True, help="dvc push (a DVC remote is required) and git push of the branch and tag; --no-push: local only"),
     params: Path = PARAMS,
 ):
     """Publish data/release as the next numbered version (git tag + dvc push); no change, no version."""
