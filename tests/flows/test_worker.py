@@ -214,7 +214,7 @@ def test_a_process_worker_runs_the_deployment_and_the_tags_reach_the_remote(tmp_
             log = prefect("flow-run", "logs", flow_run)
             # stage work ran with the clone's .venv, and each stage's output reached the run's log
             assert re.search(r"stage work: \S+/\.venv/bin/python", log), log[-3000:]
-            assert "Running stage 'ingest'" in log and "project environment: .venv -> " in (logs / "worker.log").read_text() + log
+            assert "Running stage 'generate'" in log and "project environment: .venv -> " in (logs / "worker.log").read_text() + log
             versions.append(re.findall(r"dataset/sample/v(\d+)", log))
         remote_tags = run_cmd(["git", "ls-remote", "--tags", origin.as_uri()], tmp_path)
         # every run is a fresh shallow clone: numbering continues from the remote's tags
