@@ -222,6 +222,14 @@ def list_versions(name: Optional[str] = typer.Argument(None), repo: Path = typer
         typer.echo(f"{v['tag']:<32} {v.get('samples', '?'):>6} samples  {v.get('content_hash', '')}  {v.get('published_at', '')}  {head}")
 
 
+@app.command()
+def doctor(repo: Path = typer.Option(Path("."), help="the checkout a worker runs in")):
+    """Check what a Prefect worker needs: venv on PATH, git and DVC remotes, worker Python, API, GPU."""
+    from defectforge.doctor import run
+
+    raise typer.Exit(run(repo))
+
+
 def _summary(path: Path) -> None:
     from defectforge.manifest.io import manifest_info, read_manifest
 
