@@ -294,3 +294,22 @@ def test_our_own_manifest_is_replaced_and_a_foreign_quarantine_file_is_not(tmp_p
     r = _cli(*args)
     assert r.returncode == 2 and str(q) in _error_lines(r.stderr)[0]
     assert q.read_text() == '{"mine": true}'
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def test_validate_on_an_unknown_kind_names_the_file(tmp_path):
+    import pyarrow.parquet as pq
+
+    root = make_folder(tmp_path / "d")
+    out = tmp_path / "source.parquet"
+    assert _cli("ingest", "--layout", "folder", "--root", root, "--out", out, "--params", tmp_path / "none.yaml").returncode == 0
+    table = pq.read_table(out)
+    meta = {k: (b"evil" if k == b"defectforge.kind" else v) for k, v in table.schema.metadata.items()}
+    evil = tmp_path / "evil.parquet"
+    pq.write_table(table.replace_schema_metadata(meta), evil)
+    r = _cli("validate", evil)
+    assert r.returncode == 2
+    (line,) = _error_lines(r.stderr)
+    assert line.startswith(f"error: {evil}: ") and "'evil'" in line
