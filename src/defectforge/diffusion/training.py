@@ -23,6 +23,13 @@ norms are normalised, see :mod:`defectforge.diffusion.losses`) and ``attention_l
 input of Eq. 13, towards m'; see :class:`~defectforge.diffusion.attention.AttentionShareCollector`).
 Outputs: safetensors weights, ``training_curve.csv`` (step, loss, matching,
 regulariser, and attention when that loss is on: a DVC plot) and a metrics dict.
+
+Reproducibility (``docs/reproducibility.md``): both loops run with
+:data:`TRAIN_THREADS` torch threads whatever ``OMP_NUM_THREADS`` or the core count
+say (float reductions split over threads round differently), and the files they write
+hold no wall-clock values: the metrics dict returned keeps ``seconds`` and
+``seconds_per_step`` (:data:`TIMING_KEYS`) for the log, the files get
+:func:`file_metrics` of it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ import csv
 import json
 import math
 import os
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +60,33 @@ from defectforge.errors import DataError, ParamsError
 from defectforge.masks.crop import crop_box, resize_image, resize_mask
 
 CURVE_FILE = "training_curve.csv"
+# Torch intra-op threads of every training loop. The result of a float reduction depends on
+# how it is split over threads: one thread gives the same weights on every machine with the
+# same wheels and CPU instruction set, and the DVC stages ran with one thread anyway
+# (pipeline/entry.py: on this shared CPU two threads were slower than one).
+TRAIN_THREADS = 1
+# wall-clock values: returned and logged, never written into a stage's output files
+TIMING_KEYS = ("seconds", "seconds_per_step")
+
+
+def file_metrics(metrics: dict) -> dict:
+    """``metrics`` without the wall-clock entries: what goes into DVC-tracked files."""
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+@contextmanager
+def fixed_threads(n: int = TRAIN_THREADS):
+    """Run the block with ``n`` torch intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _log_timing(desc: str, metrics: dict) -> None:
+    print(f"{desc}: {metrics['steps']} steps in {metrics['seconds']} s ({metrics['seconds_per_step']} s/step, {TRAIN_THREADS} thread)", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ data
@@ -249,8 +285,10 @@ def pretrain(
     out = Path(out_dir)
     n_params = sum(p.numel() for p in comps.unet.parameters())
     metrics = _metrics(rows, seconds, steps, batch_size, sum(p.numel() for p in params), {"unet_parameters": n_params, "resolution": res})
-    save_tiny(comps, out, extra={"pretrain": metrics})
+    save_tiny(comps, out, extra={"pretrain": file_metrics(metrics)})
     _write_curve(out / CURVE_FILE, rows)
+    if progress:
+        _log_timing("pretrain", metrics)
     return metrics
 
 
@@ -375,16 +413,24 @@ def finetune(
         rows, seconds, steps, batch_size, sum(p.numel() for p in params),
         {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile, **step_kw},
     )
-    meta = {"format": "defectforge-finetune/1", "base": base_ref, "mode": mode, "defect_type": defect_type, "profile": comps.profile, "metrics": metrics}
+    meta = {"format": "defectforge-finetune/1", "base": base_ref, "mode": mode, "defect_type": defect_type, "profile": comps.profile, "metrics": file_metrics(metrics)}
     (out / FINETUNE_FILE).write_text(json.dumps(meta, indent=2))
     _write_curve(out / CURVE_FILE, rows)
+    if progress:
+        _log_timing(f"finetune {defect_type}", metrics)
     return metrics
 
 
 def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw=None):
     """AdamW with warm-up and cosine decay; the defect tokens get their own learning rate.
 
-    ``step_kw``: keyword arguments of :func:`disentangled_step` (loss norm, attention loss)."""
+    ``step_kw``: keyword arguments of :func:`disentangled_step` (loss norm, attention loss).
+    Runs with :data:`TRAIN_THREADS` torch threads (:func:`fixed_threads`)."""
+    with fixed_threads():
+        return _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw)
+
+
+def _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw):
     step_kw = step_kw or {}
     keys = ("loss", "matching", "regulariser") + (("attention",) if step_kw.get("attention_loss", 0) > 0 else ())
     from tqdm import tqdm

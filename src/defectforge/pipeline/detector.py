@@ -83,13 +83,15 @@ def run(
                     train_real, synthetic_items=extra, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=seed, size=p.size,
                     scale=p.scale, patch=p.patch, base_channels=p.base_channels, depth=p.depth, norm=p.norm, score_pool=p.score_pool,
                 )
+                # no training time in the rows: details.json feeds the release, which must not
+                # change with the machine's speed (docs/reproducibility.md); it goes to the log
                 for dt, m in evaluate_groups(model, test_t, groups).items():
                     rows.append({"category": category, "defect_type": dt, "run": run, "seed": seed,
                                  **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
-                                 "train_real": len(train_real), "train_synthetic": 0 if extra is None else len(extra),
-                                 "seconds": round(sum(r["seconds"] for r in curve), 2)})
+                                 "train_real": len(train_real), "train_synthetic": 0 if extra is None else len(extra)})
                     if dt == "all" and progress:
-                        print(f"detector[{label}] loss {curve[-1]['loss']:.4f}; image AUROC {m['image_auroc']}, pixel AP {m['pixel_ap']}, AUPRO {m['aupro']}", flush=True)
+                        print(f"detector[{label}] loss {curve[-1]['loss']:.4f}; image AUROC {m['image_auroc']}, pixel AP {m['pixel_ap']}, "
+                              f"AUPRO {m['aupro']}; {sum(r['seconds'] for r in curve):.1f} s", flush=True)
                 curves += [{"category": category, "run": run, "seed": seed, "epoch": r["epoch"], "step": r["step"],
                             "loss": round(float(r["loss"]), 5), "lr": r["lr"]} for r in curve]
         mine = [r for r in rows if r["category"] == category]

@@ -2,13 +2,15 @@
 
 A stage script is ``@stage`` on a function of its command-line paths; this turns a
 :class:`DefectforgeError` into one line on stderr and exit status 2, switches off
-analytics and pins torch to the configured number of threads.
+analytics and pins torch to the configured number of threads and, on x86-64 CPUs with
+AVX2, the numerical kernels to AVX2 (:func:`pin_cpu_isa`; ``docs/reproducibility.md``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
 import sys
 from typing import Callable
 
@@ -24,6 +26,35 @@ ANALYTICS_OFF = {
 # One torch thread per process unless the user says otherwise: on a loaded CPU two
 # threads ran 5x slower than one (fan-out uses processes, not threads).
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# ATen, oneDNN and MKL each pick their kernels by the CPU's instruction set, and kernels of
+# different vector widths round float sums differently (measured: ATen's DEFAULT kernels,
+# oneDNN capped at SSE4.1 and MKL_CBWR=COMPATIBLE each change the pretrained weights).
+# Capped at AVX2, a CPU with AVX-512 should compute what one with only AVX2 does. torch
+# reads these lazily (at the first tensor operation), so setting them before any
+# computation is enough; a value the user set is kept.
+CPU_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def pin_cpu_isa() -> bool:
+    """Set :data:`CPU_ISA` (unless already set) on an x86-64 CPU with AVX2 and FMA; True if
+    the CPU qualifies. Without AVX2 (or off x86-64) nothing is set: the results then differ
+    from an AVX2 machine's in the last bits."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= _cpu_flags():
+        return False
+    for k, v in CPU_ISA.items():
+        os.environ.setdefault(k, v)
+    return True
 
 
 def stage(fn: Callable[..., object]) -> Callable[[], None]:
@@ -31,6 +62,7 @@ def stage(fn: Callable[..., object]) -> Callable[[], None]:
     def main() -> None:
         for k, v in {**ANALYTICS_OFF, **THREADS}.items():
             os.environ.setdefault(k, v)
+        pin_cpu_isa()
         try:
             fn(*sys.argv[1:])
         except DefectforgeError as exc:

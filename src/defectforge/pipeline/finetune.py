@@ -5,7 +5,8 @@ disentangled training (masked matching loss + background regulariser, Eq. 5-7;
 masked cross-attention, Eq. 10-11; the attention loss that makes Eq. 13 work) from
 the base model, into ``<out>/<category>/<defect type>/`` (safetensors), the index
 ``checkpoints.json`` (read by :func:`defectforge.diffusion.sampling.category_checkpoints`)
-and one training curve for DVC plots.
+and one training curve for DVC plots. No wall-clock values in any of them (the
+training time goes to the log): see ``docs/reproducibility.md``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from defectforge.config import FinetuneParams
 from defectforge.data.io import atomic_dir, atomic_write_text, read_image, read_mask
 from defectforge.diffusion.sampling import CHECKPOINT_INDEX
 from defectforge.errors import DataError
+from defectforge.pipeline.entry import pin_cpu_isa
 from defectforge.pipeline.pretrain import base_model, train_rows
 
 
@@ -27,6 +29,7 @@ def run(
     p: FinetuneParams, split: str | os.PathLike, pretrain_dir: str | os.PathLike, out_dir: str | os.PathLike, *, needed: list[str] | None = None, progress: bool = True
 ) -> Path:
     """Fine-tune the base model of ``pretrain_dir`` per defect type into ``out_dir``."""
+    pin_cpu_isa()  # the same kernels as the DVC stage, when nothing has computed yet
     with atomic_dir(out_dir, "finetune folder") as tmp:
         if needed is not None and not needed:
             atomic_write_text(tmp / CHECKPOINT_INDEX, "{}\n")
@@ -38,6 +41,7 @@ def run(
 
 def _train_all(p: FinetuneParams, split, pretrain_dir, tmp: Path, progress: bool) -> None:
     from defectforge.diffusion import CURVE_FILE, finetune
+    from defectforge.diffusion.training import file_metrics
 
     base = base_model(pretrain_dir)
     root, train = train_rows(split)
@@ -55,7 +59,7 @@ def _train_all(p: FinetuneParams, split, pretrain_dir, tmp: Path, progress: bool
             token_lr=p.token_lr, lora_rank=p.lora_rank, prior_fraction=p.prior_fraction, loss_norm=p.loss_norm,
             attention_loss=p.attention_loss, attention_rows=p.attention_rows, seed=p.seed, device=p.device, progress=progress,
         )
-        index[f"{category}/{defect}"] = {"path": f"{category}/{defect}", "metrics": metrics}
+        index[f"{category}/{defect}"] = {"path": f"{category}/{defect}", "metrics": file_metrics(metrics)}
         c = pd.read_csv(target / CURVE_FILE)
         c.insert(0, "defect", f"{category}/{defect}")
         curves.append(c)

@@ -1,0 +1,115 @@
+"""Exact reproduction: the training stages write the same bytes on every rerun.
+
+The committed dvc.lock once failed to reproduce on a fresh clone because the pretrain
+folder held the wall-clock training time (base.json and model_index.json), and the
+weights depended on the number of torch threads. See docs/reproducibility.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from defectforge.config import FinetuneParams, PretrainParams
+from defectforge.pipeline import entry
+from defectforge.pipeline import finetune as finetune_stage
+from defectforge.pipeline import pretrain as pretrain_stage
+
+CHEAP = PretrainParams(steps=2, batch_size=2, device="cpu")
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _assert_same_bytes(a: Path, b: Path) -> None:
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb), f"different file sets: {sorted(set(fa) ^ set(fb))}"
+    differ = [name for name in fa if fa[name] != fb[name]]
+    assert not differ, f"files differ between two runs with the same inputs: {differ}"
+
+
+@pytest.fixture(scope="module")
+def split(sample_manifests):
+    return sample_manifests[1]
+
+
+@pytest.fixture(scope="module")
+def first_pretrain(split, tmp_path_factory):
+    return pretrain_stage.run(CHEAP, split, tmp_path_factory.mktemp("pretrain") / "base", progress=False)
+
+
+def test_pretrain_rerun_is_byte_identical(split, first_pretrain, tmp_path):
+    again = pretrain_stage.run(CHEAP, split, tmp_path / "base", progress=False)
+    _assert_same_bytes(first_pretrain, again)
+    assert (again / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_pretrain_files_hold_no_wall_clock_time(first_pretrain):
+    for name in ("base.json", "model/model_index.json"):
+        text = (first_pretrain / name).read_text()
+        assert "seconds" not in text, f"{name} holds a timing: {text}"
+    metrics = json.loads((first_pretrain / "base.json").read_text())["metrics"]
+    assert metrics["steps"] == CHEAP.steps and metrics["batch_size"] == CHEAP.batch_size
+
+
+def test_pretrain_weights_do_not_depend_on_the_thread_count(split, first_pretrain, tmp_path):
+    """The same run with two torch threads (as on a machine where OMP_NUM_THREADS is not
+    set to 1, or the library is called outside the DVC stage) gives the same weights."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        again = pretrain_stage.run(CHEAP, split, tmp_path / "base", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    _assert_same_bytes(first_pretrain, again)
+
+
+def test_training_restores_the_callers_thread_count():
+    from defectforge.diffusion.training import TRAIN_THREADS, fixed_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with fixed_threads():
+            assert torch.get_num_threads() == TRAIN_THREADS
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_finetune_rerun_is_byte_identical(split, first_pretrain, tmp_path):
+    p = FinetuneParams(steps=2, batch_size=2, device="cpu")
+    a = finetune_stage.run(p, split, first_pretrain, tmp_path / "a", progress=False)
+    b = finetune_stage.run(p, split, first_pretrain, tmp_path / "b", progress=False)
+    _assert_same_bytes(a, b)
+    index = (a / "checkpoints.json").read_text()
+    assert "seconds" not in index and json.loads(index), index
+    for meta in a.rglob("defectforge_finetune.json"):
+        assert "seconds" not in meta.read_text(), meta
+
+
+@pytest.mark.parametrize("has_avx2", [True, False])
+def test_stage_entry_pins_the_cpu_instruction_set(monkeypatch, has_avx2):
+    for k in entry.CPU_ISA:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")  # the user's own choice is kept
+    monkeypatch.setattr(entry.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(entry, "_cpu_flags", lambda: {"sse4_1", "avx", "fma", "avx2"} if has_avx2 else {"sse4_1", "avx"})
+    monkeypatch.setattr(entry.sys, "argv", ["stage"])
+    seen = {}
+
+    @entry.stage
+    def main() -> None:
+        seen.update({k: entry.os.environ.get(k) for k in entry.CPU_ISA})
+
+    main()
+    assert seen["ONEDNN_MAX_CPU_ISA"] == "SSE41"
+    if has_avx2:
+        assert seen["ATEN_CPU_CAPABILITY"] == "avx2" and seen["MKL_CBWR"] == "AVX2"
+    else:  # a CPU without AVX2 must not be told to use it (illegal instruction)
+        assert seen["ATEN_CPU_CAPABILITY"] is None and seen["MKL_CBWR"] is None
