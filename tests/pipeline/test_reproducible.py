@@ -42,12 +42,14 @@ def first_pretrain(split, tmp_path_factory):
     return pretrain_stage.run(CHEAP, split, tmp_path_factory.mktemp("pretrain") / "base", progress=False)
 
 
+@pytest.mark.slow
 def test_pretrain_rerun_is_byte_identical(split, first_pretrain, tmp_path):
     again = pretrain_stage.run(CHEAP, split, tmp_path / "base", progress=False)
     _assert_same_bytes(first_pretrain, again)
     assert (again / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_pretrain_files_hold_no_wall_clock_time(first_pretrain):
     for name in ("base.json", "model/model_index.json"):
         text = (first_pretrain / name).read_text()
@@ -56,6 +58,7 @@ def test_pretrain_files_hold_no_wall_clock_time(first_pretrain):
     assert metrics["steps"] == CHEAP.steps and metrics["batch_size"] == CHEAP.batch_size
 
 
+@pytest.mark.slow
 def test_pretrain_weights_do_not_depend_on_the_thread_count(split, first_pretrain, tmp_path):
     """The same run with two torch threads (as on a machine where OMP_NUM_THREADS is not
     set to 1, or the library is called outside the DVC stage) gives the same weights."""
@@ -82,6 +85,7 @@ def test_training_restores_the_callers_thread_count():
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_finetune_rerun_is_byte_identical(split, first_pretrain, tmp_path):
     p = FinetuneParams(steps=2, batch_size=2, device="cpu")
     a = finetune_stage.run(p, split, first_pretrain, tmp_path / "a", progress=False)
@@ -101,6 +105,8 @@ def test_stage_entry_pins_the_cpu_instruction_set(monkeypatch, has_avx2):
     monkeypatch.setattr(entry.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(entry, "_cpu_flags", lambda: {"sse4_1", "avx", "fma", "avx2"} if has_avx2 else {"sse4_1", "avx"})
     monkeypatch.setattr(entry.sys, "argv", ["stage"])
+    monkeypatch.setattr(entry, "THREADS", {})  # leave this process's other settings alone
+    monkeypatch.setattr(entry, "ANALYTICS_OFF", {})
     seen = {}
 
     @entry.stage
