@@ -212,6 +212,12 @@ def test_synthetic_rows_stored_by_category_and_defect_type(tmp_path):
     # the same rows give the same bytes
     again = write_manifest(df, tmp_path / "again.parquet", kind="synthetic", dataset_root=tmp_path)
     assert again.read_bytes() == out.read_bytes()
+    # a table in several chunks (what read_manifest(...) gives back) is reordered the same way
+    given = mio._to_table(df, schema_for("synthetic"), "x").combine_chunks().replace_schema_metadata(None)
+    chunked = pa.concat_tables([given.slice(0, 10000), given.slice(10000, 7), given.slice(10007)])
+    assert chunked.column("image_path").num_chunks == 3 and chunked.schema.field("image_path").type == pa.string()
+    from_chunks = write_manifest(chunked, tmp_path / "chunks.parquet", kind="synthetic", dataset_root=tmp_path)
+    assert from_chunks.read_bytes() == out.read_bytes()
 
 
 def test_source_and_split_rows_keep_their_order(tmp_path):

@@ -172,7 +172,7 @@ def _to_numpy_bool(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
 # mistake is merely checked one by one) and only they go through check_relpath, in row
 # order, so the first bad row raises the same error as before.
 _SLASH, _DOT, _COLON = ord("/"), ord("."), ord(":")
-_INNER = (b"\\", b"//", b"/./", b"/../")  # anywhere inside a path (searched in the whole data buffer)
+_INNER = (b"\\", b"//", b"/.")  # anywhere inside a path ('/.' for '/./' and '/../'; searched in the whole data buffer)
 _INNER_RE = r"\\|//|/\.\.?/"
 
 
@@ -184,12 +184,12 @@ def _suspect_rows(chunk: pa.Array) -> np.ndarray:
     buffers = chunk.buffers()
     width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
     offsets = np.frombuffer(buffers[1], dtype=width, count=n + 1, offset=chunk.offset * np.dtype(width).itemsize).astype(np.int64)
-    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
-    data = np.concatenate([data, np.zeros(2, np.uint8)])  # so the byte gathers below never index past the end
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None and buffers[2].size else np.zeros(1, np.uint8)
     starts, ends = offsets[:-1], offsets[1:]
     length = ends - starts
-    first, second = data[starts], data[starts + 1]
-    last, before_last = data[np.maximum(ends - 1, 0)], data[np.maximum(ends - 2, 0)]
+    top = len(data) - 1  # clipped gathers: a byte read past a short row's end is masked by its length below
+    first, second = data[np.minimum(starts, top)], data[np.minimum(starts + 1, top)]
+    last, before_last = data[np.clip(ends - 1, 0, top)], data[np.clip(ends - 2, 0, top)]
     dot_or_slash_2 = (second == _DOT) | (second == _SLASH)
     dot_or_slash_l = (before_last == _DOT) | (before_last == _SLASH)
     flags = (
@@ -241,11 +241,11 @@ def check_paths(arr: pa.Array | pa.ChunkedArray, *, column: str = "path", source
 ROW_GROUP_SIZE = 16384
 
 
-def _sort_rows(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
-    """``table`` stably ordered by ``keys`` (string columns, code-point order, as pandas
-    sorts); the table itself when it is already in that order."""
+def _sort_order(table: pa.Table, keys: tuple[str, ...]) -> np.ndarray | None:
+    """Row indices that order ``table`` stably by ``keys`` (string columns, code-point order,
+    as pandas sorts); None when it is already in that order."""
     if not keys or table.num_rows < 2:
-        return table
+        return None
     composite = np.zeros(table.num_rows, np.int64)
     for key in keys:
         enc = table.column(key).combine_chunks().dictionary_encode()
@@ -254,11 +254,45 @@ def _sort_rows(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
         rank[np.argsort(np.array(words, dtype=object), kind="stable")] = np.arange(len(words))
         composite = composite * max(len(words), 1) + rank[enc.indices.to_numpy(zero_copy_only=False)]
     if np.all(composite[1:] >= composite[:-1]):
-        return table
+        return None
     if composite.max() < 2**16:
         composite = composite.astype(np.uint16)  # numpy's stable sort is a radix sort on 16 bits
-    order = np.argsort(composite, kind="stable")
-    return table.take(pa.array(order))
+    return np.argsort(composite, kind="stable")
+
+
+def _write_parquet(table: pa.Table, where: str, schema: pa.Schema, order: np.ndarray | None) -> None:
+    """``table`` (rows in ``order``) as Parquet: one row group at a time, so the reordering
+    never copies the whole table (a row group's rows are gathered, encoded, dropped)."""
+    options = _write_options(schema)
+    size = options.pop("row_group_size")
+    with pq.ParquetWriter(where, table.schema, **options) as writer:
+        if table.num_rows == 0:
+            writer.write_table(table)  # one empty row group, as pq.write_table writes
+        for start in range(0, table.num_rows, size):
+            if order is None:
+                group = table.slice(start, size)
+            else:
+                rows = order[start : start + size]
+                group = pa.Table.from_arrays([_take(table.column(i), rows) for i in range(table.num_columns)], schema=table.schema)
+            writer.write_table(group, row_group_size=size)
+
+
+def _take(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
+    """``column[rows]`` from the chunks that hold them (pyarrow's take on a chunked column
+    concatenates all its chunks first, on every call)."""
+    if column.num_chunks == 1:
+        return column.chunk(0).take(pa.array(rows))
+    bounds = np.cumsum([0] + [len(c) for c in column.chunks])
+    which = np.searchsorted(bounds, rows, side="right") - 1
+    by_chunk = np.argsort(which, kind="stable")
+    parts = []
+    for k in np.unique(which):
+        local = rows[which == k] - bounds[k]
+        parts.append(column.chunk(int(k)).take(pa.array(local)))
+    merged = pa.concat_arrays(parts) if parts else pa.array([], type=column.type)
+    back = np.empty_like(by_chunk)
+    back[by_chunk] = np.arange(len(by_chunk))
+    return merged.take(pa.array(back))
 
 
 def _write_options(schema: pa.Schema) -> dict[str, Any]:
@@ -289,12 +323,13 @@ def write_manifest(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = schema_for(kind, _relative_root(path, dataset_root), dataset_version)
-    table = _sort_rows(_to_table(rows, schema, str(path)), SORT_KEYS[kind])
+    table = _to_table(rows, schema, str(path))
+    order = _sort_order(table, SORT_KEYS[kind])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, umask_mode())  # mkstemp makes 0600; a shared folder needs what the umask says
     os.close(fd)
     try:
-        pq.write_table(table, tmp, **_write_options(schema))
+        _write_parquet(table, tmp, schema, order)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
