@@ -172,8 +172,19 @@ def _to_numpy_bool(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
 # mistake is merely checked one by one) and only they go through check_relpath, in row
 # order, so the first bad row raises the same error as before.
 _SLASH, _DOT, _COLON = ord("/"), ord("."), ord(":")
-_INNER = (b"\\", b"//", b"/.")  # anywhere inside a path ('/.' for '/./' and '/../'; searched in the whole data buffer)
+_BACKSLASH, _BLOCK = ord("\\"), 1 << 20
 _INNER_RE = r"\\|//|/\.\.?/"
+
+
+def _has_inner(body: np.ndarray) -> bool:
+    """Whether the bytes hold a backslash, '//' or '/.' ('/./', '/../'), anywhere (block by
+    block, so the temporaries stay in cache)."""
+    for start in range(0, len(body), _BLOCK):
+        b = body[start : start + _BLOCK + 1]  # one byte of overlap: a pair across two blocks
+        nxt = b[1:]
+        if np.any(b == _BACKSLASH) or np.any((b[:-1] == _SLASH) & ((nxt == _SLASH) | (nxt == _DOT))):
+            return True
+    return False
 
 
 def _suspect_rows(chunk: pa.Array) -> np.ndarray:
@@ -201,8 +212,7 @@ def _suspect_rows(chunk: pa.Array) -> np.ndarray:
         | ((length > 0) & (last == _SLASH))
         | ((length > 0) & (last == _DOT) & ((length == 1) | dot_or_slash_l))
     )
-    blob = data[offsets[0] : offsets[-1]].tobytes()
-    if any(pattern in blob for pattern in _INNER):
+    if _has_inner(data[offsets[0] : offsets[-1]]):
         flags |= _to_numpy_bool(pc.match_substring_regex(chunk, _INNER_RE).fill_null(False))
     if chunk.null_count:
         flags &= _to_numpy_bool(chunk.is_valid())
@@ -272,27 +282,30 @@ def _write_parquet(table: pa.Table, where: str, schema: pa.Schema, order: np.nda
             if order is None:
                 group = table.slice(start, size)
             else:
-                rows = order[start : start + size]
-                group = pa.Table.from_arrays([_take(table.column(i), rows) for i in range(table.num_columns)], schema=table.schema)
+                rows, plans = order[start : start + size], {}
+                group = pa.Table.from_arrays([_take(table.column(i), rows, plans) for i in range(table.num_columns)], schema=table.schema)
             writer.write_table(group, row_group_size=size)
 
 
-def _take(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
+def _take(column: pa.ChunkedArray, rows: np.ndarray, plans: dict) -> pa.Array:
     """``column[rows]`` from the chunks that hold them (pyarrow's take on a chunked column
-    concatenates all its chunks first, on every call)."""
+    concatenates all its chunks first, on every call). ``plans`` caches, per chunk layout,
+    which rows each chunk gives and how to put them back in order."""
     if column.num_chunks == 1:
-        return column.chunk(0).take(pa.array(rows))
-    bounds = np.cumsum([0] + [len(c) for c in column.chunks])
-    which = np.searchsorted(bounds, rows, side="right") - 1
-    by_chunk = np.argsort(which, kind="stable")
-    parts = []
-    for k in np.unique(which):
-        local = rows[which == k] - bounds[k]
-        parts.append(column.chunk(int(k)).take(pa.array(local)))
-    merged = pa.concat_arrays(parts) if parts else pa.array([], type=column.type)
-    back = np.empty_like(by_chunk)
-    back[by_chunk] = np.arange(len(by_chunk))
-    return merged.take(pa.array(back))
+        if None not in plans:
+            plans[None] = pa.array(rows)
+        return column.chunk(0).take(plans[None])
+    layout = tuple(len(c) for c in column.chunks)
+    if layout not in plans:
+        bounds = np.cumsum((0,) + layout)
+        which = np.searchsorted(bounds, rows, side="right") - 1
+        by_chunk = np.argsort(which, kind="stable")
+        back = np.empty_like(by_chunk)
+        back[by_chunk] = np.arange(len(by_chunk))
+        parts = [(int(k), pa.array(rows[which == k] - bounds[k])) for k in np.unique(which)]
+        plans[layout] = (parts, pa.array(back))
+    parts, back = plans[layout]
+    return pa.concat_arrays([column.chunk(k).take(local) for k, local in parts]).take(back)
 
 
 def _write_options(schema: pa.Schema) -> dict[str, Any]:
