@@ -126,3 +126,33 @@ def test_a_fan_out_worker_leaves_the_other_workers_temporaries_alone(sample_mani
     prepare_output(split, out / "copy-paste", method_name="copy-paste", n_per_defect=P.n_per_defect, seed=P.seed,
                    shard_size=P.shard_size, params_sha256=P.method_sha256("copy-paste"))  # the next run's driver
     assert not in_flight.exists()
+
+
+def test_every_method_records_its_mask_origin_and_the_prior_places_masks_where_real_ones_sit(sample_manifests, tmp_path):
+    from defectforge.masks.foreground import estimate_foreground
+    from defectforge.masks.target import relative_position
+
+    _, split = sample_manifests
+    p = GenerateParams(methods=["copy-paste", "cutpaste", "perlin"], n_per_defect=3, shard_size=4, seed=0)
+    df = read_manifest(run_generate(p, split, tmp_path / "gen", progress=False)).to_pandas()
+    origin = df.groupby("method").mask_origin.agg(lambda s: set(s))
+    assert origin["copy-paste"] == {"augmented-real/foreground"}
+    assert origin["cutpaste"] <= {"cutpaste-patch", "cutpaste-scar"} and origin["perlin"] == {"perlin-noise"}
+    # prior placement: every target sits within a few box-percent of some real training defect's place
+    prior = GenerateParams(methods=["copy-paste"], n_per_defect=6, seed=1, target_placement="prior")
+    root = tmp_path / "prior"
+    pf = read_manifest(run_generate(prior, split, root, progress=False)).to_pandas()
+    assert set(pf.mask_origin) == {"augmented-real/prior"}
+    sp = read_manifest(split).to_pandas()
+    from defectforge.manifest.io import manifest_info
+
+    src_root = manifest_info(split)["dataset_root"]
+    for (cat, dt), rows in pf.groupby(["category", "defect_type"]):
+        reals = sp[(sp.split == "train") & (sp.category == cat) & (sp.defect_type == dt)]
+        real_pos = np.array([relative_position(read_mask(os.path.join(src_root, r.mask_path)),
+                                               estimate_foreground(read_image(os.path.join(src_root, r.image_path)))) for r in reals.itertuples()])
+        for r in rows.itertuples():
+            raw = read_mask(root / r.raw_mask_path)
+            pos = relative_position(raw, estimate_foreground(read_image(root / r.image_path)))
+            # kernel width <= 5 % of the box; the shape's clipping at the border moves it a little more
+            assert np.abs(real_pos - pos).max(axis=1).min() < 0.2, (cat, dt, pos, real_pos)

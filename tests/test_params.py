@@ -7,7 +7,14 @@ from defectforge.config import Params, load_params, parse_params
 def test_repo_params_file_is_valid():
     p = load_params("params.yaml")
     assert isinstance(p, Params)
-    assert set(p.generate.methods) <= {"copy-paste", "inversion", "blended"}
+    from defectforge.methods import registered_methods
+
+    assert set(p.generate.methods) <= set(registered_methods())
+    # every method the registry knows has its section in params.yaml (its documented defaults)
+    import yaml
+
+    raw = yaml.safe_load(open("params.yaml"))["generate"]
+    assert all(m.replace("-", "_") in raw for m in registered_methods())
 
 
 @pytest.mark.parametrize(

@@ -155,7 +155,6 @@ class CopyPasteConfig(MethodConfig):
     scale_range: tuple[float, float] = (0.8, 1.2)
     flip: bool = True
     match_brightness: bool = True
-    placement: Literal["foreground", "anywhere"] = "foreground"
     margin: int = Field(4, ge=0, le=64)                   # px of context cut around each donor mask
 
     @field_validator("scale_range", mode="before")
@@ -262,6 +261,8 @@ class GenerateParams(_Section):
     shard_size: int = Field(4, ge=1, le=10000)
     workers: int = Field(1, ge=1, le=256)
     scheduler: str = ""
+    # where target masks go: on the object's foreground | anywhere | drawn from where the type's real defects sit
+    target_placement: Literal["foreground", "anywhere", "prior"] = "foreground"
     copy_paste: CopyPasteConfig = CopyPasteConfig()
     cutpaste: CutPasteConfig = CutPasteConfig()
     perlin: PerlinConfig = PerlinConfig()

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from defectforge.errors import ManifestError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: synthetic mask_origin
 META_KIND = b"defectforge.kind"
 META_VERSION = b"defectforge.schema_version"
 META_ROOT = b"defectforge.dataset_root"
@@ -90,6 +90,10 @@ SYNTHETIC_FIELDS = [
     pa.field("height", pa.int32(), nullable=False),
     pa.field("mask_area", pa.int64(), nullable=False),
     pa.field("raw_mask_area", pa.int64(), nullable=False),
+    # where the target mask came from: "augmented-real/<placement>" (a real training mask of the
+    # type, flipped/rotated/scaled, placed on the foreground, anywhere, or by the type's location
+    # prior) or the method's own mask model ("cutpaste-patch", "cutpaste-scar", "perlin-noise")
+    pa.field("mask_origin", pa.string()),
     # how mask_path was made: "raw" (the method's own mask, exact: copy-paste), "attention"
     # (Eq. 13 from the defect tokens' cross-attention), "difference" (where the image
     # changed inside the target mask, when attention found nothing) or "raw-fallback"

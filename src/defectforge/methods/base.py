@@ -42,6 +42,13 @@ class GenerationMethod:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # None: the sample's mask comes from the stage's target mask (an augmented real mask);
+    # a method with its own mask model returns its mask_origin from mask_origin_of()
+    own_mask: ClassVar[bool] = False
+
+    def mask_origin_of(self, result: "GenerationResult") -> str | None:  # noqa: ARG002
+        """The manifest's ``mask_origin`` of a sample whose mask this method made itself."""
+        return None
 
     def __init__(self, config: MethodConfig):
         self.config = config

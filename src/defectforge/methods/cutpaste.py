@@ -63,6 +63,10 @@ def color_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float) -
 class CutPaste(GenerationMethod):
     name = "cutpaste"
     config_class = CutPasteConfig
+    own_mask = True
+
+    def mask_origin_of(self, result: GenerationResult) -> str:
+        return f"cutpaste-{result.metadata['variant']}"
 
     def __init__(self, config: CutPasteConfig | None = None):
         super().__init__(config or CutPasteConfig())

@@ -152,6 +152,10 @@ def augment_source(source: np.ndarray, rng: np.random.Generator, n: int = 3) -> 
 class Perlin(GenerationMethod):
     name = "perlin"
     config_class = PerlinConfig
+    own_mask = True
+
+    def mask_origin_of(self, result: GenerationResult) -> str:  # noqa: ARG002
+        return "perlin-noise"
 
     def __init__(self, config: PerlinConfig | None = None):
         super().__init__(config or PerlinConfig())

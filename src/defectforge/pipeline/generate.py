@@ -53,7 +53,7 @@ from defectforge.data.io import (
 from defectforge.errors import DataError
 from defectforge.manifest.io import ShardedWriter, manifest_info, read_manifest
 from defectforge.manifest.validate import check_manifest
-from defectforge.masks.target import sample_target_mask
+from defectforge.masks.target import LocationPrior, sample_target_mask
 from defectforge.methods import GenerationMethod, get_method_class
 from defectforge.seeding import derive_seed
 
@@ -137,7 +137,7 @@ def run_method(
     method = build_method(p, name, checkpoints)
     return generate_shards(
         split, Path(out_root) / name, dataset_root=out_root, method=method, n_per_defect=p.n_per_defect, seed=p.seed,
-        shard_size=p.shard_size, params_sha256=p.method_sha256(name), shards=shards, progress=progress,
+        shard_size=p.shard_size, params_sha256=p.method_sha256(name), shards=shards, progress=progress, placement=p.target_placement,
     )
 
 
@@ -207,8 +207,13 @@ def generate_shards(
     shards: list[int] | None = None,
     progress: bool = True,
     dataset_root: str | os.PathLike | None = None,
+    placement: str = "foreground",
 ) -> Path:
     """Generate every planned sample into ``out_dir`` (images/, masks/, raw_masks/, manifest/).
+
+    ``placement`` (``generate.target_placement``) places each target mask on the object's
+    foreground, anywhere, or by the defect type's :class:`LocationPrior` (``prior``),
+    learned from its real training masks; the row's ``mask_origin`` records it.
 
     ``method.prepare(category, defect_type, real_train_defects)`` readies the method for
     a defect type (loads its checkpoint, or remembers the donors). ``shards`` restricts
@@ -235,6 +240,7 @@ def generate_shards(
     real_defects: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
     real_ids: dict[tuple[str, str], list[str]] = {}  # the image ids of real_defects, same order
     current: tuple[str, str] | None = None
+    prior: LocationPrior | None = None
     cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
     verified: set[str] = set()
 
@@ -262,15 +268,18 @@ def generate_shards(
                 real_ids[key] = [str(i) for i in reals.index]
             if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
                 method.prepare(spec.category, spec.defect_type, real_defects[key])
+                prior = LocationPrior.fit([m for _, m in real_defects[key]], [i for i, _ in real_defects[key]]) if placement == "prior" else None
                 current = key
             normal_row = by_id.loc[spec.normal_id]
             normal = read_image(checked(normal_row.image_path, normal_row.image_sha256))
             rng = np.random.default_rng(spec.seed)
-            target, donor = sample_target_mask([m for _, m in real_defects[key]], normal, rng, **method.target_mask_options())
+            target, donor = sample_target_mask([m for _, m in real_defects[key]], normal, rng, placement=placement, prior=prior,
+                                               **method.target_mask_options())
             result = method.generate(normal, target, spec.defect_type, spec.seed)
             src = result.metadata.get("defect_source_index")  # a method that pastes a real defect says which
+            origin = method.mask_origin_of(result) if method.own_mask else f"augmented-real/{placement}"
             rows.append(_write_sample(out_dir, prefix, spec, normal_row, result, method, cfg_json, params_sha256,
-                                      defect_source_id=real_ids[key][src] if src is not None else None))
+                                      defect_source_id=real_ids[key][src] if src is not None else None, mask_origin=origin))
             bar.update(1)
         writer.write(shard, rows)
         written += 1
@@ -296,7 +305,7 @@ def _reset_if_plan_changed(out_dir: Path, specs: list[SampleSpec], shard_size: i
 
 
 def _write_sample(out_dir: Path, prefix: str, spec: SampleSpec, normal_row, result, method, cfg_json: str, params_sha256: str,
-                  defect_source_id: str | None = None) -> dict:
+                  defect_source_id: str | None = None, mask_origin: str | None = None) -> dict:
     if result.image.shape != (normal_row.height, normal_row.width, 3):
         raise DataError(f"method {method.name} returned an image of shape {result.image.shape} for {spec.normal_id}")
     if not np.isfinite(result.image).all():
@@ -326,6 +335,7 @@ def _write_sample(out_dir: Path, prefix: str, spec: SampleSpec, normal_row, resu
         "source_image_id": spec.normal_id,
         "source_sha256": normal_row.image_sha256,
         "defect_source_id": defect_source_id,
+        "mask_origin": mask_origin,
         "image_sha256": hashes["image_path"],
         "mask_sha256": hashes["mask_path"],
         "raw_mask_sha256": hashes["raw_mask_path"],
