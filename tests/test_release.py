@@ -200,7 +200,7 @@ def test_card_has_provenance_limitations_and_quarantine(tmp_path):
     card = (release.run(ReleaseParams(), man, tmp_path / "release", quality=quality, detector=detector, split=split).parent / "README.md").read_text()
     prov = card[card.index("## Provenance"):]
     assert "tiny parts (licence: CC-BY-4.0)" in prov
-    assert "git commit not a git checkout" in prov and "`" + "1" * 64 + "`" in prov and "- copy-paste: `{}`" in prov
+    assert "- code: sha256 `" in prov and "`" + "1" * 64 + "`" in prov and "- copy-paste: `{}`" in prov
     limits = prov[prov.index("## Known limitations"):prov.index("## Quarantine")]
     assert "Set-level quality gates failed: cat/crack copy-paste: saturated share 0.40 > 0.25" in limits
     assert "2 of 3 samples fail the per-sample quality gates (saturated 2, colour drift 1)" in limits
@@ -211,13 +211,30 @@ def test_card_has_provenance_limitations_and_quarantine(tmp_path):
     summary = json.loads((tmp_path / "release/release.json").read_text())["provenance"]
     assert summary["source_license"] == "CC-BY-4.0" and summary["quarantined"] == 0 and summary["methods"] == ["copy-paste"]
 
-    # a quarantine file written at ingest (data.on_bad: skip) is listed; a git checkout's commit is named
+    # a quarantine file written at ingest (data.on_bad: skip) is listed; the code hash follows src/, not the commit
     (tmp_path / "manifests/source.quarantine.json").write_text(json.dumps({
         "format": "defectforge-quarantine/1", "samples": [
             {"image_id": "cat/crack/007", "reason": "empty mask", "detail": "src/cat/crack/007_mask.png: empty mask"}]}))
     for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x"]):
         subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-    card = (release.run(ReleaseParams(), man, tmp_path / "release", quality=quality, detector=detector, split=split).parent / "README.md").read_text()
-    assert f"git commit {head}" in card
+    from defectforge.publish.card import code_sha256
+
+    def code_line():
+        text = (release.run(ReleaseParams(), man, tmp_path / "release", quality=quality, detector=detector, split=split).parent / "README.md").read_text()
+        return next(ln for ln in text.splitlines() if ln.startswith("- code: sha256"))
+
+    (tmp_path / "src").mkdir(exist_ok=True)
+    (tmp_path / "src/mod.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.email=t@e", "-c", "user.name=t"]
+    subprocess.run(git + ["add", "src/mod.py"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(git + ["commit", "-qm", "code"], cwd=tmp_path, check=True, capture_output=True)
+    first = code_line()
+    assert code_sha256(tmp_path) in first
+    (tmp_path / "dvc.lock").write_text("a run's lock\n")  # committing a run's lock does not change the release
+    subprocess.run(git + ["add", "dvc.lock"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(git + ["commit", "-qm", "lock"], cwd=tmp_path, check=True, capture_output=True)
+    assert code_line() == first
+    (tmp_path / "src/mod.py").write_text("x = 2\n")  # the code does
+    assert code_line() != first
+    card = (tmp_path / "release/README.md").read_text()
     assert "- `cat/crack/007` (empty mask): src/cat/crack/007_mask.png: empty mask" in card

@@ -6,7 +6,7 @@ measurable effect" where the interval contains 0, "hurts" where it lies below),
 realism per method, and which backbone produced every number.
 
 Its "Provenance" part (:func:`provenance`) names the source dataset and its licence, the
-git commit of the code, the params hashes and the methods with their configs; "Known
+hash of the code (src/, stages/, params.yaml, dvc.yaml; the commit is the release tag's), the params hashes and the methods with their configs; "Known
 limitations" lists what was measured against the data (failed quality gates, samples
 failing the per-sample gates, categories where the detector did not learn, methods that
 hurt the detector); "Quarantine" lists the source samples ingest left out
@@ -15,6 +15,7 @@ hurt the detector); "Quarantine" lists the source samples ingest left out
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -138,18 +139,36 @@ def source_license(root: str | os.PathLike | None) -> tuple[str, str]:
     return name, "not recorded (add a LICENSE file or a dataset.json with a \"license\" field to the dataset folder)"
 
 
-def git_commit(folder: str | os.PathLike) -> str:
-    """The commit the code in ``folder`` is at, "+ uncommitted changes" when code, params or
-    dvc.yaml differ from it (data outputs and dvc.lock, rewritten by every run, are not counted)."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True)
+CODE_PATHS = ("src", "stages", "params.yaml", "dvc.yaml")
 
-    head = git("rev-parse", "HEAD")
-    if head.returncode != 0:
-        return "not a git checkout"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock", ":(exclude)data",
-                ":(exclude)releases")
-    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+def code_sha256(folder: str | os.PathLike) -> str:
+    """SHA-256 of the code and params that made the data: every file of ``src/`` and ``stages/``
+    (git-tracked ones in a checkout), ``params.yaml`` and ``dvc.yaml``, by path and content,
+    in the project holding ``folder`` (its git top level, else the nearest folder with dvc.yaml).
+
+    Not the git commit: the commit that records a run's dvc.lock is always newer than the
+    one the run started from, so a commit id in an output could never match the committed
+    lock (docs/reproducibility.md). The release tag names the commit.
+    """
+    root = Path(folder).resolve()
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+    if top.returncode == 0:
+        root = Path(top.stdout.strip())
+    else:  # not a checkout: the nearest folder up holding dvc.yaml is the project
+        root = next((d for d in (root, *root.parents) if (d / "dvc.yaml").is_file()), root)
+    listed = subprocess.run(["git", "ls-files", "-z", "--", *CODE_PATHS], cwd=root, capture_output=True)
+    if listed.returncode == 0:
+        files = sorted({f for f in listed.stdout.decode().split("\0") if f})
+    else:
+        files = sorted(p.relative_to(root).as_posix() for c in CODE_PATHS for p in ([root / c] if (root / c).is_file() else (root / c).rglob("*"))
+                       if p.is_file() and "__pycache__" not in p.parts)
+    h = hashlib.sha256()
+    for f in files:
+        p = root / f
+        if p.is_file():
+            h.update(f.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def read_quarantine(folder: str | os.PathLike | None) -> list[dict]:
@@ -176,7 +195,7 @@ def provenance(df, *, source_root=None, project=None, quarantine_dir=None) -> di
     return {
         "source_dataset": name,
         "source_license": lic,
-        "git_commit": git_commit(project) if project is not None else "not recorded",
+        "code_sha256": code_sha256(project) if project is not None else "not recorded",
         "params_sha256": sorted({str(h) for h in df["params_sha256"].dropna()}),
         "methods": dict(sorted(methods.items())),
         "quarantine": read_quarantine(quarantine_dir),
@@ -215,7 +234,7 @@ def limitations(df, details: dict | None, gates: dict | None) -> list[str]:
 def _provenance_lines(prov: dict, limits: list[str]) -> list[str]:
     lines = ["", "## Provenance", "",
              f"- source dataset: {prov.get('source_dataset')} (licence: {prov.get('source_license')})",
-             f"- code: git commit {prov.get('git_commit')}",
+             f"- code: sha256 `{prov.get('code_sha256')}` of src/, stages/, params.yaml and dvc.yaml (the commit is the release tag's)",
              f"- params sha256: {', '.join(f'`{h}`' for h in prov.get('params_sha256') or []) or 'not recorded'}",
              "- methods (config as recorded per row in `method_config`):"]
     lines += [f"  - {m}: `{cfg}`" for m, cfg in (prov.get("methods") or {}).items()]
