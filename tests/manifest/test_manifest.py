@@ -140,3 +140,26 @@ def test_gx_suite_catches_bad_rows(tmp_path):
     assert "cat/good/x" not in text  # a good image needs no mask
     with pytest.raises(ManifestError, match="expectation"):
         check_manifest(out)
+
+
+@pytest.mark.parametrize("value, stored", [("wide", "string"), (219.5, "double")])
+def test_a_column_of_the_wrong_type_is_one_line_naming_file_and_column(tmp_path, value, stored):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from defectforge.errors import ManifestError
+    from defectforge.manifest.io import read_manifest, write_manifest
+
+    rows = [{"image_id": f"c/crack/{i}", "category": "c", "defect_type": "crack", "image_path": f"c/{i}.png", "mask_path": None,
+             "image_sha256": "0" * 64, "mask_sha256": None, "width": 8, "height": 8, "mask_area": 0, "origin": "real"} for i in range(3)]
+    good = tmp_path / "good.parquet"
+    write_manifest(rows, good, kind="source", dataset_root=tmp_path)
+    t = pq.read_table(good)
+    i = t.schema.get_field_index("width")
+    col = pa.array([value] * len(t))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(t.set_column(i, pa.field("width", col.type), col).replace_schema_metadata(t.schema.metadata), bad)
+    with pytest.raises(ManifestError) as err:
+        read_manifest(bad)
+    msg = str(err.value)
+    assert "\n" not in msg and str(bad) in msg and f"column 'width' is stored as {stored}" in msg

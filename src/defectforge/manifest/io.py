@@ -457,6 +457,21 @@ def _filter_expression(filters: dict[str, Any] | None) -> ds.Expression | None:
     return expr
 
 
+def _type_problem(source: str | list[str], schema: pa.Schema) -> str | None:
+    """Which stored column cannot be read as the schema's type, in words (None: none found)."""
+    for f in [source] if isinstance(source, str) else source:
+        stored = pq.read_schema(f)
+        for field in stored:
+            if field.name in schema.names and not field.type.equals(schema.field(field.name).type):
+                want = schema.field(field.name).type
+                try:
+                    pq.read_table(f, columns=[field.name]).column(0).cast(want)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+                    return (f"column {field.name!r} is stored as {field.type} and cannot be read as {want} "
+                            f"({str(exc).splitlines()[0]})")
+    return None
+
+
 def read_manifest(
     path: str | os.PathLike,
     *,
@@ -475,7 +490,10 @@ def read_manifest(
     p = Path(path)
     source = str(p) if p.is_file() else [str(s) for s in shard_files(p)]
     dataset = ds.dataset(source, format="parquet", schema=schema)
-    table = dataset.to_table(filter=_filter_expression(filters), columns=list(columns) if columns else None)
+    try:
+        table = dataset.to_table(filter=_filter_expression(filters), columns=list(columns) if columns else None)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise ManifestError(f"{path}: {_type_problem(source, schema) or str(exc).splitlines()[0]}") from None
     for col in PATH_COLUMNS[info["kind"]]:
         if col in table.column_names:
             check_paths(table.column(col), column=col, source=str(path))
