@@ -121,6 +121,11 @@ class FinetuneParams(_Section):
     loss_norm: Literal["all", "area"] = "all"  # Eq. 5 norms: mean over all pixels | over the mask / background pixels
     attention_loss: float = Field(0.0, ge=0, le=100)  # weight of the attention loss (joint defect share -> m', for Eq. 13)
     attention_rows: Literal["defect", "defect+mask"] = "defect"  # C_1 defect rows only, or also the C_2 rows
+    # DefectDiffu Algorithm 1 (double-free condition dropout): p_1 = product condition -> null, p_2 = defect -> good
+    cond_dropout_product: float = Field(0.0, ge=0, lt=1)  # p_1 (paper: 0.2); > 0 also learns the null tokens Eq. 4 needs
+    cond_dropout_defect: float = Field(0.0, ge=0, lt=1)   # p_2 (paper: 0.2)
+    aal: bool = False                                     # DefectDiffu's adaptive attention-enhanced loss (Eq. 7-10)
+    aal_alpha: float = Field(1e-3, gt=0, le=1)            # alpha of Eq. 8 (paper: 0.001)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -246,10 +251,34 @@ class BlendedConfig(_SamplingConfig):
     adapt_lr: float = Field(1e-4, gt=0, le=1)
 
 
+class DefectDiffuConfig(MethodConfig):
+    """DefectDiffu: double-free guidance (Eq. 4) inside the target mask, mask from the
+    defect tokens' cross-attention averaged over the last steps, binarised by an iterative threshold."""
+
+    section: ClassVar[str] = "defectdiffu"
+    steps: int = Field(50, ge=1, le=1000)                   # DDIM steps
+    w_p: float = Field(1.0, ge=0, le=20)                    # Eq. 4: product (background) perturbation scale
+    w_d: float = Field(2.0, ge=0, le=20)                    # Eq. 4: defect perturbation scale (defect strength)
+    crop: bool = True
+    context: float = Field(1.5, ge=1, le=10)
+    attention_fraction: float = Field(0.1, gt=0, le=1)      # last share of steps averaged for the mask (paper: last 100 of 1000)
+    mask_source: Literal["attention", "target"] = "attention"  # result.mask: binarised attention (paper) | the target mask
+    threshold: Literal["iterative", "fixed"] = "iterative"  # iterative (Ridler-Calvard) threshold, or threshold_value
+    threshold_value: float = Field(0.5, ge=0, le=1)         # the fixed threshold (threshold: fixed)
+    threshold_tol: float = Field(1e-4, gt=0, le=0.1)        # convergence of the iterative threshold
+    clip_x0: bool = True
+    latent_bound: float = Field(0.0, ge=0, le=100)
+    gray_steps: bool = True
+    chroma_steps: bool = True
+    feather: float = Field(1.5, ge=0, le=20)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 # The method names params.yaml accepts, and whether each needs the pretrain + finetune
 # stages' checkpoints; the registry (defectforge.methods) maps each name to its module.
-METHOD_NEEDS_CHECKPOINTS: dict[str, bool] = {"copy-paste": False, "cutpaste": False, "perlin": False, "inversion": True, "blended": True}
-MethodName = Literal["copy-paste", "cutpaste", "perlin", "inversion", "blended"]
+METHOD_NEEDS_CHECKPOINTS: dict[str, bool] = {"copy-paste": False, "cutpaste": False, "perlin": False, "inversion": True, "blended": True,
+                                           "defectdiffu": True}
+MethodName = Literal["copy-paste", "cutpaste", "perlin", "inversion", "blended", "defectdiffu"]
 # the model-free baseline the reports and realism scores compare every method with
 REFERENCE_METHOD = "copy-paste"
 
@@ -268,6 +297,7 @@ class GenerateParams(_Section):
     perlin: PerlinConfig = PerlinConfig()
     inversion: InversionConfig = InversionConfig()
     blended: BlendedConfig = BlendedConfig()
+    defectdiffu: DefectDiffuConfig = DefectDiffuConfig()
 
     @field_validator("methods")
     @classmethod
@@ -287,7 +317,7 @@ class GenerateParams(_Section):
 
     def method_sha256(self, method: str) -> str:
         """Hash of what determines one method's samples: the common knobs and its own section."""
-        common = self.model_dump(mode="json", exclude={"methods", "workers", "scheduler", "copy_paste", "cutpaste", "perlin", "inversion", "blended"})
+        common = self.model_dump(mode="json", exclude={"methods", "workers", "scheduler", "copy_paste", "cutpaste", "perlin", "inversion", "blended", "defectdiffu"})
         own = getattr(self, method.replace("-", "_"), None)
         blob = json.dumps({"common": common, "method": method, "own": own.model_dump(mode="json") if own is not None else None}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
