@@ -7,8 +7,12 @@ The seed papers measure generation quality with
 * KID (unbiased polynomial-kernel MMD of features) — AdaBLDM;
 * IS (exp E_x KL(p(y|x) || p(y))) and IC-LPIPS — AnomalyDiffusion Tab. 1, which notes
   that FID/KID are unreliable with few real images and adds IC-LPIPS (Ojha et al.
-  2021): assign every generated image to its nearest real image (lowest LPIPS), take
-  the mean pairwise LPIPS inside each cluster, and average over clusters.
+  2021): the cluster centres are the real *training* images of the defect type (the
+  few-shot images the generator learned from; "one-third of the anomaly data for
+  training"), every generated image is assigned to its nearest centre (lowest
+  LPIPS), the mean pairwise LPIPS inside each cluster is taken, and averaged over
+  clusters. ``compute_quality`` takes those centres as ``centres``; without them it
+  falls back to the ``real`` set and says so in ``ic_lpips_centres``.
 
 FID, KID and IS are computed by torchmetrics (``FrechetInceptionDistance``,
 ``KernelInceptionDistance``, ``InceptionScore``) on features from the backbone named
@@ -199,6 +203,8 @@ def compute_quality(
     kid_subset_size: int = 50,
     is_splits: int = 10,
     n_clusters: int | None = None,
+    centres: Sequence[np.ndarray] | None = None,
+    centres_name: str = "train",
     seed: int = 0,
     batch_size: int = 16,
 ) -> dict:
@@ -211,23 +217,29 @@ def compute_quality(
         kid_subsets, kid_subset_size: KID subsets; the size is capped at the number of
             images (the value used is returned as ``kid_subset_size``).
         is_splits: IS splits, capped at ``n_fake // 2`` (at least 2 needed for a std).
-        n_clusters: IC-LPIPS cluster centres = the first ``n_clusters`` real images
-            (default: all real images).
+        centres: IC-LPIPS cluster centres. The paper's protocol: the real training
+            images of the defect type (what the generator learned from), named
+            ``centres_name`` in the result's ``ic_lpips_centres``. ``None``: the
+            ``real`` images are the centres (``ic_lpips_centres`` = ``"real"``).
+        n_clusters: use only the first ``n_clusters`` centres (default: all).
         seed: seeds KID's and IS's random subsets.
 
     Returns:
         dict with ``fid, kid_mean, kid_std, is_mean, is_std, lpips, ic_lpips`` (float or
         None), ``<metric>_skipped`` (reason or None), ``backbone``, ``lpips_backbone``,
         ``n_real``, ``n_fake``, ``size``, ``kid_subset_size``, ``is_splits``,
-        ``ic_lpips_clusters`` (clusters with >= 2 members).
+        ``ic_lpips_clusters`` (clusters with >= 2 members), ``ic_lpips_centres`` (which set
+        gave the centres) and ``ic_lpips_n_centres``.
     """
     x_real = images_to_tensor(real, "real", size)
     x_fake = images_to_tensor(fake, "fake", size)
+    x_centres = None if centres is None else images_to_tensor(centres, "centres", size)
     n_real, n_fake = len(x_real), len(x_fake)
     res: dict = {k: None for k in QUALITY_KEYS}
     res.update({f"{k}_skipped": None for k in ("fid", "kid", "is", "lpips", "ic_lpips")})
     res.update(n_real=n_real, n_fake=n_fake, size=size, kid_subset_size=None, is_splits=None,
-               ic_lpips_clusters=0)
+               ic_lpips_clusters=0, ic_lpips_centres="real" if centres is None else centres_name,
+               ic_lpips_n_centres=n_real if centres is None else len(x_centres))
 
     # 1. Features once per image; FID, KID, IS by torchmetrics on those features.
     from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
@@ -279,27 +291,33 @@ def compute_quality(
     else:
         res["is_skipped"] = f"needs >= 4 fake images (2 splits of 2), got {n_fake}"
 
-    # 2. LPIPS: fake -> nearest real, and IC-LPIPS over clusters of fakes around reals.
+    # 2. LPIPS: fake -> nearest real; IC-LPIPS: clusters of fakes around the centres.
     net, lname = cached_lpips_backbone(lpips_backbone, lpips_weights)
     res["lpips_backbone"] = lname
+    ff = lpips_features(net, x_fake, batch_size) if n_fake >= 1 else None
     if n_real >= 1 and n_fake >= 1:
-        fr = lpips_features(net, x_real, batch_size)
-        ff = lpips_features(net, x_fake, batch_size)
-        dist = lpips_matrix(net, ff, fr)
+        dist = lpips_matrix(net, ff, lpips_features(net, x_real, batch_size))
         _check_finite(dist, f"{lname} LPIPS distances")
         res["lpips"] = float(dist.min(dim=1).values.mean())
-        k = n_real if n_clusters is None else max(1, min(n_clusters, n_real))
-        assign = dist[:, :k].argmin(dim=1)
+    else:
+        res["lpips_skipped"] = f"needs >= 1 real and 1 fake image, got {n_real} real and {n_fake} fake"
+    x_c = x_real if x_centres is None else x_centres
+    n_c = len(x_c)
+    if n_c >= 1 and n_fake >= 1:
+        k = n_c if n_clusters is None else max(1, min(n_clusters, n_c))
+        dc = lpips_matrix(net, ff, lpips_features(net, x_c[:k], batch_size))
+        _check_finite(dc, f"{lname} LPIPS distances to the IC-LPIPS centres")
+        assign = dc.argmin(dim=1)
         ic, n_cl = ic_lpips_from(net, ff, assign)
-        res["ic_lpips"], res["ic_lpips_clusters"] = ic, n_cl
+        res["ic_lpips"], res["ic_lpips_clusters"], res["ic_lpips_n_centres"] = ic, n_cl, k
         if ic is None:
             res["ic_lpips_skipped"] = (
-                f"no cluster of >= 2 fake images around the {k} real centres ({n_fake} fake images)"
+                f"no cluster of >= 2 fake images around the {k} {res['ic_lpips_centres']} centres ({n_fake} fake images)"
             )
     else:
-        reason = f"needs >= 1 real and 1 fake image, got {n_real} real and {n_fake} fake"
-        res["lpips_skipped"] = reason
-        res["ic_lpips_skipped"] = reason
+        res["ic_lpips_skipped"] = (
+            f"needs >= 1 centre ({res['ic_lpips_centres']}) and 1 fake image, got {n_c} centres and {n_fake} fake"
+        )
 
     for key in QUALITY_KEYS:
         v = res[key]

@@ -2,11 +2,15 @@
 
 Per-sample gates are written per row (failing rows flagged with reasons, never
 dropped). Per (category, defect type, method), against the held-out real defects:
-FID / KID / IS / LPIPS / IC-LPIPS on crops around the masks (defects are small: on
+FID / KID / IS / LPIPS on crops around the masks (defects are small: on
 whole images the background dominates every feature backbone), with the backbone
 written beside every number, and the realism scores that need no downloaded weights
 (:mod:`defectforge.metrics.realism`). Set-level gates make the stage fail with a
-readable report.
+readable report. IC-LPIPS follows AnomalyDiffusion's protocol: its cluster centres
+are the real *training* defects of the type (the split's train rows, the images the
+generators learned from), not the held-out ones; ``ic_lpips_centres`` in details.json
+names the set that gave the centres (``"train"``, or ``"real"`` = the held-out reals
+when the type has no training defect).
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
     """qc.parquet (per-sample gates), details.json / metrics.json (per set), gates.json; raises QualityGateError.
 
     Per (category, defect type, method), against the held-out real defects of the type:
-    FID / KID / IS / LPIPS / IC-LPIPS and the realism scores of
+    FID / KID / IS / LPIPS, IC-LPIPS around the type's real training defects, and the realism scores of
     :mod:`defectforge.metrics.realism` - ``saturation`` / ``saturation_real`` (pooled
     in-mask saturated share), ``intensity_distance``, ``contrast_median`` /
     ``contrast_real_iqr``, ``c2st_accuracy`` with its references ``c2st_real_vs_real``
@@ -143,6 +147,15 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
     for category, defect in sorted(set(zip(df.category, df.defect_type))):
         rr = reals[(reals["category"] == category) & (reals["defect_type"] == defect)]
         refs[(category, defect)] = None if rr.empty else _real_reference(p, gates.ring, src_root, rr)
+    # IC-LPIPS cluster centres (AnomalyDiffusion): the real training defects of the type
+    trains = _real_defects(split, "train")
+    centres = {}
+    for category, defect in refs:
+        tr = trains[(trains["category"] == category) & (trains["defect_type"] == defect)].sort_values("image_id")
+        centres[(category, defect)] = [
+            crop_around_mask(read_image(src_root / x.image_path), read_mask(src_root / x.mask_path), context=p.crop_context)
+            for x in tr.itertuples()
+        ] or None
     # 2. per sample: gates (saturation and colour drift against the reals' reference) and realism stats
     qc_rows, crops, stats = [], {}, {}
     flags: dict = {}
@@ -178,7 +191,9 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
         if ref is None:
             entry = {"quality_skipped": f"no held-out real {category}/{defect} images to compare with"}
         else:
-            entry = compute_quality(ref["crops"], fake, backbone=p.backbone, weights=p.weights, lpips_backbone=p.lpips_backbone, lpips_weights=p.lpips_weights, size=p.size)
+            entry = compute_quality(ref["crops"], fake, backbone=p.backbone, weights=p.weights, lpips_backbone=p.lpips_backbone,
+                                    lpips_weights=p.lpips_weights, size=p.size,
+                                    centres=centres[(category, defect)], centres_name="train")
         entry.update(_realism(p, ref, fake, stats.get((category, defect, method), []), flags[(category, defect, method)]))
         ids = df[(df.category == category) & (df.defect_type == defect) & (df.method == method)].sample_id
         pass_rate = float(qc.set_index("sample_id").loc[ids, "qc_pass"].mean())
