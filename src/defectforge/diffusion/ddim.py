@@ -115,3 +115,21 @@ def guided(eps_cond: torch.Tensor, eps_base: torch.Tensor, w: float) -> torch.Te
     """Defect-vs-background guidance, DefectDiffu Eq. (4) with w_p = 1:
     eps = eps(c_good) + w_d (eps(c_def) - eps(c_good)); w_d = 1 is plain conditioning."""
     return eps_base + w * (eps_cond - eps_base)
+
+
+def double_free(eps_good_null: torch.Tensor, eps_good_product: torch.Tensor, eps_defect_null: torch.Tensor,
+                w_p: float, w_d: float) -> torch.Tensor:
+    """DefectDiffu's double-free guidance, Eq. (4) of
+    ../shared/seeds/defectdiffu-consistency-modeling.txt (Sec. 3.3):
+
+        eps(x_t, t, c_d, c_p) = eps(x_t, t, c_g, 0)
+                                + w_p (eps(x_t, t, c_g, c_p) - eps(x_t, t, c_g, 0))      F_p, product direction
+                                + w_d (eps(x_t, t, c_d, 0)   - eps(x_t, t, c_g, 0))      F_d, defect direction
+
+    c_g is the "good" defect condition, c_p the product condition, 0 the null (dropped)
+    product condition of Algorithm 1. The defect direction is taken *without* the product
+    condition, which is what lets a defect learned on one product be added to another
+    (Eq. 12, zero-shot). w_p = 1, w_d = 0 gives the product's normal image; w_d sets the
+    defect strength. (:func:`guided` is the older one-weight form used by the other methods.)
+    """
+    return eps_good_null + w_p * (eps_good_product - eps_good_null) + w_d * (eps_defect_null - eps_good_null)

@@ -11,6 +11,15 @@ Two encoders share one interface, ``embed(concept, defect) -> (n_tokens, dim)`` 
 
 :func:`build_context` concatenates an inside group with the background group and
 returns the token-kind vector the masked cross-attention processor needs.
+
+DefectDiffu's conditions (../shared/seeds/defectdiffu-consistency-modeling.txt, Sec. 3.2-3.3)
+map onto these groups: the defect condition c_d is C_def (c_g, "good", is C_good), the
+product condition c_p is C_bg (the tiny profile trains one model per category, so its
+background tokens are the product's; the pretrained profile's template is generic), and
+the null condition 0 that Algorithm 1 drops c_p to is ``"null"``: learned tokens on the
+tiny profile (created by :meth:`TokenPromptEncoder.add_null`, trained by finetune's
+condition dropout), the empty prompt on the pretrained one (classifier-free guidance's
+null). ``build_context(..., outside="null")`` gives [C_inside, 0].
 """
 
 from __future__ import annotations
@@ -24,13 +33,14 @@ from torch import nn
 
 from defectforge.errors import DefectforgeError
 
-CONCEPTS = ("defect", "good", "mask", "bg")
+CONCEPTS = ("defect", "good", "mask", "bg", "null")
 
 TEXT_TEMPLATES = {
     "defect": "a photo of sks {defect} defect",
     "good": "a photo of a defect-free surface",
     "mask": "a masked region",
     "bg": "background",
+    "null": "",  # the null condition of classifier-free guidance / DefectDiffu's Algorithm 1
 }
 
 
@@ -68,6 +78,19 @@ class TokenPromptEncoder(nn.Module):
         self.tokens[_key(defect)] = nn.Parameter(init.to(good.device))
         self.defects.append(defect)
 
+    @property
+    def has_null(self) -> bool:
+        return "null" in self.tokens
+
+    def add_null(self, seed: int = 0) -> None:
+        """Learned null-condition tokens (DefectDiffu Algorithm 1's 0), fresh random vectors like
+        the other concepts; created on demand so base models trained without them are unchanged."""
+        if self.has_null:
+            return
+        g = torch.Generator().manual_seed(seed + 2000)
+        good = self.tokens["good"].detach()
+        self.tokens["null"] = nn.Parameter((torch.randn(good.shape, generator=g) * self.init_std).to(good.device))
+
     def defect_parameters(self, defect: str) -> list[nn.Parameter]:
         return [self.tokens[_key(defect)]]
 
@@ -79,6 +102,11 @@ class TokenPromptEncoder(nn.Module):
                     "run finetune for it first"
                 )
             return self.tokens[_key(defect)]
+        if concept == "null" and not self.has_null:
+            raise DefectforgeError(
+                "this model has no learned null-condition tokens (needed by DefectDiffu's Eq. 4); "
+                "fine-tune it with finetune.cond_dropout_product > 0"
+            )
         return self.tokens[concept]
 
     # ---- persistence (safetensors + json) ----
@@ -134,8 +162,10 @@ class TextPromptEncoder:
         return self._cache[prompt]
 
 
-def build_context(encoder, inside: str, defect: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[C_inside, C_bg]`` as (1, L, D) and the token kinds (L,) bool (True = inside).
+def build_context(encoder, inside: str, defect: str | None = None, outside: str = "bg") -> tuple[torch.Tensor, torch.Tensor]:
+    """``[C_inside, C_outside]`` as (1, L, D) and the token kinds (L,) bool (True = inside).
+
+    ``outside`` is "bg" (C_bg, DefectDiffu's product condition c_p) or "null" (its null condition 0).
 
     ``inside="defect"`` gives C_1, ``"mask"`` gives C_2, ``"good"`` the defect-free
     baseline used by the defect-vs-background guidance (DefectDiffu Eq. 4).
@@ -143,7 +173,9 @@ def build_context(encoder, inside: str, defect: str | None = None) -> tuple[torc
     if inside not in ("defect", "good", "mask"):
         raise ValueError(f"inside must be defect, good or mask, not {inside!r}")
     c_in = encoder.embed(inside, defect)
-    c_bg = encoder.embed("bg")
+    if outside not in ("bg", "null"):
+        raise ValueError(f"outside must be bg or null, not {outside!r}")
+    c_bg = encoder.embed(outside)
     ctx = torch.cat([c_in, c_bg], dim=0)[None]
     kinds = torch.cat([torch.ones(len(c_in), dtype=torch.bool), torch.zeros(len(c_bg), dtype=torch.bool)])
     return ctx, kinds

@@ -1,0 +1,122 @@
+"""DefectDiffu (../shared/seeds/defectdiffu-consistency-modeling.txt) against its equations.
+
+The oracle UNet's prediction depends on z_t, t, the mask, and separately on the tokens
+inside the mask (defect condition c_d / c_g) and outside it (product condition c_p or the
+null 0), so Eq. 4 with swapped weights, a missing null term, a wrong context or a sampler
+that ignores the mask gives different numbers. Expected values are recomputed here from
+the paper's formulas, never by calling the code under test.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from defectforge.diffusion.ddim import double_free
+from defectforge.diffusion.prompts import build_context
+
+torch.set_num_threads(1)
+R = 16
+
+
+class PromptOracle(nn.Module):
+    """eps = 0.5 sqrt(1 - a_t) tanh(z) + (0.3 + 0.7 m) v(C_in) + (1 - m) 0.6 v(C_out) + 0.2 v(C) m tanh(mean_c z).
+
+    v(C) = tanh(3 P^T u), u the unit-normalised mean of a token group: each group of
+    tokens (good, defect, product, null) gets its own direction. It records the inside
+    tokens' attention share as sigmoid(2 mean_c z) * m for AttentionStore, and the
+    contexts it was called with."""
+
+    def __init__(self, alphas_cumprod, dim: int):
+        super().__init__()
+        self.alphas = alphas_cumprod
+        self.P = torch.randn(dim, 3, generator=torch.Generator().manual_seed(5))
+        self.config = SimpleNamespace(out_channels=3, in_channels=3, sample_size=R)
+        self.calls = []
+
+    def v(self, tokens):
+        u = tokens.mean(1)
+        return torch.tanh(3 * (u / u.norm(dim=-1, keepdim=True)) @ self.P)[:, :, None, None]
+
+    def eps(self, z, t, ctx, kinds, m):
+        a = self.alphas[t.long()].view(-1, 1, 1, 1).to(z)
+        kinds = kinds if kinds.ndim == 2 else kinds[None].expand(z.shape[0], -1)
+        v_in = torch.cat([self.v(c[k][None]) for c, k in zip(ctx, kinds)])
+        v_out = torch.cat([self.v(c[~k][None]) for c, k in zip(ctx, kinds)])
+        return (0.5 * (1 - a).sqrt() * torch.tanh(z) + (0.3 + 0.7 * m) * v_in + (1 - m) * 0.6 * v_out
+                + 0.2 * self.v(ctx) * m * torch.tanh(z.mean(1, keepdim=True)))
+
+    def forward(self, x, t, encoder_hidden_states=None, cross_attention_kwargs=None):
+        kw = cross_attention_kwargs or {}
+        m = kw["region_mask"]
+        self.calls.append(encoder_hidden_states.detach().clone())
+        store = kw.get("attention_store")
+        if store is not None and not getattr(store, "with_grad", False):
+            att = torch.sigmoid(2 * x[:, :3].mean(1)) * m[:, 0]
+            store.add("oracle", att, att)
+        return SimpleNamespace(sample=self.eps(x[:, :3], t, encoder_hidden_states, kw["token_kinds"], m))
+
+
+def _comps():
+    from defectforge.diffusion import build_tiny_components
+
+    comps = build_tiny_components(seed=0)
+    comps.prompts.add_defect("crack")
+    comps.prompts.add_null()
+    dim = comps.context("mask")[0].shape[-1]
+    comps.unet = PromptOracle(comps.scheduler.alphas_cumprod, dim)
+    return comps
+
+
+@pytest.fixture()
+def comps():
+    return _comps()
+
+
+def _ctx(comps, inside, outside):
+    return build_context(comps.prompts, inside, "crack" if inside == "defect" else None, outside)
+
+
+def _oracle(comps, z, t, inside, outside, m):
+    ctx, kinds = _ctx(comps, inside, outside)
+    return comps.unet.eps(z, torch.tensor([t]), ctx, kinds, m)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.rand(1, 3, R, R, generator=g) * 1.6 - 0.8
+    m = torch.zeros(1, 1, R, R)
+    m[..., 4:11, 5:12] = 1
+    return z0, m
+
+
+# ------------------------------------------------------------------ Eq. 4
+def test_eq4_double_free_guidance_from_the_null_condition(comps):
+    z, m = _inputs()
+    t = 500
+    e_g0 = _oracle(comps, z, t, "good", "null", m)  # eps(x_t, t, c_g, 0)
+    e_gp = _oracle(comps, z, t, "good", "bg", m)  # eps(x_t, t, c_g, c_p)
+    e_d0 = _oracle(comps, z, t, "defect", "null", m)  # eps(x_t, t, c_d, 0)
+    assert not torch.allclose(e_g0, e_gp) and not torch.allclose(e_g0, e_d0)
+    w_p, w_d = 1.3, 2.7
+    expected = e_g0 + w_p * (e_gp - e_g0) + w_d * (e_d0 - e_g0)  # Eq. (4)
+    torch.testing.assert_close(double_free(e_g0, e_gp, e_d0, w_p, w_d), expected)
+    # the two ends of the scales: the product's normal image, and the bare defect direction
+    torch.testing.assert_close(double_free(e_g0, e_gp, e_d0, 1.0, 0.0), e_gp)
+    torch.testing.assert_close(double_free(e_g0, e_gp, e_d0, 0.0, 1.0), e_d0)
+    torch.testing.assert_close(double_free(e_g0, e_gp, e_d0, 0.0, 0.0), e_g0)
+
+
+def test_null_tokens_are_their_own_condition(comps):
+    """The null condition is a learned token group distinct from c_p; a model without one is one clear error."""
+    from defectforge.diffusion import build_tiny_components
+    from defectforge.errors import DefectforgeError
+
+    assert not torch.equal(comps.prompts.embed("null"), comps.prompts.embed("bg"))
+    fresh = build_tiny_components(seed=0)
+    with pytest.raises(DefectforgeError, match="null-condition"):
+        build_context(fresh.prompts, "good", None, "null")
