@@ -120,3 +120,64 @@ def test_null_tokens_are_their_own_condition(comps):
     fresh = build_tiny_components(seed=0)
     with pytest.raises(DefectforgeError, match="null-condition"):
         build_context(fresh.prompts, "good", None, "null")
+
+
+# ------------------------------------------------------------------ Algorithm 1
+def test_algorithm1_drops_the_right_conditions_with_the_right_probability():
+    from defectforge.diffusion.training import double_free_dropout
+
+    n, p1, p2 = 20000, 0.2, 0.3
+    inside = ["good", "defect"] * (n // 2)
+    c_d, c_p = double_free_dropout(inside, p1, p2, np.random.default_rng(0))
+    c_d, c_p, inside = np.array(c_d), np.array(c_p), np.array(inside)
+    good, defect = inside == "good", inside == "defect"
+    assert set(c_d[good]) == {"good"}  # a good row keeps c_g (nothing to drop)
+    assert set(c_p) == {"bg", "null"} and set(c_d) == {"good", "defect"}
+    tol = 0.015
+    assert abs((c_p[good] == "null").mean() - p1) < tol  # line 1
+    assert abs((c_d[defect] == "good").mean() - p2) < tol  # line 3
+    assert abs((c_p[defect] == "null").mean() - (1 - (1 - p1) ** 2)) < tol  # lines 1 and 4
+    both = ((c_d[defect] == "good") & (c_p[defect] == "null")).mean()  # independent draws
+    assert abs(both - p2 * (1 - (1 - p1) ** 2)) < tol
+    # seeded: the same generator state gives the same conditions; the draws are the paper's, in order
+    again = double_free_dropout(list(inside[:6]), p1, p2, np.random.default_rng(0))
+    u = np.random.default_rng(0).random(12)  # good: 1 draw; defect: 3 draws (lines 1, 3, 4)
+    by_hand_d, by_hand_p, k = [], [], 0
+    for row in inside[:6]:
+        d, p = row, "bg"
+        if u[k] < p1:
+            p = "null"
+        k += 1
+        if row == "defect":
+            if u[k] < p2:
+                d = "good"
+            if u[k + 1] < p1:
+                p = "null"
+            k += 2
+        by_hand_d.append(d)
+        by_hand_p.append(p)
+    assert again == (by_hand_d, by_hand_p)
+    # p_1 = p_2 = 0: the conditions are left as they are
+    assert double_free_dropout(list(inside[:10]), 0.0, 0.0, np.random.default_rng(1)) == (list(inside[:10]), ["bg"] * 10)
+
+
+def test_training_step_feeds_the_null_condition_and_trains_its_tokens(comps):
+    """With Algorithm 1's product conditions the C_1 rows carry the null tokens outside the
+    mask, the loss changes with them, and the null tokens receive gradient."""
+    from defectforge.diffusion.training import disentangled_step
+
+    x, m = _inputs(1)
+    x, m = x.expand(2, -1, -1, -1).clone(), m.expand(2, -1, -1, -1).clone()
+    null = comps.prompts.tokens["null"]
+    null.requires_grad_(True)
+    comps.unet.calls.clear()
+    out = disentangled_step(comps, x, m, ["defect", "good"], "crack", torch.Generator().manual_seed(0), outside=["null", "bg"])
+    ctx = comps.unet.calls[-1]  # rows: C_1 (2 rows), then C_2 (2 rows)
+    n = comps.prompts.tokens_per_concept
+    torch.testing.assert_close(ctx[0, n:], null.detach())
+    torch.testing.assert_close(ctx[0, :n], comps.prompts.embed("defect", "crack").detach())
+    torch.testing.assert_close(ctx[1, n:], comps.prompts.embed("bg").detach())
+    out["loss"].backward()
+    assert null.grad is not None and null.grad.abs().sum() > 0
+    plain = disentangled_step(comps, x, m, ["defect", "good"], "crack", torch.Generator().manual_seed(0))
+    assert not torch.allclose(plain["loss"], out["loss"])

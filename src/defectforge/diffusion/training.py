@@ -21,6 +21,12 @@ UNet call. Options of ``finetune``: ``loss_norm`` ("all" | "area", how Eq. 5's s
 norms are normalised, see :mod:`defectforge.diffusion.losses`) and ``attention_loss``
 (weight of the attention loss that trains the defect tokens' joint-softmax share, the
 input of Eq. 13, towards m'; see :class:`~defectforge.diffusion.attention.AttentionShareCollector`).
+DefectDiffu's Algorithm 1 (double-free condition dropout, ../shared/seeds/defectdiffu-consistency-modeling.txt
+Sec. 3.3): with ``cond_dropout_product`` = p_1 and ``cond_dropout_defect`` = p_2 each C_1 row's
+conditions are dropped as :func:`double_free_dropout` says (product c_p = C_bg -> the null
+tokens, defect c_d -> good), so the null condition and eps(c_d, 0) that Eq. 4 evaluates at
+sampling are trained; on the tiny profile the null tokens are learned with the defect tokens.
+
 Outputs: safetensors weights, ``training_curve.csv`` (step, loss, matching,
 regulariser, and attention when that loss is on: a DVC plot) and a metrics dict.
 
@@ -48,6 +54,7 @@ import torch
 
 from defectforge.diffusion.attention import AttentionShareCollector
 from defectforge.diffusion.losses import NORMS, disentangled_loss, masked_noising
+from defectforge.diffusion.prompts import build_context
 from defectforge.diffusion.models import (
     FINETUNE_FILE,
     DiffusionComponents,
@@ -162,6 +169,34 @@ def _to_tensor(imgs: list[np.ndarray], masks: list[np.ndarray], device) -> tuple
     return x.to(device), m.to(device)
 
 
+# ------------------------------------------------------------------ DefectDiffu Algorithm 1
+def double_free_dropout(inside: list[str], p1: float, p2: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """Algorithm 1 (double-free) for a batch: ``inside[i]`` is row i's defect condition
+    ("defect" = c_d^r or "good"); returns (defect condition, product condition) per row,
+    the product condition being "bg" (c_p) or "null" (0):
+
+        1: with probability p_1, c_p -> 0
+        2: if c_d^r is not good:
+        3:     with probability p_2, c_d -> good
+        4:     with probability p_1, c_p -> 0
+
+    As written, a defect row has its product condition dropped by line 1 or line 4, i.e.
+    with probability 1 - (1 - p_1)^2. Three uniform draws per row, in that order."""
+    out_d, out_p = [], []
+    for c_d in inside:
+        c_p = "bg"
+        if rng.random() < p1:  # line 1
+            c_p = "null"
+        if c_d != "good":  # line 2
+            if rng.random() < p2:  # line 3
+                c_d = "good"
+            if rng.random() < p1:  # line 4
+                c_p = "null"
+        out_d.append(c_d)
+        out_p.append(c_p)
+    return out_d, out_p
+
+
 # ------------------------------------------------------------------ one step
 def disentangled_step(
     comps: DiffusionComponents,
@@ -174,9 +209,11 @@ def disentangled_step(
     loss_norm: str = "all",
     attention_loss: float = 0.0,
     attention_rows: str = "defect",
+    outside: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Eq. (5)-(7) on a batch: x (B, 3, H, W) in [-1, 1], mask (B, 1, H, W) in {0, 1};
-    ``inside[i]`` is "defect" or "good" (the inside tokens of C_1 for row i).
+    ``inside[i]`` is "defect" or "good" (the inside tokens of C_1 for row i), ``outside[i]``
+    "bg" (default) or "null" (its outside tokens: DefectDiffu's c_p or the null condition).
 
     ``attention_loss`` > 0 adds that weight times the attention loss on the rows of
     C_1 whose inside tokens are C_def ("defect"), and also on every C_2 row
@@ -190,7 +227,10 @@ def disentangled_step(
     eps = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
     z_t, z_t_m = masked_noising(z0, eps, m, alpha)  # Eq. (6), (7)
 
-    c1 = [comps.context(k, defect) for k in inside]
+    if outside is None:
+        c1 = [comps.context(k, defect) for k in inside]
+    else:
+        c1 = [tuple(x.to(comps.device) for x in build_context(comps.prompts, k, defect, o)) for k, o in zip(inside, outside)]
     c2, kinds2 = comps.context("mask")
     ctx = torch.cat([c for c, _ in c1] + [c2] * b, dim=0)
     kinds = torch.stack([k for _, k in c1] + [kinds2] * b, dim=0)
@@ -310,6 +350,8 @@ def finetune(
     loss_norm: str = "all",
     attention_loss: float = 0.0,
     attention_rows: str = "defect",
+    cond_dropout_product: float = 0.0,
+    cond_dropout_defect: float = 0.0,
     rotate: bool = True,
     seed: int = 0,
     device: str = "auto",
@@ -333,6 +375,9 @@ def finetune(
         raise ParamsError(f"finetune.loss_norm: must be one of {NORMS}, got {loss_norm!r}")
     if attention_loss < 0:
         raise ParamsError(f"finetune.attention_loss: must be >= 0, got {attention_loss}")
+    for key, p in (("cond_dropout_product", cond_dropout_product), ("cond_dropout_defect", cond_dropout_defect)):
+        if not 0 <= p < 1:
+            raise ParamsError(f"finetune.{key}: must be in [0, 1), got {p}")
     if attention_rows not in ("defect", "defect+mask"):
         raise ParamsError(f"finetune.attention_rows: must be 'defect' or 'defect+mask', got {attention_rows!r}")
     pairs = []
@@ -369,6 +414,10 @@ def finetune(
         tok = comps.prompts.defect_parameters(defect_type)
         for p in tok:
             p.requires_grad_(True)
+        if cond_dropout_product > 0:  # Algorithm 1 drops c_p to the null tokens: learn them too
+            comps.prompts.add_null(seed=seed)
+            tok = tok + [comps.prompts.tokens["null"]]
+            comps.prompts.tokens["null"].requires_grad_(True)
         params = params + tok
     n_prior = int(round(prior_fraction * batch_size)) if normals else 0
 
@@ -385,11 +434,17 @@ def finetune(
             crops.append(img)
             masks.append(m)
         x, m = _to_tensor(crops, masks, comps.device)
+        if dropout:
+            return (x, m, *double_free_dropout(inside, cond_dropout_product, cond_dropout_defect, drop_rng))
         return x, m, inside
 
+    # Algorithm 1 draws from its own generator, so the batches themselves do not change with it
+    dropout = cond_dropout_product > 0 or cond_dropout_defect > 0
+    drop_rng = np.random.default_rng([seed, 1])
     comps.unet.train()
     # token embeddings learn faster than the UNet (textual inversion uses ~5e-3)
     step_kw = {"loss_norm": loss_norm, "attention_loss": attention_loss, "attention_rows": attention_rows}
+    extra = {"cond_dropout_product": cond_dropout_product, "cond_dropout_defect": cond_dropout_defect} if dropout else {}
     rows, seconds = _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect_type, seed, progress, f"finetune {defect_type}", step_kw)
     comps.unet.eval()
 
@@ -411,7 +466,7 @@ def finetune(
         base_ref = os.path.relpath(Path(base).resolve(), out.resolve())
     metrics = _metrics(
         rows, seconds, steps, batch_size, sum(p.numel() for p in params),
-        {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile, **step_kw},
+        {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile, **step_kw, **extra},
     )
     meta = {"format": "defectforge-finetune/1", "base": base_ref, "mode": mode, "defect_type": defect_type, "profile": comps.profile, "metrics": file_metrics(metrics)}
     (out / FINETUNE_FILE).write_text(json.dumps(meta, indent=2))
@@ -447,8 +502,8 @@ def _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed
     for step in bar:
         for g, lr0 in zip(opt.param_groups, base_lrs):
             g["lr"] = _lr_at(step, steps, lr0, warmup=min(50, steps // 10 + 1))
-        x, m, inside = make_batch()
-        out = disentangled_step(comps, x, m, inside, defect, gen, **step_kw)
+        x, m, inside, *outside = make_batch()  # a 4th entry: the product conditions of Algorithm 1
+        out = disentangled_step(comps, x, m, inside, defect, gen, outside=outside[0] if outside else None, **step_kw)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -57,7 +57,8 @@ def _train_all(p: FinetuneParams, split, pretrain_dir, tmp: Path, progress: bool
         metrics = finetune(
             base, defects, defect, target, normals=normals, mode=p.mode, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
             token_lr=p.token_lr, lora_rank=p.lora_rank, prior_fraction=p.prior_fraction, loss_norm=p.loss_norm,
-            attention_loss=p.attention_loss, attention_rows=p.attention_rows, seed=p.seed, device=p.device, progress=progress,
+            attention_loss=p.attention_loss, attention_rows=p.attention_rows,
+            cond_dropout_product=p.cond_dropout_product, cond_dropout_defect=p.cond_dropout_defect, seed=p.seed, device=p.device, progress=progress,
         )
         index[f"{category}/{defect}"] = {"path": f"{category}/{defect}", "metrics": file_metrics(metrics)}
         c = pd.read_csv(target / CURVE_FILE)
