@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,55 @@ class AttentionShareCollector:
         return float(s[m].mean()) if m.any() else float("nan"), float(s[~m].mean()) if (~m).any() else float("nan")
 
 
+def adaptive_weight_map(y: torch.Tensor, x0_hat: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Eq. 7 (AnomalyDiffusion): w_m = ||m||_1 Softmax(f(||m y - m x^_0||_2^2)), per batch row.
+
+    ``y``, ``x0_hat``: (B, C, H, W) normal sample and clean estimate; ``m``: (B or 1, 1, H, W)
+    mask in {0, 1}. The squared norm is per pixel over the channels, the softmax over the
+    H*W pixels; f(x) = 1/x for x != 0 and -inf for x = 0, so every pixel with zero
+    difference (all of them outside m) gets weight 0. Returns (B, 1, H, W). A row whose
+    difference is zero everywhere (empty mask, or x^_0 = y on the whole mask) has no
+    finite f: its weights are all 0 (||m||_1 * 0), so re-weighting removes that row's
+    cross-attention rather than inventing a distribution the equation does not define.
+    """
+    m = m.to(y.dtype).expand(y.shape[0], 1, -1, -1)
+    d = ((m * y - m * x0_hat) ** 2).sum(dim=1, keepdim=True)  # ||m*y - m*x^_0||_2^2 per pixel
+    flat = d.flatten(1)
+    nz = flat != 0
+    f = torch.where(nz, 1.0 / torch.where(nz, flat, torch.ones_like(flat)), torch.full_like(flat, float("-inf")))
+    soft = torch.softmax(f, dim=1)
+    soft = torch.where(nz.any(dim=1, keepdim=True), soft, torch.zeros_like(soft))  # all -inf: no weight
+    w = m.flatten(1).sum(dim=1, keepdim=True) * soft  # ||m||_1 * Softmax(...)
+    return w.view_as(d)
+
+
+@dataclass
+class AttentionReweight:
+    """Adaptive attention re-weighting (AnomalyDiffusion Eq. 7-8) for ``cross_attention_kwargs``.
+
+    ``weights``: w_m (B or 1, 1, H, W) from :func:`adaptive_weight_map`, at any resolution
+    whose aspect matches the layers' query grids; ``tokens``: (L,) or (B, L) bool, the
+    context tokens whose attention columns are multiplied by w_m (None: all tokens).
+    """
+
+    weights: torch.Tensor
+    tokens: torch.Tensor | None = None
+
+    def column_weights(self, n_query: int, batch: int, n_tokens: int, device) -> torch.Tensor:
+        """(B, 1, N, L): w_m' on the re-weighted columns, 1 on the others."""
+        w, _, _ = _resize_region(self.weights.to(device), n_query, batch)  # area average, (B, N, 1)
+        w = w[:, None]  # (B, 1, N, 1)
+        if self.tokens is None:
+            return w.expand(-1, -1, -1, n_tokens)
+        tok = self.tokens.to(device).bool()
+        if tok.ndim == 1:
+            tok = tok[None].expand(batch, -1)
+        if tok.shape[-1] != n_tokens:
+            raise ValueError(f"reweight.tokens has {tok.shape[-1]} entries, the context has {n_tokens} tokens")
+        tok = tok[:, None, None, :]  # (B, 1, 1, L)
+        return torch.where(tok, w, torch.ones_like(w))
+
+
 def _resize_region(region_mask: torch.Tensor, n_query: int, batch: int) -> tuple[torch.Tensor, int, int]:
     """Resize (B or 1, 1, H0, W0) to the layer's query grid; returns (B, N, 1), h, w."""
     h0, w0 = region_mask.shape[-2:]
@@ -153,7 +203,8 @@ class MaskedCrossAttnProcessor:
     Self-attention (no encoder states) is standard scaled-dot-product attention. For
     cross-attention, keyword arguments arrive through ``cross_attention_kwargs``:
     ``region_mask`` (B, 1, H, W) float in [0, 1], ``token_kinds`` (L,) or (B, L) bool,
-    ``attention_store`` (AttentionStore or None).
+    ``attention_store`` (AttentionStore or None), ``reweight`` (:class:`AttentionReweight`
+    or None: AnomalyDiffusion's m'_c = m_c * w_m, Eq. 7-8).
     """
 
     def __init__(self, name: str = ""):
@@ -169,6 +220,7 @@ class MaskedCrossAttnProcessor:
         region_mask: torch.Tensor | None = None,
         token_kinds: torch.Tensor | None = None,
         attention_store: AttentionStore | AttentionShareCollector | None = None,
+        reweight: AttentionReweight | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -196,7 +248,9 @@ class MaskedCrossAttnProcessor:
         if attn.norm_k is not None:
             k = attn.norm_k(k)
 
-        if not is_cross or region_mask is None or token_kinds is None:
+        if is_cross and reweight is not None:
+            out = self._reweighted(attn, q, k, v, batch, region_mask, token_kinds, reweight, attention_mask)
+        elif not is_cross or region_mask is None or token_kinds is None:
             mask = None
             if attention_mask is not None:
                 mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
@@ -238,6 +292,33 @@ class MaskedCrossAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+    @staticmethod
+    def _reweighted(attn, q, k, v, batch, region_mask, token_kinds, reweight: AttentionReweight, attention_mask):
+        """RW-Attn(Q, K, V) = (m_c * w_m) V (AnomalyDiffusion Eq. 8 and text).
+
+        m_c = Softmax(Q K^T / sqrt(d)) (plain cross-attention), or with ``region_mask`` and
+        ``token_kinds`` the Eq. 10-11 matrix m' M_in + (1 - m') M_bg.
+        """
+        if attention_mask is not None:
+            raise ValueError("attention re-weighting does not take an attention_mask")
+        scores = (q @ k.transpose(-1, -2)) * attn.scale  # (B, h, N, L)
+        n_query, n_tokens = q.shape[2], k.shape[2]
+        if region_mask is None or token_kinds is None:
+            m_c = torch.softmax(scores, dim=-1)
+        else:
+            m, _, _ = _resize_region(region_mask.to(q.device), n_query, batch)
+            m = m[:, None]
+            inside = token_kinds.to(q.device).bool()
+            if inside.ndim == 1:
+                inside = inside[None].expand(batch, -1)
+            inside = inside[:, None, None, :]
+            neg = torch.finfo(scores.dtype).min
+            m_c = m * torch.softmax(scores.masked_fill(~inside, neg), dim=-1) + (1.0 - m) * torch.softmax(
+                scores.masked_fill(inside, neg), dim=-1)
+        w = reweight.column_weights(n_query, batch, n_tokens, q.device).to(m_c.dtype)
+        return (m_c * w) @ v  # m'_c V
 
 
 def install_masked_attention(unet) -> None:

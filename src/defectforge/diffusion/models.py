@@ -116,10 +116,13 @@ class DiffusionComponents:
         region_mask: torch.Tensor,
         cond_image: torch.Tensor | None = None,
         store=None,
+        reweight=None,
     ) -> torch.Tensor:
         """epsilon_theta(z_t, t, C) with masked cross-attention over ``region_mask`` (m').
 
         For an inpainting UNet the input is ``[z_t, m, (1 - m) * cond_image]``.
+        ``reweight``: an :class:`~defectforge.diffusion.attention.AttentionReweight`
+        (AnomalyDiffusion Eq. 7-8), passed to every attention processor.
         """
         x = z
         if self.inpainting:
@@ -132,6 +135,8 @@ class DiffusionComponents:
         elif t.ndim == 0:
             t = t.expand(z.shape[0])
         kwargs = {"region_mask": region_mask, "token_kinds": token_kinds, "attention_store": store}
+        if reweight is not None:
+            kwargs["reweight"] = reweight
         return self.unet(x, t.to(z.device), encoder_hidden_states=context, cross_attention_kwargs=kwargs).sample
 
     def checkpoint_sha256(self) -> str:
