@@ -126,6 +126,12 @@ class FinetuneParams(_Section):
     cond_dropout_defect: float = Field(0.0, ge=0, lt=1)   # p_2 (paper: 0.2)
     aal: bool = False                                     # DefectDiffu's adaptive attention-enhanced loss (Eq. 7-10)
     aal_alpha: float = Field(1e-3, gt=0, le=1)            # alpha of Eq. 8 (paper: 0.001)
+    # AnomalyDiffusion masked textual inversion (Eq. 5-6) on the frozen base: anomaly tokens e_a + spatial encoder E
+    anomaly_embedding: bool = False                       # also train e_a and E per defect type (method anomalydiffusion)
+    anomaly_tokens: int = Field(4, ge=1, le=64)           # k, tokens of the anomaly embedding e_a
+    spatial_tokens: int = Field(4, ge=1, le=64)           # n, tokens of the spatial embedding e_s = E(m)
+    anomaly_steps: int = Field(200, ge=1, le=1_000_000)   # optimisation steps of Eq. 6
+    anomaly_lr: float = Field(5e-3, gt=0, le=1)           # Adam learning rate of e_a and E
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -274,11 +280,28 @@ class DefectDiffuConfig(MethodConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class AnomalyDiffusionConfig(MethodConfig):
+    """AnomalyDiffusion: blended diffusion (Eq. 1) conditioned on the spatial anomaly embedding
+    e = {e_a, E(m)} (trained by finetune.anomaly_embedding), with adaptive attention re-weighting (Eq. 7-8)."""
+
+    section: ClassVar[str] = "anomalydiffusion"
+    steps: int = Field(50, ge=1, le=1000)                   # DDIM steps
+    reweight: bool = True                                   # adaptive attention re-weighting (Eq. 7-8); False: the w/o-AAR ablation
+    crop: bool = True
+    context: float = Field(1.5, ge=1, le=10)
+    clip_x0: bool = True
+    latent_bound: float = Field(0.0, ge=0, le=100)
+    gray_steps: bool = True
+    chroma_steps: bool = True
+    feather: float = Field(1.5, ge=0, le=20)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 # The method names params.yaml accepts, and whether each needs the pretrain + finetune
 # stages' checkpoints; the registry (defectforge.methods) maps each name to its module.
 METHOD_NEEDS_CHECKPOINTS: dict[str, bool] = {"copy-paste": False, "cutpaste": False, "perlin": False, "inversion": True, "blended": True,
-                                           "defectdiffu": True}
-MethodName = Literal["copy-paste", "cutpaste", "perlin", "inversion", "blended", "defectdiffu"]
+                                           "defectdiffu": True, "anomalydiffusion": True}
+MethodName = Literal["copy-paste", "cutpaste", "perlin", "inversion", "blended", "defectdiffu", "anomalydiffusion"]
 # the model-free baseline the reports and realism scores compare every method with
 REFERENCE_METHOD = "copy-paste"
 
@@ -298,6 +321,7 @@ class GenerateParams(_Section):
     inversion: InversionConfig = InversionConfig()
     blended: BlendedConfig = BlendedConfig()
     defectdiffu: DefectDiffuConfig = DefectDiffuConfig()
+    anomalydiffusion: AnomalyDiffusionConfig = AnomalyDiffusionConfig()
 
     @field_validator("methods")
     @classmethod
@@ -317,7 +341,7 @@ class GenerateParams(_Section):
 
     def method_sha256(self, method: str) -> str:
         """Hash of what determines one method's samples: the common knobs and its own section."""
-        common = self.model_dump(mode="json", exclude={"methods", "workers", "scheduler", "copy_paste", "cutpaste", "perlin", "inversion", "blended", "defectdiffu"})
+        common = self.model_dump(mode="json", exclude={"methods", "workers", "scheduler", "copy_paste", "cutpaste", "perlin", "inversion", "blended", "defectdiffu", "anomalydiffusion"})
         own = getattr(self, method.replace("-", "_"), None)
         blob = json.dumps({"common": common, "method": method, "own": own.model_dump(mode="json") if own is not None else None}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
