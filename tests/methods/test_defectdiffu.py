@@ -28,7 +28,7 @@ class PromptOracle(nn.Module):
 
     v(C) = tanh(3 P^T u), u the unit-normalised mean of a token group: each group of
     tokens (good, defect, product, null) gets its own direction. It records the inside
-    tokens' attention share as sigmoid(2 mean_c z) * m for AttentionStore, and the
+    tokens' attention share as sigmoid(tanh(mean_c z) + 2 v(C_in)_0) * m for AttentionStore, and the
     contexts it was called with."""
 
     def __init__(self, alphas_cumprod, dim: int):
@@ -56,7 +56,9 @@ class PromptOracle(nn.Module):
         self.calls.append(encoder_hidden_states.detach().clone())
         store = kw.get("attention_store")
         if store is not None and not getattr(store, "with_grad", False):
-            att = torch.sigmoid(2 * x[:, :3].mean(1)) * m[:, 0]
+            kinds = kw["token_kinds"]
+            v_in = torch.cat([self.v(c[k][None]) for c, k in zip(encoder_hidden_states, kinds)])  # the inside tokens' direction
+            att = torch.sigmoid(torch.tanh(x[:, :3].mean(1)) + 2 * v_in[:, 0]) * m[:, 0]
             store.add("oracle", att, att)
         return SimpleNamespace(sample=self.eps(x[:, :3], t, encoder_hidden_states, kw["token_kinds"], m))
 
@@ -181,3 +183,142 @@ def test_training_step_feeds_the_null_condition_and_trains_its_tokens(comps):
     assert null.grad is not None and null.grad.abs().sum() > 0
     plain = disentangled_step(comps, x, m, ["defect", "good"], "crack", torch.Generator().manual_seed(0))
     assert not torch.allclose(plain["loss"], out["loss"])
+
+
+# ------------------------------------------------------------------ generation
+def _schedule(scheduler, steps):
+    scheduler.set_timesteps(steps)
+    ts = [int(t) for t in scheduler.timesteps]
+    a = [float(scheduler.alphas_cumprod[t]) for t in ts]
+    return list(zip(ts, a, a[1:] + [float(scheduler.final_alpha_cumprod)]))
+
+
+def _ddim(z, e, a, a_prev):
+    x0 = (z - (1 - a) ** 0.5 * e) / a**0.5
+    return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * e
+
+
+def test_sampler_is_ddim_with_eq4_inside_the_mask_and_the_noised_input_outside(comps):
+    from defectforge.diffusion.attention import AttentionStore
+    from defectforge.methods.defectdiffu import sample_double_free
+
+    z0, m = _inputs(2)
+    steps, w_p, w_d = 5, 1.2, 2.5
+    store = AttentionStore()
+    got = sample_double_free(comps, z0, m, "crack", steps, w_p, w_d, torch.Generator().manual_seed(3), store, 0.4)
+    g = torch.Generator().manual_seed(3)
+    sched = _schedule(comps.scheduler, steps)
+    z = sched[0][1] ** 0.5 * z0 + (1 - sched[0][1]) ** 0.5 * torch.randn(z0.shape, generator=g)
+    maps = []
+    for i, (t, a, a_prev) in enumerate(sched):
+        if i >= 3:  # the last 0.4 of 5 steps: the defect tokens' attention of the eps(c_d, 0) row
+            v_def = comps.unet.v(comps.prompts.embed("defect", "crack")[None])[:, 0]
+            maps.append(torch.sigmoid(torch.tanh(z.mean(1)) + 2 * v_def) * m[:, 0])
+        e_g0 = _oracle(comps, z, t, "good", "null", m)
+        e_gp = _oracle(comps, z, t, "good", "bg", m)
+        e_d0 = _oracle(comps, z, t, "defect", "null", m)
+        e = e_g0 + w_p * (e_gp - e_g0) + w_d * (e_d0 - e_g0)  # Eq. (4)
+        z = _ddim(z, e, a, a_prev)
+        bg = a_prev**0.5 * z0 + (1 - a_prev) ** 0.5 * torch.randn(z0.shape, generator=g)
+        z = m * z + (1 - m) * bg
+    torch.testing.assert_close(got, z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(store.mean_map((R, R)), sum(maps) / len(maps), atol=1e-5, rtol=1e-5)
+
+
+def _image():
+    rng = np.random.default_rng(0)
+    img = np.repeat((rng.random((32, 32, 1)) * 60 + 100).astype(np.uint8), 3, axis=2)
+    mask = np.zeros((32, 32), bool)
+    mask[10:20, 12:22] = True
+    return img, mask
+
+
+def _method(comps, **kw):
+    from defectforge.methods.defectdiffu import DefectDiffu, DefectDiffuConfig
+
+    cfg = DefectDiffuConfig(steps=4, device="cpu", feather=0.0, **kw)
+    return DefectDiffu.from_pretrained(comps, cfg)
+
+
+def test_generation_depends_on_prompt_and_mask_and_keeps_the_background(comps):
+    img, mask = _image()
+    base = _method(comps).generate(img, mask, "crack", seed=1)
+    assert base.image.shape == img.shape and base.attention is not None
+    np.testing.assert_array_equal(base.image[~mask], img[~mask])  # background kept byte for byte
+    assert not np.array_equal(base.image[mask], img[mask])
+    # the defect strength w_d changes the result: the defect prompt is used
+    weak = _method(comps, w_d=0.0).generate(img, mask, "crack", seed=1)
+    assert np.abs(weak.image[mask].astype(int) - base.image[mask].astype(int)).mean() > 1
+    # so does the product scale w_p
+    other_p = _method(comps, w_p=0.0).generate(img, mask, "crack", seed=1)
+    assert not np.array_equal(other_p.image[mask], base.image[mask])
+    # another mask: other pixels change
+    mask2 = np.zeros_like(mask)
+    mask2[4:12, 4:14] = True
+    moved = _method(comps).generate(img, mask2, "crack", seed=1)
+    np.testing.assert_array_equal(moved.image[~mask2], img[~mask2])
+    assert not np.array_equal(moved.image[mask2], img[mask2])
+    # same seed, same sample
+    np.testing.assert_array_equal(_method(comps).generate(img, mask, "crack", seed=1).image, base.image)
+
+
+def test_mask_is_the_iterative_threshold_of_the_attention_inside_the_target(comps):
+    img, mask = _image()
+    res = _method(comps).generate(img, mask, "crack", seed=1)
+    v = res.attention[mask].astype(np.float64)
+    t = v.mean()  # Ridler-Calvard by hand
+    while True:
+        new = (v[v > t].mean() + v[v <= t].mean()) / 2
+        if abs(new - t) < 1e-4:
+            t = new
+            break
+        t = new
+    assert res.metadata["mask_threshold"] == pytest.approx(t, abs=1e-9)
+    expected = (res.attention > t) & mask
+    assert 0 < expected.sum() < mask.sum()  # a real split, not all or nothing
+    np.testing.assert_array_equal(res.mask, expected)
+    assert res.metadata["mask_origin"] == "defectdiffu-attention"
+    # the fixed threshold, and the target mask when asked
+    thr = round(float(np.median(v)), 3)  # the attention does not depend on the threshold
+    fixed = _method(comps, threshold="fixed", threshold_value=thr).generate(img, mask, "crack", seed=1)
+    assert 0 < fixed.mask.sum() < mask.sum()
+    np.testing.assert_array_equal(fixed.mask, (fixed.attention > thr) & mask)
+    # nothing above the threshold: the target mask, and the metadata says so
+    empty = _method(comps, threshold="fixed", threshold_value=1.0).generate(img, mask, "crack", seed=1)
+    np.testing.assert_array_equal(empty.mask, mask)
+    assert empty.metadata["mask_origin"] == "defectdiffu-attention-empty-target"
+    np.testing.assert_array_equal(_method(comps, mask_source="target").generate(img, mask, "crack", seed=1).mask, mask)
+
+
+def test_iterative_threshold_on_two_modes():
+    from defectforge.methods.defectdiffu import iterative_threshold
+
+    v = np.array([0.1, 0.12, 0.14, 0.7, 0.8, 0.9])
+    # start 0.46; means 0.12 and 0.8 -> 0.46: converged at once
+    assert iterative_threshold(v) == pytest.approx(0.46)
+    v = np.array([0.0, 0.0, 0.0, 0.0, 1.0, 0.2])
+    # start 0.2: lo {0,0,0,0,0.2} mean 0.04, hi {1} -> 0.52; then lo mean 0.04, hi 1 -> 0.52
+    assert iterative_threshold(v) == pytest.approx(0.52)
+
+
+def test_a_model_without_null_tokens_is_one_clear_error(comps):
+    from defectforge.diffusion import build_tiny_components
+    from defectforge.errors import DefectforgeError
+
+    fresh = build_tiny_components(seed=0)
+    fresh.prompts.add_defect("crack")
+    fresh.unet = comps.unet
+    img, mask = _image()
+    with pytest.raises(DefectforgeError, match="cond_dropout_product"):
+        _method(fresh).generate(img, mask, "crack", seed=0)
+
+
+def test_registered_with_its_params_section():
+    from defectforge.config import load_params
+    from defectforge.methods import get_method_class, needs_checkpoints
+    from defectforge.methods.defectdiffu import DefectDiffu
+
+    assert get_method_class("defectdiffu") is DefectDiffu and needs_checkpoints("defectdiffu")
+    p = load_params("params.yaml")
+    assert "defectdiffu" not in p.generate.methods
+    assert p.generate.method_config("defectdiffu").w_d == 2.0

@@ -8,6 +8,8 @@ cutpaste       :mod:`defectforge.methods.cutpaste`    CutPaste (Li et al. 2021),
 perlin         :mod:`defectforge.methods.perlin`      DRAEM's Perlin-noise anomalies
 inversion      :mod:`defectforge.methods.inversion`   DDIM inversion + disentangled sampling
 blended        :mod:`defectforge.methods.blended`     AdaBLDM (blended latent diffusion)
+defectdiffu    :mod:`defectforge.methods.defectdiffu` DefectDiffu (double-free guidance, attention masks)
+anomalydiffusion :mod:`defectforge.methods.anomalydiffusion` AnomalyDiffusion (spatial anomaly embedding, Eq. 7-8)
 =============  ===================================  =====================================
 
 Modules load on first use, so the registry (and the manifest suite that checks method
@@ -28,6 +30,8 @@ METHODS: dict[str, str] = {
     "perlin": "defectforge.methods.perlin",
     "inversion": "defectforge.methods.inversion",
     "blended": "defectforge.methods.blended",
+    "defectdiffu": "defectforge.methods.defectdiffu",
+    "anomalydiffusion": "defectforge.methods.anomalydiffusion",
 }
 
 

@@ -60,6 +60,13 @@ def _train_all(p: FinetuneParams, split, pretrain_dir, tmp: Path, progress: bool
             attention_loss=p.attention_loss, attention_rows=p.attention_rows,
             cond_dropout_product=p.cond_dropout_product, cond_dropout_defect=p.cond_dropout_defect, seed=p.seed, device=p.device, progress=progress,
         )
+        if p.anomaly_embedding:  # AnomalyDiffusion: masked textual inversion (Eq. 5-6) of e_a and E on the frozen base
+            from defectforge.methods.anomalydiffusion import EMBEDDING_DIR, fit_anomaly_embedding
+
+            metrics["anomaly_embedding"] = fit_anomaly_embedding(
+                base, defects, defect, target / EMBEDDING_DIR, device=p.device, anomaly_tokens=p.anomaly_tokens,
+                spatial_tokens=p.spatial_tokens, steps=p.anomaly_steps, lr=p.anomaly_lr, batch_size=p.batch_size, seed=p.seed,
+            )
         index[f"{category}/{defect}"] = {"path": f"{category}/{defect}", "metrics": file_metrics(metrics)}
         c = pd.read_csv(target / CURVE_FILE)
         c.insert(0, "defect", f"{category}/{defect}")
