@@ -227,5 +227,16 @@ def test_finetune_stage_option_writes_the_embedding(sample_manifests, tiny_base,
         meta = json.loads((out / entry["path"] / "anomaly_embedding" / "anomaly_embedding.json").read_text())
         assert meta["defect_type"] == key.split("/")[1] and meta["metrics"]["steps"] == 2
         assert entry["metrics"]["anomaly_embedding"]["steps"] == 2
+    # the generate stage's path: for_stage(finetune folder) + prepare(category, defect) + generate
+    category, defect = sorted(index)[0].split("/")
+    meth = AnomalyDiffusionMethod.for_stage(AnomalyDiffusionConfig(steps=2, device="cpu", feather=0), out)
+    meth.prepare(category, defect, [])
+    image, _, m = _defect(2)
+    r = meth.generate(image, m, defect, 0)
+    assert np.array_equal(r.image[~m], image[~m]) and len(meth.checkpoint_for(defect)) == 64
     without = run_finetune(FinetuneParams(steps=1, batch_size=2, device="cpu"), split, pre, tmp_path / "ft2", progress=False)
     assert not list(without.rglob("anomaly_embedding.json"))
+    meth = AnomalyDiffusionMethod.for_stage(AnomalyDiffusionConfig(steps=2, device="cpu"), without)
+    meth.prepare(category, defect, [])
+    with pytest.raises(DataError, match="no trained anomaly embedding"):
+        meth.generate(image, m, defect, 0)
