@@ -240,3 +240,22 @@ def test_finetune_stage_option_writes_the_embedding(sample_manifests, tiny_base,
     meth.prepare(category, defect, [])
     with pytest.raises(DataError, match="no trained anomaly embedding"):
         meth.generate(image, m, defect, 0)
+
+
+def test_pretrained_profile_path_offline_with_a_tiny_latent_model(tmp_path):
+    """Same code path on a Stable-Diffusion-layout model (VAE decoder for x^_0 in Eq. 7, latent masks)."""
+    from defectforge.diffusion.models import build_tiny_latent_model
+
+    base = build_tiny_latent_model(tmp_path / "sd")
+    rng = np.random.default_rng(0)
+    image = rng.integers(80, 120, (64, 64, 3), dtype=np.uint8)
+    m = np.zeros((64, 64), bool)
+    m[20:30, 10:40] = True
+    defect = image.copy()
+    defect[m] = 20
+    metrics = fit_anomaly_embedding(base, [(defect, m)], "crack", tmp_path / "ft" / "anomaly_embedding", device="cpu", steps=2, batch_size=2)
+    assert metrics["steps"] == 2
+    meth = AnomalyDiffusionMethod.from_pretrained(tmp_path / "ft", AnomalyDiffusionConfig(steps=2, device="cpu", feather=0))
+    r = meth.generate(image, m, "crack", 3)
+    assert r.metadata["profile"] == "pretrained" and r.metadata["resolution"] == 16
+    assert np.array_equal(r.image[~m], image[~m]) and (r.image[m] != image[m]).any()
