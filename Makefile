@@ -15,7 +15,7 @@ export OMP_NUM_THREADS ?= 1
 # dvc.yaml's stage commands say `python ...`: make it the project's interpreter
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test install bench clean
+.PHONY: run test test-all install bench clean
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "nightly or not nightly"
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -38,6 +38,7 @@ def test_dvc_repro_runs_the_dag_and_second_repro_does_nothing(tmp_path, reproduc
 
 
 @pytest.mark.slow
+@pytest.mark.nightly
 def test_dvc_repro_with_the_diffusion_methods(tmp_path, reproduced, run_cmd):
     """pretrain -> finetune -> generate with inversion and blended (tiny budgets) -> refine -> release.
 

@@ -151,6 +151,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.nightly
 @pytest.mark.timeout(1500)
 def test_a_process_worker_runs_the_deployment_and_the_tags_reach_the_remote(tmp_path, make_project, run_cmd):
     # the project, as a worker would clone it: cheap params (the copy-paste DAG), a local DVC remote,
