@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from defectforge.diffusion.ddim import double_free
@@ -55,7 +56,12 @@ class PromptOracle(nn.Module):
         m = kw["region_mask"]
         self.calls.append(encoder_hidden_states.detach().clone())
         store = kw.get("attention_store")
-        if store is not None and not getattr(store, "with_grad", False):
+        if store is not None and getattr(store, "with_grad", False):  # training: two "layers", 16x16 and 8x8
+            v_in = torch.cat([self.v(c[k][None]) for c, k in zip(encoder_hidden_states, kw["token_kinds"])])
+            share = torch.sigmoid(torch.tanh(x[:, :3].mean(1)) + 2 * v_in[:, 0])
+            store.add_share("oracle", share.flatten(1), m[:, 0].flatten(1))
+            store.add_share("oracle2", F.avg_pool2d(share[:, None], 2).flatten(1), F.avg_pool2d(m, 2).flatten(1))
+        elif store is not None:
             kinds = kw["token_kinds"]
             v_in = torch.cat([self.v(c[k][None]) for c, k in zip(encoder_hidden_states, kinds)])  # the inside tokens' direction
             att = torch.sigmoid(torch.tanh(x[:, :3].mean(1)) + 2 * v_in[:, 0]) * m[:, 0]
@@ -322,3 +328,65 @@ def test_registered_with_its_params_section():
     p = load_params("params.yaml")
     assert "defectdiffu" not in p.generate.methods
     assert p.generate.method_config("defectdiffu").w_d == 2.0
+
+
+# ------------------------------------------------------------------ AAL, Eq. 7-10
+def test_aal_by_hand_with_both_clamps_and_the_middle():
+    from defectforge.diffusion.training import adaptive_attention_loss
+
+    g = torch.Generator().manual_seed(4)
+    mask = torch.zeros(3, 1, 8, 8)
+    mask[0, :, 0:6, 0:6] = 1  # large defect, attended: Rat < 2
+    mask[1, :, 3:4, 3:4] = 1  # one pixel: Rat > 8
+    mask[2, :, 2:6, 2:6] = 1  # in between
+    big = torch.rand(3, 8, 8, generator=g) * 0.2 + 0.1
+    big[0] += 0.8 * mask[0, 0]
+    big[2] += 0.05 * mask[2, 0]
+    small = torch.rand(3, 4, 4, generator=g) * 0.2 + 0.1
+    eps_pred, eps = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
+    alpha = 1e-3
+    loss, r = adaptive_attention_loss([big, small], mask, eps_pred, eps, alpha)
+    up = F.interpolate(small[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    att = (big + up) / 2  # Eq. (7)
+    rat = []
+    for i in range(3):
+        mk = mask[i, 0]
+        rat.append(float(((1 - mk) * att[i]).sum() / ((mk * att[i]).sum() + alpha)))  # Eq. (8)
+    assert rat[0] < 2 < rat[2] < 8 < rat[1]
+    expected_r = [2.0, 8.0, rat[2]]  # Eq. (9)
+    torch.testing.assert_close(r, torch.tensor(expected_r))
+    sq = [float(((mask[i] * eps_pred[i] - mask[i] * eps[i]) ** 2).mean()) for i in range(3)]  # Eq. (10)
+    assert float(loss) == pytest.approx(sum(ri * qi for ri, qi in zip(expected_r, sq)) / 3, rel=1e-5)
+
+
+def test_training_step_adds_aal_on_the_defect_rows(comps):
+    from defectforge.diffusion.training import disentangled_step
+
+    x, m = _inputs(1)
+    x, m = x.expand(2, -1, -1, -1).clone(), m.expand(2, -1, -1, -1).clone()
+    kw = dict(outside=["bg", "bg"])
+    plain = disentangled_step(comps, x, m, ["good", "defect"], "crack", torch.Generator().manual_seed(0), **kw)
+    out = disentangled_step(comps, x, m, ["good", "defect"], "crack", torch.Generator().manual_seed(0), aal=True, **kw)
+    assert float(out["aal"].detach()) > 0
+    torch.testing.assert_close(out["loss"], plain["loss"] + out["aal"])
+    # by hand: the step's draws (t, eps), the oracle's share of the defect row (16x16 and 8x8 "layers"), Eq. 7-10
+    from defectforge.diffusion.training import AAL_RANGE
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, comps.scheduler.config.num_train_timesteps, (2,), generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    a = comps.scheduler.alphas_cumprod[t[1]]
+    z_t = a.sqrt() * x[1:2] + (1 - a).sqrt() * eps[1:2]  # Eq. (6): the C_1 row is noised everywhere
+    ctx, kinds = _ctx(comps, "defect", "bg")
+    v_def = comps.unet.v(comps.prompts.embed("defect", "crack")[None])[:, 0]
+    share = torch.sigmoid(torch.tanh(z_t.mean(1)) + 2 * v_def).detach()
+    att = (share + F.interpolate(F.avg_pool2d(share[:, None], 2), size=(R, R), mode="bilinear", align_corners=False)[:, 0]) / 2
+    mk = m[1, 0]
+    rat = float(((1 - mk) * att[0]).sum() / ((mk * att[0]).sum() + 1e-3))
+    r_hand = min(max(rat, AAL_RANGE[0]), AAL_RANGE[1])
+    e_pred = comps.unet.eps(z_t, t[1:2], ctx, kinds, m[1:2]).detach()
+    expected = r_hand * float(((m[1:2] * e_pred - m[1:2] * eps[1:2]) ** 2).mean())
+    assert float(out["aal"].detach()) == pytest.approx(expected, rel=1e-4)
+    # no defect row, no AAL term
+    none = disentangled_step(comps, x, m, ["good", "good"], "crack", torch.Generator().manual_seed(0), aal=True, **kw)
+    assert float(none["aal"].detach()) == 0.0

@@ -27,6 +27,10 @@ conditions are dropped as :func:`double_free_dropout` says (product c_p = C_bg -
 tokens, defect c_d -> good), so the null condition and eps(c_d, 0) that Eq. 4 evaluates at
 sampling are trained; on the tiny profile the null tokens are learned with the defect tokens.
 
+``aal`` adds DefectDiffu's adaptive attention-enhanced loss (Eq. 7-10,
+:func:`adaptive_attention_loss`) on the C_1 rows with C_def: Eq. (11)'s objective without
+its mask-module term, whose counterpart here is the attention loss.
+
 Outputs: safetensors weights, ``training_curve.csv`` (step, loss, matching,
 regulariser, and attention when that loss is on: a DVC plot) and a metrics dict.
 
@@ -51,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from defectforge.diffusion.attention import AttentionShareCollector
 from defectforge.diffusion.losses import NORMS, disentangled_loss, masked_noising
@@ -197,6 +202,40 @@ def double_free_dropout(inside: list[str], p1: float, p2: float, rng: np.random.
     return out_d, out_p
 
 
+# ------------------------------------------------------------------ DefectDiffu AAL, Eq. 7-10
+AAL_RANGE = (2.0, 8.0)  # Eq. (9): R = min(max(Rat, 2), 8)
+
+
+def adaptive_attention_loss(maps: list[torch.Tensor], mask: torch.Tensor, eps_pred: torch.Tensor, eps: torch.Tensor,
+                            alpha: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """DefectDiffu's adaptive attention-enhanced loss (../shared/seeds/defectdiffu-consistency-modeling.txt Sec. 3.5).
+
+    ``maps``: the defect tokens' cross-attention maps, one (B, h_l, w_l) tensor per layer
+    (their share of the joint softmax, Eq. 5); ``mask`` (B, 1, H, W) the real mask at the
+    latent size of ``eps_pred`` / ``eps`` (B, C, H, W). Returns (loss_d, R (B,)).
+
+        Map  = 1/M sum_i softmax(Q_i K^T / sqrt(d))                                   (7)
+        Rat  = sum (1 - mask) Map / (sum mask Map + alpha)                            (8)
+        R    = clamp(Rat, 2, 8)                                                       (9)
+        loss_d = R || mask eps_theta - mask eps ||^2                                  (10)
+
+    The layers' maps differ in size: each is upsampled (bilinear) to the largest one before
+    the mean of Eq. 7, and the mask is scaled to that size (area) for Eq. 8, as the paper
+    scales the real mask to Map. R is a weight: no gradient flows through it. The squared
+    norm of Eq. 10 is the mean over the row's elements (as Eq. 5's "all" norm), averaged over rows.
+    """
+    if not maps:
+        raise RuntimeError("adaptive_attention_loss: no cross-attention maps were collected")
+    size = max((mp.shape[-2:] for mp in maps), key=lambda hw: hw[0] * hw[1])
+    att = torch.stack([F.interpolate(mp.detach().float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+                       for mp in maps]).mean(0)  # Eq. (7)
+    small = F.interpolate(mask.float(), size=size, mode="area")[:, 0]
+    rat = ((1 - small) * att).sum((1, 2)) / ((small * att).sum((1, 2)) + alpha)  # Eq. (8)
+    r = rat.clamp(*AAL_RANGE)  # Eq. (9)
+    per_row = ((mask * eps_pred - mask * eps) ** 2).flatten(1).mean(1)
+    return (r * per_row).mean(), r  # Eq. (10)
+
+
 # ------------------------------------------------------------------ one step
 def disentangled_step(
     comps: DiffusionComponents,
@@ -210,6 +249,8 @@ def disentangled_step(
     attention_loss: float = 0.0,
     attention_rows: str = "defect",
     outside: list[str] | None = None,
+    aal: bool = False,
+    aal_alpha: float = 1e-3,
 ) -> dict[str, torch.Tensor]:
     """Eq. (5)-(7) on a batch: x (B, 3, H, W) in [-1, 1], mask (B, 1, H, W) in {0, 1};
     ``inside[i]`` is "defect" or "good" (the inside tokens of C_1 for row i), ``outside[i]``
@@ -237,9 +278,10 @@ def disentangled_step(
     z_in = torch.cat([z_t, z_t_m], dim=0)
     # the inpainting channels carry the clean background (1 - m) * z_0 for both branches
     collector = None
-    if attention_loss > 0:
-        rows = [i for i, k in enumerate(inside) if k == "defect"]
-        if attention_rows == "defect+mask":
+    defect_rows = [i for i, k in enumerate(inside) if k == "defect"]
+    if attention_loss > 0 or aal:
+        rows = list(defect_rows)  # first: AAL reads the defect rows' maps from the front
+        if attention_loss > 0 and attention_rows == "defect+mask":
             rows += list(range(b, 2 * b))
         collector = AttentionShareCollector(rows) if rows else None
     eps_pred = comps.eps(z_in, torch.cat([t, t]), ctx, kinds, torch.cat([m, m]), cond_image=torch.cat([z0, z0]), store=collector)
@@ -249,6 +291,20 @@ def disentangled_step(
         att = collector.loss() if collector is not None else torch.zeros((), device=out["loss"].device)
         out["attention"] = att
         out["loss"] = out["loss"] + attention_loss * att
+    if aal:  # DefectDiffu Eq. (7)-(10) on the C_def rows, added as in Eq. (11)
+        if collector is not None and defect_rows:
+            h0, w0 = m.shape[-2:]
+            n_d = len(defect_rows)
+            maps = []
+            for share in collector.shares:  # (rows, N) per layer -> (n_d, h, w)
+                sc = math.sqrt(h0 * w0 / share.shape[1])
+                maps.append(share[:n_d].reshape(n_d, round(h0 / sc), round(w0 / sc)))
+            idx = torch.tensor(defect_rows, device=eps.device)
+            loss_d, _ = adaptive_attention_loss(maps, m[idx], eps_def[idx], eps[idx], aal_alpha)
+        else:
+            loss_d = torch.zeros((), device=out["loss"].device)
+        out["aal"] = loss_d
+        out["loss"] = out["loss"] + loss_d
     return out
 
 
@@ -259,11 +315,11 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def _write_curve(path: Path, rows: list[tuple]) -> None:
+def _write_curve(path: Path, rows: list[tuple], header: list[str] | None = None) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "loss", "matching", "regulariser", "attention"][: len(rows[0]) if rows else 4])
+        w.writerow(header or ["step", "loss", "matching", "regulariser", "attention"][: len(rows[0]) if rows else 4])
         w.writerows(rows)
     os.replace(tmp, path)
 
@@ -352,6 +408,8 @@ def finetune(
     attention_rows: str = "defect",
     cond_dropout_product: float = 0.0,
     cond_dropout_defect: float = 0.0,
+    aal: bool = False,
+    aal_alpha: float = 1e-3,
     rotate: bool = True,
     seed: int = 0,
     device: str = "auto",
@@ -375,6 +433,8 @@ def finetune(
         raise ParamsError(f"finetune.loss_norm: must be one of {NORMS}, got {loss_norm!r}")
     if attention_loss < 0:
         raise ParamsError(f"finetune.attention_loss: must be >= 0, got {attention_loss}")
+    if aal and not aal_alpha > 0:
+        raise ParamsError(f"finetune.aal_alpha: must be > 0, got {aal_alpha}")
     for key, p in (("cond_dropout_product", cond_dropout_product), ("cond_dropout_defect", cond_dropout_defect)):
         if not 0 <= p < 1:
             raise ParamsError(f"finetune.{key}: must be in [0, 1), got {p}")
@@ -445,6 +505,8 @@ def finetune(
     # token embeddings learn faster than the UNet (textual inversion uses ~5e-3)
     step_kw = {"loss_norm": loss_norm, "attention_loss": attention_loss, "attention_rows": attention_rows}
     extra = {"cond_dropout_product": cond_dropout_product, "cond_dropout_defect": cond_dropout_defect} if dropout else {}
+    if aal:
+        step_kw.update(aal=True, aal_alpha=aal_alpha)
     rows, seconds = _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect_type, seed, progress, f"finetune {defect_type}", step_kw)
     comps.unet.eval()
 
@@ -470,7 +532,7 @@ def finetune(
     )
     meta = {"format": "defectforge-finetune/1", "base": base_ref, "mode": mode, "defect_type": defect_type, "profile": comps.profile, "metrics": file_metrics(metrics)}
     (out / FINETUNE_FILE).write_text(json.dumps(meta, indent=2))
-    _write_curve(out / CURVE_FILE, rows)
+    _write_curve(out / CURVE_FILE, rows, ["step", *_curve_keys(step_kw)])
     if progress:
         _log_timing(f"finetune {defect_type}", metrics)
     return metrics
@@ -485,9 +547,14 @@ def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defec
         return _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw)
 
 
+def _curve_keys(step_kw: dict) -> tuple[str, ...]:
+    return (("loss", "matching", "regulariser") + (("attention",) if step_kw.get("attention_loss", 0) > 0 else ())
+            + (("aal",) if step_kw.get("aal") else ()))
+
+
 def _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw):
     step_kw = step_kw or {}
-    keys = ("loss", "matching", "regulariser") + (("attention",) if step_kw.get("attention_loss", 0) > 0 else ())
+    keys = _curve_keys(step_kw)
     from tqdm import tqdm
 
     trainable_ids = {id(p) for g in param_groups for p in g["params"]}
