@@ -390,3 +390,31 @@ def test_training_step_adds_aal_on_the_defect_rows(comps):
     # no defect row, no AAL term
     none = disentangled_step(comps, x, m, ["good", "good"], "crack", torch.Generator().manual_seed(0), aal=True, **kw)
     assert float(none["aal"].detach()) == 0.0
+
+
+def test_pretrained_profile_offline_uses_the_empty_prompt_as_null(tmp_path):
+    """The pretrained path (a test-size Stable Diffusion directory with its CLIP text encoder):
+    the null condition is the empty prompt; the sample changes only inside the target mask and
+    its mask lies inside it."""
+    from defectforge.diffusion import build_tiny_latent_model
+    from defectforge.diffusion.models import load_pipeline_components
+    from defectforge.methods.defectdiffu import DefectDiffu, DefectDiffuConfig
+
+    d = build_tiny_latent_model(tmp_path / "sd")
+    comps = load_pipeline_components(d, "cpu")
+    assert comps.profile == "pretrained"
+    null = comps.prompts.embed("null")
+    assert not torch.equal(null, comps.prompts.embed("bg"))
+    ids = comps.prompts.tokenizer("", padding="max_length", max_length=comps.prompts.tokenizer.model_max_length, return_tensors="pt").input_ids
+    torch.testing.assert_close(null, comps.prompts.text_encoder(ids)[0][0])
+    rng = np.random.default_rng(0)
+    img = (rng.random((64, 64, 3)) * 80 + 90).astype(np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[20:36, 18:40] = True
+    method = DefectDiffu.from_pretrained(comps, DefectDiffuConfig(steps=3, device="cpu", feather=0.0))
+    res = method.generate(img, mask, "crack", seed=0)
+    np.testing.assert_array_equal(res.image[~mask], img[~mask])
+    assert not np.array_equal(res.image[mask], img[mask])
+    assert res.mask.any() and not (res.mask & ~mask).any()
+    assert method.own_mask and method.mask_origin_of(res) == res.metadata["mask_origin"]
+    assert not DefectDiffu.from_pretrained(comps, DefectDiffuConfig(mask_source="target")).own_mask

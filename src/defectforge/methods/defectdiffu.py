@@ -2,8 +2,10 @@
 
 Seed paper: ../shared/seeds/defectdiffu-consistency-modeling.txt. Training side:
 Algorithm 1 (double-free condition dropout) in :func:`defectforge.diffusion.training.double_free_dropout`
-(``finetune.cond_dropout_product`` = p_1, ``finetune.cond_dropout_defect`` = p_2); this file
-is the generation (Sec. 3.3, Eq. 4) and the mask branch's read-out (Sec. 3.4).
+(``finetune.cond_dropout_product`` = p_1, ``finetune.cond_dropout_defect`` = p_2; > 0 is
+needed here: it trains the null tokens) and the adaptive attention-enhanced loss, Eq. (7)-(10),
+in :func:`defectforge.diffusion.training.adaptive_attention_loss` (``finetune.aal``); this
+file is the generation (Sec. 3.3, Eq. 4) and the mask branch's read-out (Sec. 3.4).
 
 Notation:
 
