@@ -10,25 +10,9 @@ from PIL import Image
 
 from defectforge.manifest.io import read_manifest, write_manifest
 
-def _cli(*args):
-    """The command line in-process (``defectforge.cli.main``): exit status, stdout, stderr.
+from cli_helpers import run_cli
 
-    In-process saves a Python start and the torch / Great Expectations imports per call;
-    test_bad_params_key_stops_a_stage keeps one real subprocess end to end.
-    """
-    import contextlib
-    import io
-
-    from defectforge.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return subprocess.CompletedProcess(["defectforge", *map(str, args)], code, out.getvalue(), err.getvalue())
+_cli = run_cli
 
 
 def _error_line(stderr: str) -> str:

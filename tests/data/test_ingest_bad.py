@@ -4,8 +4,6 @@ image_glob out of the class folder, --out that is not ours, the progress bar's l
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -21,18 +19,10 @@ from defectforge.errors import DataError, ParamsError
 
 from test_adapters import make_folder, make_magnetic_tile, write_image, write_mask
 
+from cli_helpers import run_cli
 
-def _cli(*args):
-    from defectforge.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return subprocess.CompletedProcess(["defectforge", *map(str, args)], code, out.getvalue(), err.getvalue())
+_cli = run_cli
 
 
 def _error_lines(stderr: str) -> list[str]:

@@ -20,6 +20,8 @@ from torch import nn
 from defectforge.diffusion.ddim import double_free
 from defectforge.diffusion.prompts import build_context
 
+from test_equations import _inputs  # the same seeded z0 and mask as the Eq. 8 / 9 tests
+
 torch.set_num_threads(1)
 R = 16
 
@@ -92,14 +94,6 @@ def _ctx(comps, inside, outside):
 def _oracle(comps, z, t, inside, outside, m):
     ctx, kinds = _ctx(comps, inside, outside)
     return comps.unet.eps(z, torch.tensor([t]), ctx, kinds, m)
-
-
-def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z0 = torch.rand(1, 3, R, R, generator=g) * 1.6 - 0.8
-    m = torch.zeros(1, 1, R, R)
-    m[..., 4:11, 5:12] = 1
-    return z0, m
 
 
 # ------------------------------------------------------------------ Eq. 4
