@@ -32,11 +32,12 @@ run: $(STAMP)
 	$(BIN)/dvc repro
 	$(BIN)/defectforge validate data/release/manifest.parquet
 
+# the suite on every core (pytest-xdist); tests sharing the one reproduced DAG stay on one worker
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "nightly or not nightly"
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "nightly or not nightly"
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -134,3 +134,11 @@ def reproduced(tmp_path_factory, make_project):
 
     repo = make_project(tmp_path_factory.mktemp("reproduced"))
     return Reproduced(repo, _run([sys.executable, "-m", "dvc", "repro"], repo))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test``: ``-n auto --dist loadgroup``) the tests that share the
+    session's one ``dvc repro`` (``reproduced``) run on one worker, so the DAG is made once."""
+    for item in items:
+        if "reproduced" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("reproduced"))

@@ -101,14 +101,24 @@ def check_git_identity(repo: Path) -> Check:
 
 
 def check_dvc_remote(repo: Path) -> Check:
-    r = _run([str(project_bin(repo) / "python"), "-m", "dvc", "remote", "list"], repo, timeout=60)
+    # `dvc config --list` (one key=value a line), not `dvc remote list`: the latter is a table
+    # that DVC wraps at the terminal width, so a long remote path broke its lines
+    r = _run([str(project_bin(repo) / "python"), "-m", "dvc", "config", "--list"], repo, timeout=60)
     if r is None or r.returncode != 0:
         detail = "timed out" if r is None else (r.stderr.strip().splitlines() or ["failed"])[-1]
-        return Check("dvc remote", False, f"dvc remote list in {repo}: {detail}")
-    lines = [line.split() for line in r.stdout.splitlines() if line.strip()]
-    if not lines:
+        return Check("dvc remote", False, f"dvc config --list in {repo}: {detail}")
+    urls: dict[str, str] = {}
+    default = ""
+    for line in r.stdout.splitlines():
+        key, _, value = line.strip().partition("=")
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "remote" and parts[2] == "url":
+            urls[parts[1]] = value
+        elif key == "core.remote":
+            default = value
+    if not urls:
         return Check("dvc remote", False, f"{repo / '.dvc/config'}: no DVC remote configured: a release's images could not be pushed (dvc remote add -d NAME URL)")
-    return Check("dvc remote", True, ", ".join(" ".join(parts[:2]) for parts in lines))
+    return Check("dvc remote", True, ", ".join(f"{name} {url}" + (" (default)" if name == default else "") for name, url in urls.items()))
 
 
 def _python_version(python: str) -> str | None:
