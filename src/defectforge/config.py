@@ -222,20 +222,25 @@ class PerlinConfig(MethodConfig):
     keep_gray: bool = True                                  # grey input: grey anomaly source (DRAEM pastes colour)
 
 
-class _SamplingConfig(MethodConfig):
-    """What every diffusion method shares: DDIM steps, guidance, crop mode, attention, x0 bounds."""
+class _DiffusionConfig(MethodConfig):
+    """What every diffusion method shares: DDIM steps, crop mode, x0 bounds, soft masks, device."""
 
     steps: int = Field(50, ge=1, le=1000)                   # DDIM steps (papers: 50)
-    guidance: float = Field(2.0, ge=0, le=20)               # w_d; 1.0 = no extra push along good -> defect
     crop: bool = True                                       # False: whole image resized to the model resolution
     context: float = Field(1.5, ge=1, le=10)                # crop side >= context * defect extent
-    attention_fraction: float = Field(0.5, gt=0, le=1)      # last share of steps whose attention is averaged (Eq. 13)
     clip_x0: bool = True                                    # bound x0^ to [-1, 1] in every step (pixel profile)
     latent_bound: float = Field(0.0, ge=0, le=100)          # the x0^ bound for latent profiles when clip_x0 (0: off)
     gray_steps: bool = True                                 # grey source: project x0^ onto the grey axis in every step
     chroma_steps: bool = True                               # colour source: bound x0^'s chroma to the crop's gamut
     feather: float = Field(1.5, ge=0, le=20)                # Gaussian sigma (px) of the soft masks; 0: binary
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class _SamplingConfig(_DiffusionConfig):
+    """The DDIM-inversion paper's two samplers add the Eq. 4 guidance and Eq. 13's attention window."""
+
+    guidance: float = Field(2.0, ge=0, le=20)               # w_d; 1.0 = no extra push along good -> defect
+    attention_fraction: float = Field(0.5, gt=0, le=1)      # last share of steps whose attention is averaged (Eq. 13)
 
 
 class InversionConfig(_SamplingConfig):
@@ -257,44 +262,26 @@ class BlendedConfig(_SamplingConfig):
     adapt_lr: float = Field(1e-4, gt=0, le=1)
 
 
-class DefectDiffuConfig(MethodConfig):
+class DefectDiffuConfig(_DiffusionConfig):
     """DefectDiffu: double-free guidance (Eq. 4) inside the target mask, mask from the
     defect tokens' cross-attention averaged over the last steps, binarised by an iterative threshold."""
 
     section: ClassVar[str] = "defectdiffu"
-    steps: int = Field(50, ge=1, le=1000)                   # DDIM steps
     w_p: float = Field(1.0, ge=0, le=20)                    # Eq. 4: product (background) perturbation scale
     w_d: float = Field(2.0, ge=0, le=20)                    # Eq. 4: defect perturbation scale (defect strength)
-    crop: bool = True
-    context: float = Field(1.5, ge=1, le=10)
     attention_fraction: float = Field(0.1, gt=0, le=1)      # last share of steps averaged for the mask (paper: last 100 of 1000)
     mask_source: Literal["attention", "target"] = "attention"  # result.mask: binarised attention (paper) | the target mask
     threshold: Literal["iterative", "fixed"] = "iterative"  # iterative (Ridler-Calvard) threshold, or threshold_value
     threshold_value: float = Field(0.5, ge=0, le=1)         # the fixed threshold (threshold: fixed)
     threshold_tol: float = Field(1e-4, gt=0, le=0.1)        # convergence of the iterative threshold
-    clip_x0: bool = True
-    latent_bound: float = Field(0.0, ge=0, le=100)
-    gray_steps: bool = True
-    chroma_steps: bool = True
-    feather: float = Field(1.5, ge=0, le=20)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class AnomalyDiffusionConfig(MethodConfig):
+class AnomalyDiffusionConfig(_DiffusionConfig):
     """AnomalyDiffusion: blended diffusion (Eq. 1) conditioned on the spatial anomaly embedding
     e = {e_a, E(m)} (trained by finetune.anomaly_embedding), with adaptive attention re-weighting (Eq. 7-8)."""
 
     section: ClassVar[str] = "anomalydiffusion"
-    steps: int = Field(50, ge=1, le=1000)                   # DDIM steps
     reweight: bool = True                                   # adaptive attention re-weighting (Eq. 7-8); False: the w/o-AAR ablation
-    crop: bool = True
-    context: float = Field(1.5, ge=1, le=10)
-    clip_x0: bool = True
-    latent_bound: float = Field(0.0, ge=0, le=100)
-    gray_steps: bool = True
-    chroma_steps: bool = True
-    feather: float = Field(1.5, ge=0, le=20)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 # The method names params.yaml accepts, and whether each needs the pretrain + finetune
