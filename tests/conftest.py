@@ -82,7 +82,9 @@ def make_project():
             (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
         params = yaml.safe_load((root / "params.yaml").read_text())
         params["sample"].update(size=64, n_train_good=6, n_test_good=3, n_defect=6)
-        params["generate"].update(n_per_defect=2, shard_size=2, methods=["copy-paste"])
+        params["generate"].update(n_per_defect=2, shard_size=2, methods=["copy-paste"], workers=1)
+        params["finetune"].update(workers=1)
+        params["detector"].update(workers=1)  # tiny runs: a process pool would cost more than it saves
         params["pretrain"].update(steps=2, batch_size=2)
         params["finetune"].update(steps=2, batch_size=2)
         params["generate"]["inversion"].update(steps=3)

@@ -215,3 +215,7 @@ def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, t
     assert isinstance(flat["brick/real-only"]["learned"], bool)
     curves = pd.read_csv(out / "curves.csv")
     assert set(curves.seed) == {3, 7} and {"category", "run", "epoch", "loss"} <= set(curves.columns)
+    # detector.workers = 2: the same runs on two spawned processes write the same bytes
+    run_detector(DetectorParams(epochs=1, size=32, base_channels=4, depth=2, seeds=[3, 7], workers=2), split, refined, None, tmp_path / "d2", progress=False)
+    for name in ("details.json", "metrics.json", "curves.csv"):
+        assert (tmp_path / "d2" / name).read_bytes() == (out / name).read_bytes(), name

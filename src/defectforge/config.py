@@ -134,6 +134,7 @@ class FinetuneParams(_Section):
     anomaly_lr: float = Field(5e-3, gt=0, le=1)           # Adam learning rate of e_a and E
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(1, ge=1, le=64)                  # processes fine-tuning defect types side by side (same bytes as 1)
 
 
 class _ConfigMeta(type(BaseModel)):
@@ -233,6 +234,9 @@ class _DiffusionConfig(MethodConfig):
     gray_steps: bool = True                                 # grey source: project x0^ onto the grey axis in every step
     chroma_steps: bool = True                               # colour source: bound x0^'s chroma to the crop's gamut
     feather: float = Field(1.5, ge=0, le=20)                # Gaussian sigma (px) of the soft masks; 0: binary
+    real_range: bool = True                                 # pixel profile, with clip_x0: inside the mask x0^ stays within
+                                                            # the type's real defects' value range (per channel quantiles)
+    real_range_q: float = Field(0.005, ge=0, lt=0.5)        # ... the q and 1 - q quantiles of their in-mask pixels
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -376,6 +380,7 @@ class DetectorParams(_Section):
     score_pool: int = Field(9, ge=1, le=63)     # image score: max of the score_pool x score_pool average-pooled map
     synthetic: Literal["qc_pass", "all"] = "qc_pass"
     max_train_good: int | None = Field(None, ge=1)  # one fixed subset of defect-free training images (same for every run and seed)
+    workers: int = Field(1, ge=1, le=64)         # processes training (run, seed) pairs side by side (same numbers as 1)
 
     @model_validator(mode="after")
     def _patch_fits_depth(self) -> "DetectorParams":

@@ -43,3 +43,20 @@ def test_manifest_rows_record_the_real_defect_id(sample_manifests, tmp_path):
     assert (src.split == "train").all() and (src.defect_type.values == df.defect_type.values).all()
     assert (src.category.values == df.category.values).all()
     assert df.groupby("defect_type").defect_source_id.nunique().max() > 1  # not one constant id
+
+
+def test_brightness_match_is_a_gain_so_a_dark_pit_is_not_clipped_to_black():
+    """A pit of floor 30 in a surface of 120, pasted on a darker surface of 60: the gain
+    (60 / 120) keeps the floor at 15, where an offset (-60) would clip it to 0 (issue 8)."""
+    donor = np.full((24, 24, 3), 120, np.uint8)
+    mask = np.zeros((24, 24), bool)
+    mask[8:16, 8:16] = True
+    donor[mask] = 30
+    cp = CopyPaste(CopyPasteConfig(feather=0.0, match_brightness=True, max_rotation=0.0, scale_range=(1.0, 1.0), flip=False, margin=4))
+    cp.fit([(donor, mask)], "hole")
+    normal = np.full((40, 40, 3), 60, np.uint8)
+    target = np.zeros((40, 40), bool)
+    target[16:24, 16:24] = True
+    r = cp.generate(normal, target, "hole", seed=0)
+    assert np.abs(r.image[r.mask].astype(int) - 15).max() <= 1
+    assert (r.image[~r.mask] == 60).all()

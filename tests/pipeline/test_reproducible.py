@@ -97,6 +97,15 @@ def test_finetune_rerun_is_byte_identical(split, first_pretrain, tmp_path):
         assert "seconds" not in meta.read_text(), meta
 
 
+@pytest.mark.slow
+def test_finetune_on_two_processes_writes_the_bytes_of_one(split, first_pretrain, tmp_path):
+    """finetune.workers = 2 trains the defect types in spawned processes: the same files as in-process."""
+    one = finetune_stage.run(FinetuneParams(steps=2, batch_size=2, device="cpu"), split, first_pretrain, tmp_path / "one", progress=False)
+    two = finetune_stage.run(FinetuneParams(steps=2, batch_size=2, device="cpu", workers=2), split, first_pretrain, tmp_path / "two", progress=False)
+    _assert_same_bytes(one, two)
+    assert len(json.loads((two / "checkpoints.json").read_text())) > 1  # more than one type, so both processes trained
+
+
 @pytest.mark.parametrize("has_avx2", [True, False])
 def test_stage_entry_pins_the_cpu_instruction_set(monkeypatch, has_avx2):
     for k in entry.CPU_ISA:

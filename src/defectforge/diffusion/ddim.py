@@ -86,21 +86,35 @@ def chroma_range(x: torch.Tensor, q: float = 0.01) -> tuple[torch.Tensor, torch.
     return lo[..., None, None].to(x.dtype), hi[..., None, None].to(x.dtype)
 
 
-def bound_eps(z: torch.Tensor, eps: torch.Tensor, alpha: float, bound: float = 1.0, gray: bool = False,
-              chroma: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def range_bounds(lo: torch.Tensor, hi: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel x0^ bounds: the range ``[lo, hi]`` (per channel, model units) where ``weights``
+    (1, 1, h, w) is 1, the full range [-1, 1] where it is 0, linear in between:
+    lo_map = -1 + w (lo + 1), hi_map = 1 - w (1 - hi). Two (1, C, h, w) tensors for :func:`bound_eps`."""
+    lo = lo.to(weights.device, weights.dtype).view(1, -1, 1, 1)
+    hi = hi.to(weights.device, weights.dtype).view(1, -1, 1, 1)
+    return -1 + weights * (lo + 1), 1 - weights * (1 - hi)
+
+
+def bound_eps(z: torch.Tensor, eps: torch.Tensor, alpha: float, bound: float | tuple[torch.Tensor, torch.Tensor] = 1.0,
+              gray: bool = False, chroma: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The noise prediction re-derived from a bounded clean estimate (module docstring).
 
-    ``bound`` <= 0 leaves x0^ unclamped; ``gray`` projects x0^ onto the grey axis (the
+    ``bound`` <= 0 leaves x0^ unclamped, ``bound`` > 0 clamps it to [-bound, bound], and a
+    pair of tensors (lo, hi) from :func:`range_bounds` clamps it pixel by pixel (the real
+    defects' value range inside the mask); ``gray`` projects x0^ onto the grey axis (the
     channel mean, pixel space only); ``chroma`` = (lo, hi) from :func:`chroma_range`
     bounds x0^'s chroma per channel to the source's gamut (colour products: the
     defect may change brightness and texture, not paint colours the product does not
     have). With none of them, ``eps`` is returned unchanged.
     """
-    if bound <= 0 and not gray and chroma is None:
+    ranged = isinstance(bound, tuple)
+    if not ranged and bound <= 0 and not gray and chroma is None:
         return eps
     a = torch.as_tensor(alpha, dtype=z.dtype, device=z.device)
     x0 = predict_x0(z, eps, alpha)
-    if bound > 0:
+    if ranged:
+        x0 = torch.minimum(torch.maximum(x0, bound[0]), bound[1])
+    elif bound > 0:
         x0 = x0.clamp(-bound, bound)
     if gray:
         x0 = x0.mean(dim=1, keepdim=True).expand_as(x0)

@@ -1,0 +1,1 @@
+"""Manifests: the Parquet schema, reading and writing, and validation (Great Expectations)."""

@@ -235,7 +235,7 @@ def load_anomaly_embedding(folder: str | Path, device) -> tuple[torch.Tensor, Sp
 
 @torch.no_grad()
 def sample_anomalydiffusion(comps, z0: torch.Tensor, y: torch.Tensor, m: torch.Tensor, m_pix: torch.Tensor, e: torch.Tensor, steps: int,
-                            generator: torch.Generator, *, reweight: bool = True, bound: float = 0.0, gray: bool = False,
+                            generator: torch.Generator, *, reweight: bool = True, bound: float | tuple = 0.0, gray: bool = False,
                             soft: torch.Tensor | None = None, chroma: tuple | None = None, log: list | None = None) -> torch.Tensor:
     """Eq. 1 with Eq. 7-8 in every step; returns z_0.
 
@@ -336,8 +336,8 @@ class AnomalyDiffusionMethod(DiffusionMethod):
         m = comps.latent_mask(crop.m)
         gray = is_gray(image)
         pixel = not comps.has_decoder
-        bound = (1.0 if pixel else cfg.latent_bound) if cfg.clip_x0 else 0.0
         soft, alpha = soft_masks(comps, crop, raw, cfg.feather)
+        bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
         z = sample_anomalydiffusion(comps, z0, crop.x, m, crop.m, e, cfg.steps, gen, reweight=cfg.reweight, bound=bound,
                                     gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
                                     chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None)
@@ -349,7 +349,7 @@ class AnomalyDiffusionMethod(DiffusionMethod):
             image=out,
             mask=raw,
             attention=None,
-            metadata=self._metadata(comps, crop, defect, seed, gray, x0_bound=bound, reweight=cfg.reweight,
+            metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound), reweight=cfg.reweight,
                                     anomaly_embedding={"folder": str(folder), "tokens": int(e.shape[1]),
                                                        "anomaly_tokens": int(e_a.shape[0]), "spatial_tokens": encoder.n_tokens,
                                                        "training": meta.get("metrics", {})}),

@@ -86,6 +86,25 @@ class GenerationMethod:
         return self.checkpoint_sha256
 
 
+def real_value_range(reals, q: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per channel, the ``q`` and ``1 - q`` quantiles of the in-mask pixels of the real
+    defects ``[(image uint8 (H, W[, 3]), mask (H, W)), ...]``: two uint8 arrays of 3, or
+    None when no real defect has a mask pixel."""
+    pixels = []
+    for image, mask in reals:
+        img = np.asarray(image)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        m = np.asarray(mask).astype(bool)
+        if m.shape == img.shape[:2] and m.any():
+            pixels.append(img[m][:, :3])
+    if not pixels:
+        return None
+    px = np.concatenate(pixels).astype(np.float32)
+    lo, hi = np.quantile(px, q, axis=0), np.quantile(px, 1 - q, axis=0)
+    return np.floor(lo).astype(np.uint8), np.ceil(hi).astype(np.uint8)
+
+
 class DiffusionMethod(GenerationMethod):
     """Shared plumbing of the diffusion methods: a config class and fine-tuned checkpoints.
 
@@ -100,6 +119,7 @@ class DiffusionMethod(GenerationMethod):
         self.models = ModelCache(checkpoint, config.device) if checkpoint is not None else None
         self._finetuned: str | None = None
         self._caches: dict = {}
+        self._real_range: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # defect type -> (lo, hi) uint8 per channel
 
     @classmethod
     def for_stage(cls, config: MethodConfig, checkpoints=None) -> "DiffusionMethod":
@@ -111,8 +131,14 @@ class DiffusionMethod(GenerationMethod):
         method._finetuned = str(checkpoints)
         return method
 
-    def prepare(self, category: str, defect: str, reals) -> None:  # noqa: ARG002 - the checkpoint already learned the reals
-        """Load ``category``'s fine-tuned checkpoints (one per defect type) from the finetune folder."""
+    def prepare(self, category: str, defect: str, reals) -> None:
+        """Load ``category``'s fine-tuned checkpoints (one per defect type) from the finetune
+        folder, and note the value range of the type's real defects (:meth:`x0_bound`)."""
+        rng = real_value_range(reals, getattr(self.config, "real_range_q", 0.005)) if reals else None
+        if rng is not None:
+            self._real_range[defect] = rng
+        else:
+            self._real_range.pop(defect, None)
         if self._finetuned is None:
             return
         from defectforge.diffusion.sampling import ModelCache, category_checkpoints
@@ -131,6 +157,35 @@ class DiffusionMethod(GenerationMethod):
     @property
     def checkpoint_sha256(self) -> str | None:
         return self.models.sha256() if self.models else None
+
+    def x0_bound(self, defect: str, pixel: bool, weights) -> float | tuple:
+        """The bound on x0^ in every DDIM step (:func:`~defectforge.diffusion.ddim.bound_eps`):
+        off (0.0) without ``clip_x0``; [-1, 1] on the pixel profile and ``latent_bound`` on
+        latent ones; on the pixel profile with ``real_range`` and a prepared defect type, the
+        per-pixel maps of :func:`~defectforge.diffusion.ddim.range_bounds`: inside the soft
+        mask ``weights`` x0^ stays within the type's real in-mask value range (a hole's floor
+        no darker, its rim no brighter, than real holes), outside it within [-1, 1]."""
+        cfg = self.config
+        if not cfg.clip_x0:
+            return 0.0
+        if not pixel:
+            return cfg.latent_bound
+        rng = self._real_range.get(defect) if getattr(cfg, "real_range", False) else None
+        if rng is None:
+            return 1.0
+        import torch
+
+        from defectforge.diffusion.ddim import range_bounds
+
+        lo, hi = (torch.from_numpy(v.astype(np.float32) / 127.5 - 1) for v in rng)
+        return range_bounds(lo, hi, weights)
+
+    def bound_metadata(self, defect: str, bound) -> dict[str, Any]:
+        """What :meth:`x0_bound` used, for a sample's metadata (JSON)."""
+        if isinstance(bound, tuple):
+            lo, hi = self._real_range[defect]
+            return {"x0_bound": 1.0, "x0_real_range": {"lo": [int(v) for v in lo], "hi": [int(v) for v in hi], "q": self.config.real_range_q}}
+        return {"x0_bound": bound}
 
     def _metadata(self, comps, crop, defect: str, seed: int, gray: bool, **extra) -> dict[str, Any]:
         """What produced a sample: config, model, crop (stored beside it for reproduction)."""

@@ -91,7 +91,7 @@ def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, background: torch.Ten
 @torch.no_grad()
 def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float, free_fraction: float,
                    generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5, *,
-                   bound: float = 0.0, gray: bool = False, soft: torch.Tensor | None = None, chroma: tuple | None = None) -> torch.Tensor:
+                   bound: float | tuple = 0.0, gray: bool = False, soft: torch.Tensor | None = None, chroma: tuple | None = None) -> torch.Tensor:
     """Stages 2-3: free denoising, then blended latent diffusion; returns z_0.
 
     z_T = sqrt(a_T) z_0 + sqrt(1 - a_T) eps (Eq. 1); each step
@@ -154,8 +154,8 @@ class BlendedMethod(DiffusionMethod):
 
         gray = is_gray(image)
         pixel = not comps.has_decoder  # identity autoencoder: the latent is the image
-        bound = (1.0 if pixel else cfg.latent_bound) if cfg.clip_x0 else 0.0
         soft, alpha = soft_masks(comps, crop, region, cfg.feather)
+        bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
         store = AttentionStore(rows=[0])
         z = sample_blended(comps, z0, m, defect, cfg.steps, cfg.guidance, cfg.free_fraction, gen, store, cfg.attention_fraction,  # 2.-3.
                            bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
@@ -178,5 +178,5 @@ class BlendedMethod(DiffusionMethod):
             image=out,
             mask=region,
             attention=attention_to_image(att, region, crop.box),
-            metadata=self._metadata(comps, crop, defect, seed, gray, x0_bound=bound, mask_pixels_off_object=int((raw & ~region).sum()), **adaptation),
+            metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound), mask_pixels_off_object=int((raw & ~region).sum()), **adaptation),
         )

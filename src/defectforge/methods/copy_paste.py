@@ -10,7 +10,8 @@ Steps of :meth:`CopyPaste.generate`:
      in the metadata, the real image's id in the manifest's ``defect_source_id``);
   2. augment it: flip, rotation, scale (the same transform for pixels and mask);
   3. place it centred on the target mask, clipped to stay inside the image;
-  4. match brightness: shift the donor so its surroundings have the target's local mean;
+  4. match brightness: scale the donor (a per-channel gain in [0.5, 2]) so its surroundings
+     have the target's local mean;
   5. alpha-blend with a feathered mask (Gaussian, ``feather`` px) - pixels outside
      the feathered support are the input's, bit for bit.
 """
@@ -24,6 +25,9 @@ from defectforge.errors import DataError
 from defectforge.masks.augment import random_transform
 from defectforge.config import CopyPasteConfig
 from defectforge.methods.base import GenerationMethod, GenerationResult
+
+
+GAIN_RANGE = (0.5, 2.0)  # step 4's brightness gain, per channel
 
 
 class CopyPaste(GenerationMethod):
@@ -80,9 +84,13 @@ class CopyPaste(GenerationMethod):
         y0 = int(np.clip(cy - h // 2, 0, H - h))
         x0 = int(np.clip(cx - w // 2, 0, W - w))
         target = image[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
-        # 4. brightness: match the donor's surroundings to the target's
+        # 4. brightness: scale the donor so its surroundings get the target's local mean. A gain,
+        #    not an offset: shading is multiplicative, so a pit keeps its depth relative to the
+        #    surface; an offset pushed a dark pit pasted on darker brick below 0 (issue 8: the one
+        #    saturated copy-paste sample of `make run`, 32 % of its mask clipped to black)
         if self.config.match_brightness and (~dmask).any():
-            pixels = pixels + (target[~dmask].mean(axis=0) - pixels[~dmask].mean(axis=0))
+            gain = target[~dmask].mean(axis=0) / np.maximum(pixels[~dmask].mean(axis=0), 1.0)
+            pixels = pixels * np.clip(gain, GAIN_RANGE[0], GAIN_RANGE[1])
         # 5. feathered alpha blend
         alpha = dmask.astype(np.float32)
         if self.config.feather > 0:

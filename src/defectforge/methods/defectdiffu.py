@@ -92,7 +92,7 @@ def contexts(comps, defect: str) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def sample_double_free(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, w_p: float, w_d: float,
                        generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.1, *,
-                       bound: float = 0.0, gray: bool = False, soft: torch.Tensor | None = None,
+                       bound: float | tuple = 0.0, gray: bool = False, soft: torch.Tensor | None = None,
                        chroma: tuple | None = None) -> torch.Tensor:
     """Steps 2-4: DDIM with Eq. (4) inside m, the noised normal latent outside; returns z_0.
 
@@ -156,8 +156,8 @@ class DefectDiffu(DiffusionMethod):
         m = comps.latent_mask(crop.m)
         gray = is_gray(image)
         pixel = not comps.has_decoder
-        bound = (1.0 if pixel else cfg.latent_bound) if cfg.clip_x0 else 0.0
         soft, alpha = soft_masks(comps, crop, target, cfg.feather)
+        bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
         store = AttentionStore()
         z = sample_double_free(comps, z0, m, defect, cfg.steps, cfg.w_p, cfg.w_d, gen, store, cfg.attention_fraction,  # 2.-4.
                                bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
@@ -167,7 +167,7 @@ class DefectDiffu(DiffusionMethod):
         out = paste_back(image, generated, crop.box, only=target, alpha=alpha if cfg.feather > 0 else None)  # 5.
         att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()
         attention = attention_to_image(att, target, crop.box)
-        extra = {"w_p": cfg.w_p, "w_d": cfg.w_d, "x0_bound": bound,
+        extra = {"w_p": cfg.w_p, "w_d": cfg.w_d, **self.bound_metadata(defect, bound),
                  "not_implemented": ["TDIA", "fusion prompt c_f", "mask generation module (Eq. 6)", "zero-shot (Eq. 12)"]}
         if cfg.mask_source == "attention":  # 6.
             out_mask, t = attention_mask(attention, target, cfg)

@@ -46,6 +46,11 @@ gray_steps=False, feather=0, paste="crop"``; measured in docs/realism-ablation.m
   final uint8 conversion clamps: pitch-black / white / pure-colour plateaus. On a real
   Magnetic Tile run the in-mask saturated share fell from 67 % to 0 % (issue 8). For
   latent profiles the bound is ``latent_bound`` (0: off), since SD latents are not in [-1, 1].
+* ``real_range`` (default on, pixel profile, with ``clip_x0``): inside the (feathered)
+  mask the bound is tighter, the per-channel ``real_range_q`` / ``1 - real_range_q``
+  quantiles of the type's real training defects' in-mask pixels (``prepare`` reads them;
+  :meth:`~defectforge.methods.base.DiffusionMethod.x0_bound`). [-1, 1] still lets the
+  floor of a pit reach pure black where no real pit does (the built-in brick holes, issue 8).
 * ``gray_steps`` (default on): for a grayscale source x0^ is projected onto the grey
   axis inside every step, not only at the end: colour never builds up along the path.
 * ``feather`` (sigma in px, default 1.5): Eq. (9)'s mix, the blend with the inversion
@@ -96,7 +101,7 @@ def invert_masked(comps, z0: torch.Tensor, m: torch.Tensor, steps: int, trajecto
 @torch.no_grad()
 def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float,
                generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5,
-               trajectory: list | None = None, *, bound: float = 0.0, gray: bool = False, soft: torch.Tensor | None = None,
+               trajectory: list | None = None, *, bound: float | tuple = 0.0, gray: bool = False, soft: torch.Tensor | None = None,
                noised_background: bool = False, chroma: tuple | None = None):
     """Theorem 1 initialisation and Eq. (9) sampling; returns (z*_0, z^m_0).
 
@@ -169,8 +174,8 @@ class InversionMethod(DiffusionMethod):
         m = comps.latent_mask(crop.m)
         gray = is_gray(image)
         pixel = not comps.has_decoder  # identity autoencoder: the latent is the image
-        bound = (1.0 if pixel else cfg.latent_bound) if cfg.clip_x0 else 0.0
         soft, alpha = soft_masks(comps, crop, mask, cfg.feather)
+        bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
         path = [] if cfg.background == "inverted" else None
         z_T_m = invert_masked(comps, z0, m, cfg.steps, trajectory=path)  # 2. Eq. (8)
         store = AttentionStore(rows=[1])
@@ -190,5 +195,5 @@ class InversionMethod(DiffusionMethod):
             image=out,
             mask=mask,
             attention=attention_to_image(att, mask, crop.box),
-            metadata=self._metadata(comps, crop, defect, seed, gray, x0_bound=bound),
+            metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound)),
         )

@@ -47,7 +47,7 @@ def run(
     ``per_category`` (means over seeds, ``all`` test set), ``per_defect_type``, ``runs``
     (every seed), ``mean`` and ``budget``; metrics.json is flat for ``dvc metrics show``.
     """
-    from defectforge.detector import evaluate_groups, prepare_items, train_detector
+    from defectforge.detector import prepare_items
     from defectforge.detector.compare import BASELINE, COMPARED_METRICS, compare_runs
 
     out_dir = Path(out_dir)
@@ -55,6 +55,7 @@ def run(
     sp = read_manifest(split).to_pandas()
     syn = _synthetic_for_detector(p, refined, qc)
     results, per_type, rows, curves = {}, {}, [], []
+    prepared, jobs = {}, []  # category -> (train_real, test_t, groups, runs); (category, seed, run) in run order
     for category in sorted(sp["category"].unique()):
         c = sp[sp["category"] == category]
         tr = c[c["split"] == "train"]
@@ -76,24 +77,29 @@ def run(
             s = syn[(syn["category"] == category) & (syn["method"] == method)]
             if len(s):
                 runs[method] = prepare_items([(read_image(Path(r.abs_image)), read_mask(Path(r.abs_mask))) for r in s.itertuples()], p.size, f"{category}/{method} synthetic samples", scale=p.scale)
-        for seed in p.seeds:
-            for run, extra in runs.items():
-                label = f"{category}/{run}/seed {seed}"
-                model, curve = train_detector(
-                    train_real, synthetic_items=extra, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=seed, size=p.size,
-                    scale=p.scale, patch=p.patch, base_channels=p.base_channels, depth=p.depth, norm=p.norm, score_pool=p.score_pool,
-                )
-                # no training time in the rows: details.json feeds the release, which must not
-                # change with the machine's speed (docs/reproducibility.md); it goes to the log
-                for dt, m in evaluate_groups(model, test_t, groups).items():
-                    rows.append({"category": category, "defect_type": dt, "run": run, "seed": seed,
-                                 **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
-                                 "train_real": len(train_real), "train_synthetic": 0 if extra is None else len(extra)})
-                    if dt == "all" and progress:
-                        print(f"detector[{label}] loss {curve[-1]['loss']:.4f}; image AUROC {m['image_auroc']}, pixel AP {m['pixel_ap']}, "
-                              f"AUPRO {m['aupro']}; {sum(r['seconds'] for r in curve):.1f} s", flush=True)
-                curves += [{"category": category, "run": run, "seed": seed, "epoch": r["epoch"], "step": r["step"],
-                            "loss": round(float(r["loss"]), 5), "lr": r["lr"]} for r in curve]
+        prepared[category] = (train_real, test_t, groups, runs)
+        jobs += [(category, seed, run) for seed in p.seeds for run in runs]
+
+    def job_args(job):
+        category, seed, run = job
+        train_real, test_t, groups, runs = prepared[category]
+        return p, train_real, runs[run], test_t, groups, seed
+
+    # every (category, seed, run) is one independent training: on p.workers processes, in order
+    for (category, seed, run), (evaluated, curve) in zip(jobs, _imap(_train_and_evaluate, map(job_args, jobs), p.workers, len(jobs))):
+        train_real, extra = prepared[category][0], prepared[category][3][run]
+        # no training time in the rows: details.json feeds the release, which must not
+        # change with the machine's speed (docs/reproducibility.md); it goes to the log
+        for dt, m in evaluated.items():
+            rows.append({"category": category, "defect_type": dt, "run": run, "seed": seed,
+                         **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
+                         "train_real": len(train_real), "train_synthetic": 0 if extra is None else len(extra)})
+            if dt == "all" and progress:
+                print(f"detector[{category}/{run}/seed {seed}] loss {curve[-1]['loss']:.4f}; image AUROC {m['image_auroc']}, pixel AP {m['pixel_ap']}, "
+                      f"AUPRO {m['aupro']}; {sum(r['seconds'] for r in curve):.1f} s", flush=True)
+        curves += [{"category": category, "run": run, "seed": seed, "epoch": r["epoch"], "step": r["step"],
+                    "loss": round(float(r["loss"]), 5), "lr": r["lr"]} for r in curve]
+    for category, (_, _, groups, runs) in prepared.items():
         mine = [r for r in rows if r["category"] == category]
         results[category] = {run: _seed_summary([r for r in mine if r["run"] == run and r["defect_type"] == "all"]) for run in runs}
         per_type[category] = {dt: {run: _seed_summary([r for r in mine if r["run"] == run and r["defect_type"] == dt]) for run in runs} for dt in groups if dt != "all"}
@@ -103,7 +109,7 @@ def run(
             learned[category] = {"learned": False, "reason": r["skipped"], "image_auroc_real_only": None, "image_auroc_ci_low": None, "n_seeds": 0}
     summary = _mean_over_categories(results)
     details = {"comparisons": comparisons, "learned": learned, "per_category": results, "per_defect_type": per_type,
-               "runs": rows, "mean": summary, "budget": p.model_dump(mode="json")}
+               "runs": rows, "mean": summary, "budget": p.model_dump(mode="json", exclude={"workers"})}  # workers: same numbers
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "details.json", details)
     # metrics.json (what `dvc metrics show` prints): flat, one row per category/method on the whole test set
@@ -119,6 +125,37 @@ def run(
     atomic_write_json(out_dir / "metrics.json", flat)
     pd.DataFrame(curves, columns=["category", "run", "seed", "epoch", "step", "loss", "lr"]).to_csv(out_dir / "curves.csv", index=False)
     return details
+
+
+def _train_and_evaluate(p: DetectorParams, train_real, extra, test_t, groups, seed: int):
+    """One paired run: the detector trained on ``train_real`` (+ ``extra``) with ``seed``,
+    evaluated on every test group; (metrics per group, training curve)."""
+    from defectforge.detector import evaluate_groups, train_detector
+
+    model, curve = train_detector(
+        train_real, synthetic_items=extra, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=seed, size=p.size,
+        scale=p.scale, patch=p.patch, base_channels=p.base_channels, depth=p.depth, norm=p.norm, score_pool=p.score_pool,
+    )
+    return evaluate_groups(model, test_t, groups), curve
+
+
+def _imap(fn, args, workers: int, n: int):
+    """``fn(*a)`` for each of the ``n`` argument tuples ``args``, yielded in order as they
+    finish; on ``workers`` spawned processes when > 1. Each run is a function of its own
+    arguments and seed, so the numbers are those of one worker (tests/detector)."""
+    workers = min(workers, n)
+    if workers <= 1:
+        for a in args:
+            yield fn(*a)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from defectforge.pipeline.entry import pin_cpu_isa
+
+    pin_cpu_isa()  # inherited by the workers: the kernels of the stage's own process
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(fn, *zip(*args))
 
 
 def _load_pairs(root: Path, rows: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -40,38 +40,65 @@ def run(
 
 
 def _train_all(p: FinetuneParams, split, pretrain_dir, tmp: Path, progress: bool) -> None:
-    from defectforge.diffusion import CURVE_FILE, finetune
-    from defectforge.diffusion.training import file_metrics
+    from defectforge.diffusion.training import CURVE_FILE
 
     base = base_model(pretrain_dir)
     root, train = train_rows(split)
-    curves, index = [], {}
+    jobs = []
     groups = train[train["defect_type"] != "good"].groupby(["category", "defect_type"], sort=True)
     for (category, defect), rows in groups:
-        defects = [(read_image(root / r.image_path), read_mask(root / r.mask_path)) for r in rows.itertuples()]
         goods = train[(train["category"] == category) & (train["defect_type"] == "good")]
-        normals = [read_image(root / r.image_path) for r in goods.itertuples()]
-        target = tmp / category / defect
-        if progress:
-            print(f"finetune {category}/{defect}: {len(defects)} real defects, {len(normals)} normals, {p.steps} steps", flush=True)
-        metrics = finetune(
-            base, defects, defect, target, normals=normals, mode=p.mode, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
-            token_lr=p.token_lr, lora_rank=p.lora_rank, prior_fraction=p.prior_fraction, loss_norm=p.loss_norm,
-            attention_loss=p.attention_loss, attention_rows=p.attention_rows,
-            cond_dropout_product=p.cond_dropout_product, cond_dropout_defect=p.cond_dropout_defect, aal=p.aal, aal_alpha=p.aal_alpha, seed=p.seed, device=p.device, progress=progress,
-        )
-        if p.anomaly_embedding:  # AnomalyDiffusion: masked textual inversion (Eq. 5-6) of e_a and E on the frozen base
-            from defectforge.methods.anomalydiffusion import EMBEDDING_DIR, fit_anomaly_embedding
+        jobs.append((category, defect, [(r.image_path, r.mask_path) for r in rows.itertuples()], [r.image_path for r in goods.itertuples()]))
+    if not jobs:
+        raise DataError(f"{split}: no defect types in the training split to fine-tune on")
+    workers = min(p.workers, len(jobs))
+    if workers > 1:
+        # one process per defect type at a time (spawned: a clean torch in each). Every type's
+        # training is a function of its own data, params and seed, so the bytes are those of
+        # workers = 1 (tests/pipeline/test_reproducible.py)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-            metrics["anomaly_embedding"] = fit_anomaly_embedding(
-                base, defects, defect, target / EMBEDDING_DIR, device=p.device, anomaly_tokens=p.anomaly_tokens,
-                spatial_tokens=p.spatial_tokens, steps=p.anomaly_steps, lr=p.anomaly_lr, batch_size=p.batch_size, seed=p.seed,
-            )
-        index[f"{category}/{defect}"] = {"path": f"{category}/{defect}", "metrics": file_metrics(metrics)}
-        c = pd.read_csv(target / CURVE_FILE)
+        if progress:
+            print(f"finetune: {len(jobs)} defect types on {workers} processes", flush=True)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_train_one, p, base, root, tmp, *job, progress=False, announce=progress) for job in jobs]
+            results = [f.result() for f in futures]
+    else:
+        results = [_train_one(p, base, root, tmp, *job, progress=progress, announce=progress) for job in jobs]
+    curves, index = [], {}
+    for (category, defect, _, _), metrics in zip(jobs, results):
+        index[f"{category}/{defect}"] = {"path": f"{category}/{defect}", "metrics": metrics}
+        c = pd.read_csv(tmp / category / defect / CURVE_FILE)
         c.insert(0, "defect", f"{category}/{defect}")
         curves.append(c)
-    if not index:
-        raise DataError(f"{split}: no defect types in the training split to fine-tune on")
     pd.concat(curves).to_csv(tmp / "training_curve.csv", index=False)
     atomic_write_text(tmp / CHECKPOINT_INDEX, json.dumps(index, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _train_one(p: FinetuneParams, base, root: Path, tmp: Path, category: str, defect: str, defect_paths: list, normal_paths: list,
+               *, progress: bool, announce: bool) -> dict:
+    """Fine-tune one (category, defect type) into ``tmp/<category>/<defect>``; its file metrics."""
+    from defectforge.diffusion import finetune
+    from defectforge.diffusion.training import file_metrics
+
+    pin_cpu_isa()  # a spawned worker: the same kernels as the stage's own process
+    defects = [(read_image(root / i), read_mask(root / m)) for i, m in defect_paths]
+    normals = [read_image(root / i) for i in normal_paths]
+    target = tmp / category / defect
+    if announce:
+        print(f"finetune {category}/{defect}: {len(defects)} real defects, {len(normals)} normals, {p.steps} steps", flush=True)
+    metrics = finetune(
+        base, defects, defect, target, normals=normals, mode=p.mode, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+        token_lr=p.token_lr, lora_rank=p.lora_rank, prior_fraction=p.prior_fraction, loss_norm=p.loss_norm,
+        attention_loss=p.attention_loss, attention_rows=p.attention_rows,
+        cond_dropout_product=p.cond_dropout_product, cond_dropout_defect=p.cond_dropout_defect, aal=p.aal, aal_alpha=p.aal_alpha, seed=p.seed, device=p.device, progress=progress,
+    )
+    if p.anomaly_embedding:  # AnomalyDiffusion: masked textual inversion (Eq. 5-6) of e_a and E on the frozen base
+        from defectforge.methods.anomalydiffusion import EMBEDDING_DIR, fit_anomaly_embedding
+
+        metrics["anomaly_embedding"] = fit_anomaly_embedding(
+            base, defects, defect, target / EMBEDDING_DIR, device=p.device, anomaly_tokens=p.anomaly_tokens,
+            spatial_tokens=p.spatial_tokens, steps=p.anomaly_steps, lr=p.anomaly_lr, batch_size=p.batch_size, seed=p.seed,
+        )
+    return file_metrics(metrics)
