@@ -106,6 +106,7 @@ class PretrainParams(_Section):
     lr: float = Field(1e-3, gt=0, le=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=1, le=64)   # torch intra-op threads (tiny profile): part of the result, not the machine's
 
 
 class FinetuneParams(_Section):

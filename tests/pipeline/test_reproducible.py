@@ -8,6 +8,7 @@ weights depended on the number of torch threads. See docs/reproducibility.md.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,47 @@ def test_pretrain_weights_do_not_depend_on_the_thread_count(split, first_pretrai
     _assert_same_bytes(first_pretrain, again)
 
 
+# A stage run in a fresh interpreter: its first tensor operation comes after pin_cpu_isa(), as
+# in a DVC stage. (In this test process an earlier test may already have computed with the
+# CPU's own widest kernels, e.g. AVX-512, which the pin cannot change afterwards.)
+_FRESH = """
+import json, os, sys
+if sys.argv[1] == "one-core":
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before torch starts its threads
+from defectforge.config import FinetuneParams, PretrainParams
+from defectforge.pipeline import finetune, pretrain
+a = json.loads(sys.argv[2])
+if a["stage"] == "pretrain":
+    pretrain.run(PretrainParams(**a["p"]), a["split"], a["out"], progress=False)
+else:
+    finetune.run(FinetuneParams(**a["p"]), a["split"], a["base"], a["out"], progress=False)
+"""
+
+
+def _fresh(stage: str, p, out: Path, split, base=None, cores: str = "all") -> Path:
+    import subprocess
+    import sys
+
+    args = {"stage": stage, "p": p.model_dump(mode="json"), "split": str(split), "out": str(out), "base": str(base)}
+    r = subprocess.run([sys.executable, "-c", _FRESH, cores, json.dumps(args)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
+def test_pretrain_threads_is_part_of_the_result_not_of_the_machine(split, tmp_path):
+    """pretrain.threads = 2 on a process pinned to one core writes the bytes of an unpinned
+    run with 2 threads, and other weights than 1 thread: the weights follow the setting, not the cores."""
+    two = CHEAP.model_copy(update={"threads": 2})
+    free = _fresh("pretrain", two, tmp_path / "free", split)
+    _assert_same_bytes(free, _fresh("pretrain", two, tmp_path / "pinned", split, cores="one-core"))
+    one = _fresh("pretrain", CHEAP, tmp_path / "one", split)
+    weights = Path("model/unet/diffusion_pytorch_model.safetensors")
+    assert (one / weights).read_bytes() != (free / weights).read_bytes()  # 1 thread: other weights
+
+
 def test_training_restores_the_callers_thread_count():
     from defectforge.diffusion.training import TRAIN_THREADS, fixed_threads
 
@@ -100,8 +142,8 @@ def test_finetune_rerun_is_byte_identical(split, first_pretrain, tmp_path):
 @pytest.mark.slow
 def test_finetune_on_two_processes_writes_the_bytes_of_one(split, first_pretrain, tmp_path):
     """finetune.workers = 2 trains the defect types in spawned processes: the same files as in-process."""
-    one = finetune_stage.run(FinetuneParams(steps=2, batch_size=2, device="cpu"), split, first_pretrain, tmp_path / "one", progress=False)
-    two = finetune_stage.run(FinetuneParams(steps=2, batch_size=2, device="cpu", workers=2), split, first_pretrain, tmp_path / "two", progress=False)
+    one = _fresh("finetune", FinetuneParams(steps=2, batch_size=2, device="cpu"), tmp_path / "one", split, base=first_pretrain)
+    two = _fresh("finetune", FinetuneParams(steps=2, batch_size=2, device="cpu", workers=2), tmp_path / "two", split, base=first_pretrain)
     _assert_same_bytes(one, two)
     assert len(json.loads((two / "checkpoints.json").read_text())) > 1  # more than one type, so both processes trained
 

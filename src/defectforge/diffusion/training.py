@@ -72,10 +72,11 @@ from defectforge.errors import DataError, ParamsError
 from defectforge.masks.crop import crop_box, resize_image, resize_mask
 
 CURVE_FILE = "training_curve.csv"
-# Torch intra-op threads of every training loop. The result of a float reduction depends on
-# how it is split over threads: one thread gives the same weights on every machine with the
-# same wheels and CPU instruction set, and the DVC stages ran with one thread anyway
-# (pipeline/entry.py: on this shared CPU two threads were slower than one).
+# Torch intra-op threads of a training loop unless told otherwise (pretrain: ``pretrain.threads``).
+# The result of a float reduction depends on how it is split over threads, i.e. on this
+# number, not on the machine's cores: a fixed count gives the same weights on every machine
+# with the same wheels and CPU instruction set. Finetune and the anomaly embedding keep one
+# thread per process (finetune.workers runs defect types side by side instead).
 TRAIN_THREADS = 1
 # wall-clock values: returned and logged, never written into a stage's output files
 TIMING_KEYS = ("seconds", "seconds_per_step")
@@ -97,8 +98,9 @@ def fixed_threads(n: int = TRAIN_THREADS):
         torch.set_num_threads(before)
 
 
-def _log_timing(desc: str, metrics: dict) -> None:
-    print(f"{desc}: {metrics['steps']} steps in {metrics['seconds']} s ({metrics['seconds_per_step']} s/step, {TRAIN_THREADS} thread)", file=sys.stderr, flush=True)
+def _log_timing(desc: str, metrics: dict, threads: int = TRAIN_THREADS) -> None:
+    print(f"{desc}: {metrics['steps']} steps in {metrics['seconds']} s ({metrics['seconds_per_step']} s/step, {threads} thread{'s' if threads > 1 else ''})",
+          file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ data
@@ -349,12 +351,15 @@ def pretrain(
     rotate: bool = True,
     device: str = "auto",
     progress: bool = True,
+    threads: int = TRAIN_THREADS,
 ) -> dict:
     """Train the tiny profile from scratch on random crops of defect-free ``images``.
 
     Writes ``out_dir`` (``model_index.json``, ``unet/``, ``scheduler/``,
     ``prompt_encoder/``, ``training_curve.csv``) and returns metrics. ``batch_size``
-    is per branch: each step runs 2 x batch_size UNet rows (z_t and z_t^m).
+    is per branch: each step runs 2 x batch_size UNet rows (z_t and z_t^m). ``threads``:
+    torch intra-op threads; the weights depend on this number (how float sums are split),
+    not on the machine's cores, so a fixed value gives the same bytes everywhere.
     """
     if not images:
         raise DataError("pretrain: no defect-free images given")
@@ -376,15 +381,15 @@ def pretrain(
 
     comps.unet.train()
     params = list(comps.unet.parameters()) + list(comps.prompts.parameters())
-    rows, seconds = _loop_groups(comps, params, [{"params": params, "lr": lr}], 0.0, steps, make_batch, None, seed, progress, "pretrain")
+    rows, seconds = _loop_groups(comps, params, [{"params": params, "lr": lr}], 0.0, steps, make_batch, None, seed, progress, "pretrain", threads=threads)
     comps.unet.eval()
     out = Path(out_dir)
     n_params = sum(p.numel() for p in comps.unet.parameters())
-    metrics = _metrics(rows, seconds, steps, batch_size, sum(p.numel() for p in params), {"unet_parameters": n_params, "resolution": res})
+    metrics = _metrics(rows, seconds, steps, batch_size, sum(p.numel() for p in params), {"unet_parameters": n_params, "resolution": res, "threads": threads})
     save_tiny(comps, out, extra={"pretrain": file_metrics(metrics)})
     _write_curve(out / CURVE_FILE, rows)
     if progress:
-        _log_timing("pretrain", metrics)
+        _log_timing("pretrain", metrics, threads)
     return metrics
 
 
@@ -538,12 +543,12 @@ def finetune(
     return metrics
 
 
-def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw=None):
+def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw=None, threads: int = TRAIN_THREADS):
     """AdamW with warm-up and cosine decay; the defect tokens get their own learning rate.
 
     ``step_kw``: keyword arguments of :func:`disentangled_step` (loss norm, attention loss).
-    Runs with :data:`TRAIN_THREADS` torch threads (:func:`fixed_threads`)."""
-    with fixed_threads():
+    Runs with ``threads`` torch threads (:func:`fixed_threads`)."""
+    with fixed_threads(threads):
         return _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw)
 
 

@@ -61,7 +61,7 @@ def _build(p: PretrainParams, split, tmp: Path, needed: list[str] | None, progre
         if good.empty:
             raise DataError(f"{split}: no defect-free training images to pretrain the tiny model on")
         images = [read_image(root / r.image_path) for r in good.itertuples()]
-        metrics = pretrain(images, tmp / "model", steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=p.seed, device=p.device, progress=progress)
+        metrics = pretrain(images, tmp / "model", steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=p.seed, device=p.device, progress=progress, threads=p.threads)
         shutil.copy2(tmp / "model" / "training_curve.csv", tmp / "training_curve.csv")
         atomic_write_text(tmp / BASE_POINTER, json.dumps({"profile": "tiny", "base": "model", "metrics": file_metrics(metrics)}, indent=2, default=str) + "\n")
 
