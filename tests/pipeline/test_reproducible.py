@@ -170,3 +170,24 @@ def test_stage_entry_pins_the_cpu_instruction_set(monkeypatch, has_avx2):
         assert seen["ATEN_CPU_CAPABILITY"] == "avx2" and seen["MKL_CBWR"] == "AVX2"
     else:  # a CPU without AVX2 must not be told to use it (illegal instruction)
         assert seen["ATEN_CPU_CAPABILITY"] is None and seen["MKL_CBWR"] is None
+
+
+@pytest.mark.slow
+def test_a_retrained_model_is_not_taken_for_done_shards(split, first_pretrain, tmp_path):
+    """generate's output persists between DVC runs (a killed run resumes). When the finetune
+    stage's models change, the samples they painted must be made again, not skipped as done."""
+    from defectforge.config import GenerateParams
+    from defectforge.manifest.io import read_manifest
+    from defectforge.pipeline import generate as generate_stage
+
+    ft_a = finetune_stage.run(FinetuneParams(steps=1, batch_size=2, device="cpu"), split, first_pretrain, tmp_path / "ft_a", progress=False)
+    ft_b = finetune_stage.run(FinetuneParams(steps=1, batch_size=2, device="cpu", seed=1), split, first_pretrain, tmp_path / "ft_b", progress=False)
+    p = GenerateParams(methods=["inversion"], n_per_defect=1, shard_size=4, inversion={"steps": 2, "device": "cpu"})
+    out = tmp_path / "gen"
+    first = read_manifest(generate_stage.run(p, split, out, checkpoints=ft_a, progress=False)).to_pandas()
+    again = read_manifest(generate_stage.run(p, split, out, checkpoints=ft_a, progress=False)).to_pandas()
+    assert list(again.sample_id) == list(first.sample_id)  # same models: resumed, nothing new
+    retrained = read_manifest(generate_stage.run(p, split, out, checkpoints=ft_b, progress=False)).to_pandas()
+    assert not set(retrained.sample_id) & set(first.sample_id)
+    assert set(retrained.checkpoint_sha256) != set(first.checkpoint_sha256)  # painted by the new models
+    assert generate_stage.models_sha256("copy-paste", ft_a) == ""  # model-free: ids as before

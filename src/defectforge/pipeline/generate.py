@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from defectforge.config import GenerateParams
+from defectforge.config import METHOD_NEEDS_CHECKPOINTS, GenerateParams
 from defectforge.data.io import (
     OWNED,
     atomic_write_bytes,
@@ -90,7 +90,7 @@ def run(
             from defectforge.pipeline.fanout import run_on_dask
 
             n_shards = prepare_output(split, out_root / name, method_name=name, n_per_defect=p.n_per_defect, seed=p.seed,
-                                      shard_size=p.shard_size, params_sha256=p.method_sha256(name))
+                                      shard_size=p.shard_size, params_sha256=p.method_sha256(name), models_sha256=models_sha256(name, checkpoints))
             run_on_dask(run_method, (p, name, str(split), str(out_root)), n_shards, workers=p.workers, scheduler=p.scheduler,
                         kwargs={"checkpoints": None if checkpoints is None else str(checkpoints)}, desc=f"generate[{name}]", progress=progress)
         else:
@@ -138,6 +138,7 @@ def run_method(
     return generate_shards(
         split, Path(out_root) / name, dataset_root=out_root, method=method, n_per_defect=p.n_per_defect, seed=p.seed,
         shard_size=p.shard_size, params_sha256=p.method_sha256(name), shards=shards, progress=progress, placement=p.target_placement,
+        models_sha256=models_sha256(name, checkpoints),
     )
 
 
@@ -151,12 +152,14 @@ class SampleSpec:
     seed: int
 
 
-def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: int, params_sha256: str) -> list[SampleSpec]:
+def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: int, params_sha256: str, models_sha256: str = "") -> list[SampleSpec]:
     """Deterministic list of the samples to make (same inputs -> same list).
 
     A sample's id hashes the content (SHA-256) of its normal image and of its defect
-    type's real training defects (images and masks) beside the params, so a changed
-    source file makes a new plan and the sample is generated again.
+    type's real training defects (images and masks) beside the params, and, for a method
+    that paints with fine-tuned models, the content of the finetune folder
+    (:func:`models_sha256`), so a changed source file or a retrained model makes a new
+    plan and the sample is generated again (the stage's output persists between runs).
     """
     train = split[split["split"] == "train"]
     specs: list[SampleSpec] = []
@@ -172,15 +175,31 @@ def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: i
         for j in range(n_per_defect):
             s = derive_seed(seed, category, defect, j)
             normal = normals[s % len(normals)]
-            sid = hashlib.sha256(f"{method}|{params_sha256}|{category}|{defect}|{normal}|{sha[normal]}|{donors}|{s}".encode()).hexdigest()[:20]
+            key = f"{method}|{params_sha256}|{category}|{defect}|{normal}|{sha[normal]}|{donors}|{s}" + (f"|{models_sha256}" if models_sha256 else "")
+            sid = hashlib.sha256(key.encode()).hexdigest()[:20]
             specs.append(SampleSpec(len(specs), sid, category, defect, normal, s))
     if not specs:
         raise DataError("split manifest: no defect types in the training split, nothing to generate")
     return specs
 
 
+def models_sha256(name: str, checkpoints: str | os.PathLike | None) -> str:
+    """The content of the finetune folder a method paints with ("" for the model-free
+    methods): SHA-256 over every file's relative path and SHA-256, in path order. DVC keeps
+    generate's output between runs (``persist``) so killed runs resume; without this a
+    retrained model would leave the old model's samples in place as "done"."""
+    if not METHOD_NEEDS_CHECKPOINTS.get(name) or checkpoints is None:
+        return ""
+    root = Path(checkpoints)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 def prepare_output(
-    split_manifest: str | os.PathLike, out_dir: str | os.PathLike, *, method_name: str, n_per_defect: int, seed: int, shard_size: int, params_sha256: str
+    split_manifest: str | os.PathLike, out_dir: str | os.PathLike, *, method_name: str, n_per_defect: int, seed: int, shard_size: int, params_sha256: str,
+    models_sha256: str = "",
 ) -> int:
     """Plan the run, clear ``out_dir`` if it holds another plan's shards; returns the shard count.
 
@@ -189,7 +208,7 @@ def prepare_output(
     """
     read_split_info(split_manifest)
     split = read_manifest(split_manifest).to_pandas()
-    specs = plan_samples(split, method=method_name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256)
+    specs = plan_samples(split, method=method_name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256, models_sha256=models_sha256)
     _reset_if_plan_changed(Path(out_dir), specs, shard_size)
     ShardedWriter(Path(out_dir) / "manifest", kind="synthetic", dataset_root=out_dir, clean=True)  # stale temporaries, once
     return (len(specs) + shard_size - 1) // shard_size
@@ -208,6 +227,7 @@ def generate_shards(
     progress: bool = True,
     dataset_root: str | os.PathLike | None = None,
     placement: str = "foreground",
+    models_sha256: str = "",
 ) -> Path:
     """Generate every planned sample into ``out_dir`` (images/, masks/, raw_masks/, manifest/).
 
@@ -226,7 +246,7 @@ def generate_shards(
     src_root = Path(info["dataset_root"])
     split = read_manifest(split_manifest).to_pandas()
     out_dir = Path(out_dir)
-    specs = plan_samples(split, method=method.name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256)
+    specs = plan_samples(split, method=method.name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256, models_sha256=models_sha256)
     n_shards = (len(specs) + shard_size - 1) // shard_size
     _reset_if_plan_changed(out_dir, specs, shard_size)
     root = Path(dataset_root) if dataset_root is not None else out_dir
