@@ -151,6 +151,11 @@ def test_saturated_colour_confetti_fails_its_gates_and_the_set(sample_manifests,
     assert not good.qc_saturated.any() and not good.qc_colour_drift.any()
     e = json.loads((tmp_path / "q/details.json").read_text())["sets"]["gravel/stain/copy-paste"]
     assert e["saturation"] > 0.5 and e["saturation_real"] == 0
+    # the speckle score: confetti is many times noisier than the real stains, pasted real
+    # brick cracks no noisier than real ones; measured per sample (not gated by default)
+    sets = json.loads((tmp_path / "q/details.json").read_text())["sets"]
+    assert e["speckle_ratio"] > 5 and sets["brick/crack/copy-paste"]["speckle_ratio"] < 2
+    assert (bad.qc_speckle > 3 * good.qc_speckle.median()).all() and qc.qc_speckled.isna().all()
 
 
 def test_failed_set_gate_fails_with_a_readable_report(sample_manifests, generated, tmp_path):

@@ -208,3 +208,37 @@ def test_set_gate_fails_a_set_of_mostly_saturated_or_drifted_samples():
     f = gate_set({"saturation": 0.2, "c2st_accuracy": 0.9, "c2st_skipped": None}, None,
                  SetThresholds(min_pass_rate=None, saturation_max=0.01, c2st_max=0.75))
     assert f == ["saturation 0.2 > 0.01", "c2st_accuracy 0.9 > 0.75"]
+
+
+def test_speckle_tells_leftover_noise_from_a_smooth_defect_and_gates_it_against_the_reals():
+    """Unsaturated, in-gamut grey noise (what the tiny model leaves inside brick holes) passes
+    the saturation and colour gates; the speckle score tells it from a smooth defect by hand."""
+    from defectforge.metrics.gates import real_reference
+    from defectforge.metrics.realism import defect_stats
+
+    normal, soft, mask = _grey_scene()
+    rng = np.random.default_rng(0)
+    noisy = soft.copy()
+    noisy[mask] = np.clip(soft[mask].astype(int) + rng.choice([-30, 30], (int(mask.sum()), 1)), 0, 255).astype(np.uint8)
+    s_soft, s_noisy = defect_stats(soft, mask)["speckle"], defect_stats(noisy, mask)["speckle"]
+    assert s_noisy > 3 * s_soft  # the surface's own texture vs added pixel noise
+    # by hand: isolated one-pixel spikes (+60 in the red channel only) on a flat patch; a 3x3
+    # median removes each spike, so speckle = 60 x spikes / pixels of the 1-px-eroded mask
+    flat = np.full((9, 9, 3), 100, np.uint8)
+    for y, x in ((2, 2), (2, 5), (5, 2), (5, 5)):
+        flat[y, x, 0] = 160
+    inner = np.zeros((9, 9), bool)
+    inner[1:8, 1:8] = True  # eroded by the cross: rows and columns 2..6, 25 px
+    assert defect_stats(flat, inner)["speckle"] == pytest.approx(60 * 4 / 25)
+    real = {**real_reference([defect_stats(soft, mask)]), "chroma_excess": 0.0}
+    assert real["speckle"] == pytest.approx(s_soft)
+    # measured, not gated by default
+    qc, ok, reasons = gate_sample(normal, noisy, mask, real=real)
+    assert ok, reasons
+    assert qc["qc_speckle"] == pytest.approx(s_noisy, abs=1e-4) and qc["qc_speckled"] is None
+    # gated at 2x the reals' (with a floor of one grey level)
+    strict = GateThresholds(speckle_ratio_max=2.0)
+    qc, ok, reasons = gate_sample(normal, noisy, mask, real=real, thresholds=strict)
+    assert not ok and qc["qc_speckled"] is True and any(r.startswith("speckled:") for r in reasons), reasons
+    qc, ok, reasons = gate_sample(normal, soft, mask, real=real, thresholds=strict)
+    assert ok and qc["qc_speckled"] is False, reasons

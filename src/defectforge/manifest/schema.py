@@ -59,8 +59,10 @@ QC_FIELDS = [
     pa.field("qc_edge_sharpness", pa.float64()),
     pa.field("qc_chroma", pa.float64()),
     pa.field("qc_chroma_source", pa.float64()),
+    pa.field("qc_speckle", pa.float64()),
     pa.field("qc_saturated", pa.bool_()),
     pa.field("qc_colour_drift", pa.bool_()),
+    pa.field("qc_speckled", pa.bool_()),
     pa.field("qc_pass", pa.bool_()),
     pa.field("qc_reasons", pa.list_(pa.string())),
 ]

@@ -69,6 +69,7 @@ class GateThresholds:
     saturation_max: float = 0.05    # in-mask saturated share above the real defects' share
     saturation_min_px: int = 16     # ... and at least this many saturated pixels
     chroma_margin: float = 20.0     # grey levels of in-mask chroma above the source's (+ the reals' excess)
+    speckle_ratio_max: float | None = None  # in-mask speckle above this x the reals' 90th percentile (None: measured, not gated)
     ring: int = 4                   # px of the ring around the mask for the realism statistics
 
 
@@ -214,7 +215,7 @@ def gate_sample(
     # 5./6. realism: saturation and colour drift inside the defect mask
     real = real or {}
     stats = defect_stats(generated, defect, ring=t.ring, reference=normal) if defect.any() else None
-    saturated = drifted = None
+    saturated = drifted = speckled = None
     if stats is not None:
         sat_real = float(real.get("saturated_share") or 0.0)
         saturated = stats["saturated_share"] > sat_real + t.saturation_max and stats["saturated_px"] >= t.saturation_min_px
@@ -230,6 +231,14 @@ def gate_sample(
                 f"colour drift: in-mask chroma {stats['chroma']:.0f} > {allowed:.0f} grey levels "
                 f"(source around the mask {stats['chroma_source']:.0f} + margin)"
             )
+
+        speckle_real = real.get("speckle")
+        if t.speckle_ratio_max is not None and speckle_real is not None:
+            allowed_speckle = t.speckle_ratio_max * max(float(speckle_real), 1.0)
+            speckled = stats["speckle"] > allowed_speckle
+            if speckled:
+                reasons.append(f"speckled: in-mask pixel noise {stats['speckle']:.1f} > {allowed_speckle:.1f} grey levels "
+                               f"({t.speckle_ratio_max:g} x the real defects' {float(speckle_real):.1f})")
 
     def r3(key):
         v = None if stats is None else stats[key]
@@ -249,8 +258,10 @@ def gate_sample(
         "qc_edge_sharpness": r3("edge_sharpness"),
         "qc_chroma": r3("chroma"),
         "qc_chroma_source": r3("chroma_source"),
+        "qc_speckle": r3("speckle"),
         "qc_saturated": saturated,
         "qc_colour_drift": drifted,
+        "qc_speckled": speckled,
     }
     return qc, not reasons, reasons
 
@@ -315,7 +326,8 @@ def real_reference(stats: list[dict], *, quantile: float = 90.0) -> dict:
     """Reference figures of the real defects of a type for :func:`gate_sample`'s ``real``.
 
     ``saturated_share``: pooled in-mask saturated share; ``chroma_excess``: the
-    ``quantile``-th percentile of (in-mask chroma - ring chroma) over the real defects.
+    ``quantile``-th percentile of (in-mask chroma - ring chroma) over the real defects;
+    ``speckle``: the ``quantile``-th percentile of their in-mask speckle.
     """
     from defectforge.metrics.realism import pooled_saturation
 
@@ -323,4 +335,5 @@ def real_reference(stats: list[dict], *, quantile: float = 90.0) -> dict:
     return {
         "saturated_share": pooled_saturation(stats) or 0.0,
         "chroma_excess": float(np.percentile(excess, quantile)) if excess else 0.0,
+        "speckle": float(np.percentile([s["speckle"] for s in stats], quantile)) if stats else None,
     }

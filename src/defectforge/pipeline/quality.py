@@ -42,7 +42,7 @@ C2ST_MIN = 4           # crops per side for the classifier two-sample test
 REAL_VS_REAL_MIN = 8   # held-out real defects for the real-vs-real reference (two halves of >= 4)
 HEADLINE = ("fid", "kid_mean", "lpips", "ic_lpips", "is_mean", "pass_rate", "backbone", "lpips_backbone", "quality_skipped",
             "saturation", "saturation_real", "intensity_distance", "contrast_median", "c2st_accuracy", "c2st_real_vs_real",
-            "saturated_samples", "colour_drift_samples", "intensity_distance_real_vs_real")
+            "saturated_samples", "colour_drift_samples", "intensity_distance_real_vs_real", "speckle_ratio")
 
 
 def _real_reference(p: QualityParams, ring: int, src_root: Path, rr: pd.DataFrame) -> dict:
@@ -90,6 +90,9 @@ def _realism(p: QualityParams, ref: dict, crops: list, stats: list[dict], flags:
         "contrast_real_iqr": [round(float(q), 4) for q in np.percentile(real_contrast, [25, 75])] if real_contrast else None,
         "saturated_samples": r4(np.mean(flags["saturated"])) if flags["saturated"] else None,
         "colour_drift_samples": r4(np.mean(flags["drift"])) if flags["drift"] else None,
+        # median in-mask speckle over the reals' median (1: as noisy as real defects of the type)
+        "speckle_ratio": r4(np.median([s["speckle"] for s in stats]) / max(float(np.median([s["speckle"] for s in real_stats])), 1.0))
+        if stats and real_stats else None,
         "intensity_distance": None, "intensity_per_stat": None, "c2st_accuracy": None, "c2st_folds": None,
         "c2st_classifier": None, "c2st_n": None,
         "c2st_real_vs_real": ref["c2st_real_vs_real"] if ref else None,

@@ -454,7 +454,8 @@ def _verdict_section(detector: dict) -> str:
 
 
 REALISM_KEYS = ("saturation", "saturation_real", "intensity_distance", "contrast_median", "contrast_real_iqr",
-                "c2st_accuracy", "c2st_real_vs_real")
+                "c2st_accuracy", "c2st_real_vs_real", "speckle_ratio")
+SPECKLE_FLAG = 2.0  # a set whose median speckle is over this x its reals' is marked in the table
 REALISM_EXPLAINED = (
     ("saturated share", "share of in-mask pixels at the ends of the value range (a channel ≤ 3 or ≥ 252); "
      "in brackets the same share over the real defects of the type."),
@@ -462,6 +463,8 @@ REALISM_EXPLAINED = (
      "and spread, contrast against a ring around the mask, edge sharpness); 0 = the same profile."),
     ("contrast", "median in-mask contrast (in-mask mean minus ring mean) of the set against the real defects' "
      "interquartile range; 'inside' means within it."),
+    ("speckle", "median pixel-scale noise inside the masks (what a 3x3 median filter removes) over that of the "
+     "real defects of the type; 1 = as noisy as real, several times more = leftover sampler noise or confetti."),
     ("C2ST accuracy", "held-out accuracy of a small cross-validated classifier told to separate real defect crops "
      "from these; 0.5 = indistinguishable, 1.0 = always told apart. References: a real-vs-real split "
      "(what 'indistinguishable' reads as on this little data) and copy-paste of the same type."),
@@ -513,15 +516,18 @@ def _realism_section(sets: Sequence[dict]) -> str:
             refs += f", copy-paste {_g(cp)}"
         sat = _num(r.get("saturation"))
         sat_cls = ' class="v-hurts"' if sat is not None and sat > max(0.01, (_num(r.get("saturation_real")) or 0) * 2) else ""
+        speck = _num(r.get("speckle_ratio"))
+        sp_cls = ' class="v-hurts"' if speck is not None and speck > SPECKLE_FLAG else ""
         body.append(
             f"<tr><td>{_esc(_set_label(r))}</td><td>{_esc(r.get('method'))}</td>"
             f"<td{sat_cls}>{_pct(sat)} <small>(real {_pct(r.get('saturation_real'))})</small></td>"
             f'<td class="num">{_g(r.get("intensity_distance"))}</td>'
             f"<td>{_g(r.get('contrast_median'))} <small>(real IQR {iqr_s})</small>{inside_s}</td>"
-            f"<td>{_g(r.get('c2st_accuracy'))} <small>({refs})</small></td></tr>")
+            f"<td>{_g(r.get('c2st_accuracy'))} <small>({refs})</small></td>"
+            f"<td{sp_cls}>{_g(r.get('speckle_ratio'))}</td></tr>")
     per_method = "".join(f"<li>{_esc(realism_sentence(m, v))}</li>" for m, v in realism_by_method(rows).items())
     return (f"<ul class=\"note\">{expl}</ul><p>Per method:</p><ul>{per_method}</ul><table><thead><tr><th>set</th><th>method</th><th>saturated share</th>"
-            "<th>intensity distance</th><th>contrast median</th><th>C2ST accuracy</th></tr></thead>"
+            "<th>intensity distance</th><th>contrast median</th><th>C2ST accuracy</th><th>speckle (× real)</th></tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>")
 
 
