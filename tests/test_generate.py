@@ -156,3 +156,19 @@ def test_every_method_records_its_mask_origin_and_the_prior_places_masks_where_r
             pos = relative_position(raw, estimate_foreground(read_image(root / r.image_path)))
             # kernel width <= 5 % of the box; the shape's clipping at the border moves it a little more
             assert np.abs(real_pos - pos).max(axis=1).min() < 0.2, (cat, dt, pos, real_pos)
+
+
+def test_changed_code_does_not_reuse_old_shards(sample_manifests, tmp_path, monkeypatch):
+    """generate's output persists between DVC runs for resume; a code change (DVC reruns the
+    stage) must make the samples again, not keep the old code's shards as done (issue 8: the
+    fixed copy-paste left its old saturated sample in place)."""
+    from defectforge.pipeline import generate as generate_stage
+
+    _, split = sample_manifests
+    p = GenerateParams(n_per_defect=2, shard_size=2, seed=0, methods=["copy-paste"])
+    out = tmp_path / "gen"
+    first = set(read_manifest(run_generate(p, split, out, progress=False)).to_pandas().sample_id)
+    assert set(read_manifest(run_generate(p, split, out, progress=False)).to_pandas().sample_id) == first  # resumed
+    monkeypatch.setattr(generate_stage, "package_sha256", lambda: "0" * 64)  # as after an edit of the code
+    again = set(read_manifest(run_generate(p, split, out, progress=False)).to_pandas().sample_id)
+    assert not again & first

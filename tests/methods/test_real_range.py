@@ -75,10 +75,11 @@ def test_bound_eps_with_maps_clamps_x0_pixel_by_pixel():
     torch.testing.assert_close(x0, expected)
 
 
+@pytest.mark.parametrize("colour", [(200, 200, 200), (200, 150, 120)])  # grey steps; chroma steps (brick-like)
 @pytest.mark.parametrize("name", ["inversion", "blended", "defectdiffu"])
-def test_generated_defect_stays_in_the_real_range_inside_the_mask(tiny_dir, name):
+def test_generated_defect_stays_in_the_real_range_inside_the_mask(tiny_dir, name, colour):
     cls = get_method_class(name)
-    img = np.full((64, 64, 3), 200, np.uint8)
+    img = np.full((64, 64, 3), colour, np.uint8)
     mask = np.zeros((64, 64), bool)
     mask[20:44, 18:46] = True
     inner = np.zeros_like(mask)

@@ -122,6 +122,8 @@ def bound_eps(z: torch.Tensor, eps: torch.Tensor, alpha: float, bound: float | t
         g = x0.mean(dim=1, keepdim=True)
         c = torch.minimum(torch.maximum(x0 - g, chroma[0]), chroma[1])
         x0 = g + c - c.mean(dim=1, keepdim=True)  # re-centred: the grey level (the defect's brightness) is kept exactly
+    if ranged and (gray or chroma is not None):  # the projections move channels: the per-pixel range has the last word
+        x0 = torch.minimum(torch.maximum(x0, bound[0]), bound[1])
     return (z - a.sqrt() * x0) / (1 - a).sqrt()
 
 

@@ -26,6 +26,7 @@ anything under it is created or removed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -156,7 +157,8 @@ def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: i
     """Deterministic list of the samples to make (same inputs -> same list).
 
     A sample's id hashes the content (SHA-256) of its normal image and of its defect
-    type's real training defects (images and masks) beside the params, and, for a method
+    type's real training defects (images and masks) beside the params and the package's
+    code (:func:`package_sha256`), and, for a method
     that paints with fine-tuned models, the content of the finetune folder
     (:func:`models_sha256`), so a changed source file or a retrained model makes a new
     plan and the sample is generated again (the stage's output persists between runs).
@@ -175,12 +177,25 @@ def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: i
         for j in range(n_per_defect):
             s = derive_seed(seed, category, defect, j)
             normal = normals[s % len(normals)]
-            key = f"{method}|{params_sha256}|{category}|{defect}|{normal}|{sha[normal]}|{donors}|{s}" + (f"|{models_sha256}" if models_sha256 else "")
+            key = f"{method}|{params_sha256}|{package_sha256()}|{category}|{defect}|{normal}|{sha[normal]}|{donors}|{s}" + (f"|{models_sha256}" if models_sha256 else "")
             sid = hashlib.sha256(key.encode()).hexdigest()[:20]
             specs.append(SampleSpec(len(specs), sid, category, defect, normal, s))
     if not specs:
         raise DataError("split manifest: no defect types in the training split, nothing to generate")
     return specs
+
+
+@functools.lru_cache(maxsize=1)
+def package_sha256() -> str:
+    """The defectforge code that paints a sample: SHA-256 over every ``.py`` and ``.json``
+    file of the installed package (relative path and content, in path order). Part of every
+    sample id, so that after a code change DVC's rerun of this stage (whose output persists
+    for resume) makes the samples again instead of keeping the old code's as done."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".json") and p.is_file() and "__pycache__" not in p.parts):
+        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def models_sha256(name: str, checkpoints: str | os.PathLike | None) -> str:
