@@ -261,3 +261,18 @@ def test_grid_crop_shows_the_defect_when_its_pieces_are_far_apart():
     uri = re.search(r'src="data:image/png;base64,([^"]+)" alt="copy-paste mask"', html).group(1)
     crop = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("L"))
     assert crop.max() == 255 and (crop > 127).mean() > 0.02
+
+
+def test_card_lists_sets_whose_speckle_is_several_times_the_reals():
+    import pandas as pd
+
+    from defectforge.publish.card import limitations
+
+    df = pd.DataFrame({"qc_pass": [True, True], "qc_reasons": [[], []]})
+    sets = {"brick/hole/inversion": {"speckle_ratio": 5.57}, "brick/hole/copy-paste": {"speckle_ratio": 0.81},
+            "gravel/stain/blended": {"speckle_ratio": 2.0}, "x/y/z": {"speckle_ratio": None}}
+    out = limitations(df, {"quality": {"sets": sets}}, {"passed": True})
+    noisy = [t for t in out if t.startswith("Pixel-scale noise")]
+    assert len(noisy) == 1 and "brick/hole/inversion 5.6x" in noisy[0]
+    assert "copy-paste" not in noisy[0] and "gravel/stain/blended" not in noisy[0]  # 2.0 is not above 2x
+    assert not [t for t in limitations(df, {"quality": {"sets": {}}}, {"passed": True}) if t.startswith("Pixel-scale")]

@@ -22,7 +22,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-from defectforge.publish.report import (NOT_LEARNED, describe_comparison, detector_findings, not_learned_sentence,
+from defectforge.publish.report import (NOT_LEARNED, SPECKLE_FLAG, describe_comparison, detector_findings, not_learned_sentence,
                                         realism_by_method, realism_sentence, signed)
 
 
@@ -216,6 +216,12 @@ def limitations(df, details: dict | None, gates: dict | None) -> list[str]:
                        "flagged in `qc_pass`.")
     else:
         out.append("The per-sample quality gates were not run.")
+    sets = ((details or {}).get("quality") or {}).get("sets") or {}
+    noisy = sorted((k, v["speckle_ratio"]) for k, v in sets.items()
+                   if isinstance(v, dict) and isinstance(v.get("speckle_ratio"), (int, float)) and v["speckle_ratio"] > SPECKLE_FLAG)
+    if noisy:
+        out.append(f"Pixel-scale noise inside the masks above {SPECKLE_FLAG:g}x the real defects' (speckle; measured, gated only "
+                   "with quality.gates.speckle_ratio_max): " + ", ".join(f"{k} {r:.1f}x" for k, r in noisy) + ".")
     det = (details or {}).get("detector")
     if not det:
         out.append("No detector was trained: there is no evidence here that these samples help a detector.")
