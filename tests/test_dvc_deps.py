@@ -9,62 +9,21 @@ stage's ``deps``. Editing any of them then reruns the stage.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import yaml
 
+from defectforge import code
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
 
-def _module_file(name: str) -> Path | None:
-    base = SRC.joinpath(*name.split("."))
-    for cand in (base.with_suffix(".py"), base / "__init__.py"):
-        if cand.is_file():
-            return cand
-    return None
-
-
-# The one exception, reviewed: the top-level package's convenience accessors
-# (``defectforge.load`` / ``ManifestDataset``) import the consumer side lazily, and no
-# stage calls them (test_no_stage_module_uses_the_consumer_accessors keeps it so).
-TOP = SRC / "defectforge" / "__init__.py"
-
-
-def _imports(path: Path) -> set[str]:
-    """Every defectforge module ``path`` can import (with the parent packages of each)."""
-    tree = ast.parse(path.read_text(), str(path))
-    names: set[str] = set()
-    nodes = list(ast.walk(tree)) if path != TOP else list(ast.iter_child_nodes(tree))
-    for node in nodes:
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}  # `from pkg import submodule`
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("defectforge."):
-            names.add(node.value)
-    out = set()
-    for n in names:
-        if n == "defectforge" or n.startswith("defectforge."):
-            parts = n.split(".")
-            out |= {".".join(parts[: i + 1]) for i in range(len(parts))}
-    return {n for n in out if _module_file(n) is not None}
-
-
 def closure(entry: Path) -> set[Path]:
-    """The files of every defectforge module reachable from ``entry``."""
-    seen: set[Path] = set()
-    todo = [entry]
-    while todo:
-        f = todo.pop()
-        if f in seen:
-            continue
-        seen.add(f)
-        todo += [_module_file(n) for n in _imports(f)]
-    return {f for f in seen if SRC in f.parents}
+    """The files of every defectforge module reachable from ``entry`` (the library's own walk,
+    :func:`defectforge.code.closure`, on this checkout's src/)."""
+    return code.closure(entry, SRC)
 
 
 def _stages() -> dict[str, dict]:
@@ -100,6 +59,26 @@ def closure_names(stage: str) -> set[str]:
 
 
 def test_no_stage_module_uses_the_consumer_accessors():
-    for f in {f for st in _stages() for f in closure(ROOT / _stages()[st]["cmd"].split()[1])} - {TOP}:
+    for f in {f for st in _stages() for f in closure(ROOT / _stages()[st]["cmd"].split()[1])} - {SRC / "defectforge" / "__init__.py"}:
         text = f.read_text()
         assert "defectforge.load(" not in text and "defectforge.ManifestDataset" not in text, f
+
+
+def test_generate_code_hash_follows_its_deps_only(tmp_path):
+    """generate's sample ids hash the code of the modules it can import: an edit there changes
+    the hash (DVC reruns the stage too), an edit elsewhere (the dataset card) does not, so a
+    from-scratch `dvc repro` still matches the committed lock."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(SRC / "defectforge", src / "defectforge", ignore=shutil.ignore_patterns("__pycache__"))
+    h = code.code_sha256.__wrapped__  # uncached: the files change below
+    before = h("defectforge.pipeline.generate", src)
+    with open(src / "defectforge/publish/card.py", "a") as f:
+        f.write("# an edit outside generate's modules\n")
+    assert h("defectforge.pipeline.generate", src) == before
+    with open(src / "defectforge/methods/copy_paste.py", "a") as f:
+        f.write("# an edit of a method generate loads by name\n")
+    assert h("defectforge.pipeline.generate", src) != before
+    # and every file it hashes is one of the generate stage's deps
+    assert closure_names("generate") >= {f.relative_to(src).as_posix() for f in code.closure(code.module_file("defectforge.pipeline.generate", src), src)}

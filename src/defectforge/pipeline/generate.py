@@ -26,7 +26,6 @@ anything under it is created or removed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -185,17 +184,16 @@ def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: i
     return specs
 
 
-@functools.lru_cache(maxsize=1)
 def package_sha256() -> str:
-    """The defectforge code that paints a sample: SHA-256 over every ``.py`` and ``.json``
-    file of the installed package (relative path and content, in path order). Part of every
-    sample id, so that after a code change DVC's rerun of this stage (whose output persists
-    for resume) makes the samples again instead of keeping the old code's as done."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".json") and p.is_file() and "__pycache__" not in p.parts):
-        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
+    """The defectforge code that makes a sample: :func:`~defectforge.code.code_sha256` of this
+    module, i.e. every module it can import. Part of every sample id, so that after a code
+    change DVC's rerun of this stage (whose output persists for resume) makes the samples
+    again instead of keeping the old code's as done. Those modules are exactly the ones
+    dvc.yaml must list as generate's deps (tests/test_dvc_deps.py), so an edit elsewhere (the
+    report, say) changes no sample id and a from-scratch ``dvc repro`` matches the lock."""
+    from defectforge.code import code_sha256
+
+    return code_sha256(__name__)
 
 
 def models_sha256(name: str, checkpoints: str | os.PathLike | None) -> str:
