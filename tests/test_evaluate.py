@@ -220,7 +220,17 @@ def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, t
     assert isinstance(flat["brick/real-only"]["learned"], bool)
     curves = pd.read_csv(out / "curves.csv")
     assert set(curves.seed) == {3, 7} and {"category", "run", "epoch", "loss"} <= set(curves.columns)
-    # detector.workers = 2: the same runs on two spawned processes write the same bytes
-    run_detector(DetectorParams(epochs=1, size=32, base_channels=4, depth=2, seeds=[3, 7], workers=2), split, refined, None, tmp_path / "d2", progress=False)
+    # detector.workers = 2: the same runs on two spawned processes write the bytes of one
+    # worker. Both in fresh interpreters, as in the DVC stage: in this test process an earlier
+    # test may have fixed torch's kernels (e.g. AVX-512) before the stage's AVX2 pin
+    import subprocess
+    import sys
+
+    code = ("import sys; from defectforge.config import DetectorParams; from defectforge.pipeline.detector import run; "
+            "run(DetectorParams(epochs=1, size=32, base_channels=4, depth=2, seeds=[3, 7], workers=int(sys.argv[1])), "
+            "sys.argv[2], sys.argv[3], None, sys.argv[4], progress=False)")
+    for w in (1, 2):
+        r = subprocess.run([sys.executable, "-c", code, str(w), str(split), str(refined), str(tmp_path / f"w{w}")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
     for name in ("details.json", "metrics.json", "curves.csv"):
-        assert (tmp_path / "d2" / name).read_bytes() == (out / name).read_bytes(), name
+        assert (tmp_path / "w2" / name).read_bytes() == (tmp_path / "w1" / name).read_bytes(), name

@@ -50,6 +50,9 @@ def run(
     from defectforge.detector import prepare_items
     from defectforge.detector.compare import BASELINE, COMPARED_METRICS, compare_runs
 
+    from defectforge.pipeline.entry import pin_cpu_isa
+
+    pin_cpu_isa()  # the kernels of the DVC stage (and of the workers), when nothing has computed yet
     out_dir = Path(out_dir)
     src_root = Path(manifest_info(split)["dataset_root"])
     sp = read_manifest(split).to_pandas()
