@@ -134,7 +134,7 @@ class DiffusionMethod(GenerationMethod):
     def prepare(self, category: str, defect: str, reals) -> None:
         """Load ``category``'s fine-tuned checkpoints (one per defect type) from the finetune
         folder, and note the value range of the type's real defects (:meth:`x0_bound`)."""
-        rng = real_value_range(reals, getattr(self.config, "real_range_q", 0.005)) if reals else None
+        rng = real_value_range(reals, self.config.real_range_q) if reals else None
         if rng is not None:
             self._real_range[defect] = rng
         else:
@@ -170,7 +170,7 @@ class DiffusionMethod(GenerationMethod):
             return 0.0
         if not pixel:
             return cfg.latent_bound
-        rng = self._real_range.get(defect) if getattr(cfg, "real_range", False) else None
+        rng = self._real_range.get(defect) if cfg.real_range else None
         if rng is None:
             return 1.0
         import torch

@@ -19,6 +19,7 @@ from defectforge.data.io import atomic_write_json, read_image, read_mask
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.metrics.detection import DETECTION_KEYS
+from defectforge.pipeline.parallel import spawn_map
 
 
 def run(
@@ -89,7 +90,7 @@ def run(
         return p, train_real, runs[run], test_t, groups, seed
 
     # every (category, seed, run) is one independent training: on p.workers processes, in order
-    for (category, seed, run), (evaluated, curve) in zip(jobs, _imap(_train_and_evaluate, map(job_args, jobs), p.workers, len(jobs))):
+    for (category, seed, run), (evaluated, curve) in zip(jobs, spawn_map(_train_and_evaluate, map(job_args, jobs), p.workers, len(jobs))):
         train_real, extra = prepared[category][0], prepared[category][3][run]
         # no training time in the rows: details.json feeds the release, which must not
         # change with the machine's speed (docs/reproducibility.md); it goes to the log
@@ -140,25 +141,6 @@ def _train_and_evaluate(p: DetectorParams, train_real, extra, test_t, groups, se
         scale=p.scale, patch=p.patch, base_channels=p.base_channels, depth=p.depth, norm=p.norm, score_pool=p.score_pool,
     )
     return evaluate_groups(model, test_t, groups), curve
-
-
-def _imap(fn, args, workers: int, n: int):
-    """``fn(*a)`` for each of the ``n`` argument tuples ``args``, yielded in order as they
-    finish; on ``workers`` spawned processes when > 1. Each run is a function of its own
-    arguments and seed, so the numbers are those of one worker (tests/detector)."""
-    workers = min(workers, n)
-    if workers <= 1:
-        for a in args:
-            yield fn(*a)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from defectforge.pipeline.entry import pin_cpu_isa
-
-    pin_cpu_isa()  # inherited by the workers: the kernels of the stage's own process
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(fn, *zip(*args))
 
 
 def _load_pairs(root: Path, rows: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:

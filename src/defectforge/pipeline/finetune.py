@@ -22,6 +22,7 @@ from defectforge.data.io import atomic_dir, atomic_write_text, read_image, read_
 from defectforge.diffusion.sampling import CHECKPOINT_INDEX
 from defectforge.errors import DataError
 from defectforge.pipeline.entry import pin_cpu_isa
+from defectforge.pipeline.parallel import spawn_map
 from defectforge.pipeline.pretrain import base_model, train_rows
 
 
@@ -52,20 +53,11 @@ def _train_all(p: FinetuneParams, split, pretrain_dir, tmp: Path, progress: bool
     if not jobs:
         raise DataError(f"{split}: no defect types in the training split to fine-tune on")
     workers = min(p.workers, len(jobs))
-    if workers > 1:
-        # one process per defect type at a time (spawned: a clean torch in each). Every type's
-        # training is a function of its own data, params and seed, so the bytes are those of
-        # workers = 1 (tests/pipeline/test_reproducible.py)
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        if progress:
-            print(f"finetune: {len(jobs)} defect types on {workers} processes", flush=True)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_train_one, p, base, root, tmp, *job, progress=False, announce=progress) for job in jobs]
-            results = [f.result() for f in futures]
-    else:
-        results = [_train_one(p, base, root, tmp, *job, progress=progress, announce=progress) for job in jobs]
+    if progress and workers > 1:
+        print(f"finetune: {len(jobs)} defect types on {workers} processes", flush=True)
+    bars = progress and workers == 1  # progress bars in-process only; each worker prints one line per type
+    # one process per defect type at a time (pipeline/parallel.py): the bytes of workers = 1
+    results = list(spawn_map(_train_one, [(p, base, root, tmp, *job, bars, progress) for job in jobs], workers, len(jobs)))
     curves, index = [], {}
     for (category, defect, _, _), metrics in zip(jobs, results):
         index[f"{category}/{defect}"] = {"path": f"{category}/{defect}", "metrics": metrics}
@@ -77,7 +69,7 @@ def _train_all(p: FinetuneParams, split, pretrain_dir, tmp: Path, progress: bool
 
 
 def _train_one(p: FinetuneParams, base, root: Path, tmp: Path, category: str, defect: str, defect_paths: list, normal_paths: list,
-               *, progress: bool, announce: bool) -> dict:
+               progress: bool, announce: bool) -> dict:
     """Fine-tune one (category, defect type) into ``tmp/<category>/<defect>``; its file metrics."""
     from defectforge.diffusion import finetune
     from defectforge.diffusion.training import file_metrics
