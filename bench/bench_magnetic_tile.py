@@ -60,9 +60,11 @@ def bench_params(a):
         "data": {"layout": "magnetic-tile", "root": a.root, "defect_types": DEFECTS},
         "pretrain": {"steps": a.pretrain_steps, "lr": 6e-4},
         "finetune": {"steps": a.finetune_steps, **json.loads(a.finetune_json)},
-        "generate": {"methods": a.methods, "n_per_defect": a.n_per_defect,
+        "generate": {"methods": a.methods, "n_per_defect": a.n_per_defect, "workers": a.generate_workers,
                      "inversion": {"steps": a.ddim_steps, **json.loads(a.inversion_json)},
-                     "blended": {"steps": a.ddim_steps, **json.loads(a.blended_json)}},
+                     "blended": {"steps": a.ddim_steps, **json.loads(a.blended_json)},
+                     "defectdiffu": {"steps": a.ddim_steps, **json.loads(a.defectdiffu_json)},
+                     "anomalydiffusion": {"steps": a.ddim_steps, **json.loads(a.anomalydiffusion_json)}},
         "detector": {**BENCH_DETECTOR, "seeds": a.seeds, **json.loads(a.detector_json)},
         "release": {"name": "magnetic-tile"},
     })
@@ -81,9 +83,12 @@ def main() -> None:
     ap.add_argument("--finetune-dir", default=None, help="use these finetune checkpoints as they are")
     ap.add_argument("--inversion-json", default="{}")
     ap.add_argument("--blended-json", default="{}")
+    ap.add_argument("--defectdiffu-json", default="{}")
+    ap.add_argument("--anomalydiffusion-json", default="{}")
     ap.add_argument("--detector-json", default="{}")
     ap.add_argument("--ddim-steps", type=int, default=30)
     ap.add_argument("--n-per-defect", type=int, default=20)
+    ap.add_argument("--generate-workers", type=int, default=1, help="generate.workers (Dask processes; 1 = in-process)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--tag", default="", help="names this run's output folders under WORK (default: the finetune tag)")
     ap.add_argument("--suffix", default="", help="docs file name suffix")

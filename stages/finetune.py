@@ -11,7 +11,7 @@ from defectforge.pipeline.entry import stage
 @stage
 def main(params: str, split: str, pretrain_dir: str, out_dir: str) -> None:
     p = load_params(params)
-    finetune.run(p.finetune, split, pretrain_dir, out_dir, needed=p.generate.diffusion_methods())
+    finetune.run(p.finetune, split, pretrain_dir, out_dir, needed=p.generate.model_needs())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from defectforge.pipeline.entry import stage
 @stage
 def main(params: str, split: str, out_dir: str) -> None:
     p = load_params(params)
-    pretrain.run(p.pretrain, split, out_dir, needed=p.generate.diffusion_methods())
+    pretrain.run(p.pretrain, split, out_dir, needed=p.generate.model_needs())
 
 
 if __name__ == "__main__":

@@ -172,3 +172,41 @@ def test_changed_code_does_not_reuse_old_shards(sample_manifests, tmp_path, monk
     monkeypatch.setattr(generate_stage, "package_sha256", lambda: "0" * 64)  # as after an edit of the code
     again = set(read_manifest(run_generate(p, split, out, progress=False)).to_pandas().sample_id)
     assert not again & first
+
+
+def test_generated_target_masks_come_from_the_types_mask_model(sample_manifests, tmp_path):
+    """target_placement: generated draws each target from the type's mask model (Eq. 9), records it, and
+    the sample ids change with the mask model (a retrained one regenerates)."""
+    from defectforge.masks.generated import MASK_MODEL_DIR, fit_mask_model, load_mask_model
+    from defectforge.errors import ParamsError
+    from defectforge.manifest.io import manifest_info
+
+    _, split = sample_manifests
+    sp = read_manifest(split).to_pandas()
+    src_root = manifest_info(split)["dataset_root"]
+    ck = tmp_path / "finetune"
+    for (cat, dt), rows in sp[(sp.split == "train") & (sp.defect_type != "good")].groupby(["category", "defect_type"]):
+        masks = [read_mask(os.path.join(src_root, r.mask_path)) for r in rows.itertuples()]
+        fit_mask_model(None, masks, ck / cat / dt / MASK_MODEL_DIR, kind="diffusion", resolution=16, steps=200, batch_size=8, lr=3e-3, seed=0)
+    p = GenerateParams(methods=["copy-paste"], n_per_defect=2, seed=0, target_placement="generated")
+    with pytest.raises(ParamsError, match="target_placement"):
+        run_generate(p, split, tmp_path / "none", progress=False)
+    root = tmp_path / "gen"
+    df = read_manifest(run_generate(p, split, root, checkpoints=ck, progress=False)).to_pandas()
+    # copy-paste pastes a real shape at the generated mask's place (its centre of mass)
+    assert set(df.mask_origin) <= {"augmented-real/centred on generated/diffusion", "augmented-real/foreground (mask model drew only empty masks)"}
+    gen_rows = df[df.mask_origin == "augmented-real/centred on generated/diffusion"]
+    assert len(gen_rows) >= 1  # a 200-step model at 16 px draws some empty masks: those fall back, labelled
+    from scipy import ndimage
+
+    for r in gen_rows.itertuples():
+        model = load_mask_model(ck / r.category / r.defect_type / MASK_MODEL_DIR)
+        cy, cx = ndimage.center_of_mass(model.sample((r.height, r.width), r.seed))
+        ys, xs = np.nonzero(read_mask(root / r.raw_mask_path))
+        # the pasted shape is centred there, unless the image border pushed it in
+        assert (abs((ys.min() + ys.max()) / 2 - cy) <= 1.5 or ys.min() == 0 or ys.max() == r.height - 1), (r.sample_id, cy, ys.min(), ys.max())
+        assert (abs((xs.min() + xs.max()) / 2 - cx) <= 1.5 or xs.min() == 0 or xs.max() == r.width - 1), (r.sample_id, cx, xs.min(), xs.max())
+    fit_mask_model(None, [np.ones((8, 8), bool)], ck / df.category.iloc[0] / df.defect_type.iloc[0] / MASK_MODEL_DIR, kind="diffusion",
+                   resolution=16, steps=2, batch_size=2, seed=1)
+    again = read_manifest(run_generate(p, split, tmp_path / "gen2", checkpoints=ck, progress=False)).to_pandas()
+    assert not set(again.sample_id) & set(df.sample_id)

@@ -73,7 +73,7 @@ def pretrain(split: Path = typer.Option(..., help="split manifest"), out: Path =
     from defectforge.pipeline import pretrain as stage
 
     p = _params(params)
-    typer.echo(stage.run(p.pretrain, split, out, needed=p.generate.diffusion_methods()))
+    typer.echo(stage.run(p.pretrain, split, out, needed=p.generate.model_needs()))
 
 
 @app.command()
@@ -87,7 +87,7 @@ def finetune(
     from defectforge.pipeline import finetune as stage
 
     p = _params(params)
-    typer.echo(stage.run(p.finetune, split, base, out, needed=p.generate.diffusion_methods()))
+    typer.echo(stage.run(p.finetune, split, base, out, needed=p.generate.model_needs()))
 
 
 @app.command()

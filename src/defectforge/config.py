@@ -133,6 +133,12 @@ class FinetuneParams(_Section):
     spatial_tokens: int = Field(4, ge=1, le=64)           # n, tokens of the spatial embedding e_s = E(m)
     anomaly_steps: int = Field(200, ge=1, le=1_000_000)   # optimisation steps of Eq. 6
     anomaly_lr: float = Field(5e-3, gt=0, le=1)           # Adam learning rate of e_a and E
+    # AnomalyDiffusion mask generation (Eq. 9), per defect type, for generate.target_placement: generated
+    mask_model: Literal["none", "diffusion", "textual-inversion"] = "none"  # diffusion: a small mask UNet (tiny profile)
+    mask_model_steps: int = Field(1500, ge=1, le=1_000_000)
+    mask_model_resolution: int = Field(64, ge=8, le=1024)  # whole-image masks squashed to R x R (diffusion kind)
+    mask_tokens: int = Field(4, ge=1, le=64)              # k', tokens of the mask embedding e_m (textual-inversion kind)
+    mask_model_flip: bool = True                          # left-right / up-down flips of the few real masks
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(1, ge=1, le=64)                  # processes fine-tuning defect types side by side (same bytes as 1)
@@ -305,8 +311,9 @@ class GenerateParams(_Section):
     shard_size: int = Field(4, ge=1, le=10000)
     workers: int = Field(1, ge=1, le=256)
     scheduler: str = ""
-    # where target masks go: on the object's foreground | anywhere | drawn from where the type's real defects sit
-    target_placement: Literal["foreground", "anywhere", "prior"] = "foreground"
+    # where target masks go: on the object's foreground | anywhere | drawn from where the type's real defects sit |
+    # generated (shape and place) by the type's mask model (AnomalyDiffusion Eq. 9; finetune.mask_model)
+    target_placement: Literal["foreground", "anywhere", "prior", "generated"] = "foreground"
     copy_paste: CopyPasteConfig = CopyPasteConfig()
     cutpaste: CutPasteConfig = CutPasteConfig()
     perlin: PerlinConfig = PerlinConfig()
@@ -326,6 +333,11 @@ class GenerateParams(_Section):
     def method_config(self, method: str) -> MethodConfig:
         """The configuration of ``method`` (its section of this one)."""
         return getattr(self, method.replace("-", "_"))
+
+    def model_needs(self) -> list[str]:
+        """What the pretrain and finetune stages must build models for: the diffusion methods,
+        and the mask models when target masks are generated (empty: nothing to train)."""
+        return self.diffusion_methods() + (["mask-model"] if self.target_placement == "generated" else [])
 
     def diffusion_methods(self) -> list[str]:
         """The methods that need the pretrain and finetune stages' models."""

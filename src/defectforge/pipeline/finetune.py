@@ -3,7 +3,7 @@
 For every (category, defect type) of the training split, the DDIM-inversion paper's
 disentangled training (masked matching loss + background regulariser, Eq. 5-7;
 masked cross-attention, Eq. 10-11; the attention loss that makes Eq. 13 work) from
-the base model, into ``<out>/<category>/<defect type>/`` (safetensors), the index
+the base model (and, as asked, AnomalyDiffusion's anomaly embedding and mask model), into ``<out>/<category>/<defect type>/`` (safetensors), the index
 ``checkpoints.json`` (read by :func:`defectforge.diffusion.sampling.category_checkpoints`)
 and one training curve for DVC plots. No wall-clock values in any of them (the
 training time goes to the log): see ``docs/reproducibility.md``.
@@ -92,5 +92,14 @@ def _train_one(p: FinetuneParams, base, root: Path, tmp: Path, category: str, de
         metrics["anomaly_embedding"] = fit_anomaly_embedding(
             base, defects, defect, target / EMBEDDING_DIR, device=p.device, anomaly_tokens=p.anomaly_tokens,
             spatial_tokens=p.spatial_tokens, steps=p.anomaly_steps, lr=p.anomaly_lr, batch_size=p.batch_size, seed=p.seed,
+        )
+    if p.mask_model != "none":  # AnomalyDiffusion mask generation: Eq. 9's model of where and what shape the masks are
+        from defectforge.masks.generated import MASK_MODEL_DIR, fit_mask_model
+
+        if announce:
+            print(f"finetune {category}/{defect}: mask model ({p.mask_model}), {p.mask_model_steps} steps", flush=True)
+        metrics["mask_model"] = fit_mask_model(
+            base, [m for _, m in defects], target / MASK_MODEL_DIR, kind=p.mask_model, device=p.device, resolution=p.mask_model_resolution,
+            tokens=p.mask_tokens, steps=p.mask_model_steps, batch_size=p.batch_size, flip=p.mask_model_flip, seed=p.seed, progress=progress,
         )
     return file_metrics(metrics)

@@ -50,7 +50,7 @@ from defectforge.data.io import (
     sha256_bytes,
     sha256_file,
 )
-from defectforge.errors import DataError
+from defectforge.errors import DataError, ParamsError
 from defectforge.manifest.io import ShardedWriter, manifest_info, read_manifest
 from defectforge.manifest.validate import check_manifest
 from defectforge.masks.target import LocationPrior, sample_target_mask
@@ -90,7 +90,7 @@ def run(
             from defectforge.pipeline.fanout import run_on_dask
 
             n_shards = prepare_output(split, out_root / name, method_name=name, n_per_defect=p.n_per_defect, seed=p.seed,
-                                      shard_size=p.shard_size, params_sha256=p.method_sha256(name), models_sha256=models_sha256(name, checkpoints))
+                                      shard_size=p.shard_size, params_sha256=p.method_sha256(name), models_sha256=models_sha256(name, checkpoints, p.target_placement))
             run_on_dask(run_method, (p, name, str(split), str(out_root)), n_shards, workers=p.workers, scheduler=p.scheduler,
                         kwargs={"checkpoints": None if checkpoints is None else str(checkpoints)}, desc=f"generate[{name}]", progress=progress)
         else:
@@ -138,7 +138,7 @@ def run_method(
     return generate_shards(
         split, Path(out_root) / name, dataset_root=out_root, method=method, n_per_defect=p.n_per_defect, seed=p.seed,
         shard_size=p.shard_size, params_sha256=p.method_sha256(name), shards=shards, progress=progress, placement=p.target_placement,
-        models_sha256=models_sha256(name, checkpoints),
+        models_sha256=models_sha256(name, checkpoints, p.target_placement), mask_models=checkpoints if p.target_placement == "generated" else None,
     )
 
 
@@ -196,12 +196,13 @@ def package_sha256() -> str:
     return code_sha256(__name__)
 
 
-def models_sha256(name: str, checkpoints: str | os.PathLike | None) -> str:
+def models_sha256(name: str, checkpoints: str | os.PathLike | None, placement: str = "foreground") -> str:
     """The content of the finetune folder a method paints with ("" for the model-free
-    methods): SHA-256 over every file's relative path and SHA-256, in path order. DVC keeps
-    generate's output between runs (``persist``) so killed runs resume; without this a
-    retrained model would leave the old model's samples in place as "done"."""
-    if not METHOD_NEEDS_CHECKPOINTS.get(name) or checkpoints is None:
+    methods, unless their target masks come from its mask models): SHA-256 over every
+    file's relative path and SHA-256, in path order. DVC keeps generate's output between
+    runs (``persist``) so killed runs resume; without this a retrained model would leave
+    the old model's samples in place as "done"."""
+    if not (METHOD_NEEDS_CHECKPOINTS.get(name) or placement == "generated") or checkpoints is None:
         return ""
     root = Path(checkpoints)
     h = hashlib.sha256()
@@ -241,12 +242,16 @@ def generate_shards(
     dataset_root: str | os.PathLike | None = None,
     placement: str = "foreground",
     models_sha256: str = "",
+    mask_models: str | os.PathLike | None = None,
 ) -> Path:
     """Generate every planned sample into ``out_dir`` (images/, masks/, raw_masks/, manifest/).
 
     ``placement`` (``generate.target_placement``) places each target mask on the object's
     foreground, anywhere, or by the defect type's :class:`LocationPrior` (``prior``),
-    learned from its real training masks; the row's ``mask_origin`` records it.
+    learned from its real training masks; the row's ``mask_origin`` records it. With
+    ``generated``, the type's mask model in the finetune folder ``mask_models`` draws the
+    mask, shape and place (AnomalyDiffusion Eq. 9, :mod:`defectforge.masks.generated`);
+    a model that draws only empty masks falls back to ``foreground`` and the row says so.
 
     ``method.prepare(category, defect_type, real_train_defects)`` readies the method for
     a defect type (loads its checkpoint, or remembers the donors). ``shards`` restricts
@@ -274,6 +279,9 @@ def generate_shards(
     real_ids: dict[tuple[str, str], list[str]] = {}  # the image ids of real_defects, same order
     current: tuple[str, str] | None = None
     prior: LocationPrior | None = None
+    mask_model = None
+    if placement == "generated" and mask_models is None:
+        raise ParamsError("generate.target_placement: generated needs the finetune folder with mask models (finetune.mask_model)")
     cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
     verified: set[str] = set()
 
@@ -302,15 +310,29 @@ def generate_shards(
             if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
                 method.prepare(spec.category, spec.defect_type, real_defects[key])
                 prior = LocationPrior.fit([m for _, m in real_defects[key]], [i for i, _ in real_defects[key]]) if placement == "prior" else None
+                if placement == "generated":
+                    from defectforge.masks.generated import MASK_MODEL_DIR, load_mask_model
+
+                    mask_model = load_mask_model(Path(mask_models) / spec.category / spec.defect_type / MASK_MODEL_DIR)
                 current = key
             normal_row = by_id.loc[spec.normal_id]
             normal = read_image(checked(normal_row.image_path, normal_row.image_sha256))
             rng = np.random.default_rng(spec.seed)
-            target, donor = sample_target_mask([m for _, m in real_defects[key]], normal, rng, placement=placement, prior=prior,
-                                               **method.target_mask_options())
+            target, placed = None, placement
+            if mask_model is not None:
+                target = mask_model.sample(normal.shape[:2], spec.seed)
+                placed = f"generated/{mask_model.kind}" if target is not None else "foreground (mask model drew only empty masks)"
+            if target is None:
+                target, _ = sample_target_mask([m for _, m in real_defects[key]], normal, rng, placement=placement if placement != "generated" else "foreground",
+                                                   prior=prior, **method.target_mask_options())
             result = method.generate(normal, target, spec.defect_type, spec.seed)
             src = result.metadata.get("defect_source_index")  # a method that pastes a real defect says which
-            origin = method.mask_origin_of(result) if method.own_mask else f"augmented-real/{placement}"
+            if method.own_mask:
+                origin = method.mask_origin_of(result)
+            elif not placed.startswith("generated/"):
+                origin = f"augmented-real/{placed}"
+            else:  # a method that pastes a real shape (copy-paste) only takes the generated mask's place
+                origin = placed if np.array_equal(result.mask, target) else f"augmented-real/centred on {placed}"
             rows.append(_write_sample(out_dir, prefix, spec, normal_row, result, method, cfg_json, params_sha256,
                                       defect_source_id=real_ids[key][src] if src is not None else None, mask_origin=origin))
             bar.update(1)

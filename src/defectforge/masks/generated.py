@@ -1,0 +1,320 @@
+"""Generated target masks: AnomalyDiffusion's mask generation (Hu et al., AAAI 2024, Sec.
+"Mask Generation"; seed: ../shared/seeds/anomalydiffusion-few-shot.txt).
+
+The paper learns the distribution of a type's real anomaly masks by textual inversion
+of a mask embedding e_m (k' = 4 tokens) on the frozen latent diffusion model:
+
+    e_m* = argmin_{e_m} E_{z ~ Enc(m), eps, t} [ || eps - eps_theta(z_t, t, e_m) ||_2^2 ]     (9)
+
+with z_t = sqrt(alpha_t) z + sqrt(1 - alpha_t) eps (DDIM Eq. 1), and samples new masks
+with e_m as the condition. Two mask models, one training loop (the loss of Eq. 9):
+
+``textual-inversion``  Eq. 9 as written: only e_m learns, on the frozen base model of
+                       the profile (Stable Diffusion on the pretrained profile; the
+                       tiny pixel UNet, which has only seen defect-free surfaces, on
+                       the tiny one). The mask is drawn as a white-on-black RGB image.
+``diffusion``          the tiny profile's alternative the issue allows: a small
+                       unconditional diffusers ``UNet2DModel`` trained from scratch on
+                       the masks (one channel), the same loss with every weight
+                       learning. A frozen base that never saw a binary image cannot be
+                       steered into drawing one by four tokens; measured in
+                       docs/generated-masks.md.
+
+Masks are whole-image masks squashed to ``resolution`` x ``resolution``, so the model
+learns shape *and* position together (Fray on the edges, blowholes on the face), as the
+paper's full-frame masks do; a drawn mask is resized back to the target image's size
+and thresholded at the middle of the value range. Training masks are downsampled by
+area (a pixel's value is the share of defect it covers, mapped to [-1, 1]), which keeps
+thin cracks as faint lines instead of dropping them. Horizontal and vertical flips
+augment the few real masks (``flip``; a part whose defects sit on one side only wants
+``flip: false``).
+
+A model is written with ``save_pretrained`` conventions: ``mask_model.json`` (kind,
+resolution, base reference, training metrics) plus safetensors weights (the UNet
+folder of ``UNet2DModel.save_pretrained`` or ``mask_embedding.safetensors``), in
+``<finetune checkpoint>/mask_model/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from defectforge.diffusion.ddim import add_noise, ddim_schedule, ddim_step
+from defectforge.errors import DataError
+
+MASK_MODEL_DIR = "mask_model"  # inside a finetune checkpoint folder
+MASK_MODEL_META = "mask_model.json"
+MASK_EMBEDDING = "mask_embedding.safetensors"
+FORMAT = "defectforge-mask-model/1"
+KINDS = ("diffusion", "textual-inversion")
+
+
+# ------------------------------------------------------------------ data
+
+
+def masks_to_tensor(masks: list[np.ndarray], resolution: int) -> torch.Tensor:
+    """Whole-image bool masks -> (N, 1, R, R) in [-1, 1]: the share of defect under each pixel (area resize)."""
+    out = []
+    for i, m in enumerate(masks):
+        m = np.asarray(m).astype(bool)
+        if m.ndim != 2 or not m.any():
+            raise DataError(f"mask model: training mask {i} is empty or not 2-D ({m.shape})")
+        t = torch.from_numpy(m.astype(np.float32))[None, None]
+        out.append(F.interpolate(t, size=(resolution, resolution), mode="area")[0])
+    return torch.stack(out) * 2.0 - 1.0
+
+
+def tensor_to_mask(x: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """A drawn (1, R, R) mask image in [-1, 1] -> bool (H, W): bilinear resize, threshold at 0."""
+    y = F.interpolate(x[None].float(), size=shape, mode="bilinear", align_corners=False)[0, 0]
+    return (y > 0).cpu().numpy()
+
+
+def _flips(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each mask flipped left-right and / or up-down with probability 1/2 (exact, no interpolation)."""
+    lr = torch.rand(x.shape[0], generator=gen) < 0.5
+    ud = torch.rand(x.shape[0], generator=gen) < 0.5
+    x = torch.where(lr.view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(ud.view(-1, 1, 1, 1), x.flip(-2), x)
+
+
+# ------------------------------------------------------------------ the two mask models
+
+
+def tiny_mask_unet(resolution: int, seed: int = 0):
+    """The ``diffusion`` kind's network: a small unconditional one-channel ``UNet2DModel``."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=resolution, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+
+
+@dataclass
+class MaskModel:
+    """A trained mask model of one defect type; :meth:`sample` draws a target mask."""
+
+    kind: str
+    resolution: int
+    scheduler: object  # diffusers DDIMScheduler (its alphas_cumprod and timesteps)
+    unet: torch.nn.Module | None = None  # kind diffusion
+    comps: object | None = None  # kind textual-inversion: the frozen base's DiffusionComponents
+    e_m: torch.Tensor | None = None  # kind textual-inversion: (k', D)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.comps.device if self.comps is not None else next(self.unet.parameters()).device
+
+    # z <-> mask image: identity for the pixel mask UNet; Enc / Dec of the frozen base for Eq. 9
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "diffusion":
+            return x
+        return self.comps.encode(x.expand(-1, 3, -1, -1))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.kind == "diffusion":
+            return z
+        return self.comps.decode(z).mean(dim=1, keepdim=True)
+
+    def latent_shape(self, n: int) -> tuple[int, ...]:
+        if self.kind == "diffusion":
+            return (n, 1, self.resolution, self.resolution)
+        s = self.comps.resolution // self.comps.vae_scale_factor
+        return (n, self.comps.latent_channels, s, s)
+
+    def x0(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The ``diffusion`` kind's network output: the clean mask image x^_0(z_t, t)."""
+        return self.unet(z_t, t).sample
+
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """epsilon_theta(z_t, t, e_m) of Eq. 9; for the ``diffusion`` kind the same quantity
+        from its clean-image output, eps = (z_t - sqrt(alpha_t) x^_0) / sqrt(1 - alpha_t)."""
+        if self.kind == "diffusion":
+            a = self.scheduler.alphas_cumprod.to(z_t.device)[t].view(-1, 1, 1, 1).to(z_t.dtype)
+            return (z_t - a.sqrt() * self.x0(z_t, t)) / (1 - a).sqrt()
+        ones = torch.ones(z_t.shape[0], 1, *z_t.shape[-2:], device=z_t.device, dtype=z_t.dtype)
+        return self.comps.eps(z_t, t, self.e_m[None].expand(z_t.shape[0], -1, -1), None, ones)
+
+    @torch.no_grad()
+    def sample(self, shape: tuple[int, int], seed: int, *, steps: int = 50, tries: int = 8) -> np.ndarray | None:
+        """A bool mask of ``shape`` drawn by DDIM (``steps``) from seeded noise; None when
+        ``tries`` draws all come out empty (the caller falls back and says so)."""
+        gen = torch.Generator().manual_seed(int(seed))
+        sched = ddim_schedule(self.scheduler, steps)
+        for _ in range(tries):
+            z = torch.randn(self.latent_shape(1), generator=gen).to(self.device)
+            for st in sched:
+                eps = self.eps(z, torch.tensor([st.t], device=z.device))
+                # x0^ bounded to [-1, 1] (a mask image lies there), as DDIMScheduler's clip_sample
+                x0 = ((z - (1 - st.alpha_t) ** 0.5 * eps) / st.alpha_t ** 0.5)
+                if self.kind == "diffusion":
+                    x0 = x0.clamp(-1, 1)
+                    eps = (z - st.alpha_t ** 0.5 * x0) / (1 - st.alpha_t) ** 0.5
+                z = ddim_step(z, eps, st.alpha_t, st.alpha_prev)
+            m = tensor_to_mask(self.decode(z)[0], shape)
+            if m.any():
+                return m
+        return None
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    # DDPM's linear schedule (1e-4 .. 0.02 over 1000 steps), the usual one for a pixel-space model
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         clip_sample=False, set_alpha_to_one=False)
+
+
+def eq9_loss(model: MaskModel, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Eq. 9's objective for one batch, z_t by DDIM Eq. 1 (mean over entries).
+
+    ``textual-inversion``: || eps - eps_theta(z_t, t, e_m) ||_2^2, as written.
+    ``diffusion``: || z_0 - x^_0(z_t, t) ||_2^2, which is Eq. 9 weighted by (1 - alpha_t) / alpha_t
+    (eps - eps^ = sqrt(alpha_t / (1 - alpha_t)) (x^_0 - z_0)): a network trained from scratch
+    on a few dozen masks learns the clean image in a few hundred steps, and its eps at high
+    noise otherwise blows up into speckle (tests/masks/test_generated_masks.py measures both).
+    """
+    a = alphas[t].view(-1, 1, 1, 1).to(z0.dtype)
+    z_t = add_noise(z0, eps, a)
+    if model.kind == "diffusion":
+        return F.mse_loss(model.x0(z_t, t), z0)
+    return F.mse_loss(model.eps(z_t, t), eps)
+
+
+def train_mask_model(masks: list[np.ndarray], *, kind: str = "diffusion", comps=None, resolution: int = 64, tokens: int = 4,
+                     steps: int = 1500, lr: float | None = None, batch_size: int = 8, flip: bool = True, seed: int = 0,
+                     progress: bool = False) -> MaskModel:
+    """Fit a mask model of ``kind`` on one type's real training masks (the loss of Eq. 9).
+
+    ``textual-inversion`` needs ``comps`` (the frozen base; its UNet gets no gradient)
+    and trains e_m only; ``diffusion`` trains a :func:`tiny_mask_unet` from scratch.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"mask model kind must be one of {KINDS}, got {kind!r}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if kind == "textual-inversion":
+        if comps is None:
+            raise ValueError("a textual-inversion mask model needs the frozen base model's components")
+        resolution = comps.resolution
+        comps.unet.requires_grad_(False)
+        dim = int(comps.unet.config.cross_attention_dim)
+        e_m = torch.nn.Parameter(torch.randn(tokens, dim, generator=gen).to(comps.device) * 0.5)
+        model = MaskModel(kind, resolution, comps.scheduler, comps=comps, e_m=e_m)
+        params, lr = [e_m], lr or 5e-3
+    else:
+        model = MaskModel(kind, resolution, _scheduler(), unet=tiny_mask_unet(resolution, seed))
+        model.unet.train()
+        params, lr = list(model.unet.parameters()), lr or 1e-3
+    data = masks_to_tensor(masks, resolution).to(model.device)
+    with torch.no_grad():
+        z_all = model.encode(data) if kind == "diffusion" else None  # Enc(m) per batch below (flips change it)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    alphas = model.scheduler.alphas_cumprod.to(model.device)
+    n_train = model.scheduler.config.num_train_timesteps
+    losses = []
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(steps), desc="mask model", disable=not progress, leave=False):
+        idx = torch.randint(0, len(data), (batch_size,), generator=gen)
+        x = data[idx]
+        if flip:
+            x = _flips(x, gen)
+        with torch.no_grad():
+            z0 = x if z_all is not None else model.encode(x)
+        t = torch.randint(0, n_train, (batch_size,), generator=gen).to(model.device)
+        eps = torch.randn(z0.shape, generator=gen).to(model.device, z0.dtype)
+        loss = eq9_loss(model, z0, t, eps, alphas)  # Eq. (9)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    k = max(1, len(losses) // 10)
+    model.meta = {"format": FORMAT, "kind": kind, "resolution": resolution, "tokens": tokens if kind == "textual-inversion" else None,
+                  "flip": flip, "trained": True,
+                  "metrics": {"steps": steps, "batch_size": batch_size, "lr": lr, "n_masks": len(masks), "seed": seed,
+                              "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:]))}}
+    if model.unet is not None:
+        model.unet.eval().requires_grad_(False)
+    if model.e_m is not None:
+        model.e_m = model.e_m.detach()
+    return model
+
+
+# ------------------------------------------------------------------ disk
+
+
+def save_mask_model(model: MaskModel, folder: str | Path, *, base: str | None = None) -> Path:
+    """``mask_model.json`` + safetensors weights (UNet2DModel.save_pretrained, or e_m)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = dict(model.meta)
+    if model.kind == "diffusion":
+        model.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        meta["base"] = None
+    else:
+        save_file({"e_m": model.e_m.detach().cpu().contiguous()}, str(folder / MASK_EMBEDDING))
+        base_ref = str(base)
+        if base is not None and Path(base).is_dir():
+            base_ref = os.path.relpath(Path(base).resolve(), folder.resolve())
+        meta["base"] = base_ref
+    (folder / MASK_MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def load_mask_model(folder: str | Path, device: str | torch.device = "cpu") -> MaskModel:
+    """The model :func:`save_mask_model` wrote; safetensors only (no pickle)."""
+    folder = Path(folder)
+    meta_path = folder / MASK_MODEL_META
+    if not meta_path.is_file():
+        raise DataError(f"{folder}: no trained mask model ({MASK_MODEL_META}); run finetune with finetune.mask_model: diffusion "
+                        "(or textual-inversion)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or not meta.get("trained") or meta.get("kind") not in KINDS:
+        raise DataError(f"{meta_path}: not a trained mask model of format {FORMAT}")
+    if meta["kind"] == "diffusion":
+        from diffusers import UNet2DModel
+
+        unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True).to(device).eval().requires_grad_(False)
+        return MaskModel("diffusion", int(meta["resolution"]), _scheduler(), unet=unet, meta=meta)
+    from safetensors.torch import load_file
+
+    from defectforge.diffusion.models import load_pipeline_components
+
+    base = meta["base"]
+    base_path = str((folder / base).resolve()) if not Path(base).is_absolute() and (folder / base).exists() else base
+    comps = load_pipeline_components(base_path, device=device)
+    comps.unet.eval().requires_grad_(False)
+    e_m = load_file(str(folder / MASK_EMBEDDING))["e_m"].to(comps.device)
+    return MaskModel("textual-inversion", comps.resolution, comps.scheduler, comps=comps, e_m=e_m, meta=meta)
+
+
+def fit_mask_model(base: str | Path, masks: list[np.ndarray], out_dir: str | Path, *, kind: str, device: str = "auto", **kw) -> dict:
+    """The finetune stage's option: fit one type's mask model and save it in ``out_dir``; its metrics."""
+    from defectforge.diffusion.training import fixed_threads
+
+    comps = None
+    if kind == "textual-inversion":
+        from defectforge.diffusion.models import load_pipeline_components
+
+        comps = load_pipeline_components(base, device=device)
+        comps.unet.eval()
+    with fixed_threads():  # the same thread count as the other training loops: reproducible bytes
+        model = train_mask_model(masks, kind=kind, comps=comps, **kw)
+    save_mask_model(model, out_dir, base=str(base) if kind == "textual-inversion" else None)
+    return model.meta["metrics"]
