@@ -412,3 +412,46 @@ def test_pretrained_profile_offline_uses_the_empty_prompt_as_null(tmp_path):
     assert res.mask.any() and not (res.mask & ~mask).any()
     assert method.own_mask and method.mask_origin_of(res) == res.metadata["mask_origin"]
     assert not DefectDiffu.from_pretrained(comps, DefectDiffuConfig(mask_source="target")).own_mask
+
+
+# ------------------------------------------------------------------ Eq. 12 (zero-shot)
+def test_eq12_zero_shot_product_terms_from_the_target_defect_direction_from_the_source(comps):
+    from defectforge.diffusion.ddim import zero_shot_guidance
+    from defectforge.methods.defectdiffu import sample_double_free
+
+    source = _comps()  # another fine-tune: its own token directions
+    source.unet.P = torch.randn(source.unet.P.shape, generator=torch.Generator().manual_seed(9))
+    z0, m = _inputs(2)
+    steps, w_p, w_d = 4, 1.1, 2.2
+    got = sample_double_free(comps, z0, m, "crack", steps, w_p, w_d, torch.Generator().manual_seed(3), source=source)
+    g = torch.Generator().manual_seed(3)
+    sched = _schedule(comps.scheduler, steps)
+    z = sched[0][1] ** 0.5 * z0 + (1 - sched[0][1]) ** 0.5 * torch.randn(z0.shape, generator=g)
+    for t, a, a_prev in sched:
+        e_t_g0 = _oracle(comps, z, t, "good", "null", m)  # eps_T(x_t, t, c_g, 0)
+        e_t_gp = _oracle(comps, z, t, "good", "bg", m)  # eps_T(x_t, t, c_g, c_T)
+        e_s_g0 = _oracle(source, z, t, "good", "null", m)  # eps_S(x_t, t, c_g, 0)
+        e_s_d0 = _oracle(source, z, t, "defect", "null", m)  # eps_S(x_t, t, c_d^s, 0)
+        e = e_t_g0 + w_p * (e_t_gp - e_t_g0) + w_d * (e_s_d0 - e_s_g0)  # Eq. (12)
+        z = _ddim(z, e, a, a_prev)
+        z = m * z + (1 - m) * (a_prev**0.5 * z0 + (1 - a_prev) ** 0.5 * torch.randn(z0.shape, generator=g))
+    torch.testing.assert_close(got, z, atol=1e-5, rtol=1e-5)
+    # the source matters, and with one model for both Eq. 12 is Eq. 4
+    same = sample_double_free(comps, z0, m, "crack", steps, w_p, w_d, torch.Generator().manual_seed(3), source=comps)
+    plain = sample_double_free(comps, z0, m, "crack", steps, w_p, w_d, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    a, b, c = (torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(zero_shot_guidance(a, b, a, c, w_p, w_d), double_free(a, b, c, w_p, w_d))
+
+
+def test_zero_shot_method_paints_the_source_defect_on_the_target(comps):
+    source = _comps()
+    source.unet.P = torch.randn(source.unet.P.shape, generator=torch.Generator().manual_seed(9))
+    img, mask = _image()
+    method = _method(comps, real_range=False)
+    out = method.zero_shot(img, mask, "crack", seed=1, target=comps, source=source)
+    plain = method.generate(img, mask, "crack", seed=1)
+    assert (out.image[~mask] == img[~mask]).all()  # the target's background stays
+    assert not np.array_equal(out.image[mask], plain.image[mask])  # the defect direction is the source's
+    assert out.metadata["zero_shot"]["equation"] == 12

@@ -149,3 +149,21 @@ def double_free(eps_good_null: torch.Tensor, eps_good_product: torch.Tensor, eps
     defect strength. (:func:`guided` is the older one-weight form used by the other methods.)
     """
     return eps_good_null + w_p * (eps_good_product - eps_good_null) + w_d * (eps_defect_null - eps_good_null)
+
+
+def zero_shot_guidance(target_good_null: torch.Tensor, target_good_product: torch.Tensor, source_good_null: torch.Tensor,
+                       source_defect_null: torch.Tensor, w_p: float, w_d: float) -> torch.Tensor:
+    """DefectDiffu's zero-shot generation, Eq. (12) (Sec. 3.6): the product terms from the
+    model that knows the target product T, the defect direction from the one that learned
+    defect c_d^s on other products,
+
+        eps(x_t, t, c_d^s, c_T) = eps_T(x_t, t, c_g, 0) + w_p (eps_T(x_t, t, c_g, c_T) - eps_T(x_t, t, c_g, 0))
+                                  + w_d (eps_S(x_t, t, c_d^s, 0) - eps_S(x_t, t, c_g, 0))
+
+    The paper has one multi-product model (eps_T = eps_S, and this is Eq. 4); the finetune
+    stage here keeps one checkpoint per (category, defect type), so T's and S's terms come
+    from two fine-tunes of the same base. With the same model for both it equals
+    :func:`double_free` (tested)."""
+    return (target_good_null + w_p * (target_good_product - target_good_null)
+            + w_d * (source_defect_null - source_good_null))
+

@@ -41,9 +41,15 @@ What of the paper is not here (said in metadata as well): TDIA (DiT split into
 background / defect / fusion blocks, each with its own prompt; the UNets here are not
 split, and the masked cross-attention of the inversion method plays the role of
 spatial disentanglement: c_d / c_g tokens inside m, c_p / 0 outside), the fusion
-prompt c_f, the learned mask-generation module and its loss (Eq. 6; the mask is read
-from attention instead), and zero-shot transfer across categories (Eq. 12; the
-checkpoints are per category and defect type).
+prompt c_f, and the learned mask-generation module and its loss (Eq. 6; the mask is read
+from attention instead).
+
+Zero-shot (Sec. 3.6, Eq. 12, :meth:`DefectDiffu.zero_shot`): the paper's one
+multi-product model becomes two fine-tunes of the same base, since checkpoints here are
+per (category, defect type): the target category's model gives eps_T(c_g, 0) and
+eps_T(c_g, c_T), the source category's model the defect direction
+eps_S(c_d, 0) - eps_S(c_g, 0) (:func:`~defectforge.diffusion.ddim.zero_shot_guidance`).
+It is a library call and a benchmark (bench/zero_shot.py), not a generate-stage option.
 
 Realism options shared with the other diffusion methods (x0^ bound, grey steps, chroma
 bound, feathered blending): see :mod:`defectforge.methods.inversion`.
@@ -56,7 +62,7 @@ import torch
 
 from defectforge.config import DefectDiffuConfig
 from defectforge.diffusion.attention import AttentionStore
-from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, double_free
+from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, double_free, zero_shot_guidance
 from defectforge.diffusion.prompts import build_context
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.methods.base import DiffusionMethod, GenerationResult
@@ -64,6 +70,9 @@ from defectforge.methods.base import DiffusionMethod, GenerationResult
 # the three conditions of Eq. 4, in the order of the batched UNet call: (defect condition, product condition)
 CONDITIONS = (("good", "null"), ("good", "bg"), ("defect", "null"))
 DEFECT_ROW = 2  # eps(c_d, 0): the row whose defect-token attention gives the mask
+# zero-shot (Eq. 12): the target model's two product terms, the source model's two defect-direction terms
+ZERO_SHOT_TARGET = (("good", "null"), ("good", "bg"))
+ZERO_SHOT_SOURCE = (("good", "null"), ("defect", "null"))
 
 
 def iterative_threshold(values: np.ndarray, tol: float = 1e-4, max_iter: int = 1000) -> float:
@@ -83,9 +92,9 @@ def iterative_threshold(values: np.ndarray, tol: float = 1e-4, max_iter: int = 1
     return t
 
 
-def contexts(comps, defect: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contexts of :data:`CONDITIONS`: (3, L, D) and token kinds (3, L)."""
-    built = [build_context(comps.prompts, d, defect if d == "defect" else None, p) for d, p in CONDITIONS]
+def contexts(comps, defect: str | None, conditions=CONDITIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contexts of ``conditions`` (default :data:`CONDITIONS`): (n, L, D) and token kinds (n, L)."""
+    built = [build_context(comps.prompts, d, defect if d == "defect" else None, p) for d, p in conditions]
     return torch.cat([c for c, _ in built]).to(comps.device), torch.stack([k for _, k in built]).to(comps.device)
 
 
@@ -93,29 +102,43 @@ def contexts(comps, defect: str) -> tuple[torch.Tensor, torch.Tensor]:
 def sample_double_free(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, w_p: float, w_d: float,
                        generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.1, *,
                        bound: float | tuple = 0.0, gray: bool = False, soft: torch.Tensor | None = None,
-                       chroma: tuple | None = None) -> torch.Tensor:
+                       chroma: tuple | None = None, source=None) -> torch.Tensor:
     """Steps 2-4: DDIM with Eq. (4) inside m, the noised normal latent outside; returns z_0.
 
     Random draws from ``generator``, in order: z_T's noise, then one eps' per step for the
     background. ``soft`` replaces m in the background reset (the UNet's mask stays binary).
     ``store`` records the cross-attention of the eps(c_d, 0) row over the last
     ``attention_fraction`` of the steps (at least the last step).
+
+    ``source`` (zero-shot, Eq. 12): the components that learned ``defect`` on another
+    category; ``comps`` then only gives the target product's terms eps_T(c_g, 0) and
+    eps_T(c_g, c_T), and ``source`` the defect direction eps_S(c_d, 0) - eps_S(c_g, 0).
     """
     noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
     ms = m if soft is None else soft
-    ctx, kinds = contexts(comps, defect)
+    ctx, kinds = contexts(comps, defect) if source is None else contexts(comps, None, ZERO_SHOT_TARGET)
     n = ctx.shape[0]
+    if source is not None:
+        if source.resolution != comps.resolution or source.latent_channels != comps.latent_channels:
+            raise ValueError("zero-shot: the source and target models must be fine-tunes of the same base (resolution, latent channels)")
+        s_ctx, s_kinds = contexts(source, defect, ZERO_SHOT_SOURCE)
     if store is not None:
-        store.rows = [DEFECT_ROW]
+        store.rows = [DEFECT_ROW] if source is None else [1]
     sched = ddim_schedule(comps.scheduler, steps)
     first_captured = min(len(sched) - 1, int(round((1 - attention_fraction) * len(sched))))  # at least the last step
     z = add_noise(z0, noise, sched[0].alpha_t)
     for i, st in enumerate(sched):
         if store is not None:
             store.active = i >= first_captured
-        eps = comps.eps(z.expand(n, -1, -1, -1), st.t, ctx, kinds, m.expand(n, -1, -1, -1),
-                        cond_image=z0.expand(n, -1, -1, -1), store=store)
-        e = double_free(eps[0:1], eps[1:2], eps[2:3], w_p, w_d)  # Eq. (4)
+        if source is None:
+            eps = comps.eps(z.expand(n, -1, -1, -1), st.t, ctx, kinds, m.expand(n, -1, -1, -1),
+                            cond_image=z0.expand(n, -1, -1, -1), store=store)
+            e = double_free(eps[0:1], eps[1:2], eps[2:3], w_p, w_d)  # Eq. (4)
+        else:
+            e_t = comps.eps(z.expand(2, -1, -1, -1), st.t, ctx, kinds, m.expand(2, -1, -1, -1), cond_image=z0.expand(2, -1, -1, -1))
+            e_s = source.eps(z.expand(2, -1, -1, -1), st.t, s_ctx, s_kinds, m.expand(2, -1, -1, -1),
+                             cond_image=z0.expand(2, -1, -1, -1), store=store)
+            e = zero_shot_guidance(e_t[0:1], e_t[1:2], e_s[0:1], e_s[1:2], w_p, w_d)  # Eq. (12)
         e = bound_eps(z, e, st.alpha_t, bound, gray, chroma)
         z = ddim_step(z, e, st.alpha_t, st.alpha_prev)
         step_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
@@ -145,10 +168,19 @@ class DefectDiffu(DiffusionMethod):
 
     def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
         self._require_models()
+        return self._generate(self.models.get(defect), image, mask, defect, seed)
+
+    def zero_shot(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int, *, target, source) -> GenerationResult:
+        """Sec. 3.6: ``defect`` (learned by the components ``source`` on another category) painted on
+        ``image`` of the category the components ``target`` know, by Eq. (12). No real defect of the
+        target category is used; the x0^ range bound, when on, is the one :meth:`prepare` read for
+        ``defect`` (call it with the source category's real defects, or switch ``real_range`` off)."""
+        return self._generate(target, image, mask, defect, seed, source=source)
+
+    def _generate(self, comps, image: np.ndarray, mask: np.ndarray, defect: str, seed: int, source=None) -> GenerationResult:
         check_inputs(image, mask)
         target = mask.astype(bool)
         cfg = self.config
-        comps = self.models.get(defect)
         gen = torch.Generator().manual_seed(int(seed))
         crop = make_crop(comps, image, target, cfg.crop, cfg.context)  # 1.
         with torch.no_grad():
@@ -161,14 +193,16 @@ class DefectDiffu(DiffusionMethod):
         store = AttentionStore()
         z = sample_double_free(comps, z0, m, defect, cfg.steps, cfg.w_p, cfg.w_d, gen, store, cfg.attention_fraction,  # 2.-4.
                                bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
-                               chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None)
+                               chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None, source=source)
         with torch.no_grad():
             generated = to_uint8(comps.decode(z), gray)
         out = paste_back(image, generated, crop.box, only=target, alpha=alpha if cfg.feather > 0 else None)  # 5.
         att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()
         attention = attention_to_image(att, target, crop.box)
         extra = {"w_p": cfg.w_p, "w_d": cfg.w_d, **self.bound_metadata(defect, bound),
-                 "not_implemented": ["TDIA", "fusion prompt c_f", "mask generation module (Eq. 6)", "zero-shot (Eq. 12)"]}
+                 "not_implemented": ["TDIA", "fusion prompt c_f", "mask generation module (Eq. 6)"]}
+        if source is not None:
+            extra["zero_shot"] = {"equation": 12, "source_checkpoint": source.checkpoint_sha256(), "target_checkpoint": comps.checkpoint_sha256()}
         if cfg.mask_source == "attention":  # 6.
             out_mask, t = attention_mask(attention, target, cfg)
             extra["mask_threshold"] = t
