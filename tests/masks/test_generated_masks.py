@@ -58,6 +58,15 @@ class _FakeBase:
         return 0.3 * z + t.view(-1, 1, 1, 1).float() / 1000 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
 
 
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from defectforge.diffusion.models import save_tiny
+
+    d = tmp_path_factory.mktemp("mm") / "base"
+    save_tiny(build_tiny_components(seed=0), d)
+    return d
+
+
 def _square(n=32, top=2, left=3, h=10, w=12):
     m = np.zeros((n, n), bool)
     m[top : top + h, left : left + w] = True
@@ -154,3 +163,40 @@ def test_refuses_missing_or_empty(tmp_path):
         masks_to_tensor([_square(), np.zeros((32, 32), bool)], 16)
     with pytest.raises(ValueError, match="kind"):
         train_mask_model([_square()], kind="gan")
+
+
+def test_finetune_stage_trains_a_mask_model_per_type(sample_manifests, tiny_base, tmp_path):
+    import json
+
+    from defectforge.config import FinetuneParams
+    from defectforge.pipeline.finetune import run as run_finetune
+    from defectforge.pipeline.pretrain import BASE_POINTER
+
+    _, split = sample_manifests
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (pre / BASE_POINTER).write_text(json.dumps({"profile": "tiny", "base": str(tiny_base)}))
+    out = run_finetune(FinetuneParams(steps=1, batch_size=2, mask_model="diffusion", mask_model_steps=3, mask_model_resolution=16, device="cpu"),
+                       split, pre, tmp_path / "ft", progress=False)
+    index = json.loads((out / "checkpoints.json").read_text())
+    assert index
+    for key, entry in index.items():
+        model = load_mask_model(out / entry["path"] / MASK_MODEL_DIR)
+        assert model.kind == "diffusion" and model.resolution == 16 and entry["metrics"]["mask_model"]["steps"] == 3
+    without = run_finetune(FinetuneParams(steps=1, batch_size=2, device="cpu"), split, pre, tmp_path / "ft2", progress=False)
+    assert not list(without.rglob("mask_model.json"))
+
+
+def test_textual_inversion_on_the_pretrained_profile_offline(tmp_path):
+    """Eq. 9 on a Stable-Diffusion-layout model: masks through the VAE, e_m in the UNet's context space."""
+    from defectforge.diffusion.models import build_tiny_latent_model
+    from defectforge.masks.generated import fit_mask_model
+
+    base = build_tiny_latent_model(tmp_path / "sd")
+    metrics = fit_mask_model(base, [_square(64, 5, 5, 20, 20), _square(64, 30, 20, 10, 30)], tmp_path / "mm", kind="textual-inversion",
+                             device="cpu", tokens=4, steps=2, batch_size=2)
+    assert metrics["steps"] == 2
+    model = load_mask_model(tmp_path / "mm")
+    assert model.comps.profile == "pretrained" and model.latent_shape(1)[1] == model.comps.latent_channels
+    z = model.sample((40, 50), seed=0, steps=2, tries=1)
+    assert z is None or z.shape == (40, 50)

@@ -218,8 +218,6 @@ def train_mask_model(masks: list[np.ndarray], *, kind: str = "diffusion", comps=
         model.unet.train()
         params, lr = list(model.unet.parameters()), lr or 1e-3
     data = masks_to_tensor(masks, resolution).to(model.device)
-    with torch.no_grad():
-        z_all = model.encode(data) if kind == "diffusion" else None  # Enc(m) per batch below (flips change it)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     alphas = model.scheduler.alphas_cumprod.to(model.device)
@@ -233,7 +231,7 @@ def train_mask_model(masks: list[np.ndarray], *, kind: str = "diffusion", comps=
         if flip:
             x = _flips(x, gen)
         with torch.no_grad():
-            z0 = x if z_all is not None else model.encode(x)
+            z0 = model.encode(x)  # z ~ Enc(m) of Eq. 9 (the mask image itself for the diffusion kind)
         t = torch.randint(0, n_train, (batch_size,), generator=gen).to(model.device)
         eps = torch.randn(z0.shape, generator=gen).to(model.device, z0.dtype)
         loss = eq9_loss(model, z0, t, eps, alphas)  # Eq. (9)
