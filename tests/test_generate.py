@@ -191,6 +191,9 @@ def test_generated_target_masks_come_from_the_types_mask_model(sample_manifests,
     p = GenerateParams(methods=["copy-paste"], n_per_defect=2, seed=0, target_placement="generated")
     with pytest.raises(ParamsError, match="target_placement"):
         run_generate(p, split, tmp_path / "none", progress=False)
+    with pytest.raises(DataError, match="no trained mask model"):  # a type without one: refused before writing
+        run_generate(p, split, tmp_path / "none", checkpoints=tmp_path / "empty", progress=False)
+    assert not (tmp_path / "none").exists()
     root = tmp_path / "gen"
     df = read_manifest(run_generate(p, split, root, checkpoints=ck, progress=False)).to_pandas()
     # copy-paste pastes a real shape at the generated mask's place (its centre of mass)

@@ -332,13 +332,27 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def base_reference(base: str | os.PathLike, folder: str | os.PathLike) -> str:
+    """How a trained folder records the base model it was trained on: a local base
+    directory relative to ``folder`` (so the pair can move together), anything else
+    (a hub id) as given. :func:`resolve_base_reference` reads it back."""
+    if Path(base).is_dir():
+        return os.path.relpath(Path(base).resolve(), Path(folder).resolve())
+    return str(base)
+
+
+def resolve_base_reference(ref: str, folder: str | os.PathLike) -> str | Path:
+    """The base model a folder recorded with :func:`base_reference`: the directory when it
+    exists (relative to ``folder``, or absolute), else the reference itself (a hub id)."""
+    path = Path(ref) if Path(ref).is_absolute() else Path(folder) / ref
+    return path if path.is_dir() else ref
+
+
 def _load_finetune(path: Path, device: torch.device, dtype: torch.dtype) -> DiffusionComponents:
     from diffusers import UNet2DConditionModel
 
     meta = json.loads((path / FINETUNE_FILE).read_text())
-    base = meta["base"]
-    base_path = (path / base) if not Path(base).is_absolute() else Path(base)
-    comps = load_pipeline_components(base_path if base_path.is_dir() else base, device, dtype)
+    comps = load_pipeline_components(resolve_base_reference(meta["base"], path), device, dtype)
     files = list(comps.files)
     if meta["mode"] == "unet":
         unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, torch_dtype=dtype)

@@ -63,6 +63,7 @@ from defectforge.diffusion.prompts import build_context
 from defectforge.diffusion.models import (
     FINETUNE_FILE,
     DiffusionComponents,
+    base_reference,
     build_tiny_components,
     load_pipeline_components,
     resolve_device,
@@ -528,9 +529,7 @@ def finetune(
         )
     if comps.profile == "tiny":
         comps.prompts.save(out / "prompt_encoder")
-    base_ref = str(base)
-    if Path(base).is_dir():
-        base_ref = os.path.relpath(Path(base).resolve(), out.resolve())
+    base_ref = base_reference(base, out)
     metrics = _metrics(
         rows, seconds, steps, batch_size, sum(p.numel() for p in params),
         {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile, **step_kw, **extra},

@@ -38,7 +38,6 @@ folder of ``UNet2DModel.save_pretrained`` or ``mask_embedding.safetensors``), in
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +46,7 @@ import torch
 from torch.nn import functional as F
 
 from defectforge.diffusion.ddim import add_noise, ddim_schedule, ddim_step
+from defectforge.diffusion.models import base_reference, resolve_base_reference
 from defectforge.errors import DataError
 
 MASK_MODEL_DIR = "mask_model"  # inside a finetune checkpoint folder
@@ -267,10 +267,7 @@ def save_mask_model(model: MaskModel, folder: str | Path, *, base: str | None = 
         meta["base"] = None
     else:
         save_file({"e_m": model.e_m.detach().cpu().contiguous()}, str(folder / MASK_EMBEDDING))
-        base_ref = str(base)
-        if base is not None and Path(base).is_dir():
-            base_ref = os.path.relpath(Path(base).resolve(), folder.resolve())
-        meta["base"] = base_ref
+        meta["base"] = base_reference(base, folder)
     (folder / MASK_MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return folder
 
@@ -294,9 +291,7 @@ def load_mask_model(folder: str | Path, device: str | torch.device = "cpu") -> M
 
     from defectforge.diffusion.models import load_pipeline_components
 
-    base = meta["base"]
-    base_path = str((folder / base).resolve()) if not Path(base).is_absolute() and (folder / base).exists() else base
-    comps = load_pipeline_components(base_path, device=device)
+    comps = load_pipeline_components(resolve_base_reference(meta["base"], folder), device=device)
     comps.unet.eval().requires_grad_(False)
     e_m = load_file(str(folder / MASK_EMBEDDING))["e_m"].to(comps.device)
     return MaskModel("textual-inversion", comps.resolution, comps.scheduler, comps=comps, e_m=e_m, meta=meta)

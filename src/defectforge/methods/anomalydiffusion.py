@@ -62,6 +62,7 @@ from torch.nn import functional as F
 from defectforge.config import AnomalyDiffusionConfig
 from defectforge.diffusion.attention import AttentionReweight, adaptive_weight_map
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, predict_x0
+from defectforge.diffusion.models import base_reference, resolve_base_reference
 from defectforge.diffusion.sampling import check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.errors import DataError, ParamsError
 from defectforge.methods.base import DiffusionMethod, GenerationResult
@@ -189,10 +190,7 @@ def save_anomaly_embedding(folder: str | Path, e_a: torch.Tensor, encoder: Spati
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"e_a": e_a.detach().cpu().contiguous(), **{f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}}
     save_file(tensors, str(folder / EMBEDDING_WEIGHTS))
-    base_ref = str(base)
-    if Path(base).is_dir():
-        base_ref = os.path.relpath(Path(base).resolve(), folder.resolve())
-    meta = {"format": FORMAT, "base": base_ref, "defect_type": defect_type, "encoder": encoder.config(), "trained": True, "metrics": metrics}
+    meta = {"format": FORMAT, "base": base_reference(base, folder), "defect_type": defect_type, "encoder": encoder.config(), "trained": True, "metrics": metrics}
     (folder / EMBEDDING_META).write_text(json.dumps(meta, indent=2))
     return folder
 
@@ -225,9 +223,7 @@ def load_anomaly_embedding(folder: str | Path, device) -> tuple[torch.Tensor, Sp
     state = load_file(str(weights))
     encoder = SpatialEncoder(**meta["encoder"])
     encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
-    base = meta["base"]
-    base_path = base if Path(base).is_absolute() else str((folder / base).resolve()) if (folder / base).exists() else base
-    return state["e_a"].to(device), encoder.to(device).eval().requires_grad_(False), meta, base_path
+    return state["e_a"].to(device), encoder.to(device).eval().requires_grad_(False), meta, resolve_base_reference(meta["base"], folder)
 
 
 # ------------------------------------------------------------------ sampling

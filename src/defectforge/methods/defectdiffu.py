@@ -73,6 +73,7 @@ DEFECT_ROW = 2  # eps(c_d, 0): the row whose defect-token attention gives the ma
 # zero-shot (Eq. 12): the target model's two product terms, the source model's two defect-direction terms
 ZERO_SHOT_TARGET = (("good", "null"), ("good", "bg"))
 ZERO_SHOT_SOURCE = (("good", "null"), ("defect", "null"))
+ZERO_SHOT_DEFECT_ROW = 1  # eps_S(c_d, 0) in the source call: its defect-token attention gives the mask
 
 
 def iterative_threshold(values: np.ndarray, tol: float = 1e-4, max_iter: int = 1000) -> float:
@@ -123,7 +124,7 @@ def sample_double_free(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, st
             raise ValueError("zero-shot: the source and target models must be fine-tunes of the same base (resolution, latent channels)")
         s_ctx, s_kinds = contexts(source, defect, ZERO_SHOT_SOURCE)
     if store is not None:
-        store.rows = [DEFECT_ROW] if source is None else [1]
+        store.rows = [DEFECT_ROW] if source is None else [ZERO_SHOT_DEFECT_ROW]
     sched = ddim_schedule(comps.scheduler, steps)
     first_captured = min(len(sched) - 1, int(round((1 - attention_fraction) * len(sched))))  # at least the last step
     z = add_noise(z0, noise, sched[0].alpha_t)

@@ -78,6 +78,8 @@ def run(
     src_root = read_split_info(split)["dataset_root"]
     _claim_root(out_root, inputs=(src_root,))
     split_df = read_manifest(split).to_pandas()
+    if p.target_placement == "generated":  # every type's mask model, before anything is written
+        _check_mask_models(split_df, checkpoints)
     for name in p.methods:  # a bad split fails here, before anything is written
         plan_samples(split_df, method=name, n_per_defect=p.n_per_defect, seed=p.seed, params_sha256=p.method_sha256(name))
         claim_dir(out_root / name, f"generate method folder of {name}", markers=(PLAN_FILE,))
@@ -97,6 +99,20 @@ def run(
             run_method(p, name, split, out_root, checkpoints=checkpoints, progress=progress)
     check_manifest(out_root)
     return out_root
+
+
+def _check_mask_models(split: pd.DataFrame, checkpoints: str | os.PathLike | None) -> None:
+    """``target_placement: generated`` needs a trained mask model for every defect type of the split."""
+    from defectforge.masks.generated import MASK_MODEL_DIR, MASK_MODEL_META
+
+    if checkpoints is None:
+        raise ParamsError("generate.target_placement: generated needs the finetune folder with mask models (finetune.mask_model)")
+    train = split[(split["split"] == "train") & (split["defect_type"] != "good")]
+    for category, defect in sorted(set(zip(train["category"], train["defect_type"]))):
+        folder = Path(checkpoints) / category / defect / MASK_MODEL_DIR
+        if not (folder / MASK_MODEL_META).is_file():
+            raise DataError(f"{folder}: no trained mask model for generate.target_placement: generated; "
+                            "run finetune with finetune.mask_model: diffusion (or textual-inversion)")
 
 
 def _claim_root(out_root: Path, inputs: tuple = ()) -> Path:
@@ -280,8 +296,8 @@ def generate_shards(
     current: tuple[str, str] | None = None
     prior: LocationPrior | None = None
     mask_model = None
-    if placement == "generated" and mask_models is None:
-        raise ParamsError("generate.target_placement: generated needs the finetune folder with mask models (finetune.mask_model)")
+    if placement == "generated":
+        _check_mask_models(split, mask_models)
     cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
     verified: set[str] = set()
 
