@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _HOME = tempfile.mkdtemp(prefix="defectforge-test-home-")
+atexit.register(shutil.rmtree, _HOME, True)  # the Prefect home made here, and nothing else
 for k, v in {
     "DVC_NO_ANALYTICS": "1",
     "DO_NOT_TRACK": "1",

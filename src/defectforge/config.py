@@ -127,6 +127,9 @@ class FinetuneParams(_Section):
     cond_dropout_defect: float = Field(0.0, ge=0, lt=1)   # p_2 (paper: 0.2)
     aal: bool = False                                     # DefectDiffu's adaptive attention-enhanced loss (Eq. 7-10)
     aal_alpha: float = Field(1e-3, gt=0, le=1)            # alpha of Eq. 8 (paper: 0.001)
+    tdia: bool = False                                    # DefectDiffu's TDIA: background / defect / fusion parts, each its own prompt
+    mask_module: float = Field(0.0, ge=0, le=100)         # lambda of Eq. 11: > 0 trains DefectDiffu's mask generation module (Eq. 6)
+    mask_module_lr: float = Field(1e-3, gt=0, le=1)       # its learning rate (it starts from scratch)
     # AnomalyDiffusion masked textual inversion (Eq. 5-6) on the frozen base: anomaly tokens e_a + spatial encoder E
     anomaly_embedding: bool = False                       # also train e_a and E per defect type (method anomalydiffusion)
     anomaly_tokens: int = Field(4, ge=1, le=64)           # k, tokens of the anomaly embedding e_a
@@ -281,7 +284,8 @@ class DefectDiffuConfig(_DiffusionConfig):
     w_p: float = Field(1.0, ge=0, le=20)                    # Eq. 4: product (background) perturbation scale
     w_d: float = Field(2.0, ge=0, le=20)                    # Eq. 4: defect perturbation scale (defect strength)
     attention_fraction: float = Field(0.1, gt=0, le=1)      # last share of steps averaged for the mask (paper: last 100 of 1000)
-    mask_source: Literal["attention", "target"] = "attention"  # result.mask: binarised attention (paper) | the target mask
+    mask_source: Literal["attention", "module", "target"] = "attention"  # result.mask: binarised attention share | the mask
+                                                            # generation module's M_pre (paper, Eq. 6; finetune.mask_module > 0) | the target
     threshold: Literal["iterative", "fixed"] = "iterative"  # iterative (Ridler-Calvard) threshold, or threshold_value
     threshold_value: float = Field(0.5, ge=0, le=1)         # the fixed threshold (threshold: fixed)
     threshold_tol: float = Field(1e-4, gt=0, le=0.1)        # convergence of the iterative threshold

@@ -44,6 +44,25 @@ prediction instead of a learned decoder):
 a class-balanced binary cross-entropy between the share s and m', balanced because a
 2-3 % mask would otherwise be outvoted by the background (DefectDiffu's adaptive ratio,
 Eq. 8-9, addresses the same imbalance).
+
+TDIA (DefectDiffu's text-guided disentangled integrated architecture, Sec. 3.2 of
+../shared/seeds/defectdiffu-consistency-modeling.txt). The paper splits a DiT's stack of
+blocks into a background, a defect and a fusion part, each fed its own prompt: c_p, c_d
+and the fusion prompt c_f ("A photo of {defect name} {product name}"). Here the same
+split is made on the UNet's cross-attention layers: :func:`tdia_parts` takes them in the
+order the forward pass runs them (down, mid, up) and cuts that sequence into three
+consecutive parts of (nearly) equal length, background first, then defect, then fusion.
+The context is ``[c_d, c_p, c_f]`` with token kinds 1 / 0 / 2 (:data:`TOKEN_KIND`,
+:func:`defectforge.diffusion.prompts.build_context` with ``fusion=True``), and a layer
+of part P attends only to the tokens of its own prompt:
+
+    Attn_P(z, C) = Softmax(Q K_P^T / tau) V_P,      K_P, V_P: the tokens of P's prompt
+
+There is no spatial routing under TDIA (no m' in the attention): the UNet still sees m
+through its inpainting channels. The mask generation module (Eq. 6,
+:mod:`defectforge.diffusion.mask_module`) reads the defect part's per-token maps, which
+a :class:`TokenMapStore` collects (all cross-attention layers' inside-token columns of
+the joint softmax when TDIA is off).
 """
 
 from __future__ import annotations
@@ -55,6 +74,104 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+
+
+# token kinds of a TDIA context [c_d, c_p, c_f]: which prompt each token belongs to
+TOKEN_KIND = {"defect": 1, "background": 0, "fusion": 2}
+TDIA_PARTS = ("background", "defect", "fusion")
+
+
+def cross_attention_order(unet) -> list[str]:
+    """The UNet's cross-attention processors (``attn2``) in the order its forward pass runs them."""
+    group = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+    def key(name: str):
+        parts = name.split(".")
+        return (group.get(parts[0], 3), *[int(p) for p in parts if p.isdigit()])
+
+    return sorted((n for n in unet.attn_processors if ".attn2." in f".{n}"), key=key)
+
+
+def tdia_parts(unet) -> dict[str, str]:
+    """TDIA's split: the cross-attention layers in forward order, cut into three consecutive
+    parts (background, defect, fusion) of sizes differing by at most one (the last the largest)."""
+    names = cross_attention_order(unet)
+    n = len(names)
+    if n < 3:
+        raise ValueError(f"TDIA needs at least 3 cross-attention layers, this UNet has {n}")
+    sizes = [n // 3, n // 3, n - 2 * (n // 3)]
+    out, i = {}, 0
+    for part, size in zip(TDIA_PARTS, sizes):
+        for name in names[i:i + size]:
+            out[name] = part
+        i += size
+    return out
+
+
+class TokenMapStore:
+    """Per-token cross-attention maps for the mask generation module (DefectDiffu Eq. 6).
+
+    The processor calls :meth:`add_token_maps` on the layers the module reads: the defect
+    part's under TDIA (softmax over c_d's tokens), every cross-attention layer otherwise
+    (the inside tokens' columns of the joint softmax). ``rows``: the batch rows kept;
+    ``with_grad``: keep the autograd graph (training). Maps are kept per step, in layer
+    order: ``steps[k][name] = (R, L_in, h, w)``; :meth:`next_step` opens a new step.
+    """
+
+    collect_tokens = True
+
+    def __init__(self, rows: list[int] | None = None, with_grad: bool = False):
+        self.rows = rows
+        self.with_grad_maps = with_grad
+        self.active = True
+        self.steps: list[dict[str, torch.Tensor]] = [{}]
+
+    def next_step(self) -> None:
+        if self.steps[-1]:
+            self.steps.append({})
+
+    def add_token_maps(self, name: str, maps: torch.Tensor, h: int, w: int) -> None:
+        """``maps``: (B, N, L_in) attention probabilities (mean over heads) of one layer."""
+        if not self.active:
+            return
+        if self.rows is not None:
+            maps = maps[self.rows]
+        maps = maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], h, w)
+        self.steps[-1][name] = maps if self.with_grad_maps else maps.detach().float().cpu()
+
+    def captured(self) -> list[dict[str, torch.Tensor]]:
+        return [s for s in self.steps if s]
+
+
+class StoreGroup:
+    """Several stores behind one ``attention_store`` keyword (e.g. the attention-loss collector
+    and the mask module's token maps in one training step): each call goes to the members
+    that take it."""
+
+    def __init__(self, *stores):
+        self.stores = [s for s in stores if s is not None]
+        self.collect_tokens = any(getattr(s, "collect_tokens", False) for s in self.stores)
+        self.with_grad = any(getattr(s, "with_grad", False) for s in self.stores)
+        if any(hasattr(s, "add") for s in self.stores):
+            self.add = self._add
+
+    def _forward(self, method: str, *args) -> None:
+        for s in self.stores:
+            if hasattr(s, method):
+                getattr(s, method)(*args)
+
+    def _add(self, *args) -> None:
+        self._forward("add", *args)
+
+    def add_share(self, *args) -> None:
+        self._forward("add_share", *args)
+
+    def add_token_maps(self, *args) -> None:
+        self._forward("add_token_maps", *args)
+
+    def set_active(self, on: bool) -> None:
+        for s in self.stores:
+            s.active = on
 
 
 class AttentionStore:
@@ -207,8 +324,10 @@ class MaskedCrossAttnProcessor:
     or None: AnomalyDiffusion's m'_c = m_c * w_m, Eq. 7-8).
     """
 
-    def __init__(self, name: str = ""):
+    def __init__(self, name: str = "", part: str | None = None, mask_layer: bool = True):
         self.name = name
+        self.part = part  # TDIA part of a cross-attention layer (None: Eq. 10-11 routing)
+        self.mask_layer = mask_layer  # the mask generation module reads this layer's token maps
 
     def __call__(
         self,
@@ -248,7 +367,12 @@ class MaskedCrossAttnProcessor:
         if attn.norm_k is not None:
             k = attn.norm_k(k)
 
-        if is_cross and reweight is not None:
+        token_store = attention_store if getattr(attention_store, "collect_tokens", False) else None
+        if is_cross and self.part is not None and token_kinds is not None:
+            if reweight is not None:
+                raise ValueError("attention re-weighting (AnomalyDiffusion) is not defined for a TDIA model")
+            out = self._tdia(attn, q, k, v, batch, token_kinds, token_store, region_mask)
+        elif is_cross and reweight is not None:
             out = self._reweighted(attn, q, k, v, batch, region_mask, token_kinds, reweight, attention_mask)
         elif not is_cross or region_mask is None or token_kinds is None:
             mask = None
@@ -270,18 +394,20 @@ class MaskedCrossAttnProcessor:
             m_bg = torch.softmax(scores.masked_fill(inside, neg), dim=-1)  # M_bg
             # Eq. 10 / 11: m' (M_in V_in) + (1 - m') (M_bg V_bg)
             out = m * (m_in @ v) + (1.0 - m) * (m_bg @ v)
+            if token_store is not None and self.mask_layer:  # Eq. 6 module input: inside-token columns of the joint softmax
+                h, w = _grid(region_mask, n_query)
+                joint = torch.softmax(scores, dim=-1).mean(1)  # (B, N, L)
+                token_store.add_token_maps(self.name, joint[:, :, inside[0, 0, 0]], h, w)
             if getattr(attention_store, "with_grad", False):
                 # training: the joint share with its gradient, for the attention loss
                 share = (torch.softmax(scores, dim=-1) * inside).sum(-1).mean(1)  # (B, N)
                 attention_store.add_share(self.name, share, m[:, 0, :, 0])
-            elif attention_store is not None:
+            elif hasattr(attention_store, "add"):
                 with torch.no_grad():
                     joint = torch.softmax(scores, dim=-1)
                     share = (joint * inside).sum(-1).mean(1)  # inside-token share of the joint softmax
                     used = (m * m_in * inside).sum(-1).mean(1)  # weights Eq. 10 actually puts on them
-                    h0, w0 = region_mask.shape[-2:]
-                    s = math.sqrt(h0 * w0 / n_query)
-                    h, w = round(h0 / s), round(w0 / s)
+                    h, w = _grid(region_mask, n_query)
                     attention_store.add(self.name, share.view(batch, h, w), used.view(batch, h, w))
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
@@ -293,6 +419,24 @@ class MaskedCrossAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
+
+    def _tdia(self, attn, q, k, v, batch, token_kinds, token_store, region_mask):
+        """TDIA: this layer attends only to its part's prompt (see module docstring)."""
+        kinds = token_kinds.to(q.device).long()
+        if kinds.ndim == 1:
+            kinds = kinds[None].expand(batch, -1)
+        own = kinds == TOKEN_KIND[self.part]  # (B, L)
+        if not bool(own.any(dim=1).all()):
+            raise ValueError(f"TDIA layer {self.name} ({self.part} part): the context has no {self.part} tokens "
+                             "(build it with build_context(..., fusion=True))")
+        scores = (q @ k.transpose(-1, -2)) * attn.scale  # (B, h, N, L)
+        p = torch.softmax(scores.masked_fill(~own[:, None, None, :], torch.finfo(scores.dtype).min), dim=-1)
+        if token_store is not None and self.part == "defect":
+            n_query = q.shape[2]
+            side = math.isqrt(n_query)
+            h, w = _grid(region_mask, n_query) if region_mask is not None else (side, n_query // side)
+            token_store.add_token_maps(self.name, p.mean(1)[:, :, own[0]], h, w)
+        return p @ v
 
     @staticmethod
     def _reweighted(attn, q, k, v, batch, region_mask, token_kinds, reweight: AttentionReweight, attention_mask):
@@ -321,10 +465,24 @@ class MaskedCrossAttnProcessor:
         return (m_c * w) @ v  # m'_c V
 
 
-def install_masked_attention(unet) -> None:
-    """Put a :class:`MaskedCrossAttnProcessor` on every attention layer of ``unet``.
+def _grid(region_mask: torch.Tensor, n_query: int) -> tuple[int, int]:
+    """The (h, w) query grid of a layer with ``n_query`` queries for a mask or latent of this aspect."""
+    h0, w0 = region_mask.shape[-2:]
+    s = math.sqrt(h0 * w0 / n_query)
+    return round(h0 / s), round(w0 / s)
+
+
+def install_masked_attention(unet, tdia: bool = False) -> None:
+    """Put a :class:`MaskedCrossAttnProcessor` on every attention layer of ``unet``; with
+    ``tdia`` its cross-attention layers get their TDIA part (:func:`tdia_parts`).
 
     Undo with ``unet.set_attn_processor(AttnProcessor2_0())`` (``set_default_attn_processor``
     raises once custom processors are set).
     """
-    unet.set_attn_processor({name: MaskedCrossAttnProcessor(name) for name in unet.attn_processors})
+    parts = tdia_parts(unet) if tdia else {}
+    unet.set_attn_processor({name: MaskedCrossAttnProcessor(name, parts.get(name)) for name in unet.attn_processors})
+
+
+def uses_tdia(unet) -> bool:
+    """Whether ``unet``'s processors route cross-attention by TDIA part."""
+    return any(getattr(p, "part", None) is not None for p in unet.attn_processors.values())

@@ -61,6 +61,8 @@ class DiffusionComponents:
     source: str = ""
     files: list[Path] = field(default_factory=list)  # weight files, for checkpoint_sha256
     defect_type: str | None = None  # set for finetune directories
+    tdia: bool = False  # DefectDiffu's TDIA routing (finetune.tdia): contexts carry the fusion prompt
+    mask_module: torch.nn.Module | None = None  # DefectDiffu's mask generation module (Eq. 6), when trained
 
     # ---- geometry ----
     @property
@@ -103,9 +105,24 @@ class DiffusionComponents:
         return (torch.nn.functional.max_pool2d(mask.float(), kernel_size=s, stride=s) > 0).float()
 
     # ---- prompts and UNet ----
-    def context(self, inside: str, defect: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx, kinds = build_context(self.prompts, inside, defect)
+    def context(self, inside: str, defect: str | None = None, outside: str = "bg") -> tuple[torch.Tensor, torch.Tensor]:
+        ctx, kinds = build_context(self.prompts, inside, defect, outside, fusion=self.tdia)
         return ctx.to(self.device), kinds.to(self.device)
+
+    def set_tdia(self, on: bool) -> None:
+        """Route cross-attention by TDIA part (:func:`~defectforge.diffusion.attention.tdia_parts`) or not."""
+        self.tdia = bool(on)
+        install_masked_attention(self.unet, tdia=self.tdia)
+
+    def mask_module_layers(self) -> list[str]:
+        """The cross-attention layers whose token maps the mask module reads, in forward order:
+        TDIA's defect part, or every cross-attention layer without TDIA."""
+        from defectforge.diffusion.attention import cross_attention_order, tdia_parts
+
+        if self.tdia:
+            parts = tdia_parts(self.unet)
+            return [n for n in cross_attention_order(self.unet) if parts[n] == "defect"]
+        return cross_attention_order(self.unet)
 
     def eps(
         self,
@@ -367,7 +384,12 @@ def _load_finetune(path: Path, device: torch.device, dtype: torch.dtype) -> Diff
         comps.prompts = TokenPromptEncoder.load(path / "prompt_encoder").to(device)
         files = [f for f in files if Path(f).name != "token_embeddings.safetensors"]
         files.append(path / "prompt_encoder" / "token_embeddings.safetensors")
-    install_masked_attention(comps.unet)
+    comps.set_tdia(bool(meta.get("tdia", False)))
+    if meta.get("mask_module"):
+        from defectforge.diffusion.mask_module import MASK_MODULE_DIR, MaskGenerationModule
+
+        comps.mask_module = MaskGenerationModule.from_pretrained(path / MASK_MODULE_DIR, device)
+        files += sorted((path / MASK_MODULE_DIR).glob("*.safetensors"))
     comps.source = str(path)
     comps.files = files
     comps.defect_type = meta.get("defect_type")

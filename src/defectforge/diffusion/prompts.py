@@ -20,6 +20,12 @@ the null condition 0 that Algorithm 1 drops c_p to is ``"null"``: learned tokens
 tiny profile (created by :meth:`TokenPromptEncoder.add_null`, trained by finetune's
 condition dropout), the empty prompt on the pretrained one (classifier-free guidance's
 null). ``build_context(..., outside="null")`` gives [C_inside, 0].
+
+TDIA's fusion prompt c_f ("A photo of {defect name} {product name}", Sec. 3.2): with
+``fusion=True`` :func:`build_context` appends it as a third group, ``[c_d, c_p, c_f]``,
+token kinds 1 / 0 / 2. The text encoder encodes the two prompts as one sentence
+(:meth:`TextPromptEncoder.fuse`); the tiny token encoder has no words to join, so its
+c_f is the two token groups side by side, attended under one softmax by the fusion layers.
 """
 
 from __future__ import annotations
@@ -152,7 +158,18 @@ class TextPromptEncoder:
         return self.text_encoder.config.hidden_size
 
     def embed(self, concept: str, defect: str | None = None) -> torch.Tensor:
-        prompt = self.templates[concept].format(defect=(defect or "").replace("_", " "))
+        return self._encode(self.templates[concept].format(defect=(defect or "").replace("_", " ")))
+
+    def fusion_text(self, inside: str, defect: str | None, outside: str) -> str:
+        """c_f as one sentence: the inside (defect) prompt followed by the product prompt."""
+        d = (defect or "").replace("_", " ")
+        return " ".join(t for t in (self.templates[inside].format(defect=d), self.templates[outside].format(defect=d)) if t)
+
+    def fuse(self, inside: str, defect: str | None, outside: str) -> torch.Tensor:
+        """TDIA's fusion prompt c_f ("A photo of {defect name} {product name}") through the text encoder."""
+        return self._encode(self.fusion_text(inside, defect, outside))
+
+    def _encode(self, prompt: str) -> torch.Tensor:
         if prompt not in self._cache:
             ids = self.tokenizer(
                 prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -162,10 +179,12 @@ class TextPromptEncoder:
         return self._cache[prompt]
 
 
-def build_context(encoder, inside: str, defect: str | None = None, outside: str = "bg") -> tuple[torch.Tensor, torch.Tensor]:
+def build_context(encoder, inside: str, defect: str | None = None, outside: str = "bg",
+                  fusion: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``[C_inside, C_outside]`` as (1, L, D) and the token kinds (L,) bool (True = inside).
 
     ``outside`` is "bg" (C_bg, DefectDiffu's product condition c_p) or "null" (its null condition 0).
+    ``fusion`` (TDIA): ``[C_inside, C_outside, c_f]`` and int kinds 1 / 0 / 2 (see module docstring).
 
     ``inside="defect"`` gives C_1, ``"mask"`` gives C_2, ``"good"`` the defect-free
     baseline used by the defect-vs-background guidance (DefectDiffu Eq. 4).
@@ -176,6 +195,11 @@ def build_context(encoder, inside: str, defect: str | None = None, outside: str 
     if outside not in ("bg", "null"):
         raise ValueError(f"outside must be bg or null, not {outside!r}")
     c_bg = encoder.embed(outside)
+    if fusion:
+        c_f = encoder.fuse(inside, defect, outside) if hasattr(encoder, "fuse") else torch.cat([c_in, c_bg], dim=0)
+        ctx = torch.cat([c_in, c_bg, c_f], dim=0)[None]
+        kinds = torch.cat([torch.full((len(c_in),), 1), torch.full((len(c_bg),), 0), torch.full((len(c_f),), 2)]).long()
+        return ctx, kinds
     ctx = torch.cat([c_in, c_bg], dim=0)[None]
     kinds = torch.cat([torch.ones(len(c_in), dtype=torch.bool), torch.zeros(len(c_bg), dtype=torch.bool)])
     return ctx, kinds

@@ -57,9 +57,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectforge.diffusion.attention import AttentionShareCollector
+from defectforge.diffusion.attention import AttentionShareCollector, StoreGroup, TokenMapStore
+from defectforge.diffusion.mask_module import MASK_MODULE_DIR, MaskGenerationModule, mask_features, mask_loss, module_input
 from defectforge.diffusion.losses import NORMS, disentangled_loss, masked_noising
-from defectforge.diffusion.prompts import build_context
 from defectforge.diffusion.models import (
     FINETUNE_FILE,
     DiffusionComponents,
@@ -254,6 +254,8 @@ def disentangled_step(
     outside: list[str] | None = None,
     aal: bool = False,
     aal_alpha: float = 1e-3,
+    mask_module=None,
+    mask_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Eq. (5)-(7) on a batch: x (B, 3, H, W) in [-1, 1], mask (B, 1, H, W) in {0, 1};
     ``inside[i]`` is "defect" or "good" (the inside tokens of C_1 for row i), ``outside[i]``
@@ -261,7 +263,13 @@ def disentangled_step(
 
     ``attention_loss`` > 0 adds that weight times the attention loss on the rows of
     C_1 whose inside tokens are C_def ("defect"), and also on every C_2 row
-    ("defect+mask"); the result then has an "attention" entry."""
+    ("defect+mask"); the result then has an "attention" entry.
+
+    ``mask_module`` (DefectDiffu's mask generation module) with ``mask_weight`` = lambda adds
+    lambda loss_m (Eq. 6, 11) on the C_def rows: the module reads those rows' per-token
+    attention maps (with their gradient, so the UNet's attention learns too) and predicts
+    the real mask's features; the result then has a "mask" entry. Under TDIA
+    (``comps.tdia``) the contexts carry the fusion prompt and each part sees its own prompt."""
     b = x.shape[0]
     with torch.no_grad():
         z0 = comps.encode(x)
@@ -274,7 +282,7 @@ def disentangled_step(
     if outside is None:
         c1 = [comps.context(k, defect) for k in inside]
     else:
-        c1 = [tuple(x.to(comps.device) for x in build_context(comps.prompts, k, defect, o)) for k, o in zip(inside, outside)]
+        c1 = [comps.context(k, defect, o) for k, o in zip(inside, outside)]
     c2, kinds2 = comps.context("mask")
     ctx = torch.cat([c for c, _ in c1] + [c2] * b, dim=0)
     kinds = torch.stack([k for _, k in c1] + [kinds2] * b, dim=0)
@@ -287,7 +295,9 @@ def disentangled_step(
         if attention_loss > 0 and attention_rows == "defect+mask":
             rows += list(range(b, 2 * b))
         collector = AttentionShareCollector(rows) if rows else None
-    eps_pred = comps.eps(z_in, torch.cat([t, t]), ctx, kinds, torch.cat([m, m]), cond_image=torch.cat([z0, z0]), store=collector)
+    token_maps = TokenMapStore(defect_rows, with_grad=True) if mask_module is not None and mask_weight > 0 and defect_rows else None
+    store = StoreGroup(collector, token_maps) if token_maps is not None else collector
+    eps_pred = comps.eps(z_in, torch.cat([t, t]), ctx, kinds, torch.cat([m, m]), cond_image=torch.cat([z0, z0]), store=store)
     eps_def, eps_bg = eps_pred[:b], eps_pred[b:]
     out = disentangled_loss(eps, eps_def, eps_bg, m, norm=loss_norm)  # Eq. (5)
     if attention_loss > 0:
@@ -308,6 +318,15 @@ def disentangled_step(
             loss_d = torch.zeros((), device=out["loss"].device)
         out["aal"] = loss_d
         out["loss"] = out["loss"] + loss_d
+    if mask_module is not None and mask_weight > 0:  # DefectDiffu Eq. (6), the lambda term of Eq. (11)
+        if token_maps is not None:
+            idx = torch.tensor(defect_rows, device=eps.device)
+            m_f = mask_module(module_input(token_maps.steps[-1], tuple(z0.shape[-2:])))  # M_f
+            loss_m = mask_loss(m_f, mask_features(comps, mask[idx]))  # vs Mask_f
+        else:
+            loss_m = torch.zeros((), device=out["loss"].device)
+        out["mask"] = loss_m
+        out["loss"] = out["loss"] + mask_weight * loss_m
     return out
 
 
@@ -416,6 +435,9 @@ def finetune(
     cond_dropout_defect: float = 0.0,
     aal: bool = False,
     aal_alpha: float = 1e-3,
+    tdia: bool = False,
+    mask_module: float = 0.0,
+    mask_module_lr: float = 1e-3,
     rotate: bool = True,
     seed: int = 0,
     device: str = "auto",
@@ -428,6 +450,11 @@ def finetune(
     ``lora/pytorch_lora_weights.safetensors`` (mode "lora"), ``prompt_encoder/``
     (tiny) and ``training_curve.csv``; returns metrics. Default ``lr``: 1e-4 for
     "unet" (DreamBooth), 1e-3 for "lora".
+
+    DefectDiffu options: ``tdia`` routes cross-attention by TDIA part with the fusion
+    prompt (:func:`~defectforge.diffusion.attention.tdia_parts`; recorded in the folder, so
+    sampling routes the same way); ``mask_module`` = lambda > 0 trains the mask generation
+    module with loss_m (Eq. 6, 11) at ``mask_module_lr`` and saves it in ``mask_module/``.
     """
     if mode not in ("unet", "lora"):
         raise ParamsError(f"finetune.mode: must be 'unet' or 'lora', got {mode!r}")
@@ -444,6 +471,11 @@ def finetune(
     for key, p in (("cond_dropout_product", cond_dropout_product), ("cond_dropout_defect", cond_dropout_defect)):
         if not 0 <= p < 1:
             raise ParamsError(f"finetune.{key}: must be in [0, 1), got {p}")
+    if tdia and (attention_loss > 0 or aal):
+        raise ParamsError("finetune.tdia: cannot be combined with attention_loss or aal (both read the defect tokens' share of "
+                          "the joint softmax over [c_d, c_p], which TDIA's per-part softmax does not have)")
+    if mask_module < 0 or mask_module_lr <= 0:
+        raise ParamsError(f"finetune.mask_module: must be >= 0 (lambda of Eq. 11), got {mask_module}; mask_module_lr > 0")
     if attention_rows not in ("defect", "defect+mask"):
         raise ParamsError(f"finetune.attention_rows: must be 'defect' or 'defect+mask', got {attention_rows!r}")
     pairs = []
@@ -457,6 +489,8 @@ def finetune(
     lr = lr if lr is not None else (1e-4 if mode == "unet" else 1e-3)
 
     comps = load_pipeline_components(base, device=device)
+    if tdia:
+        comps.set_tdia(True)
     res = comps.resolution
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -485,6 +519,14 @@ def finetune(
             tok = tok + [comps.prompts.tokens["null"]]
             comps.prompts.tokens["null"].requires_grad_(True)
         params = params + tok
+    module = None
+    if mask_module > 0:  # G of Eq. 6, from scratch: channels = layers read x the defect prompt's tokens
+        layers = comps.mask_module_layers()
+        n_tokens = len(comps.prompts.embed("defect", defect_type))
+        module = MaskGenerationModule(len(layers) * n_tokens, comps.latent_channels, layers=layers).to(comps.device)
+        module.train()
+        param_groups = param_groups + [{"params": list(module.parameters()), "lr": mask_module_lr}]
+        params = params + list(module.parameters())
     n_prior = int(round(prior_fraction * batch_size)) if normals else 0
 
     def make_batch():
@@ -513,6 +555,10 @@ def finetune(
     extra = {"cond_dropout_product": cond_dropout_product, "cond_dropout_defect": cond_dropout_defect} if dropout else {}
     if aal:
         step_kw.update(aal=True, aal_alpha=aal_alpha)
+    if module is not None:
+        step_kw.update(mask_module=module, mask_weight=mask_module)
+    if tdia:
+        extra["tdia"] = True
     rows, seconds = _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect_type, seed, progress, f"finetune {defect_type}", step_kw)
     comps.unet.eval()
 
@@ -529,12 +575,20 @@ def finetune(
         )
     if comps.profile == "tiny":
         comps.prompts.save(out / "prompt_encoder")
+    if module is not None:
+        module.eval().save_pretrained(out / MASK_MODULE_DIR)
     base_ref = base_reference(base, out)
+    logged = {k: v for k, v in step_kw.items() if k != "mask_module"}
     metrics = _metrics(
         rows, seconds, steps, batch_size, sum(p.numel() for p in params),
-        {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile, **step_kw, **extra},
+        {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile, **logged, **extra},
     )
-    meta = {"format": "defectforge-finetune/1", "base": base_ref, "mode": mode, "defect_type": defect_type, "profile": comps.profile, "metrics": file_metrics(metrics)}
+    meta = {"format": "defectforge-finetune/1", "base": base_ref, "mode": mode, "defect_type": defect_type, "profile": comps.profile,
+            "metrics": file_metrics(metrics)}
+    if tdia:
+        meta["tdia"] = True
+    if module is not None:
+        meta["mask_module"] = True
     (out / FINETUNE_FILE).write_text(json.dumps(meta, indent=2))
     _write_curve(out / CURVE_FILE, rows, ["step", *_curve_keys(step_kw)])
     if progress:
@@ -553,7 +607,7 @@ def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defec
 
 def _curve_keys(step_kw: dict) -> tuple[str, ...]:
     return (("loss", "matching", "regulariser") + (("attention",) if step_kw.get("attention_loss", 0) > 0 else ())
-            + (("aal",) if step_kw.get("aal") else ()))
+            + (("aal",) if step_kw.get("aal") else ()) + (("mask",) if step_kw.get("mask_weight", 0) > 0 else ()))
 
 
 def _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw):

@@ -37,12 +37,21 @@ Steps of :meth:`DefectDiffu.generate`:
    ``threshold_tol``. Only pixels of the target mask are thresholded (nothing is
    generated outside it). ``mask_source="target"`` keeps the target mask instead.
 
-What of the paper is not here (said in metadata as well): TDIA (DiT split into
-background / defect / fusion blocks, each with its own prompt; the UNets here are not
-split, and the masked cross-attention of the inversion method plays the role of
-spatial disentanglement: c_d / c_g tokens inside m, c_p / 0 outside), the fusion
-prompt c_f, and the learned mask-generation module and its loss (Eq. 6; the mask is read
-from attention instead).
+   ``mask_source="module"`` (the paper's mask branch, Sec. 3.4): the mask generation
+   module G (Eq. 6, :mod:`defectforge.diffusion.mask_module`, trained by
+   ``finetune.mask_module`` = lambda of Eq. 11) maps the per-token attention maps of
+   each captured step to M_pre^t = D(G(A^t)); M_pre = mean_t M_pre^t, binarised inside
+   the target mask by the same iterative threshold.
+
+TDIA (Sec. 3.2, ``finetune.tdia``): the paper splits a DiT into background / defect /
+fusion blocks with the prompts c_p, c_d and c_f = "A photo of {defect} {product}". Here
+the UNet's cross-attention layers, in forward order, are cut into those three parts
+(:func:`defectforge.diffusion.attention.tdia_parts`), and every condition pair (c_d, c_p)
+of Eq. 4 becomes the context [c_d, c_p, c_f(c_d, c_p)] (the fusion prompt of the pair:
+with the null condition it is the defect prompt alone). A TDIA model has no joint
+softmax over [c_d, c_p], so its masks come from the module (``mask_source: module``) or
+the target. Without TDIA the masked cross-attention of the inversion method (c_d / c_g
+tokens inside m, c_p / 0 outside) is the spatial disentanglement.
 
 Zero-shot (Sec. 3.6, Eq. 12, :meth:`DefectDiffu.zero_shot`): the paper's one
 multi-product model becomes two fine-tunes of the same base, since checkpoints here are
@@ -61,9 +70,11 @@ import numpy as np
 import torch
 
 from defectforge.config import DefectDiffuConfig
-from defectforge.diffusion.attention import AttentionStore
+from defectforge.diffusion.attention import AttentionStore, StoreGroup, TokenMapStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, double_free, zero_shot_guidance
+from defectforge.diffusion.mask_module import predicted_mask
 from defectforge.diffusion.prompts import build_context
+from defectforge.errors import ParamsError
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.methods.base import DiffusionMethod, GenerationResult
 
@@ -94,8 +105,9 @@ def iterative_threshold(values: np.ndarray, tol: float = 1e-4, max_iter: int = 1
 
 
 def contexts(comps, defect: str | None, conditions=CONDITIONS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contexts of ``conditions`` (default :data:`CONDITIONS`): (n, L, D) and token kinds (n, L)."""
-    built = [build_context(comps.prompts, d, defect if d == "defect" else None, p) for d, p in conditions]
+    """The contexts of ``conditions`` (default :data:`CONDITIONS`): (n, L, D) and token kinds (n, L).
+    A TDIA model (``comps.tdia``) gets each pair's fusion prompt c_f appended."""
+    built = [build_context(comps.prompts, d, defect if d == "defect" else None, p, fusion=comps.tdia) for d, p in conditions]
     return torch.cat([c for c, _ in built]).to(comps.device), torch.stack([k for _, k in built]).to(comps.device)
 
 
@@ -123,14 +135,17 @@ def sample_double_free(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, st
         if source.resolution != comps.resolution or source.latent_channels != comps.latent_channels:
             raise ValueError("zero-shot: the source and target models must be fine-tunes of the same base (resolution, latent channels)")
         s_ctx, s_kinds = contexts(source, defect, ZERO_SHOT_SOURCE)
-    if store is not None:
-        store.rows = [DEFECT_ROW] if source is None else [ZERO_SHOT_DEFECT_ROW]
+    members = getattr(store, "stores", [store] if store is not None else [])
+    for s in members:
+        s.rows = [DEFECT_ROW] if source is None else [ZERO_SHOT_DEFECT_ROW]
     sched = ddim_schedule(comps.scheduler, steps)
     first_captured = min(len(sched) - 1, int(round((1 - attention_fraction) * len(sched))))  # at least the last step
     z = add_noise(z0, noise, sched[0].alpha_t)
     for i, st in enumerate(sched):
-        if store is not None:
-            store.active = i >= first_captured
+        for s in members:
+            s.active = i >= first_captured
+            if hasattr(s, "next_step"):
+                s.next_step()
         if source is None:
             eps = comps.eps(z.expand(n, -1, -1, -1), st.t, ctx, kinds, m.expand(n, -1, -1, -1),
                             cond_image=z0.expand(n, -1, -1, -1), store=store)
@@ -162,7 +177,7 @@ class DefectDiffu(DiffusionMethod):
 
     def __init__(self, config: DefectDiffuConfig | None = None, checkpoint=None):
         super().__init__(config or DefectDiffuConfig(), checkpoint)
-        self.own_mask = self.config.mask_source == "attention"
+        self.own_mask = self.config.mask_source in ("attention", "module")
 
     def mask_origin_of(self, result: GenerationResult) -> str:
         return result.metadata["mask_origin"]
@@ -191,26 +206,42 @@ class DefectDiffu(DiffusionMethod):
         pixel = not comps.has_decoder
         soft, alpha = soft_masks(comps, crop, target, cfg.feather)
         bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
-        store = AttentionStore()
+        reader = source if source is not None else comps  # the model whose defect-token attention gives the mask
+        if cfg.mask_source == "module" and reader.mask_module is None:
+            raise ParamsError(f"generate.defectdiffu.mask_source: module needs a fine-tune with finetune.mask_module > 0 "
+                              f"({reader.source} has no mask generation module)")
+        if cfg.mask_source == "attention" and reader.tdia:
+            raise ParamsError("generate.defectdiffu.mask_source: attention reads the joint softmax over [c_d, c_p], which a TDIA "
+                              f"model ({reader.source}) does not have; use module (finetune.mask_module > 0) or target")
+        share_store = None if reader.tdia else AttentionStore()
+        token_store = TokenMapStore() if cfg.mask_source == "module" else None
+        store = StoreGroup(share_store, token_store)
         z = sample_double_free(comps, z0, m, defect, cfg.steps, cfg.w_p, cfg.w_d, gen, store, cfg.attention_fraction,  # 2.-4.
                                bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
                                chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None, source=source)
         with torch.no_grad():
             generated = to_uint8(comps.decode(z), gray)
         out = paste_back(image, generated, crop.box, only=target, alpha=alpha if cfg.feather > 0 else None)  # 5.
-        att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()
+        if token_store is not None:  # M_pre = mean_t D(G(A^t)) (Sec. 3.4), resized to the crop's pixels
+            m_pre = predicted_mask(reader, reader.mask_module, token_store.captured())[0].cpu()
+            if tuple(m_pre.shape) != (comps.resolution, comps.resolution):
+                m_pre = torch.nn.functional.interpolate(m_pre[None, None], size=(comps.resolution,) * 2, mode="bilinear")[0, 0]
+            att = m_pre * crop.m[0, 0].cpu()
+        elif share_store is not None:
+            att = share_store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()
+        else:  # a TDIA model with mask_source: target: no attention read-out
+            att = torch.zeros_like(crop.m[0, 0].cpu())
         attention = attention_to_image(att, target, crop.box)
-        extra = {"w_p": cfg.w_p, "w_d": cfg.w_d, **self.bound_metadata(defect, bound),
-                 "not_implemented": ["TDIA", "fusion prompt c_f", "mask generation module (Eq. 6)"]}
+        extra = {"w_p": cfg.w_p, "w_d": cfg.w_d, "tdia": reader.tdia, **self.bound_metadata(defect, bound)}
         if source is not None:
             extra["zero_shot"] = {"equation": 12, "source_checkpoint": source.checkpoint_sha256(), "target_checkpoint": comps.checkpoint_sha256()}
-        if cfg.mask_source == "attention":  # 6.
+        if cfg.mask_source in ("attention", "module"):  # 6.
             out_mask, t = attention_mask(attention, target, cfg)
             extra["mask_threshold"] = t
-            extra["mask_origin"] = "defectdiffu-attention"
+            extra["mask_origin"] = f"defectdiffu-{cfg.mask_source}"
             if not out_mask.any():  # nothing above the threshold: keep the target mask, and say so
                 out_mask = target
-                extra["mask_origin"] = "defectdiffu-attention-empty-target"
+                extra["mask_origin"] = f"defectdiffu-{cfg.mask_source}-empty-target"
         else:
             out_mask = target
             extra["mask_origin"] = None
