@@ -400,3 +400,32 @@ def test_training_step_loss_m_is_eq6_on_the_defect_rows_only(tiny):
     torch.testing.assert_close(out["mask"], expected)
     plain = disentangled_step(tiny, x, m, ["good", "defect", "defect"], "crack", torch.Generator().manual_seed(0))
     torch.testing.assert_close(out["loss"], plain["loss"] + 0.5 * out["mask"])  # Eq. 11: + lambda loss_m
+
+
+def test_pretrained_profile_offline_tdia_and_module_through_the_same_code(tiny_latent_dir, tmp_path):
+    """A test-size Stable Diffusion directory (CLIP text encoder, VAE): LoRA fine-tune with TDIA
+    and the mask module, then DefectDiffu with mask_source: module on it."""
+    from defectforge.diffusion.models import load_pipeline_components
+    from defectforge.diffusion.training import finetune
+    from defectforge.methods.defectdiffu import DefectDiffu, DefectDiffuConfig
+
+    rng = np.random.default_rng(0)
+    defects = []
+    for _ in range(2):
+        img = rng.integers(80, 160, (64, 64, 3), dtype=np.uint8)
+        m = np.zeros((64, 64), bool)
+        m[20:40, 16:44] = True
+        img[m] = 30
+        defects.append((img, m))
+    fm = finetune(str(tiny_latent_dir), defects, "pit", tmp_path / "ft", mode="lora", steps=2, batch_size=2, lr=1e-2,
+                  tdia=True, mask_module=1.0, progress=False, device="cpu")
+    assert fm["profile"] == "pretrained" and fm["tdia"]
+    ft = load_pipeline_components(tmp_path / "ft", "cpu")
+    assert ft.tdia and uses_tdia(ft.unet) and any("lora" in n for n, _ in ft.unet.named_parameters())
+    n = ft.prompts.tokenizer.model_max_length  # the module reads the defect part's 77-token (here n-token) maps
+    assert ft.mask_module.config["in_channels"] == len(ft.mask_module_layers()) * n
+    img, mask = _image()
+    res = DefectDiffu.from_pretrained(str(tmp_path / "ft"), DefectDiffuConfig(steps=3, device="cpu", feather=0.0, mask_source="module",
+                                                                              attention_fraction=0.5)).generate(img, mask, "pit", seed=0)
+    np.testing.assert_array_equal(res.image[~mask], img[~mask])
+    assert not (res.mask & ~mask).any() and res.metadata["mask_origin"].startswith("defectdiffu-module")
