@@ -213,3 +213,45 @@ def test_generated_target_masks_come_from_the_types_mask_model(sample_manifests,
                    resolution=16, steps=2, batch_size=2, seed=1)
     again = read_manifest(run_generate(p, split, tmp_path / "gen2", checkpoints=ck, progress=False)).to_pandas()
     assert not set(again.sample_id) & set(df.sample_id)
+
+
+def test_placement_by_type_overrides_the_default_per_type(sample_manifests, tmp_path):
+    """generate.target_placement_by_type: each listed type gets its own placement ("category/type" before
+    "type"), the others the default; mask models are needed only for the types placed by them; a key that
+    names no defect type of the split is refused before anything is written."""
+    from defectforge.errors import ParamsError
+    from defectforge.manifest.io import manifest_info
+    from defectforge.masks.generated import MASK_MODEL_DIR, fit_mask_model
+
+    _, split = sample_manifests
+    sp = read_manifest(split).to_pandas()
+    types = sorted(set(zip(*[sp[sp.defect_type != "good"][c] for c in ("category", "defect_type")])))
+    assert len(types) >= 3
+    (c_gen, t_gen), (c_pri, t_pri), *_ = types
+    src_root = manifest_info(split)["dataset_root"]
+    ck = tmp_path / "finetune"
+    rows = sp[(sp.split == "train") & (sp.category == c_gen) & (sp.defect_type == t_gen)]
+    fit_mask_model(None, [read_mask(os.path.join(src_root, r.mask_path)) for r in rows.itertuples()], ck / c_gen / t_gen / MASK_MODEL_DIR,
+                   kind="diffusion", resolution=16, steps=200, batch_size=8, lr=3e-3, seed=0)
+    by_type = {f"{c_gen}/{t_gen}": "generated", t_pri: "prior"}
+    if t_gen != t_pri:
+        by_type[t_gen] = "anywhere"  # the category/type key wins over the type key
+    p = GenerateParams(methods=["copy-paste"], n_per_defect=2, seed=0, target_placement="foreground", target_placement_by_type=by_type)
+    assert p.model_needs() == ["mask-model"] and p.placement_for(c_gen, t_gen) == "generated"
+    df = read_manifest(run_generate(p, split, tmp_path / "gen", checkpoints=ck, progress=False)).to_pandas()
+    for (cat, dt), g in df.groupby(["category", "defect_type"]):
+        origins = set(g.mask_origin)
+        if (cat, dt) == (c_gen, t_gen):
+            assert origins <= {"augmented-real/centred on generated/diffusion", "augmented-real/foreground (mask model drew only empty masks)"}
+        elif dt == t_pri:
+            assert origins == {"augmented-real/prior"}, (cat, dt, origins)
+        elif dt == t_gen:
+            assert origins == {"augmented-real/anywhere"}, (cat, dt, origins)
+        else:
+            assert origins == {"augmented-real/foreground"}, (cat, dt, origins)
+    bad = GenerateParams(methods=["copy-paste"], n_per_defect=2, target_placement_by_type={"no-such-type": "prior"})
+    with pytest.raises(ParamsError, match="target_placement_by_type: 'no-such-type'"):
+        run_generate(bad, split, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="target_placement_by_type"):
+        GenerateParams(target_placement_by_type={t_pri: "edge"})

@@ -308,6 +308,11 @@ MethodName = Literal["copy-paste", "cutpaste", "perlin", "inversion", "blended",
 REFERENCE_METHOD = "copy-paste"
 
 
+def resolve_placement(by_type: dict[str, str], default: str, category: str, defect_type: str) -> str:
+    """A defect type's target placement: ``by_type["category/type"]``, else ``by_type["type"]``, else ``default``."""
+    return by_type.get(f"{category}/{defect_type}", by_type.get(defect_type, default))
+
+
 class GenerateParams(_Section):
     methods: list[MethodName] = Field(default_factory=lambda: ["copy-paste"], min_length=1)
     n_per_defect: int = Field(8, ge=1, le=100000)
@@ -318,6 +323,9 @@ class GenerateParams(_Section):
     # where target masks go: on the object's foreground | anywhere | drawn from where the type's real defects sit |
     # generated (shape and place) by the type's mask model (AnomalyDiffusion Eq. 9; finetune.mask_model)
     target_placement: Literal["foreground", "anywhere", "prior", "generated"] = "foreground"
+    # per defect type ("crack", or "category/crack" for one category's), overriding target_placement for that type:
+    # defect types differ in where they sit (Magnetic Tile: breaks on the tile's edge, blowholes on its face)
+    target_placement_by_type: dict[str, Literal["foreground", "anywhere", "prior", "generated"]] = Field(default_factory=dict)
     copy_paste: CopyPasteConfig = CopyPasteConfig()
     cutpaste: CutPasteConfig = CutPasteConfig()
     perlin: PerlinConfig = PerlinConfig()
@@ -341,7 +349,16 @@ class GenerateParams(_Section):
     def model_needs(self) -> list[str]:
         """What the pretrain and finetune stages must build models for: the diffusion methods,
         and the mask models when target masks are generated (empty: nothing to train)."""
-        return self.diffusion_methods() + (["mask-model"] if self.target_placement == "generated" else [])
+        return self.diffusion_methods() + (["mask-model"] if self.uses_generated_masks() else [])
+
+    def placement_for(self, category: str, defect_type: str) -> str:
+        """The target placement of one defect type: ``target_placement_by_type`` ("category/type",
+        then "type"), else ``target_placement``."""
+        return resolve_placement(self.target_placement_by_type, self.target_placement, category, defect_type)
+
+    def uses_generated_masks(self) -> bool:
+        """Whether any defect type's target masks come from its mask model."""
+        return self.target_placement == "generated" or "generated" in self.target_placement_by_type.values()
 
     def diffusion_methods(self) -> list[str]:
         """The methods that need the pretrain and finetune stages' models."""

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from defectforge.config import METHOD_NEEDS_CHECKPOINTS, GenerateParams
+from defectforge.config import METHOD_NEEDS_CHECKPOINTS, GenerateParams, resolve_placement
 from defectforge.data.io import (
     OWNED,
     atomic_write_bytes,
@@ -78,8 +78,9 @@ def run(
     src_root = read_split_info(split)["dataset_root"]
     _claim_root(out_root, inputs=(src_root,))
     split_df = read_manifest(split).to_pandas()
-    if p.target_placement == "generated":  # every type's mask model, before anything is written
-        _check_mask_models(split_df, checkpoints)
+    _check_placements(p, split_df)
+    if p.uses_generated_masks():  # every such type's mask model, before anything is written
+        _check_mask_models(split_df, checkpoints, p.placement_for)
     for name in p.methods:  # a bad split fails here, before anything is written
         plan_samples(split_df, method=name, n_per_defect=p.n_per_defect, seed=p.seed, params_sha256=p.method_sha256(name))
         claim_dir(out_root / name, f"generate method folder of {name}", markers=(PLAN_FILE,))
@@ -92,7 +93,7 @@ def run(
             from defectforge.pipeline.fanout import run_on_dask
 
             n_shards = prepare_output(split, out_root / name, method_name=name, n_per_defect=p.n_per_defect, seed=p.seed,
-                                      shard_size=p.shard_size, params_sha256=p.method_sha256(name), models_sha256=models_sha256(name, checkpoints, p.target_placement))
+                                      shard_size=p.shard_size, params_sha256=p.method_sha256(name), models_sha256=models_sha256(name, checkpoints, _hashed_placement(p)))
             run_on_dask(run_method, (p, name, str(split), str(out_root)), n_shards, workers=p.workers, scheduler=p.scheduler,
                         kwargs={"checkpoints": None if checkpoints is None else str(checkpoints)}, desc=f"generate[{name}]", progress=progress)
         else:
@@ -101,14 +102,32 @@ def run(
     return out_root
 
 
-def _check_mask_models(split: pd.DataFrame, checkpoints: str | os.PathLike | None) -> None:
-    """``target_placement: generated`` needs a trained mask model for every defect type of the split."""
+def _hashed_placement(p: GenerateParams) -> str:
+    """What :func:`models_sha256` needs to know of the placement: whether mask models are read."""
+    return "generated" if p.uses_generated_masks() else p.target_placement
+
+
+def _check_placements(p: GenerateParams, split: pd.DataFrame) -> None:
+    """Every key of ``target_placement_by_type`` names a defect type (or category/type) of the split."""
+    types = split[split["defect_type"] != "good"]
+    known = set(types["defect_type"]) | {f"{c}/{d}" for c, d in zip(types["category"], types["defect_type"])}
+    unknown = sorted(set(p.target_placement_by_type) - known)
+    if unknown:
+        raise ParamsError(f"generate.target_placement_by_type: {', '.join(map(repr, unknown))} is not a defect type of the split "
+                          f"(known: {', '.join(sorted(set(types['defect_type'])))})")
+
+
+def _check_mask_models(split: pd.DataFrame, checkpoints: str | os.PathLike | None, placement_for=None) -> None:
+    """``target_placement: generated`` needs a trained mask model for every defect type of the split
+    whose placement (``placement_for(category, type)``, default: all of them) is ``generated``."""
     from defectforge.masks.generated import MASK_MODEL_DIR, MASK_MODEL_META
 
     if checkpoints is None:
         raise ParamsError("generate.target_placement: generated needs the finetune folder with mask models (finetune.mask_model)")
     train = split[(split["split"] == "train") & (split["defect_type"] != "good")]
     for category, defect in sorted(set(zip(train["category"], train["defect_type"]))):
+        if placement_for is not None and placement_for(category, defect) != "generated":
+            continue
         folder = Path(checkpoints) / category / defect / MASK_MODEL_DIR
         if not (folder / MASK_MODEL_META).is_file():
             raise DataError(f"{folder}: no trained mask model for generate.target_placement: generated; "
@@ -154,7 +173,8 @@ def run_method(
     return generate_shards(
         split, Path(out_root) / name, dataset_root=out_root, method=method, n_per_defect=p.n_per_defect, seed=p.seed,
         shard_size=p.shard_size, params_sha256=p.method_sha256(name), shards=shards, progress=progress, placement=p.target_placement,
-        models_sha256=models_sha256(name, checkpoints, p.target_placement), mask_models=checkpoints if p.target_placement == "generated" else None,
+        placement_by_type=p.target_placement_by_type, models_sha256=models_sha256(name, checkpoints, _hashed_placement(p)),
+        mask_models=checkpoints if p.uses_generated_masks() else None,
     )
 
 
@@ -259,6 +279,7 @@ def generate_shards(
     placement: str = "foreground",
     models_sha256: str = "",
     mask_models: str | os.PathLike | None = None,
+    placement_by_type: dict[str, str] | None = None,
 ) -> Path:
     """Generate every planned sample into ``out_dir`` (images/, masks/, raw_masks/, manifest/).
 
@@ -268,6 +289,8 @@ def generate_shards(
     ``generated``, the type's mask model in the finetune folder ``mask_models`` draws the
     mask, shape and place (AnomalyDiffusion Eq. 9, :mod:`defectforge.masks.generated`);
     a model that draws only empty masks falls back to ``foreground`` and the row says so.
+    ``placement_by_type`` ({"type" or "category/type": placement}) overrides ``placement``
+    for those types (``generate.target_placement_by_type``).
 
     ``method.prepare(category, defect_type, real_train_defects)`` readies the method for
     a defect type (loads its checkpoint, or remembers the donors). ``shards`` restricts
@@ -296,8 +319,14 @@ def generate_shards(
     current: tuple[str, str] | None = None
     prior: LocationPrior | None = None
     mask_model = None
-    if placement == "generated":
-        _check_mask_models(split, mask_models)
+    by_type = dict(placement_by_type or {})
+
+    def placement_for(category: str, defect: str) -> str:
+        return resolve_placement(by_type, placement, category, defect)
+
+    if placement == "generated" or "generated" in by_type.values():
+        _check_mask_models(split, mask_models, placement_for)
+    type_placement = placement
     cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
     verified: set[str] = set()
 
@@ -325,8 +354,10 @@ def generate_shards(
                 real_ids[key] = [str(i) for i in reals.index]
             if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
                 method.prepare(spec.category, spec.defect_type, real_defects[key])
-                prior = LocationPrior.fit([m for _, m in real_defects[key]], [i for i, _ in real_defects[key]]) if placement == "prior" else None
-                if placement == "generated":
+                type_placement = placement_for(*key)
+                prior = LocationPrior.fit([m for _, m in real_defects[key]], [i for i, _ in real_defects[key]]) if type_placement == "prior" else None
+                mask_model = None
+                if type_placement == "generated":
                     from defectforge.masks.generated import MASK_MODEL_DIR, load_mask_model
 
                     mask_model = load_mask_model(Path(mask_models) / spec.category / spec.defect_type / MASK_MODEL_DIR)
@@ -334,12 +365,12 @@ def generate_shards(
             normal_row = by_id.loc[spec.normal_id]
             normal = read_image(checked(normal_row.image_path, normal_row.image_sha256))
             rng = np.random.default_rng(spec.seed)
-            target, placed = None, placement
+            target, placed = None, type_placement
             if mask_model is not None:
                 target = mask_model.sample(normal.shape[:2], spec.seed)
                 placed = f"generated/{mask_model.kind}" if target is not None else "foreground (mask model drew only empty masks)"
             if target is None:
-                target, _ = sample_target_mask([m for _, m in real_defects[key]], normal, rng, placement=placement if placement != "generated" else "foreground",
+                target, _ = sample_target_mask([m for _, m in real_defects[key]], normal, rng, placement=type_placement if type_placement != "generated" else "foreground",
                                                    prior=prior, **method.target_mask_options())
             result = method.generate(normal, target, spec.defect_type, spec.seed)
             src = result.metadata.get("defect_source_index")  # a method that pastes a real defect says which
