@@ -61,6 +61,7 @@ def bench_params(a):
         "pretrain": {"steps": a.pretrain_steps, "lr": 6e-4},
         "finetune": {"steps": a.finetune_steps, **json.loads(a.finetune_json)},
         "generate": {"methods": a.methods, "n_per_defect": a.n_per_defect, "workers": a.generate_workers, "target_placement": a.placement,
+                     "target_placement_by_type": json.loads(a.placement_by_type),
                      "inversion": {"steps": a.ddim_steps, **json.loads(a.inversion_json)},
                      "blended": {"steps": a.ddim_steps, **json.loads(a.blended_json)},
                      "defectdiffu": {"steps": a.ddim_steps, **json.loads(a.defectdiffu_json)},
@@ -88,7 +89,8 @@ def main() -> None:
     ap.add_argument("--detector-json", default="{}")
     ap.add_argument("--ddim-steps", type=int, default=30)
     ap.add_argument("--n-per-defect", type=int, default=20)
-    ap.add_argument("--placement", default="foreground", help="generate.target_placement (foreground | anywhere | prior)")
+    ap.add_argument("--placement", default="foreground", help="generate.target_placement (foreground | anywhere | prior | generated)")
+    ap.add_argument("--placement-by-type", default="{}", help='generate.target_placement_by_type, e.g. \'{"break": "generated"}\'')
     ap.add_argument("--generate-workers", type=int, default=1, help="generate.workers (Dask processes; 1 = in-process)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--tag", default="", help="names this run's output folders under WORK (default: the finetune tag)")
