@@ -393,6 +393,7 @@ class QualityParams(_Section):
     crop_context: float = Field(2.0, ge=1.0, le=10.0)
     c2st_folds: int = Field(5, ge=2, le=20)      # classifier two-sample test: stratified k-fold
     c2st_size: int = Field(32, ge=8, le=256)     # crops resized to this for the two-sample test
+    c2st_repeats: int = Field(10, ge=1, le=1000)  # repeated k-fold (fresh subsample and folds each time), accuracy = their mean
     seed: int = 0                                # seeds the two-sample test's folds and real-vs-real halves
     gates: dict[str, float | int] = {}
     set_gates: dict[str, float | None] = {"min_pass_rate": 0.5}

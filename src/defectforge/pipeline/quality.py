@@ -65,7 +65,8 @@ def _real_reference(p: QualityParams, ring: int, src_root: Path, rr: pd.DataFram
     else:  # two seeded halves of the held-out reals
         perm = np.random.default_rng(p.seed).permutation(n)
         a, b = perm[: n // 2], perm[n // 2 : 2 * (n // 2)]
-        res = c2st_accuracy([crops[i] for i in a], [crops[i] for i in b], seed=p.seed, folds=p.c2st_folds, size=p.c2st_size)
+        res = c2st_accuracy([crops[i] for i in a], [crops[i] for i in b], seed=p.seed, folds=p.c2st_folds, size=p.c2st_size,
+                            repeats=p.c2st_repeats)
         out["c2st_real_vs_real"] = round(res["accuracy"], 4)
         if len(stats) >= REAL_VS_REAL_MIN:
             sp = np.random.default_rng(p.seed).permutation(len(stats))
@@ -93,7 +94,7 @@ def _realism(p: QualityParams, ref: dict, crops: list, stats: list[dict], flags:
         # median in-mask speckle over the reals' median (1: as noisy as real defects of the type)
         "speckle_ratio": r4(np.median([s["speckle"] for s in stats]) / max(float(np.median([s["speckle"] for s in real_stats])), 1.0))
         if stats and real_stats else None,
-        "intensity_distance": None, "intensity_per_stat": None, "c2st_accuracy": None, "c2st_folds": None,
+        "intensity_distance": None, "intensity_per_stat": None, "c2st_accuracy": None, "c2st_ci95": None, "c2st_folds": None,
         "c2st_classifier": None, "c2st_n": None,
         "c2st_real_vs_real": ref["c2st_real_vs_real"] if ref else None,
         "c2st_real_vs_real_skipped": ref["c2st_real_vs_real_skipped"] if ref else "no held-out real defects of the type",
@@ -111,8 +112,8 @@ def _realism(p: QualityParams, ref: dict, crops: list, stats: list[dict], flags:
     if min(len(real_crops), len(crops)) < C2ST_MIN:
         out["c2st_skipped"] = f"needs >= {C2ST_MIN} real and {C2ST_MIN} synthetic crops, got {len(real_crops)} and {len(crops)}"
     else:
-        c = c2st_accuracy(real_crops, crops, seed=p.seed, folds=p.c2st_folds, size=p.c2st_size)
-        out.update(c2st_accuracy=round(c["accuracy"], 4), c2st_folds=[round(f, 4) for f in c["folds"]],
+        c = c2st_accuracy(real_crops, crops, seed=p.seed, folds=p.c2st_folds, size=p.c2st_size, repeats=p.c2st_repeats)
+        out.update(c2st_accuracy=round(c["accuracy"], 4), c2st_ci95=[round(v, 4) for v in c["ci95"]], c2st_folds=[round(f, 4) for f in c["folds"]],
                    c2st_classifier=c["classifier"], c2st_n=c["n_real"], c2st_skipped=None)
     return out
 
