@@ -255,3 +255,26 @@ def test_placement_by_type_overrides_the_default_per_type(sample_manifests, tmp_
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="target_placement_by_type"):
         GenerateParams(target_placement_by_type={t_pri: "edge"})
+
+
+def test_defectdiffu_mask_source_is_checked_against_every_fine_tune_before_writing(sample_manifests, tmp_path):
+    """mask_source: module needs each type's mask generation module, attention a fine-tune without TDIA:
+    refused with the key's name before the output folder exists (the fine-tunes' json says which)."""
+    import json
+
+    from defectforge.config import DefectDiffuConfig
+    from defectforge.errors import ParamsError
+
+    _, split = sample_manifests
+    sp = read_manifest(split).to_pandas()
+    ck = tmp_path / "finetune"
+    types = sorted(set(zip(sp[sp.defect_type != "good"].category, sp[sp.defect_type != "good"].defect_type)))
+    for i, (cat, dt) in enumerate(types):
+        (ck / cat / dt).mkdir(parents=True)
+        meta = {"mode": "unet", "tdia": i == 0, "mask_module": i != 1}  # type 0: TDIA; type 1: no module
+        (ck / cat / dt / "defectforge_finetune.json").write_text(json.dumps(meta))
+    for source, match in (("module", "mask_source: module needs finetune.mask_module"), ("attention", "mask_source: attention does not work on a TDIA")):
+        p = GenerateParams(methods=["defectdiffu"], n_per_defect=1, defectdiffu=DefectDiffuConfig(mask_source=source))
+        with pytest.raises(ParamsError, match=match):
+            run_generate(p, split, tmp_path / source, checkpoints=ck, progress=False)
+        assert not (tmp_path / source).exists()

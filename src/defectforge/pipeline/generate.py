@@ -81,6 +81,8 @@ def run(
     _check_placements(p, split_df)
     if p.uses_generated_masks():  # every such type's mask model, before anything is written
         _check_mask_models(split_df, checkpoints, p.placement_for)
+    if "defectdiffu" in p.methods and checkpoints is not None:  # its mask source against each type's fine-tune
+        _check_defectdiffu_masks(p.defectdiffu.mask_source, split_df, checkpoints)
     for name in p.methods:  # a bad split fails here, before anything is written
         plan_samples(split_df, method=name, n_per_defect=p.n_per_defect, seed=p.seed, params_sha256=p.method_sha256(name))
         claim_dir(out_root / name, f"generate method folder of {name}", markers=(PLAN_FILE,))
@@ -115,6 +117,24 @@ def _check_placements(p: GenerateParams, split: pd.DataFrame) -> None:
     if unknown:
         raise ParamsError(f"generate.target_placement_by_type: {', '.join(map(repr, unknown))} is not a defect type of the split "
                           f"(known: {', '.join(sorted(set(types['defect_type'])))})")
+
+
+def _check_defectdiffu_masks(mask_source: str, split: pd.DataFrame, checkpoints: str | os.PathLike) -> None:
+    """``generate.defectdiffu.mask_source`` must fit every type's fine-tune: ``module`` needs its mask
+    generation module (``finetune.mask_module`` > 0), ``attention`` a model without TDIA."""
+    from defectforge.diffusion.models import FINETUNE_FILE
+
+    train = split[(split["split"] == "train") & (split["defect_type"] != "good")]
+    for category, defect in sorted(set(zip(train["category"], train["defect_type"]))):
+        meta_path = Path(checkpoints) / category / defect / FINETUNE_FILE
+        if not meta_path.is_file():
+            continue  # a missing checkpoint is reported when the method loads it
+        meta = json.loads(meta_path.read_text())
+        if mask_source == "module" and not meta.get("mask_module"):
+            raise ParamsError(f"generate.defectdiffu.mask_source: module needs finetune.mask_module > 0 ({meta_path} has no mask module)")
+        if mask_source == "attention" and meta.get("tdia"):
+            raise ParamsError(f"generate.defectdiffu.mask_source: attention does not work on a TDIA fine-tune ({meta_path}); "
+                              "use module or target")
 
 
 def _check_mask_models(split: pd.DataFrame, checkpoints: str | os.PathLike | None, placement_for=None) -> None:
