@@ -199,6 +199,20 @@ def test_the_module_learns_a_mask_hidden_in_one_token_map_and_round_trips(tiny, 
         torch.testing.assert_close(back(maps), module.eval()(maps))
 
 
+def _dark_patches(seed: int, size: int, grey: tuple[int, int], box: tuple[slice, slice], value: int):
+    """Two random grey normals and the same images with a dark patch at ``box``: (normals, [(image, mask)])."""
+    rng = np.random.default_rng(seed)
+    normals = [rng.integers(*grey, (size, size, 3), dtype=np.uint8) for _ in range(2)]
+    defects = []
+    for img in normals:
+        m = np.zeros((size, size), bool)
+        m[box] = True
+        img = img.copy()
+        img[m] = value
+        defects.append((img, m))
+    return normals, defects
+
+
 # ------------------------------------------------------------------ training: Eq. 11's lambda term, end to end
 def test_mask_loss_trains_the_defect_part_and_not_the_fusion_part(tiny):
     from defectforge.diffusion.training import disentangled_step
@@ -252,15 +266,7 @@ def test_finetune_with_tdia_and_the_module_saves_and_loads_both(tmp_path):
     from defectforge.diffusion.models import load_pipeline_components
     from defectforge.diffusion.training import finetune, pretrain
 
-    rng = np.random.default_rng(0)
-    normals = [rng.integers(80, 160, (72, 72, 3), dtype=np.uint8) for _ in range(2)]
-    defects = []
-    for img in normals:
-        m = np.zeros((72, 72), bool)
-        m[30:40, 30:44] = True
-        img = img.copy()
-        img[m] = 20
-        defects.append((img, m))
+    normals, defects = _dark_patches(0, 72, (80, 160), (slice(30, 40), slice(30, 44)), 20)
     pretrain(normals, tmp_path / "tiny", steps=2, batch_size=2, progress=False, device="cpu")
     fm = finetune(tmp_path / "tiny", defects, "pit", tmp_path / "ft", normals=normals, steps=2, batch_size=2,
                   tdia=True, mask_module=1.0, cond_dropout_product=0.2, progress=False, device="cpu")
@@ -284,15 +290,7 @@ def tdia_checkpoint(tmp_path_factory):
     from defectforge.diffusion.training import finetune, pretrain
 
     d = tmp_path_factory.mktemp("tdia")
-    rng = np.random.default_rng(1)
-    normals = [rng.integers(90, 150, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
-    defects = []
-    for img in normals:
-        m = np.zeros((64, 64), bool)
-        m[24:40, 20:44] = True
-        img = img.copy()
-        img[m] = 30
-        defects.append((img, m))
+    normals, defects = _dark_patches(1, 64, (90, 150), (slice(24, 40), slice(20, 44)), 30)
     pretrain(normals, d / "tiny", steps=2, batch_size=2, progress=False, device="cpu")
     finetune(d / "tiny", defects, "pit", d / "ft", normals=normals, steps=3, batch_size=2, tdia=True, mask_module=1.0,
              cond_dropout_product=0.2, progress=False, device="cpu")

@@ -119,13 +119,18 @@ def _check_placements(p: GenerateParams, split: pd.DataFrame) -> None:
                           f"(known: {', '.join(sorted(set(types['defect_type'])))})")
 
 
+def _train_types(split: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (category, defect type) pairs with real training defects in the split, sorted."""
+    train = split[(split["split"] == "train") & (split["defect_type"] != "good")]
+    return sorted(set(zip(train["category"], train["defect_type"])))
+
+
 def _check_defectdiffu_masks(mask_source: str, split: pd.DataFrame, checkpoints: str | os.PathLike) -> None:
     """``generate.defectdiffu.mask_source`` must fit every type's fine-tune: ``module`` needs its mask
     generation module (``finetune.mask_module`` > 0), ``attention`` a model without TDIA."""
     from defectforge.diffusion.models import FINETUNE_FILE
 
-    train = split[(split["split"] == "train") & (split["defect_type"] != "good")]
-    for category, defect in sorted(set(zip(train["category"], train["defect_type"]))):
+    for category, defect in _train_types(split):
         meta_path = Path(checkpoints) / category / defect / FINETUNE_FILE
         if not meta_path.is_file():
             continue  # a missing checkpoint is reported when the method loads it
@@ -144,8 +149,7 @@ def _check_mask_models(split: pd.DataFrame, checkpoints: str | os.PathLike | Non
 
     if checkpoints is None:
         raise ParamsError("generate.target_placement: generated needs the finetune folder with mask models (finetune.mask_model)")
-    train = split[(split["split"] == "train") & (split["defect_type"] != "good")]
-    for category, defect in sorted(set(zip(train["category"], train["defect_type"]))):
+    for category, defect in _train_types(split):
         if placement_for is not None and placement_for(category, defect) != "generated":
             continue
         folder = Path(checkpoints) / category / defect / MASK_MODEL_DIR
