@@ -60,19 +60,30 @@ def main() -> None:
     ap.add_argument("--ddim-steps", type=int, default=20)
     ap.add_argument("--w-d", type=float, default=2.0)
     ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--source-split", default=None, help="the source category's split manifest (default: --split)")
+    ap.add_argument("--target-split", default=None, help="the target category's split manifest (default: --split)")
+    ap.add_argument("--source-model", default=None, help="an existing fine-tune of the source type (a fine-tune of --base)")
+    ap.add_argument("--target-model", default=None, help="an existing fine-tune of the target category (a fine-tune of --base)")
+    ap.add_argument("--reference", default=None, help="category/type of the target's split whose real defects are the reference "
+                    "(default: --target)")
+    ap.add_argument("--name", default="zero-shot", help="stem of the docs/ and bench/results/ files")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    sp = read_manifest(a.split).to_pandas()
-    src = Path(manifest_info(a.split)["dataset_root"])
+    splits = {}
+    for key, path in ((a.source, a.source_split or a.split), (a.target, a.target_split or a.split)):
+        splits[key] = (read_manifest(path).to_pandas(), Path(manifest_info(path)["dataset_root"]))
     work = Path(a.work)
     models = {}
     t0 = time.perf_counter()
-    for key in (a.source, a.target):
+    for key, given in ((a.source, a.source_model), (a.target, a.target_model)):
+        sp, src = splits[key]
         cat, dt = key.split("/")
-        out = work / cat / dt
+        out = Path(given) if given else work / cat / dt
         rows = sp[(sp.split == "train") & (sp.category == cat) & (sp.defect_type == dt)]
         goods = sp[(sp.split == "train") & (sp.category == cat) & (sp.defect_type == "good")]
         if not (out / "defectforge_finetune.json").is_file():
+            if given:
+                raise SystemExit(f"{given}: not a fine-tune folder (no defectforge_finetune.json)")
             finetune(a.base, [(read_image(src / r.image_path), read_mask(src / r.mask_path)) for r in rows.itertuples()], dt, out,
                      normals=[read_image(src / r.image_path) for r in goods.itertuples()], steps=a.steps, lr=3e-4, loss_norm="area",
                      attention_loss=3.0, cond_dropout_product=0.2, cond_dropout_defect=0.2, seed=0, device="cpu", progress=False)
@@ -80,21 +91,26 @@ def main() -> None:
     train_s = time.perf_counter() - t0
     s_cat, s_dt = a.source.split("/")
     t_cat, t_dt = a.target.split("/")
-    real_src = [(read_image(src / r.image_path), read_mask(src / r.mask_path)) for r in sp[(sp.category == s_cat) & (sp.defect_type == s_dt)].itertuples()]
-    real_tgt = [(read_image(src / r.image_path), read_mask(src / r.mask_path)) for r in sp[(sp.category == t_cat) & (sp.defect_type == t_dt)].itertuples()]
-    t_goods = sp[(sp.split == "train") & (sp.category == t_cat) & (sp.defect_type == "good")].sort_values("image_id")
-    s_goods = sp[(sp.split == "train") & (sp.category == s_cat) & (sp.defect_type == "good")].sort_values("image_id")
+    s_sp, s_src = splits[a.source]
+    t_sp, t_src = splits[a.target]
+    r_cat, r_dt = (a.reference or a.target).split("/")
+    real_src = [(read_image(s_src / r.image_path), read_mask(s_src / r.mask_path))
+                for r in s_sp[(s_sp.category == s_cat) & (s_sp.defect_type == s_dt)].itertuples()]
+    real_tgt = [(read_image(t_src / r.image_path), read_mask(t_src / r.mask_path))
+                for r in t_sp[(t_sp.category == r_cat) & (t_sp.defect_type == r_dt)].itertuples()]
+    t_goods = t_sp[(t_sp.split == "train") & (t_sp.category == t_cat) & (t_sp.defect_type == "good")].sort_values("image_id")
+    s_goods = s_sp[(s_sp.split == "train") & (s_sp.category == s_cat) & (s_sp.defect_type == "good")].sort_values("image_id")
     src_train_masks = [m for _, m in real_src[: max(1, len(real_src) // 2)]]
     zs = DefectDiffu(DefectDiffuConfig(steps=a.ddim_steps, w_p=1.0, w_d=a.w_d, real_range=False, device="cpu", mask_source="target"))
     ctrl = DefectDiffu(DefectDiffuConfig(steps=a.ddim_steps, w_p=1.0, w_d=0.0, real_range=False, device="cpu", mask_source="target"))
     rows, tiles = [], []
     t0 = time.perf_counter()
     for k in range(a.n):
-        normal = read_image(src / t_goods.iloc[k % len(t_goods)].image_path)
+        normal = read_image(t_src / t_goods.iloc[k % len(t_goods)].image_path)
         mask, _ = sample_target_mask(src_train_masks, normal, np.random.default_rng(k))
         z = zs.zero_shot(normal, mask, s_dt, k, target=models[a.target], source=models[a.source])
         c = ctrl.zero_shot(normal, mask, s_dt, k, target=models[a.target], source=models[a.source])
-        home_img = read_image(src / s_goods.iloc[k % len(s_goods)].image_path)
+        home_img = read_image(s_src / s_goods.iloc[k % len(s_goods)].image_path)
         home_mask, _ = sample_target_mask(src_train_masks, home_img, np.random.default_rng(k))
         h = zs._generate(models[a.source], home_img, home_mask, s_dt, k)
         rows.append({"seed": k, "zero_shot": contrast(z.image, mask), "product_only": contrast(c.image, mask), "home": contrast(h.image, home_mask),
@@ -109,22 +125,24 @@ def main() -> None:
     half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))
     summary = {"paired_contrast_diff_mean": float(diffs.mean()), "ci95": [float(diffs.mean() - half), float(diffs.mean() + half)],
                "n": len(diffs), "finetune_seconds": round(train_s, 1), "seconds_per_sample_3_generations": round(gen_s, 2)}
-    (ROOT / "bench/results/zero-shot.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows, "reference": ref, "summary": summary}, indent=2) + "\n")
-    render(tiles, real_src, ROOT / "docs/zero-shot.png", a)
+    (ROOT / f"bench/results/{a.name}.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows, "reference": ref, "summary": summary}, indent=2) + "\n")
+    render(tiles, real_src, ROOT / f"docs/{a.name}.png", a)
     med = lambda v: float(np.median(v))  # noqa: E731
     per = lambda key: ", ".join(f"{r[key]:.1f}" for r in rows)  # noqa: E731
     lines = [
         f"# DefectDiffu zero-shot (Eq. 12): {a.source} painted on {t_cat}", "",
-        "Run by `bench/zero_shot.py " + " ".join(sys.argv[1:]) + "` on a 2-core CPU, built-in sample, tiny profile. Two fine-tunes of the "
-        f"make-run base ({a.steps} steps each, Algorithm 1's condition dropout p_1 = p_2 = 0.2, area-normed loss + attention loss 3.0): "
-        f"{a.source} (the source defect) and {a.target} (the target category's product terms). No real {t_cat} image with a {s_dt} exists; "
+        "Run by `bench/zero_shot.py " + " ".join(sys.argv[1:]) + "` on a 2-core CPU, tiny profile. Two fine-tunes of one base "
+        f"(`{a.base}`; Algorithm 1's condition dropout p_1 = p_2 = 0.2): {a.source} (the source defect"
+        + (f", `{a.source_model}`" if a.source_model else f", {a.steps} steps, area-normed loss + attention loss 3.0") + f") and {a.target} "
+        "(the target category's product terms" + (f", `{a.target_model}`" if a.target_model else f", {a.steps} steps, area-normed loss + attention loss 3.0")
+        + f"). No real {t_cat} image with a {s_dt} exists; "
         f"the target masks are {s_dt} shapes placed on {t_cat}. {a.ddim_steps} DDIM steps, w_p = 1.", "",
-        "![zero-shot](zero-shot.png)", "",
+        f"![zero-shot]({a.name}.png)", "",
         f"Columns: {t_cat} image | product only (Eq. 12, w_d = 0) | zero-shot (w_d = {a.w_d}) | the source model at home (Eq. 4 on {s_cat}) | target mask; "
         f"last row: real {a.source} (held out and train).", "",
         "| measure (in-mask mean grey level minus a 4-px ring) | median | per seed |", "| --- | --- | --- |",
         f"| real {a.source} | {med(ref['real_source']):.1f} | - |",
-        f"| real {a.target} | {med(ref['real_target_defect']):.1f} | - |",
+        f"| real {r_cat}/{r_dt} | {med(ref['real_target_defect']):.1f} | - |",
         f"| product only (w_d = 0) on {t_cat} | {med([r['product_only'] for r in rows]):.1f} | {per('product_only')} |",
         f"| zero-shot (w_d = {a.w_d}) on {t_cat} | {med([r['zero_shot'] for r in rows]):.1f} | {per('zero_shot')} |",
         f"| source model at home (Eq. 4) | {med([r['home'] for r in rows]):.1f} | {per('home')} |",
@@ -134,7 +152,7 @@ def main() -> None:
         f"product only {np.mean([r['product_only_change'] for r in rows]):.1f}, zero-shot {np.mean([r['zero_shot_change'] for r in rows]):.1f} grey levels.",
         f"Fine-tuning both models: {summary['finetune_seconds']} s; {summary['seconds_per_sample_3_generations']} s per seed for the three generations.",
     ]
-    out = ROOT / "docs/zero-shot.md"
+    out = ROOT / f"docs/{a.name}.md"
     if out.exists() and "\n## Findings" in out.read_text():
         old = out.read_text()
         lines += ["", old[old.index("## Findings"):].rstrip()]

@@ -142,6 +142,7 @@ class FinetuneParams(_Section):
     mask_model_resolution: int = Field(64, ge=8, le=1024)  # whole-image masks squashed to R x R (diffusion kind)
     mask_tokens: int = Field(4, ge=1, le=64)              # k', tokens of the mask embedding e_m (textual-inversion kind)
     mask_model_flip: bool = True                          # left-right / up-down flips of the few real masks
+    mask_model_downsample: Literal["cover", "area"] = "cover"  # cover: a pixel is defect when any pixel under it is
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(1, ge=1, le=64)                  # processes fine-tuning defect types side by side (same bytes as 1)

@@ -14,8 +14,10 @@ from defectforge.masks.generated import (
     _scheduler,
     eq9_loss,
     load_mask_model,
+    in_shape_range,
     masks_to_tensor,
     save_mask_model,
+    shape_range,
     tensor_to_mask,
     train_mask_model,
 )
@@ -101,14 +103,70 @@ def test_sampler_with_the_exact_noise_returns_the_mask():
     assert out is not None and (out == m).mean() > 0.995
 
 
-def test_area_resize_keeps_a_thin_crack():
+def test_cover_and_area_downsampling_of_a_thin_crack():
     m = np.zeros((256, 256), bool)
     m[:, 100] = True  # one pixel wide: 1/4 of a 64-px cell
-    x = masks_to_tensor([m], 64)
-    assert x.shape == (1, 1, 64, 64)
-    assert (x[0, 0, :, 25] > -1).all() and float(x[0, 0, 0, 25]) == pytest.approx(-0.5)  # share 1/4 -> -0.5
-    assert (x[0, 0, :, 40] == -1).all()
+    m[40:43, 202:205] = True  # a 3 x 3 pit across columns 50 and 51 of the 64-px grid
+    area = masks_to_tensor([m], 64, "area")
+    assert area.shape == (1, 1, 64, 64)
+    assert (area[0, 0, :, 25] > -1).all() and float(area[0, 0, 0, 25]) == pytest.approx(-0.5)  # share 1/4 -> -0.5
+    # cover (the default): the crack is a line at full strength, the pit a defect pixel in every cell it touches
+    cover = masks_to_tensor([m], 64)
+    assert (cover[0, 0, :, 25] == 1).all()
+    assert (cover[0, 0, 10, 50:52] == 1).all() and cover[0, 0, 10, 49] == -1 and cover[0, 0, 10, 52] == -1
+    assert int((cover == 1).sum()) == 64 + 2
+    for x in (area, cover):
+        assert (x[0, 0, :, 40] == -1).all()
+    # thresholded at the middle of the value range, the cover line survives a round trip; the area line does not
+    assert tensor_to_mask(cover[0], (256, 256))[:, 100].all()
+    assert not tensor_to_mask(area[0], (256, 256))[:, 90:110].any()
     assert tensor_to_mask(torch.ones(1, 4, 4), (10, 7)).shape == (10, 7)
+    with pytest.raises(ValueError, match="downsample"):
+        masks_to_tensor([m], 64, "nearest")
+
+
+def _disc(n=64, cy=32, cx=32, r=8):
+    yy, xx = np.mgrid[:n, :n]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_shape_range_by_hand_and_the_gate():
+    from defectforge.metrics.mask_shapes import elongation
+
+    lines = [np.zeros((64, 64), bool) for _ in range(3)]
+    for i, m in enumerate(lines):
+        m[10 : 40 + 5 * i, 20 + i] = True  # 30, 35, 40 px long, one wide
+    rng = shape_range(lines)
+    areas = [np.log10(m.mean()) for m in lines]
+    els = [elongation(m) for m in lines]
+    assert rng["log10_area"] == pytest.approx([min(areas) - 0.25, max(areas) + 0.25])
+    assert rng["elongation"] == pytest.approx([min(els) - 0.10, min(1.0, max(els) + 0.10)])
+    assert min(els) > 0.9 and elongation(_disc()) < 0.05
+    assert in_shape_range(lines[0], rng)
+    disc = _disc(r=4)  # about the lines' area, but round: a fat oval for a type of lines
+    assert abs(np.log10(disc.mean()) - np.mean(areas)) < 0.25
+    assert not in_shape_range(disc, rng)  # elongation outside
+    long_line = np.zeros((64, 64), bool)
+    long_line[:, 5:13] = True  # a line, 10x the area
+    assert not in_shape_range(long_line, rng)  # area outside
+    assert not in_shape_range(np.zeros((64, 64), bool), rng)
+    assert in_shape_range(disc, None)  # a model saved without a range accepts any non-empty draw
+
+
+def test_sample_redraws_outside_the_shape_range():
+    """A model whose every draw is a disc: accepted for a type of discs, refused (None) for a type of lines."""
+    sched = _scheduler()
+    x0 = masks_to_tensor([_disc(64, 30, 34, 6)], 32)
+    model = MaskModel("diffusion", 32, sched, unet=_OracleUNet(x0))
+    lines = [np.zeros((64, 64), bool) for _ in range(2)]
+    lines[0][5:50, 10] = True
+    lines[1][8:60, 40:42] = True
+    model.meta = {"shape_range": shape_range([_disc(64, 20, 20, 5), _disc(64, 40, 30, 7)])}
+    out = model.sample((64, 64), seed=0, steps=10)
+    assert out is not None and (out == _disc(64, 30, 34, 6)).mean() > 0.99
+    model.meta = {"shape_range": shape_range(lines)}
+    assert model.sample((64, 64), seed=0, steps=10, tries=3) is None
+    assert model.sample((64, 64), seed=0, steps=10, gate=False) is not None
 
 
 def test_diffusion_mask_model_learns_shape_and_place(tmp_path):
@@ -116,6 +174,7 @@ def test_diffusion_mask_model_learns_shape_and_place(tmp_path):
     masks = [_square(32, 2 + d, 3 + d, 10, 12) for d in (0, 1, 0, 1)]
     model = train_mask_model(masks, kind="diffusion", resolution=16, steps=300, batch_size=8, flip=False, seed=0, lr=3e-3)
     assert model.meta["metrics"]["loss_last"] < model.meta["metrics"]["loss_first"]
+    assert model.meta["downsample"] == "cover" and model.meta["shape_range"] == shape_range(masks)
     ref = _square(32, 2, 3, 11, 13)
     ious = []
     for s in range(4):
@@ -176,13 +235,14 @@ def test_finetune_stage_trains_a_mask_model_per_type(sample_manifests, tiny_base
     pre = tmp_path / "pre"
     pre.mkdir()
     (pre / BASE_POINTER).write_text(json.dumps({"profile": "tiny", "base": str(tiny_base)}))
-    out = run_finetune(FinetuneParams(steps=1, batch_size=2, mask_model="diffusion", mask_model_steps=3, mask_model_resolution=16, device="cpu"),
-                       split, pre, tmp_path / "ft", progress=False)
+    out = run_finetune(FinetuneParams(steps=1, batch_size=2, mask_model="diffusion", mask_model_steps=3, mask_model_resolution=16,
+                                      mask_model_downsample="area", device="cpu"), split, pre, tmp_path / "ft", progress=False)
     index = json.loads((out / "checkpoints.json").read_text())
     assert index
     for key, entry in index.items():
         model = load_mask_model(out / entry["path"] / MASK_MODEL_DIR)
         assert model.kind == "diffusion" and model.resolution == 16 and entry["metrics"]["mask_model"]["steps"] == 3
+        assert model.meta["downsample"] == "area" and set(model.meta["shape_range"]) == {"log10_area", "elongation"}
     without = run_finetune(FinetuneParams(steps=1, batch_size=2, device="cpu"), split, pre, tmp_path / "ft2", progress=False)
     assert not list(without.rglob("mask_model.json"))
 

@@ -24,10 +24,19 @@ Masks are whole-image masks squashed to ``resolution`` x ``resolution``, so the 
 learns shape *and* position together (Fray on the edges, blowholes on the face), as the
 paper's full-frame masks do; a drawn mask is resized back to the target image's size
 and thresholded at the middle of the value range. Training masks are downsampled by
-area (a pixel's value is the share of defect it covers, mapped to [-1, 1]), which keeps
-thin cracks as faint lines instead of dropping them. Horizontal and vertical flips
-augment the few real masks (``flip``; a part whose defects sit on one side only wants
-``flip: false``).
+``cover`` (a low-resolution pixel is defect when any pixel under it is: max pooling), so a
+crack one source pixel wide stays a connected line at full strength and a pit of a few
+pixels stays a dot; ``area`` (a pixel's value is the share of defect it covers) keeps
+thin shapes only as faint lines, which the threshold at the middle then drops: a quarter
+of Magnetic Tile's blowhole draws came out empty that way (docs/generated-masks.md).
+Horizontal and vertical flips augment the few real masks (``flip``; a part whose defects
+sit on one side only wants ``flip: false``).
+
+A per-draw shape gate: the model records the range of log10 area share and elongation
+(:mod:`defectforge.metrics.mask_shapes`) its training masks span, widened by a margin, and
+:meth:`MaskModel.sample` redraws a mask outside it (a fat oval for a type whose real masks
+are all lines, a slab ten times the largest real one); when every try is outside, the
+caller falls back to an augmented real mask and the row's ``mask_origin`` says so.
 
 A model is written with ``save_pretrained`` conventions: ``mask_model.json`` (kind,
 resolution, base reference, training metrics) plus safetensors weights (the UNet
@@ -54,21 +63,53 @@ MASK_MODEL_META = "mask_model.json"
 MASK_EMBEDDING = "mask_embedding.safetensors"
 FORMAT = "defectforge-mask-model/1"
 KINDS = ("diffusion", "textual-inversion")
+DOWNSAMPLES = ("cover", "area")
+AREA_MARGIN = 0.25  # decades of area share beyond the real masks' range the gate still accepts
+ELONGATION_MARGIN = 0.10
 
 
 # ------------------------------------------------------------------ data
 
 
-def masks_to_tensor(masks: list[np.ndarray], resolution: int) -> torch.Tensor:
-    """Whole-image bool masks -> (N, 1, R, R) in [-1, 1]: the share of defect under each pixel (area resize)."""
+def masks_to_tensor(masks: list[np.ndarray], resolution: int, downsample: str = "cover") -> torch.Tensor:
+    """Whole-image bool masks -> (N, 1, R, R) in [-1, 1]: ``cover`` marks a pixel defect when any
+    pixel under it is (max pooling); ``area`` gives the share of defect under it."""
+    if downsample not in DOWNSAMPLES:
+        raise ValueError(f"mask model downsample must be one of {DOWNSAMPLES}, got {downsample!r}")
     out = []
     for i, m in enumerate(masks):
         m = np.asarray(m).astype(bool)
         if m.ndim != 2 or not m.any():
             raise DataError(f"mask model: training mask {i} is empty or not 2-D ({m.shape})")
         t = torch.from_numpy(m.astype(np.float32))[None, None]
-        out.append(F.interpolate(t, size=(resolution, resolution), mode="area")[0])
+        if downsample == "cover":
+            out.append(F.adaptive_max_pool2d(t, (resolution, resolution))[0])
+        else:
+            out.append(F.interpolate(t, size=(resolution, resolution), mode="area")[0])
     return torch.stack(out) * 2.0 - 1.0
+
+
+def shape_range(masks: list[np.ndarray]) -> dict[str, list[float]]:
+    """The gate of :meth:`MaskModel.sample`: [min, max] of the masks' log10 area share and
+    elongation, widened by ``AREA_MARGIN`` decades and ``ELONGATION_MARGIN``."""
+    from defectforge.metrics.mask_shapes import elongation
+
+    area = [float(np.log10(np.asarray(m, bool).mean())) for m in masks]
+    el = [elongation(np.asarray(m, bool)) for m in masks]
+    return {"log10_area": [min(area) - AREA_MARGIN, max(area) + AREA_MARGIN],
+            "elongation": [max(0.0, min(el) - ELONGATION_MARGIN), min(1.0, max(el) + ELONGATION_MARGIN)]}
+
+
+def in_shape_range(mask: np.ndarray, rng: dict | None) -> bool:
+    """True for a non-empty mask inside ``rng`` (:func:`shape_range`); no range accepts any non-empty mask."""
+    if not mask.any():
+        return False
+    if not rng:
+        return True
+    from defectforge.metrics.mask_shapes import elongation
+
+    a, e = float(np.log10(mask.mean())), elongation(mask)
+    return rng["log10_area"][0] <= a <= rng["log10_area"][1] and rng["elongation"][0] <= e <= rng["elongation"][1]
 
 
 def tensor_to_mask(x: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
@@ -147,9 +188,11 @@ class MaskModel:
         return self.comps.eps(z_t, t, self.e_m[None].expand(z_t.shape[0], -1, -1), None, ones)
 
     @torch.no_grad()
-    def sample(self, shape: tuple[int, int], seed: int, *, steps: int = 50, tries: int = 8) -> np.ndarray | None:
+    def sample(self, shape: tuple[int, int], seed: int, *, steps: int = 50, tries: int = 8, gate: bool = True) -> np.ndarray | None:
         """A bool mask of ``shape`` drawn by DDIM (``steps``) from seeded noise; None when
-        ``tries`` draws all come out empty (the caller falls back and says so)."""
+        ``tries`` draws all come out empty or, with ``gate``, outside the training masks'
+        shape range (``meta["shape_range"]``; the caller falls back and says so)."""
+        rng = self.meta.get("shape_range") if gate else None
         gen = torch.Generator().manual_seed(int(seed))
         sched = ddim_schedule(self.scheduler, steps)
         for _ in range(tries):
@@ -163,7 +206,7 @@ class MaskModel:
                     eps = (z - st.alpha_t ** 0.5 * x0) / (1 - st.alpha_t) ** 0.5
                 z = ddim_step(z, eps, st.alpha_t, st.alpha_prev)
             m = tensor_to_mask(self.decode(z)[0], shape)
-            if m.any():
+            if in_shape_range(m, rng):
                 return m
         return None
 
@@ -194,7 +237,7 @@ def eq9_loss(model: MaskModel, z0: torch.Tensor, t: torch.Tensor, eps: torch.Ten
 
 def train_mask_model(masks: list[np.ndarray], *, kind: str = "diffusion", comps=None, resolution: int = 64, tokens: int = 4,
                      steps: int = 1500, lr: float | None = None, batch_size: int = 8, flip: bool = True, seed: int = 0,
-                     progress: bool = False) -> MaskModel:
+                     downsample: str = "cover", progress: bool = False) -> MaskModel:
     """Fit a mask model of ``kind`` on one type's real training masks (the loss of Eq. 9).
 
     ``textual-inversion`` needs ``comps`` (the frozen base; its UNet gets no gradient)
@@ -217,7 +260,7 @@ def train_mask_model(masks: list[np.ndarray], *, kind: str = "diffusion", comps=
         model = MaskModel(kind, resolution, _scheduler(), unet=tiny_mask_unet(resolution, seed))
         model.unet.train()
         params, lr = list(model.unet.parameters()), lr or 1e-3
-    data = masks_to_tensor(masks, resolution).to(model.device)
+    data = masks_to_tensor(masks, resolution, downsample).to(model.device)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     alphas = model.scheduler.alphas_cumprod.to(model.device)
@@ -242,7 +285,7 @@ def train_mask_model(masks: list[np.ndarray], *, kind: str = "diffusion", comps=
         losses.append(float(loss.detach()))
     k = max(1, len(losses) // 10)
     model.meta = {"format": FORMAT, "kind": kind, "resolution": resolution, "tokens": tokens if kind == "textual-inversion" else None,
-                  "flip": flip, "trained": True,
+                  "flip": flip, "downsample": downsample, "shape_range": shape_range(masks), "trained": True,
                   "metrics": {"steps": steps, "batch_size": batch_size, "lr": lr, "n_masks": len(masks), "seed": seed,
                               "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:]))}}
     if model.unet is not None:

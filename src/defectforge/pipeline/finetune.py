@@ -101,6 +101,6 @@ def _train_one(p: FinetuneParams, base, root: Path, tmp: Path, category: str, de
             print(f"finetune {category}/{defect}: mask model ({p.mask_model}), {p.mask_model_steps} steps", flush=True)
         metrics["mask_model"] = fit_mask_model(
             base, [m for _, m in defects], target / MASK_MODEL_DIR, kind=p.mask_model, device=p.device, resolution=p.mask_model_resolution,
-            tokens=p.mask_tokens, steps=p.mask_model_steps, batch_size=p.batch_size, flip=p.mask_model_flip, seed=p.seed, progress=progress,
+            tokens=p.mask_tokens, steps=p.mask_model_steps, batch_size=p.batch_size, flip=p.mask_model_flip, downsample=p.mask_model_downsample, seed=p.seed, progress=progress,
         )
     return file_metrics(metrics)

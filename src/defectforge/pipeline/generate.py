@@ -392,7 +392,7 @@ def generate_shards(
             target, placed = None, type_placement
             if mask_model is not None:
                 target = mask_model.sample(normal.shape[:2], spec.seed)
-                placed = f"generated/{mask_model.kind}" if target is not None else "foreground (mask model drew only empty masks)"
+                placed = f"generated/{mask_model.kind}" if target is not None else "foreground (mask model drew no mask inside the real shape range)"
             if target is None:
                 target, _ = sample_target_mask([m for _, m in real_defects[key]], normal, rng, placement=type_placement if type_placement != "generated" else "foreground",
                                                    prior=prior, **method.target_mask_options())
