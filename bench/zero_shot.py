@@ -12,6 +12,16 @@ the same target mask (a brick-hole shape placed on the gravel):
 * ``brick hole at home`` - Eq. 4 with the brick-hole model on a brick image (what the
   direction paints where it was learned).
 
+Across datasets (Magnetic Tile has one product): ``--source-split`` / ``--target-split`` take the
+two categories from two split manifests, ``--source-model`` / ``--target-model`` reuse existing
+fine-tunes (of the same ``--base``), ``--reference`` names the real defects to compare with, and
+``--name`` the output files, e.g. a brick hole on the tile:
+
+    .venv/bin/python bench/zero_shot.py --split data/manifests/split.parquet --target-split /tmp/mt/split.parquet \
+        --base /tmp/mt/models/base-be8796f19a98/model --source brick/hole --target magnetic-tile/break \
+        --target-model /tmp/mt/models/finetune-all-fd6dee57cb94/magnetic-tile/break --reference magnetic-tile/blowhole \
+        --name zero-shot-brick-on-tile
+
 Measured per sample: the in-mask contrast (mean grey level inside the mask minus the
 mean of a 4-px ring around it), against the real brick holes' and the real gravel
 stains'. Writes docs/zero-shot.md, docs/zero-shot.png and bench/results/zero-shot.json.
