@@ -149,7 +149,7 @@ def write(a, results: dict, grid_rows) -> None:
         lines.append(f"| {d} | real train vs held out (floor) | {f['area']:.3f} | {f['elongation']:.3f} | {f['position']:.3f} |")
         for k, v in r["sources"].items():
             lines.append(f"| {d} | {k} | {cell(v['area'])} | {cell(v['elongation'])} | {cell(v['position'])} |")
-    lines += ["", "| type | real masks train / held out | mask model: training s | s per draw (all sources) | empty draws | loss first -> last |",
+    lines += ["", "| type | real masks train / held out | mask model: training s | s per draw (all sources) | draws with no mask in the shape range (8 tries; fallback) | loss first -> last |",
               "| --- | --- | --- | --- | --- | --- |"]
     for d, r in results.items():
         m = r["model"]["metrics"]

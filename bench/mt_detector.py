@@ -88,7 +88,11 @@ def main() -> None:
               "runs": [{k: row.get(k) for k in ("category", "defect_type", "run", "seed", "image_auroc", "pixel_auroc", "pixel_ap", "aupro", "seconds")} for row in det["runs"]]}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    Path(a.md).write_text(markdown(result, " ".join(["bench/mt_detector.py", *(["--copy-paste", str(a.copy_paste)] if a.copy_paste else []), "--seeds", *map(str, a.seeds)])))
+    if a.merge:  # the runs were made by one process per workdir; this one pooled them
+        cmd = ["bench/mt_detector.py", "--merge", *a.merge]
+    else:
+        cmd = ["bench/mt_detector.py", *(["--copy-paste", str(a.copy_paste)] if a.copy_paste else []), "--seeds", *map(str, a.seeds)]
+    Path(a.md).write_text(markdown(result, " ".join(cmd), a.json))
     print(f"{a.json}, {a.md} ({seconds} s)")
 
 
@@ -115,9 +119,11 @@ def merge_details(paths: list[Path]) -> dict:
         per_type[cat] = {dt: {run: _seed_summary([r for r in mine if r["run"] == run and r["defect_type"] == dt]) for run in runs}
                          for dt in sorted({r["defect_type"] for r in mine} - {"all"})}
     # wall time of the parallel processes: the longest one (training seconds summed per process)
-    seconds = max(sum(r["seconds"] for r in d["runs"] if r["defect_type"] == "all") for d in parts)
+    # (a workdir's details.json may not carry per-run seconds: then the wall time is unknown here)
+    secs = [sum(r.get("seconds") or 0 for r in d["runs"] if r["defect_type"] == "all") for d in parts]
+    seconds = round(max(secs), 1) if max(secs) > 0 else None
     return {"comparisons": comparisons, "learned": learned, "per_category": per_cat, "per_defect_type": per_type, "runs": rows,
-            "budget": {**parts[0]["budget"], "seeds": seeds}, "seconds": round(seconds, 1)}
+            "budget": {**parts[0]["budget"], "seeds": seeds}, "seconds": seconds}
 
 
 def _ci(c: dict | None) -> str:
@@ -127,7 +133,7 @@ def _ci(c: dict | None) -> str:
     return f"{c['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo is not None else f"{c['mean_diff']:+.3f} [unbounded]"
 
 
-def markdown(r: dict, cmd: str) -> str:
+def markdown(r: dict, cmd: str, json_path: str = "bench/results/mt-detector.json") -> str:
     from defectforge.detector.compare import t_interval
 
     comp = {(c["category"], c["defect_type"], c["method"], c["metric"]): c for c in r["comparisons"]}
@@ -135,7 +141,7 @@ def markdown(r: dict, cmd: str) -> str:
     lines = [
         "# Magnetic Tile: does synthetic data help the detector? (paired seeds, 95 % intervals)",
         "",
-        f"Run by `{cmd}` on a 2-core CPU; {r['seconds']} s. Split: the library's (`{r['split']}`). Synthetic manifests: "
+        f"Run by `{cmd}` on a 2-core CPU" + (f"; {r['seconds']} s" if r.get("seconds") is not None else "") + f". Split: the library's (`{r['split']}`). Synthetic manifests: "
         f"{', '.join(f'`{x}`' for x in r['synthetic'])}. "
         f"Seeds {p['seeds']}: per seed, real-only and real+method start from the same weights, see the real images in the same "
         f"order and take the same number of steps (epochs x ceil(n_real / batch)). Detector: U-Net on images "
@@ -177,7 +183,9 @@ def markdown(r: dict, cmd: str) -> str:
         pa, au, ia = (comp.get((cat, dt, method, m)) for m in ("pixel_ap", "aupro", "image_auroc"))
         lines.append(f"| {cat} | {dt} | {method} | {_ci(pa)} | {pa['verdict'] if pa else '-'} | {_ci(au)} | {au['verdict'] if au else '-'} | "
                      f"{_ci(ia)} | {ro['pixel_ap']:.3f} ± {ro['pixel_ap_std'] or 0:.3f} | {ro['aupro']:.3f} ± {ro['aupro_std'] or 0:.3f} |")
-    lines += ["", "Numbers: `bench/results/mt-detector.json` (every seed's metrics are in the run's `detector/details.json`).", ""]
+    shown = Path(json_path).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    lines += ["", f"Numbers: `{shown}` (every seed's metrics are in the run's `detector/details.json`).", ""]
     return "\n".join(lines)
 
 
