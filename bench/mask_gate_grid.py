@@ -4,7 +4,7 @@
 
 Per defect type: ``draws`` single draws of the type's mask model with the gate off, split by
 :func:`defectforge.masks.generated.in_shape_range` against the range of the type's real
-training masks (:func:`shape_range`), next to the real training masks. Writes
+training masks (the model's stored ``shape_range``), next to the real training masks. Writes
 docs/generated-masks-gate.png and prints the counts and the refused draws' area and elongation.
 A folder holds ``<type>/mask_model.json`` or ``<type>/mask_model/mask_model.json``.
 """
@@ -41,9 +41,10 @@ def main() -> None:
     rows = []
     for d in a.defects:
         real = [read_mask(src / r.mask_path) for r in sp[(sp.split == "train") & (sp.defect_type == d)].itertuples()]
-        rng = shape_range([m for m in real if m.any()])
         folder = Path(a.models) / d
         model = load_mask_model(folder / MASK_MODEL_DIR if (folder / MASK_MODEL_DIR).is_dir() else folder)
+        # the range the gate uses in generate; a model saved before the gate existed gets it from the real masks
+        rng = model.meta.get("shape_range") or shape_range([m for m in real if m.any()])
         kept, refused = [], []
         for j in range(a.draws):
             normal = read_image(src / goods.iloc[j % len(goods)].image_path)
