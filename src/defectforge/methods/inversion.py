@@ -51,6 +51,19 @@ gray_steps=False, feather=0, paste="crop"``; measured in docs/realism-ablation.m
   quantiles of the type's real training defects' in-mask pixels (``prepare`` reads them;
   :meth:`~defectforge.methods.base.DiffusionMethod.x0_bound`). [-1, 1] still lets the
   floor of a pit reach pure black where no real pit does (the built-in brick holes, issue 8).
+* What may be bounded. The background branch z^m_t is the DDIM path of the masked
+  normal latent z_0^m = (1 - m) z_0: by Lemma 1 its clean estimate is (1 - m) z_0, exactly
+  0 inside m, and Eq. (12)'s masked self-attention and Proposition 1 rest on
+  m * z^m_t = 0 for every t. A bound may act on z^m only where it cannot move that
+  target: outside m, the image range [-1, 1] (``latent_bound`` on latent profiles) and,
+  for a grey source, the grey axis. The defect's value range [lo, hi] is not one of
+  them (inside m it would clamp x0^ = 0 into [lo, hi], which excludes 0 for a dark pit
+  on a bright surface, and fill z^m with the defect's grey), nor is the chroma bound (a
+  1 % / 99 % quantile range: about 2 % of the real background lies outside it). So z^m
+  gets the [-1, 1] / grey bound, multiplied by (1 - m); z* gets the same bound outside
+  the (soft) mask, where Eq. (9)'s eps* is z^m's, so the two stay equal there
+  (Proposition 1), and the real range and the chroma bound only inside it, where the
+  defect is painted.
 * ``gray_steps`` (default on): for a grayscale source x0^ is projected onto the grey
   axis inside every step, not only at the end: colour never builds up along the path.
 * ``feather`` (sigma in px, default 1.5): Eq. (9)'s mix, the blend with the inversion
@@ -117,7 +130,10 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
     :func:`~defectforge.diffusion.ddim.bound_eps`), ``gray`` (x0^ on the grey axis),
     ``soft`` (feathered weights replacing m in Eq. 9's mix and in the path blend; the
     UNet's mask and Theorem 1's noise stay binary), ``noised_background`` (the defect
-    branch sees sqrt(a_t) z_0 + sqrt(1 - a_t) eps outside m, Eq. 6, as in training).
+    branch sees sqrt(a_t) z_0 + sqrt(1 - a_t) eps outside m, Eq. 6, as in training),
+    ``chroma`` (x0^'s colour bounded to the source's gamut). The real range and ``chroma``
+    bind z* inside the (soft) mask only; z^m gets the [-1, 1] / grey bound times (1 - m),
+    so m * z^m_t = 0 at every step (module docstring, "What may be bounded").
     """
     noise = torch.randn(z_T_m.shape, generator=generator).to(z_T_m.device, z_T_m.dtype)
     z_star = z_T_m + m * noise  # Theorem 1
@@ -132,6 +148,7 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
         ctx.append(cg)
         kinds.append(kg)
     ctx, kinds = torch.cat(ctx), torch.stack(kinds)
+    bg_bound = 1.0 if isinstance(bound, tuple) else bound  # the per-pixel maps are [-1, 1] outside the mask
     sched = ddim_schedule(comps.scheduler, steps)
     first_captured = int(round((1 - attention_fraction) * len(sched)))
     for i, st in enumerate(sched):
@@ -147,9 +164,14 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
         eps_bg = eps[0:1]  # eps(z^m_t, t, C_2)
         eps_def = guided(eps[1:2], eps[2:3], guidance) if use_good else eps[1:2]  # eps(z*_t, t, C_1), guided
         eps_star = (1 - ms) * eps_bg + ms * eps_def  # Eq. (9)
-        eps_star = bound_eps(z_star, eps_star, st.alpha_t, bound, gray, chroma)
+        if chroma is not None:  # the colour gamut binds the defect only: outside the (soft) mask eps* is z^m's
+            eps_star = torch.where(ms > 0, bound_eps(z_star, eps_star, st.alpha_t, bound, gray, chroma),
+                                   bound_eps(z_star, eps_star, st.alpha_t, bound, gray))
+        else:
+            eps_star = bound_eps(z_star, eps_star, st.alpha_t, bound, gray)
         z_star = ddim_step(z_star, eps_star, st.alpha_t, st.alpha_prev)  # Eq. (9) = Eq. (3) with eps*
-        z_m = ddim_step(z_m, bound_eps(z_m, (1 - m) * eps_bg, st.alpha_t, bound, gray, chroma), st.alpha_t, st.alpha_prev)
+        eps_m = (1 - m) * bound_eps(z_m, (1 - m) * eps_bg, st.alpha_t, bg_bound, gray)  # m * z^m_t = 0 (Eq. 12, Prop. 1)
+        z_m = ddim_step(z_m, eps_m, st.alpha_t, st.alpha_prev)
         if trajectory is not None:
             z_m = trajectory[len(sched) - 1 - i]
             z_star = (1 - ms) * z_m + ms * z_star
