@@ -131,12 +131,30 @@ def _oracle_comps():
     return comps
 
 
-def _hand_w(y, x0, m):
-    """Eq. 7 written out: per-pixel squared difference, f = 1/x or -inf, softmax over pixels, times ||m||_1."""
-    d = ((m * y - m * x0) ** 2).sum(1).flatten()
-    f = torch.full_like(d, float("-inf"))
-    f[d != 0] = 1.0 / d[d != 0]
-    return (m.sum() * torch.exp(f - f.max()) / torch.exp(f - f.max()).sum()).view(1, 1, R, R)
+def _hand_dilate(m, r):
+    """Square dilation by r pixels, written out with scipy (the code under test max-pools)."""
+    from scipy.ndimage import binary_dilation
+
+    if r <= 0:
+        return m.clone()
+    out = binary_dilation(m[0, 0].numpy() > 0, structure=np.ones((2 * r + 1, 2 * r + 1), bool))
+    return torch.from_numpy(out.astype(np.float32))[None, None]
+
+
+def _hand_r(t, width):
+    return int((t + 100) * 8 * width / 32 // 1000)  # the authors' (t + 100) * 8 // 1000 on a 32-px latent
+
+
+def _hand_w(zt, z0, m):
+    """Eq. 7 as the authors' code computes it: d = mean_c (m (z_t - z_0))^2, linear normalisation of
+    1/d times ||m||_1, clamped to [1, 1.5] inside m, 1 outside."""
+    d = ((m * (zt - z0)) ** 2).mean(1).flatten()
+    inside = (m.flatten() > 0) & (d > 0)
+    inv = torch.zeros_like(d)
+    inv[inside] = 1.0 / d[inside]
+    w = torch.ones_like(d)
+    w[inside] = (m.sum() * inv[inside] / inv.sum()).clamp(1.0, 1.5)
+    return w.view(1, 1, R, R)
 
 
 @pytest.mark.parametrize("reweight", [True, False])
@@ -145,11 +163,11 @@ def test_sampler_follows_eq1_eq7_eq8_by_hand(reweight):
     g = torch.Generator().manual_seed(5)
     y = torch.rand(1, 3, R, R, generator=g) * 2 - 1
     m = torch.zeros(1, 1, R, R)
-    m[..., 4:10, 3:12] = 1
+    m[..., 6:9, 5:10] = 1
     e = torch.randn(1, 6, 8, generator=g)
     steps = 4
     log = []
-    got = sample_anomalydiffusion(comps, y, y, m, m, e, steps, torch.Generator().manual_seed(9), reweight=reweight, log=log)
+    got = sample_anomalydiffusion(comps, y, m, e, steps, torch.Generator().manual_seed(9), reweight=reweight, log=log)
 
     # by hand
     comps.scheduler.set_timesteps(steps)
@@ -164,23 +182,105 @@ def test_sampler_follows_eq1_eq7_eq8_by_hand(reweight):
 
     noise = torch.randn(y.shape, generator=gen)
     z = alphas[0] ** 0.5 * y + (1 - alphas[0]) ** 0.5 * noise
+    radii = []
     for i in range(steps):
         a, a_prev = alphas[i], alphas[i + 1]
         w = torch.ones_like(m)
         if reweight:
-            e0 = eps_at(z, a, w)
-            x0 = (z - (1 - a) ** 0.5 * e0) / a**0.5  # pixel profile: D is the identity
-            w = _hand_w(y, x0, m)
-            torch.testing.assert_close(log[i], w, rtol=1e-5, atol=1e-6)
+            m_t = _hand_dilate(m, _hand_r(ts[i], R))
+            radii.append(_hand_r(ts[i], R))
+            w = _hand_w(z, y, m_t)  # distance between the current sample and the normal latent
+            torch.testing.assert_close(log[i][2], w, rtol=1e-5, atol=1e-6)
         eps = eps_at(z, a, w)
         x0 = (z - (1 - a) ** 0.5 * eps) / a**0.5
         z = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps  # DDIM, eta = 0
         bg = a_prev**0.5 * y + (1 - a_prev) ** 0.5 * torch.randn(y.shape, generator=gen)
-        z = m * z + (1 - m) * bg  # Eq. 1
+        s = m
+        if reweight:  # the blend region is the mask dilated for the next (cleaner) timestep
+            s = torch.maximum(m, _hand_dilate(m, _hand_r(ts[i + 1] if i + 1 < steps else 0, R)))
+        z = s * z + (1 - s) * bg  # Eq. 1
     torch.testing.assert_close(got, z, rtol=1e-4, atol=1e-5)
     assert len(log) == (steps if reweight else 0)
-    if reweight:  # inside the mask the weights sum to ||m||_1, outside they are 0
-        assert float(log[0].sum()) == pytest.approx(float(m.sum()), rel=1e-4) and float((log[0] * (1 - m)).abs().max()) == 0
+    if reweight:
+        assert radii[0] > radii[-1] >= 0 and radii[0] >= 3  # the dilation shrinks with t
+        for _, _, w in log:  # weights in [1, 1.5]; at least one pixel amplified in every step
+            assert float(w.min()) >= 1.0 and float(w.max()) <= 1.5 + 1e-6 and float(w.max()) > 1.0
+
+
+def test_reweighting_reaches_the_real_attention_processors():
+    """With the tiny UNet (real MaskedCrossAttnProcessor), the sampler's re-weighted steps equal a
+    hand loop that hands the hand-computed w_m to comps.eps, and w_m changes eps (so it is used)."""
+    from defectforge.diffusion import build_tiny_components
+    from defectforge.diffusion.attention import AttentionReweight
+
+    comps = build_tiny_components(seed=0)
+    r = comps.resolution
+    g = torch.Generator().manual_seed(1)
+    y = torch.rand(1, 3, r, r, generator=g) * 2 - 1
+    m = torch.zeros(1, 1, r, r)
+    m[..., 20:30, 12:40] = 1
+    e = torch.randn(1, 6, comps.unet.config.cross_attention_dim, generator=g)
+    steps = 2
+    got = sample_anomalydiffusion(comps, y, m, e, steps, torch.Generator().manual_seed(4), reweight=True)
+    comps.scheduler.set_timesteps(steps)
+    ts = [int(t) for t in comps.scheduler.timesteps]
+    ac = comps.scheduler.alphas_cumprod
+    alphas = [float(ac[t]) for t in ts] + [float(comps.scheduler.final_alpha_cumprod)]
+    gen = torch.Generator().manual_seed(4)
+    z = alphas[0] ** 0.5 * y + (1 - alphas[0]) ** 0.5 * torch.randn(y.shape, generator=gen)
+    changed = []
+    with torch.no_grad():
+        for i in range(steps):
+            a, a_prev = alphas[i], alphas[i + 1]
+            w = _hand_w_any(z, y, _hand_dilate(m, _hand_r(ts[i], r)))
+            eps = comps.eps(z, ts[i], e, None, m, cond_image=y, reweight=AttentionReweight(w))
+            plain = comps.eps(z, ts[i], e, None, m, cond_image=y)
+            changed.append(float((eps - plain).abs().max()))
+            x0 = ((z - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-100, 100)
+            z = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+            bg = a_prev**0.5 * y + (1 - a_prev) ** 0.5 * torch.randn(y.shape, generator=gen)
+            s = torch.maximum(m, _hand_dilate(m, _hand_r(ts[i + 1] if i + 1 < steps else 0, r)))
+            z = s * z + (1 - s) * bg
+    torch.testing.assert_close(got, z, rtol=1e-4, atol=1e-4)
+    assert min(changed) > 1e-5  # the processors use w_m
+
+
+def _hand_w_any(zt, z0, m):
+    d = ((m * (zt - z0)) ** 2).mean(1).flatten()
+    inside = (m.flatten() > 0) & (d > 0)
+    inv = torch.zeros_like(d)
+    inv[inside] = 1.0 / d[inside]
+    w = torch.ones_like(d)
+    w[inside] = (m.sum() * inv[inside] / inv.sum()).clamp(1.0, 1.5)
+    return w.view(1, 1, *zt.shape[-2:])
+
+
+def test_masked_textual_inversion_learns_only_from_inside_the_mask():
+    """Eq. 5 is masked: an oracle UNet whose prediction depends on e only outside the mask gives
+    e_a no gradient (it stays at its initial value); one that depends on e inside moves it."""
+    from defectforge.diffusion import build_tiny_components
+
+    class Where(nn.Module):
+        def __init__(self, inside):
+            super().__init__()
+            self.inside = inside
+            self.config = SimpleNamespace(out_channels=3, in_channels=3, sample_size=64, cross_attention_dim=8)
+
+        def forward(self, x, t, encoder_hidden_states=None, cross_attention_kwargs=None):
+            m = cross_attention_kwargs["region_mask"]
+            sel = m if self.inside else 1 - m
+            u = encoder_hidden_states.mean(1)[:, :3, None, None]
+            return SimpleNamespace(sample=x[:, :3] * 0.1 + sel * u)
+
+    _, defect, m = _defect()
+    init = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+    moved = {}
+    for inside in (False, True):
+        comps = build_tiny_components(seed=0)
+        comps.unet = Where(inside)
+        e_a, _, _ = train_anomaly_embedding(comps, [(defect, m)], steps=3, batch_size=2, seed=0)
+        moved[inside] = float((e_a - init).abs().max())
+    assert moved[False] == 0.0 and moved[True] > 1e-4
 
 
 def test_refuses_to_run_without_a_trained_embedding(tiny_base, tmp_path):

@@ -252,26 +252,55 @@ class AttentionShareCollector:
         return float(s[m].mean()) if m.any() else float("nan"), float(s[~m].mean()) if (~m).any() else float("nan")
 
 
-def adaptive_weight_map(y: torch.Tensor, x0_hat: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Eq. 7 (AnomalyDiffusion): w_m = ||m||_1 Softmax(f(||m y - m x^_0||_2^2)), per batch row.
+def reweight_dilation_radius(t: int, width: int, per_1000: float = 8.0) -> int:
+    """Radius (latent pixels) by which the mask is dilated at timestep ``t`` before Eq. 1 and Eq. 7.
 
-    ``y``, ``x0_hat``: (B, C, H, W) normal sample and clean estimate; ``m``: (B or 1, 1, H, W)
-    mask in {0, 1}. The squared norm is per pixel over the channels, the softmax over the
-    H*W pixels; f(x) = 1/x for x != 0 and -inf for x = 0, so every pixel with zero
-    difference (all of them outside m) gets weight 0. Returns (B, 1, H, W). A row whose
-    difference is zero everywhere (empty mask, or x^_0 = y on the whole mask) has no
-    finite f: its weights are all 0 (||m||_1 * 0), so re-weighting removes that row's
-    cross-attention rather than inventing a distribution the equation does not define.
+    The authors' sampler (sjtuplayer/anomalydiffusion, ``ldm/models/diffusion/ddim.py``,
+    ``ddim_sampling`` with ``adaptive_mask``) dilates m by ``(t + 100) * 8 // 1000`` latent
+    pixels at their default 200 DDIM steps (``* 16`` at 50 steps) on a 32 x 32 latent: 8 px at
+    t = 900, 0 px below t = 25. The radius is scaled here to the latent's width so the share of
+    the crop it covers does not depend on the model's resolution.
     """
-    m = m.to(y.dtype).expand(y.shape[0], 1, -1, -1)
-    d = ((m * y - m * x0_hat) ** 2).sum(dim=1, keepdim=True)  # ||m*y - m*x^_0||_2^2 per pixel
-    flat = d.flatten(1)
-    nz = flat != 0
-    f = torch.where(nz, 1.0 / torch.where(nz, flat, torch.ones_like(flat)), torch.full_like(flat, float("-inf")))
-    soft = torch.softmax(f, dim=1)
-    soft = torch.where(nz.any(dim=1, keepdim=True), soft, torch.zeros_like(soft))  # all -inf: no weight
-    w = m.flatten(1).sum(dim=1, keepdim=True) * soft  # ||m||_1 * Softmax(...)
-    return w.view_as(d)
+    return int((int(t) + 100) * per_1000 * width / 32.0 // 1000)
+
+
+def dilate_mask(m: torch.Tensor, radius: int) -> torch.Tensor:
+    """Square (Chebyshev) dilation of a (B, 1, H, W) mask by ``radius`` pixels (max pooling;
+    the authors' ``Dilation2d`` is the same max over a (2r + 1)^2 window)."""
+    if radius <= 0:
+        return m
+    return F.max_pool2d(m, kernel_size=2 * radius + 1, stride=1, padding=radius)
+
+
+def adaptive_weight_map(z_t: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, w_max: float = 1.5) -> torch.Tensor:
+    """Eq. 7 (AnomalyDiffusion) as the authors' code computes it; (B, 1, H, W).
+
+    The paper writes w_m = ||m||_1 Softmax(f(||m y - m x^_0||_2^2)) with f(x) = 1/x. Applied
+    literally, the softmax of 1/d over a few hundred in-mask pixels with realistic distances
+    (d ~ 0.003 to 0.3) puts a weight of ~||m||_1 on one pixel and ~0 on all others: the
+    anomaly tokens are switched off almost everywhere in the mask. The authors' sampler
+    (``ldm/models/diffusion/ddim.py``, ``ddim_sampling``, "replace the softmax") does instead,
+    per batch row, with m the *dilated* mask (:func:`dilate_mask`) and distances in latent space:
+
+        d   = mean_c (m (z_t - z_0))^2                 z_t the current sample, z_0 = Enc(y)
+        w   = ||m||_1 (m / d) / sum(m / d)             linear normalisation of f(d) = 1/d
+        w_m = clamp(w, 1, w_max) inside m, 1 outside   (w_max = 1.5)
+
+    so the weights stay in [1, 1.5]: in-mask pixels whose sample is still close to the normal
+    image (small d: the least noticeable ones) get their anomaly-token attention amplified up
+    to 1.5x, none is switched off. Where this departs from the authors' code: a pixel with
+    d = 0 exactly (they map it to -1 before 1/d, which lowers the normaliser) is left out of
+    the normaliser and gets weight 1; a row with no positive d gets 1 everywhere, as theirs.
+    """
+    m = m.to(z_t.dtype).expand(z_t.shape[0], 1, -1, -1)
+    d = ((m * (z_t - z0)) ** 2).mean(dim=1, keepdim=True)  # mean over latent channels, as the authors
+    pos = (m > 0) & (d > 0)
+    inv = torch.where(pos, m / torch.where(pos, d, torch.ones_like(d)), torch.zeros_like(d))
+    total = inv.flatten(1).sum(1).view(-1, 1, 1, 1)
+    area = m.flatten(1).sum(1).view(-1, 1, 1, 1)
+    w = area * inv / total.clamp_min(torch.finfo(inv.dtype).tiny)
+    w = torch.where(pos, w.clamp(1.0, w_max), torch.ones_like(w))  # 1 outside m and where d = 0
+    return torch.where(total > 0, w, torch.ones_like(w))
 
 
 @dataclass
@@ -279,8 +308,9 @@ class AttentionReweight:
     """Adaptive attention re-weighting (AnomalyDiffusion Eq. 7-8) for ``cross_attention_kwargs``.
 
     ``weights``: w_m (B or 1, 1, H, W) from :func:`adaptive_weight_map`, at any resolution
-    whose aspect matches the layers' query grids; ``tokens``: (L,) or (B, L) bool, the
-    context tokens whose attention columns are multiplied by w_m (None: all tokens).
+    whose aspect matches the layers' query grids (area-averaged to each grid); ``tokens``:
+    (L,) or (B, L) bool, the context tokens (the anomaly embedding's) whose attention logits
+    are multiplied by w_m (None: all tokens).
     """
 
     weights: torch.Tensor
@@ -440,15 +470,23 @@ class MaskedCrossAttnProcessor:
 
     @staticmethod
     def _reweighted(attn, q, k, v, batch, region_mask, token_kinds, reweight: AttentionReweight, attention_mask):
-        """RW-Attn(Q, K, V) = (m_c * w_m) V (AnomalyDiffusion Eq. 8 and text).
+        """RW-Attn(Q, K, V) (AnomalyDiffusion Eq. 8) as the authors' code applies it.
 
-        m_c = Softmax(Q K^T / sqrt(d)) (plain cross-attention), or with ``region_mask`` and
-        ``token_kinds`` the Eq. 10-11 matrix m' M_in + (1 - m') M_bg.
+        The paper writes m'_c = m_c * w_m on the attention map m_c = Softmax(Q K^T / sqrt(d)).
+        The authors' ``CrossAttention.forward`` (``ldm/modules/attention.py``) multiplies the
+        *logits* of the anomaly tokens' columns by w_m and takes the softmax after:
+        m'_c = Softmax(w_m * Q K^T / sqrt(d)) on those columns, 1 on the others. That is what
+        is done here: with w_m in [1, 1.5] it sharpens the anomaly tokens' attention where w_m
+        > 1 and leaves every row a distribution (the post-softmax product would not sum to 1).
+        With ``region_mask`` and ``token_kinds`` the re-weighted logits go through the Eq. 10-11
+        routing m' M_in + (1 - m') M_bg instead of one softmax.
         """
         if attention_mask is not None:
             raise ValueError("attention re-weighting does not take an attention_mask")
-        scores = (q @ k.transpose(-1, -2)) * attn.scale  # (B, h, N, L)
+        scores = (q @ k.transpose(-1, -2)) * attn.scale  # Q K^T / sqrt(d), (B, h, N, L)
         n_query, n_tokens = q.shape[2], k.shape[2]
+        w = reweight.column_weights(n_query, batch, n_tokens, q.device).to(scores.dtype)  # (B, 1, N, L)
+        scores = scores * w  # Eq. 8 as in the authors' code: w_m on the logits
         if region_mask is None or token_kinds is None:
             m_c = torch.softmax(scores, dim=-1)
         else:
@@ -461,8 +499,7 @@ class MaskedCrossAttnProcessor:
             neg = torch.finfo(scores.dtype).min
             m_c = m * torch.softmax(scores.masked_fill(~inside, neg), dim=-1) + (1.0 - m) * torch.softmax(
                 scores.masked_fill(inside, neg), dim=-1)
-        w = reweight.column_weights(n_query, batch, n_tokens, q.device).to(m_c.dtype)
-        return (m_c * w) @ v  # m'_c V
+        return m_c @ v  # m'_c V
 
 
 def _grid(region_mask: torch.Tensor, n_query: int) -> tuple[int, int]:

@@ -19,12 +19,30 @@ Sampling: blended diffusion with e as the condition,
 
     x_{t-1} = p_theta(x_{t-1} | x_t, e) * m + q(y_{t-1} | y_0) * (1 - m)                    (1)
 
-and, in every step, adaptive attention re-weighting: x^_0 = D(p_theta(z^_0 | z_t, e)),
-w_m = ||m||_1 Softmax(f(||m y - m x^_0||_2^2)) (Eq. 7, f = 1/x, -inf at 0), and every
-cross-attention map m_c = Softmax(Q K^T / sqrt(d)) with Q, K, V of Eq. 8 becomes
-m'_c = m_c * w_m (:mod:`defectforge.diffusion.attention`: ``adaptive_weight_map``,
-``AttentionReweight``). Each step therefore runs the UNet twice: once for x^_0, once
-re-weighted (``reweight: false`` gives the paper's w/o-AAR ablation, one pass).
+and, in every step, adaptive attention re-weighting (Eq. 7-8): a weight map w_m over the
+mask scales the cross-attention to the anomaly tokens, more where the sample is still
+close to the normal image (:mod:`defectforge.diffusion.attention`: ``adaptive_weight_map``,
+``AttentionReweight``). ``reweight: false`` gives the paper's w/o-AAR ablation.
+
+The re-weighting follows the authors' code (sjtuplayer/anomalydiffusion,
+``ldm/models/diffusion/ddim.py`` ``ddim_sampling`` with ``adaptive_mask``, and
+``ldm/modules/attention.py`` ``CrossAttention.forward``), not the paper's text, because the
+text's formula collapses in practice: w_m = ||m||_1 Softmax(1/d) over the in-mask pixels,
+with the distances a real sampler produces, gives one pixel a weight of about ||m||_1 and
+every other pixel about 0, so the anomaly tokens are switched off almost everywhere in the
+mask (tests/diffusion/test_attention_reweight.py shows it on distances recorded from a run
+on Magnetic Tile). The authors' code, followed here:
+
+* replaces the softmax with a linear normalisation of 1/d and clamps the weight to
+  [1, 1.5] (``reweight_max``), 1 outside the mask: no token is ever switched off;
+* measures d = mean_c (z_t - z_0)^2 between the current sample and the normal latent, in
+  latent space, once per step before the UNet call (the text's x^_0 = D(p_theta(z^_0 | z_t))
+  would cost a second UNet call per step);
+* dilates the mask by r(t) = (t + 100) * 8 / 1000 latent pixels (on a 32-px latent; scaled to
+  the latent's width here, ``reweight_dilation``) both for the weights and for the blending
+  of Eq. 1, so the region around the defect is free to adapt at the noisy steps;
+* multiplies the anomaly tokens' attention *logits* by w_m (softmax after), not the
+  attention probabilities.
 
 Where this differs from the paper, plainly:
 
@@ -60,8 +78,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from defectforge.config import AnomalyDiffusionConfig
-from defectforge.diffusion.attention import AttentionReweight, adaptive_weight_map
-from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, predict_x0
+from defectforge.diffusion.attention import AttentionReweight, adaptive_weight_map, dilate_mask, reweight_dilation_radius
+from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step
 from defectforge.diffusion.models import base_reference, resolve_base_reference
 from defectforge.diffusion.sampling import check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.errors import DataError, ParamsError
@@ -230,38 +248,50 @@ def load_anomaly_embedding(folder: str | Path, device) -> tuple[torch.Tensor, Sp
 
 
 @torch.no_grad()
-def sample_anomalydiffusion(comps, z0: torch.Tensor, y: torch.Tensor, m: torch.Tensor, m_pix: torch.Tensor, e: torch.Tensor, steps: int,
-                            generator: torch.Generator, *, reweight: bool = True, bound: float | tuple = 0.0, gray: bool = False,
-                            soft: torch.Tensor | None = None, chroma: tuple | None = None, log: list | None = None) -> torch.Tensor:
-    """Eq. 1 with Eq. 7-8 in every step; returns z_0.
+def sample_anomalydiffusion(comps, z0: torch.Tensor, m: torch.Tensor, e: torch.Tensor, steps: int,
+                            generator: torch.Generator, *, reweight: bool = True, w_max: float = 1.5, dilation: float = 8.0,
+                            bound: float | tuple = 0.0, gray: bool = False, soft: torch.Tensor | None = None,
+                            chroma: tuple | None = None, log: list | None = None) -> torch.Tensor:
+    """Eq. 1 with the adaptive re-weighting of Eq. 7-8 in every step; returns z_0.
 
-    ``z0`` = Enc(y) (latent of the normal crop), ``y`` the crop in pixels, ``m`` / ``m_pix``
-    the mask at latent / pixel size, ``e`` the spatial anomaly embedding (1, k + n, D).
-    z_T = sqrt(a_T) z0 + sqrt(1 - a_T) noise; per step: (reweight) eps0 = eps(z_t, e),
-    x^_0 = D(predict_x0(z_t, eps0)), w_m = Eq. 7(y, x^_0, m_pix); eps = eps(z_t, e, m'_c = m_c w_m),
-    z = DDIM(z_t, eps) (Eq. 3 of the DDIM paper), then Eq. 1:
-    z <- s z + (1 - s) (sqrt(a_{t-1}) z0 + sqrt(1 - a_{t-1}) noise') with s = ``soft`` or m.
-    Random draws from ``generator`` in that order (z_T's noise, then one per step).
-    ``log`` (a list) receives each step's w_m, for tests and diagnostics.
+    ``z0`` = Enc(y) (latent of the normal crop), ``m`` the mask at latent size, ``e`` the
+    spatial anomaly embedding (1, k + n, D). z_T = sqrt(a_T) z0 + sqrt(1 - a_T) noise; per
+    step, following the authors' sampler (``ddim_sampling`` with ``adaptive_mask``):
+
+        m_t   = dilate(m, r(t))                                    (``reweight``; else m_t = m)
+        w_m   = Eq. 7(z_t, z0, m_t)    in [1, w_max], 1 outside m_t (:func:`adaptive_weight_map`)
+        eps   = eps(z_t, e, logits of e scaled by w_m)             (Eq. 8)
+        z     = DDIM(z_t, eps)
+        z     <- s z + (1 - s) (sqrt(a_{t-1}) z0 + sqrt(1 - a_{t-1}) noise')          (Eq. 1)
+
+    with s = max(``soft`` or m, m_{t-1}): the region left free widens with the dilation at
+    the noisy steps and shrinks to m at the end. One UNet call per step (the paper's x^_0
+    would need a second one; the authors measure the distance on z_t, see the module
+    docstring). Random draws from ``generator`` in that order (z_T's noise, then one per
+    step). ``log`` (a list) receives each step's (t, d, w_m), for tests and diagnostics.
     """
     noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
     s = m if soft is None else soft
     sched = ddim_schedule(comps.scheduler, steps)
+    width = z0.shape[-1]
     z = add_noise(z0, noise, sched[0].alpha_t)
-    for st in sched:
+    for i, st in enumerate(sched):
         rw = None
         if reweight:
-            eps0 = comps.eps(z, st.t, e, None, m, cond_image=z0)
-            x0_hat = comps.decode(predict_x0(z, eps0, st.alpha_t))  # x^_0 = D(p_theta(z^_0 | z_t, e))
-            w = adaptive_weight_map(y, x0_hat, m_pix)  # Eq. (7)
-            rw = AttentionReweight(w)  # Eq. (8): m'_c = m_c * w_m
+            m_t = dilate_mask(m, reweight_dilation_radius(st.t, width, dilation))
+            w = adaptive_weight_map(z, z0, m_t, w_max)  # Eq. (7), the authors' linear form
+            rw = AttentionReweight(w)  # Eq. (8): the anomaly tokens' logits times w_m
             if log is not None:
-                log.append(w)
+                log.append((st.t, (m_t * (z - z0) ** 2).mean(dim=1, keepdim=True), w))
         eps = comps.eps(z, st.t, e, None, m, cond_image=z0, reweight=rw)
         eps = bound_eps(z, eps, st.alpha_t, bound, gray, chroma)
         z = ddim_step(z, eps, st.alpha_t, st.alpha_prev)
         step_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-        z = s * z + (1 - s) * add_noise(z0, step_noise, st.alpha_prev)  # Eq. (1)
+        s_t = s
+        if reweight:
+            t_prev = sched[i + 1].t if i + 1 < len(sched) else 0
+            s_t = torch.maximum(s, dilate_mask(m, reweight_dilation_radius(t_prev, width, dilation)))
+        z = s_t * z + (1 - s_t) * add_noise(z0, step_noise, st.alpha_prev)  # Eq. (1)
     return z
 
 
@@ -334,7 +364,8 @@ class AnomalyDiffusionMethod(DiffusionMethod):
         pixel = not comps.has_decoder
         soft, alpha = soft_masks(comps, crop, raw, cfg.feather)
         bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
-        z = sample_anomalydiffusion(comps, z0, crop.x, m, crop.m, e, cfg.steps, gen, reweight=cfg.reweight, bound=bound,
+        z = sample_anomalydiffusion(comps, z0, m, e, cfg.steps, gen, reweight=cfg.reweight, w_max=cfg.reweight_max,
+                                    dilation=cfg.reweight_dilation, bound=bound,
                                     gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
                                     chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None)
         with torch.no_grad():
@@ -346,6 +377,7 @@ class AnomalyDiffusionMethod(DiffusionMethod):
             mask=raw,
             attention=None,
             metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound), reweight=cfg.reweight,
+                                    reweight_max=cfg.reweight_max, reweight_dilation=cfg.reweight_dilation,
                                     anomaly_embedding={"folder": str(folder), "tokens": int(e.shape[1]),
                                                        "anomaly_tokens": int(e_a.shape[0]), "spatial_tokens": encoder.n_tokens,
                                                        "training": meta.get("metrics", {})}),
