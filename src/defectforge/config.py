@@ -271,10 +271,19 @@ class BlendedConfig(_SamplingConfig):
     """AdaBLDM: free denoising, latent blending, pixel blending, decoder adaptation."""
 
     section: ClassVar[str] = "blended"
-    free_fraction: float = Field(0.2, ge=0, lt=1)   # share of steps of free denoising (stage 1)
+    free_fraction: float = Field(0.52, ge=0, lt=1)  # first share of steps denoised free from pure noise (reference: 26 of 50)
+    edit_fraction: float = Field(0.1, ge=0, lt=1)   # last share of steps with image editing (reference: 5 of 50)
     trimap: bool = True                             # clip the mask to the estimated object foreground
-    adapt_steps: int = Field(20, ge=0, le=10000)    # online decoder adaptation steps (0 = off)
-    adapt_lr: float = Field(1e-4, gt=0, le=1)
+    adapt_steps: int = Field(200, ge=0, le=10000)   # online decoder adaptation, AdamW steps (reference: 200; 0 = off)
+    adapt_lr: float = Field(1e-4, gt=0, le=1)       # (reference: 1e-4)
+    adapt_weight: float = Field(100.0, ge=0, le=1e6)  # weight of the background term against the in-mask term (reference: 100)
+    paste: Literal["crop", "mask"] = "crop"         # crop: the adapted decoder's whole crop (reference); mask: only m_d
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> "BlendedConfig":
+        if self.free_fraction + self.edit_fraction > 1:
+            raise ValueError(f"free_fraction + edit_fraction must be <= 1, got {self.free_fraction} + {self.edit_fraction}")
+        return self
 
 
 class DefectDiffuConfig(_DiffusionConfig):

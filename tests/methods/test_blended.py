@@ -71,29 +71,225 @@ def test_outside_the_mask_bit_for_bit_tiny_profile(tiny_dir):
     assert r.attention.shape == mask.shape and r.attention[~mask].max() == 0
 
 
-def test_outside_the_mask_bit_for_bit_latent_profile_with_adaptation(latent_dir):
+def test_mask_paste_keeps_the_background_bytes_latent_profile(latent_dir):
+    """paste: mask (the former behaviour): only the feathered defect region changes."""
     img, mask = _inputs()
-    r = BlendedMethod.from_pretrained(str(latent_dir), BlendedConfig(steps=4, adapt_steps=5, adapt_lr=1e-3), device="cpu").generate(img, mask, "pit", 0)
+    r = BlendedMethod.from_pretrained(str(latent_dir), BlendedConfig(steps=4, adapt_steps=5, adapt_lr=1e-3, paste="mask"),
+                                      device="cpu").generate(img, mask, "pit", 0)
     reach = _dilate(r.mask, feather_radius(BlendedConfig().feather))
     assert np.array_equal(r.image[~reach], img[~reach])
     ad = r.metadata["decoder_adaptation"]
     assert ad["steps"] == 5 and ad["background_mse_after"] < ad["background_mse_before"]
 
 
-def test_decoder_adaptation_lowers_background_error(latent_dir):
+def test_output_is_the_adapted_decoders_crop(latent_dir, monkeypatch):
+    """paste: crop (default, as AdaBLDM's test.py returns ``bg_refine``): every pixel of the
+    crop box is D'(z_0) of the adapted decoder, background included; outside the box the
+    image keeps its bytes. The adapted background is closer to the normal image than D(z_0)."""
+    from defectforge.diffusion.sampling import paste_back, to_uint8
+    from defectforge.masks.crop import CropBox, resize_image
+    from defectforge.methods import blended
+
+    seen = {}
+    real = blended.adapt_decoder
+
+    def spy(comps, z, x, defect, steps, lr, weight):
+        ae, stats = real(comps, z, x, defect, steps, lr, weight)
+        seen.update(comps=comps, z=z.clone(), ae=ae, defect=defect.clone())
+        return ae, stats
+
+    monkeypatch.setattr(blended, "adapt_decoder", spy)
+    img, mask = _inputs()
+    cfg = BlendedConfig(steps=4, adapt_steps=30, adapt_lr=1e-3)
+    assert cfg.paste == "crop"
+    r = BlendedMethod.from_pretrained(str(latent_dir), cfg, device="cpu").generate(img, mask, "pit", 0)
+    comps, z = seen["comps"], seen["z"]
+    with torch.no_grad():
+        adapted = to_uint8(comps.decode(z, decoder=seen["ae"]))
+        plain = to_uint8(comps.decode(z))
+    box = CropBox(**r.metadata["crop_box"])
+    assert np.array_equal(r.image, paste_back(img, adapted, box))
+    inside_box = np.zeros(mask.shape, bool)
+    inside_box[box.slices()] = True
+    assert np.array_equal(r.image[~inside_box], img[~inside_box])
+    assert not np.array_equal(r.image[inside_box & ~_dilate(r.mask, 3)], img[inside_box & ~_dilate(r.mask, 3)])
+    # the adapted background pixels are kept, and they moved towards the normal crop
+    bg = seen["defect"][0, 0].numpy() == 0
+    normal = resize_image(img[box.slices()], adapted.shape[:2]).astype(int)
+    err_adapted = np.abs(adapted.astype(int) - normal)[bg].mean()
+    err_plain = np.abs(plain.astype(int) - normal)[bg].mean()
+    assert err_adapted < 0.8 * err_plain, (err_adapted, err_plain)
+
+
+def test_adaptation_loss_is_the_references():
+    """L = mean((d (D'(z) - D(z)))^2) + lambda mean(((1 - d) (D'(z) - x))^2), means over all elements."""
+    from defectforge.methods.blended import adaptation_loss
+
+    g = torch.Generator().manual_seed(3)
+    rec, fg, x = (torch.rand(1, 3, 8, 8, generator=g) * 2 - 1 for _ in range(3))
+    d = torch.zeros(1, 1, 8, 8)
+    d[..., 2:5, 3:7] = 1
+    loss, inside, outside = adaptation_loss(rec, fg, x, d, 100.0)
+    in_px, out_px = d.expand(1, 3, 8, 8).bool(), ~d.expand(1, 3, 8, 8).bool()
+    want_in = ((rec - fg)[in_px] ** 2).sum() / rec.numel()
+    want_out = ((rec - x)[out_px] ** 2).sum() / rec.numel()
+    torch.testing.assert_close(inside, want_in)
+    torch.testing.assert_close(outside, want_out)
+    torch.testing.assert_close(loss, want_in + 100.0 * want_out)
+
+
+def test_decoder_adaptation_follows_the_reference_loss(latent_dir):
+    """adapt_decoder = AdamW (lr, decoder only) on the reference loss, step for step: a hand
+    loop on the written-out loss gives the same decoder weights. Three steps, because the
+    in-mask term has no gradient at the first step (D' = D there)."""
     from defectforge.diffusion import load_pipeline_components
 
     comps = load_pipeline_components(str(latent_dir), device="cpu")
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
     z = comps.encode(x).detach() + 0.3 * torch.randn(1, 4, 8, 8, generator=g)  # an edited latent
-    bg = torch.ones(1, 1, 16, 16)
-    bg[..., 4:10, 4:10] = 0
+    d = torch.zeros(1, 1, 16, 16)
+    d[..., 4:10, 4:10] = 1
     before_params = [p.clone() for p in comps.autoencoder.decoder.parameters()]
-    ae, before, after = adapt_decoder(comps, z, x, bg, steps=10, lr=1e-3)
-    assert after < 0.9 * before
+    ae, stats = adapt_decoder(comps, z, x, d, steps=3, lr=1e-3, weight=100.0)
+
+    import copy
+
+    ref = copy.deepcopy(comps.autoencoder)
+    ref.requires_grad_(False)
+    ref.decoder.requires_grad_(True)
+    opt = torch.optim.AdamW(ref.decoder.parameters(), lr=1e-3)
+    with torch.no_grad():
+        fg = comps.decode(z)
+    for _ in range(3):
+        rec = comps.decode(z, decoder=ref)
+        loss = ((d * (rec - fg)) ** 2).mean() + 100.0 * (((1 - d) * (rec - x)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for a, b in zip(ae.decoder.parameters(), ref.decoder.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(ae.post_quant_conv.parameters(), comps.autoencoder.post_quant_conv.parameters()))
     # the shared autoencoder is untouched (the adaptation works on a copy)
     assert all(torch.equal(a, b) for a, b in zip(before_params, comps.autoencoder.decoder.parameters()))
+
+
+def test_decoder_adaptation_lowers_background_error_and_keeps_the_defect(latent_dir):
+    from defectforge.diffusion import load_pipeline_components
+
+    comps = load_pipeline_components(str(latent_dir), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
+    z = comps.encode(x).detach() + 0.3 * torch.randn(1, 4, 8, 8, generator=g)
+    d = torch.zeros(1, 1, 16, 16)
+    d[..., 4:10, 4:10] = 1
+    _, stats = adapt_decoder(comps, z, x, d, steps=20, lr=1e-3, weight=100.0)
+    assert stats["background_mse_after"] < 0.5 * stats["background_mse_before"]
+    # lambda sets the trade: a smaller background weight lets the in-mask term hold the defect better
+    _, even = adapt_decoder(comps, z, x, d, steps=20, lr=1e-3, weight=1.0)
+    assert even["in_mask_drift_mse_after"] < 0.5 * stats["in_mask_drift_mse_after"], (even, stats)
+
+
+def _recorded_sample(comps, monkeypatch, z0, m, steps, free, edit, seed, x=None, pixel_mask=None):
+    """sample_blended with a recording stub around the UNet, the encoder and Eq. 1's noising:
+    returns (result, UNet inputs, encoder inputs, [(kind, step, alpha)] per noising)."""
+    from defectforge.methods import blended
+
+    events, unet_in, enc_in = [], [], []
+    real_eps, real_encode, real_add = comps.eps, comps.encode, blended.add_noise
+
+    def eps(z, t, *a, **k):
+        unet_in.append(z[0:1].clone())
+        events.append("unet")
+        return real_eps(z, t, *a, **k)
+
+    def encode(img):
+        enc_in.append(img.clone())
+        events.append("encode")
+        return real_encode(img)
+
+    def add_noise(z, e, alpha):
+        events.append(("noise", float(alpha)))
+        return real_add(z, e, alpha)
+
+    monkeypatch.setattr(comps, "eps", eps)
+    monkeypatch.setattr(comps, "encode", encode)
+    monkeypatch.setattr(blended, "add_noise", add_noise)
+    out = blended.sample_blended(comps, z0, m, "pit", steps, 2.0, free, torch.Generator().manual_seed(seed),
+                                 edit_fraction=edit, x=x, pixel_mask=pixel_mask)
+    noised, done, edit_pending = [], 0, False
+    for ev in events:  # an edit is encode + noise after step done-1; a blend is a noise alone before step done
+        if ev == "unet":
+            done += 1
+        elif ev == "encode":
+            edit_pending = True
+        else:
+            noised.append(("edit", done - 1, ev[1]) if edit_pending else ("blend", done, ev[1]))
+            edit_pending = False
+    return out, unet_in, enc_in, noised
+
+
+def test_stages_run_at_the_references_steps(tiny_dir, monkeypatch):
+    """AdaBLDM's schedule (ddim_hacked.py, N = 50, cutoff_index = 45): 26 free steps from pure
+    noise, latent blending before steps 26..45 (20 steps), image editing after steps 45..49;
+    here with N = 10: free 0..4, blending before 5..8 at a_t, editing after 8..9 at a_{t-1}."""
+    from defectforge.diffusion import load_pipeline_components
+    from defectforge.diffusion.ddim import ddim_schedule
+    from defectforge.methods.blended import stage_steps
+
+    n_free, cutoff = stage_steps(50, BlendedConfig().free_fraction, BlendedConfig().edit_fraction)
+    assert (n_free, cutoff, len(range(n_free, cutoff + 1)), 50 - cutoff) == (26, 45, 20, 5)
+    comps = load_pipeline_components(str(tiny_dir), device="cpu")
+    z0, m = _pixel_inputs(comps)
+    out, unet_in, enc_in, noised = _recorded_sample(comps, monkeypatch, z0, m, 10, 0.5, 0.2, seed=4)
+    sched = ddim_schedule(comps.scheduler, 10)
+    assert len(unet_in) == 10
+    # z_T is the generator's first draw, not a noised normal image
+    assert torch.equal(unet_in[0], torch.randn(z0.shape, generator=torch.Generator().manual_seed(4)))
+    assert [(k, i) for k, i, _ in noised] == [("blend", 5), ("blend", 6), ("blend", 7), ("blend", 8), ("edit", 8), ("edit", 9)]
+    for kind, i, alpha in noised:
+        assert alpha == pytest.approx(sched[i].alpha_t if kind == "blend" else sched[i].alpha_prev)
+    assert len(enc_in) == 2
+
+
+def _pixel_inputs(comps):
+    r = comps.resolution
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.rand(1, 3, r, r, generator=g) * 1.2 - 0.6
+    m = torch.zeros(1, 1, r, r)
+    m[..., r // 4 : r // 2, r // 3 : 2 * r // 3] = 1
+    return z0, m
+
+
+def test_image_editing_pastes_the_normal_image_outside_the_mask(tiny_dir, latent_dir, monkeypatch):
+    """Each editing step hands the encoder D(x0^) inside m_d and the normal crop x outside; in
+    the pixel profile the last step (a_{t-1} = 1) leaves exactly x outside m_d, the sample inside."""
+    from defectforge.diffusion import load_pipeline_components
+
+    comps = load_pipeline_components(str(tiny_dir), device="cpu")
+    z0, m = _pixel_inputs(comps)
+    out, _, enc_in, _ = _recorded_sample(comps, monkeypatch, z0, m, 6, 0.5, 0.34, seed=2)
+    outside, inside = ~m.bool().expand_as(z0), m.bool().expand_as(z0)
+    assert torch.equal(out[outside], z0[outside])
+    assert (out[inside] - z0[inside]).abs().mean() > 0.05
+    without, _, _, _ = _recorded_sample(comps, monkeypatch, z0, m, 6, 0.5, 0.0, seed=2)
+    assert (without[outside] - z0[outside]).abs().max() > 1e-3  # without the stage the background is not pinned
+
+    monkeypatch.undo()
+    lat = load_pipeline_components(str(latent_dir), device="cpu")
+    r = lat.resolution
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g) * 2 - 1, size=r, mode="bilinear")
+    pm = torch.zeros(1, 1, r, r)
+    pm[..., 4:10, 4:12] = 1
+    with torch.no_grad():
+        z0l = lat.encode(x)
+    _, _, enc_in, noised = _recorded_sample(lat, monkeypatch, z0l, lat.latent_mask(pm), 5, 0.4, 0.4, seed=0, x=x, pixel_mask=pm)
+    assert len(enc_in) == 2 and [k for k, _, _ in noised][-2:] == ["edit", "edit"]
+    out_px, in_px = ~pm.bool().expand_as(x), pm.bool().expand_as(x)
+    for img in enc_in:
+        assert torch.equal(img[out_px], x[out_px])
+        assert (img[in_px] - x[in_px]).abs().mean() > 0.05
 
 
 def test_trimap_keeps_defects_on_the_object(tiny_dir):

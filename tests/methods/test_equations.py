@@ -204,22 +204,30 @@ def test_bound_eps_is_diffusers_clip_sample(comps):
 
 
 # ------------------------------------------------------------------ blended latent diffusion
-def _blended_reference(comps, z0, m, steps, w, free_fraction, seed, soft=None, bound=0.0):
+def _blended_reference(comps, z0, m, steps, w, free_fraction, edit_fraction, seed, soft=None, bound=0.0):
+    """AdaBLDM's ddim_sampling_with_pixel_latent_blend (cldm/ddim_hacked.py) with N steps:
+    z_T pure noise; steps before round(free_fraction N) free; latent blending *before* steps
+    n_free..cutoff (cutoff = N - round(edit_fraction N)); image editing *after* steps >= cutoff
+    (pixel profile: x^ = x0^, pasted with z_0 outside the mask, re-noised to a_{t-1})."""
     gen = torch.Generator().manual_seed(seed)
     sched = _schedule(comps.scheduler, steps)
     s = m if soft is None else soft
     n_free = int(round(free_fraction * len(sched)))
-    z = sched[0][1] ** 0.5 * z0 + (1 - sched[0][1]) ** 0.5 * torch.randn(z0.shape, generator=gen)  # Eq. (1)
+    cutoff = len(sched) - int(round(edit_fraction * len(sched)))
+    z = torch.randn(z0.shape, generator=gen)  # z_T ~ N(0, I)
     for i, (t, a, a_prev) in enumerate(sched):
+        if n_free <= i <= cutoff:  # latent blending: the normal latent noised to a_t outside the mask
+            z = s * z + (1 - s) * (a**0.5 * z0 + (1 - a) ** 0.5 * torch.randn(z0.shape, generator=gen))
         e_c1 = _oracle(comps, z, t, ("defect", "crack"), m)
         e_good = _oracle(comps, z, t, ("good",), m)
         e = e_good + w * (e_c1 - e_good)
         if bound:
             e = _bounded(z, e, a, bound, False)
+        x0 = (z - (1 - a) ** 0.5 * e) / a**0.5
         z = _ddim(z, e, a, a_prev)
-        if i >= n_free:  # blend: the defect region from the sample, the rest the normal latent noised to a_{t-1}
-            bg = a_prev**0.5 * z0 + (1 - a_prev) ** 0.5 * torch.randn(z0.shape, generator=gen)
-            z = s * z + (1 - s) * bg
+        if i >= cutoff:  # image editing: x0^ inside, the normal image outside, re-noised to a_{t-1}
+            edited = s * x0 + (1 - s) * z0
+            z = a_prev**0.5 * edited + (1 - a_prev) ** 0.5 * torch.randn(z0.shape, generator=gen)
     return z
 
 
@@ -227,8 +235,9 @@ def _blended_reference(comps, z0, m, steps, w, free_fraction, seed, soft=None, b
 def test_blended_latent_diffusion_matches_its_reference(comps, soft):
     z0, m = _inputs(3)
     weights = torch.maximum(m, 0.5 * torch.nn.functional.max_pool2d(m, 3, stride=1, padding=1)) if soft else None
-    want = _blended_reference(comps, z0, m, 6, 1.5, 0.34, seed=6, soft=weights, bound=1.0 if soft else 0.0)
-    got = sample_blended(comps, z0, m, "crack", 6, 1.5, 0.34, torch.Generator().manual_seed(6), soft=weights, bound=1.0 if soft else 0.0)
+    want = _blended_reference(comps, z0, m, 10, 1.5, 0.5, 0.2, seed=6, soft=weights, bound=1.0 if soft else 0.0)
+    got = sample_blended(comps, z0, m, "crack", 10, 1.5, 0.5, torch.Generator().manual_seed(6), edit_fraction=0.2,
+                         soft=weights, bound=1.0 if soft else 0.0)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -1,8 +1,10 @@
 """AdaBLDM: A Novel Approach to Industrial Defect Generation through Blended Latent
 Diffusion Model with Online Adaptation (Li et al.; code: github.com/GrandpaXun242/AdaBLDM).
 
-Seed: ../shared/seeds/adabldm-blended-latent-diffusion.txt (abstract and figure
-list; the three-stage inference of its Fig. 3 is followed here).
+Seed: ../shared/seeds/adabldm-blended-latent-diffusion.txt is only the abstract, so the
+authors' public code is the specification: ``test.py`` (``test_by_triple_map``: trimap,
+sampling call, decoder fine-tuning ``recon_loss``) and ``cldm/ddim_hacked.py``
+(``DDIMSampler.ddim_sampling_with_pixel_latent_blend``: the three sampling stages).
 
 Notation:
 
@@ -10,25 +12,49 @@ Notation:
                     1 object, 2 defect region = m on the object)
     m_d             defect region (T == 2), in pixels and at latent size
     z_0 = E(x)      latent of the normal crop (pixels for the tiny profile)
-    z_t             the sample being denoised; z_0^bg(t) = sqrt(a_t) z_0 + sqrt(1 - a_t) eps
+    z_t             the sample being denoised; q(z_0, t) = sqrt(a_t) z_0 + sqrt(1 - a_t) eps' (Eq. 1, fresh eps')
+    x0^(z_t)        the clean estimate (z_t - sqrt(1 - a_t) eps) / sqrt(a_t) of a DDIM step
     C_1, C_good     [C_def, C_bg], [C_good, C_bg] with masked cross-attention over m_d
-    w_d             ``guidance`` (DefectDiffu Eq. 4)
+    w_d             ``guidance`` (DefectDiffu Eq. 4; the reference uses classifier-free guidance)
+    N, i            DDIM steps and the step index (0 = noisiest)
 
-Steps of :meth:`BlendedMethod.generate`:
+Steps of :meth:`BlendedMethod.generate` (N steps; n_free = round(free_fraction N),
+n_edit = round(edit_fraction N); the reference runs N = 50 with n_free = 26, n_edit = 5):
 
 1. Trimap: object foreground estimate (:func:`defectforge.masks.foreground.estimate_foreground`);
-   the defect region is the target mask on the object, so defects are not placed
-   off the object. Crop around it at the model's resolution.
-2. Free denoising (first ``free_fraction`` of the steps): DDIM from the noised
-   normal latent with eps = eps(C_good) + w_d (eps(C_1) - eps(C_good)), no editing;
-   the defect can take shape with the whole crop free.
-3. Latent editing (remaining steps): after each DDIM step,
-   z_{t-1} <- m_d * z_{t-1} + (1 - m_d) * z_0^bg(t-1) (blended latent diffusion).
-4. Online decoder adaptation (latent profiles only): a copy of the VAE decoder is
-   optimised for ``adapt_steps`` Adam steps so that D(z_0) matches x outside m_d;
-   the pixel-space tiny profile has no decoder and skips this (said in metadata).
-5. Pixel-level blending: the decoded crop replaces the input only inside m_d (at
-   the image's own resolution), so every pixel outside the mask keeps its bytes.
+   the defect region is the target mask on the object (reference: ``generate_triple_map``,
+   which redraws the position until the defect lies on the object). Crop around it.
+2. Free denoising, i < n_free (``ddim_sampling_with_pixel_latent_blend``: no blending
+   before ``cutoff_index - 20``): DDIM from z_T ~ N(0, I), pure noise as in the reference
+   (``img = torch.randn(shape)``; it computes a noised x_T and leaves it commented out), with
+   eps = eps(C_good) + w_d (eps(C_1) - eps(C_good)); the defect takes shape with the crop free.
+3. Latent blending, n_free <= i <= N - n_edit (reference: ``cutoff_index - 20 < i <= cutoff_index``):
+   *before* step i, z_t <- m_d z_t + (1 - m_d) q(z_0, t_i).
+4. Image editing, i >= N - n_edit (reference: ``i >= cutoff_point``, "pixel-level blending"):
+   after step i, x^ = D(x0^(z_t)); x^ <- m_d x^ + (1 - m_d) x (pixel mask); z_{t-1} <- q(E(x^), t_{i-1}).
+   For the pixel-space tiny profile D and E are the identity, so this is a pixel blend of
+   x0^ with x at each of those steps.
+5. Online decoder adaptation (latent profiles; reference ``test.py``, ``recon_loss`` and the
+   200-step loop): a copy of the decoder D' is optimised with AdamW (lr 1e-4) on
+       L = mean((m_d (D'(z_0) - D(z_0)))^2) + lambda mean(((1 - m_d) (D'(z_0) - x))^2),  lambda = 100,
+   the in-mask term keeping the generated defect, the weighted term pulling the background
+   to the normal image. The reference keeps D'(z_0) for the whole image (``bg_refine``);
+   here ``paste: crop`` (default) writes D'(z_0) over the whole crop box, ``paste: mask``
+   only over m_d (the former behaviour). The pixel-space tiny profile has no decoder: stage 5
+   is skipped (said in metadata) and only m_d is pasted, so the background keeps its bytes
+   (the image-editing stage already put x there; the paste only avoids resampling it).
+
+Departures from the reference, and why:
+
+* Stage 4 re-noises to the level the DDIM step just reached, t_{i-1}; the reference calls
+  ``q_sample(img_x0, ts)`` with the step's *input* timestep t_i, so its sample is one
+  step noisier than the schedule the next step assumes, and its last sample keeps the
+  noise of t = 1. Here the last step (a_{t-1} = 1) leaves exactly the edited x^.
+* Encoding uses the posterior's mode (the reference samples it): deterministic for a seed.
+* The latent mask is the cover-pooled m_d (the reference dilates it by a 5 x 5 kernel).
+* The decoder fine-tunes ``decoder`` only, as the reference (not ``post_quant_conv``).
+* The trimap reaches the network only as the crop's mask today (the reference trains a
+  ControlNet on it); see the README for the state of that condition.
 
 Realism options (issue 8; ``BlendedConfig``; the plain sampler is ``clip_x0=False,
 gray_steps=False, feather=0``; measured in docs/realism-ablation.md):
@@ -39,10 +65,10 @@ gray_steps=False, feather=0``; measured in docs/realism-ablation.md):
   Magnetic Tile run 66 % of in-mask pixels saturated, 0 % with the bound; issue 8).
   ``latent_bound`` is the bound for latent profiles (0: off).
 * ``gray_steps`` (default on): grayscale sources get x0^ on the grey axis in every step.
-* ``feather`` (sigma in px, default 1.5): stage 3's latent blending and stage 5's pixel
-  blending use a feathered m_d (:func:`~defectforge.masks.crop.feather_mask`) instead of
-  the binary mask, so the seam is not a hard rim; pixels farther than ceil(2 sigma) px
-  from m_d keep their bytes.
+* ``feather`` (sigma in px, default 1.5): the latent blending, the image editing and the
+  final ``paste: mask`` use a feathered m_d (:func:`~defectforge.masks.crop.feather_mask`)
+  instead of the binary mask, so the seam is not a hard rim; pixels farther than
+  ceil(2 sigma) px from m_d keep their bytes in the pixel profile.
 """
 
 from __future__ import annotations
@@ -53,58 +79,89 @@ import numpy as np
 import torch
 
 from defectforge.diffusion.attention import AttentionStore
-from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided
+from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided, predict_x0
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
+from defectforge.masks.crop import feather_mask
 from defectforge.masks.trimap import DEFECT, make_trimap
 from defectforge.config import BlendedConfig
 from defectforge.methods.base import DiffusionMethod, GenerationResult
 
 
-def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, background: torch.Tensor, steps: int, lr: float):
-    """Stage 4: fine-tune a copy of the decoder so D(z) matches x where ``background`` is 1.
+def stage_steps(n: int, free_fraction: float, edit_fraction: float) -> tuple[int, int]:
+    """(n_free, first_edit): steps i < n_free are free, n_free <= i <= first_edit are blended
+    in latent space before the step, i >= first_edit are edited in pixels after it."""
+    return int(round(free_fraction * n)), n - int(round(edit_fraction * n))
 
-    Returns (adapted autoencoder, background MSE before, after).
+
+def adaptation_loss(rec: torch.Tensor, fg: torch.Tensor, x: torch.Tensor, d: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 5's loss (reference ``recon_loss``): (L, in-mask term, background term).
+
+    L = mean((d (D'(z) - D(z)))^2) + weight * mean(((1 - d) (D'(z) - x))^2), means over
+    every element as ``F.mse_loss`` takes them; ``d`` the pixel defect mask (1, 1, H, W).
     """
+    inside = torch.mean((d * (rec - fg)) ** 2)
+    outside = torch.mean(((1 - d) * (rec - x)) ** 2)
+    return inside + weight * outside, inside, outside
+
+
+def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, defect: torch.Tensor, steps: int, lr: float, weight: float = 100.0):
+    """Stage 5: fine-tune a copy of the decoder with :func:`adaptation_loss` (AdamW, ``steps`` steps).
+
+    ``defect`` is the pixel mask m_d of the crop. Returns (adapted autoencoder, stats) with the
+    background MSE (mean over background pixels and channels) and the in-mask drift from
+    D(z) before and after.
+    """
+    with torch.no_grad():
+        fg = comps.decode(z)  # the blended sample through the unadapted decoder (reference: fg_image)
     ae = copy.deepcopy(comps.autoencoder)
     ae.requires_grad_(False)
-    params = list(ae.decoder.parameters()) + list(ae.post_quant_conv.parameters() if ae.post_quant_conv is not None else [])
+    params = list(ae.decoder.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    denom = background.sum().clamp(min=1) * x.shape[1]
+    opt = torch.optim.AdamW(params, lr=lr)
+    n_bg = (1 - defect).sum().clamp(min=1) * x.shape[1]
+    n_in = defect.sum().clamp(min=1) * x.shape[1]
 
-    def bg_mse():
-        return (((comps.decode(z, decoder=ae) - x) * background) ** 2).sum() / denom
+    def stats(rec):
+        return {"background_mse": float((((rec - x) * (1 - defect)) ** 2).sum() / n_bg),
+                "in_mask_drift_mse": float((((rec - fg) * defect) ** 2).sum() / n_in)}
 
     with torch.enable_grad():
-        before = bg_mse().item()
+        before = stats(fg)
         for _ in range(steps):
-            loss = bg_mse()
+            loss = adaptation_loss(comps.decode(z, decoder=ae), fg, x, defect, weight)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        after = bg_mse().item()
     ae.requires_grad_(False)
-    return ae, before, after
+    with torch.no_grad():
+        after = stats(comps.decode(z, decoder=ae))
+    return ae, {"background_mse_before": before["background_mse"], "background_mse_after": after["background_mse"],
+                "in_mask_drift_mse_after": after["in_mask_drift_mse"]}
 
 
 @torch.no_grad()
 def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float, free_fraction: float,
                    generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5, *,
+                   edit_fraction: float = 0.0, x: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None,
                    bound: float | tuple = 0.0, gray: bool = False, soft: torch.Tensor | None = None, chroma: tuple | None = None) -> torch.Tensor:
-    """Stages 2-3: free denoising, then blended latent diffusion; returns z_0.
+    """Stages 2-4 (module docstring): free denoising, latent blending, image editing; returns z_0.
 
-    z_T = sqrt(a_T) z_0 + sqrt(1 - a_T) eps (Eq. 1); each step
-    eps = eps(z_t, C_good) + w_d (eps(z_t, C_1) - eps(z_t, C_good)) (DefectDiffu Eq. 4),
-    z_{t-1} = DDIM(z_t, eps) (Eq. 3) and, after the first ``free_fraction`` of the steps,
-    z_{t-1} <- m_d z_{t-1} + (1 - m_d) (sqrt(a_{t-1}) z_0 + sqrt(1 - a_{t-1}) eps') (blending).
-    The random draws come from ``generator`` in that order (z_T's noise, then one eps'
-    per blended step). Options (defaults = the plain sampler): ``bound``/``gray`` bound
-    x0^ in every step (:func:`~defectforge.diffusion.ddim.bound_eps`), ``soft`` replaces
-    m_d by feathered weights in the blend (the UNet's attention mask stays binary).
+    z_T ~ N(0, I); each step eps = eps(z_t, C_good) + w_d (eps(z_t, C_1) - eps(z_t, C_good))
+    (DefectDiffu Eq. 4) and z_{t-1} = DDIM(z_t, eps) (Eq. 3). For n_free <= i <= first_edit
+    (:func:`stage_steps`), before the step: z_t <- m_d z_t + (1 - m_d) q(z_0, t). For
+    i >= first_edit, after the step: z_{t-1} <- q(E(p x^ + (1 - p) x), t_{i-1}), x^ = D(x0^),
+    p = ``pixel_mask`` (default ``soft`` or ``m``: the pixel profile), ``x`` the normal crop
+    in pixels (default z_0: the pixel profile).
+    The random draws come from ``generator`` in that order (z_T, then per step the blending
+    noise, then the editing noise). Options (defaults = the plain sampler): ``bound``/``gray``
+    bound x0^ in every step (:func:`~defectforge.diffusion.ddim.bound_eps`), ``soft`` replaces
+    m_d by feathered weights in the blending (the UNet's attention mask stays binary).
     """
     noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
     ms = m if soft is None else soft
+    pm = ms if pixel_mask is None else pixel_mask
+    x = z0 if x is None else x
     c1, k1 = comps.context("defect", defect)
     use_good = guidance != 1.0
     ctx, kinds = [c1], [k1]
@@ -115,25 +172,30 @@ def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps:
     ctx, kinds = torch.cat(ctx), torch.stack(kinds)
     n = ctx.shape[0]
     sched = ddim_schedule(comps.scheduler, steps)
-    n_free = int(round(free_fraction * len(sched)))
+    n_free, first_edit = stage_steps(len(sched), free_fraction, edit_fraction)
     first_captured = int(round((1 - attention_fraction) * len(sched)))
-    z = add_noise(z0, noise, sched[0].alpha_t)  # Eq. (1)
+    z = noise  # 2. free denoising from pure noise, z_T ~ N(0, I)
     for i, st in enumerate(sched):
         if store is not None:
             store.active = i >= first_captured
+        if n_free <= i <= first_edit:  # 3. latent blending with the normal latent noised to this step's level
+            blend_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+            z = ms * z + (1 - ms) * add_noise(z0, blend_noise, st.alpha_t)
         eps = comps.eps(z.expand(n, -1, -1, -1), st.t, ctx, kinds, m.expand(n, -1, -1, -1),
                         cond_image=z0.expand(n, -1, -1, -1), store=store)
         e = guided(eps[0:1], eps[1:2], guidance) if use_good else eps[0:1]
         e = bound_eps(z, e, st.alpha_t, bound, gray, chroma)
+        x0_hat = predict_x0(z, e, st.alpha_t)
         z = ddim_step(z, e, st.alpha_t, st.alpha_prev)  # Eq. (3)
-        if i >= n_free:  # 3. latent blending with the normal latent noised to the new level
-            step_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-            z = ms * z + (1 - ms) * add_noise(z0, step_noise, st.alpha_prev)
+        if i >= first_edit:  # 4. image editing: decode x0^, paste x outside m_d, re-encode, re-noise to t_{i-1}
+            edited = pm * comps.decode(x0_hat) + (1 - pm) * x
+            edit_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+            z = add_noise(comps.encode(edited), edit_noise, st.alpha_prev)
     return z
 
 
 class BlendedMethod(DiffusionMethod):
-    """AdaBLDM three-stage blended latent diffusion (see module docstring)."""
+    """AdaBLDM three-stage blended latent diffusion with online decoder adaptation (see module docstring)."""
 
     name = "blended"
     config_class = BlendedConfig
@@ -155,28 +217,35 @@ class BlendedMethod(DiffusionMethod):
         gray = is_gray(image)
         pixel = not comps.has_decoder  # identity autoencoder: the latent is the image
         soft, alpha = soft_masks(comps, crop, region, cfg.feather)
-        bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
+        feathered = cfg.feather > 0
+        pixel_mask = (torch.from_numpy(feather_mask(crop.mask, cfg.feather))[None, None].to(crop.x) if feathered else crop.m)
+        bound = self.x0_bound(defect, pixel, soft if feathered else m)
         store = AttentionStore(rows=[0])
-        z = sample_blended(comps, z0, m, defect, cfg.steps, cfg.guidance, cfg.free_fraction, gen, store, cfg.attention_fraction,  # 2.-3.
-                           bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
+        z = sample_blended(comps, z0, m, defect, cfg.steps, cfg.guidance, cfg.free_fraction, gen, store, cfg.attention_fraction,  # 2.-4.
+                           edit_fraction=cfg.edit_fraction, x=crop.x, pixel_mask=pixel_mask,
+                           bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if feathered else None,
                            chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None)
-        # 4. online decoder adaptation
+        # 5. online decoder adaptation
         decoder, adaptation = None, {}
-        if not comps.has_decoder:
+        if pixel:
             adaptation = {"decoder_adaptation": "skipped: pixel-space identity autoencoder has no decoder"}
         elif cfg.adapt_steps > 0:
-            decoder, before, after = adapt_decoder(comps, z, crop.x, 1 - crop.m, cfg.adapt_steps, cfg.adapt_lr)
-            adaptation = {"decoder_adaptation": {"steps": cfg.adapt_steps, "background_mse_before": before, "background_mse_after": after}}
+            decoder, stats = adapt_decoder(comps, z, crop.x, crop.m, cfg.adapt_steps, cfg.adapt_lr, cfg.adapt_weight)
+            adaptation = {"decoder_adaptation": {"steps": cfg.adapt_steps, "weight": cfg.adapt_weight, **stats}}
         else:
             adaptation = {"decoder_adaptation": "off (adapt_steps = 0)"}
         with torch.no_grad():
             generated = to_uint8(comps.decode(z, decoder=decoder), gray)
-        # 5. pixel-level blending inside the (feathered) defect region only
-        out = paste_back(image, generated, crop.box, only=region, alpha=alpha if cfg.feather > 0 else None)
+        # the adapted decoder's whole crop (reference), or only the (feathered) defect region
+        if cfg.paste == "crop" and not pixel:
+            out = paste_back(image, generated, crop.box)
+        else:
+            out = paste_back(image, generated, crop.box, only=region, alpha=alpha if feathered else None)
         att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()
         return GenerationResult(
             image=out,
             mask=region,
             attention=attention_to_image(att, region, crop.box),
-            metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound), mask_pixels_off_object=int((raw & ~region).sum()), **adaptation),
+            metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound), mask_pixels_off_object=int((raw & ~region).sum()),
+                                    stages=dict(zip(("n_free", "first_edit"), stage_steps(cfg.steps, cfg.free_fraction, cfg.edit_fraction))), **adaptation),
         )
