@@ -128,12 +128,14 @@ def test_pretrained_fusion_prompt_is_one_sentence_through_the_text_encoder(tiny_
     from defectforge.diffusion.models import load_pipeline_components
 
     enc = load_pipeline_components(tiny_latent_dir, "cpu").prompts
-    assert enc.fusion_text("defect", "crack_edge", "bg") == "a photo of sks crack edge defect background"
-    assert enc.fusion_text("good", None, "null") == "a photo of a defect-free surface"  # null product: nothing added
+    enc.product = "magnetic-tile"
+    # DefectDiffu Sec. 3.2: c_f = "A photo of {defect name} {product name}"
+    assert enc.fusion_text("defect", "crack_edge", "bg") == "A photo of crack edge magnetic tile"
+    assert enc.fusion_text("good", None, "null") == "A photo of good"  # null product: c_d alone
     ctx, kinds = build_context(enc, "defect", "crack_edge", "bg", fusion=True)
     n = enc.tokenizer.model_max_length
     assert ctx.shape[1] == 3 * n and kinds.tolist() == [1] * n + [0] * n + [2] * n
-    ids = enc.tokenizer("a photo of sks crack edge defect background", padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    ids = enc.tokenizer("A photo of crack edge magnetic tile", padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
     torch.testing.assert_close(ctx[0, 2 * n:], enc.text_encoder(ids)[0][0])
 
 

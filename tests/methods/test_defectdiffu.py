@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectforge.diffusion.ddim import double_free
+from defectforge.diffusion.ddim import double_free, guided
 from defectforge.diffusion.prompts import build_context
 
 from test_equations import _inputs  # the same seeded z0 and mask as the Eq. 8 / 9 tests
@@ -39,7 +39,9 @@ class PromptOracle(nn.Module):
         self.alphas = alphas_cumprod
         self.P = torch.randn(dim, 3, generator=torch.Generator().manual_seed(5))
         self.config = SimpleNamespace(out_channels=3, in_channels=3, sample_size=R)
-        self.calls = []
+        self.calls = []  # contexts of every call
+        self.inputs = []  # and its latents and token kinds
+        self.kinds = []
 
     def v(self, tokens):
         u = tokens.mean(1)
@@ -57,6 +59,8 @@ class PromptOracle(nn.Module):
         kw = cross_attention_kwargs or {}
         m = kw["region_mask"]
         self.calls.append(encoder_hidden_states.detach().clone())
+        self.inputs.append(x.detach().clone())
+        self.kinds.append(kw["token_kinds"].clone())
         store = kw.get("attention_store")
         if store is not None and getattr(store, "with_grad", False):  # training: two "layers", 16x16 and 8x8
             v_in = torch.cat([self.v(c[k][None]) for c, k in zip(encoder_hidden_states, kw["token_kinds"])])
@@ -111,6 +115,27 @@ def test_eq4_double_free_guidance_from_the_null_condition(comps):
     torch.testing.assert_close(double_free(e_g0, e_gp, e_d0, 1.0, 0.0), e_gp)
     torch.testing.assert_close(double_free(e_g0, e_gp, e_d0, 0.0, 1.0), e_d0)
     torch.testing.assert_close(double_free(e_g0, e_gp, e_d0, 0.0, 0.0), e_g0)
+
+
+def test_guided_is_guidance_under_c_p_not_eq4_at_w_p_1(comps):
+    """``guided`` (blended, inversion) takes the defect direction against c_g under c_p; Eq. 4 at
+    w_p = 1 takes it under the null condition. Both written out with the oracle's predictions,
+    whose defect direction depends on c_p as a trained model's does."""
+    z, m = _inputs()
+    t = 500
+    e_g0 = _oracle(comps, z, t, "good", "null", m)  # eps(x_t, t, c_g, 0)
+    e_gp = _oracle(comps, z, t, "good", "bg", m)  # eps(x_t, t, c_g, c_p)
+    e_d0 = _oracle(comps, z, t, "defect", "null", m)  # eps(x_t, t, c_d, 0)
+    e_dp = _oracle(comps, z, t, "defect", "bg", m)  # eps(x_t, t, c_d, c_p)
+    e_g0, e_gp, e_d0, e_dp = (e.detach() for e in (e_g0, e_gp, e_d0, e_dp))
+    w = 2.5
+    eq4 = e_g0 + 1.0 * (e_gp - e_g0) + w * (e_d0 - e_g0)  # Eq. (4), w_p = 1
+    torch.testing.assert_close(double_free(e_g0, e_gp, e_d0, 1.0, w), eq4)
+    torch.testing.assert_close(guided(e_dp, e_gp, w), e_gp + w * (e_dp - e_gp))  # guidance under c_p
+    assert float(((e_dp - e_gp) - (e_d0 - e_g0)).abs().max()) > 0.05  # the directions differ ...
+    assert float((guided(e_dp, e_gp, w) - eq4).abs().max()) > 0.1  # ... so guided is not Eq. 4 at w_p = 1
+    # they agree exactly where the defect direction does not depend on c_p
+    torch.testing.assert_close(guided(e_gp + (e_d0 - e_g0), e_gp, w), eq4)
 
 
 def test_null_tokens_are_their_own_condition(comps):
@@ -183,6 +208,57 @@ def test_training_step_feeds_the_null_condition_and_trains_its_tokens(comps):
     assert null.grad is not None and null.grad.abs().sum() > 0
     plain = disentangled_step(comps, x, m, ["defect", "good"], "crack", torch.Generator().manual_seed(0))
     assert not torch.allclose(plain["loss"], out["loss"])
+
+
+
+def test_training_step_c2_rows_are_the_masked_latent_with_c2_in_the_regulariser(comps):
+    """Eq. (5)-(7), the C_2 rows: rows b..2b-1 of the batched UNet call are z_t^m (Eq. 7, zero
+    inside m) with C_2 = [C_m, C_bg] (also where Algorithm 1 dropped a C_1 row's c_p), and their
+    prediction enters only the background regulariser ||(1 - m)(eps - eps(z_t^m, t, C_2))||^2."""
+    from defectforge.diffusion.training import disentangled_step
+
+    x = torch.cat([_inputs(1)[0], _inputs(2)[0]])
+    m = torch.zeros(2, 1, R, R)
+    m[0, :, 4:11, 5:12] = 1
+    m[1, :, 8:14, 2:7] = 1
+    comps.unet.calls.clear()
+    out = disentangled_step(comps, x, m, ["defect", "good"], "crack", torch.Generator().manual_seed(0), outside=["null", "bg"])
+    # the step's draws, in order: t, then eps
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, comps.scheduler.config.num_train_timesteps, (2,), generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    a = comps.scheduler.alphas_cumprod[t].view(2, 1, 1, 1)
+    z_t = a.sqrt() * x + (1 - a).sqrt() * eps  # Eq. (6)
+    z_t_m = a.sqrt() * ((1 - m) * x) + (1 - a).sqrt() * ((1 - m) * eps)  # Eq. (7)
+    latents, ctx, kinds = comps.unet.inputs[-1], comps.unet.calls[-1], comps.unet.kinds[-1]
+    assert latents.shape[0] == 4  # rows: C_1 (2 rows), then C_2 (2 rows)
+    torch.testing.assert_close(latents[:2], z_t)
+    torch.testing.assert_close(latents[2:], z_t_m)
+    assert latents[2:][m.expand(-1, 3, -1, -1).bool()].abs().max() == 0  # the defect is not in z_t^m
+    n = comps.prompts.tokens_per_concept
+    c_2 = torch.cat([comps.prompts.embed("mask"), comps.prompts.embed("bg")]).detach()
+    for row in (2, 3):
+        torch.testing.assert_close(ctx[row], c_2)
+        assert kinds[row].tolist() == [True] * n + [False] * n  # C_m attends inside m, C_bg outside
+    # Eq. (5) by hand, "all" norm: both terms over every element
+    e_1 = torch.cat([_oracle(comps, z_t[i:i + 1], int(t[i]), k, o, m[i:i + 1]) for i, (k, o) in enumerate((("defect", "null"), ("good", "bg")))])
+    e_2 = torch.cat([_oracle(comps, z_t_m[i:i + 1], int(t[i]), "mask", "bg", m[i:i + 1]) for i in range(2)])
+    matching = (m * (eps - e_1)).pow(2).mean()
+    regulariser = ((1 - m) * (eps - e_2)).pow(2).mean()
+    assert float(regulariser.detach()) > 0.01
+    torch.testing.assert_close(out["matching"], matching.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["regulariser"], regulariser.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["loss"], (matching + regulariser).detach(), rtol=1e-5, atol=1e-7)
+    # "area" norm: the regulariser is the mean over each sample's background elements
+    area = disentangled_step(comps, x, m, ["defect", "good"], "crack", torch.Generator().manual_seed(0), outside=["null", "bg"],
+                             loss_norm="area")
+    per = ((1 - m) * (eps - e_2)).pow(2).flatten(1).sum(1) / (3 * (1 - m).flatten(1).sum(1))
+    torch.testing.assert_close(area["regulariser"], per.mean().detach(), rtol=1e-5, atol=1e-7)
+    # C_m is learned through the regulariser only
+    c_m = comps.prompts.tokens["mask"]
+    g_match = torch.autograd.grad(out["matching"], c_m, retain_graph=True, allow_unused=True)[0]
+    assert g_match is None or g_match.abs().sum() == 0
+    assert torch.autograd.grad(out["regulariser"], c_m)[0].abs().sum() > 0
 
 
 # ------------------------------------------------------------------ generation
@@ -412,6 +488,132 @@ def test_pretrained_profile_offline_uses_the_empty_prompt_as_null(tmp_path):
     assert res.mask.any() and not (res.mask & ~mask).any()
     assert method.own_mask and method.mask_origin_of(res) == res.metadata["mask_origin"]
     assert not DefectDiffu.from_pretrained(comps, DefectDiffuConfig(mask_source="target")).own_mask
+
+
+
+# ------------------------------------------------------------------ prompts (Sec. 3.2, supplementary Tab. 2)
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    """A test-size Stable Diffusion directory (CLIP tokenizer and text encoder)."""
+    from defectforge.diffusion import build_tiny_latent_model
+
+    return build_tiny_latent_model(tmp_path_factory.mktemp("sd") / "model")
+
+
+def _encoder(sd_dir, product):
+    from defectforge.diffusion.models import load_pipeline_components
+
+    enc = load_pipeline_components(sd_dir, "cpu").prompts
+    enc.product = product
+    return enc
+
+
+def _clip(enc, text):
+    ids = enc.tokenizer(text, padding="max_length", max_length=enc.tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+    with torch.no_grad():
+        return enc.text_encoder(ids)[0][0]
+
+
+def test_pretrained_prompts_are_the_papers_templates_with_the_dataset_names(sd_dir):
+    """c_p = "A photo of {product name}", c_d = "A photo of {defect name}", c_f = "A photo of
+    {defect name} {product name}" with the category as the product, the defect type as the defect."""
+    enc = _encoder(sd_dir, "magnetic-tile")
+    assert enc.text("bg") == "A photo of magnetic tile"  # c_p
+    assert enc.text("defect", "Blowhole") == "A photo of blowhole"  # c_d
+    assert enc.fusion_text("defect", "Blowhole", "bg") == "A photo of blowhole magnetic tile"  # c_f
+    assert enc.text("good") == "A photo of good"  # c_g: Algorithm 1's defect name "good"
+    assert enc.fusion_text("good", None, "bg") == "A photo of good magnetic tile"
+    assert enc.fusion_text("defect", "Blowhole", "null") == "A photo of blowhole"  # null product: c_d alone
+    assert enc.text("null") == ""
+    # the contexts carry the text encoder's embeddings of exactly those sentences, not of "background"
+    ctx, kinds = build_context(enc, "defect", "Blowhole", "bg")
+    torch.testing.assert_close(ctx[0, kinds], _clip(enc, "A photo of blowhole"))
+    torch.testing.assert_close(ctx[0, ~kinds], _clip(enc, "A photo of magnetic tile"))
+    assert (ctx[0, ~kinds] - _clip(enc, "background")).abs().max() > 1e-3
+    # another category, another c_p; no category: the generic product name
+    assert _encoder(sd_dir, "metal_nut").text("bg") == "A photo of metal nut"
+    assert _encoder(sd_dir, None).text("bg") == "A photo of product"
+
+
+@pytest.mark.parametrize("product, raw, unified", [
+    ("screw", "scratch_neck", "scratch"), ("screw", "thread_top", "thread"), ("leather", "glue", "liquid"),
+    ("leather", "poke", "hole"), ("capsule", "poke", "hole"), ("cable", "missing_wire", "missing"),
+    ("cable", "poke_insulation", "hole"), ("cable", "bent_wire", "bent"), ("zipper", "fabric_border", "cut"),
+    ("zipper", "squeezed_teeth", "squeeze"), ("zipper", "split_teeth", "split"), ("tile", "gray_stroke", "color"),
+    ("tile", "oil", "liquid"), ("tile", "glue_strip", "glue strip"), ("bottle", "broken_large", "broken"),
+    ("toothbrush", "defective", "bent"), ("transistor", "cut_lead", "cut"), ("grid", "glue", "liquid"),
+    ("carpet", "metal_contamination", "metal contamination"), ("Metal-Nut", "Scratch", "scratch"),
+    # Magnetic Tile: not in the paper's table; its names pass through cleaned (crack is a unified name)
+    ("magnetic-tile", "crack", "crack"), ("magnetic-tile", "Crack", "crack"), ("magnetic-tile", "Blowhole", "blowhole"),
+    ("magnetic-tile", "Break", "break"), ("magnetic-tile", "broken_small", "broken"), (None, "scratch_neck", "scratch"),
+    (None, "fray_edge", "fray edge"),
+])
+def test_defect_names_go_through_the_unification_table(product, raw, unified):
+    from defectforge.diffusion.prompts import defect_name
+
+    assert defect_name(raw, product) == unified
+
+
+def test_unification_table_is_the_papers(sd_dir):
+    """Supplementary Tab. 2: the 15 MVTec AD products and their 73 defect types; no raw name
+    is unified two ways; the table reaches the prompt."""
+    from defectforge.diffusion.prompts import DEFECT_NAME_UNIFICATION
+
+    assert sorted(DEFECT_NAME_UNIFICATION) == sorted(
+        ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
+         "toothbrush", "transistor", "wood", "zipper"])
+    assert sum(len(v) for v in DEFECT_NAME_UNIFICATION.values()) == 73
+    assert len(DEFECT_NAME_UNIFICATION["pill"]) == 7 and len(DEFECT_NAME_UNIFICATION["cable"]) == 8
+    renamed = {(p, d) for p, rows in DEFECT_NAME_UNIFICATION.items() for d, u in rows.items() if d != u}
+    assert len(renamed) == 26
+    assert _encoder(sd_dir, "screw").text("defect", "scratch_head") == "A photo of scratch"
+
+
+def test_finetune_and_generation_build_the_same_named_prompts(sd_dir, tmp_path, monkeypatch):
+    """The category given to finetune is stored with the fine-tune, so the prompts DefectDiffu's
+    sampler builds on the loaded model are the ones the model was trained with."""
+    import json
+
+    from defectforge.diffusion.models import FINETUNE_FILE, load_pipeline_components
+    from defectforge.diffusion.prompts import TextPromptEncoder
+    from defectforge.diffusion.training import finetune
+    from defectforge.methods.defectdiffu import contexts
+
+    seen = []
+    encode = TextPromptEncoder._encode
+    monkeypatch.setattr(TextPromptEncoder, "_encode", lambda self, prompt: (seen.append(prompt), encode(self, prompt))[1])
+    rng = np.random.default_rng(0)
+    img = rng.integers(80, 160, (64, 64, 3), dtype=np.uint8)
+    m = np.zeros((64, 64), bool)
+    m[20:40, 16:44] = True
+    img[m] = 30
+    finetune(str(sd_dir), [(img, m)], "Blowhole", tmp_path / "ft", normals=[rng.integers(80, 160, (64, 64, 3), dtype=np.uint8)],
+             mode="lora", steps=1, batch_size=2, progress=False, device="cpu", category="magnetic-tile")
+    trained = set(seen)
+    assert json.loads((tmp_path / "ft" / FINETUNE_FILE).read_text())["category"] == "magnetic-tile"
+    seen.clear()
+    ft = load_pipeline_components(tmp_path / "ft", "cpu")
+    contexts(ft, "Blowhole")  # the three conditions of Eq. 4
+    generated = set(seen)
+    c_p, c_d, c_g = "A photo of magnetic tile", "A photo of blowhole", "A photo of good"
+    assert generated == {c_g, c_p, c_d, ""}
+    assert {c_p, c_d, c_g} <= trained  # the prior rows train c_g, the defect rows c_d, both under c_p
+    assert "background" not in trained | generated
+
+
+def test_finetune_stage_gives_finetune_the_category(monkeypatch, tmp_path):
+    """The finetune stage names the product: each (category, defect type) job passes its category."""
+    import defectforge.diffusion as diffusion
+    from defectforge.config import FinetuneParams
+    from defectforge.pipeline import finetune as stage
+
+    got = {}
+    monkeypatch.setattr(diffusion, "finetune", lambda *a, **kw: got.update(kw) or {})
+    monkeypatch.setattr(stage, "read_image", lambda path: np.zeros((8, 8, 3), np.uint8))
+    monkeypatch.setattr(stage, "read_mask", lambda path: np.ones((8, 8), bool))
+    stage._train_one(FinetuneParams(), "base", tmp_path, tmp_path, "magnetic-tile", "Blowhole", [("i.png", "m.png")], [], False, False)
+    assert got["category"] == "magnetic-tile"
 
 
 # ------------------------------------------------------------------ Eq. 12 (zero-shot)

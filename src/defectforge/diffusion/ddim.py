@@ -128,8 +128,16 @@ def bound_eps(z: torch.Tensor, eps: torch.Tensor, alpha: float, bound: float | t
 
 
 def guided(eps_cond: torch.Tensor, eps_base: torch.Tensor, w: float) -> torch.Tensor:
-    """Defect-vs-background guidance, DefectDiffu Eq. (4) with w_p = 1:
-    eps = eps(c_good) + w_d (eps(c_def) - eps(c_good)); w_d = 1 is plain conditioning."""
+    """One-weight classifier-free guidance with the "good" prompt as the baseline, both rows
+    under the same product condition c_p (the blended and inversion samplers):
+
+        eps = eps(c_g, c_p) + w (eps(c_d, c_p) - eps(c_g, c_p));   w = 1 is plain conditioning.
+
+    This is *not* DefectDiffu's Eq. (4) with w_p = 1: that takes the defect direction
+    against the null product condition, eps(c_g, c_p) + w_d (eps(c_d, 0) - eps(c_g, 0))
+    (:func:`double_free`); the two agree only when the defect direction does not depend on
+    c_p. The blended and inversion papers have no null product condition, and their
+    checkpoints have one only when finetune ran Algorithm 1's dropout (a DefectDiffu option)."""
     return eps_base + w * (eps_cond - eps_base)
 
 
@@ -146,7 +154,8 @@ def double_free(eps_good_null: torch.Tensor, eps_good_product: torch.Tensor, eps
     product condition of Algorithm 1. The defect direction is taken *without* the product
     condition, which is what lets a defect learned on one product be added to another
     (Eq. 12, zero-shot). w_p = 1, w_d = 0 gives the product's normal image; w_d sets the
-    defect strength. (:func:`guided` is the older one-weight form used by the other methods.)
+    defect strength. (:func:`guided` is the one-weight form under c_p used by the other
+    methods; it is not this equation at w_p = 1.)
     """
     return eps_good_null + w_p * (eps_good_product - eps_good_null) + w_d * (eps_defect_null - eps_good_null)
 

@@ -384,6 +384,8 @@ def _load_finetune(path: Path, device: torch.device, dtype: torch.dtype) -> Diff
         comps.prompts = TokenPromptEncoder.load(path / "prompt_encoder").to(device)
         files = [f for f in files if Path(f).name != "token_embeddings.safetensors"]
         files.append(path / "prompt_encoder" / "token_embeddings.safetensors")
+    elif hasattr(comps.prompts, "product"):  # the product name the fine-tune's text prompts were trained with
+        comps.prompts.product = meta.get("category")
     comps.set_tdia(bool(meta.get("tdia", False)))
     if meta.get("mask_module"):
         from defectforge.diffusion.mask_module import MASK_MODULE_DIR, MaskGenerationModule

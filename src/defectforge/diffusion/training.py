@@ -10,7 +10,9 @@ cross-attention of Eq. (10)-(11) (:mod:`defectforge.diffusion.attention`):
   C_bg]. The UNet is fine-tuned DreamBooth-style (``mode="unet"``, as the paper) or
   through LoRA adapters (``mode="lora"``, peft). For the tiny profile the new
   defect tokens C_def are learned as well (the frozen CLIP encoder of the
-  pretrained profile needs no new tokens: the prompt carries a rare identifier).
+  pretrained profile needs no new tokens: its prompts name the category and the
+  unified defect type, :mod:`defectforge.diffusion.prompts`; ``category`` is stored
+  in the folder so generation builds the same prompts).
   DreamBooth's prior preservation: when normal images are given, a share of each
   batch (``prior_fraction``, default one half as DreamBooth's equal class batch) is
   normal crops with random masks and C_good, so the "good" baseline of the
@@ -442,8 +444,12 @@ def finetune(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    category: str | None = None,
 ) -> dict:
     """Fine-tune ``base`` (tiny dir, diffusers SD dir or hub id) on one defect type.
+
+    ``category``: the product the defect type belongs to, DefectDiffu's {product name} in the
+    pretrained profile's prompts c_p and c_f (recorded in ``defectforge_finetune.json``).
 
     ``defects``: (uint8 image, bool mask) pairs. Writes ``out_dir`` with
     ``defectforge_finetune.json``, ``unet/`` (mode "unet") or
@@ -489,6 +495,8 @@ def finetune(
     lr = lr if lr is not None else (1e-4 if mode == "unet" else 1e-3)
 
     comps = load_pipeline_components(base, device=device)
+    if hasattr(comps.prompts, "product"):  # the text prompts name the product (c_p, c_f)
+        comps.prompts.product = category
     if tdia:
         comps.set_tdia(True)
     res = comps.resolution
@@ -585,6 +593,8 @@ def finetune(
     )
     meta = {"format": "defectforge-finetune/1", "base": base_ref, "mode": mode, "defect_type": defect_type, "profile": comps.profile,
             "metrics": file_metrics(metrics)}
+    if category is not None:
+        meta["category"] = category
     if tdia:
         meta["tdia"] = True
     if module is not None:

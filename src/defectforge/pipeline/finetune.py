@@ -86,6 +86,7 @@ def _train_one(p: FinetuneParams, base, root: Path, tmp: Path, category: str, de
         attention_loss=p.attention_loss, attention_rows=p.attention_rows,
         cond_dropout_product=p.cond_dropout_product, cond_dropout_defect=p.cond_dropout_defect, aal=p.aal, aal_alpha=p.aal_alpha,
         tdia=p.tdia, mask_module=p.mask_module, mask_module_lr=p.mask_module_lr, seed=p.seed, device=p.device, progress=progress,
+        category=category,
     )
     if p.anomaly_embedding:  # AnomalyDiffusion: masked textual inversion (Eq. 5-6) of e_a and E on the frozen base
         from defectforge.methods.anomalydiffusion import EMBEDDING_DIR, fit_anomaly_embedding
