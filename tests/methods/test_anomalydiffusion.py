@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from defectforge.config import AnomalyDiffusionConfig
 from defectforge.errors import DataError
@@ -70,6 +71,19 @@ def test_spatial_encoder_tokens_carry_the_mask_location():
         e = spatial_anomaly_embedding(torch.ones(2, 8), enc, left)
     assert a.shape == (1, 3, 8) and (a - b).abs().max() > 1e-3
     assert e.shape == (1, 5, 8) and torch.equal(e[0, :2], torch.ones(2, 8)) and torch.equal(e[:, 2:], a)
+    # the FPN written out: three stride-2 stages, 1x1 laterals, top-down sums, 4x4 pooling, one head per token
+    with torch.no_grad():
+        h, feats = left * 2 - 1, []
+        for st in enc.stages:
+            h = st(h)
+            feats.append(h)
+        l1, l2, l3 = (lat(f) for lat, f in zip(enc.laterals, feats))
+        p3 = l3
+        p2 = l2 + F.interpolate(p3, size=l2.shape[-2:], mode="nearest")
+        p1 = l1 + F.interpolate(p2, size=l1.shape[-2:], mode="nearest")
+        pooled = torch.cat([F.adaptive_avg_pool2d(p, 4).flatten(1) for p in (p1, p2, p3)], dim=1)
+        want = torch.stack([head(pooled) for head in enc.heads], dim=1)
+    torch.testing.assert_close(a, want)
 
 
 def test_eq5_masked_loss_by_hand():
