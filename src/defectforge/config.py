@@ -307,6 +307,8 @@ class AnomalyDiffusionConfig(_DiffusionConfig):
 
     section: ClassVar[str] = "anomalydiffusion"
     reweight: bool = True                                   # adaptive attention re-weighting (Eq. 7-8); False: the w/o-AAR ablation
+    reweight_max: float = Field(1.5, ge=1, le=10)           # upper clamp of w_m (the authors' code: 1.5; weights lie in [1, max])
+    reweight_dilation: float = Field(8.0, ge=0, le=64)      # mask dilation r(t) = (t + 100) * this / 1000 px on a 32-px latent (authors: 8)
 
 
 # The method names params.yaml accepts, and whether each needs the pretrain + finetune
