@@ -19,6 +19,19 @@ def test_tiny_profile_size_and_layout(tiny):
     assert 2.5e6 < n < 3.5e6  # ~3.1 M (see configs/tiny_unet.json)
     assert tiny.resolution == 64 and tiny.inpainting and not tiny.has_decoder
     assert all(type(p).__name__ == "MaskedCrossAttnProcessor" for p in tiny.unet.attn_processors.values())
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():  # the pixel profile's autoencoder is the identity: the latent is the image
+        assert torch.equal(tiny.encode(x), x) and torch.equal(tiny.decode(x), x)
+    # the inpainting input [z_t, m, (1 - m) z_0]: the UNet never sees the image under the mask
+    m = torch.zeros(1, 1, 64, 64)
+    m[..., 20:40, 20:40] = 1
+    under_mask = x + m * torch.rand(x.shape, generator=g)
+    beside_mask = x + (1 - m) * 0.1
+    ctx, kinds = tiny.context("defect", "scratch") if "scratch" in tiny.prompts.defects else tiny.context("good")
+    with torch.no_grad():
+        ref, same, other = (tiny.eps(x, 500, ctx, kinds, m, cond_image=c) for c in (x, under_mask, beside_mask))
+    assert torch.equal(ref, same) and not torch.allclose(ref, other)
 
 
 def test_tiny_save_load_round_trip(tiny, tmp_path):
@@ -158,3 +171,10 @@ def test_finetune_on_the_pretrained_profile_with_lora(tiny_latent_dir, tmp_path)
     ft = load_pipeline_components(tmp_path / "ft", device="cpu")
     assert ft.profile == "pretrained" and ft.defect_type == "pit"
     assert any("lora" in n for n, _ in ft.unet.named_parameters())
+    base = load_pipeline_components(str(tiny_latent_dir), device="cpu")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., 2:5, 2:6] = 1
+    with torch.no_grad():
+        a, b = (c.eps(z, 100, *c.context("defect", "pit"), m) for c in (base, ft))
+    assert not torch.allclose(a, b)  # the trained LoRA (B = 0 at initialisation) changes the prediction

@@ -107,12 +107,29 @@ def test_same_seed_same_output_other_seed_other_defect(tiny_dir):
     assert np.array_equal(a, b) and not np.array_equal(a[mask], c[mask])
 
 
+def _beyond_reach(mask, sigma):
+    """Pixels farther than the feather's reach from the mask (a box-shaped dilation)."""
+    from scipy.ndimage import binary_dilation
+
+    from defectforge.masks.crop import feather_radius
+
+    k = feather_radius(sigma)
+    return ~binary_dilation(mask, np.ones((2 * k + 1, 2 * k + 1), bool))
+
+
 def test_whole_image_mode_and_small_images(tiny_dir):
+    """crop=False: the whole 40x50 image is resampled to the model's 64 px and back, yet the
+    mask paste writes only the mask and its feathered rim; the defect is painted in the mask."""
     img, mask = _inputs(40, 50)
     mask[:] = False
     mask[10:20, 10:20] = True
-    r = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=2, crop=False), device="cpu").generate(img, mask, "crack", 0)
+    method = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=2, crop=False), device="cpu")
+    r = method.generate(img, mask, "crack", 0)
     assert r.image.shape == img.shape and r.metadata["crop_box"] == {"top": 0, "left": 0, "height": 40, "width": 50}
+    far = _beyond_reach(mask, method.config.feather)
+    assert far.sum() > 1500 and np.array_equal(r.image[far], img[far])
+    changed = np.abs(r.image[mask].astype(int) - img[mask].astype(int)).max(-1)
+    assert (changed > 0).mean() > 0.9
 
 
 def test_pretrained_profile_through_the_same_code(latent_dir):
@@ -123,6 +140,11 @@ def test_pretrained_profile_through_the_same_code(latent_dir):
     box = r.metadata["crop_box"]
     assert box["height"] == 30  # 1.5 x the 20-px defect, larger than the 16-px model
     assert np.array_equal(r.image[_outside(box, mask.shape)], img[_outside(box, mask.shape)])
+    far = _beyond_reach(mask, method.config.feather)  # inside the box too: the paste writes the mask only
+    assert np.array_equal(r.image[far], img[far])
+    again, other = (method.generate(img, mask, "scratch", seed=s).image for s in (0, 1))
+    assert np.array_equal(again, r.image)  # deterministic under its seed ...
+    assert not np.array_equal(other[mask], r.image[mask])  # ... and Theorem 1's noise follows the seed
 
 
 def test_bad_config_and_unknown_defect(tiny_dir):
