@@ -28,7 +28,7 @@ def test_tiny_profile_size_and_layout(tiny):
     m[..., 20:40, 20:40] = 1
     under_mask = x + m * torch.rand(x.shape, generator=g)
     beside_mask = x + (1 - m) * 0.1
-    ctx, kinds = tiny.context("defect", "scratch") if "scratch" in tiny.prompts.defects else tiny.context("good")
+    ctx, kinds = tiny.context("good")
     with torch.no_grad():
         ref, same, other = (tiny.eps(x, 500, ctx, kinds, m, cond_image=c) for c in (x, under_mask, beside_mask))
     assert torch.equal(ref, same) and not torch.allclose(ref, other)
