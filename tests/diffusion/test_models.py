@@ -68,7 +68,7 @@ def test_pretrained_path_round_trip_with_tiny_latent_model(tiny_latent_dir):
         torch.testing.assert_close(comps.autoencoder.encode(x).latent_dist.mode(), vae.encode(x).latent_dist.mode())
         # c_p of a base model loaded without a category: DefectDiffu's template with the generic product
         assert comps.prompts.text("bg") == "A photo of product"
-        ids = comps.prompts.tokenizer("A photo of product", padding="max_length", max_length=16, return_tensors="pt").input_ids
+        ids = comps.prompts.tokenizer("A photo of product", padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
         torch.testing.assert_close(comps.prompts.embed("bg"), te(ids)[0][0])
         ctx = comps.prompts.embed("bg")[None]
         z = torch.randn(1, 4, 8, 8)
