@@ -7,7 +7,8 @@ guidance weight to the wrong term, swaps Eq. 9's mix or the blending of blended
 latent diffusion gives different numbers. Each test recomputes the expected values
 with its own loop written from the equations of
 ../shared/seeds/ddim-inversion-disentangled-background.txt (Eq. 3, 8, 9, Theorem 1),
-DefectDiffu's guidance (Eq. 4) and blended latent diffusion, never by calling the
+one-weight guidance against the "good" prompt under c_p (``guided``) and blended latent
+diffusion, never by calling the
 code under test.
 """
 
@@ -179,7 +180,7 @@ def test_eq9_with_the_realism_options_matches_its_reference(comps):
 
 
 # ------------------------------------------------------------------ guidance, DDIM, bound
-def test_guided_is_defectdiffu_eq4():
+def test_guided_is_guidance_against_the_good_prompt():
     c, b = torch.tensor([3.0]), torch.tensor([1.0])
     assert guided(c, b, 0.0).item() == 1.0  # w = 0: the baseline (C_good) alone
     assert guided(c, b, 1.0).item() == 3.0  # w = 1: plain conditioning

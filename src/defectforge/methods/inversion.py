@@ -12,7 +12,8 @@ Notation:
     C_1, C_2        [C_def, C_bg] (defect branch), [C_m, C_bg] (background branch)
     C_good          [C_good, C_bg], the defect-free baseline for guidance
     alpha_t         cumulative alphas of the DDIM schedule (``steps`` steps)
-    w_d             ``guidance``: defect-vs-background guidance (DefectDiffu Eq. 4)
+    w_d             ``guidance``: defect-vs-good guidance under the same context, eps(C_good) + w_d (eps(C_1) - eps(C_good))
+                    (:func:`~defectforge.diffusion.ddim.guided`; not DefectDiffu's Eq. 4, which needs a null condition)
 
 Steps of :meth:`InversionMethod.generate`:
 
