@@ -130,6 +130,9 @@ class FinetuneParams(_Section):
     tdia: bool = False                                    # DefectDiffu's TDIA: background / defect / fusion parts, each its own prompt
     mask_module: float = Field(0.0, ge=0, le=100)         # lambda of Eq. 11: > 0 trains DefectDiffu's mask generation module (Eq. 6)
     mask_module_lr: float = Field(1e-3, gt=0, le=1)       # its learning rate (it starts from scratch)
+    # AdaBLDM's spatial guidance: a trimap ControlNet trained after the UNet (UNet frozen), used by method blended
+    trimap_control: bool = False
+    trimap_control_steps: int = Field(0, ge=0, le=1_000_000)  # its training steps (0: finetune.steps)
     # AnomalyDiffusion masked textual inversion (Eq. 5-6) on the frozen base: anomaly tokens e_a + spatial encoder E
     anomaly_embedding: bool = False                       # also train e_a and E per defect type (method anomalydiffusion)
     anomaly_tokens: int = Field(4, ge=1, le=64)           # k, tokens of the anomaly embedding e_a

@@ -321,3 +321,107 @@ def test_grayscale_sources_stay_grayscale(tiny_dir):
     r = BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=2), device="cpu").generate(gray, mask, "pit", 0)
     assert r.metadata["grayscale_output"]
     assert np.array_equal(r.image[..., 0], r.image[..., 1]) and np.array_equal(r.image[..., 1], r.image[..., 2])
+
+
+@pytest.fixture(scope="module")
+def control_dir(tiny_dir, tmp_path_factory):
+    """A tiny fine-tune with the trimap ControlNet (2 UNet steps, then 4 ControlNet steps)."""
+    from defectforge.diffusion.training import finetune
+
+    img = np.full((64, 64, 3), 20, np.uint8)
+    img[8:56, 8:56] = 170  # an object on a dark background
+    mask = np.zeros((64, 64), bool)
+    mask[24:34, 26:40] = True
+    img[mask] = 60
+    out = tmp_path_factory.mktemp("bld-cn") / "ft"
+    m = finetune(tiny_dir, [(img, mask)], "pit", out, steps=2, batch_size=2, lr=1e-3, trimap_control=True, trimap_control_steps=4,
+                 device="cpu", progress=False)
+    return out, m
+
+
+def test_trimap_controlnet_is_trained_and_saved(control_dir):
+    from defectforge.diffusion import load_pipeline_components
+    from defectforge.diffusion.control import build_trimap_controlnet, trimap_condition
+
+    out, metrics = control_dir
+    assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").exists() and metrics["trimap_control_steps"] == 4
+    comps = load_pipeline_components(str(out), device="cpu")
+    assert comps.controlnet is not None and any("controlnet" in str(f) for f in comps.files)
+    fresh = build_trimap_controlnet(comps.unet, comps.vae_scale_factor)
+    moved = [n for (n, a), b in zip(comps.controlnet.named_parameters(), fresh.parameters()) if not torch.equal(a, b)]
+    assert any(n.startswith("controlnet_down_blocks") for n in moved)  # the zero convolutions left zero
+    assert any(n.startswith("controlnet_cond_embedding") for n in moved)
+    # the trimap changes the UNet's prediction: defect here vs defect there vs none
+    r = comps.resolution
+    g = torch.Generator().manual_seed(0)
+    z, x0 = torch.randn(1, 3, r, r, generator=g), torch.rand(1, 3, r, r, generator=g) * 2 - 1
+    m = torch.zeros(1, 1, r, r)
+    m[..., 20:40, 20:40] = 1
+    ctx, kinds = comps.context("defect", "pit")
+    t1 = torch.ones(1, 1, r, r)
+    t1[..., 20:40, 20:40] = 2
+    t2 = torch.ones(1, 1, r, r)
+    t2[..., 4:16, 40:60] = 2
+    with torch.no_grad():
+        e = {k: comps.eps(z, 500, ctx, kinds, m, cond_image=x0, control=None if c is None else trimap_condition(c, r))
+             for k, c in (("none", None), ("here", t1), ("there", t2))}
+    assert (e["here"] - e["none"]).abs().max() > 1e-6
+    assert (e["here"] - e["there"]).abs().max() > 1e-6
+
+
+def test_generate_passes_the_trimap_through_the_controlnet(control_dir, monkeypatch):
+    from defectforge.diffusion.control import trimap_condition
+
+    out, _ = control_dir
+    img = np.full((96, 96, 3), 20, np.uint8)
+    img[16:80, 16:80] = 170
+    mask = np.zeros((96, 96), bool)
+    mask[10:40, 40:50] = True  # partly off the object: the trimap clips it
+    method = BlendedMethod.from_pretrained(str(out), BlendedConfig(steps=4, feather=0), device="cpu")
+    comps = method.models.get("pit")
+    seen = []
+    real = comps.controlnet.forward
+
+    def spy(x, t, encoder_hidden_states=None, controlnet_cond=None, **kw):
+        seen.append(controlnet_cond.clone())
+        return real(x, t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond, **kw)
+
+    monkeypatch.setattr(comps.controlnet, "forward", spy)
+    r = method.generate(img, mask, "pit", 0)
+    assert r.metadata["trimap_control"] and len(seen) == 4  # one ControlNet call per DDIM step
+    cond = seen[0][0, 0]
+    assert set(torch.unique(cond).tolist()) <= {0.0, 0.5, 1.0} and (cond == 1.0).any() and (cond == 0.5).any()
+    from defectforge.masks.crop import CropBox
+    from defectforge.masks.trimap import make_trimap
+
+    ys, xs = CropBox(**r.metadata["crop_box"]).slices()
+    want = trimap_condition(torch.from_numpy(make_trimap(img, mask)[ys, xs].astype(np.float32))[None, None], comps.resolution)
+    assert torch.equal(seen[0][:1], want.expand_as(seen[0][:1]))
+    monkeypatch.undo()
+    without = BlendedMethod.from_pretrained(str(out), BlendedConfig(steps=4, feather=0), device="cpu")
+    without.models.get("pit").controlnet = None
+    assert not np.array_equal(without.generate(img, mask, "pit", 0).image, r.image)
+
+
+def test_trimap_controlnet_for_the_latent_profile(latent_dir):
+    """The pretrained profile's ControlNet (diffusers' from_unet): the condition at pixel size
+    lands on the latent grid through the conditioning embedding (here 2x down)."""
+    from defectforge.diffusion import load_pipeline_components
+    from defectforge.diffusion.control import build_trimap_controlnet, control_residuals
+
+    comps = load_pipeline_components(str(latent_dir), device="cpu")
+    cn = build_trimap_controlnet(comps.unet, comps.vae_scale_factor)
+    z = torch.randn(1, 4, 8, 8)
+    ctx = comps.context("defect", "pit")[0]
+    down, mid = control_residuals(cn, z, torch.tensor([10]), ctx, torch.rand(1, 1, 16, 16))
+    assert down[0].shape[-1] == 8 and all(float(d.abs().max()) == 0 for d in down)  # zero convolutions: no effect untrained
+    # an SD-layout UNet with a middle block goes through ControlNetModel.from_unet itself
+    from diffusers import UNet2DConditionModel
+
+    from defectforge.diffusion.models import config_json
+
+    sd_like = UNet2DConditionModel(**{**config_json("tiny_latent_unet"), "mid_block_type": "UNetMidBlock2DCrossAttn"})
+    cn = build_trimap_controlnet(sd_like, 8)
+    assert torch.equal(cn.mid_block.resnets[0].conv1.weight, sd_like.mid_block.resnets[0].conv1.weight)
+    down, mid = control_residuals(cn, z, torch.tensor([10]), ctx, torch.rand(1, 1, 64, 64))
+    assert down[0].shape[-1] == 8 and mid.shape[-1] == 4

@@ -63,6 +63,7 @@ class DiffusionComponents:
     defect_type: str | None = None  # set for finetune directories
     tdia: bool = False  # DefectDiffu's TDIA routing (finetune.tdia): contexts carry the fusion prompt
     mask_module: torch.nn.Module | None = None  # DefectDiffu's mask generation module (Eq. 6), when trained
+    controlnet: torch.nn.Module | None = None  # AdaBLDM's trimap ControlNet (diffusion/control.py), when trained
 
     # ---- geometry ----
     @property
@@ -134,12 +135,15 @@ class DiffusionComponents:
         cond_image: torch.Tensor | None = None,
         store=None,
         reweight=None,
+        control: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """epsilon_theta(z_t, t, C) with masked cross-attention over ``region_mask`` (m').
 
         For an inpainting UNet the input is ``[z_t, m, (1 - m) * cond_image]``.
         ``reweight``: an :class:`~defectforge.diffusion.attention.AttentionReweight`
-        (AnomalyDiffusion Eq. 7-8), passed to every attention processor.
+        (AnomalyDiffusion Eq. 7-8), passed to every attention processor. ``control``: the
+        trimap condition (:func:`~defectforge.diffusion.control.trimap_condition`); with a
+        ``controlnet`` its residuals are added to the UNet's skips and middle (AdaBLDM).
         """
         x = z
         if self.inpainting:
@@ -154,7 +158,13 @@ class DiffusionComponents:
         kwargs = {"region_mask": region_mask, "token_kinds": token_kinds, "attention_store": store}
         if reweight is not None:
             kwargs["reweight"] = reweight
-        return self.unet(x, t.to(z.device), encoder_hidden_states=context, cross_attention_kwargs=kwargs).sample
+        extra = {}
+        if control is not None and self.controlnet is not None:
+            from defectforge.diffusion.control import control_residuals
+
+            down, mid = control_residuals(self.controlnet, x, t.to(z.device), context, control)
+            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return self.unet(x, t.to(z.device), encoder_hidden_states=context, cross_attention_kwargs=kwargs, **extra).sample
 
     def checkpoint_sha256(self) -> str:
         """SHA-256 over the weight files this model was loaded from (sorted by name)."""
@@ -392,6 +402,13 @@ def _load_finetune(path: Path, device: torch.device, dtype: torch.dtype) -> Diff
 
         comps.mask_module = MaskGenerationModule.from_pretrained(path / MASK_MODULE_DIR, device)
         files += sorted((path / MASK_MODULE_DIR).glob("*.safetensors"))
+    if meta.get("trimap_control"):
+        from diffusers import ControlNetModel
+
+        from defectforge.diffusion.control import CONTROLNET_DIR
+
+        comps.controlnet = ControlNetModel.from_pretrained(path / CONTROLNET_DIR, use_safetensors=True, torch_dtype=dtype).to(device).eval()
+        files += sorted((path / CONTROLNET_DIR).glob("*.safetensors"))
     comps.source = str(path)
     comps.files = files
     comps.defect_type = meta.get("defect_type")

@@ -258,6 +258,7 @@ def disentangled_step(
     aal_alpha: float = 1e-3,
     mask_module=None,
     mask_weight: float = 0.0,
+    trimap: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Eq. (5)-(7) on a batch: x (B, 3, H, W) in [-1, 1], mask (B, 1, H, W) in {0, 1};
     ``inside[i]`` is "defect" or "good" (the inside tokens of C_1 for row i), ``outside[i]``
@@ -271,7 +272,11 @@ def disentangled_step(
     lambda loss_m (Eq. 6, 11) on the C_def rows: the module reads those rows' per-token
     attention maps (with their gradient, so the UNet's attention learns too) and predicts
     the real mask's features; the result then has a "mask" entry. Under TDIA
-    (``comps.tdia``) the contexts carry the fusion prompt and each part sees its own prompt."""
+    (``comps.tdia``) the contexts carry the fusion prompt and each part sees its own prompt.
+
+    ``trimap`` (B, 1, H, W) in {0, 1, 2} with ``comps.controlnet``: AdaBLDM's trimap condition
+    (diffusion/control.py) on the C_1 rows; the C_2 rows (background inside m) see the same
+    trimap with the defect region marked as object."""
     b = x.shape[0]
     with torch.no_grad():
         z0 = comps.encode(x)
@@ -299,7 +304,14 @@ def disentangled_step(
         collector = AttentionShareCollector(rows) if rows else None
     token_maps = TokenMapStore(defect_rows, with_grad=True) if mask_module is not None and mask_weight > 0 and defect_rows else None
     store = StoreGroup(collector, token_maps) if token_maps is not None else collector
-    eps_pred = comps.eps(z_in, torch.cat([t, t]), ctx, kinds, torch.cat([m, m]), cond_image=torch.cat([z0, z0]), store=store)
+    control = None
+    if trimap is not None:
+        from defectforge.diffusion.control import trimap_condition
+
+        no_defect = torch.where(trimap == 2, torch.ones_like(trimap), trimap)
+        control = trimap_condition(torch.cat([trimap, no_defect]), x.shape[-1])
+    eps_pred = comps.eps(z_in, torch.cat([t, t]), ctx, kinds, torch.cat([m, m]), cond_image=torch.cat([z0, z0]), store=store,
+                         control=control)
     eps_def, eps_bg = eps_pred[:b], eps_pred[b:]
     out = disentangled_loss(eps, eps_def, eps_bg, m, norm=loss_norm)  # Eq. (5)
     if attention_loss > 0:
@@ -440,6 +452,8 @@ def finetune(
     tdia: bool = False,
     mask_module: float = 0.0,
     mask_module_lr: float = 1e-3,
+    trimap_control: bool = False,
+    trimap_control_steps: int | None = None,
     rotate: bool = True,
     seed: int = 0,
     device: str = "auto",
@@ -461,6 +475,10 @@ def finetune(
     prompt (:func:`~defectforge.diffusion.attention.tdia_parts`; recorded in the folder, so
     sampling routes the same way); ``mask_module`` = lambda > 0 trains the mask generation
     module with loss_m (Eq. 6, 11) at ``mask_module_lr`` and saves it in ``mask_module/``.
+
+    AdaBLDM option: ``trimap_control`` trains a trimap ControlNet (diffusion/control.py) after
+    the UNet, for ``trimap_control_steps`` (default ``steps``) with the UNet and tokens frozen,
+    and saves it in ``controlnet/``; the UNet and tokens are the bytes they are without it.
     """
     if mode not in ("unet", "lora"):
         raise ParamsError(f"finetune.mode: must be 'unet' or 'lora', got {mode!r}")
@@ -569,6 +587,9 @@ def finetune(
         extra["tdia"] = True
     rows, seconds = _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect_type, seed, progress, f"finetune {defect_type}", step_kw)
     comps.unet.eval()
+    if trimap_control:  # AdaBLDM's spatial guidance, trained on the frozen fine-tuned model
+        with fixed_threads():
+            extra.update(train_trimap_controlnet(comps, make_batch, trimap_control_steps or steps, lr, defect_type, seed, loss_norm, progress))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -585,6 +606,10 @@ def finetune(
         comps.prompts.save(out / "prompt_encoder")
     if module is not None:
         module.eval().save_pretrained(out / MASK_MODULE_DIR)
+    if trimap_control:
+        from defectforge.diffusion.control import CONTROLNET_DIR
+
+        comps.controlnet.eval().save_pretrained(out / CONTROLNET_DIR, safe_serialization=True)
     base_ref = base_reference(base, out)
     logged = {k: v for k, v in step_kw.items() if k != "mask_module"}
     metrics = _metrics(
@@ -599,11 +624,55 @@ def finetune(
         meta["tdia"] = True
     if module is not None:
         meta["mask_module"] = True
+    if trimap_control:
+        meta["trimap_control"] = True
     (out / FINETUNE_FILE).write_text(json.dumps(meta, indent=2))
     _write_curve(out / CURVE_FILE, rows, ["step", *_curve_keys(step_kw)])
     if progress:
         _log_timing(f"finetune {defect_type}", metrics)
     return metrics
+
+
+def batch_trimaps(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Trimaps (B, 1, H, W) in {0, 1, 2} of a training batch (x in [-1, 1], m in {0, 1}): the
+    foreground estimate of each crop with its mask as the defect region (masks/trimap.py)."""
+    from defectforge.masks.trimap import make_trimap
+
+    imgs = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    masks = m.detach().cpu().numpy()[:, 0] > 0.5
+    tri = np.stack([make_trimap(i, k) for i, k in zip(imgs, masks)])
+    return torch.from_numpy(tri)[:, None].to(x.device, torch.float32)
+
+
+def train_trimap_controlnet(comps, make_batch, steps: int, lr: float, defect: str, seed: int, loss_norm: str = "all",
+                            progress: bool = False) -> dict:
+    """Build ``comps.controlnet`` from the UNet and train it alone (UNet and tokens frozen, as the
+    reference trains its ControlNet on a locked SD) on Eq. 5 with the batch's trimaps; AdamW at ``lr``.
+    Returns the loss of the first and last 10 steps (metrics)."""
+    from defectforge.diffusion.control import build_trimap_controlnet
+
+    comps.unet.requires_grad_(False)
+    if hasattr(comps.prompts, "requires_grad_"):
+        comps.prompts.requires_grad_(False)
+    comps.controlnet = build_trimap_controlnet(comps.unet, comps.vae_scale_factor).to(comps.device)
+    comps.controlnet.train()
+    params = list(comps.controlnet.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    for _ in range(steps):
+        x, m, inside, *outside = make_batch()
+        out = disentangled_step(comps, x, m, inside, defect, gen, outside=outside[0] if outside else None, loss_norm=loss_norm,
+                                trimap=batch_trimaps(x, m))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(out["loss"].item())
+    comps.controlnet.eval()
+    k = min(10, len(losses))
+    return {"trimap_control_steps": steps, "trimap_control_loss_first": round(float(np.mean(losses[:k])), 6),
+            "trimap_control_loss_last": round(float(np.mean(losses[-k:])), 6)}
 
 
 def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw=None, threads: int = TRAIN_THREADS):

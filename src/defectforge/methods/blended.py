@@ -53,8 +53,12 @@ Departures from the reference, and why:
 * Encoding uses the posterior's mode (the reference samples it): deterministic for a seed.
 * The latent mask is the cover-pooled m_d (the reference dilates it by a 5 x 5 kernel).
 * The decoder fine-tunes ``decoder`` only, as the reference (not ``post_quant_conv``).
-* The trimap reaches the network only as the crop's mask today (the reference trains a
-  ControlNet on it); see the README for the state of that condition.
+* Trimap (reference: ``generate_triple_map`` drawn as 0 / 127 / 255 into a ControlNet,
+  ``cldm/cldm.py``): a diffusers ControlNet on T / 2 (one channel), trained in finetune
+  (``finetune.trimap_control``) after the UNet with the UNet frozen; when the fine-tune has
+  one (``comps.controlnet``), its residuals join every UNet call of stages 2-4
+  (diffusion/control.py). Without one the trimap only clips m_d to the object. With
+  ``trimap: false`` the condition marks m_d as defect on an all-object crop.
 
 Realism options (issue 8; ``BlendedConfig``; the plain sampler is ``clip_x0=False,
 gray_steps=False, feather=0``; measured in docs/realism-ablation.md):
@@ -82,7 +86,8 @@ from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided, predict_x0
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.masks.crop import feather_mask
-from defectforge.masks.trimap import DEFECT, make_trimap
+from defectforge.diffusion.control import trimap_condition
+from defectforge.masks.trimap import DEFECT, OBJECT, make_trimap
 from defectforge.config import BlendedConfig
 from defectforge.methods.base import DiffusionMethod, GenerationResult
 
@@ -144,7 +149,8 @@ def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, defect: torch.Tensor,
 def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float, free_fraction: float,
                    generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5, *,
                    edit_fraction: float = 0.0, x: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None,
-                   bound: float | tuple = 0.0, gray: bool = False, soft: torch.Tensor | None = None, chroma: tuple | None = None) -> torch.Tensor:
+                   bound: float | tuple = 0.0, gray: bool = False, soft: torch.Tensor | None = None, chroma: tuple | None = None,
+                   control: torch.Tensor | None = None) -> torch.Tensor:
     """Stages 2-4 (module docstring): free denoising, latent blending, image editing; returns z_0.
 
     z_T ~ N(0, I); each step eps = eps(z_t, C_good) + w_d (eps(z_t, C_1) - eps(z_t, C_good))
@@ -157,6 +163,8 @@ def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps:
     noise, then the editing noise). Options (defaults = the plain sampler): ``bound``/``gray``
     bound x0^ in every step (:func:`~defectforge.diffusion.ddim.bound_eps`), ``soft`` replaces
     m_d by feathered weights in the blending (the UNet's attention mask stays binary).
+    ``control``: the trimap condition for ``comps.controlnet`` (both guidance rows, as the
+    reference gives its unconditional branch the control too).
     """
     noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
     ms = m if soft is None else soft
@@ -182,7 +190,7 @@ def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps:
             blend_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
             z = ms * z + (1 - ms) * add_noise(z0, blend_noise, st.alpha_t)
         eps = comps.eps(z.expand(n, -1, -1, -1), st.t, ctx, kinds, m.expand(n, -1, -1, -1),
-                        cond_image=z0.expand(n, -1, -1, -1), store=store)
+                        cond_image=z0.expand(n, -1, -1, -1), store=store, control=control)
         e = guided(eps[0:1], eps[1:2], guidance) if use_good else eps[0:1]
         e = bound_eps(z, e, st.alpha_t, bound, gray, chroma)
         x0_hat = predict_x0(z, e, st.alpha_t)
@@ -206,7 +214,8 @@ class BlendedMethod(DiffusionMethod):
         cfg = self.config
         raw = mask.astype(bool)
         # 1. trimap -> defect region on the object
-        region = (make_trimap(image, raw) == DEFECT) if cfg.trimap else raw
+        trimap = make_trimap(image, raw) if cfg.trimap else np.where(raw, DEFECT, OBJECT).astype(np.uint8)
+        region = trimap == DEFECT
         comps = self.models.get(defect)
         gen = torch.Generator().manual_seed(int(seed))
         crop = make_crop(comps, image, region, cfg.crop, cfg.context)
@@ -220,11 +229,15 @@ class BlendedMethod(DiffusionMethod):
         feathered = cfg.feather > 0
         pixel_mask = (torch.from_numpy(feather_mask(crop.mask, cfg.feather))[None, None].to(crop.x) if feathered else crop.m)
         bound = self.x0_bound(defect, pixel, soft if feathered else m)
+        control = None
+        if getattr(comps, "controlnet", None) is not None:  # the trimap through the ControlNet trained in finetune (spatial guidance)
+            ys, xs = crop.box.slices()
+            control = trimap_condition(torch.from_numpy(trimap[ys, xs].astype(np.float32))[None, None], comps.resolution).to(comps.device)
         store = AttentionStore(rows=[0])
         z = sample_blended(comps, z0, m, defect, cfg.steps, cfg.guidance, cfg.free_fraction, gen, store, cfg.attention_fraction,  # 2.-4.
                            edit_fraction=cfg.edit_fraction, x=crop.x, pixel_mask=pixel_mask,
                            bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if feathered else None,
-                           chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None)
+                           chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None, control=control)
         # 5. online decoder adaptation
         decoder, adaptation = None, {}
         if pixel:
@@ -247,5 +260,5 @@ class BlendedMethod(DiffusionMethod):
             mask=region,
             attention=attention_to_image(att, region, crop.box),
             metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound), mask_pixels_off_object=int((raw & ~region).sum()),
-                                    stages=dict(zip(("n_free", "first_edit"), stage_steps(cfg.steps, cfg.free_fraction, cfg.edit_fraction))), **adaptation),
+                                    trimap_control=getattr(comps, "controlnet", None) is not None, stages=dict(zip(("n_free", "first_edit"), stage_steps(cfg.steps, cfg.free_fraction, cfg.edit_fraction))), **adaptation),
         )

@@ -85,7 +85,8 @@ def _train_one(p: FinetuneParams, base, root: Path, tmp: Path, category: str, de
         token_lr=p.token_lr, lora_rank=p.lora_rank, prior_fraction=p.prior_fraction, loss_norm=p.loss_norm,
         attention_loss=p.attention_loss, attention_rows=p.attention_rows,
         cond_dropout_product=p.cond_dropout_product, cond_dropout_defect=p.cond_dropout_defect, aal=p.aal, aal_alpha=p.aal_alpha,
-        tdia=p.tdia, mask_module=p.mask_module, mask_module_lr=p.mask_module_lr, seed=p.seed, device=p.device, progress=progress,
+        tdia=p.tdia, mask_module=p.mask_module, mask_module_lr=p.mask_module_lr, trimap_control=p.trimap_control,
+        trimap_control_steps=p.trimap_control_steps or None, seed=p.seed, device=p.device, progress=progress,
         category=category,
     )
     if p.anomaly_embedding:  # AnomalyDiffusion: masked textual inversion (Eq. 5-6) of e_a and E on the frozen base
