@@ -15,7 +15,8 @@ Notation:
     z_t             the sample being denoised; q(z_0, t) = sqrt(a_t) z_0 + sqrt(1 - a_t) eps' (Eq. 1, fresh eps')
     x0^(z_t)        the clean estimate (z_t - sqrt(1 - a_t) eps) / sqrt(a_t) of a DDIM step
     C_1, C_good     [C_def, C_bg], [C_good, C_bg] with masked cross-attention over m_d
-    w_d             ``guidance`` (DefectDiffu Eq. 4; the reference uses classifier-free guidance)
+    w_d             ``guidance``: eps(C_good) + w_d (eps(C_1) - eps(C_good)) (:func:`~defectforge.diffusion.ddim.guided`;
+                    the reference uses classifier-free guidance against the empty prompt)
     N, i            DDIM steps and the step index (0 = noisiest)
 
 Steps of :meth:`BlendedMethod.generate` (N steps; n_free = round(free_fraction N),
@@ -154,7 +155,7 @@ def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps:
     """Stages 2-4 (module docstring): free denoising, latent blending, image editing; returns z_0.
 
     z_T ~ N(0, I); each step eps = eps(z_t, C_good) + w_d (eps(z_t, C_1) - eps(z_t, C_good))
-    (DefectDiffu Eq. 4) and z_{t-1} = DDIM(z_t, eps) (Eq. 3). For n_free <= i <= first_edit
+    (guidance against the good prompt, :func:`~defectforge.diffusion.ddim.guided`) and z_{t-1} = DDIM(z_t, eps) (Eq. 3). For n_free <= i <= first_edit
     (:func:`stage_steps`), before the step: z_t <- m_d z_t + (1 - m_d) q(z_0, t). For
     i >= first_edit, after the step: z_{t-1} <- q(E(p x^ + (1 - p) x), t_{i-1}), x^ = D(x0^),
     p = ``pixel_mask`` (default ``soft`` or ``m``: the pixel profile), ``x`` the normal crop
