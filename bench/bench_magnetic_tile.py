@@ -58,7 +58,7 @@ def bench_params(a):
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     _merge(data, {
         "data": {"layout": "magnetic-tile", "root": a.root, "defect_types": DEFECTS},
-        "pretrain": {"steps": a.pretrain_steps, "lr": 6e-4},
+        "pretrain": {"steps": a.pretrain_steps, "lr": 6e-4, **json.loads(a.pretrain_json)},
         "finetune": {"steps": a.finetune_steps, **json.loads(a.finetune_json)},
         "generate": {"methods": a.methods, "n_per_defect": a.n_per_defect, "workers": a.generate_workers, "target_placement": a.placement,
                      "target_placement_by_type": json.loads(a.placement_by_type),
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/mt")
     ap.add_argument("--methods", nargs="+", default=["copy-paste", "inversion", "blended"])
     ap.add_argument("--pretrain-steps", type=int, default=800)
+    ap.add_argument("--pretrain-json", default="{}", help='extra pretrain params, e.g. \'{"threads": 1}\'')
     ap.add_argument("--finetune-steps", type=int, default=250)
     ap.add_argument("--finetune-tag", default="")
     ap.add_argument("--finetune-json", default="{}")

@@ -281,6 +281,7 @@ class BlendedConfig(_SamplingConfig):
     adapt_lr: float = Field(1e-4, gt=0, le=1)       # (reference: 1e-4)
     adapt_weight: float = Field(100.0, ge=0, le=1e6)  # weight of the background term against the in-mask term (reference: 100)
     paste: Literal["crop", "mask"] = "crop"         # crop: the adapted decoder's whole crop (reference); mask: only m_d
+    control: bool = True                            # feed the trimap to the fine-tune's ControlNet when it has one (false: ablation)
 
     @model_validator(mode="after")
     def _stages_fit(self) -> "BlendedConfig":

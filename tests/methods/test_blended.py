@@ -400,7 +400,14 @@ def test_generate_passes_the_trimap_through_the_controlnet(control_dir, monkeypa
     monkeypatch.undo()
     without = BlendedMethod.from_pretrained(str(out), BlendedConfig(steps=4, feather=0), device="cpu")
     without.models.get("pit").controlnet = None
-    assert not np.array_equal(without.generate(img, mask, "pit", 0).image, r.image)
+    plain = without.generate(img, mask, "pit", 0)
+    assert not np.array_equal(plain.image, r.image)
+    # blended.control: false is the same ablation on a fine-tune that has a ControlNet
+    off = BlendedMethod.from_pretrained(str(out), BlendedConfig(steps=4, feather=0, control=False), device="cpu")
+    seen.clear()
+    monkeypatch.setattr(off.models.get("pit").controlnet, "forward", spy)
+    r_off = off.generate(img, mask, "pit", 0)
+    assert not seen and not r_off.metadata["trimap_control"] and np.array_equal(r_off.image, plain.image)
 
 
 def test_trimap_controlnet_for_the_latent_profile(latent_dir):

@@ -231,7 +231,7 @@ class BlendedMethod(DiffusionMethod):
         pixel_mask = (torch.from_numpy(feather_mask(crop.mask, cfg.feather))[None, None].to(crop.x) if feathered else crop.m)
         bound = self.x0_bound(defect, pixel, soft if feathered else m)
         control = None
-        if getattr(comps, "controlnet", None) is not None:  # the trimap through the ControlNet trained in finetune (spatial guidance)
+        if cfg.control and getattr(comps, "controlnet", None) is not None:  # the trimap through the ControlNet trained in finetune (spatial guidance)
             ys, xs = crop.box.slices()
             control = trimap_condition(torch.from_numpy(trimap[ys, xs].astype(np.float32))[None, None], comps.resolution).to(comps.device)
         store = AttentionStore(rows=[0])
@@ -261,5 +261,5 @@ class BlendedMethod(DiffusionMethod):
             mask=region,
             attention=attention_to_image(att, region, crop.box),
             metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound), mask_pixels_off_object=int((raw & ~region).sum()),
-                                    trimap_control=getattr(comps, "controlnet", None) is not None, stages=dict(zip(("n_free", "first_edit"), stage_steps(cfg.steps, cfg.free_fraction, cfg.edit_fraction))), **adaptation),
+                                    trimap_control=control is not None, stages=dict(zip(("n_free", "first_edit"), stage_steps(cfg.steps, cfg.free_fraction, cfg.edit_fraction))), **adaptation),
         )
