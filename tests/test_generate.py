@@ -282,3 +282,95 @@ def test_defectdiffu_mask_source_is_checked_against_every_fine_tune_before_writi
         with pytest.raises(ParamsError, match=match):
             run_generate(p, split, tmp_path / source, checkpoints=ck, progress=False)
         assert not (tmp_path / source).exists()
+
+
+# ------------------------------------------------------------------ batched generation
+_PROBE = '''
+import json, sys
+import numpy as np
+from defectforge.methods.base import GenerationMethod, GenerationResult
+from defectforge.pipeline.generate import generate_shards
+
+class BatchProbe(GenerationMethod):
+    """Paints the mask with a value of the sample's seed and of the size of the batch it shared
+    (as a batched UNet call changes the last bits), and logs every batch's samples."""
+    name = "batch-probe"
+    log = []
+    def fit(self, defects, defect):
+        self.defect = defect
+    def generate(self, image, mask, defect, seed):
+        return self._paint(image, mask, defect, seed, 1)
+    def generate_batch(self, items):
+        self.log.append([(it.defect, it.seed) for it in items])
+        return [self._paint(it.image, it.mask, it.defect, it.seed, len(items)) for it in items]
+    def _paint(self, image, mask, defect, seed, size):
+        assert defect == self.defect, "a batch holds samples of the prepared type only"
+        out = image.copy()
+        out[mask.astype(bool)] = (seed + 37 * size) % 256
+        return GenerationResult(out, mask.astype(bool))
+
+def run(split, out, batch_size, shard_size=3):
+    from defectforge.config import MethodConfig
+    return generate_shards(split, out, method=BatchProbe(MethodConfig()), n_per_defect=5, seed=0, shard_size=shard_size,
+                           params_sha256="probe-b%d" % batch_size, progress=False, batch_size=batch_size)
+'''
+
+
+def _probe():
+    ns: dict = {}
+    exec(_PROBE, ns)  # noqa: S102 - the test's own code, also run in a subprocess below
+    return ns
+
+
+def test_batches_hold_one_type_within_one_shard(sample_manifests, tmp_path):
+    _, split = sample_manifests
+    ns = _probe()
+    ns["BatchProbe"].log = []
+    one = _rows(ns["run"](split, tmp_path / "b1", 1))
+    assert ns["BatchProbe"].log == []  # batch 1: generate() per sample, as before batching existed
+    ns["run"](split, tmp_path / "b2", 2)
+    sizes = [len(b) for b in ns["BatchProbe"].log]
+    assert all(len({d for d, _ in b}) == 1 for b in ns["BatchProbe"].log)
+    # 4 types x 5 samples in shards of 3: shards split types, batches of 2 never cross a shard or a type
+    assert max(sizes) == 2
+    spec_order = [s for b in ns["BatchProbe"].log for s in b]
+    assert len(spec_order) == len(set(spec_order))
+    shards = [[(r.defect_type, r.seed) for r in read_manifest(p).to_pandas().itertuples()]
+              for p in sorted((tmp_path / "b2/manifest").glob("part-*.parquet"))]
+    for batch in ns["BatchProbe"].log:
+        assert any(set(batch) <= set(shard) for shard in shards), batch
+    assert len(one) == len(_rows(tmp_path / "b2/manifest")) == 20
+
+
+def test_a_batched_run_killed_midway_resumes_to_the_same_manifest(sample_manifests, tmp_path):
+    _, split = sample_manifests
+    code = _PROBE + f"\nrun({str(split)!r}, {str(tmp_path / 'gen')!r}, 2)\n"
+    env = {**os.environ, "DEFECTFORGE_TEST_CRASH_AFTER_SHARDS": "3"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 137, r.stderr
+    assert len(list((tmp_path / "gen/manifest").glob("part-*.parquet"))) == 3
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    clean = _rows(_probe()["run"](split, tmp_path / "clean", 2))
+    assert _rows(tmp_path / "gen/manifest") == clean and len(clean) == 20
+
+
+def test_batch_size_enters_the_diffusion_methods_ids_only():
+    from defectforge.errors import ParamsError
+    from defectforge.config import parse_params
+
+    one, two, four = (GenerateParams(n_per_defect=4, shard_size=4, batch_size=b) for b in (1, 2, 4))
+    for name in ("blended", "anomalydiffusion", "inversion", "defectdiffu"):
+        assert len({one.method_sha256(name), two.method_sha256(name), four.method_sha256(name)}) == 3
+    for name in ("copy-paste", "cutpaste", "perlin"):  # they loop over generate(): the same bytes at any batch size
+        assert one.method_sha256(name) == two.method_sha256(name) == four.method_sha256(name)
+    # batch size 1 hashes exactly what it hashed before the option existed
+    import hashlib
+    import json
+
+    common = one.model_dump(mode="json", exclude={"methods", "batch_size", "workers", "scheduler", "copy_paste", "cutpaste", "perlin",
+                                                  "inversion", "blended", "defectdiffu", "anomalydiffusion"})
+    blob = json.dumps({"common": common, "method": "blended", "own": one.blended.model_dump(mode="json")}, sort_keys=True)
+    assert one.method_sha256("blended") == hashlib.sha256(blob.encode()).hexdigest()
+    with pytest.raises(ParamsError, match="batch_size 8 must be <= shard_size 4"):
+        parse_params({"generate": {"batch_size": 8, "shard_size": 4}})

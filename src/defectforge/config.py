@@ -334,6 +334,9 @@ class GenerateParams(_Section):
     n_per_defect: int = Field(8, ge=1, le=100000)
     seed: int = 0
     shard_size: int = Field(4, ge=1, le=10000)
+    # samples of one defect type per UNet call (diffusion methods; the model-free ones loop), formed within a
+    # shard; > 1 is part of the diffusion methods' params hash: a batched UNet call changes the last bits
+    batch_size: int = Field(1, ge=1, le=1024)
     workers: int = Field(1, ge=1, le=256)
     scheduler: str = ""
     # where target masks go: on the object's foreground | anywhere | drawn from where the type's real defects sit |
@@ -349,6 +352,12 @@ class GenerateParams(_Section):
     blended: BlendedConfig = BlendedConfig()
     defectdiffu: DefectDiffuConfig = DefectDiffuConfig()
     anomalydiffusion: AnomalyDiffusionConfig = AnomalyDiffusionConfig()
+
+    @model_validator(mode="after")
+    def _batch_fits_shard(self) -> "GenerateParams":
+        if self.batch_size > self.shard_size:
+            raise ValueError(f"batch_size {self.batch_size} must be <= shard_size {self.shard_size} (batches are formed within a shard)")
+        return self
 
     @field_validator("methods")
     @classmethod
@@ -382,10 +391,12 @@ class GenerateParams(_Section):
 
     def method_sha256(self, method: str) -> str:
         """Hash of what determines one method's samples: the common knobs and its own section."""
-        common = self.model_dump(mode="json", exclude={"methods", "workers", "scheduler", "copy_paste", "cutpaste", "perlin", "inversion", "blended", "defectdiffu", "anomalydiffusion"})
+        common = self.model_dump(mode="json", exclude={"methods", "batch_size", "workers", "scheduler", "copy_paste", "cutpaste", "perlin", "inversion", "blended", "defectdiffu", "anomalydiffusion"})
         own = getattr(self, method.replace("-", "_"), None)
-        blob = json.dumps({"common": common, "method": method, "own": own.model_dump(mode="json") if own is not None else None}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        blob = {"common": common, "method": method, "own": own.model_dump(mode="json") if own is not None else None}
+        if self.batch_size > 1 and METHOD_NEEDS_CHECKPOINTS.get(method):  # a batched UNet call: other last bits, another sample
+            blob["batch_size"] = self.batch_size
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 class RefineParams(_Section):

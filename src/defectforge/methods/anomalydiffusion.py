@@ -70,6 +70,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_
 from defectforge.diffusion.models import base_reference, resolve_base_reference
 from defectforge.diffusion.sampling import check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.errors import DataError, ParamsError
-from defectforge.methods.base import DiffusionMethod, GenerationResult
+from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
 
 EMBEDDING_DIR = "anomaly_embedding"  # inside a finetune checkpoint folder
 EMBEDDING_WEIGHTS = "anomaly_embedding.safetensors"
@@ -270,29 +271,66 @@ def sample_anomalydiffusion(comps, z0: torch.Tensor, m: torch.Tensor, e: torch.T
     docstring). Random draws from ``generator`` in that order (z_T's noise, then one per
     step). ``log`` (a list) receives each step's (t, d, w_m), for tests and diagnostics.
     """
-    noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-    s = m if soft is None else soft
+    row = ADRow(z0, m, e, generator, bound, gray, soft, chroma)
+    return sample_anomalydiffusion_batch(comps, [row], steps, reweight=reweight, w_max=w_max, dilation=dilation, log=log)[0]
+
+
+@dataclass
+class ADRow:
+    """One sample of :func:`sample_anomalydiffusion_batch`: its tensors (batch 1 each), its own
+    generator and options (the arguments of :func:`sample_anomalydiffusion`)."""
+
+    z0: torch.Tensor
+    m: torch.Tensor
+    e: torch.Tensor
+    generator: torch.Generator
+    bound: float | tuple = 0.0
+    gray: bool = False
+    soft: torch.Tensor | None = None
+    chroma: tuple | None = None
+
+
+@torch.no_grad()
+def sample_anomalydiffusion_batch(comps, rows: list[ADRow], steps: int, *, reweight: bool = True, w_max: float = 1.5,
+                                  dilation: float = 8.0, log: list | None = None) -> list[torch.Tensor]:
+    """:func:`sample_anomalydiffusion` for several samples at once; their z_0, in order.
+
+    One UNet call per step with one row per sample (its own e, mask, z_0 and w_m); the
+    re-weighting map, the bound, the DDIM step and Eq. 1's blending are computed row by row
+    exactly as for one sample, each sample drawing from its own generator, so a sample
+    differs from its batch-1 result only by the UNet's floating-point sums over a larger
+    batch. ``log`` gets the rows' (t, d, w_m) concatenated along the batch.
+    """
+    b = len(rows)
+    noises = [torch.randn(r.z0.shape, generator=r.generator).to(r.z0.device, r.z0.dtype) for r in rows]
+    ss = [r.m if r.soft is None else r.soft for r in rows]
     sched = ddim_schedule(comps.scheduler, steps)
-    width = z0.shape[-1]
-    z = add_noise(z0, noise, sched[0].alpha_t)
+    width = rows[0].z0.shape[-1]
+    zs = [add_noise(r.z0, nz, sched[0].alpha_t) for r, nz in zip(rows, noises)]
+    cat = (lambda ts: torch.cat(ts)) if b > 1 else (lambda ts: ts[0])  # batch 1 passes its tensors as they are
+    e_in, m_in, z0_in = cat([r.e for r in rows]), cat([r.m for r in rows]), cat([r.z0 for r in rows])
     for i, st in enumerate(sched):
         rw = None
         if reweight:
-            m_t = dilate_mask(m, reweight_dilation_radius(st.t, width, dilation))
-            w = adaptive_weight_map(z, z0, m_t, w_max)  # Eq. (7), the authors' linear form
-            rw = AttentionReweight(w)  # Eq. (8): the anomaly tokens' logits times w_m
+            ws, ds = [], []
+            for r, z in zip(rows, zs):
+                m_t = dilate_mask(r.m, reweight_dilation_radius(st.t, width, dilation))
+                ws.append(adaptive_weight_map(z, r.z0, m_t, w_max))  # Eq. (7), the authors' linear form
+                ds.append((m_t * (z - r.z0)) ** 2)
+            rw = AttentionReweight(cat(ws))  # Eq. (8): the anomaly tokens' logits times w_m
             if log is not None:
-                log.append((st.t, (m_t * (z - z0) ** 2).mean(dim=1, keepdim=True), w))
-        eps = comps.eps(z, st.t, e, None, m, cond_image=z0, reweight=rw)
-        eps = bound_eps(z, eps, st.alpha_t, bound, gray, chroma)
-        z = ddim_step(z, eps, st.alpha_t, st.alpha_prev)
-        step_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-        s_t = s
-        if reweight:
-            t_prev = sched[i + 1].t if i + 1 < len(sched) else 0
-            s_t = torch.maximum(s, dilate_mask(m, reweight_dilation_radius(t_prev, width, dilation)))
-        z = s_t * z + (1 - s_t) * add_noise(z0, step_noise, st.alpha_prev)  # Eq. (1)
-    return z
+                log.append((st.t, cat(ds).mean(dim=1, keepdim=True), cat(ws)))
+        eps = comps.eps(cat(zs), st.t, e_in, None, m_in, cond_image=z0_in, reweight=rw)
+        t_prev = sched[i + 1].t if i + 1 < len(sched) else 0
+        for k, r in enumerate(rows):
+            e = bound_eps(zs[k], eps[k:k + 1], st.alpha_t, r.bound, r.gray, r.chroma)
+            z = ddim_step(zs[k], e, st.alpha_t, st.alpha_prev)
+            step_noise = torch.randn(r.z0.shape, generator=r.generator).to(r.z0.device, r.z0.dtype)
+            s_t = ss[k]
+            if reweight:
+                s_t = torch.maximum(ss[k], dilate_mask(r.m, reweight_dilation_radius(t_prev, width, dilation)))
+            zs[k] = s_t * z + (1 - s_t) * add_noise(r.z0, step_noise, st.alpha_prev)  # Eq. (1)
+    return zs
 
 
 class AnomalyDiffusionMethod(DiffusionMethod):
@@ -350,35 +388,46 @@ class AnomalyDiffusionMethod(DiffusionMethod):
         return None  # per defect type: checkpoint_for
 
     def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
-        check_inputs(image, mask)
+        return self.generate_batch([BatchItem(image, mask, defect, seed)])[0]
+
+    def _generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
+        """Samples of one defect type, one UNet row each in every step (:func:`sample_anomalydiffusion_batch`)."""
         cfg = self.config
+        defect = items[0].defect
         comps, e_a, encoder, meta, folder = self._get(defect)
-        raw = mask.astype(bool)
-        gen = torch.Generator().manual_seed(int(seed))
-        crop = make_crop(comps, image, raw, cfg.crop, cfg.context)
-        with torch.no_grad():
-            z0 = comps.encode(crop.x)
-            e = spatial_anomaly_embedding(e_a, encoder, crop.m)  # e = {e_a, E(m)}
-        m = comps.latent_mask(crop.m)
-        gray = is_gray(image)
         pixel = not comps.has_decoder
-        soft, alpha = soft_masks(comps, crop, raw, cfg.feather)
-        bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
-        z = sample_anomalydiffusion(comps, z0, m, e, cfg.steps, gen, reweight=cfg.reweight, w_max=cfg.reweight_max,
-                                    dilation=cfg.reweight_dilation, bound=bound,
-                                    gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
-                                    chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None)
-        with torch.no_grad():
-            generated = to_uint8(comps.decode(z), gray)
-        # background kept: only the (feathered) mask pixels change, as in the other methods
-        out = paste_back(image, generated, crop.box, only=raw, alpha=alpha if cfg.feather > 0 else None)
-        return GenerationResult(
-            image=out,
-            mask=raw,
-            attention=None,
-            metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound), reweight=cfg.reweight,
-                                    reweight_max=cfg.reweight_max, reweight_dilation=cfg.reweight_dilation,
-                                    anomaly_embedding={"folder": str(folder), "tokens": int(e.shape[1]),
-                                                       "anomaly_tokens": int(e_a.shape[0]), "spatial_tokens": encoder.n_tokens,
-                                                       "training": meta.get("metrics", {})}),
-        )
+        rows, prepared = [], []
+        for it in items:
+            image = it.image
+            check_inputs(image, it.mask)
+            raw = it.mask.astype(bool)
+            gen = torch.Generator().manual_seed(int(it.seed))
+            crop = make_crop(comps, image, raw, cfg.crop, cfg.context)
+            with torch.no_grad():
+                z0 = comps.encode(crop.x)
+                e = spatial_anomaly_embedding(e_a, encoder, crop.m)  # e = {e_a, E(m)}
+            m = comps.latent_mask(crop.m)
+            gray = is_gray(image)
+            soft, alpha = soft_masks(comps, crop, raw, cfg.feather)
+            bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
+            rows.append(ADRow(z0, m, e, gen, bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
+                              chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None))
+            prepared.append((it, raw, crop, gray, alpha, bound, e))
+        zs = sample_anomalydiffusion_batch(comps, rows, cfg.steps, reweight=cfg.reweight, w_max=cfg.reweight_max, dilation=cfg.reweight_dilation)
+        out = []
+        for z, (it, raw, crop, gray, alpha, bound, e) in zip(zs, prepared):
+            with torch.no_grad():
+                generated = to_uint8(comps.decode(z), gray)
+            # background kept: only the (feathered) mask pixels change, as in the other methods
+            image = paste_back(it.image, generated, crop.box, only=raw, alpha=alpha if cfg.feather > 0 else None)
+            out.append(GenerationResult(
+                image=image,
+                mask=raw,
+                attention=None,
+                metadata=self._metadata(comps, crop, defect, it.seed, gray, **self.bound_metadata(defect, bound), reweight=cfg.reweight,
+                                        reweight_max=cfg.reweight_max, reweight_dilation=cfg.reweight_dilation,
+                                        anomaly_embedding={"folder": str(folder), "tokens": int(e.shape[1]),
+                                                           "anomaly_tokens": int(e_a.shape[0]), "spatial_tokens": encoder.n_tokens,
+                                                           "training": meta.get("metrics", {})}),
+            ))
+        return out

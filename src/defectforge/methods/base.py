@@ -13,6 +13,19 @@ every sample it makes so the sample can be reproduced.
 
 Randomness comes only from ``seed`` (a ``numpy.random.Generator`` / ``torch.Generator``
 seeded from it), so one seed gives one output.
+
+    results = method.generate_batch([BatchItem(image, mask, "crack", 7), ...])
+
+makes several samples of one defect type together. Each keeps its own image, mask and
+seed, and its random draws come from its own generator in the order ``generate`` draws
+them, so no sample's noise depends on its neighbours. The default loops over
+:meth:`GenerationMethod.generate` (the model-free methods); a diffusion method with a
+batched sampler puts every sample's rows (guidance rows included) into one UNet call per
+step. Floating point makes a batched UNet call differ from a batch-1 call in the last bits
+(measured on the tiny UNet: max |eps| difference 2.5e-6, bitwise equal at batch 4 and 8
+and independent of the neighbours' values), so a sample may differ from its batch-1 bytes
+by a few uint8 levels on a few pixels; the generate stage makes the batch part of what
+determines a sample (:mod:`defectforge.pipeline.generate`).
 """
 
 from __future__ import annotations
@@ -23,6 +36,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from defectforge.config import MethodConfig
+
+
+@dataclass
+class BatchItem:
+    """One sample of a batch: its normal image, target mask, defect type and seed."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    defect: str
+    seed: int
 
 
 @dataclass
@@ -72,6 +95,10 @@ class GenerationMethod:
 
     def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
         raise NotImplementedError
+
+    def generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
+        """One result per item, in order (default: :meth:`generate` on each, the same bytes as batch 1)."""
+        return [self.generate(it.image, it.mask, it.defect, it.seed) for it in items]
 
     @property
     def checkpoint_sha256(self) -> str | None:
@@ -201,6 +228,21 @@ class DiffusionMethod(GenerationMethod):
             "grayscale_output": gray,
             **extra,
         }
+
+    def generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
+        """One result per item, in order; items of each defect type go to :meth:`_generate_batch` together."""
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it.defect, []).append(i)
+        out: list[GenerationResult | None] = [None] * len(items)
+        for idx in groups.values():
+            for i, result in zip(idx, self._generate_batch([items[i] for i in idx])):
+                out[i] = result
+        return out  # type: ignore[return-value]
+
+    def _generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
+        """Samples of one defect type (default: :meth:`generate` on each; a batched sampler overrides this)."""
+        return [self.generate(it.image, it.mask, it.defect, it.seed) for it in items]
 
     def _require_models(self) -> None:
         from defectforge.errors import ParamsError

@@ -79,6 +79,7 @@ gray_steps=False, feather=0``; measured in docs/realism-ablation.md):
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ from defectforge.masks.crop import feather_mask
 from defectforge.diffusion.control import trimap_condition
 from defectforge.masks.trimap import DEFECT, OBJECT, make_trimap
 from defectforge.config import BlendedConfig
-from defectforge.methods.base import DiffusionMethod, GenerationResult
+from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
 
 
 def stage_steps(n: int, free_fraction: float, edit_fraction: float) -> tuple[int, int]:
@@ -146,6 +147,23 @@ def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, defect: torch.Tensor,
                 "in_mask_drift_mse_after": after["in_mask_drift_mse"]}
 
 
+@dataclass
+class BlendRow:
+    """One sample of a batched :func:`sample_blended_batch`: its tensors (batch 1 each),
+    its own generator and its own options (the arguments of :func:`sample_blended`)."""
+
+    z0: torch.Tensor
+    m: torch.Tensor
+    generator: torch.Generator
+    x: torch.Tensor | None = None
+    pixel_mask: torch.Tensor | None = None
+    bound: float | tuple = 0.0
+    gray: bool = False
+    soft: torch.Tensor | None = None
+    chroma: tuple | None = None
+    control: torch.Tensor | None = None
+
+
 @torch.no_grad()
 def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, guidance: float, free_fraction: float,
                    generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.5, *,
@@ -167,10 +185,23 @@ def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps:
     ``control``: the trimap condition for ``comps.controlnet`` (both guidance rows, as the
     reference gives its unconditional branch the control too).
     """
-    noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-    ms = m if soft is None else soft
-    pm = ms if pixel_mask is None else pixel_mask
-    x = z0 if x is None else x
+    row = BlendRow(z0, m, generator, x, pixel_mask, bound, gray, soft, chroma, control)
+    return sample_blended_batch(comps, [row], defect, steps, guidance, free_fraction, store, attention_fraction, edit_fraction=edit_fraction)[0]
+
+
+@torch.no_grad()
+def sample_blended_batch(comps, rows: list[BlendRow], defect: str, steps: int, guidance: float, free_fraction: float,
+                         store: AttentionStore | None = None, attention_fraction: float = 0.5, *,
+                         edit_fraction: float = 0.0) -> list[torch.Tensor]:
+    """:func:`sample_blended` for several samples of one defect type at once; their z_0, in order.
+
+    Every step makes one UNet call with n rows per sample (C_1, then C_good when w_d != 1),
+    sample-major: rows k n .. k n + n - 1 are sample k's. Everything else (the draws from
+    each sample's own generator, the blending, the bound, the DDIM step, the editing) is done
+    row by row exactly as for one sample, so a sample differs from its batch-1 result only by
+    the UNet's floating-point sums over a larger batch. ``store`` should keep rows
+    ``[k n for k in range(len(rows))]`` (the C_1 rows) to read one map per sample.
+    """
     c1, k1 = comps.context("defect", defect)
     use_good = guidance != 1.0
     ctx, kinds = [c1], [k1]
@@ -179,28 +210,47 @@ def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps:
         ctx.append(cg)
         kinds.append(kg)
     ctx, kinds = torch.cat(ctx), torch.stack(kinds)
-    n = ctx.shape[0]
+    n, b = ctx.shape[0], len(rows)
     sched = ddim_schedule(comps.scheduler, steps)
     n_free, first_edit = stage_steps(len(sched), free_fraction, edit_fraction)
     first_captured = int(round((1 - attention_fraction) * len(sched)))
-    z = noise  # 2. free denoising from pure noise, z_T ~ N(0, I)
+    # 2. free denoising from pure noise, z_T ~ N(0, I), each sample from its own generator
+    zs = [torch.randn(r.z0.shape, generator=r.generator).to(r.z0.device, r.z0.dtype) for r in rows]
+    ms = [r.m if r.soft is None else r.soft for r in rows]
+    pms = [m if r.pixel_mask is None else r.pixel_mask for r, m in zip(rows, ms)]
+    xs = [r.z0 if r.x is None else r.x for r in rows]
+
+    def expand(v):  # one sample's rows: the same tensor under each context
+        return v.expand(n, -1, -1, -1)
+
+    # batch 1 passes the views themselves, as the single-sample sampler always has
+    m_in = torch.cat([expand(r.m) for r in rows]) if b > 1 else expand(rows[0].m)
+    cond = torch.cat([expand(r.z0) for r in rows]) if b > 1 else expand(rows[0].z0)
+    ctx_in, kinds_in = (ctx.repeat(b, 1, 1), kinds.repeat(b, 1)) if b > 1 else (ctx, kinds)
+    control = None
+    if rows[0].control is not None:
+        control = torch.cat([r.control.expand(n, -1, -1, -1) for r in rows]) if b > 1 else rows[0].control
     for i, st in enumerate(sched):
         if store is not None:
             store.active = i >= first_captured
         if n_free <= i <= first_edit:  # 3. latent blending with the normal latent noised to this step's level
-            blend_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-            z = ms * z + (1 - ms) * add_noise(z0, blend_noise, st.alpha_t)
-        eps = comps.eps(z.expand(n, -1, -1, -1), st.t, ctx, kinds, m.expand(n, -1, -1, -1),
-                        cond_image=z0.expand(n, -1, -1, -1), store=store, control=control)
-        e = guided(eps[0:1], eps[1:2], guidance) if use_good else eps[0:1]
-        e = bound_eps(z, e, st.alpha_t, bound, gray, chroma)
-        x0_hat = predict_x0(z, e, st.alpha_t)
-        z = ddim_step(z, e, st.alpha_t, st.alpha_prev)  # Eq. (3)
-        if i >= first_edit:  # 4. image editing: decode x0^, paste x outside m_d, re-encode, re-noise to t_{i-1}
-            edited = pm * comps.decode(x0_hat) + (1 - pm) * x
-            edit_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-            z = add_noise(comps.encode(edited), edit_noise, st.alpha_prev)
-    return z
+            for k, r in enumerate(rows):
+                blend_noise = torch.randn(r.z0.shape, generator=r.generator).to(r.z0.device, r.z0.dtype)
+                zs[k] = ms[k] * zs[k] + (1 - ms[k]) * add_noise(r.z0, blend_noise, st.alpha_t)
+        z_in = torch.cat([expand(z) for z in zs]) if b > 1 else expand(zs[0])
+        eps = comps.eps(z_in, st.t, ctx_in, kinds_in, m_in, cond_image=cond, store=store, control=control)
+        for k, r in enumerate(rows):
+            z = zs[k]
+            e = guided(eps[k * n:k * n + 1], eps[k * n + 1:k * n + 2], guidance) if use_good else eps[k * n:k * n + 1]
+            e = bound_eps(z, e, st.alpha_t, r.bound, r.gray, r.chroma)
+            x0_hat = predict_x0(z, e, st.alpha_t)
+            z = ddim_step(z, e, st.alpha_t, st.alpha_prev)  # Eq. (3)
+            if i >= first_edit:  # 4. image editing: decode x0^, paste x outside m_d, re-encode, re-noise to t_{i-1}
+                edited = pms[k] * comps.decode(x0_hat) + (1 - pms[k]) * xs[k]
+                edit_noise = torch.randn(r.z0.shape, generator=r.generator).to(r.z0.device, r.z0.dtype)
+                z = add_noise(comps.encode(edited), edit_noise, st.alpha_prev)
+            zs[k] = z
+    return zs
 
 
 class BlendedMethod(DiffusionMethod):
@@ -210,35 +260,52 @@ class BlendedMethod(DiffusionMethod):
     config_class = BlendedConfig
 
     def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
-        self._require_models()
-        check_inputs(image, mask)
-        cfg = self.config
-        raw = mask.astype(bool)
-        # 1. trimap -> defect region on the object
-        trimap = make_trimap(image, raw) if cfg.trimap else np.where(raw, DEFECT, OBJECT).astype(np.uint8)
-        region = trimap == DEFECT
-        comps = self.models.get(defect)
-        gen = torch.Generator().manual_seed(int(seed))
-        crop = make_crop(comps, image, region, cfg.crop, cfg.context)
-        with torch.no_grad():
-            z0 = comps.encode(crop.x)
-        m = comps.latent_mask(crop.m)
+        return self.generate_batch([BatchItem(image, mask, defect, seed)])[0]
 
-        gray = is_gray(image)
+    def _generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
+        """Samples of one defect type, their UNet rows in one call per step (:func:`sample_blended_batch`)."""
+        self._require_models()
+        cfg = self.config
+        defect = items[0].defect
+        comps = self.models.get(defect)
         pixel = not comps.has_decoder  # identity autoencoder: the latent is the image
-        soft, alpha = soft_masks(comps, crop, region, cfg.feather)
         feathered = cfg.feather > 0
-        pixel_mask = (torch.from_numpy(feather_mask(crop.mask, cfg.feather))[None, None].to(crop.x) if feathered else crop.m)
-        bound = self.x0_bound(defect, pixel, soft if feathered else m)
-        control = None
-        if cfg.control and getattr(comps, "controlnet", None) is not None:  # the trimap through the ControlNet trained in finetune (spatial guidance)
-            ys, xs = crop.box.slices()
-            control = trimap_condition(torch.from_numpy(trimap[ys, xs].astype(np.float32))[None, None], comps.resolution).to(comps.device)
-        store = AttentionStore(rows=[0])
-        z = sample_blended(comps, z0, m, defect, cfg.steps, cfg.guidance, cfg.free_fraction, gen, store, cfg.attention_fraction,  # 2.-4.
-                           edit_fraction=cfg.edit_fraction, x=crop.x, pixel_mask=pixel_mask,
-                           bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if feathered else None,
-                           chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None, control=control)
+        prepared, rows = [], []
+        for it in items:
+            image = it.image
+            check_inputs(image, it.mask)
+            raw = it.mask.astype(bool)
+            # 1. trimap -> defect region on the object
+            trimap = make_trimap(image, raw) if cfg.trimap else np.where(raw, DEFECT, OBJECT).astype(np.uint8)
+            region = trimap == DEFECT
+            gen = torch.Generator().manual_seed(int(it.seed))
+            crop = make_crop(comps, image, region, cfg.crop, cfg.context)
+            with torch.no_grad():
+                z0 = comps.encode(crop.x)
+            m = comps.latent_mask(crop.m)
+            gray = is_gray(image)
+            soft, alpha = soft_masks(comps, crop, region, cfg.feather)
+            pixel_mask = (torch.from_numpy(feather_mask(crop.mask, cfg.feather))[None, None].to(crop.x) if feathered else crop.m)
+            bound = self.x0_bound(defect, pixel, soft if feathered else m)
+            control = None
+            if cfg.control and getattr(comps, "controlnet", None) is not None:  # the trimap through the ControlNet trained in finetune (spatial guidance)
+                ys, xs = crop.box.slices()
+                control = trimap_condition(torch.from_numpy(trimap[ys, xs].astype(np.float32))[None, None], comps.resolution).to(comps.device)
+            rows.append(BlendRow(z0, m, gen, x=crop.x, pixel_mask=pixel_mask, bound=bound, gray=cfg.gray_steps and gray and pixel,
+                                 soft=soft if feathered else None,
+                                 chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None, control=control))
+            prepared.append((it, raw, region, crop, gray, alpha, bound, control))
+        n = 2 if cfg.guidance != 1.0 else 1  # UNet rows per sample; the C_1 rows hold the defect attention
+        store = AttentionStore(rows=[k * n for k in range(len(items))])
+        zs = sample_blended_batch(comps, rows, defect, cfg.steps, cfg.guidance, cfg.free_fraction, store, cfg.attention_fraction,  # 2.-4.
+                                  edit_fraction=cfg.edit_fraction)
+        maps = store.mean_map((comps.resolution, comps.resolution))
+        return [self._finish(comps, pixel, feathered, z, maps[k], *prep) for k, (z, prep) in enumerate(zip(zs, prepared))]
+
+    def _finish(self, comps, pixel: bool, feathered: bool, z: torch.Tensor, att_map: torch.Tensor, it: BatchItem, raw, region, crop, gray,
+                alpha, bound, control) -> GenerationResult:
+        """Stage 5 and the paste-back of one sample."""
+        cfg, image, defect = self.config, it.image, it.defect
         # 5. online decoder adaptation
         decoder, adaptation = None, {}
         if pixel:
@@ -255,11 +322,11 @@ class BlendedMethod(DiffusionMethod):
             out = paste_back(image, generated, crop.box)
         else:
             out = paste_back(image, generated, crop.box, only=region, alpha=alpha if feathered else None)
-        att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()
+        att = att_map * crop.m[0, 0].cpu()
         return GenerationResult(
             image=out,
             mask=region,
             attention=attention_to_image(att, region, crop.box),
-            metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound), mask_pixels_off_object=int((raw & ~region).sum()),
+            metadata=self._metadata(comps, crop, defect, it.seed, gray, **self.bound_metadata(defect, bound), mask_pixels_off_object=int((raw & ~region).sum()),
                                     trimap_control=control is not None, stages=dict(zip(("n_free", "first_edit"), stage_steps(cfg.steps, cfg.free_fraction, cfg.edit_fraction))), **adaptation),
         )

@@ -19,6 +19,21 @@ used here: they belong to the detector's evaluation. Every source file read is c
 against the split manifest's hash (a file changed after ingest is refused, not silently
 used under its old hash).
 
+Batches (``generate.batch_size``): a diffusion method's batched UNet call gives each sample
+the same random draws as batch 1 (its own generator) but not the same floating-point sums:
+on the tiny UNet on CPU the eps rows of a batch of 8 differ from batch 1 by up to 2.5e-6
+(bitwise equal between batches 4 and 8, and independent of the neighbours' values and of
+the row's position), which after sampling moves about one pixel in a thousand by one uint8
+level. So a sample's bytes may depend on the batch it shared, and the batch is part of
+what determines it: batches are the consecutive samples of one defect type within a shard,
+at most ``batch_size`` of them, so their make-up is a function of the plan, ``shard_size``
+and ``batch_size`` only; ``shard_size`` already enters every sample id, and ``batch_size``
+> 1 enters the diffusion methods' params hash (:meth:`GenerateParams.method_sha256`), so a
+changed batch size makes new ids and is never resumed over, while a resumed or fanned-out
+shard forms exactly the batches of an uninterrupted run and writes the same bytes.
+``batch_size`` 1 calls ``method.generate`` per sample, exactly as before, and leaves the ids
+as they were; the model-free methods loop over ``generate``, so their ids never depend on it.
+
 Safety: the output root must be new, empty or made by defectforge (its ``.defectforge``
 marker), must not overlap the dataset root it reads, and the split is checked before
 anything under it is created or removed.
@@ -198,7 +213,7 @@ def run_method(
         split, Path(out_root) / name, dataset_root=out_root, method=method, n_per_defect=p.n_per_defect, seed=p.seed,
         shard_size=p.shard_size, params_sha256=p.method_sha256(name), shards=shards, progress=progress, placement=p.target_placement,
         placement_by_type=p.target_placement_by_type, models_sha256=models_sha256(name, checkpoints, _hashed_placement(p)),
-        mask_models=checkpoints if p.uses_generated_masks() else None,
+        mask_models=checkpoints if p.uses_generated_masks() else None, batch_size=p.batch_size,
     )
 
 
@@ -304,8 +319,14 @@ def generate_shards(
     models_sha256: str = "",
     mask_models: str | os.PathLike | None = None,
     placement_by_type: dict[str, str] | None = None,
+    batch_size: int = 1,
 ) -> Path:
     """Generate every planned sample into ``out_dir`` (images/, masks/, raw_masks/, manifest/).
+
+    ``batch_size`` (``generate.batch_size``): consecutive samples of one defect type within a
+    shard go to ``method.generate_batch`` together, at most ``batch_size`` at a time (1: one
+    ``method.generate`` per sample). Batches never cross a shard, so a resumed or fanned-out
+    shard forms the same batches as an uninterrupted run (module docstring).
 
     ``placement`` (``generate.target_placement``) places each target mask on the object's
     foreground, anywhere, or by the defect type's :class:`LocationPrior` (``prior``),
@@ -366,10 +387,34 @@ def generate_shards(
 
     bar = tqdm(total=sum(len(specs[i * shard_size : (i + 1) * shard_size]) for i in todo), desc=f"generate[{method.name}]", unit="img", disable=not progress)
     written = 0
+    from defectforge.methods.base import BatchItem
+
+    def flush(pending: list, rows: list) -> None:
+        """Generate the pending samples (one type) together and append their manifest rows in plan order."""
+        if len(pending) == 1:
+            spec, normal, target, _, _, _ = pending[0]
+            results = [method.generate(normal, target, spec.defect_type, spec.seed)]
+        else:
+            results = method.generate_batch([BatchItem(normal, target, spec.defect_type, spec.seed) for spec, normal, target, *_ in pending])
+        for (spec, _, target, placed, normal_row, key), result in zip(pending, results):
+            src = result.metadata.get("defect_source_index")  # a method that pastes a real defect says which
+            if method.own_mask:
+                origin = method.mask_origin_of(result)
+            elif not placed.startswith("generated/"):
+                origin = f"augmented-real/{placed}"
+            else:  # a method that pastes a real shape (copy-paste) only takes the generated mask's place
+                origin = placed if np.array_equal(result.mask, target) else f"augmented-real/centred on {placed}"
+            rows.append(_write_sample(out_dir, prefix, spec, normal_row, result, method, cfg_json, params_sha256,
+                                      defect_source_id=real_ids[key][src] if src is not None else None, mask_origin=origin))
+            bar.update(1)
+        pending.clear()
+
     for shard in todo:
-        rows = []
+        rows, pending = [], []
         for spec in specs[shard * shard_size : (shard + 1) * shard_size]:
             key = (spec.category, spec.defect_type)
+            if pending and (key != current or len(pending) == batch_size):  # a batch: consecutive samples of one type in this shard
+                flush(pending, rows)
             if key not in real_defects:
                 reals = by_id[(by_id["split"] == "train") & (by_id["category"] == spec.category) & (by_id["defect_type"] == spec.defect_type)]
                 real_defects[key] = [
@@ -396,17 +441,9 @@ def generate_shards(
             if target is None:
                 target, _ = sample_target_mask([m for _, m in real_defects[key]], normal, rng, placement=type_placement if type_placement != "generated" else "foreground",
                                                    prior=prior, **method.target_mask_options())
-            result = method.generate(normal, target, spec.defect_type, spec.seed)
-            src = result.metadata.get("defect_source_index")  # a method that pastes a real defect says which
-            if method.own_mask:
-                origin = method.mask_origin_of(result)
-            elif not placed.startswith("generated/"):
-                origin = f"augmented-real/{placed}"
-            else:  # a method that pastes a real shape (copy-paste) only takes the generated mask's place
-                origin = placed if np.array_equal(result.mask, target) else f"augmented-real/centred on {placed}"
-            rows.append(_write_sample(out_dir, prefix, spec, normal_row, result, method, cfg_json, params_sha256,
-                                      defect_source_id=real_ids[key][src] if src is not None else None, mask_origin=origin))
-            bar.update(1)
+            pending.append((spec, normal, target, placed, normal_row, key))
+        if pending:
+            flush(pending, rows)
         writer.write(shard, rows)
         written += 1
         if crash_after and written >= crash_after:
