@@ -77,12 +77,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     result = {"argv": sys.argv[1:], "backbone": "tiny pixel-space UNet (Magnetic Tile base + fine-tune)", "types": {}}
     log: list = []
-    real_sampler = ad.sample_anomalydiffusion
+    real_sampler = ad.sample_anomalydiffusion_batch  # what generate runs (one row per sample here)
 
     def logged(*args, **kw):
         return real_sampler(*args, **{**kw, "log": log})
 
-    ad.sample_anomalydiffusion = logged
+    ad.sample_anomalydiffusion_batch = logged
     for defect in a.defects:
         t0 = time.perf_counter()
         reals = [r for r in rows if r["defect_type"] == defect and r["split"] == "train"]
