@@ -192,8 +192,11 @@ def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, t
     det = run_detector(DetectorParams(epochs=1, size=32, base_channels=4, depth=2, seeds=[3, 7]), split, refined, None, out, progress=False)
     on_disk = json.loads((out / "details.json").read_text())
     assert on_disk["comparisons"] == det["comparisons"] and on_disk["learned"] == det["learned"]
-    keys = {"category", "defect_type", "method", "metric", "mean_diff", "ci_low", "ci_high", "n_seeds", "verdict"}
+    keys = {"category", "defect_type", "method", "metric", "mean_diff", "ci_low", "ci_high", "n_seeds", "verdict", "protocol", "budget", "reference"}
     rows = det["comparisons"]
+    # the default is today's protocol and budget: real + synthetic against real-only, the same steps for every run
+    assert det["protocols"] == ["mixed"] and det["training_budget"] == "steps" and det["references"] == {"mixed": "real-only"}
+    assert all((r["protocol"], r["budget"], r["reference"]) == ("mixed", "steps", "real-only") for r in rows)
     assert rows and all(set(r) == keys for r in rows)
     assert {r["metric"] for r in rows} == {"pixel_ap", "aupro", "image_auroc", "pixel_auroc"}
     assert {(r["category"], r["method"]) for r in rows} == {("brick", "copy-paste"), ("gravel", "copy-paste")}
@@ -218,6 +221,7 @@ def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, t
     assert set(flat) == {"brick/real-only", "brick/copy-paste", "gravel/real-only", "gravel/copy-paste"}
     assert {"pixel_ap_diff", "pixel_ap_ci_low", "pixel_ap_ci_high", "pixel_ap_verdict", "aupro_verdict"} <= set(flat["brick/copy-paste"])
     assert isinstance(flat["brick/real-only"]["learned"], bool)
+    assert all((e["protocol"], e["budget"]) == ("mixed", "steps") for e in flat.values())
     curves = pd.read_csv(out / "curves.csv")
     assert set(curves.seed) == {3, 7} and {"category", "run", "epoch", "loss"} <= set(curves.columns)
     # detector.workers = 2: the same runs on two spawned processes write the bytes of one
@@ -234,3 +238,89 @@ def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, t
         assert r.returncode == 0, r.stderr
     for name in ("details.json", "metrics.json", "curves.csv"):
         assert (tmp_path / "w2" / name).read_bytes() == (tmp_path / "w1" / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def refined_two(sample_manifests, tmp_path_factory):
+    """Refined copy-paste and Perlin samples (2 per defect type) of the small sample."""
+    _, split = sample_manifests
+    w = tmp_path_factory.mktemp("two")
+    gen = run_generate(GenerateParams(n_per_defect=2, shard_size=4, methods=["copy-paste", "perlin"]), split, w / "gen", progress=False)
+    return run_refine(RefineParams(), split, gen, w / "refined")
+
+
+def _spy_train(monkeypatch):
+    import defectforge.detector as detector_pkg
+
+    calls, train = [], detector_pkg.train_detector
+
+    def spy(train_items, *, synthetic_items=None, **kw):
+        calls.append({"train": train_items, "synthetic": synthetic_items, **kw})
+        return train(train_items, synthetic_items=synthetic_items, **kw)
+
+    monkeypatch.setattr(detector_pkg, "train_detector", spy)
+    return calls
+
+
+def test_detector_protocols_train_on_their_sets_against_their_references(sample_manifests, refined_two, tmp_path, monkeypatch):
+    import math
+
+    _, split = sample_manifests
+    calls = _spy_train(monkeypatch)
+    p = DetectorParams(epochs=1, size=32, base_channels=4, depth=2, seeds=[3, 7], protocol="both", budget="epochs", workers=1)
+    det = run_detector(p, split, refined_two, None, tmp_path / "d", progress=False)
+    sp = read_manifest(split).to_pandas().query("split == 'train'")
+    syn = read_manifest(refined_two).to_pandas()
+    order = [("mixed", "real-only"), ("mixed", "copy-paste"), ("mixed", "perlin"), ("synthetic", "copy-paste"), ("synthetic", "perlin")]
+    assert len(calls) == 2 * 2 * len(order)  # categories x seeds x (protocol, run), in that order
+    for i, call in enumerate(calls):
+        cat = ("brick", "gravel")[i // 10]
+        (protocol, run), seed = order[i % 5], (3, 7)[i // 5 % 2]
+        n_good, n_defect = int((sp[sp.category == cat].defect_type == "good").sum()), int((sp[sp.category == cat].defect_type != "good").sum())
+        defect_images = sum(len(d) > 0 for d in call["train"].defect_pixels)
+        if protocol == "synthetic":
+            # AnomalyDiffusion's protocol: the method's samples + the real normal images, no real defect image
+            assert defect_images == 0 and len(call["train"]) == n_good, (cat, protocol, run)
+        else:
+            assert defect_images == n_defect and len(call["train"]) == n_good + n_defect, (cat, protocol, run)
+        n_syn = 0 if run == "real-only" else int(((syn.category == cat) & (syn.method == run)).sum())
+        assert (0 if call["synthetic"] is None else len(call["synthetic"])) == n_syn and (n_syn > 0) == (run != "real-only")
+        assert call["seed"] == seed and call["budget"] == "epochs" and call["real_set_size"] == n_good + n_defect
+        # epochs budget: one pass over this run's own union of batch_size 8
+        row = next(r for r in det["runs"] if (r["category"], r["protocol"], r["run"], r["seed"], r["defect_type"]) == (cat, protocol, run, seed, "all"))
+        assert row["steps"] == math.ceil((len(call["train"]) + n_syn) / 8) and row["budget"] == "epochs"
+    # each protocol against its own reference: mixed vs real-only, synthetic vs copy-paste's synthetic set
+    assert det["references"] == {"mixed": "real-only", "synthetic": "copy-paste"} and det["protocols"] == ["mixed", "synthetic"]
+    got = {(c["protocol"], c["method"], c["reference"]) for c in det["comparisons"]}
+    assert got == {("mixed", "copy-paste", "real-only"), ("mixed", "perlin", "real-only"), ("synthetic", "perlin", "copy-paste")}
+    runs = pd.DataFrame(det["runs"]).query("category == 'brick' and defect_type == 'all'").set_index(["protocol", "run", "seed"])["pixel_ap"]
+    row = next(c for c in det["comparisons"] if (c["category"], c["defect_type"], c["protocol"], c["metric"]) == ("brick", "all", "synthetic", "pixel_ap"))
+    diffs = [runs[("synthetic", "perlin", s)] - runs[("synthetic", "copy-paste", s)] for s in (3, 7)]
+    assert row["mean_diff"] == pytest.approx(np.mean(diffs), abs=1e-4) and row["budget"] == "epochs"
+    assert det["learned_by_protocol"]["synthetic"]["brick"]["reference"] == "copy-paste"
+    # `dvc metrics show`: every entry names its protocol and budget
+    flat = json.loads((tmp_path / "d/metrics.json").read_text())
+    assert set(flat) == {f"{c}/{r}" for c in ("brick", "gravel") for r in ("real-only", "copy-paste", "perlin", "synthetic/copy-paste", "synthetic/perlin")}
+    assert all(e["budget"] == "epochs" and e["protocol"] == ("synthetic" if "synthetic/" in k else "mixed") for k, e in flat.items())
+    assert "pixel_ap_diff" in flat["brick/synthetic/perlin"] and "pixel_ap" in flat["brick/synthetic/copy-paste"]
+
+
+def test_synthetic_protocol_without_copy_paste_reports_absolute_numbers(sample_manifests, tmp_path, monkeypatch):
+    _, split = sample_manifests
+    gen = run_generate(GenerateParams(n_per_defect=2, shard_size=4, methods=["perlin"]), split, tmp_path / "gen", progress=False)
+    refined = run_refine(RefineParams(), split, gen, tmp_path / "refined")
+    calls = _spy_train(monkeypatch)
+    det = run_detector(DetectorParams(epochs=1, size=32, base_channels=4, depth=2, seeds=[3, 7], protocol="synthetic"), split, refined, None,
+                       tmp_path / "d", progress=False)
+    assert len(calls) == 4 and all(sum(len(d) > 0 for d in c["train"].defect_pixels) == 0 for c in calls)
+    assert det["references"] == {"synthetic": None} and det["comparisons"] == [] and det["learned_by_protocol"] == {"synthetic": {}}
+    flat = json.loads((tmp_path / "d/metrics.json").read_text())
+    assert set(flat) == {"brick/synthetic/perlin", "gravel/synthetic/perlin"}
+    assert all(e["reference"] == "none" and (e["protocol"], e["budget"]) == ("synthetic", "steps") and isinstance(e["pixel_ap"], float) for e in flat.values())
+    ab = [r for r in det["absolute"] if (r["category"], r["defect_type"], r["metric"]) == ("brick", "all", "pixel_ap")]
+    assert len(ab) == 1 and ab[0]["run"] == "perlin" and ab[0]["ci_low"] <= ab[0]["mean"] <= ab[0]["ci_high"]
+    from defectforge.publish.card import headline_metrics
+
+    head = headline_metrics({"detector": det})
+    assert head["detector.protocol"] == "synthetic" and head["detector.budget"] == "steps"
+    assert head["detector.brick.synthetic/perlin.pixel_ap"].endswith("2 seeds; protocol synthetic, budget steps")

@@ -276,3 +276,92 @@ def test_card_lists_sets_whose_speckle_is_several_times_the_reals():
     assert len(noisy) == 1 and "brick/hole/inversion 5.6x" in noisy[0]
     assert "copy-paste" not in noisy[0] and "gravel/stain/blended" not in noisy[0]  # 2.0 is not above 2x
     assert not [t for t in limitations(df, {"quality": {"sets": {}}}, {"passed": True}) if t.startswith("Pixel-scale")]
+
+
+def _tagged(category, method, diff, lo, hi, verdict, protocol, reference, budget="epochs"):
+    return {**_comparison(category, method, "pixel_ap", diff, lo, hi, verdict), "protocol": protocol, "budget": budget, "reference": reference}
+
+
+# A details.json of a run with both protocols and the epochs budget: mixed against real-only,
+# synthetic (no real defect in training) against copy-paste's synthetic set; gravel's mixed run
+# did not learn, its synthetic one did
+PROTOCOLS = {
+    "protocol": "both", "protocols": ["mixed", "synthetic"], "training_budget": "epochs",
+    "references": {"mixed": "real-only", "synthetic": "copy-paste"},
+    "budget": {"protocol": "both", "budget": "epochs", "size": 64, "epochs": 8, "seeds": [0, 1, 2]},
+    "learned_by_protocol": {
+        "mixed": {"brick": {"learned": True, "reason": "real-only image AUROC 0.910 over 3 seed(s)", "image_auroc_real_only": 0.91,
+                            "protocol": "mixed", "budget": "epochs"},
+                  "gravel": {"learned": False, "reason": "real-only image AUROC 0.480 over 3 seed(s) is below 0.6",
+                             "image_auroc_real_only": 0.48, "protocol": "mixed", "budget": "epochs"}},
+        "synthetic": {"brick": {"learned": True, "reason": "copy-paste image AUROC 0.800 over 3 seed(s)", "image_auroc_reference": 0.8,
+                                "reference": "copy-paste", "protocol": "synthetic", "budget": "epochs"},
+                      "gravel": {"learned": True, "reason": "copy-paste image AUROC 0.700 over 3 seed(s)", "image_auroc_reference": 0.7,
+                                 "reference": "copy-paste", "protocol": "synthetic", "budget": "epochs"}}},
+    "comparisons": [
+        _tagged("brick", "perlin", -0.2, -0.3, -0.1, "hurts", "mixed", "real-only"),
+        _tagged("gravel", "perlin", 0.3, 0.2, 0.4, "detector did not learn", "mixed", "real-only"),
+        _tagged("brick", "perlin", 0.07, 0.02, 0.12, "helps", "synthetic", "copy-paste"),
+        _tagged("gravel", "perlin", 0.01, -0.05, 0.07, "no measurable effect", "synthetic", "copy-paste"),
+    ],
+    "per_category": {"brick": {"real-only": {"pixel_ap": 0.5, "protocol": "mixed", "budget": "epochs", "steps": 12},
+                               "synthetic/perlin": {"pixel_ap": 0.61, "protocol": "synthetic", "budget": "epochs", "steps": 40}}},
+    "mean": {"real-only": {"pixel_ap": 0.5}, "synthetic/perlin": {"pixel_ap": 0.61}},
+}
+PROTOCOL_ROWS = [{"defect_type": c, "run": run, **m} for c, runs in PROTOCOLS["per_category"].items() for run, m in runs.items()]
+
+
+def test_report_and_card_name_protocol_and_budget_beside_every_detector_number():
+    from defectforge.publish.card import card as _card, headline_metrics
+
+    html = render_report(title="t", detector=PROTOCOLS, detector_rows=PROTOCOL_ROWS)
+    verdicts = html[html.index("Does the synthetic data help"): html.index("Realism of the synthetic")]
+    assert "Protocol mixed (real + synthetic defects + normal images in training), against real-only; budget epochs" in verdicts
+    assert "Protocol synthetic (synthetic defects + normal images in training, no real defect image), against copy-paste; budget epochs" in verdicts
+    assert "perlin: hurts pixel AP (Δ -0.200, 95 % CI [-0.300, -0.100], 3 seeds; protocol mixed vs real-only, budget epochs)" in verdicts
+    assert "perlin: helps pixel AP (Δ +0.070, 95 % CI [+0.020, +0.120], 3 seeds; protocol synthetic vs copy-paste, budget epochs)" in verdicts
+    assert "<th>mean Δ vs copy-paste</th>" in verdicts and "<th>protocol</th><th>budget</th>" in verdicts
+    # gravel did not learn in the mixed protocol only: no mixed ranking, the synthetic one stands
+    assert "The detector did not learn on gravel (protocol mixed, budget epochs; real-only image AUROC 0.480" in verdicts
+    assert "+0.300" not in verdicts and "perlin: no measurable effect on pixel AP (Δ +0.010" in verdicts
+    top = html[: html.index("Samples: real vs synthetic")]
+    assert "brick: perlin: hurts pixel AP (Δ -0.200, 95 % CI [-0.300, -0.100], 3 seeds; protocol mixed vs real-only, budget epochs)" in top
+    assert "brick: perlin: helps pixel AP (Δ +0.070, 95 % CI [+0.020, +0.120], 3 seeds; protocol synthetic vs copy-paste, budget epochs)" in top
+    raw = html[html.index("raw numbers"):]
+    assert "<th>budget</th>" in raw and "<th>protocol</th>" in raw and "synthetic/perlin" in raw and "+0.1100" not in raw
+
+    details = {"detector": PROTOCOLS}
+    head = headline_metrics(details)
+    assert head["detector.protocol"] == "both" and head["detector.budget"] == "epochs"
+    assert head["detector.brick.perlin.pixel_ap"] == "hurts (Δ -0.200, 95 % CI [-0.300, -0.100]; protocol mixed vs real-only, budget epochs)"
+    assert head["detector.brick.synthetic/perlin.pixel_ap"].endswith("; protocol synthetic vs copy-paste, budget epochs)")
+    assert head["detector.gravel.perlin.pixel_ap"] == "detector did not learn (protocol mixed vs real-only, budget epochs)"
+    assert head["detector.gravel.learned"] is False and head["detector.gravel.synthetic.learned"] is True
+    assert head["synthetic/perlin.pixel_ap [protocol synthetic, budget epochs]"] == 0.61
+    assert head["real-only.pixel_ap [protocol mixed, budget epochs]"] == 0.5
+    df = pd.DataFrame({"method": ["perlin"], "qc_pass": [True]})
+    counts = pd.DataFrame({"category": ["brick"], "defect_type": ["crack"], "method": ["perlin"], "samples": [1]})
+    text = _card("v@1", df, counts, head, details=details)
+    measured = text[text.index("## Measured"): text.index("## Headline")]
+    assert "- Protocol synthetic (synthetic defects + normal images in training, no real defect image), against copy-paste; budget epochs" in measured
+    assert "    - perlin: helps pixel AP (Δ +0.070, 95 % CI [+0.020, +0.120], 3 seeds; protocol synthetic vs copy-paste, budget epochs)" in measured
+    assert "  - gravel: The detector did not learn on gravel (protocol mixed, budget epochs;" in measured
+    assert "U-Net from scratch (protocol both, budget epochs, size 64, epochs 8, 3 seeds)" in measured
+
+
+def test_report_and_card_say_when_a_protocol_has_no_reference():
+    from defectforge.publish.card import card as _card, headline_metrics
+
+    det = {"protocol": "synthetic", "protocols": ["synthetic"], "training_budget": "steps", "references": {"synthetic": None},
+           "learned_by_protocol": {"synthetic": {}}, "learned": {}, "comparisons": [],
+           "absolute": [{"protocol": "synthetic", "budget": "steps", "category": "brick", "defect_type": "all", "run": "perlin",
+                         "metric": "pixel_ap", "mean": 0.4, "ci_low": 0.3, "ci_high": 0.5, "n_seeds": 3}]}
+    html = render_report(title="t", detector=det)
+    line = "perlin: pixel AP 0.400, 95 % CI [0.300, 0.500], 3 seeds; protocol synthetic, budget steps"
+    assert "no reference run (copy-paste is not among the methods): absolute numbers only" in html and line in html
+    df = pd.DataFrame({"method": ["perlin"], "qc_pass": [True]})
+    counts = pd.DataFrame({"category": ["brick"], "defect_type": ["crack"], "method": ["perlin"], "samples": [1]})
+    head = headline_metrics({"detector": det})
+    text = _card("v@1", df, counts, head, details={"detector": det})
+    assert f"  - brick: {line}" in text and "absolute numbers only" in text
+    assert head["detector.brick.synthetic/perlin.pixel_ap"] == "pixel AP 0.400, 95 % CI [0.300, 0.500], 3 seeds; protocol synthetic, budget steps"

@@ -429,7 +429,14 @@ class QualityParams(_Section):
 class DetectorParams(_Section):
     """The U-Net detector trained real-only and real+synthetic, paired by seed, evaluated on held-out real images."""
 
-    epochs: int = Field(8, ge=1, le=1000)        # passes over the real training set (the same steps for every run)
+    # mixed: real + synthetic defects + normals against real-only (DDIM-inversion paper, Sec. 4.3);
+    # synthetic: synthetic defects + normals only, no real defect in training, against copy-paste's
+    # set (AnomalyDiffusion, "Anomaly generation for anomaly detection"); both: the two in one run
+    protocol: Literal["mixed", "synthetic", "both"] = "mixed"
+    # steps: epochs x ceil(n_real / batch_size) steps for every run (counted from the real training split);
+    # epochs: epochs passes over each run's own training union (more synthetic data, more steps; the papers')
+    budget: Literal["steps", "epochs"] = "steps"
+    epochs: int = Field(8, ge=1, le=1000)        # passes over the real training set (budget steps) or each run's union (budget epochs)
     batch_size: int = Field(8, ge=1, le=512)
     lr: float = Field(1e-3, gt=0, le=1)          # peak; cosine decay to 0
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, max_length=100)

@@ -97,3 +97,52 @@ def test_compare_runs_contract_and_did_not_learn():
     # seeds are paired by their number, not by position
     shuffled = list(reversed(rows))
     assert compare_runs(shuffled, metrics=("pixel_ap",))[0] == [c for c in comparisons if c["metric"] == "pixel_ap"]
+
+
+def _protocol_rows():
+    # seed s: real-only 0.20 + s/10, mixed copy-paste +0.10, mixed perlin +0.05 (+-0.01), synthetic
+    # copy-paste 0.30 + s/10, synthetic perlin 0.30 + s/10 + 0.20 (+-0.01); image AUROC 0.9 everywhere
+    rows = []
+    for s in range(3):
+        wobble = (0.01, -0.01, 0.0)[s]
+        for protocol, run, ap in (("mixed", "real-only", 0.2 + s / 10), ("mixed", "copy-paste", 0.3 + s / 10),
+                                  ("mixed", "perlin", 0.25 + s / 10 + wobble), ("synthetic", "copy-paste", 0.3 + s / 10),
+                                  ("synthetic", "perlin", 0.5 + s / 10 + wobble)):
+            rows.append({"category": "tile", "defect_type": "all", "run": run, "seed": s, "protocol": protocol,
+                         "image_auroc": 0.9, "pixel_ap": ap})
+    return rows
+
+
+def test_each_protocol_is_compared_with_its_own_reference():
+    from defectforge.detector.compare import compare_protocols
+
+    comparisons, learn, refs = compare_protocols(_protocol_rows(), "epochs", metrics=("pixel_ap",))
+    assert refs == {"mixed": "real-only", "synthetic": "copy-paste"}
+    got = {(c["protocol"], c["method"]): c for c in comparisons}
+    # mixed: against real-only (copy-paste and perlin); synthetic: perlin against copy-paste's set only
+    assert set(got) == {("mixed", "copy-paste"), ("mixed", "perlin"), ("synthetic", "perlin")}
+    assert got[("mixed", "copy-paste")]["mean_diff"] == pytest.approx(0.1) and got[("mixed", "copy-paste")]["reference"] == "real-only"
+    assert got[("mixed", "perlin")]["mean_diff"] == pytest.approx(0.05)
+    # synthetic perlin - synthetic copy-paste = 0.2 + (0.01, -0.01, 0): mean 0.2, sd 0.01
+    syn = got[("synthetic", "perlin")]
+    half = T_975_DF2 * 0.01 / math.sqrt(3)
+    assert syn["reference"] == "copy-paste" and syn["mean_diff"] == pytest.approx(0.2)
+    assert syn["ci_low"] == pytest.approx(0.2 - half, abs=1e-5) and syn["verdict"] == HELPS
+    assert all(c["budget"] == "epochs" for c in comparisons)
+    assert learn["mixed"]["tile"]["image_auroc_real_only"] == pytest.approx(0.9)
+    assert learn["synthetic"]["tile"]["reference"] == "copy-paste" and "copy-paste image AUROC 0.900" in learn["synthetic"]["tile"]["reason"]
+
+
+def test_synthetic_protocol_without_copy_paste_has_no_reference_and_absolute_numbers():
+    from defectforge.detector.compare import absolute_intervals, compare_protocols
+
+    rows = [r for r in _protocol_rows() if not (r["protocol"] == "synthetic" and r["run"] == "copy-paste")]
+    comparisons, learn, refs = compare_protocols(rows, "steps", metrics=("pixel_ap",))
+    assert refs == {"mixed": "real-only", "synthetic": None} and learn["synthetic"] == {}
+    assert {c["protocol"] for c in comparisons} == {"mixed"}
+    ab = {(r["protocol"], r["run"]): r for r in absolute_intervals(rows, "steps", metrics=("pixel_ap",))}
+    # synthetic perlin: 0.51, 0.59, 0.70: mean 0.6, sd sqrt(((-0.09)^2 + (-0.01)^2 + 0.1^2) / 2) = sqrt(0.0091)
+    p = ab[("synthetic", "perlin")]
+    half = T_975_DF2 * math.sqrt(0.0091) / math.sqrt(3)
+    assert p["mean"] == pytest.approx(0.6) and p["ci_low"] == pytest.approx(0.6 - half, abs=1e-5)
+    assert p["ci_high"] == pytest.approx(0.6 + half, abs=1e-5) and p["n_seeds"] == 3 and p["budget"] == "steps"

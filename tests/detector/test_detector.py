@@ -211,3 +211,50 @@ def test_whole_image_evaluation_of_a_non_square_image():
     for k in ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"):
         assert parts[k] == pytest.approx(whole[k], abs=1e-9), k
     assert parts["n_regions"] == whole["n_regions"] == 3 and parts["image_auroc"] == 1.0
+
+
+def test_epochs_budget_counts_passes_over_each_runs_union():
+    # 6 real items + 5 synthetic defect items, batch 4, 2 epochs:
+    #   steps budget:  2 * ceil(6 / 4) = 2 * 2 = 4 steps (synthetic samples add none)
+    #   epochs budget: 2 * ceil((6 + 5) / 4) = 2 * 3 = 6 steps; real-only alone 2 * ceil(6 / 4) = 4
+    real = _items(6, 0)
+    syn = [(im, m) for im, m in _items(10, 5) if m.any()]
+    assert len(syn) == 5
+    kw = {**TINY, "epochs": 2, "base_channels": 4, "depth": 2}
+    _, c_steps = train_detector(real, synthetic_items=syn, **kw)
+    _, c_epochs = train_detector(real, synthetic_items=syn, budget="epochs", **kw)
+    _, c_real = train_detector(real, budget="epochs", **kw)
+    assert [r["step"] for r in c_steps] == [2, 4]
+    assert [r["step"] for r in c_epochs] == [3, 6] and [r["epoch"] for r in c_epochs] == [1, 2]
+    assert [r["step"] for r in c_real] == [2, 4]
+    # the synthetic protocol's steps budget is counted from the whole real split it was given the size of:
+    # 2 * ceil(10 / 4) = 6 steps although only 3 normal images are trained on
+    normals = [it for it in real if not it[1].any()]
+    _, c_syn = train_detector(normals, synthetic_items=syn, real_set_size=10, **kw)
+    assert len(normals) == 3 and [r["step"] for r in c_syn] == [3, 6]
+    with pytest.raises(DefectforgeError, match="detector.budget"):
+        train_detector(real, budget="seconds", **kw)
+
+
+def test_detector_params_protocol_and_budget():
+    from defectforge.config import parse_params
+    from defectforge.errors import ParamsError
+
+    d = parse_params({}).detector
+    assert (d.protocol, d.budget) == ("mixed", "steps")  # today's behaviour by default
+    d = parse_params({"detector": {"protocol": "both", "budget": "epochs"}}).detector
+    assert (d.protocol, d.budget) == ("both", "epochs")
+    with pytest.raises(ParamsError, match=r"^params.yaml: detector.protocol: got 'real'; allowed: 'mixed', 'synthetic' or 'both'$"):
+        parse_params({"detector": {"protocol": "real"}})
+    with pytest.raises(ParamsError, match=r"^params.yaml: detector.budget: got 'time'; allowed: 'steps' or 'epochs'$"):
+        parse_params({"detector": {"budget": "time"}})
+
+
+def test_default_steps_budget_is_todays_training():
+    # the stage passes real_set_size = len(real) in the mixed protocol: the same weights as the call without it
+    real, syn = _items(6, 0), [(im, m) for im, m in _items(6, 5) if m.any()]
+    kw = {**TINY, "epochs": 1, "depth": 2}
+    m_old, c_old = train_detector(real, synthetic_items=syn, **kw)
+    m_new, c_new = train_detector(real, synthetic_items=syn, budget="steps", real_set_size=len(real), **kw)
+    assert [r["step"] for r in c_old] == [r["step"] for r in c_new] == [2]
+    assert all(torch.equal(a, b) for a, b in zip(m_old.state_dict().values(), m_new.state_dict().values()))

@@ -1,10 +1,15 @@
 """Train the U-Net detector and evaluate it on held-out real images.
 
-The protocol of the seed papers: a U-Net is trained on defect image-mask pairs
-together with normal images (whose masks are empty), once on the real training split
-alone (``real-only``) and once per generation method on real + synthetic pairs, with
-the same seed, budget (steps, batch size, learning rate) and architecture; each
-model is evaluated on the same held-out real test split.
+The protocols of the seed papers: a U-Net is trained on defect image-mask pairs
+together with normal images (whose masks are empty), and evaluated on the same
+held-out real test split. ``mixed`` (DDIM-inversion paper, Sec. 4.3): once on the real
+training split alone (``real-only``) and once per generation method on real + synthetic
+pairs. ``synthetic`` (AnomalyDiffusion, "Anomaly generation for anomaly detection"): per
+method on its synthetic pairs + the real normal images, no real defect image in
+training (:mod:`defectforge.pipeline.detector` passes only the normals as
+``train_items``). Every run of a comparison has the same seed, batch size, learning rate,
+architecture and budget rule: the same number of steps (``budget="steps"``), or the same
+number of passes over each run's own training union (``budget="epochs"``, the papers').
 
 Resolution. Every image keeps its aspect ratio: it is resized by a fixed factor
 ``scale`` (e.g. 0.5: the same pixel pitch for every image of a dataset), or, with
@@ -205,14 +210,21 @@ def train_detector(
     score_pool: int = 9,
     val_items: Sequence[Item] | None = None,
     progress: bool | Callable[[dict], None] = False,
+    budget: str = "steps",
+    real_set_size: int | None = None,
 ) -> tuple[UNet, list[dict]]:
     """Train a U-Net on real (image, mask) pairs, optionally with synthetic pairs.
 
     Budget and sampling (the same for real-only and every real+synthetic run, so a paired
     comparison measures the data and nothing else):
 
-    1. ``steps = epochs * ceil(len(train_items) / batch_size)``: the budget is counted in
-       passes over the *real* training set, so adding synthetic samples does not add steps.
+    1. ``budget="steps"``: ``steps = epochs * ceil(real_set_size / batch_size)``, counted in
+       passes over the *real* training set (``real_set_size``, default ``len(train_items)``;
+       the synthetic protocol passes the size of the whole real split, whose defect images it
+       leaves out), so adding synthetic samples does not add steps.
+       ``budget="epochs"`` (the papers': AnomalyDiffusion, DDIM-inversion Sec. 4.3):
+       ``steps = epochs * ceil((len(train_items) + len(synthetic_items)) / batch_size)``,
+       passes over the run's own training union, so more synthetic data trains more steps.
     2. Balanced batches of ``patch`` x ``patch`` crops (``patch=None``: ``size``; see
        :func:`sample_patch`): ``batch_size // 2`` slots hold a crop around a defect pixel of
        a defect image, the rest a random crop of a defect-free image. A defect slot takes a
@@ -227,7 +239,7 @@ def train_detector(
 
     ``train_items`` / ``synthetic_items`` may be :class:`Prepared` by :func:`prepare_items`
     (to prepare a dataset once for several seeds). Returns (model in eval mode, curve): one
-    row per pass over the real set: ``epoch`` (1-based), ``step``, ``loss`` (mean over the
+    row per pass (over the real set, or the union with ``budget="epochs"``): ``epoch`` (1-based), ``step``, ``loss`` (mean over the
     pass), ``lr`` (at its end), ``seconds``, and with ``val_items`` the ``val_<metric>`` of
     :func:`evaluate_detector`. Same arguments and seed give the same weights (CPU).
     """
@@ -235,6 +247,10 @@ def train_detector(
     for key, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("size", size, 8), ("patch", patch, 8)):
         if not isinstance(v, int) or v < lo:
             raise DefectforgeError(f"detector.{key} must be an integer >= {lo}, got {v!r}")
+    if budget not in ("steps", "epochs"):
+        raise DefectforgeError(f"detector.budget must be 'steps' or 'epochs', got {budget!r}")
+    if real_set_size is not None and (not isinstance(real_set_size, int) or real_set_size < 1):
+        raise DefectforgeError(f"detector real_set_size must be an integer >= 1, got {real_set_size!r}")
     if not (lr > 0 and math.isfinite(lr)):
         raise DefectforgeError(f"detector.lr must be a positive number, got {lr!r}")
     if patch % 2 ** (depth - 1):
@@ -246,7 +262,8 @@ def train_detector(
     good = [i for i, d in enumerate(is_defect) if not d]
     defect = [i for i, d in enumerate(is_defect) if d]
     syn_ok = [i for i in range(n_syn) if len(syn.defect_pixels[i])] if syn is not None else []
-    steps_per_epoch = math.ceil(len(real) / batch_size)
+    epoch_size = len(real) + n_syn if budget == "epochs" else len(real) if real_set_size is None else real_set_size
+    steps_per_epoch = math.ceil(epoch_size / batch_size)
     steps = epochs * steps_per_epoch
     n_def_slots = 0 if not (defect or syn_ok) else batch_size if not good else max(1, batch_size // 2)
     p_syn = len(syn_ok) / (len(syn_ok) + len(defect)) if syn_ok else 0.0

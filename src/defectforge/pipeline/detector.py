@@ -33,23 +33,36 @@ def run(
 ) -> dict:
     """Paired multi-seed detector runs per category; details.json, metrics.json, curves.csv.
 
-    For every category and every seed in ``p.seeds``: one U-Net on the real training split
-    alone (``real-only``) and one per method on real + that method's synthetic samples,
-    from the same initial weights, the same order of real images and the same step budget
+    For every category and every seed in ``p.seeds``, by ``p.protocol``: ``mixed`` (the
+    DDIM-inversion paper's, Sec. 4.3): one U-Net on the real training split alone
+    (``real-only``, the reference) and one per method on real + that method's synthetic
+    samples; ``synthetic`` (AnomalyDiffusion's, "Anomaly generation for anomaly detection"):
+    one per method on its synthetic samples + the real defect-free training images only, no
+    real defect image (reference: copy-paste's set when copy-paste is among the methods, else
+    none: absolute numbers only); ``both``: the two. All from the same initial weights, the
+    same order of real images and the same budget rule ``p.budget``: ``steps`` (the same
+    number of steps for every run, counted from the whole real training split) or ``epochs``
+    (``p.epochs`` passes over each run's own training union)
     (:func:`~defectforge.detector.train.train_detector`). Each model is evaluated on the
     held-out real test split (``all``) and per defect type (that type's defect images plus
     every defect-free test image). :func:`~defectforge.detector.compare.compare_runs` turns
     the per-seed numbers into paired mean differences with 95 % t-intervals and verdicts,
-    after the sanity check that the real-only detector learned.
+    after the sanity check that the reference detector learned, per protocol
+    (:func:`~defectforge.detector.compare.compare_protocols`).
 
     ``refined`` / ``qc``: one synthetic manifest and its qc table, or lists of them (e.g.
     one refined manifest per method); ``qc=None`` uses the manifests' own ``qc_pass``
-    column where it has one. details.json holds ``comparisons``, ``learned``,
-    ``per_category`` (means over seeds, ``all`` test set), ``per_defect_type``, ``runs``
-    (every seed), ``mean`` and ``budget``; metrics.json is flat for ``dvc metrics show``.
+    column where it has one. details.json holds ``protocol``, ``protocols``, ``references``
+    (per protocol, None: no reference), ``training_budget`` (steps | epochs),
+    ``comparisons`` (each with its ``protocol``, ``budget`` and ``reference``), ``learned``
+    (of the first protocol run), ``learned_by_protocol``, ``absolute`` (mean and 95 %
+    interval of every run), ``per_category`` (means over seeds, ``all`` test set, keyed by
+    :func:`run_label`), ``per_defect_type``, ``runs`` (every seed, with ``protocol``,
+    ``budget`` and ``steps``), ``mean`` and ``budget`` (the params); metrics.json is flat for
+    ``dvc metrics show``, every entry naming its protocol and budget.
     """
     from defectforge.detector import prepare_items
-    from defectforge.detector.compare import BASELINE, COMPARED_METRICS, compare_runs
+    from defectforge.detector.compare import BASELINE, COMPARED_METRICS, absolute_intervals, compare_protocols
 
     from defectforge.pipeline.entry import pin_cpu_isa
 
@@ -76,54 +89,84 @@ def run(
         test_t = prepare_items(test, p.size, f"{category} test images", scale=p.scale)
         types = list(te["defect_type"])
         groups = {"all": None, **{t: [i for i, d in enumerate(types) if d in (t, "good")] for t in sorted(set(types) - {"good"})}}
-        runs = {BASELINE: None}
+        synthetic = {}
         for method in sorted(syn["method"].unique()):
             s = syn[(syn["category"] == category) & (syn["method"] == method)]
             if len(s):
-                runs[method] = prepare_items([(read_image(Path(r.abs_image)), read_mask(Path(r.abs_mask))) for r in s.itertuples()], p.size, f"{category}/{method} synthetic samples", scale=p.scale)
+                synthetic[method] = prepare_items([(read_image(Path(r.abs_image)), read_mask(Path(r.abs_mask))) for r in s.itertuples()], p.size, f"{category}/{method} synthetic samples", scale=p.scale)
+        # (protocol, run) -> (real training items, synthetic items): mixed trains real-only and
+        # real + each method's samples; synthetic trains each method's samples + the real
+        # normals only (no real defect image)
+        runs = {}
+        if p.protocol in ("mixed", "both"):
+            runs[("mixed", BASELINE)] = (train_real, None)
+            runs.update({("mixed", m): (train_real, s) for m, s in synthetic.items()})
+        if p.protocol in ("synthetic", "both"):
+            normals = _normals_only(train_real)
+            runs.update({("synthetic", m): (normals, s) for m, s in synthetic.items()})
         prepared[category] = (train_real, test_t, groups, runs)
         jobs += [(category, seed, run) for seed in p.seeds for run in runs]
 
     def job_args(job):
         category, seed, run = job
         train_real, test_t, groups, runs = prepared[category]
-        return p, train_real, runs[run], test_t, groups, seed
+        # real_set_size: the steps budget is counted from the whole real training split in every protocol
+        return p, *runs[run], test_t, groups, seed, len(train_real)
 
-    # every (category, seed, run) is one independent training: on p.workers processes, in order
-    for (category, seed, run), (evaluated, curve) in zip(jobs, spawn_map(_train_and_evaluate, map(job_args, jobs), p.workers, len(jobs))):
-        train_real, extra = prepared[category][0], prepared[category][3][run]
+    # every (category, seed, protocol, run) is one independent training: on p.workers processes, in order
+    for (category, seed, (protocol, run)), (evaluated, curve) in zip(jobs, spawn_map(_train_and_evaluate, map(job_args, jobs), p.workers, len(jobs))):
+        train, extra = prepared[category][3][(protocol, run)]
         # no training time in the rows: details.json feeds the release, which must not
         # change with the machine's speed (docs/reproducibility.md); it goes to the log
         for dt, m in evaluated.items():
-            rows.append({"category": category, "defect_type": dt, "run": run, "seed": seed,
+            rows.append({"category": category, "defect_type": dt, "run": run, "seed": seed, "protocol": protocol, "budget": p.budget,
                          **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
-                         "train_real": len(train_real), "train_synthetic": 0 if extra is None else len(extra)})
+                         "train_real": len(train), "train_synthetic": 0 if extra is None else len(extra), "steps": curve[-1]["step"]})
             if dt == "all" and progress:
-                print(f"detector[{category}/{run}/seed {seed}] loss {curve[-1]['loss']:.4f}; image AUROC {m['image_auroc']}, pixel AP {m['pixel_ap']}, "
-                      f"AUPRO {m['aupro']}; {sum(r['seconds'] for r in curve):.1f} s", flush=True)
-        curves += [{"category": category, "run": run, "seed": seed, "epoch": r["epoch"], "step": r["step"],
+                print(f"detector[{category}/{run_label(protocol, run)}/seed {seed}, budget {p.budget}: {curve[-1]['step']} steps] loss {curve[-1]['loss']:.4f}; "
+                      f"image AUROC {m['image_auroc']}, pixel AP {m['pixel_ap']}, AUPRO {m['aupro']}; {sum(r['seconds'] for r in curve):.1f} s", flush=True)
+        curves += [{"category": category, "run": run_label(protocol, run), "seed": seed, "epoch": r["epoch"], "step": r["step"],
                     "loss": round(float(r["loss"]), 5), "lr": r["lr"]} for r in curve]
     for category, (_, _, groups, runs) in prepared.items():
         mine = [r for r in rows if r["category"] == category]
-        results[category] = {run: _seed_summary([r for r in mine if r["run"] == run and r["defect_type"] == "all"]) for run in runs}
-        per_type[category] = {dt: {run: _seed_summary([r for r in mine if r["run"] == run and r["defect_type"] == dt]) for run in runs} for dt in groups if dt != "all"}
-    comparisons, learned = compare_runs(rows)
+        results[category] = {run_label(*k): _seed_summary([r for r in mine if (r["protocol"], r["run"]) == k and r["defect_type"] == "all"]) for k in runs}
+        per_type[category] = {dt: {run_label(*k): _seed_summary([r for r in mine if (r["protocol"], r["run"]) == k and r["defect_type"] == dt]) for k in runs}
+                              for dt in groups if dt != "all"}
+    comparisons, learned_by, references = compare_protocols(rows, p.budget)
+    for protocol in ("mixed", "synthetic") if p.protocol == "both" else (p.protocol,):
+        references.setdefault(protocol, None)  # a protocol with no run at all (no synthetic samples): no reference
+        learned_by.setdefault(protocol, {})
     for category, r in results.items():
         if "skipped" in r:
-            learned[category] = {"learned": False, "reason": r["skipped"], "image_auroc_real_only": None, "image_auroc_ci_low": None, "n_seeds": 0}
+            for protocol in learned_by:
+                learned_by[protocol][category] = {"learned": False, "reason": r["skipped"], "image_auroc_real_only": None, "image_auroc_ci_low": None,
+                                                  "n_seeds": 0, "protocol": protocol, "budget": p.budget}
+    # learned: the sanity check of the first protocol run (mixed's real-only when it ran); all of them in learned_by_protocol
+    learned = next(iter(learned_by.values()), {})
     summary = _mean_over_categories(results)
-    details = {"comparisons": comparisons, "learned": learned, "per_category": results, "per_defect_type": per_type,
+    details = {"protocol": p.protocol, "protocols": list(references), "references": references, "training_budget": p.budget,
+               "comparisons": comparisons, "learned": learned, "learned_by_protocol": learned_by,
+               "absolute": absolute_intervals(rows, p.budget), "per_category": results, "per_defect_type": per_type,
                "runs": rows, "mean": summary, "budget": p.model_dump(mode="json", exclude={"workers"})}  # workers: same numbers
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "details.json", details)
-    # metrics.json (what `dvc metrics show` prints): flat, one row per category/method on the whole test set
+    # metrics.json (what `dvc metrics show` prints): flat, one row per category/run on the whole test set,
+    # each naming its protocol and budget; a reference run and a run without a reference get their
+    # absolute means, the others their paired differences against the reference
     flat: dict[str, dict] = {}
-    for category, r in results.items():
-        if BASELINE in r:
-            flat[f"{category}/{BASELINE}"] = {**{k: r[BASELINE].get(k) for k in COMPARED_METRICS}, "learned": learned[category]["learned"]}
+    for category, (_, _, _, runs) in prepared.items():
+        for protocol, run in runs:
+            ref = references[protocol]
+            if ref is None or run == ref:
+                label = run_label(protocol, run)
+                e = flat[f"{category}/{label}"] = {**{k: results[category][label].get(k) for k in COMPARED_METRICS}, "protocol": protocol, "budget": p.budget}
+                if ref is None:
+                    e["reference"] = "none"
+                else:
+                    e["learned"] = learned_by[protocol][category]["learned"]
     for c in comparisons:
         if c["defect_type"] == "all":
-            e = flat.setdefault(f"{c['category']}/{c['method']}", {})
+            e = flat.setdefault(f"{c['category']}/{run_label(c['protocol'], c['method'])}", {"protocol": c["protocol"], "budget": c["budget"]})
             m = c["metric"]
             e.update({f"{m}_diff": c["mean_diff"], f"{m}_ci_low": c["ci_low"], f"{m}_ci_high": c["ci_high"], f"{m}_verdict": c["verdict"]})
     atomic_write_json(out_dir / "metrics.json", flat)
@@ -131,14 +174,33 @@ def run(
     return details
 
 
-def _train_and_evaluate(p: DetectorParams, train_real, extra, test_t, groups, seed: int):
-    """One paired run: the detector trained on ``train_real`` (+ ``extra``) with ``seed``,
-    evaluated on every test group; (metrics per group, training curve)."""
+def run_label(protocol: str, run: str) -> str:
+    """The name of a run in per_category, metrics.json and curves.csv: the run itself in the
+    mixed protocol (``real-only``, ``copy-paste``), ``synthetic/<method>`` in the synthetic one."""
+    return run if protocol == "mixed" else f"{protocol}/{run}"
+
+
+def _normals_only(items):
+    """The defect-free items of a :class:`~defectforge.detector.train.Prepared` set (the
+    synthetic protocol's real training images: AnomalyDiffusion trains on generated pairs +
+    normal images)."""
+    from defectforge.detector import Prepared
+
+    keep = [i for i, d in enumerate(items.defect_pixels) if not len(d)]
+    if not keep:
+        raise DefectforgeError("detector.protocol synthetic: the real training split has no defect-free image to train with")
+    return Prepared([items.xs[i] for i in keep], [items.ys[i] for i in keep], items.size, items.scale, [items.defect_pixels[i] for i in keep])
+
+
+def _train_and_evaluate(p: DetectorParams, train_real, extra, test_t, groups, seed: int, real_set_size: int | None = None):
+    """One paired run: the detector trained on ``train_real`` (+ ``extra``) with ``seed`` and the
+    budget rule ``p.budget``, evaluated on every test group; (metrics per group, training curve)."""
     from defectforge.detector import evaluate_groups, train_detector
 
     model, curve = train_detector(
         train_real, synthetic_items=extra, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=seed, size=p.size,
         scale=p.scale, patch=p.patch, base_channels=p.base_channels, depth=p.depth, norm=p.norm, score_pool=p.score_pool,
+        budget=p.budget, real_set_size=real_set_size,
     )
     return evaluate_groups(model, test_t, groups), curve
 
@@ -177,7 +239,8 @@ def _seed_summary(rows: list[dict]) -> dict:
     if not rows:
         return {}
     out: dict = {"n_seeds": len(rows), "seeds": [r["seed"] for r in rows], "train_real": rows[0]["train_real"], "train_synthetic": rows[0]["train_synthetic"],
-                 "n_images": rows[0].get("n_images"), "n_defect_images": rows[0].get("n_defect_images")}
+                 "n_images": rows[0].get("n_images"), "n_defect_images": rows[0].get("n_defect_images"),
+                 **{k: rows[0][k] for k in ("protocol", "budget", "steps") if k in rows[0]}}
     for k in DETECTION_KEYS:
         v = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
         out[k] = round(float(np.mean(v)), 4) if v else None

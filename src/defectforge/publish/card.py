@@ -22,8 +22,9 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-from defectforge.publish.report import (NOT_LEARNED, SPECKLE_FLAG, describe_comparison, detector_findings, not_learned_sentence,
-                                        realism_by_method, realism_sentence, signed)
+from defectforge.publish.report import (NOT_LEARNED, SPECKLE_FLAG, absolute_sentence, describe_comparison, detector_findings,
+                                        learned_by_protocol, not_learned_sentence, protocol_heading, protocol_tag, realism_by_method,
+                                        realism_sentence, signed)
 
 
 def headline_metrics(metrics: dict) -> dict:
@@ -32,6 +33,10 @@ def headline_metrics(metrics: dict) -> dict:
     Besides the mean metrics per run: ``detector.<category>.learned`` and, per comparison over
     all defect types, ``detector.<category>.<method>.<metric>`` = the verdict in words with
     the mean difference and its 95 % interval; ``realism.<method>.<score>`` per method.
+    A run that records its protocol and budget names them in every detector entry: the
+    synthetic protocol's entries are ``detector.<category>.synthetic/<method>.<metric>``
+    (``detector.<category>.synthetic.learned``), the values and the mean keys say
+    ``protocol ..., budget ...``; a protocol without a reference gives its absolute means.
     """
     out: dict = {}
     q = metrics.get("quality")
@@ -42,23 +47,34 @@ def headline_metrics(metrics: dict) -> dict:
                 if r.get(k) is not None:
                     out[f"realism.{method}.{k}"] = round(r[k], 4)
     det = metrics.get("detector") or {}
+    budget = det.get("training_budget")
+    if budget:
+        out["detector.protocol"], out["detector.budget"] = det.get("protocol"), budget
     d = det.get("mean") or {}
     for run, m in d.items():
         if not isinstance(m, dict):
             continue
+        suffix = f" [protocol {run.split('/')[0] if '/' in run else 'mixed'}, budget {budget}]" if budget else ""
         for k in ("image_auroc", "pixel_ap", "aupro"):
             if isinstance(m.get(k), (int, float)):
-                out[f"{run}.{k}"] = m[k]
-    for category, info in (det.get("learned") or {}).items():
-        if isinstance(info, dict) and "learned" in info:
-            out[f"detector.{category}.learned"] = bool(info["learned"])
+                out[f"{run}.{k}{suffix}"] = m[k]
+    for protocol, learned in learned_by_protocol(det).items():
+        for category, info in learned.items():
+            if isinstance(info, dict) and "learned" in info:
+                out[f"detector.{category}.learned" if protocol == "mixed" else f"detector.{category}.{protocol}.learned"] = bool(info["learned"])
     for r in det.get("comparisons") or []:
         if r.get("defect_type") not in (None, "", "all"):
             continue
-        verdict = r.get("verdict")
+        verdict, tag = r.get("verdict"), protocol_tag(r)
         if verdict != "detector did not learn":
-            verdict = f"{verdict} (Δ {signed(r.get('mean_diff'))}, 95 % CI [{signed(r.get('ci_low'))}, {signed(r.get('ci_high'))}])"
-        out[f"detector.{r.get('category')}.{r.get('method')}.{r.get('metric')}"] = verdict
+            verdict = f"{verdict} (Δ {signed(r.get('mean_diff'))}, 95 % CI [{signed(r.get('ci_low'))}, {signed(r.get('ci_high'))}]" + (f"; {tag})" if tag else ")")
+        elif tag:
+            verdict = f"{verdict} ({tag})"
+        method = r.get("method") if r.get("protocol", "mixed") == "mixed" else f"{r['protocol']}/{r.get('method')}"
+        out[f"detector.{r.get('category')}.{method}.{r.get('metric')}"] = verdict
+    for r in det.get("absolute") or []:  # a protocol without a reference: its absolute numbers
+        if (det.get("references") or {}).get(r.get("protocol"), "") is None and r.get("defect_type") == "all":
+            out[f"detector.{r['category']}.{r['protocol']}/{r['run']}.{r['metric']}"] = absolute_sentence(r).split(": ", 1)[1]
     return out
 
 
@@ -69,23 +85,35 @@ def _measured(details: dict) -> list[str]:
     q = details.get("quality") or {}
     sets = list((q.get("sets") or {}).values())
     if det:
-        lines += ["", "**Detector** (U-Net trained from scratch on real + synthetic images against real-only, "
-                  "scored on held-out real test images):", ""]
-        learned = det.get("learned") or {}
+        if "protocols" in det:
+            lines += ["", "**Detector** (U-Net trained from scratch, scored on held-out real test images; each line names "
+                      "its protocol and budget):", ""]
+        else:
+            lines += ["", "**Detector** (U-Net trained from scratch on real + synthetic images against real-only, "
+                      "scored on held-out real test images):", ""]
         comparisons = det.get("comparisons")
         if comparisons is None:
             lines.append("- One seed per condition, no confidence intervals: the detector numbers in `metrics.json` "
                          "are within seed-to-seed noise and are **not a ranking** of the methods.")
         else:
             rows = [r for r in comparisons if r.get("defect_type") in (None, "", "all")] or list(comparisons)
-            for category in sorted({str(r.get("category")) for r in rows} | set(learned)):
-                info = learned.get(category) or {}
-                mine = [r for r in rows if str(r.get("category")) == category]
-                if info.get("learned") is False or any(r.get("verdict") == NOT_LEARNED for r in mine):
-                    lines.append(f"- {category}: {not_learned_sentence(category, info)}")
+            for protocol, learned in learned_by_protocol(det).items():
+                if "protocols" in det:
+                    lines.append(f"- {protocol_heading(det, protocol)}:")
+                indent = "  " if "protocols" in det else ""
+                if "protocols" in det and (det.get("references") or {}).get(protocol) is None:
+                    lines += [f"  - {r['category']}: {absolute_sentence(r)}" for r in det.get("absolute") or []
+                              if r.get("protocol") == protocol and r.get("defect_type") == "all"]
                     continue
-                lines.append(f"- {category}:")
-                lines += [f"  - {describe_comparison(r)}" for r in mine]
+                mine_p = [r for r in rows if r.get("protocol", "mixed") == protocol]
+                for category in sorted({str(r.get("category")) for r in mine_p} | set(learned)):
+                    info = learned.get(category) or {}
+                    mine = [r for r in mine_p if str(r.get("category")) == category]
+                    if info.get("learned") is False or any(r.get("verdict") == NOT_LEARNED for r in mine):
+                        lines.append(f"{indent}- {category}: {not_learned_sentence(category, info)}")
+                        continue
+                    lines.append(f"{indent}- {category}:")
+                    lines += [f"{indent}  - {describe_comparison(r)}" for r in mine]
             hurts = [t for k, t in detector_findings(det) if k == "hurts"]
             if hurts:
                 lines += ["", "**Synthetic data hurts the detector** in: " + "; ".join(hurts) + "."]
@@ -257,7 +285,7 @@ def _provenance_lines(prov: dict, limits: list[str]) -> list[str]:
 
 def _detector_name(det: dict) -> str:
     b = det.get("budget") or {}
-    facts = [f"{k} {b[k]}" for k in ("size", "epochs", "base_channels", "depth") if k in b]
+    facts = [f"{k} {b[k]}" for k in ("protocol", "budget", "size", "epochs", "base_channels", "depth") if k in b]
     seeds = b.get("seeds")
     if isinstance(seeds, (list, tuple)):
         facts.append(f"{len(seeds)} seeds")

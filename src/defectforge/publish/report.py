@@ -13,11 +13,13 @@ release. Sections, top to bottom:
    of the plain image, the mask and the overlay, plus a small thumbnail of the whole
    image. Samples that failed their quality gate come first, captioned with the
    gate's reasons;
-3. the detector's verdicts: per category, method and metric the mean paired
-   difference against ``real-only`` with its 95 % interval and the verdict in words
-   (``helps`` / ``hurts`` / ``no measurable effect``). A category whose detector
-   did not learn gets that sentence and no ranking. A single-seed run (no
-   ``comparisons``) is labelled as such;
+3. the detector's verdicts: per protocol (``mixed``: against ``real-only``;
+   ``synthetic``: against copy-paste's set, or absolute numbers where there is no
+   reference), category, method and metric the mean paired difference with its 95 %
+   interval and the verdict in words (``helps`` / ``hurts`` / ``no measurable
+   effect``), each naming its protocol and budget. A category whose detector did not
+   learn gets that sentence and no ranking. A single-seed run (no ``comparisons``) is
+   labelled as such;
 4. realism scores per set (saturation, intensity distance, contrast against the
    real interquartile range, classifier two-sample test) with one line per score;
 5. the quality table (FID / KID / IS / LPIPS / IC-LPIPS) with the backbone names;
@@ -120,6 +122,23 @@ def metric_name(key: str) -> str:
     return METRIC_NAMES.get(key, key)
 
 
+PROTOCOL_WORDS = {"mixed": "real + synthetic defects + normal images in training",
+                  "synthetic": "synthetic defects + normal images in training, no real defect image"}
+BUDGET_WORDS = {"steps": "the same number of steps for every run, counted from the real training split",
+                "epochs": "the same number of passes over each run's own training union"}
+
+
+def protocol_tag(row: dict) -> str:
+    """``protocol mixed vs real-only, budget steps`` for a detector row that records them
+    (comparisons, learned entries, absolute rows); '' for rows of a run made before."""
+    protocol = row.get("protocol")
+    if not protocol:
+        return ""
+    ref = row.get("reference")
+    tag = f"protocol {protocol}" + (f" vs {ref}" if ref else "")
+    return tag + (f", budget {row['budget']}" if row.get("budget") else "")
+
+
 def describe_comparison(row: dict, learned: dict | None = None) -> str:
     """One sentence for one row of the detector's ``comparisons``.
 
@@ -131,12 +150,15 @@ def describe_comparison(row: dict, learned: dict | None = None) -> str:
     if row.get("defect_type") not in (None, "", "all"):
         method = f"{method} ({row['defect_type']})"
     verdict = row.get("verdict")
+    tag = protocol_tag(row)
     if verdict == NOT_LEARNED or (learned is not None and learned.get("learned") is False):
-        return f"{method}: {metric} not measured: the detector did not learn on this category"
+        return f"{method}: {metric} not measured: the detector did not learn on this category" + (f" ({tag})" if tag else "")
     numbers = f"Δ {signed(row.get('mean_diff'))}, 95 % CI [{signed(row.get('ci_low'))}, {signed(row.get('ci_high'))}]"
     seeds = row.get("n_seeds")
     if seeds is not None:
         numbers += f", {seeds} seed{'s' if seeds != 1 else ''}"
+    if tag:
+        numbers += f"; {tag}"
     if verdict == "hurts":
         words = f"hurts {metric}"
     elif verdict == "helps":
@@ -151,7 +173,7 @@ def describe_comparison(row: dict, learned: dict | None = None) -> str:
 def not_learned_sentence(category: str, info: dict) -> str:
     """The plain sentence for a category whose detector did not learn (no ranking follows)."""
     auroc = info.get("image_auroc_real_only")
-    bits = []
+    bits = [protocol_tag(info)] if protocol_tag(info) else []
     if isinstance(auroc, (int, float)) and "AUROC" not in str(info.get("reason", "")):
         bits.append(f"real-only image AUROC {auroc:.3f}")
     if info.get("reason"):
@@ -385,40 +407,88 @@ def detector_findings(detector: dict | None) -> list[tuple[str, str]]:
     if not detector:
         return []
     out = []
-    learned = detector.get("learned") or {}
-    for category, info in sorted(learned.items()):
-        if isinstance(info, dict) and info.get("learned") is False:
-            out.append(("not-learned", not_learned_sentence(category, info)))
+    by_protocol = learned_by_protocol(detector)
+    for protocol, learned in by_protocol.items():
+        for category, info in sorted(learned.items()):
+            if isinstance(info, dict) and info.get("learned") is False:
+                out.append(("not-learned", not_learned_sentence(category, info)))
     if "comparisons" not in detector:
         if detector.get("per_category") or detector.get("mean"):
             out.append(("single-seed", "The detector ran one seed per condition: its differences are within "
                         "seed-to-seed noise and are not a ranking of the methods."))
         return out
-    skip = {c for c, info in learned.items() if isinstance(info, dict) and info.get("learned") is False}
+    skip = {(q, c) for q, learned in by_protocol.items() for c, info in learned.items() if isinstance(info, dict) and info.get("learned") is False}
     rows = detector.get("comparisons") or []
     rows = [r for r in rows if r.get("defect_type") in (None, "", "all")] or rows  # the whole test set when there
     for kind in ("hurts", "helps"):
         for r in rows:
-            if r.get("verdict") == kind and r.get("category") not in skip:
+            if r.get("verdict") == kind and (r.get("protocol", "mixed"), r.get("category")) not in skip:
                 out.append((kind, f"{r.get('category')}: {describe_comparison(r)}"))
     return out
 
 
+def learned_by_protocol(detector: dict) -> dict[str, dict]:
+    """``{protocol: {category: learned entry}}`` of a details dict (one made before protocols
+    were recorded: its ``learned``, as ``mixed``)."""
+    if isinstance(detector.get("learned_by_protocol"), dict):
+        return detector["learned_by_protocol"]
+    return {"mixed": detector.get("learned") or {}}
+
+
+def protocol_heading(detector: dict, protocol: str) -> str:
+    """The words naming a protocol, its reference and the budget, e.g. ``Protocol mixed (real +
+    synthetic defects + normal images in training), against real-only; budget steps (...)``."""
+    ref = (detector.get("references") or {}).get(protocol)
+    budget = detector.get("training_budget")
+    against = f"against {ref}" if ref else "no reference run (copy-paste is not among the methods): absolute numbers only"
+    return (f"Protocol {protocol} ({PROTOCOL_WORDS.get(protocol, protocol)}), {against}; "
+            f"budget {budget} ({BUDGET_WORDS.get(budget, budget)})")
+
+
+def absolute_sentence(row: dict) -> str:
+    """One line of a run's absolute number: ``perlin: pixel AP 0.123, 95 % CI [...], 3 seeds; protocol synthetic, budget epochs``."""
+    lo, hi = row.get("ci_low"), row.get("ci_high")
+    ci = f"95 % CI [{lo:.3f}, {hi:.3f}]" if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else "95 % CI unbounded"
+    mean = row.get("mean")
+    mean = f"{mean:.3f}" if isinstance(mean, (int, float)) else "?"
+    return f"{row.get('run')}: {metric_name(str(row.get('metric')))} {mean}, {ci}, {row.get('n_seeds')} seeds; {protocol_tag(row)}"
+
+
 def _verdict_section(detector: dict) -> str:
-    """Per category: the comparisons in words and as a table; 'did not learn' with no ranking."""
+    """Per protocol and category: the comparisons in words and as a table; 'did not learn' with
+    no ranking; a protocol without a reference run: its absolute numbers."""
     comparisons = detector.get("comparisons")
-    learned = detector.get("learned") or {}
     if comparisons is None:
         return ('<p class="warn">This detector run has <b>one seed per condition</b> and no confidence intervals. '
                 "Differences between the numbers in the raw table below are within seed-to-seed noise: "
                 "they are <b>not to be ranked</b>.</p>")
+    if "protocols" not in detector:  # a run made before protocols were recorded: mixed, real-only reference
+        return _protocol_verdicts(comparisons, detector.get("learned") or {})
+    parts = ['<p class="note">Each row: the mean paired difference (same seed, same budget rule) of a method\'s run '
+             "against its protocol's reference on the held-out real test images, with its 95 % interval over the seeds. "
+             "<b>helps</b> / <b>hurts</b>: the interval lies above / below 0; <b>no measurable effect</b>: it "
+             "contains 0.</p>"]
+    for protocol in detector["protocols"]:
+        parts.append(f'<h3>{_esc(protocol_heading(detector, protocol))}</h3>')
+        if (detector.get("references") or {}).get(protocol) is None:
+            rows = [r for r in detector.get("absolute") or [] if r.get("protocol") == protocol and r.get("defect_type") == "all"]
+            parts.append("<p>No comparison: the mean of each run over the seeds with its 95 % interval.</p>")
+            parts.append("<ul>" + "".join(f"<li>{_esc(r.get('category'))}: {_esc(absolute_sentence(r))}</li>" for r in rows) + "</ul>"
+                         if rows else "<p><em>No runs.</em></p>")
+            continue
+        parts.append(_protocol_verdicts([r for r in comparisons if r.get("protocol", "mixed") == protocol],
+                                        learned_by_protocol(detector).get(protocol) or {}, level=4, note=False))
+    return "".join(parts)
+
+
+def _protocol_verdicts(comparisons: list[dict], learned: dict, level: int = 3, note: bool = True) -> str:
     parts = ['<p class="note">Each row: the mean paired difference (same seed, same budget) of real + synthetic '
              "against real-only on the held-out real test images, with its 95 % interval over the seeds. "
              "<b>helps</b> / <b>hurts</b>: the interval lies above / below 0; <b>no measurable effect</b>: it "
-             "contains 0.</p>"]
+             "contains 0.</p>"] if note else []
     categories = sorted({str(r.get("category")) for r in comparisons} | set(learned))
     for category in categories:
-        parts.append(f"<h3>{_esc(category)}</h3>")
+        parts.append(f"<h{level}>{_esc(category)}</h{level}>")
         info = learned.get(category) or {}
         rows = [r for r in comparisons if str(r.get("category")) == category]
         if info.get("learned") is False or any(r.get("verdict") == NOT_LEARNED for r in rows):
@@ -434,6 +504,7 @@ def _verdict_section(detector: dict) -> str:
             items = "".join(f"<li>{_esc(describe_comparison(r))}</li>" for r in hurts)
             parts.append(f'<div class="warn"><b>Synthetic data hurts the detector here:</b><ul>{items}</ul></div>')
         body = []
+        tagged = any(r.get("protocol") for r in rows)
         for r in rows:
             v = r.get("verdict")
             dt = r.get("defect_type")
@@ -443,10 +514,13 @@ def _verdict_section(detector: dict) -> str:
                 f'<td class="num">{signed(r.get("mean_diff"))}</td>'
                 f'<td class="num">[{signed(r.get("ci_low"))}, {signed(r.get("ci_high"))}]</td>'
                 f'<td class="num">{_esc(r.get("n_seeds", "?"))}</td>'
-                f'<td class="{_verdict_class(v)}">{_esc(v)}</td></tr>')
+                + (f"<td>{_esc(r.get('protocol'))}</td><td>{_esc(r.get('budget'))}</td>" if tagged else "")
+                + f'<td class="{_verdict_class(v)}">{_esc(v)}</td></tr>')
         if body:
-            parts.append("<table><thead><tr><th>method</th><th>defect type</th><th>metric</th><th>mean Δ vs real-only</th>"
-                         f"<th>95 % CI</th><th>seeds</th><th>verdict</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
+            ref = next((r.get("reference") for r in rows if r.get("reference")), BASELINE)
+            parts.append(f"<table><thead><tr><th>method</th><th>defect type</th><th>metric</th><th>mean Δ vs {_esc(ref)}</th>"
+                         "<th>95 % CI</th><th>seeds</th>" + ("<th>protocol</th><th>budget</th>" if tagged else "")
+                         + f"<th>verdict</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
             parts.append("<ul>" + "".join(f"<li>{_esc(describe_comparison(r))}</li>" for r in rows) + "</ul>")
         else:
             parts.append("<p><em>No comparisons for this category.</em></p>")
@@ -595,8 +669,8 @@ def _detector_section(rows: Sequence[dict], baseline: str, unlearned: set[str] =
 
     def extra(r, c):
         b = base.get(key(r))
-        if c not in DETECTOR_METRICS or b is None or r is b or key(r) in unlearned:
-            return ""
+        if c not in DETECTOR_METRICS or b is None or r is b or key(r) in unlearned or r.get("protocol", "mixed") != "mixed":
+            return ""  # differences to real-only in the mixed protocol only (the synthetic one has its own reference)
         v, bv = r.get(c), b.get(c)
         if not isinstance(v, (int, float)) or not isinstance(bv, (int, float)):
             return ""
@@ -607,7 +681,9 @@ def _detector_section(rows: Sequence[dict], baseline: str, unlearned: set[str] =
     cols = ["defect_type", "run", "n_train", "n_synthetic", *DETECTOR_METRICS, "seconds", "seed", "epochs"]
     extra_cols = sorted({k for r in rows for k in r} - set(cols) - {v for v in _SKIP_KEY.values()})
     note = (f'<p class="note">Highlighted: the <b>{_esc(baseline)}</b> baseline (U-Net on the real training '
-            "split only). Small numbers under a value: difference to that baseline for the same category "
+            "split only). Rows name their <b>protocol</b> and <b>budget</b> where the run recorded them; "
+            "<code>synthetic/&lt;method&gt;</code>: trained on that method's samples and the real normal images only. "
+            "Small numbers under a value: difference to that baseline for the same category in the mixed protocol "
             "(left out where the detector did not learn). The verdicts above, not these raw numbers, say whether "
             "a method helps. AdaBLDM's IAP/IAP90 are not reported: the seed text does not define them.</p>")
     return note + _table(rows, cols + extra_cols, row_class=row_class, extra=extra)
