@@ -149,7 +149,7 @@ def detector(
     d = stage.run(_params(params).detector, split, refined, qc, out)
     for r in d["comparisons"]:
         if r.get("defect_type") == "all":
-            typer.echo(f"{r['category']}/{r['method']} {r['metric']}: {r['verdict']}")
+            typer.echo(f"{r['category']}/{r['method']} {r['metric']}: {r['verdict']} (protocol {r['protocol']} vs {r['reference']}, budget {r['budget']})")
 
 
 @app.command()
