@@ -43,6 +43,11 @@ Steps of :meth:`DefectDiffu.generate`:
    each captured step to M_pre^t = D(G(A^t)); M_pre = mean_t M_pre^t, binarised inside
    the target mask by the same iterative threshold.
 
+``generate_batch`` (samples of one defect type) puts every sample's three Eq. (4) rows into
+one UNet call per step (:func:`sample_double_free_batch`, sample-major); the attention stores
+keep each sample's eps(c_d, 0) row, so steps 4-6 read sample k's maps (and M_pre) from row k
+and threshold them inside its own target mask.
+
 TDIA (Sec. 3.2, ``finetune.tdia``): the paper splits a DiT into background / defect /
 fusion blocks with the prompts c_p, c_d and c_f = "A photo of {defect} {product}". Here
 the UNet's cross-attention layers, in forward order, are cut into those three parts
@@ -66,6 +71,8 @@ bound, feathered blending): see :mod:`defectforge.methods.inversion`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -76,7 +83,7 @@ from defectforge.diffusion.mask_module import predicted_mask
 from defectforge.diffusion.prompts import build_context
 from defectforge.errors import ParamsError
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
-from defectforge.methods.base import DiffusionMethod, GenerationResult
+from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
 
 # the three conditions of Eq. 4, in the order of the batched UNet call: (defect condition, product condition)
 CONDITIONS = (("good", "null"), ("good", "bg"), ("defect", "null"))
@@ -111,6 +118,20 @@ def contexts(comps, defect: str | None, conditions=CONDITIONS) -> tuple[torch.Te
     return torch.cat([c for c, _ in built]).to(comps.device), torch.stack([k for _, k in built]).to(comps.device)
 
 
+@dataclass
+class DoubleFreeRow:
+    """One sample of :func:`sample_double_free_batch`: its tensors (batch 1 each), its own
+    generator and options (the arguments of :func:`sample_double_free`)."""
+
+    z0: torch.Tensor
+    m: torch.Tensor
+    generator: torch.Generator
+    bound: float | tuple = 0.0
+    gray: bool = False
+    soft: torch.Tensor | None = None
+    chroma: tuple | None = None
+
+
 @torch.no_grad()
 def sample_double_free(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps: int, w_p: float, w_d: float,
                        generator: torch.Generator, store: AttentionStore | None = None, attention_fraction: float = 0.1, *,
@@ -127,8 +148,27 @@ def sample_double_free(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, st
     category; ``comps`` then only gives the target product's terms eps_T(c_g, 0) and
     eps_T(c_g, c_T), and ``source`` the defect direction eps_S(c_d, 0) - eps_S(c_g, 0).
     """
-    noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-    ms = m if soft is None else soft
+    row = DoubleFreeRow(z0, m, generator, bound, gray, soft, chroma)
+    return sample_double_free_batch(comps, [row], defect, steps, w_p, w_d, store, attention_fraction, source=source)[0]
+
+
+@torch.no_grad()
+def sample_double_free_batch(comps, rows: list[DoubleFreeRow], defect: str, steps: int, w_p: float, w_d: float,
+                             store: AttentionStore | None = None, attention_fraction: float = 0.1, *, source=None) -> list[torch.Tensor]:
+    """:func:`sample_double_free` for several samples of one defect type at once; their z_0, in order.
+
+    Every step makes one UNet call with n rows per sample, sample-major: rows k n .. k n + n - 1
+    are sample k's conditions (:data:`CONDITIONS`, n = 3; zero-shot: one call per model with
+    its two conditions each). Eq. (4), the bound, the DDIM step and the background reset are
+    done row by row exactly as for one sample, each sample drawing from its own generator, so
+    a sample differs from its batch-1 result only by the UNet's floating-point sums over a
+    larger batch. The members of ``store`` are set to keep the rows
+    ``[k n + DEFECT_ROW for k in range(len(rows))]`` (zero-shot: the source call's
+    ``ZERO_SHOT_DEFECT_ROW``), so their row k is sample k's attention.
+    """
+    b = len(rows)
+    noises = [torch.randn(r.z0.shape, generator=r.generator).to(r.z0.device, r.z0.dtype) for r in rows]
+    mss = [r.m if r.soft is None else r.soft for r in rows]
     ctx, kinds = contexts(comps, defect) if source is None else contexts(comps, None, ZERO_SHOT_TARGET)
     n = ctx.shape[0]
     if source is not None:
@@ -137,29 +177,41 @@ def sample_double_free(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, st
         s_ctx, s_kinds = contexts(source, defect, ZERO_SHOT_SOURCE)
     members = getattr(store, "stores", [store] if store is not None else [])
     for s in members:
-        s.rows = [DEFECT_ROW] if source is None else [ZERO_SHOT_DEFECT_ROW]
+        s.rows = [k * n + (DEFECT_ROW if source is None else ZERO_SHOT_DEFECT_ROW) for k in range(b)]
     sched = ddim_schedule(comps.scheduler, steps)
     first_captured = min(len(sched) - 1, int(round((1 - attention_fraction) * len(sched))))  # at least the last step
-    z = add_noise(z0, noise, sched[0].alpha_t)
+
+    def per_sample(ts):  # every sample's tensor under each of the n conditions; batch 1 passes the view itself
+        return torch.cat([t.expand(n, -1, -1, -1) for t in ts]) if b > 1 else ts[0].expand(n, -1, -1, -1)
+
+    m_in, cond = per_sample([r.m for r in rows]), per_sample([r.z0 for r in rows])
+    ctx_in, kinds_in = (ctx.repeat(b, 1, 1), kinds.repeat(b, 1)) if b > 1 else (ctx, kinds)
+    if source is not None:
+        s_ctx_in, s_kinds_in = (s_ctx.repeat(b, 1, 1), s_kinds.repeat(b, 1)) if b > 1 else (s_ctx, s_kinds)
+    zs = [add_noise(r.z0, nz, sched[0].alpha_t) for r, nz in zip(rows, noises)]
     for i, st in enumerate(sched):
         for s in members:
             s.active = i >= first_captured
             if hasattr(s, "next_step"):
                 s.next_step()
+        z_in = per_sample(zs)
         if source is None:
-            eps = comps.eps(z.expand(n, -1, -1, -1), st.t, ctx, kinds, m.expand(n, -1, -1, -1),
-                            cond_image=z0.expand(n, -1, -1, -1), store=store)
-            e = double_free(eps[0:1], eps[1:2], eps[2:3], w_p, w_d)  # Eq. (4)
+            eps = comps.eps(z_in, st.t, ctx_in, kinds_in, m_in, cond_image=cond, store=store)
         else:
-            e_t = comps.eps(z.expand(2, -1, -1, -1), st.t, ctx, kinds, m.expand(2, -1, -1, -1), cond_image=z0.expand(2, -1, -1, -1))
-            e_s = source.eps(z.expand(2, -1, -1, -1), st.t, s_ctx, s_kinds, m.expand(2, -1, -1, -1),
-                             cond_image=z0.expand(2, -1, -1, -1), store=store)
-            e = zero_shot_guidance(e_t[0:1], e_t[1:2], e_s[0:1], e_s[1:2], w_p, w_d)  # Eq. (12)
-        e = bound_eps(z, e, st.alpha_t, bound, gray, chroma)
-        z = ddim_step(z, e, st.alpha_t, st.alpha_prev)
-        step_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-        z = ms * z + (1 - ms) * add_noise(z0, step_noise, st.alpha_prev)  # background: the input's
-    return z
+            e_t = comps.eps(z_in, st.t, ctx_in, kinds_in, m_in, cond_image=cond)
+            e_s = source.eps(z_in, st.t, s_ctx_in, s_kinds_in, m_in, cond_image=cond, store=store)
+        for k, r in enumerate(rows):
+            z = zs[k]
+            if source is None:
+                e = double_free(eps[k * n:k * n + 1], eps[k * n + 1:k * n + 2], eps[k * n + 2:k * n + 3], w_p, w_d)  # Eq. (4)
+            else:
+                e = zero_shot_guidance(e_t[k * n:k * n + 1], e_t[k * n + 1:k * n + 2], e_s[k * n:k * n + 1], e_s[k * n + 1:k * n + 2],
+                                       w_p, w_d)  # Eq. (12)
+            e = bound_eps(z, e, st.alpha_t, r.bound, r.gray, r.chroma)
+            z = ddim_step(z, e, st.alpha_t, st.alpha_prev)
+            step_noise = torch.randn(r.z0.shape, generator=r.generator).to(r.z0.device, r.z0.dtype)
+            zs[k] = mss[k] * z + (1 - mss[k]) * add_noise(r.z0, step_noise, st.alpha_prev)  # background: the input's
+    return zs
 
 
 def attention_mask(attention: np.ndarray, target: np.ndarray, cfg: DefectDiffuConfig) -> tuple[np.ndarray, float]:
@@ -183,29 +235,25 @@ class DefectDiffu(DiffusionMethod):
         return result.metadata["mask_origin"]
 
     def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
+        return self.generate_batch([BatchItem(image, mask, defect, seed)])[0]
+
+    def _generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
+        """Samples of one defect type, every sample's Eq. (4) rows in one UNet call per step
+        (:func:`sample_double_free_batch`); each sample's attention and mask are read from its own rows."""
         self._require_models()
-        return self._generate(self.models.get(defect), image, mask, defect, seed)
+        return self._generate(self.models.get(items[0].defect), items)
 
     def zero_shot(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int, *, target, source) -> GenerationResult:
         """Sec. 3.6: ``defect`` (learned by the components ``source`` on another category) painted on
         ``image`` of the category the components ``target`` know, by Eq. (12). No real defect of the
         target category is used; the x0^ range bound, when on, is the one :meth:`prepare` read for
         ``defect`` (call it with the source category's real defects, or switch ``real_range`` off)."""
-        return self._generate(target, image, mask, defect, seed, source=source)
+        return self._generate(target, [BatchItem(image, mask, defect, seed)], source=source)[0]
 
-    def _generate(self, comps, image: np.ndarray, mask: np.ndarray, defect: str, seed: int, source=None) -> GenerationResult:
-        check_inputs(image, mask)
-        target = mask.astype(bool)
+    def _generate(self, comps, items: list[BatchItem], source=None) -> list[GenerationResult]:
         cfg = self.config
-        gen = torch.Generator().manual_seed(int(seed))
-        crop = make_crop(comps, image, target, cfg.crop, cfg.context)  # 1.
-        with torch.no_grad():
-            z0 = comps.encode(crop.x)
-        m = comps.latent_mask(crop.m)
-        gray = is_gray(image)
+        defect = items[0].defect
         pixel = not comps.has_decoder
-        soft, alpha = soft_masks(comps, crop, target, cfg.feather)
-        bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
         reader = source if source is not None else comps  # the model whose defect-token attention gives the mask
         if cfg.mask_source == "module" and reader.mask_module is None:
             raise ParamsError(f"generate.defectdiffu.mask_source: module needs a fine-tune with finetune.mask_module > 0 "
@@ -213,22 +261,47 @@ class DefectDiffu(DiffusionMethod):
         if cfg.mask_source == "attention" and reader.tdia:
             raise ParamsError("generate.defectdiffu.mask_source: attention reads the joint softmax over [c_d, c_p], which a TDIA "
                               f"model ({reader.source}) does not have; use module (finetune.mask_module > 0) or target")
+        rows, prepared = [], []
+        for it in items:
+            check_inputs(it.image, it.mask)
+            target = it.mask.astype(bool)
+            gen = torch.Generator().manual_seed(int(it.seed))
+            crop = make_crop(comps, it.image, target, cfg.crop, cfg.context)  # 1.
+            with torch.no_grad():
+                z0 = comps.encode(crop.x)
+            m = comps.latent_mask(crop.m)
+            gray = is_gray(it.image)
+            soft, alpha = soft_masks(comps, crop, target, cfg.feather)
+            bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
+            rows.append(DoubleFreeRow(z0, m, gen, bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
+                                      chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None))
+            prepared.append((it, target, crop, gray, alpha, bound))
         share_store = None if reader.tdia else AttentionStore()
         token_store = TokenMapStore() if cfg.mask_source == "module" else None
-        store = StoreGroup(share_store, token_store)
-        z = sample_double_free(comps, z0, m, defect, cfg.steps, cfg.w_p, cfg.w_d, gen, store, cfg.attention_fraction,  # 2.-4.
-                               bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
-                               chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None, source=source)
+        store = StoreGroup(share_store, token_store)  # row k of each member: sample k (sample_double_free_batch sets the rows)
+        zs = sample_double_free_batch(comps, rows, defect, cfg.steps, cfg.w_p, cfg.w_d, store, cfg.attention_fraction, source=source)  # 2.-4.
+        m_pres = maps = None
+        if token_store is not None:  # M_pre = mean_t D(G(A^t)) (Sec. 3.4), one per sample
+            m_pres = predicted_mask(reader, reader.mask_module, token_store.captured()).cpu()
+        elif share_store is not None:
+            maps = share_store.mean_map((comps.resolution, comps.resolution))
+        return [self._finish(comps, z, k, prep, m_pres, maps, reader, source) for k, (z, prep) in enumerate(zip(zs, prepared))]
+
+    def _finish(self, comps, z: torch.Tensor, k: int, prep: tuple, m_pres, maps, reader, source) -> GenerationResult:
+        """Steps 5-6 of sample k: decode, paste back, its attention (row k of the stores) and its mask."""
+        cfg = self.config
+        it, target, crop, gray, alpha, bound = prep
+        defect = it.defect
         with torch.no_grad():
             generated = to_uint8(comps.decode(z), gray)
-        out = paste_back(image, generated, crop.box, only=target, alpha=alpha if cfg.feather > 0 else None)  # 5.
-        if token_store is not None:  # M_pre = mean_t D(G(A^t)) (Sec. 3.4), resized to the crop's pixels
-            m_pre = predicted_mask(reader, reader.mask_module, token_store.captured())[0].cpu()
+        out = paste_back(it.image, generated, crop.box, only=target, alpha=alpha if cfg.feather > 0 else None)  # 5.
+        if m_pres is not None:  # sample k's M_pre, resized to the crop's pixels
+            m_pre = m_pres[k]
             if tuple(m_pre.shape) != (comps.resolution, comps.resolution):
                 m_pre = torch.nn.functional.interpolate(m_pre[None, None], size=(comps.resolution,) * 2, mode="bilinear")[0, 0]
             att = m_pre * crop.m[0, 0].cpu()
-        elif share_store is not None:
-            att = share_store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()
+        elif maps is not None:
+            att = maps[k] * crop.m[0, 0].cpu()
         else:  # a TDIA model with mask_source: target: no attention read-out
             att = torch.zeros_like(crop.m[0, 0].cpu())
         attention = attention_to_image(att, target, crop.box)
@@ -246,4 +319,4 @@ class DefectDiffu(DiffusionMethod):
             out_mask = target
             extra["mask_origin"] = None
         return GenerationResult(image=out, mask=out_mask, attention=attention,
-                                metadata=self._metadata(comps, crop, defect, seed, gray, **extra))
+                                metadata=self._metadata(comps, crop, defect, it.seed, gray, **extra))

@@ -29,6 +29,11 @@ Steps of :meth:`InversionMethod.generate`:
    ``attention_fraction`` of the steps (input of Eq. 13, :func:`defectforge.masks.refine.refine_mask`).
 6. Decode, paste the crop back (whole crop, or only the mask pixels with ``paste="mask"``).
 
+``generate_batch`` (samples of one defect type) runs steps 2-5 for all its samples together:
+one UNet call per inversion step with one C_2 row per sample (:func:`invert_masked_batch`)
+and one per sampling step with every sample's Eq. (9) rows (:func:`sample_eq9_batch`); each
+sample keeps its own inversion path, noise generator and attention rows.
+
 With ``guidance = 1`` and ``background = "sampled"`` step 4 is exactly the paper's Eq. (9)
 (C_good is not evaluated). The default ``background = "inverted"`` reads the
 background branch from the stored inversion path instead of re-sampling it (the
@@ -83,6 +88,7 @@ gray_steps=False, feather=0, paste="crop"``; measured in docs/realism-ablation.m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -91,7 +97,7 @@ from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.config import InversionConfig
-from defectforge.methods.base import DiffusionMethod, GenerationResult
+from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
 
 
 @torch.no_grad()
@@ -102,14 +108,48 @@ def invert_masked(comps, z0: torch.Tensor, m: torch.Tensor, steps: int, trajecto
     DDIMInverseScheduler and null-text inversion do); the paper writes t - 1.
     ``trajectory`` (a list) receives z~^m_t after every step, cleanest first.
     """
-    c2, k2 = comps.context("mask")
-    z = (1 - m) * z0
+    return invert_masked_batch(comps, [z0], [m], steps, [trajectory])[0]
+
+
+@torch.no_grad()
+def invert_masked_batch(comps, z0s: list[torch.Tensor], ms: list[torch.Tensor], steps: int,
+                        trajectories: list[list | None] | None = None) -> list[torch.Tensor]:
+    """:func:`invert_masked` for several samples at once; their z~^m_T, in order.
+
+    One UNet call per step with one C_2 row per sample (its own z~^m_t, mask and z_0);
+    Eq. (8)'s update is applied row by row, so a sample differs from its batch-1 path
+    only by the UNet's floating-point sums over a larger batch. ``trajectories[k]`` (a
+    list or None) receives sample k's path, cleanest first.
+    """
+    b = len(z0s)
+    trajectories = trajectories if trajectories is not None else [None] * b
+    c2, k2 = comps.context("mask")  # one context, broadcast over the rows
+    cat = (lambda ts: torch.cat(ts)) if b > 1 else (lambda ts: ts[0])  # batch 1 passes its tensors as they are
+    m_in, z0_in = cat(ms), cat(z0s)
+    zs = [(1 - m) * z0 for z0, m in zip(z0s, ms)]
     for st in reversed(ddim_schedule(comps.scheduler, steps)):
-        if trajectory is not None:
-            trajectory.append(z)
-        eps = comps.eps(z, st.t, c2, k2, m, cond_image=z0)
-        z = ddim_step(z, (1 - m) * eps, st.alpha_prev, st.alpha_t)  # Eq. (8)
-    return z
+        for z, path in zip(zs, trajectories):
+            if path is not None:
+                path.append(z)
+        eps = comps.eps(cat(zs), st.t, c2, k2, m_in, cond_image=z0_in)
+        zs = [ddim_step(z, (1 - m) * eps[k:k + 1], st.alpha_prev, st.alpha_t) for k, (z, m) in enumerate(zip(zs, ms))]  # Eq. (8)
+    return zs
+
+
+@dataclass
+class Eq9Row:
+    """One sample of :func:`sample_eq9_batch`: its tensors (batch 1 each), its own generator,
+    its inversion path (or None) and its options (the arguments of :func:`sample_eq9`)."""
+
+    z_T_m: torch.Tensor
+    z0: torch.Tensor
+    m: torch.Tensor
+    generator: torch.Generator
+    trajectory: list | None = None
+    bound: float | tuple = 0.0
+    gray: bool = False
+    soft: torch.Tensor | None = None
+    chroma: tuple | None = None
 
 
 @torch.no_grad()
@@ -136,10 +176,28 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
     bind z* inside the (soft) mask only; z^m gets the [-1, 1] / grey bound times (1 - m),
     so m * z^m_t = 0 at every step (module docstring, "What may be bounded").
     """
-    noise = torch.randn(z_T_m.shape, generator=generator).to(z_T_m.device, z_T_m.dtype)
-    z_star = z_T_m + m * noise  # Theorem 1
-    z_m = z_T_m
-    ms = m if soft is None else soft
+    row = Eq9Row(z_T_m, z0, m, generator, trajectory, bound, gray, soft, chroma)
+    return sample_eq9_batch(comps, [row], defect, steps, guidance, store, attention_fraction, noised_background=noised_background)[0]
+
+
+@torch.no_grad()
+def sample_eq9_batch(comps, rows: list[Eq9Row], defect: str, steps: int, guidance: float, store: AttentionStore | None = None,
+                     attention_fraction: float = 0.5, *, noised_background: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sample_eq9` for several samples of one defect type at once; their (z*_0, z^m_0), in order.
+
+    Every step makes one UNet call with n rows per sample, sample-major: rows k n .. k n + n - 1
+    are sample k's [z^m_t under C_2, z*_t under C_1, (z*_t under C_good when w_d != 1)].
+    Everything else (Theorem 1's noise and Eq. 6's background noise from each sample's own
+    generator, Eq. 9's mix, the bounds, the DDIM steps, the path blend) is done row by row
+    exactly as for one sample, so a sample differs from its batch-1 result only by the UNet's
+    floating-point sums over a larger batch. ``store`` should keep rows
+    ``[k n + 1 for k in range(len(rows))]`` (the C_1 rows) to read one map per sample.
+    """
+    b = len(rows)
+    z_stars = [r.z_T_m + r.m * torch.randn(r.z_T_m.shape, generator=r.generator).to(r.z_T_m.device, r.z_T_m.dtype)
+               for r in rows]  # Theorem 1
+    z_ms = [r.z_T_m for r in rows]
+    mss = [r.m if r.soft is None else r.soft for r in rows]
     c1, k1 = comps.context("defect", defect)
     c2, k2 = comps.context("mask")
     use_good = guidance != 1.0
@@ -149,34 +207,44 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
         ctx.append(cg)
         kinds.append(kg)
     ctx, kinds = torch.cat(ctx), torch.stack(kinds)
-    bg_bound = 1.0 if isinstance(bound, tuple) else bound  # the per-pixel maps are [-1, 1] outside the mask
+    n = ctx.shape[0]
+    # batch 1 passes the views themselves, as the single-sample sampler always has
+    m_in = torch.cat([r.m.expand(n, -1, -1, -1) for r in rows]) if b > 1 else rows[0].m.expand(n, -1, -1, -1)
+    cond = torch.cat([r.z0.expand(n, -1, -1, -1) for r in rows]) if b > 1 else rows[0].z0.expand(n, -1, -1, -1)
+    ctx_in, kinds_in = (ctx.repeat(b, 1, 1), kinds.repeat(b, 1)) if b > 1 else (ctx, kinds)
     sched = ddim_schedule(comps.scheduler, steps)
     first_captured = int(round((1 - attention_fraction) * len(sched)))
     for i, st in enumerate(sched):
         if store is not None:
             store.active = i >= first_captured
-        z_def = z_star
-        if noised_background:  # Eq. (6): the background the defect branch was trained with
-            bg_noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-            z_def = m * z_star + (1 - m) * add_noise(z0, bg_noise, st.alpha_t)
-        rows = torch.cat([z_m, z_def] + ([z_def] if use_good else []))
-        n = rows.shape[0]
-        eps = comps.eps(rows, st.t, ctx, kinds, m.expand(n, -1, -1, -1), cond_image=z0.expand(n, -1, -1, -1), store=store)
-        eps_bg = eps[0:1]  # eps(z^m_t, t, C_2)
-        eps_def = guided(eps[1:2], eps[2:3], guidance) if use_good else eps[1:2]  # eps(z*_t, t, C_1), guided
-        eps_star = (1 - ms) * eps_bg + ms * eps_def  # Eq. (9)
-        if chroma is not None:  # the colour gamut binds the defect only: outside the (soft) mask eps* is z^m's
-            eps_star = torch.where(ms > 0, bound_eps(z_star, eps_star, st.alpha_t, bound, gray, chroma),
-                                   bound_eps(z_star, eps_star, st.alpha_t, bound, gray))
-        else:
-            eps_star = bound_eps(z_star, eps_star, st.alpha_t, bound, gray)
-        z_star = ddim_step(z_star, eps_star, st.alpha_t, st.alpha_prev)  # Eq. (9) = Eq. (3) with eps*
-        eps_m = (1 - m) * bound_eps(z_m, (1 - m) * eps_bg, st.alpha_t, bg_bound, gray)  # m * z^m_t = 0 (Eq. 12, Prop. 1)
-        z_m = ddim_step(z_m, eps_m, st.alpha_t, st.alpha_prev)
-        if trajectory is not None:
-            z_m = trajectory[len(sched) - 1 - i]
-            z_star = (1 - ms) * z_m + ms * z_star
-    return z_star, z_m
+        z_in = []
+        for r, z_star, z_m in zip(rows, z_stars, z_ms):
+            z_def = z_star
+            if noised_background:  # Eq. (6): the background the defect branch was trained with
+                bg_noise = torch.randn(r.z0.shape, generator=r.generator).to(r.z0.device, r.z0.dtype)
+                z_def = r.m * z_star + (1 - r.m) * add_noise(r.z0, bg_noise, st.alpha_t)
+            z_in.append(torch.cat([z_m, z_def] + ([z_def] if use_good else [])))
+        eps = comps.eps(torch.cat(z_in) if b > 1 else z_in[0], st.t, ctx_in, kinds_in, m_in, cond_image=cond, store=store)
+        for k, r in enumerate(rows):
+            z_star, z_m, ms, m = z_stars[k], z_ms[k], mss[k], r.m
+            bg_bound = 1.0 if isinstance(r.bound, tuple) else r.bound  # the per-pixel maps are [-1, 1] outside the mask
+            eps_bg = eps[k * n:k * n + 1]  # eps(z^m_t, t, C_2)
+            eps_def = (guided(eps[k * n + 1:k * n + 2], eps[k * n + 2:k * n + 3], guidance) if use_good
+                       else eps[k * n + 1:k * n + 2])  # eps(z*_t, t, C_1), guided
+            eps_star = (1 - ms) * eps_bg + ms * eps_def  # Eq. (9)
+            if r.chroma is not None:  # the colour gamut binds the defect only: outside the (soft) mask eps* is z^m's
+                eps_star = torch.where(ms > 0, bound_eps(z_star, eps_star, st.alpha_t, r.bound, r.gray, r.chroma),
+                                       bound_eps(z_star, eps_star, st.alpha_t, r.bound, r.gray))
+            else:
+                eps_star = bound_eps(z_star, eps_star, st.alpha_t, r.bound, r.gray)
+            z_star = ddim_step(z_star, eps_star, st.alpha_t, st.alpha_prev)  # Eq. (9) = Eq. (3) with eps*
+            eps_m = (1 - m) * bound_eps(z_m, (1 - m) * eps_bg, st.alpha_t, bg_bound, r.gray)  # m * z^m_t = 0 (Eq. 12, Prop. 1)
+            z_m = ddim_step(z_m, eps_m, st.alpha_t, st.alpha_prev)
+            if r.trajectory is not None:
+                z_m = r.trajectory[len(sched) - 1 - i]
+                z_star = (1 - ms) * z_m + ms * z_star
+            z_stars[k], z_ms[k] = z_star, z_m
+    return list(zip(z_stars, z_ms))
 
 
 class InversionMethod(DiffusionMethod):
@@ -186,37 +254,55 @@ class InversionMethod(DiffusionMethod):
     config_class = InversionConfig
 
     def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
+        return self.generate_batch([BatchItem(image, mask, defect, seed)])[0]
+
+    def _generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
+        """Samples of one defect type: Eq. (8) and Eq. (9) with all their UNet rows in one call per step
+        (:func:`invert_masked_batch`, :func:`sample_eq9_batch`)."""
         self._require_models()
-        check_inputs(image, mask)
-        mask = mask.astype(bool)
         cfg = self.config
+        defect = items[0].defect
         comps = self.models.get(defect)
-        gen = torch.Generator().manual_seed(int(seed))
-        crop = make_crop(comps, image, mask, cfg.crop, cfg.context)  # 1.
-        z0 = comps.encode(crop.x)
-        m = comps.latent_mask(crop.m)
-        gray = is_gray(image)
         pixel = not comps.has_decoder  # identity autoencoder: the latent is the image
-        soft, alpha = soft_masks(comps, crop, mask, cfg.feather)
-        bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
-        path = [] if cfg.background == "inverted" else None
-        z_T_m = invert_masked(comps, z0, m, cfg.steps, trajectory=path)  # 2. Eq. (8)
-        store = AttentionStore(rows=[1])
-        z_star, _ = sample_eq9(comps, z_T_m, z0, m, defect, cfg.steps, cfg.guidance, gen, store, cfg.attention_fraction, path,  # 3.-5.
-                               bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
-                               noised_background=cfg.defect_background == "noised",
-                               chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None)
-        with torch.no_grad():
-            x_gen = comps.decode(z_star)
-        generated = to_uint8(x_gen, gray)
-        att = store.mean_map((comps.resolution, comps.resolution))[0] * crop.m[0, 0].cpu()  # m' * A_def (Eq. 13 input)
-        if cfg.paste == "crop":  # 6.
-            out = paste_back(image, generated, crop.box)
-        else:
-            out = paste_back(image, generated, crop.box, only=mask, alpha=alpha if cfg.feather > 0 else None)
-        return GenerationResult(
-            image=out,
-            mask=mask,
-            attention=attention_to_image(att, mask, crop.box),
-            metadata=self._metadata(comps, crop, defect, seed, gray, **self.bound_metadata(defect, bound)),
-        )
+        rows, prepared = [], []
+        for it in items:
+            image = it.image
+            check_inputs(image, it.mask)
+            mask = it.mask.astype(bool)
+            gen = torch.Generator().manual_seed(int(it.seed))
+            crop = make_crop(comps, image, mask, cfg.crop, cfg.context)  # 1.
+            z0 = comps.encode(crop.x)
+            m = comps.latent_mask(crop.m)
+            gray = is_gray(image)
+            soft, alpha = soft_masks(comps, crop, mask, cfg.feather)
+            bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
+            path = [] if cfg.background == "inverted" else None
+            rows.append(dict(z0=z0, m=m, generator=gen, trajectory=path, bound=bound, gray=cfg.gray_steps and gray and pixel,
+                             soft=soft if cfg.feather > 0 else None,
+                             chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None))
+            prepared.append((it, mask, crop, gray, alpha, bound))
+        z_T_ms = invert_masked_batch(comps, [r["z0"] for r in rows], [r["m"] for r in rows], cfg.steps,  # 2. Eq. (8)
+                                     [r["trajectory"] for r in rows])
+        rows = [Eq9Row(z_T_m=z_T_m, **r) for r, z_T_m in zip(rows, z_T_ms)]
+        n = 3 if cfg.guidance != 1.0 else 2  # UNet rows per sample in Eq. (9); row 1 of each is the defect branch C_1
+        store = AttentionStore(rows=[k * n + 1 for k in range(len(items))])
+        outs = sample_eq9_batch(comps, rows, defect, cfg.steps, cfg.guidance, store, cfg.attention_fraction,  # 3.-5.
+                                noised_background=cfg.defect_background == "noised")
+        maps = store.mean_map((comps.resolution, comps.resolution))
+        results = []
+        for k, ((z_star, _), (it, mask, crop, gray, alpha, bound)) in enumerate(zip(outs, prepared)):
+            with torch.no_grad():
+                x_gen = comps.decode(z_star)
+            generated = to_uint8(x_gen, gray)
+            att = maps[k] * crop.m[0, 0].cpu()  # m' * A_def (Eq. 13 input)
+            if cfg.paste == "crop":  # 6.
+                out = paste_back(it.image, generated, crop.box)
+            else:
+                out = paste_back(it.image, generated, crop.box, only=mask, alpha=alpha if cfg.feather > 0 else None)
+            results.append(GenerationResult(
+                image=out,
+                mask=mask,
+                attention=attention_to_image(att, mask, crop.box),
+                metadata=self._metadata(comps, crop, defect, it.seed, gray, **self.bound_metadata(defect, bound)),
+            ))
+        return results
