@@ -56,6 +56,10 @@ def main() -> None:
                     help="no training: pool the per-seed runs of several workdirs (e.g. seeds run in parallel processes) and recompute the paired intervals")
     for k, v in BENCH_DETECTOR.items():  # detector budget; --filter for detector.synthetic (qc_pass | all)
         ap.add_argument(f"--{'filter' if k == 'synthetic' else k.replace('_', '-')}", dest=f"det_{k}", type=type(v), default=v)
+    ap.add_argument("--protocol", default="mixed", choices=["mixed", "synthetic", "both"],
+                    help="detector.protocol: mixed (real + synthetic vs real-only) | synthetic (synthetic + normals vs copy-paste) | both")
+    ap.add_argument("--budget", default="steps", choices=["steps", "epochs"],
+                    help="detector.budget: steps (counted from the real split, every run) | epochs (passes over each run's own union)")
     a = ap.parse_args()
     if len(a.seeds) < 5:
         print(f"note: {len(a.seeds)} seeds; the Magnetic Tile benchmark asks for at least 5")
@@ -79,44 +83,49 @@ def main() -> None:
     else:
         if not synthetic:
             ap.error("give --synthetic manifests and/or --copy-paste N")
-        p = DetectorParams(seeds=a.seeds, **{k: getattr(a, f"det_{k}") for k in BENCH_DETECTOR})
+        p = DetectorParams(seeds=a.seeds, protocol=a.protocol, budget=a.budget, **{k: getattr(a, f"det_{k}") for k in BENCH_DETECTOR})
         t0 = time.perf_counter()
         det = run_detector(p, a.split, synthetic, qcs, w / "detector")
         seconds = round(time.perf_counter() - t0, 1)
     result = {"split": a.split, "synthetic": synthetic, "seconds": seconds, "params": p.model_dump(mode="json"),
               **{k: det[k] for k in ("learned", "comparisons", "per_category", "per_defect_type")},
-              "runs": [{k: row.get(k) for k in ("category", "defect_type", "run", "seed", "image_auroc", "pixel_auroc", "pixel_ap", "aupro", "seconds")} for row in det["runs"]]}
+              "runs": [{k: row.get(k) for k in ("category", "defect_type", "run", "seed", "protocol", "budget", "steps", "image_auroc", "pixel_auroc", "pixel_ap", "aupro", "seconds")}
+                       for row in det["runs"]]}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     if a.merge:  # the runs were made by one process per workdir; this one pooled them
         cmd = ["bench/mt_detector.py", "--merge", *a.merge]
     else:
-        cmd = ["bench/mt_detector.py", *(["--copy-paste", str(a.copy_paste)] if a.copy_paste else []), "--seeds", *map(str, a.seeds)]
+        cmd = ["bench/mt_detector.py", *(["--copy-paste", str(a.copy_paste)] if a.copy_paste else []), "--seeds", *map(str, a.seeds),
+               *(["--protocol", a.protocol] if a.protocol != "mixed" else []), *(["--budget", a.budget] if a.budget != "steps" else [])]
     Path(a.md).write_text(markdown(result, " ".join(cmd), a.json))
     print(f"{a.json}, {a.md} ({seconds} s)")
 
 
 def merge_details(paths: list[Path]) -> dict:
     """One details dict from several run_detector outputs with the same budget and disjoint seeds."""
-    from defectforge.detector.compare import compare_runs
-    from defectforge.pipeline.detector import _seed_summary
+    from defectforge.detector.compare import compare_protocols
+    from defectforge.pipeline.detector import _seed_summary, run_label
 
     parts = [json.loads(x.read_text()) for x in paths]
     budgets = [{k: v for k, v in d["budget"].items() if k != "seeds"} for d in parts]
     if any(b != budgets[0] for b in budgets):
         raise SystemExit(f"--merge: the workdirs were run with different detector budgets: {budgets}")
     rows = [r for d in parts for r in d["runs"]]
-    keys = [(r["category"], r["defect_type"], r["run"], r["seed"]) for r in rows]
+    keys = [(r["category"], r["defect_type"], r.get("protocol", "mixed"), r["run"], r["seed"]) for r in rows]
     if len(set(keys)) != len(keys):
         raise SystemExit("--merge: a (category, defect type, run, seed) appears twice; give workdirs with disjoint seeds")
-    comparisons, learned = compare_runs(rows)
+    budget = parts[0]["budget"].get("budget", "steps")
+    comparisons, learned_by, _ = compare_protocols(rows, budget)
+    learned = next(iter(learned_by.values()), {})
     seeds = sorted({r["seed"] for r in rows})
     per_cat, per_type = {}, {}
     for cat in sorted({r["category"] for r in rows}):
         mine = [r for r in rows if r["category"] == cat]
-        runs = sorted({r["run"] for r in mine})
-        per_cat[cat] = {run: _seed_summary([r for r in mine if r["run"] == run and r["defect_type"] == "all"]) for run in runs}
-        per_type[cat] = {dt: {run: _seed_summary([r for r in mine if r["run"] == run and r["defect_type"] == dt]) for run in runs}
+        runs = sorted({(r.get("protocol", "mixed"), r["run"]) for r in mine})
+        pick = lambda k, dt: [r for r in mine if (r.get("protocol", "mixed"), r["run"]) == k and r["defect_type"] == dt]  # noqa: E731
+        per_cat[cat] = {run_label(*k): _seed_summary(pick(k, "all")) for k in runs}
+        per_type[cat] = {dt: {run_label(*k): _seed_summary(pick(k, dt)) for k in runs}
                          for dt in sorted({r["defect_type"] for r in mine} - {"all"})}
     # wall time of the parallel processes: the longest one (training seconds summed per process)
     # (a workdir's details.json may not carry per-run seconds: then the wall time is unknown here)
@@ -136,7 +145,9 @@ def _ci(c: dict | None) -> str:
 def markdown(r: dict, cmd: str, json_path: str = "bench/results/mt-detector.json") -> str:
     from defectforge.detector.compare import t_interval
 
-    comp = {(c["category"], c["defect_type"], c["method"], c["metric"]): c for c in r["comparisons"]}
+    from defectforge.pipeline.detector import run_label
+
+    comp = {(c.get("protocol", "mixed"), c["category"], c["defect_type"], c["method"], c["metric"]): c for c in r["comparisons"]}
     p = r["params"]
     lines = [
         "# Magnetic Tile: does synthetic data help the detector? (paired seeds, 95 % intervals)",
@@ -163,25 +174,31 @@ def markdown(r: dict, cmd: str, json_path: str = "bench/results/mt-detector.json
         "| --- | --- | --- | --- |",
     ]
     for cat, per_type in sorted(r["per_defect_type"].items()):
-        lrn = r["learned"][cat]
+        lrn = r["learned"].get(cat) or {"learned": False, "reason": "no reference run"}
         for dt in ["all", *sorted(per_type)]:
-            vals = [x["image_auroc"] for x in r["runs"] if x["category"] == cat and x["defect_type"] == dt and x["run"] == "real-only" and x["image_auroc"] is not None]
+            vals = [x["image_auroc"] for x in r["runs"] if x["category"] == cat and x["defect_type"] == dt and x["run"] == "real-only"
+                    and x.get("protocol", "mixed") == "mixed" and x["image_auroc"] is not None]
+            if not vals:  # the synthetic protocol alone trains no real-only detector
+                continue
             mean, lo, hi = t_interval(vals)
             ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else "[unbounded]"
             verdict = (f"{'yes' if lrn['learned'] else 'NO'}: {lrn['reason']}") if dt == "all" else ""
             lines.append(f"| {cat} | {dt} | {mean:.3f} {ci} | {verdict} |")
     lines += [
         "",
-        "## Real + synthetic against real-only",
+        "## Against each protocol's reference (mixed: real + synthetic vs real-only; synthetic: synthetic + normals vs copy-paste's set)",
         "",
-        "| category | class | method | Δ pixel AP [95 % CI] | verdict | Δ AUPRO [95 % CI] | verdict | Δ image AUROC [95 % CI] | real-only pixel AP | real-only AUPRO |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"Protocol `{p.get('protocol', 'mixed')}`, budget `{p.get('budget', 'steps')}`.",
+        "",
+        "| protocol | category | class | method | Δ pixel AP [95 % CI] | verdict | Δ AUPRO [95 % CI] | verdict | Δ image AUROC [95 % CI] | reference pixel AP | reference AUPRO |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    keys = sorted({(c["category"], c["defect_type"], c["method"]) for c in r["comparisons"]}, key=lambda k: (k[0], k[1] != "all", k[1], k[2]))
-    for cat, dt, method in keys:
-        ro = (r["per_category"][cat] if dt == "all" else r["per_defect_type"][cat][dt])["real-only"]
-        pa, au, ia = (comp.get((cat, dt, method, m)) for m in ("pixel_ap", "aupro", "image_auroc"))
-        lines.append(f"| {cat} | {dt} | {method} | {_ci(pa)} | {pa['verdict'] if pa else '-'} | {_ci(au)} | {au['verdict'] if au else '-'} | "
+    keys = sorted({(c.get("protocol", "mixed"), c["category"], c["defect_type"], c["method"], c.get("reference", "real-only")) for c in r["comparisons"]},
+                  key=lambda k: (k[0], k[1], k[2] != "all", k[2], k[3]))
+    for protocol, cat, dt, method, ref in keys:
+        ro = (r["per_category"][cat] if dt == "all" else r["per_defect_type"][cat][dt])[run_label(protocol, ref)]
+        pa, au, ia = (comp.get((protocol, cat, dt, method, m)) for m in ("pixel_ap", "aupro", "image_auroc"))
+        lines.append(f"| {protocol} | {cat} | {dt} | {method} | {_ci(pa)} | {pa['verdict'] if pa else '-'} | {_ci(au)} | {au['verdict'] if au else '-'} | "
                      f"{_ci(ia)} | {ro['pixel_ap']:.3f} ± {ro['pixel_ap_std'] or 0:.3f} | {ro['aupro']:.3f} ± {ro['aupro_std'] or 0:.3f} |")
     shown = Path(json_path).resolve()
     shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
