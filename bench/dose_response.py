@@ -197,6 +197,7 @@ def save_results(path: Path, r: dict) -> None:
         for k in ("entries", "pools", "units"):
             disk[k].update(r[k])
         disk["commands"] = list(dict.fromkeys(disk.get("commands", []) + r.get("commands", [])))
+        disk["models_s"] = r.get("models_s", disk.get("models_s", []))
         atomic_write_json(path, disk)
     r.update(disk)
 
@@ -344,7 +345,7 @@ def run_unit(p, a, w: Path, cls: str, n: int, protocol: str, methods: list[str],
         if k0 not in results["entries"]:
             results["entries"][k0] = {**common, "method": BASELINE, "n": 0, "n_used": 0, "pool": None, "from_unit_n": n,
                                       "delta": {m: {"mean": 0.0, "low": 0.0, "high": 0.0} for m in METRICS}, "absolute": absolute(BASELINE),
-                                      "steps": next((r["steps"] for r in runs if r["run"] == BASELINE), None)}
+                                      "steps": next((r["steps"] for r in runs if r["run"] == BASELINE), None), "finished": time.time()}
     for m in methods:
         delta = {x: _interval(d["comparisons"], protocol=protocol, defect_type=cls, method=m, metric=x) for x in METRICS}
         if m == ref:
@@ -352,7 +353,7 @@ def run_unit(p, a, w: Path, cls: str, n: int, protocol: str, methods: list[str],
         results["entries"][entry_key(cls, m, n, protocol, setup, pools[m]["key"])] = {
             **common, "method": m, "n": n, "n_used": used[m], "pool": pools[m]["key"], "pool_size": pools[m]["size"],
             "delta": delta, "absolute": absolute(m), "reference_absolute": absolute(ref) if ref else None,
-            "steps": next((r["steps"] for r in runs if r["run"] == m), None)}
+            "steps": next((r["steps"] for r in runs if r["run"] == m), None), "finished": time.time()}
     save_results(Path(a.results), results)
     parts = []
     for m in methods:
@@ -378,14 +379,14 @@ def main(argv=None) -> None:
     w, res_path = Path(a.work), Path(a.results)
     results = load_results(res_path)
     setup = setup_key(p, a)
-    times: dict[str, float] = {}
     pool_keys: dict[tuple[str, str], str] = {}
     if not a.render_only:
         results.setdefault("commands", []).append("bench/dose_response.py " + " ".join(sys.argv[1:] if argv is None else argv))
         diffusion = [m for m in pool_methods if METHOD_NEEDS_CHECKPOINTS[m]]
         t = time.perf_counter()
         paths = models(w, p, a, diffusion)
-        times["data and models"] = round(time.perf_counter() - t, 1)
+        log(f"[data and models] {time.perf_counter() - t:.0f} s")
+        results.setdefault("models_s", []).append(round(time.perf_counter() - t, 1))
         for cls in a.classes:
             split_cls = class_split(w, paths["split"], cls)
             pools = {}
@@ -394,17 +395,15 @@ def main(argv=None) -> None:
                 size = math.ceil(max(ns) * a.pool_margin)
                 if size == 0:
                     continue
-                t = time.perf_counter()
                 pools[m] = make_pool(p, a, w, cls, m, size, split_cls, paths, results)
                 pool_keys[(cls, m)] = pools[m]["key"]
-                times[f"pool {cls}/{m}"] = round(time.perf_counter() - t, 1)
                 save_results(res_path, results)
             grid = sorted({n for m in pool_methods for n in n_values(a, m)})
             for n in grid:
                 for protocol in protocols:
                     if n == 0:
                         if protocol == "mixed" and entry_key(cls, BASELINE, 0, "mixed", setup, None) not in results["entries"]:
-                            later = [x for x in grid if x > 0 and any(n in n_values(a, m) for m in methods)]
+                            later = [x for x in grid if x > 0 and any(x in n_values(a, m) for m in methods)]
                             if not later:  # no mixed unit will train real-only: train it on its own
                                 run_unit(p, a, w, cls, 0, "mixed", [], pools, split_cls, results, setup)
                         continue
@@ -415,15 +414,15 @@ def main(argv=None) -> None:
                     if not missing:
                         log(f"[unit {cls} n={n} {protocol}] done before: skipped")
                         continue
-                    t = time.perf_counter()
                     run_unit(p, a, w, cls, n, protocol, sorted(missing), pools, split_cls, results, setup)
-                    times[f"detector {cls} n={n} {protocol}"] = round(time.perf_counter() - t, 1)
-    else:
-        for e in results["entries"].values():
-            if e.get("setup") == setup and e.get("pool"):
-                pool_keys.setdefault((e["class"], e["method"]), e["pool"])
+    # what is shown: every class and method of this setup in the results file (another process may have run other
+    # classes into it); per (class, method) the pool this run used, else the pool of its latest entry
+    for e in sorted(results["entries"].values(), key=lambda e: -e.get("finished", 0)):
+        if e.get("setup") == setup and e.get("pool"):
+            pool_keys.setdefault((e["class"], e["method"]), e["pool"])
     shown = {k: e for k, e in results["entries"].items()
-             if e["setup"] == setup and e["class"] in a.classes and (e["method"] == BASELINE or pool_keys.get((e["class"], e["method"])) == e["pool"])}
+             if e["setup"] == setup and (e["method"] == BASELINE or pool_keys.get((e["class"], e["method"])) == e["pool"])}
+    a.classes = [c for c in DEFECTS if c in a.classes or any(e["class"] == c for e in shown.values())]
     docs = Path(a.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     pngs = {}
@@ -604,7 +603,8 @@ def markdown(entries: dict, results: dict, a, p, protocols: list[str], pngs: dic
             total += u["seconds"]
             lines.append(f"| {u['class']} | {u['n']} | {u['protocol']} | {', '.join(u['methods']) or '-'} | {u['runs']} | "
                          f"{', '.join(f'{k} {v}' for k, v in sorted(u['steps'].items()))} | {u['seconds']} |")
-    lines += ["", f"Detector total: {total:.0f} s ({total / 3600:.2f} h). Setup key `{setup}`.", ""]
+    lines += ["", f"Detector total: {total:.0f} s ({total / 3600:.2f} h). Data and models (ingest, split, pretrain, fine-tune; "
+              f"0 when reused) per command: {results.get('models_s', [])} s. Setup key `{setup}`.", ""]
     return "\n".join(lines)
 
 
