@@ -70,11 +70,14 @@ def test_eq7_zero_difference_everywhere_gives_unit_weights():
 
 
 # In-mask distances d = mean_c (z_t - z_0)^2 recorded on Magnetic Tile (pixel-space tiny
-# profile, blowhole fine-tune with the anomaly embedding, 20 DDIM steps, bench/reweight_distances.py):
-# per step, the 5th / 25th / 50th / 75th / 95th percentile over the dilated mask.
+# profile fine-tuned with the anomaly embedding, 30 DDIM steps, 6 samples per type;
+# bench/reweight_distances.py, bench/results/reweight-distances.json): the 5th / 25th / 50th /
+# 75th / 95th percentile over the dilated masks at a step (0 = noisiest of 30).
 REAL_D = {
-    # the range the review of the paper's formula reported (|x^_0 - y| 0.05-0.5 per channel)
-    "review": [0.0025, 0.01, 0.04, 0.1, 0.25],
+    "blowhole step 0": [0.1364, 0.4597, 0.916, 1.572, 3.051],
+    "blowhole step 20": [0.1009, 0.3474, 0.6812, 1.282, 2.545],
+    "crack step 28": [0.03694, 0.2243, 0.4503, 0.7652, 1.384],
+    "break step 29": [0.004048, 0.08705, 0.3069, 0.7992, 1.459],
 }
 
 
@@ -86,12 +89,10 @@ def _realistic_d(rng: np.random.Generator, q: list[float], n: int = 400) -> np.n
     return np.exp(np.interp(u, knots, lq))
 
 
-@pytest.mark.parametrize("step", sorted(REAL_D) or [None])
+@pytest.mark.parametrize("step", sorted(REAL_D))
 def test_eq7_does_not_collapse_on_real_distances(step):
     """The paper's literal softmax(1/d) on these distances puts ~||m||_1 on one pixel and ~0 on the
     rest; the authors' form keeps every in-mask pixel's weight in [1, 1.5] and spreads the boost."""
-    if step is None:
-        pytest.fail("REAL_D is empty: record the distances with bench/reweight_distances.py")
     d = torch.tensor(_realistic_d(np.random.default_rng(0), REAL_D[step]), dtype=torch.float32)
     n = d.numel()
     side = 24
@@ -110,9 +111,13 @@ def test_eq7_does_not_collapse_on_real_distances(step):
     # the closer the sample to the normal image (small d), the larger the weight
     order = torch.argsort(d)
     assert float(inside[order[: n // 10]].mean()) > float(inside[order[-n // 10:]].mean())
-    # and the paper's literal formula on the same distances does collapse (why the authors replaced it)
+    # and the paper's literal formula on the same distances does collapse (why the authors replaced
+    # it): the 5 % closest pixels take over 95 % of the weight and the median pixel is all but
+    # switched off (on the recorded runs themselves, with their full lower tails: one pixel got
+    # 2049 of 2200 at blowhole step 0)
     soft = n * torch.softmax(1.0 / d.double(), dim=0)
-    assert float(soft.max()) > 0.5 * n and float((soft > 0.01).float().mean()) < 0.05
+    top = torch.sort(soft, descending=True).values
+    assert float(top[: n // 20].sum()) > 0.95 * n and float(soft.median()) < 0.01
 
 
 def test_dilation_radius_and_dilation():
