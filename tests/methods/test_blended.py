@@ -432,3 +432,35 @@ def test_trimap_controlnet_for_the_latent_profile(latent_dir):
     assert torch.equal(cn.mid_block.resnets[0].conv1.weight, sd_like.mid_block.resnets[0].conv1.weight)
     down, mid = control_residuals(cn, z, torch.tensor([10]), ctx, torch.rand(1, 1, 64, 64))
     assert down[0].shape[-1] == 8 and mid.shape[-1] == 4
+
+
+def test_pretrained_profile_trains_and_uses_its_trimap_controlnet(latent_dir, tmp_path):
+    """The latent (Stable-Diffusion-layout) profile end to end: finetune trains and saves the
+    ControlNet, generate loads it and feeds the trimap, and it changes the sample."""
+    from defectforge.diffusion.training import finetune
+
+    img = np.full((64, 64, 3), 20, np.uint8)
+    img[8:56, 8:56] = 170
+    mask = np.zeros((64, 64), bool)
+    mask[24:34, 26:40] = True
+    img[mask] = 60
+    out = tmp_path / "ft"
+    m = finetune(str(latent_dir), [(img, mask)], "pit", out, steps=1, batch_size=2, lr=1e-3, trimap_control=True,
+                 trimap_control_steps=3, device="cpu", progress=False)
+    assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file() and m["trimap_control_steps"] == 3
+    cfg = dict(steps=3, feather=0, adapt_steps=1)
+    on = BlendedMethod.from_pretrained(str(out), BlendedConfig(**cfg), device="cpu")
+    assert on.models.get("pit").controlnet is not None
+    calls = []
+    real = on.models.get("pit").controlnet.forward
+
+    def spy(*a, **kw):
+        calls.append(kw.get("controlnet_cond").shape)
+        return real(*a, **kw)
+
+    on.models.get("pit").controlnet.forward = spy
+    r_on = on.generate(img, mask, "pit", 0)
+    assert r_on.metadata["trimap_control"] and r_on.metadata["profile"] == "pretrained" and len(calls) == 3
+    assert calls[0][-1] == on.models.get("pit").resolution  # the trimap at the crop's pixel size
+    r_off = BlendedMethod.from_pretrained(str(out), BlendedConfig(**cfg, control=False), device="cpu").generate(img, mask, "pit", 0)
+    assert not r_off.metadata["trimap_control"] and not np.array_equal(r_on.image, r_off.image)
