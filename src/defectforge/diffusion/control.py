@@ -44,7 +44,9 @@ def build_trimap_controlnet(unet, vae_scale_factor: int):
                                    load_weights_from_unet=False)
     for name in ("conv_in", "time_proj", "time_embedding", "down_blocks"):
         getattr(cn, name).load_state_dict(getattr(unet, name).state_dict())
-    return cn.to(unet.device, unet.dtype)
+    cn = cn.to(unet.device)
+    # cast only when needed: ModelMixin.to(dtype) warns about fp32 modules even when it has none
+    return cn if cn.dtype == unet.dtype else cn.to(dtype=unet.dtype)
 
 
 def trimap_condition(trimap: torch.Tensor, size: int) -> torch.Tensor:
