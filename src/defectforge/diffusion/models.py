@@ -314,6 +314,106 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
+# ------------------------------------------------- Stable Diffusion 1.5 at full size
+SD15_PARAMETERS = {  # published parameter counts of the SD 1.5 checkpoints (the counts of their safetensors files)
+    "unet": 859_520_964,
+    "inpaint_unet": 859_535_364,
+    "text_encoder": 123_060_480,  # CLIP ViT-L/14 text tower
+    "vae": 83_653_863,
+}
+
+
+def sd15_config_names(inpainting: bool = False) -> dict[str, str]:
+    """The ``defectforge/configs`` names of the SD 1.5 components (``config_json`` reads them)."""
+    return {
+        "unet": "sd15_inpaint_unet" if inpainting else "sd15_unet",
+        "text_encoder": "sd15_text_encoder",
+        "vae": "sd15_vae",
+        "scheduler": "sd15_scheduler",
+    }
+
+
+def build_sd15_modules(inpainting: bool = False, device: str | torch.device = "meta", parts: tuple[str, ...] = ("unet", "text_encoder", "vae")) -> dict:
+    """SD 1.5-shaped modules from the shipped configs, by default on the ``meta`` device:
+    shapes and parameter counts without allocating memory (about 4.3 GB in fp32 otherwise)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    names = sd15_config_names(inpainting)
+    make = {
+        "unet": lambda: UNet2DConditionModel(**config_json(names["unet"])),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**config_json(names["text_encoder"]))),
+        "vae": lambda: AutoencoderKL(**config_json(names["vae"])),
+    }
+    with torch.device(device):
+        return {p: make[p]() for p in parts}
+
+
+def character_clip_tokenizer(max_length: int, vocab_size: int | None = None):
+    """A CLIPTokenizer built offline: every byte-level character is a token (no BPE merges).
+
+    With ``vocab_size`` the vocabulary is padded with unused entries so that
+    ``<|startoftext|>`` and ``<|endoftext|>`` get CLIP's ids (``vocab_size - 2`` and
+    ``vocab_size - 1``: 49406 and 49407 for SD 1.5); the unused entries are never produced,
+    since without merges only single characters are tokens."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    if vocab_size is not None:
+        if vocab_size < len(vocab) + 2:
+            raise ValueError(f"vocab_size {vocab_size} is smaller than the {len(vocab) + 2} character and special tokens")
+        vocab.update({f"<|unused{i}|>": i for i in range(len(vocab), vocab_size - 2)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def build_sd15_model(out_dir: str | Path, *, inpainting: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a Stable Diffusion 1.5-shaped directory with *random* weights (``save_pretrained``,
+    safetensors): UNet 320/640/1280/1280, cross-attention 768, 8 heads (9 input channels with
+    ``inpainting``); CLIP ViT-L/14 text encoder (12 layers, 768 wide, 77 positions, vocabulary
+    49408); AutoencoderKL KL-f8 (scaling factor 0.18215); DDIM with SD's betas. The configs are
+    ``defectforge/configs/sd15_*.json``, copied from the published checkpoints. CLIP's BPE
+    tokenizer cannot be built offline: :func:`character_clip_tokenizer` stands in for it.
+
+    The directory loads through :func:`load_pipeline_components` like a downloaded SD 1.5
+    checkpoint: shapes, memory and speed are those of the real model, the outputs are noise.
+    Components are built, saved and freed one at a time, so peak memory is about one fp32
+    UNet (3.4 GB) rather than the whole pipeline; disk: about 4.3 GB in fp32, half in fp16.
+    """
+    import gc
+
+    from diffusers import DDIMScheduler
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = sd15_config_names(inpainting)
+    torch.manual_seed(seed)
+    for part in ("vae", "unet", "text_encoder"):  # largest in the middle: nothing else is alive while it exists
+        module = build_sd15_modules(inpainting, "cpu", (part,))[part]
+        if dtype != torch.float32:
+            module.to(dtype)  # parameter by parameter: no second full copy
+        module.save_pretrained(out / part, safe_serialization=True)
+        del module
+        gc.collect()
+    te = config_json(names["text_encoder"])
+    character_clip_tokenizer(te["max_position_embeddings"], te["vocab_size"]).save_pretrained(out / "tokenizer")
+    DDIMScheduler(**config_json(names["scheduler"])).save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_defectforge_note": "random weights in the Stable Diffusion 1.5 architecture (build_sd15_model): real shapes, untrained",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
 # ------------------------------------------------------------------ one entry
 def load_pipeline_components(
     path_or_hub_id: str | Path, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
