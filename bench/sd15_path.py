@@ -1,0 +1,190 @@
+"""Seconds per UNet call and peak resident memory of the full-size Stable Diffusion 1.5 UNet
+(random weights, built offline by ``build_sd15_model``) on this CPU: a plain diffusers call
+against the library's own guided call, at 256 and 512 px, batch 1 (one sample).
+
+    nice -n 19 .venv/bin/python bench/sd15_path.py                       # writes bench/results/sd15-path.json
+    nice -n 19 .venv/bin/python bench/sd15_path.py --sizes 256 --repeats 1 --out /tmp/smoke.json
+
+The model directory goes to ``--model-dir`` (default /tmp/sd15-bench/model, never the repo;
+about 4.3 GB in fp32), built in a child process so its peak memory is measured on its own,
+and reused when it already exists (``--rebuild`` forces a new one).
+
+Per size, with the same weights, latents, timestep and one thread:
+
+* ``plain_1row``: ``unet(latents, t, encoder_hidden_states)`` with diffusers' default attention
+  (``AttnProcessor2_0``) and one 77-token prompt: a ``StableDiffusionPipeline`` call without
+  classifier-free guidance;
+* ``plain_cfg_2rows``: the same with 2 rows (unconditional + prompt), what the pipeline runs per
+  step at its default guidance;
+* ``ours_1row``: ``DiffusionComponents.eps`` as the samplers call it, masked cross-attention
+  (``MaskedCrossAttnProcessor``) over ``[C_inside, C_outside]`` (154 tokens) and a region mask;
+* ``ours_guided_2rows``: the blended sampler's guided call (``methods/blended.py``): 2 rows
+  (C_1 = defect inside, C_good), region mask, and an ``AttentionStore`` capturing the defect
+  row's cross-attention maps for the attention mask (Eq. 13).
+
+Ratios: ``ours_1row / plain_1row`` and ``ours_guided_2rows / plain_cfg_2rows`` (issue target:
+at most 1.1x). Variants are interleaved within each repeat (ABCD ABCD ...) and the median is
+reported, so drift from other work on the machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+
+
+def peak_rss_gib(who=resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
+
+
+def current_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / GIB
+    return float("nan")
+
+
+def build(model_dir: Path, inpainting: bool, threads: int) -> dict:
+    """Build the directory in a child process: its own peak memory, nothing left in this one."""
+    code = (
+        "import sys, torch; torch.set_num_threads(int(sys.argv[3]));"
+        "from defectforge.diffusion.models import build_sd15_model;"
+        "build_sd15_model(sys.argv[1], inpainting=sys.argv[2] == '1', seed=0)"
+    )
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(model_dir), "1" if inpainting else "0", str(threads)], check=True)
+    size = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
+    return {"built": True, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(peak_rss_gib(resource.RUSAGE_CHILDREN), 2),
+            "disk_gib": round(size / GIB, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--inpainting", action="store_true", help="the 9-channel inpainting UNet instead of the text-to-image one")
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--out", default="bench/results/sd15-path.json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model_dir = Path(a.model_dir or f"/tmp/sd15-bench/{'inpaint' if a.inpainting else 'model'}")
+    if Path.cwd().resolve() in model_dir.resolve().parents:
+        raise SystemExit(f"{model_dir}: the 4.3 GB model directory must not go into the repository")
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from defectforge.diffusion.attention import AttentionStore, install_masked_attention
+    from defectforge.diffusion.models import load_pipeline_components
+
+    if a.rebuild or not (model_dir / "model_index.json").is_file():
+        build_info = build(model_dir, a.inpainting, a.threads)
+    else:
+        build_info = {"built": False, "note": "reused an existing directory"}
+    print("build", build_info, flush=True)
+
+    t0 = time.perf_counter()
+    comps = load_pipeline_components(model_dir, device="cpu")
+    comps.unet.eval()
+    load = {"seconds": round(time.perf_counter() - t0, 2), "rss_gib_after": round(current_rss_gib(), 2), "peak_rss_gib": round(peak_rss_gib(), 2),
+            "unet_parameters": sum(p.numel() for p in comps.unet.parameters())}
+    print("load", load, flush=True)
+    unet = comps.unet
+
+    # prompts: the library's [C_inside, C_outside] contexts and the plain pipeline's single prompts
+    ctx_d, kinds = comps.context("defect", "scratch")
+    ctx_g, _ = comps.context("good")
+    enc = comps.prompts
+    text_d, text_null = enc.embed("defect", "scratch")[None], enc.embed("null")[None]  # (1, 77, 768) each
+    plain_states = {1: text_d, 2: torch.cat([text_null, text_d])}
+    ours_ctx = {1: ctx_d, 2: torch.cat([ctx_d, ctx_g])}
+    t = torch.tensor([comps.scheduler.config.num_train_timesteps // 2])
+
+    rows_out = {}
+    for size in a.sizes:
+        lat = size // comps.vae_scale_factor
+        g = torch.Generator().manual_seed(size)
+        z = torch.randn(1, comps.latent_channels, lat, lat, generator=g)
+        cond = torch.randn(1, comps.latent_channels, lat, lat, generator=g)
+        m = torch.zeros(1, 1, lat, lat)
+        m[..., lat // 4 : lat // 2, lat // 4 : lat // 2] = 1
+
+        def plain(rows: int):
+            x = z.expand(rows, -1, -1, -1)
+            if comps.inpainting:  # StableDiffusionInpaintPipeline's input: [z_t, mask, masked-image latent]
+                x = torch.cat([x, m.expand(rows, -1, -1, -1), ((1 - m) * cond).expand(rows, -1, -1, -1)], dim=1)
+            return unet(x, t.expand(rows), encoder_hidden_states=plain_states[rows]).sample
+
+        def ours(rows: int):
+            store = AttentionStore(rows=[0]) if rows == 2 else None  # the defect row's maps, as blended keeps them
+            k = kinds.expand(rows, -1)
+            out = comps.eps(z.expand(rows, -1, -1, -1), t, ours_ctx[rows], k, m.expand(rows, -1, -1, -1), cond_image=cond.expand(rows, -1, -1, -1), store=store)
+            if store is not None:
+                assert len(store) > 0, "the guided call captured no attention maps"
+            return out
+
+        variants = {"plain_1row": ("plain", 1), "plain_cfg_2rows": ("plain", 2), "ours_1row": ("ours", 1), "ours_guided_2rows": ("ours", 2)}
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for rep in range(a.repeats + 1):  # repeat 0 is the warm-up, not counted
+            for name, (kind, rows) in variants.items():
+                if kind == "plain":
+                    unet.set_attn_processor(AttnProcessor2_0())
+                else:
+                    install_masked_attention(unet, tdia=comps.tdia)
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    out = plain(rows) if kind == "plain" else ours(rows)
+                    dt = time.perf_counter() - t0
+                assert out.shape == (rows, comps.latent_channels, lat, lat) and torch.isfinite(out).all()
+                if rep > 0:
+                    times[name].append(dt)
+                print(f"{size}px {name} rep {rep}: {dt:.2f} s", flush=True)
+        install_masked_attention(unet, tdia=comps.tdia)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows_out[str(size)] = {
+            "latent": [comps.latent_channels, lat, lat],
+            "seconds_per_unet_call": {k: round(v, 3) for k, v in med.items()},
+            "seconds_all_repeats": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "ratio_ours_1row_to_plain_1row": round(med["ours_1row"] / med["plain_1row"], 3),
+            "ratio_ours_guided_to_plain_cfg": round(med["ours_guided_2rows"] / med["plain_cfg_2rows"], 3),
+            "peak_rss_gib_so_far": round(peak_rss_gib(), 2),
+            "rss_gib_after": round(current_rss_gib(), 2),
+        }
+        print(size, json.dumps(rows_out[str(size)]), flush=True)
+
+    result = {
+        "what": "Stable Diffusion 1.5-shaped UNet with random weights (build_sd15_model), fp32, CPU, batch 1: "
+                "plain diffusers UNet call vs the library's guided call (DiffusionComponents.eps)",
+        "unet": "sd15_inpaint_unet (9 channels)" if a.inpainting else "sd15_unet (4 channels)",
+        "model_dir": str(model_dir),
+        "threads": a.threads,
+        "repeats": a.repeats,
+        "timestep": int(t),
+        "note": "one CPU thread; other benchmarks ran on the machine's other core; medians over the repeats after one warm-up",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "build": build_info,
+        "load": load,
+        "sizes": rows_out,
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+        "peak_rss_target_gib": 12,
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("wrote", a.out, "peak RSS GiB", result["peak_rss_gib"])
+
+
+if __name__ == "__main__":
+    main()
