@@ -13,6 +13,7 @@ from defectforge.pipeline.detector import run as run_detector
 from defectforge.pipeline.refine import run as run_refine
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.config import DetectorParams, GenerateParams, QualityParams, RefineParams
+from defectforge.publish.card import headline_metrics
 from defectforge.pipeline.generate import run as run_generate
 
 
@@ -205,6 +206,11 @@ def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, t
     for cat in ("brick", "gravel"):
         assert {r["defect_type"] for r in rows if r["category"] == cat} == {"all", *types[cat]}
     assert all(r["n_seeds"] == 2 for r in rows)
+    # the values used are recorded per category (explicit here: as given)
+    assert {c: (r["size"], r["scale"], r["patch"], r["norm"], r["score_pool"]) for c, r in on_disk["resolution"].items()} == {
+        "brick": (32, None, None, "group", 9), "gravel": (32, None, None, "group", 9)}
+    assert on_disk["resolution"]["brick"]["short_side_px"] == 64  # the test sample's images
+    assert headline_metrics({"detector": det})["detector.brick.resolution"].startswith("short side 32 px, whole images, group norm, score pool 9")
     for cat, entry in det["learned"].items():
         assert set(entry) >= {"learned", "reason", "image_auroc_real_only"}
         verdicts = {r["verdict"] for r in rows if r["category"] == cat}

@@ -133,7 +133,7 @@ def test_every_method_records_its_mask_origin_and_the_prior_places_masks_where_r
     from defectforge.masks.target import relative_position
 
     _, split = sample_manifests
-    p = GenerateParams(methods=["copy-paste", "cutpaste", "perlin"], n_per_defect=3, shard_size=4, seed=0)
+    p = GenerateParams(methods=["copy-paste", "cutpaste", "perlin"], n_per_defect=3, shard_size=4, seed=0, target_placement="foreground")
     df = read_manifest(run_generate(p, split, tmp_path / "gen", progress=False)).to_pandas()
     origin = df.groupby("method").mask_origin.agg(lambda s: set(s))
     assert origin["copy-paste"] == {"augmented-real/foreground"}

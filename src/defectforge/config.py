@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -341,7 +341,7 @@ class GenerateParams(_Section):
     scheduler: str = ""
     # where target masks go: on the object's foreground | anywhere | drawn from where the type's real defects sit |
     # generated (shape and place) by the type's mask model (AnomalyDiffusion Eq. 9; finetune.mask_model)
-    target_placement: Literal["foreground", "anywhere", "prior", "generated"] = "foreground"
+    target_placement: Literal["foreground", "anywhere", "prior", "generated"] = "prior"
     # per defect type ("crack", or "category/crack" for one category's), overriding target_placement for that type:
     # defect types differ in where they sit (Magnetic Tile: breaks on the tile's edge, blowholes on its face)
     target_placement_by_type: dict[str, Literal["foreground", "anywhere", "prior", "generated"]] = Field(default_factory=dict)
@@ -440,20 +440,22 @@ class DetectorParams(_Section):
     batch_size: int = Field(8, ge=1, le=512)
     lr: float = Field(1e-3, gt=0, le=1)          # peak; cosine decay to 0
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, max_length=100)
+    # auto (scale, patch, norm, score_pool): chosen per category from its real training images' short side and its
+    # smallest defects' size (defectforge.detector.resolution; params.yaml's default); the values used are in details.json
     size: int = Field(128, ge=8, le=1024)       # short side after resizing (aspect ratio kept) when scale is null
-    scale: float | None = Field(None, gt=0, le=4)  # resize every image by this factor instead (the same pixel pitch for all)
-    patch: int | None = Field(None, ge=8, le=1024)  # training crops of patch x patch px (null: size); evaluation on whole images
+    scale: Annotated[float, Field(gt=0, le=4)] | Literal["auto"] | None = None  # resize every image by this factor instead
+    patch: Annotated[int, Field(ge=8, le=1024)] | Literal["auto"] | None = None  # training crops of patch x patch px (null: size)
     base_channels: int = Field(16, ge=4, le=128)
     depth: int = Field(4, ge=2, le=6)
-    norm: Literal["group", "batch"] = "group"   # batch: the same per-channel affine on patches and whole images at eval
-    score_pool: int = Field(9, ge=1, le=63)     # image score: max of the score_pool x score_pool average-pooled map
+    norm: Literal["group", "batch", "auto"] = "group"  # batch: the same per-channel affine on patches and whole images at eval
+    score_pool: Annotated[int, Field(ge=1, le=63)] | Literal["auto"] = 9  # image score: max of the pool x pool averaged map
     synthetic: Literal["qc_pass", "all"] = "qc_pass"
     max_train_good: int | None = Field(None, ge=1)  # one fixed subset of defect-free training images (same for every run and seed)
     workers: int = Field(1, ge=1, le=64)         # processes training (run, seed) pairs side by side (same numbers as 1)
 
     @model_validator(mode="after")
     def _patch_fits_depth(self) -> "DetectorParams":
-        patch = self.size if self.patch is None else self.patch
+        patch = self.size if self.patch in (None, "auto") else self.patch  # auto resolves to size or null
         if patch % 2 ** (self.depth - 1):
             raise ValueError(f"patch (or size when patch is null) {patch} must be divisible by 2**(depth-1) = {2 ** (self.depth - 1)}")
         return self

@@ -63,6 +63,7 @@ def run(
     """
     from defectforge.detector import prepare_items
     from defectforge.detector.compare import BASELINE, COMPARED_METRICS, absolute_intervals, compare_protocols
+    from defectforge.detector.resolution import data_sizes, resolve, resolved_fields
 
     from defectforge.pipeline.entry import pin_cpu_isa
 
@@ -73,6 +74,7 @@ def run(
     syn = _synthetic_for_detector(p, refined, qc)
     results, per_type, rows, curves = {}, {}, [], []
     prepared, jobs = {}, []  # category -> (train_real, test_t, groups, runs); (category, seed, run) in run order
+    resolved, resolution = {}, {}  # category -> its DetectorParams with auto resolved; what was chosen and from what
     for category in sorted(sp["category"].unique()):
         c = sp[sp["category"] == category]
         tr = c[c["split"] == "train"]
@@ -85,15 +87,24 @@ def run(
         if not any(m.any() for _, m in test):
             results[category] = {"skipped": f"category {category!r} has no held-out real defect images to evaluate on"}
             continue
-        train_real = prepare_items(_load_pairs(src_root, tr), p.size, f"{category} real training images", scale=p.scale)
-        test_t = prepare_items(test, p.size, f"{category} test images", scale=p.scale)
+        real_pairs = _load_pairs(src_root, tr)
+        # auto resolution, patches, norm and score pool from this category's real training data
+        sizes = data_sizes(real_pairs, list(tr["defect_type"]))
+        pc = resolve(p, sizes)
+        resolution[category] = {**resolved_fields(pc), "short_side_px": sizes["short_side"], "defect_px": sizes["defect_px"],
+                                "defect_px_by_type": sizes["defect_px_by_type"]}
+        if progress:
+            print(f"detector[{category}] resolution: " + ", ".join(f"{k} {v}" for k, v in resolved_fields(pc).items())
+                  + f" (images' short side {sizes['short_side']:.0f} px, smallest defects {sizes['defect_px'] or 0:.1f} px across)", flush=True)
+        train_real = prepare_items(real_pairs, pc.size, f"{category} real training images", scale=pc.scale)
+        test_t = prepare_items(test, pc.size, f"{category} test images", scale=pc.scale)
         types = list(te["defect_type"])
         groups = {"all": None, **{t: [i for i, d in enumerate(types) if d in (t, "good")] for t in sorted(set(types) - {"good"})}}
         synthetic = {}
         for method in sorted(syn["method"].unique()):
             s = syn[(syn["category"] == category) & (syn["method"] == method)]
             if len(s):
-                synthetic[method] = prepare_items([(read_image(Path(r.abs_image)), read_mask(Path(r.abs_mask))) for r in s.itertuples()], p.size, f"{category}/{method} synthetic samples", scale=p.scale)
+                synthetic[method] = prepare_items([(read_image(Path(r.abs_image)), read_mask(Path(r.abs_mask))) for r in s.itertuples()], pc.size, f"{category}/{method} synthetic samples", scale=pc.scale)
         # (protocol, run) -> (real training items, synthetic items): mixed trains real-only and
         # real + each method's samples; synthetic trains each method's samples + the real
         # normals only (no real defect image)
@@ -105,13 +116,14 @@ def run(
             normals = _normals_only(train_real)
             runs.update({("synthetic", m): (normals, s) for m, s in synthetic.items()})
         prepared[category] = (train_real, test_t, groups, runs)
+        resolved[category] = pc
         jobs += [(category, seed, run) for seed in p.seeds for run in runs]
 
     def job_args(job):
         category, seed, run = job
         train_real, test_t, groups, runs = prepared[category]
         # real_set_size: the steps budget is counted from the whole real training split in every protocol
-        return p, *runs[run], test_t, groups, seed, len(train_real)
+        return resolved[category], *runs[run], test_t, groups, seed, len(train_real)
 
     # every (category, seed, protocol, run) is one independent training: on p.workers processes, in order
     for (category, seed, (protocol, run)), (evaluated, curve) in zip(jobs, spawn_map(_train_and_evaluate, map(job_args, jobs), p.workers, len(jobs))):
@@ -147,7 +159,8 @@ def run(
     details = {"protocol": p.protocol, "protocols": list(references), "references": references, "training_budget": p.budget,
                "comparisons": comparisons, "learned": learned, "learned_by_protocol": learned_by,
                "absolute": absolute_intervals(rows, p.budget), "per_category": results, "per_defect_type": per_type,
-               "runs": rows, "mean": summary, "budget": p.model_dump(mode="json", exclude={"workers"})}  # workers: same numbers
+               "runs": rows, "mean": summary, "budget": p.model_dump(mode="json", exclude={"workers"}),  # workers: same numbers
+               "resolution": resolution}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "details.json", details)
     # metrics.json (what `dvc metrics show` prints): flat, one row per category/run on the whole test set,

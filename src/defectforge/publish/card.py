@@ -24,7 +24,7 @@ from pathlib import Path
 
 from defectforge.publish.report import (NOT_LEARNED, SPECKLE_FLAG, absolute_sentence, describe_comparison, detector_findings,
                                         learned_by_protocol, not_learned_sentence, protocol_heading, protocol_tag, realism_by_method,
-                                        realism_sentence, signed)
+                                        realism_sentence, resolution_words, signed)
 
 
 def headline_metrics(metrics: dict) -> dict:
@@ -58,6 +58,8 @@ def headline_metrics(metrics: dict) -> dict:
         for k in ("image_auroc", "pixel_ap", "aupro"):
             if isinstance(m.get(k), (int, float)):
                 out[f"{run}.{k}{suffix}"] = m[k]
+    for category, r in (det.get("resolution") or {}).items():  # what the detector's auto settings chose, and from what
+        out[f"detector.{category}.resolution"] = resolution_words(r)
     for protocol, learned in learned_by_protocol(det).items():
         for category, info in learned.items():
             if isinstance(info, dict) and "learned" in info:
@@ -97,6 +99,8 @@ def _measured(details: dict) -> list[str]:
                          "are within seed-to-seed noise and are **not a ranking** of the methods.")
         else:
             rows = [r for r in comparisons if r.get("defect_type") in (None, "", "all")] or list(comparisons)
+            for category, r in (det.get("resolution") or {}).items():  # what the detector's auto settings chose, and from what
+                lines.append(f"- Detector resolution, {category}: {resolution_words(r)}.")
             for protocol, learned in learned_by_protocol(det).items():
                 if "protocols" in det:
                     lines.append(f"- {protocol_heading(det, protocol)}:")

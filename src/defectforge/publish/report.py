@@ -445,6 +445,18 @@ def protocol_heading(detector: dict, protocol: str) -> str:
             f"budget {budget} ({BUDGET_WORDS.get(budget, budget)})")
 
 
+def resolution_words(r: dict) -> str:
+    """The detector's resolution of one category in words, e.g. ``scale 0.43, 64 px patches, batch norm,
+    score pool 5 (images' short side 253 px, smallest defects 11.8 px across)``."""
+    scale = f"short side {r.get('size')} px" if r.get("scale") is None else f"scale {r['scale']}"
+    patch = "whole images" if r.get("patch") is None else f"{r['patch']} px patches"
+    src = ""
+    if isinstance(r.get("short_side_px"), (int, float)):
+        d = r.get("defect_px")
+        src = f" (images' short side {r['short_side_px']:.0f} px" + (f", smallest defects {d:.1f} px across)" if isinstance(d, (int, float)) else ")")
+    return f"{scale}, {patch}, {r.get('norm')} norm, score pool {r.get('score_pool')}{src}"
+
+
 def absolute_sentence(row: dict) -> str:
     """One line of a run's absolute number: ``perlin: pixel AP 0.123, 95 % CI [...], 3 seeds; protocol synthetic, budget epochs``."""
     lo, hi = row.get("ci_low"), row.get("ci_high")
@@ -468,6 +480,9 @@ def _verdict_section(detector: dict) -> str:
              "against its protocol's reference on the held-out real test images, with its 95 % interval over the seeds. "
              "<b>helps</b> / <b>hurts</b>: the interval lies above / below 0; <b>no measurable effect</b>: it "
              "contains 0.</p>"]
+    if detector.get("resolution"):
+        parts.append("<p>Detector resolution, per category (chosen from its real training images where params say auto): "
+                     + "; ".join(f"{_esc(c)}: {_esc(resolution_words(r))}" for c, r in detector["resolution"].items()) + ".</p>")
     for protocol in detector["protocols"]:
         parts.append(f'<h3>{_esc(protocol_heading(detector, protocol))}</h3>')
         if (detector.get("references") or {}).get(protocol) is None:
