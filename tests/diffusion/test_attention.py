@@ -59,3 +59,40 @@ def test_unet_captures_maps_at_the_cross_attention_resolutions(tiny):
     assert shapes == {(16, 16), (8, 8)}
     mean = store.mean_map((64, 64), which="effective")[0]
     assert mean[:8, :8].max() == 0 and mean[28:36, 28:36].min() > 0.99
+
+
+def _eq10_by_hand(attn, h, ctx, region, kinds):
+    """Eq. 10-11 written out: two softmaxes over the inside / outside token columns, blended by m'."""
+    b, n, _ = h.shape
+    q = attn.to_q(h).view(b, n, attn.heads, -1).transpose(1, 2)
+    k = attn.to_k(ctx).view(b, ctx.shape[1], attn.heads, -1).transpose(1, 2)
+    v = attn.to_v(ctx).view(b, ctx.shape[1], attn.heads, -1).transpose(1, 2)
+    side = int(n ** 0.5)
+    m = torch.nn.functional.interpolate(region, size=(side, side), mode="area").flatten(2).transpose(1, 2)[:, None]  # (B, 1, N, 1)
+    s = (q @ k.transpose(-1, -2)) * attn.scale
+    inside = kinds[None, None, None, :]
+    m_in = torch.softmax(s.masked_fill(~inside, float("-inf")), -1)
+    m_bg = torch.softmax(s.masked_fill(inside, float("-inf")), -1)
+    out = m * (m_in @ v) + (1 - m) * (m_bg @ v)
+    out = out.transpose(1, 2).reshape(b, n, -1)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def test_masked_attention_is_eq10_written_out_with_its_gradient(tiny):
+    """A soft region mask, scores as large as a trained model's (|QK^T / tau| up to ~40), forward and backward."""
+    attn, proc = _cross_attn_module(tiny.unet)
+    g = torch.Generator().manual_seed(1)
+    tiny.prompts.add_defect("crack")
+    ctx, kinds = tiny.context("defect", "crack")
+    ctx = (ctx * 8.0).detach()  # sharpens the scores: the per-group shift must keep both softmaxes finite
+    region = torch.rand(2, 1, 64, 64, generator=g)
+    h1 = torch.randn(2, 16 * 16, attn.to_q.in_features, generator=g, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    ctx2 = ctx.expand(2, -1, -1)
+    got = proc(attn, h1, ctx2, region_mask=region, token_kinds=kinds)
+    want = _eq10_by_hand(attn, h2, ctx2, region, kinds)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    w = torch.randn(got.shape, generator=g)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=1e-4)

@@ -419,11 +419,17 @@ class MaskedCrossAttnProcessor:
                 inside = inside[None].expand(batch, -1)
             inside = inside[:, None, None, :]  # (B, 1, 1, L)
             scores = (q @ k.transpose(-1, -2)) * attn.scale  # Q K^T / tau, (B, h, N, L)
+            # M_in (M_def or M_m) and M_bg are softmaxes over the inside and the outside token columns. Both come
+            # from one exp, shifted by each column group's own row max (as a softmax is), and Eq. 10 / 11,
+            # m' (M_in V_in) + (1 - m') (M_bg V_bg), is one product of V with their m'-weighted sum.
             neg = torch.finfo(scores.dtype).min
-            m_in = torch.softmax(scores.masked_fill(~inside, neg), dim=-1)  # M_def (or M_m)
-            m_bg = torch.softmax(scores.masked_fill(inside, neg), dim=-1)  # M_bg
-            # Eq. 10 / 11: m' (M_in V_in) + (1 - m') (M_bg V_bg)
-            out = m * (m_in @ v) + (1.0 - m) * (m_bg @ v)
+            row_max = torch.where(inside, scores.masked_fill(~inside, neg).amax(-1, keepdim=True),
+                                  scores.masked_fill(inside, neg).amax(-1, keepdim=True))
+            e = torch.exp(scores - row_max.detach())
+            tiny = torch.finfo(scores.dtype).tiny
+            s_in = (e * inside).sum(-1, keepdim=True).clamp_min(tiny)  # (B, h, N, 1)
+            s_bg = (e * ~inside).sum(-1, keepdim=True).clamp_min(tiny)
+            out = (e * torch.where(inside, m / s_in, (1.0 - m) / s_bg)) @ v
             if token_store is not None and self.mask_layer:  # Eq. 6 module input: inside-token columns of the joint softmax
                 h, w = _grid(region_mask, n_query)
                 joint = torch.softmax(scores, dim=-1).mean(1)  # (B, N, L)
@@ -436,7 +442,7 @@ class MaskedCrossAttnProcessor:
                 with torch.no_grad():
                     joint = torch.softmax(scores, dim=-1)
                     share = (joint * inside).sum(-1).mean(1)  # inside-token share of the joint softmax
-                    used = (m * m_in * inside).sum(-1).mean(1)  # weights Eq. 10 actually puts on them
+                    used = (m * (e * inside) / s_in).sum(-1).mean(1)  # weights Eq. 10 actually puts on them (m' M_in)
                     h, w = _grid(region_mask, n_query)
                     attention_store.add(self.name, share.view(batch, h, w), used.view(batch, h, w))
 
