@@ -85,20 +85,52 @@ def test_sd15_directory_builds_and_loads(tmp_path):
 
     torch.set_num_threads(1)
     out = build_sd15_model(tmp_path / "sd15", seed=0)
-    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
-    assert all(any((out / p).glob("*.safetensors")) for p in ("unet", "vae", "text_encoder"))
-    comps = load_pipeline_components(out, device="cpu")
-    assert comps.profile == "pretrained" and comps.resolution == 512 and not comps.inpainting
-    assert comps.vae_scale_factor == 8 and comps.autoencoder.config.scaling_factor == 0.18215
-    assert _count(comps.unet) == EXACT["unet", False] and _count(comps.prompts.text_encoder) == EXACT["text_encoder", False]
-    assert _count(comps.autoencoder) == EXACT["vae", False]
-    assert len(comps.files) == 3 and len(comps.checkpoint_sha256()) == 64
-    ctx, kinds = comps.context("defect", "scratch")
-    assert ctx.shape == (1, 2 * 77, 768) and kinds.shape == (2 * 77,)  # [C_inside, C_outside]
-    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))  # 256 px keeps the call short
-    m = torch.zeros(1, 1, 32, 32)
-    m[..., 8:20, 8:20] = 1
-    with torch.no_grad():
-        eps = comps.eps(z, 500, ctx, kinds, m)
-    assert eps.shape == z.shape and torch.isfinite(eps).all()
-    shutil.rmtree(out)  # 4.3 GB: pytest keeps its last temporary directories
+    try:
+        assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+        assert all(any((out / p).glob("*.safetensors")) for p in ("unet", "vae", "text_encoder"))
+        comps = load_pipeline_components(out, device="cpu")
+        assert comps.profile == "pretrained" and comps.resolution == 512 and not comps.inpainting
+        assert comps.vae_scale_factor == 8 and comps.autoencoder.config.scaling_factor == 0.18215
+        assert _count(comps.unet) == EXACT["unet", False] and _count(comps.prompts.text_encoder) == EXACT["text_encoder", False]
+        assert _count(comps.autoencoder) == EXACT["vae", False]
+        assert len(comps.files) == 3 and len(comps.checkpoint_sha256()) == 64
+        ctx, kinds = comps.context("defect", "scratch")
+        assert ctx.shape == (1, 2 * 77, 768) and kinds.shape == (2 * 77,)  # [C_inside, C_outside]
+        z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))  # 256 px keeps the call short
+        m = torch.zeros(1, 1, 32, 32)
+        m[..., 8:20, 8:20] = 1
+        with torch.no_grad():
+            eps = comps.eps(z, 500, ctx, kinds, m)
+        assert eps.shape == z.shape and torch.isfinite(eps).all()
+    finally:
+        shutil.rmtree(out)  # 4.3 GB: pytest keeps its last temporary directories
+
+
+@pytest.mark.slow
+@pytest.mark.nightly
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="MaskedCrossAttnProcessor's region path mixes a float32 m' with bfloat16 attention (attention.py); "
+                          "remove this mark when the guided call runs in bf16")
+def test_sd15_inpainting_bf16_directory_builds_and_loads(tmp_path):
+    """``dtype=bfloat16`` writes half the bytes (about 2 GB) and loads with ``torch_dtype``; the inpainting
+    UNet takes [z_t, m, (1 - m) z_0] (9 channels) through the library's guided call."""
+    from defectforge.diffusion.models import build_sd15_model
+
+    torch.set_num_threads(1)
+    out = build_sd15_model(tmp_path / "sd15-inpaint", inpainting=True, seed=0, dtype=torch.bfloat16)
+    try:
+        assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
+        size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+        assert 1.9e9 < size < 2.3e9  # 2 bytes per parameter: (859.5 + 123.1 + 83.7) M
+        comps = load_pipeline_components(out, device="cpu", dtype=torch.bfloat16)
+        assert comps.inpainting and comps.unet.config.in_channels == 9 and _count(comps.unet) == EXACT["unet", True]
+        assert {comps.unet.dtype, comps.prompts.text_encoder.dtype, comps.autoencoder.dtype} == {torch.bfloat16}
+        ctx, kinds = comps.context("defect", "scratch")
+        z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        m = torch.zeros(1, 1, 32, 32, dtype=torch.bfloat16)
+        m[..., 8:20, 8:20] = 1
+        with torch.no_grad():
+            eps = comps.eps(z, 500, ctx, kinds, m, cond_image=z)
+        assert eps.shape == z.shape and eps.dtype == torch.bfloat16 and torch.isfinite(eps).all()
+    finally:
+        shutil.rmtree(out)

@@ -315,14 +315,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 # ------------------------------------------------- Stable Diffusion 1.5 at full size
-SD15_PARAMETERS = {  # published parameter counts of the SD 1.5 checkpoints (the counts of their safetensors files)
-    "unet": 859_520_964,
-    "inpaint_unet": 859_535_364,
-    "text_encoder": 123_060_480,  # CLIP ViT-L/14 text tower
-    "vae": 83_653_863,
-}
-
-
 def sd15_config_names(inpainting: bool = False) -> dict[str, str]:
     """The ``defectforge/configs`` names of the SD 1.5 components (``config_json`` reads them)."""
     return {
@@ -391,7 +383,7 @@ def build_sd15_model(out_dir: str | Path, *, inpainting: bool = False, seed: int
     out.mkdir(parents=True, exist_ok=True)
     names = sd15_config_names(inpainting)
     torch.manual_seed(seed)
-    for part in ("vae", "unet", "text_encoder"):  # largest in the middle: nothing else is alive while it exists
+    for part in ("vae", "unet", "text_encoder"):  # one at a time: only one component is alive at once
         module = build_sd15_modules(inpainting, "cpu", (part,))[part]
         if dtype != torch.float32:
             module.to(dtype)  # parameter by parameter: no second full copy
