@@ -238,3 +238,22 @@ def test_card_has_provenance_limitations_and_quarantine(tmp_path):
     assert code_line() != first
     card = (tmp_path / "release/README.md").read_text()
     assert "- `cat/crack/007` (empty mask): src/cat/crack/007_mask.png: empty mask" in card
+
+
+def test_card_says_which_amount_of_synthetic_data_the_evidence_supports():
+    from defectforge.publish.card import _measured, supported_n
+
+    def comp(method, lo, hi, verdict, metric="pixel_ap", protocol="mixed"):
+        return {"category": "tile", "defect_type": "all", "method": method, "metric": metric, "protocol": protocol,
+                "mean_diff": (lo + hi) / 2, "ci_low": lo, "ci_high": hi, "n_seeds": 5, "verdict": verdict}
+
+    det = {"comparisons": [comp("blended", 0.01, 0.05, "helps"), comp("perlin", -0.04, 0.02, "no measurable effect"),
+                           comp("copy-paste", -0.09, -0.01, "hurts"), comp("blended", -0.5, 0.5, "helps", metric="aupro"),
+                           comp("perlin", 0.1, 0.2, "helps", protocol="synthetic")],
+           "per_category": {"tile": {"blended": {"train_synthetic": 400}, "perlin": {"train_synthetic": 377}, "copy-paste": {"train_synthetic": 399}}},
+           "learned": {"tile": {"learned": True}}}
+    got = supported_n(det)
+    assert got == ["tile/blended: the evidence supports 400 samples (Δ +0.030, 95 % CI [+0.010, +0.050]); larger amounts are not measured",
+                   "tile/perlin: the evidence supports no amount: 377 samples had no measurable effect (Δ -0.010, 95 % CI [-0.040, +0.020])",
+                   "tile/copy-paste: the evidence is against adding 399 samples (Δ -0.050, 95 % CI [-0.090, -0.010]): they hurt the detector"]
+    assert "**How many synthetic samples the evidence supports**" in "\n".join(_measured({"detector": det}))

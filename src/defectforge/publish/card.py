@@ -27,6 +27,30 @@ from defectforge.publish.report import (NOT_LEARNED, SPECKLE_FLAG, absolute_sent
                                         realism_sentence, resolution_words, signed)
 
 
+def supported_n(det: dict) -> list[str]:
+    """Per category and method, in words, which number of synthetic samples the detector's evidence supports:
+    the amount it trained with when its pixel AP interval (mixed protocol, all test images) lies above 0,
+    none when it holds 0 or lies below."""
+    out = []
+    for r in det.get("comparisons") or []:
+        if r.get("protocol", "mixed") != "mixed" or r.get("metric") != "pixel_ap" or r.get("defect_type") not in (None, "", "all"):
+            continue
+        n = ((det.get("per_category") or {}).get(r.get("category")) or {}).get(r.get("method"), {}).get("train_synthetic")
+        amount = f"{n} samples" if isinstance(n, int) else "its samples"
+        ci = f"Δ {signed(r.get('mean_diff'))}, 95 % CI [{signed(r.get('ci_low'))}, {signed(r.get('ci_high'))}]"
+        verdict = r.get("verdict")
+        if verdict == "helps":
+            words = f"supports {amount} ({ci}); larger amounts are not measured"
+        elif verdict == "hurts":
+            words = f"is against adding {amount} ({ci}): they hurt the detector"
+        elif verdict == NOT_LEARNED:
+            words = "supports no amount: the real-only detector did not learn"
+        else:
+            words = f"supports no amount: {amount} had no measurable effect ({ci})"
+        out.append(f"{r.get('category')}/{r.get('method')}: the evidence {words}")
+    return out
+
+
 def headline_metrics(metrics: dict) -> dict:
     """A flat dict of the numbers a data team looks at first (for cards and list-versions).
 
@@ -121,6 +145,11 @@ def _measured(details: dict) -> list[str]:
             hurts = [t for k, t in detector_findings(det) if k == "hurts"]
             if hurts:
                 lines += ["", "**Synthetic data hurts the detector** in: " + "; ".join(hurts) + "."]
+            support = supported_n(det)
+            if support:
+                lines += ["", "**How many synthetic samples the evidence supports** (pixel AP, mixed protocol; one amount per "
+                          "method was measured, the release's own: `bench/dose_response.py` measures a curve):", ""]
+                lines += [f"- {t}" for t in support]
     realism = realism_by_method(sets)
     if realism:
         lines += ["", "**Realism** (per method; saturated share of in-mask pixels, classifier two-sample test "
