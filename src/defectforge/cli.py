@@ -173,10 +173,12 @@ def validate(
     manifest: Path = typer.Argument(..., help="manifest file or shard folder"),
     hashes: bool = typer.Option(True, "--hashes/--no-hashes", help="re-hash every row's files against image_sha256/mask_sha256 (parallel); skip with --no-hashes"),
 ):
-    """Run the Great Expectations suite on a manifest; exit 1 listing failures, exit 2 when a file's bytes do not match its hash."""
-    from defectforge.manifest.validate import check_hashes, validate_manifest
+    """Run the Great Expectations suite on a manifest; exit 1 listing failures, exit 2 when a file's bytes do not match its
+    hash or the generate output it reads is half-made (a planned shard missing)."""
+    from defectforge.manifest.validate import check_complete, check_hashes, validate_manifest
 
     try:
+        check_complete(manifest)
         failures = validate_manifest(manifest)
     except DefectforgeError as exc:
         if str(manifest) in str(exc):

@@ -214,6 +214,125 @@ def _untemp(message: str, tmp: Path, out: Path) -> str:
     return message
 
 
+# --- completeness of a generate output ----------------------------------------------
+# A generate method folder holds its plan: ``plan.sha256`` (the hash of the planned sample
+# ids, which decides whether finished shards are reused) and ``plan.json`` (that hash, the
+# sample and shard counts, and what resumes the run). Shards are committed by an atomic
+# rename, so a planned shard that is missing or unreadable was never finished: the folder
+# is a half-made output and must not be released or called valid.
+
+PLAN_FILE = "plan.sha256"
+PLAN_INFO = "plan.json"
+
+
+def write_plan_info(folder: str | os.PathLike, *, plan_sha256: str, samples: int, shard_size: int, split=None, root=None, checkpoints=None) -> None:
+    """Record a generate method folder's plan: the counts the completeness check needs and what resumes it."""
+    import json
+
+    from defectforge.data.io import atomic_write_bytes
+
+    info = {
+        "plan_sha256": plan_sha256,
+        "samples": int(samples),
+        "shard_size": int(shard_size),
+        "shards": (int(samples) + int(shard_size) - 1) // int(shard_size),
+        "split": None if split is None else str(split),
+        "root": None if root is None else str(root),
+        "checkpoints": None if checkpoints is None else str(checkpoints),
+    }
+    atomic_write_bytes(Path(folder) / PLAN_INFO, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+
+
+def plan_folders(path: str | os.PathLike) -> list[Path]:
+    """The generate method folders (holding a plan) that the manifest ``path`` is made of or reads from.
+
+    Looked for: ``path`` itself and its method sub-folders (a generate root), the folder
+    holding a ``manifest/`` shard folder, and the same under the manifest's dataset root
+    (a refined or released manifest whose files live in a generate output).
+    """
+    path = Path(path)
+    bases = [path] if path.is_dir() else []
+    if path.is_dir() and path.name == "manifest":
+        bases.append(path.parent)
+    try:
+        bases.append(Path(manifest_info(path)["dataset_root"]))
+    except DefectforgeError:
+        pass
+    found: dict[str, Path] = {}
+    for base in bases:
+        if not base.is_dir() or base.is_symlink():
+            continue
+        for d in [base, *sorted(c for c in base.iterdir() if c.is_dir() and not c.is_symlink())]:
+            if (d / PLAN_FILE).is_file():
+                found.setdefault(os.path.realpath(d), d)
+    return list(found.values())
+
+
+def _shard_problem(manifest_dir: Path, index: int, expected_rows: int) -> str | None:
+    """Why planned shard ``index`` is not there as a committed file of ``expected_rows`` rows (None: it is)."""
+    import pyarrow.parquet as pq
+
+    f = manifest_dir / f"part-{index:05d}.parquet"
+    if f.is_symlink() or not f.is_file():
+        return "missing"
+    try:
+        rows = pq.read_metadata(f).num_rows
+    except Exception:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError for junk: the shard is not committed
+        return "unreadable"
+    return None if rows == expected_rows else f"{rows} rows, {expected_rows} planned"
+
+
+def _resume_hint(folder: Path, info: dict) -> str:
+    """The command that resumes the generate run that made ``folder`` (one line)."""
+    root, split = info.get("root"), info.get("split")
+    if root and split and os.path.realpath(root) != os.path.realpath(folder):
+        ck = f" --checkpoints {info['checkpoints']}" if info.get("checkpoints") else ""
+        cmd = f"defectforge generate --split {split} --out {root}{ck}"
+        return f"resume it with `{cmd}` (same params.yaml; in the DVC project: `dvc repro generate`)"
+    return "resume it by rerunning the generate call that made it (same arguments): finished shards are kept"
+
+
+def incomplete_plans(path: str | os.PathLike) -> list[str]:
+    """One line per generate method folder behind ``path`` whose planned shards are not all committed."""
+    import json
+
+    lines = []
+    for folder in plan_folders(path):
+        try:
+            info = json.loads((folder / PLAN_INFO).read_text())
+            total, size, n = int(info["samples"]), int(info["shard_size"]), int(info["shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            lines.append(f"{folder}: generate output without a readable {PLAN_INFO} (its shard count is unknown, so it cannot "
+                         "be checked complete); rerun the generate command that made it to finish and record it")
+            continue
+        plan = (folder / PLAN_FILE).read_text().strip()
+        if plan != info.get("plan_sha256"):
+            lines.append(f"{folder}: {PLAN_INFO} does not belong to {PLAN_FILE} (a generate run was stopped while planning); "
+                         f"{_resume_hint(folder, info)}")
+            continue
+        problems = {}
+        for i in range(n):
+            why = _shard_problem(folder / "manifest", i, min(size, total - i * size))
+            if why is not None:
+                problems[i] = why
+        extra = sorted(f.name for f in (folder / "manifest").glob("part-*.parquet") if f.name not in {f"part-{i:05d}.parquet" for i in range(n)})
+        if problems:
+            shown = ", ".join(f"{i} ({why})" for i, why in list(problems.items())[:5]) + (", ..." if len(problems) > 5 else "")
+            lines.append(f"{folder}: {len(problems)} of {n} planned shards missing or not committed (shard {shown}); "
+                         f"the generate run did not finish - {_resume_hint(folder, info)}")
+        elif extra:
+            lines.append(f"{folder}: shard files outside its plan of {n} ({', '.join(extra[:3])}); {_resume_hint(folder, info)}")
+    return lines
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Raise ManifestError (one line) when a generate output behind ``path`` is half-made (:func:`incomplete_plans`)."""
+    lines = incomplete_plans(path)
+    if lines:
+        more = f" (and {len(lines) - 1} more incomplete method folder(s))" if len(lines) > 1 else ""
+        raise ManifestError(f"{lines[0]}{more}")
+
+
 # --- content hashes -----------------------------------------------------------------
 
 HASHED_COLUMNS = (("image_path", "image_sha256"), ("mask_path", "mask_sha256"), ("raw_mask_path", "raw_mask_sha256"))

@@ -67,12 +67,11 @@ from defectforge.data.io import (
 )
 from defectforge.errors import DataError, ParamsError
 from defectforge.manifest.io import ShardedWriter, manifest_info, read_manifest
-from defectforge.manifest.validate import check_manifest
+from defectforge.manifest.validate import PLAN_FILE, check_manifest, write_plan_info
 from defectforge.masks.target import LocationPrior, sample_target_mask
 from defectforge.methods import GenerationMethod, get_method_class
 from defectforge.seeding import derive_seed
 
-PLAN_FILE = "plan.sha256"
 ROOT_WHAT = "generate output folder"  # what the root's marker says it is
 
 
@@ -110,7 +109,8 @@ def run(
             from defectforge.pipeline.fanout import run_on_dask
 
             n_shards = prepare_output(split, out_root / name, method_name=name, n_per_defect=p.n_per_defect, seed=p.seed,
-                                      shard_size=p.shard_size, params_sha256=p.method_sha256(name), models_sha256=models_sha256(name, checkpoints, _hashed_placement(p)))
+                                      shard_size=p.shard_size, params_sha256=p.method_sha256(name), models_sha256=models_sha256(name, checkpoints, _hashed_placement(p)),
+                                      checkpoints=checkpoints)
             run_on_dask(run_method, (p, name, str(split), str(out_root)), n_shards, workers=p.workers, scheduler=p.scheduler,
                         kwargs={"checkpoints": None if checkpoints is None else str(checkpoints)}, desc=f"generate[{name}]", progress=progress)
         else:
@@ -213,7 +213,7 @@ def run_method(
         split, Path(out_root) / name, dataset_root=out_root, method=method, n_per_defect=p.n_per_defect, seed=p.seed,
         shard_size=p.shard_size, params_sha256=p.method_sha256(name), shards=shards, progress=progress, placement=p.target_placement,
         placement_by_type=p.target_placement_by_type, models_sha256=models_sha256(name, checkpoints, _hashed_placement(p)),
-        mask_models=checkpoints if p.uses_generated_masks() else None, batch_size=p.batch_size,
+        mask_models=checkpoints if p.uses_generated_masks() else None, batch_size=p.batch_size, checkpoints=checkpoints,
     )
 
 
@@ -289,6 +289,7 @@ def models_sha256(name: str, checkpoints: str | os.PathLike | None, placement: s
 def prepare_output(
     split_manifest: str | os.PathLike, out_dir: str | os.PathLike, *, method_name: str, n_per_defect: int, seed: int, shard_size: int, params_sha256: str,
     models_sha256: str = "",
+    checkpoints: str | os.PathLike | None = None,
 ) -> int:
     """Plan the run, clear ``out_dir`` if it holds another plan's shards; returns the shard count.
 
@@ -298,7 +299,7 @@ def prepare_output(
     read_split_info(split_manifest)
     split = read_manifest(split_manifest).to_pandas()
     specs = plan_samples(split, method=method_name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256, models_sha256=models_sha256)
-    _reset_if_plan_changed(Path(out_dir), specs, shard_size)
+    _reset_if_plan_changed(Path(out_dir), specs, shard_size, split=split_manifest, root=Path(out_dir).parent, checkpoints=checkpoints)
     ShardedWriter(Path(out_dir) / "manifest", kind="synthetic", dataset_root=out_dir, clean=True)  # stale temporaries, once
     return (len(specs) + shard_size - 1) // shard_size
 
@@ -320,6 +321,7 @@ def generate_shards(
     mask_models: str | os.PathLike | None = None,
     placement_by_type: dict[str, str] | None = None,
     batch_size: int = 1,
+    checkpoints: str | os.PathLike | None = None,
 ) -> Path:
     """Generate every planned sample into ``out_dir`` (images/, masks/, raw_masks/, manifest/).
 
@@ -350,8 +352,8 @@ def generate_shards(
     out_dir = Path(out_dir)
     specs = plan_samples(split, method=method.name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256, models_sha256=models_sha256)
     n_shards = (len(specs) + shard_size - 1) // shard_size
-    _reset_if_plan_changed(out_dir, specs, shard_size)
     root = Path(dataset_root) if dataset_root is not None else out_dir
+    _reset_if_plan_changed(out_dir, specs, shard_size, split=split_manifest, root=root, checkpoints=checkpoints)
     prefix = Path(os.path.relpath(out_dir.resolve(), root.resolve())).as_posix()
     prefix = "" if prefix == "." else prefix + "/"
     # the whole run cleans stale temporaries; a fan-out worker (``shards`` given) leaves them to the driver
@@ -452,10 +454,13 @@ def generate_shards(
     return writer.dir
 
 
-def _reset_if_plan_changed(out_dir: Path, specs: list[SampleSpec], shard_size: int) -> None:
+def _reset_if_plan_changed(out_dir: Path, specs: list[SampleSpec], shard_size: int, *, split=None, root=None, checkpoints=None) -> None:
     """Finished shards are reused only by a run with the same plan; otherwise start clean.
 
     Only a folder that holds our plan file (or nothing) is cleared: anything else is refused.
+    Beside the plan's hash, the shard count and the command that resumes the run are recorded
+    (:func:`~defectforge.manifest.validate.write_plan_info`): release and validate refuse a folder
+    with a planned shard missing.
     """
     plan = hashlib.sha256(json.dumps([shard_size] + [s.sample_id for s in specs]).encode()).hexdigest()
     marker = out_dir / PLAN_FILE
@@ -464,6 +469,7 @@ def _reset_if_plan_changed(out_dir: Path, specs: list[SampleSpec], shard_size: i
         for child in ("manifest", "images", "masks", "raw_masks", "attention"):
             shutil.rmtree(out_dir / child, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_plan_info(out_dir, plan_sha256=plan, samples=len(specs), shard_size=shard_size, split=split, root=root, checkpoints=checkpoints)
     atomic_write_bytes(marker, (plan + "\n").encode())
 
 

@@ -7,6 +7,8 @@ version (git tag + ``dvc push``) is :mod:`defectforge.publish.versions`.
 Before anything is written, every row's ``image_sha256`` / ``mask_sha256`` is checked
 against its file (:func:`verify_hashes`, files hashed in parallel threads; ``verify=False``,
 ``--no-verify`` on the command line, skips it): a file changed after generation is never published under the old hash.
+A generate output with a planned shard missing or uncommitted (a run that failed or was killed
+part-way) is refused first, whatever ``verify`` says (:func:`~defectforge.manifest.validate.check_complete`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from defectforge.data.io import atomic_dir, claim_dir
 from defectforge.errors import DataError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
-from defectforge.manifest.validate import check_manifest
+from defectforge.manifest.validate import check_complete, check_manifest
 from defectforge.publish.card import card, headline_metrics, provenance
 from defectforge.publish.report import build_report
 
@@ -75,6 +77,7 @@ def run(
     claim_dir(out_dir, "release folder")  # refuse a user's folder before any work
     refined = Path(refined)
     dataset_root = Path(manifest_info(refined)["dataset_root"])
+    check_complete(refined)  # a half-made generate output is never released as a whole
     if verify:
         verify_hashes(read_manifest(refined).to_pandas(), dataset_root, source=str(refined))
     version = f"{p.name}@{content_version(refined)}"
