@@ -195,6 +195,20 @@ def validate(
 
 
 @app.command()
+def verify(
+    path: Path = typer.Argument(..., help="a copied version's folder (holding manifest.parquet, e.g. from dvc get), a manifest file or shard folder"),
+):
+    """Check that every file a manifest names still hashes to its image_sha256 / mask_sha256 (exit 2 naming the rows that differ)."""
+    from defectforge.manifest.io import read_manifest
+    from defectforge.manifest.validate import check_complete, check_hashes
+
+    manifest = path / "manifest.parquet" if path.is_dir() and (path / "manifest.parquet").is_file() else path
+    check_complete(manifest)
+    check_hashes(manifest)  # ManifestError naming the manifest, rows and files: exit 2
+    typer.echo(f"{manifest}: {read_manifest(manifest, columns=['image_path']).num_rows} rows, every file matches its sha256")
+
+
+@app.command()
 def publish(
     name: Optional[str] = typer.Option(None, help="dataset name (default: params release.name)"),
     repo: Path = typer.Option(Path("."), help="the DVC project"),

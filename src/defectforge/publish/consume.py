@@ -7,10 +7,16 @@
 
 Filters (``{"defect_type": "crack", "method": ["inversion"], "qc_pass": True}``) are
 pushed down to Parquet: only matching row groups are read.
+
+Reads are verified: each image and mask a :class:`ManifestDataset` item reads is hashed as its
+bytes come in (one pass, no second read) and checked against the row's ``image_sha256`` /
+``mask_sha256``; a file changed after release fails the item with one line naming the row
+and the file. ``verify=False`` (on :func:`load` or :class:`ManifestDataset`) turns it off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import posixpath
@@ -89,6 +95,7 @@ def load(
     filters: dict[str, Any] | None = None,
     columns: list[str] | None = None,
     within: str | os.PathLike | None = None,
+    verify: bool = True,
 ) -> pa.Table:
     """The manifest of a dataset version as a pyarrow Table (``.to_pandas()`` for pandas).
 
@@ -103,6 +110,9 @@ def load(
     the repository for ``name``/``version`` and, for a ``path``, the project holding the
     manifest (nearest folder up with ``.git``, ``.dvc`` or ``dvc.yaml``; else the
     manifest's own folder). An absolute or escaping root is refused.
+
+    ``verify`` (default True) is recorded in the table: a :class:`ManifestDataset` made from
+    it checks every file it reads against the row's hash unless told otherwise.
     """
     if path is not None:
         path = Path(path)
@@ -111,7 +121,7 @@ def load(
             raise DefectforgeError(f"load: {path} is outside {os.path.realpath(base)}")
         root = _confined_root(path, base)
         table = read_manifest(path, filters=filters, columns=columns)
-        return _with_origin(table, root=root)
+        return _with_origin(table, root=root, verify=verify)
     if name is None or version is None:
         raise DefectforgeError("load: give a manifest path, or name= and version= of a published release")
     v = _check_name_version(name, version)
@@ -121,7 +131,7 @@ def load(
         base = Path(repo or ".")
         if not _inside(local, base / "releases"):
             raise DefectforgeError(f"load: {local} resolves outside {os.path.realpath(base / 'releases')}; refusing to read it")
-        return load(local, filters=filters, columns=columns, within=base)
+        return load(local, filters=filters, columns=columns, within=base, verify=verify)
     import dvc.api
 
     rev = tag_name(name, v)
@@ -142,12 +152,13 @@ def load(
     root_in_repo = posixpath.normpath(posixpath.join(posixpath.dirname(rel), stored.replace("\\", "/")))
     if root_in_repo == ".." or root_in_repo.startswith("../") or posixpath.isabs(root_in_repo):
         raise DefectforgeError(f"load: {rel} at {rev}: dataset_root metadata {stored!r} escapes the repository; refusing to read files there")
-    return _with_origin(table, root=root_in_repo, repo=repo, rev=rev)
+    return _with_origin(table, root=root_in_repo, repo=repo, rev=rev, verify=verify)
 
 
-def _with_origin(table: pa.Table, *, root: str, repo: str | None = None, rev: str | None = None) -> pa.Table:
+def _with_origin(table: pa.Table, *, root: str, repo: str | None = None, rev: str | None = None, verify: bool = True) -> pa.Table:
     meta = dict(table.schema.metadata or {})
     meta[b"defectforge.load.root"] = str(root).encode()
+    meta[b"defectforge.load.verify"] = b"1" if verify else b"0"
     if repo is not None:
         meta[b"defectforge.load.repo"] = repo.encode()
         meta[b"defectforge.load.rev"] = (rev or "").encode()
@@ -189,8 +200,14 @@ class ManifestDataset:
         opener: Callable[[str], bytes] | None = None,
         root: str | os.PathLike | None = None,
         raw_rows: bool = False,
+        verify: bool | None = None,
     ):
         """``table`` from :func:`load` (it records the dataset root); any other table needs ``root=``.
+
+        ``verify`` (default: what :func:`load` was told, else True): every image and mask an
+        item reads is hashed as it is read and must match the row's ``image_sha256`` /
+        ``mask_sha256`` (a row without that hash, e.g. a hand-built table, is read as is);
+        a mismatch raises :class:`DefectforgeError` naming the row and the file.
 
         Every file read stays inside the root: a row path that is absolute, climbs out
         with ``..`` or leads out through a symlink raises :class:`DefectforgeError`.
@@ -206,6 +223,7 @@ class ManifestDataset:
         self.root = str(root) if root is not None else meta[b"defectforge.load.root"].decode()
         self.repo = None if root is not None else (meta.get(b"defectforge.load.repo", b"").decode() or None)
         self.rev = meta.get(b"defectforge.load.rev", b"").decode() or None
+        self.verify = verify if verify is not None else meta.get(b"defectforge.load.verify", b"1") != b"0"
         self.transform = transform
         self._opener = opener
         self._fs = None  # one DVCFileSystem per process for remote reads (not pickled to DataLoader workers)
@@ -233,29 +251,57 @@ class ManifestDataset:
         """The bytes of the file at ``relpath`` (a row's ``image_path``, ``mask_path``, ...), confined to the root."""
         return self._read(relpath)
 
-    def _read(self, relpath: str) -> bytes:
+    def _read(self, relpath: str, hasher=None) -> bytes:
+        """The file's bytes; ``hasher`` (a hashlib object) is fed the same bytes as they are read."""
         full = self._full(relpath)
         if self._opener is not None:
-            return self._opener(full)
+            data = self._opener(full)
+            if hasher is not None:
+                hasher.update(data)
+            return data
         if self.repo is None:
-            return Path(os.path.realpath(full)).read_bytes()
+            if hasher is None:
+                return Path(os.path.realpath(full)).read_bytes()
+            buf = bytearray()
+            with open(os.path.realpath(full), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    hasher.update(chunk)
+                    buf += chunk
+            return bytes(buf)
         if self._fs is None:
             from dvc.api import DVCFileSystem
 
             self._fs = DVCFileSystem(self.repo, rev=self.rev)
         path = "/" + posixpath.normpath(full).lstrip("/")
         try:
-            return self._fs.read_bytes(path)
+            data = self._fs.read_bytes(path)
         except Exception as exc:  # noqa: BLE001 - dvc raises many kinds; one line for the user
             raise DefectforgeError(f"ManifestDataset: cannot read {path} at {self.rev} from {self.repo}: "
                                    f"{exc.__class__.__name__}: {exc}") from None
+        if hasher is not None:
+            hasher.update(data)
+        return data
+
+    def _read_checked(self, row: dict, path_col: str, sha_col: str) -> bytes:
+        """The bytes of ``row[path_col]``, hashed while read and checked against ``row[sha_col]`` when verifying."""
+        expected = row.get(sha_col) if self.verify else None
+        if not isinstance(expected, str) or not expected:
+            return self._read(row[path_col])
+        h = hashlib.sha256()
+        data = self._read(row[path_col], h)
+        if h.hexdigest() != expected:
+            rid = row.get("sample_id") or row.get("image_id") or "?"
+            raise DefectforgeError(f"ManifestDataset: row {rid}: {os.path.join(self.root, row[path_col])}: {sha_col} {expected[:12]}... "
+                                   f"does not match the file's bytes ({h.hexdigest()[:12]}...); the file changed after release - "
+                                   "fetch the version again (defectforge verify DIR checks a copy), or pass verify=False to read it as is")
+        return data
 
     def __getitem__(self, i: int):
         import torch
 
         row = self.rows[i]
-        img = np.asarray(Image.open(io.BytesIO(self._read(row["image_path"]))).convert("RGB"))
-        mask = np.asarray(Image.open(io.BytesIO(self._read(row["mask_path"]))).convert("L")) >= 128
+        img = np.asarray(Image.open(io.BytesIO(self._read_checked(row, "image_path", "image_sha256"))).convert("RGB"))
+        mask = np.asarray(Image.open(io.BytesIO(self._read_checked(row, "mask_path", "mask_sha256"))).convert("L")) >= 128
         image_t = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255.0
         mask_t = torch.from_numpy(mask.copy())[None].float()
         if self.transform is not None:
