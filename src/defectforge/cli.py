@@ -172,12 +172,15 @@ def release(
 def validate(
     manifest: Path = typer.Argument(..., help="manifest file or shard folder"),
     hashes: bool = typer.Option(True, "--hashes/--no-hashes", help="re-hash every row's files against image_sha256/mask_sha256 (parallel); skip with --no-hashes"),
+    within: Optional[Path] = typer.Option(None, help="folder the manifest's dataset root must be in (default: a root above the "
+                                          "manifest's project or through a symlink out of it is refused)"),
 ):
     """Run the Great Expectations suite on a manifest; exit 1 listing failures, exit 2 when a file's bytes do not match its
     hash or the generate output it reads is half-made (a planned shard missing)."""
-    from defectforge.manifest.validate import check_complete, check_hashes, validate_manifest
+    from defectforge.manifest.validate import check_complete, check_hashes, check_root, validate_manifest
 
     try:
+        check_root(manifest, within)  # the files it names are read only where they belong
         check_complete(manifest)
         failures = validate_manifest(manifest)
     except DefectforgeError as exc:
@@ -197,12 +200,14 @@ def validate(
 @app.command()
 def verify(
     path: Path = typer.Argument(..., help="a copied version's folder (holding manifest.parquet, e.g. from dvc get), a manifest file or shard folder"),
+    within: Optional[Path] = typer.Option(None, help="folder the manifest's dataset root must be in (see validate)"),
 ):
     """Check that every file a manifest names still hashes to its image_sha256 / mask_sha256 (exit 2 naming the rows that differ)."""
     from defectforge.manifest.io import read_manifest
-    from defectforge.manifest.validate import check_complete, check_hashes
+    from defectforge.manifest.validate import check_complete, check_hashes, check_root
 
     manifest = path / "manifest.parquet" if path.is_dir() and (path / "manifest.parquet").is_file() else path
+    check_root(manifest, within)
     check_complete(manifest)
     check_hashes(manifest)  # ManifestError naming the manifest, rows and files: exit 2
     typer.echo(f"{manifest}: {read_manifest(manifest, columns=['image_path']).num_rows} rows, every file matches its sha256")

@@ -32,10 +32,10 @@ from PIL import Image
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.manifest.schema import META_ROOT
+from defectforge.manifest.validate import inside, project_of
 from defectforge.publish.versions import tag_name
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"  # the release-name pattern of params release.name
-_PROJECT_MARKERS = (".git", ".dvc", "dvc.yaml")
 
 
 def _release_path(name: str, version: int) -> str:
@@ -54,19 +54,9 @@ def _check_name_version(name: Any, version: Any) -> int:
     return v
 
 
-def _inside(path: str | os.PathLike, base: str | os.PathLike) -> bool:
-    """True if ``path`` is ``base`` or below it, both with symlinks resolved."""
-    p, b = os.path.realpath(path), os.path.realpath(base)
-    return p == b or os.path.commonpath([p, b]) == b
-
-
-def _project_of(manifest: Path) -> Path:
-    """The project a manifest file lives in: nearest folder up holding .git, .dvc or dvc.yaml; else its own folder."""
-    folder = manifest.resolve() if manifest.is_dir() else manifest.resolve().parent
-    for d in (folder, *folder.parents):
-        if any((d / m).exists() for m in _PROJECT_MARKERS):
-            return d
-    return folder
+# the confinement checks are shared with ``defectforge validate`` / ``verify`` (one copy)
+_inside = inside
+_project_of = project_of
 
 
 def _confined_root(manifest: Path, within: Path) -> str:
