@@ -49,10 +49,11 @@ MVTec AD's masks are always ``ground_truth/<defect_type>/<stem>_mask.png``.
     <root>/<category>/<defect_type>/<images matching image_glob>
 
 A folder named ``good`` holds defect-free images (no mask needed). Every other image
-needs a mask found by ``mask_rule``: a :meth:`str.format` pattern for the mask's path
-*relative to the folder the image is in*, with the fields ``{stem}`` (file name without
-suffix), ``{name}`` (file name), ``{suffix}`` (``.png``), ``{category}`` and
-``{defect_type}``. Examples:
+needs a mask found by ``mask_rule``: a pattern for the mask's path *relative to the folder
+the image is in*, with the fields ``{stem}`` (file name without suffix), ``{name}`` (file
+name), ``{suffix}`` (``.png``), ``{category}`` and ``{defect_type}``, each replaced by its
+text as is (``{{`` / ``}}`` are literal braces; attributes, indexes, conversions and format
+specs such as ``{stem.x}`` or ``{stem:>9}`` are refused). Examples:
 
 * ``"{stem}_mask.png"`` (default): ``crack/001.png`` + ``crack/001_mask.png`` side by side;
 * ``"../masks/{stem}.png"`` with ``image_glob="images/*"``: ``crack/images/001.jpg`` +
@@ -313,8 +314,8 @@ def _find_folder(root: Path, *, image_glob: str, mask_rule: str) -> list[_Entry]
             candidates = _images(defect_dir, image_glob)
 
             def mask_of(image: Path) -> Path:
-                rel = mask_rule.format(
-                    stem=image.stem, name=image.name, suffix=image.suffix, category=category, defect_type=defect_type
+                rel = _apply_mask_rule(
+                    mask_rule, stem=image.stem, name=image.name, suffix=image.suffix, category=category, defect_type=defect_type
                 )
                 return Path(os.path.normpath(image.parent / rel))
 
@@ -457,14 +458,40 @@ def _relative(root: Path, path: Path) -> str:
     return rel
 
 
-def _check_mask_rule(rule: str) -> None:
+MASK_RULE_FIELDS = ("stem", "name", "suffix", "category", "defect_type")
+
+
+def _mask_rule_parts(rule: str) -> list[tuple[str, str | None]]:
+    """``rule`` as (literal text, field name or None) pairs; only the documented fields, plainly named.
+
+    ``{{`` and ``}}`` are literal braces. A field with an attribute or index (``{stem.x}``,
+    ``{stem[0]}``), a conversion (``{stem!r}``) or a format spec (``{stem:>5000}``) is refused:
+    the rule only ever substitutes a name's text.
+    """
+    import string
+
+    fields = " ".join("{" + f + "}" for f in MASK_RULE_FIELDS)
     try:
-        rule.format(stem="x", name="x.png", suffix=".png", category="c", defect_type="d")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ParamsError(
-            f"mask_rule {rule!r}: invalid pattern ({exc}); "
-            "fields: {stem} {name} {suffix} {category} {defect_type}"
-        ) from None
+        parsed = list(string.Formatter().parse(rule))
+    except ValueError as exc:
+        raise ParamsError(f"data.mask_rule {rule!r}: invalid pattern ({exc}); fields: {fields}") from None
+    parts = []
+    for literal, field, spec, conversion in parsed:
+        if field is not None and (field not in MASK_RULE_FIELDS or spec or conversion):
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ParamsError(f"data.mask_rule {rule!r}: {shown} is not a field; use only {fields} (plain names, "
+                              "no attributes, indexes, conversions or format specs)")
+        parts.append((literal, field))
+    return parts
+
+
+def _apply_mask_rule(rule: str, **values: str) -> str:
+    """``rule`` with each documented field replaced by its value's text (nothing else is evaluated)."""
+    return "".join(literal + (str(values[field]) if field is not None else "") for literal, field in _mask_rule_parts(rule))
+
+
+def _check_mask_rule(rule: str) -> None:
+    _mask_rule_parts(rule)
 
 
 def _check_unique_ids(entries: list[_Entry]) -> None:
