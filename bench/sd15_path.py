@@ -23,8 +23,9 @@ Per size, with the same weights, latents, timestep and one thread:
   row's cross-attention maps for the attention mask (Eq. 13).
 
 Ratios: ``ours_1row / plain_1row`` and ``ours_guided_2rows / plain_cfg_2rows`` (issue target:
-at most 1.1x). Variants are interleaved within each repeat (ABCD ABCD ...) and the median is
-reported, so drift from other work on the machine hits all of them alike.
+at most 1.1x), of the medians and of the minima (the least disturbed repeat, the steadier figure
+on a shared machine). Variants are interleaved within each repeat (ABCD ABCD ...), so drift from
+other work on the machine hits all of them alike.
 """
 
 from __future__ import annotations
@@ -56,6 +57,15 @@ def current_rss_gib() -> float:
     return float("nan")
 
 
+def git_version() -> dict:
+    """HEAD and the uncommitted changes under src/defectforge/diffusion (the code being timed)."""
+    def git(*args):
+        r = subprocess.run(["git", *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_in_diffusion": git("status", "--porcelain", "src/defectforge/diffusion")}
+
+
 def build(model_dir: Path, inpainting: bool, threads: int) -> dict:
     """Build the directory in a child process: its own peak memory, nothing left in this one."""
     code = (
@@ -81,6 +91,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/sd15-path.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    code_version = git_version()  # before anything is imported: the code the numbers belong to
+    load_before = os.getloadavg()[0]
     model_dir = Path(a.model_dir or f"/tmp/sd15-bench/{'inpaint' if a.inpainting else 'model'}")
     if Path.cwd().resolve() in model_dir.resolve().parents:
         raise SystemExit(f"{model_dir}: the 4.3 GB model directory must not go into the repository")
@@ -154,12 +166,18 @@ def main() -> None:
                 print(f"{size}px {name} rep {rep}: {dt:.2f} s", flush=True)
         install_masked_attention(unet, tdia=comps.tdia)
         med = {k: statistics.median(v) for k, v in times.items()}
+        low = {k: min(v) for k, v in times.items()}
         rows_out[str(size)] = {
             "latent": [comps.latent_channels, lat, lat],
             "seconds_per_unet_call": {k: round(v, 3) for k, v in med.items()},
             "seconds_all_repeats": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "ratio_ours_1row_to_plain_1row": round(med["ours_1row"] / med["plain_1row"], 3),
             "ratio_ours_guided_to_plain_cfg": round(med["ours_guided_2rows"] / med["plain_cfg_2rows"], 3),
+            # the fastest repeat of each: least disturbed by other processes on a shared machine
+            "seconds_per_unet_call_min": {k: round(v, 3) for k, v in low.items()},
+            "ratio_ours_1row_to_plain_1row_min": round(low["ours_1row"] / low["plain_1row"], 3),
+            "ratio_ours_guided_to_plain_cfg_min": round(low["ours_guided_2rows"] / low["plain_cfg_2rows"], 3),
+            "load_average_1min_after": round(os.getloadavg()[0], 2),
             "peak_rss_gib_so_far": round(peak_rss_gib(), 2),
             "rss_gib_after": round(current_rss_gib(), 2),
         }
@@ -173,8 +191,12 @@ def main() -> None:
         "threads": a.threads,
         "repeats": a.repeats,
         "timestep": int(t),
-        "note": "one CPU thread; other benchmarks ran on the machine's other core; medians over the repeats after one warm-up",
+        "note": "one CPU thread at nice 19 on a 2-core machine shared with other jobs (load_average: the 1-minute load before and "
+                "after each size; above 2 means the timed thread waited for a core): medians and minima over the repeats after one "
+                "warm-up, variants interleaved within each repeat",
+        "load_average_1min_before": round(load_before, 2),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "code": code_version,
         "build": build_info,
         "load": load,
         "sizes": rows_out,
