@@ -96,3 +96,20 @@ def test_masked_attention_is_eq10_written_out_with_its_gradient(tiny):
     (got * w).sum().backward()
     (want * w).sum().backward()
     torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_masked_attention_runs_in_bf16_with_a_float32_mask(tiny):
+    """Mixed precision: the layer in bf16, the region mask as the samplers make it (float32)."""
+    import copy
+
+    attn, proc = _cross_attn_module(tiny.unet)
+    g = torch.Generator().manual_seed(2)
+    tiny.prompts.add_defect("crack")
+    ctx, kinds = tiny.context("defect", "crack")
+    region = torch.rand(1, 1, 64, 64, generator=g)
+    h = torch.randn(1, 16 * 16, attn.to_q.in_features, generator=g)
+    want = proc(attn, h, ctx, region_mask=region, token_kinds=kinds)
+    half = copy.deepcopy(attn).to(torch.bfloat16)
+    got = proc(half, h.bfloat16(), ctx.bfloat16(), region_mask=region, token_kinds=kinds)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)

@@ -419,6 +419,7 @@ class MaskedCrossAttnProcessor:
                 inside = inside[None].expand(batch, -1)
             inside = inside[:, None, None, :]  # (B, 1, 1, L)
             scores = (q @ k.transpose(-1, -2)) * attn.scale  # Q K^T / tau, (B, h, N, L)
+            m = m.to(scores.dtype)  # the mask is float32; the model may run in bf16 / fp16
             # M_in (M_def or M_m) and M_bg are softmaxes over the inside and the outside token columns. Both come
             # from one exp, shifted by each column group's own row max (as a softmax is), and Eq. 10 / 11,
             # m' (M_in V_in) + (1 - m') (M_bg V_bg), is one product of V with their m'-weighted sum.
@@ -497,7 +498,7 @@ class MaskedCrossAttnProcessor:
             m_c = torch.softmax(scores, dim=-1)
         else:
             m, _, _ = _resize_region(region_mask.to(q.device), n_query, batch)
-            m = m[:, None]
+            m = m[:, None].to(scores.dtype)
             inside = token_kinds.to(q.device).bool()
             if inside.ndim == 1:
                 inside = inside[None].expand(batch, -1)
