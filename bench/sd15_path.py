@@ -20,7 +20,8 @@ Per size, with the same weights, latents, timestep and one thread:
   (``MaskedCrossAttnProcessor``) over ``[C_inside, C_outside]`` (154 tokens) and a region mask;
 * ``ours_guided_2rows``: the blended sampler's guided call (``methods/blended.py``): 2 rows
   (C_1 = defect inside, C_good), region mask, and an ``AttentionStore`` capturing the defect
-  row's cross-attention maps for the attention mask (Eq. 13).
+  row's cross-attention maps for the attention mask (Eq. 13);
+* ``ours_2rows_no_capture``: the same 2 rows without the ``AttentionStore``: what the capture costs.
 
 Ratios: ``ours_1row / plain_1row`` and ``ours_guided_2rows / plain_cfg_2rows`` (issue target:
 at most 1.1x), of the medians and of the minima (the least disturbed repeat, the steadier figure
@@ -140,15 +141,16 @@ def main() -> None:
                 x = torch.cat([x, m.expand(rows, -1, -1, -1), ((1 - m) * cond).expand(rows, -1, -1, -1)], dim=1)
             return unet(x, t.expand(rows), encoder_hidden_states=plain_states[rows]).sample
 
-        def ours(rows: int):
-            store = AttentionStore(rows=[0]) if rows == 2 else None  # the defect row's maps, as blended keeps them
+        def ours(rows: int, capture: bool = True):
+            store = AttentionStore(rows=[0]) if rows == 2 and capture else None  # the defect row's maps, as blended keeps them
             k = kinds.expand(rows, -1)
             out = comps.eps(z.expand(rows, -1, -1, -1), t, ours_ctx[rows], k, m.expand(rows, -1, -1, -1), cond_image=cond.expand(rows, -1, -1, -1), store=store)
             if store is not None:
                 assert len(store) > 0, "the guided call captured no attention maps"
             return out
 
-        variants = {"plain_1row": ("plain", 1), "plain_cfg_2rows": ("plain", 2), "ours_1row": ("ours", 1), "ours_guided_2rows": ("ours", 2)}
+        variants = {"plain_1row": ("plain", 1), "plain_cfg_2rows": ("plain", 2), "ours_1row": ("ours", 1), "ours_guided_2rows": ("ours", 2),
+                    "ours_2rows_no_capture": ("ours_nocap", 2)}
         times: dict[str, list[float]] = {k: [] for k in variants}
         for rep in range(a.repeats + 1):  # repeat 0 is the warm-up, not counted
             for name, (kind, rows) in variants.items():
@@ -158,7 +160,7 @@ def main() -> None:
                     install_masked_attention(unet, tdia=comps.tdia)
                 with torch.no_grad():
                     t0 = time.perf_counter()
-                    out = plain(rows) if kind == "plain" else ours(rows)
+                    out = plain(rows) if kind == "plain" else ours(rows, capture=kind == "ours")
                     dt = time.perf_counter() - t0
                 assert out.shape == (rows, comps.latent_channels, lat, lat) and torch.isfinite(out).all()
                 if rep > 0:
@@ -173,10 +175,12 @@ def main() -> None:
             "seconds_all_repeats": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "ratio_ours_1row_to_plain_1row": round(med["ours_1row"] / med["plain_1row"], 3),
             "ratio_ours_guided_to_plain_cfg": round(med["ours_guided_2rows"] / med["plain_cfg_2rows"], 3),
+            "ratio_ours_2rows_no_capture_to_plain_cfg": round(med["ours_2rows_no_capture"] / med["plain_cfg_2rows"], 3),
             # the fastest repeat of each: least disturbed by other processes on a shared machine
             "seconds_per_unet_call_min": {k: round(v, 3) for k, v in low.items()},
             "ratio_ours_1row_to_plain_1row_min": round(low["ours_1row"] / low["plain_1row"], 3),
             "ratio_ours_guided_to_plain_cfg_min": round(low["ours_guided_2rows"] / low["plain_cfg_2rows"], 3),
+            "ratio_ours_2rows_no_capture_to_plain_cfg_min": round(low["ours_2rows_no_capture"] / low["plain_cfg_2rows"], 3),
             "load_average_1min_after": round(os.getloadavg()[0], 2),
             "peak_rss_gib_so_far": round(peak_rss_gib(), 2),
             "rss_gib_after": round(current_rss_gib(), 2),
