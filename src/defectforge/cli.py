@@ -217,15 +217,26 @@ def verify(
 def publish(
     name: Optional[str] = typer.Option(None, help="dataset name (default: params release.name)"),
     repo: Path = typer.Option(Path("."), help="the DVC project"),
-    push: bool = typer.Option(True, help="dvc push (a DVC remote is required) and git push of the branch and tag; --no-push: local only"),
+    push: bool = typer.Option(True, help="dvc push of the version only (a default DVC remote in the committed .dvc/config is required) "
+                              "and git push of the branch and tag; --no-push: local only (a later plain publish pushes it)"),
+    private_remote: bool = typer.Option(False, help="push to a default DVC remote that is not in the committed .dvc/config "
+                                        "(.dvc/config.local); consumers then pass remote=URL to defectforge.load"),
     params: Path = PARAMS,
 ):
-    """Publish data/release as the next numbered version (git tag + dvc push); no change, no version."""
+    """Publish data/release as the next numbered version (git tag + dvc push); no change, no version (but what is not pushed yet is pushed)."""
     from defectforge.publish.versions import publish as _publish
 
     name = name or _params(repo / params if not params.is_absolute() else params).release.name
-    r = _publish(repo, name, push=push)
+    r = _publish(repo, name, push=push, private_remote=private_remote)
     typer.echo(f"{'published' if r.created else 'unchanged, still'} {r.name} v{r.version} ({r.tag})")
+    for line in r.notes:
+        typer.echo(f"  {line}")
+    for line in r.pushed:
+        typer.echo(f"  pushed: {line}")
+    if push and not r.pushed:
+        typer.echo("  pushed: nothing (already on the remotes)")
+    if not push:
+        typer.echo("  not pushed (--no-push): `defectforge publish` again pushes the version's data and its tag")
 
 
 @app.command("list-versions")

@@ -8,7 +8,9 @@ one, the tiny profile runs on CPU).
 - ``git remote``: the checkout has one (releases are pushed there) and it answers
   ``git ls-remote`` within a few seconds;
 - ``git identity``: git can commit (a release is a commit);
-- ``dvc remote``: one is configured (the release's images are pushed there);
+- ``dvc remote``: one is configured (the release's images are pushed there), and the
+  default one is in the committed ``.dvc/config`` (``git show HEAD:.dvc/config``) with an
+  absolute path or URL: a consumer of a tag sees only what is committed;
 - ``python``: the Python that runs the worker (the one of ``prefect`` on PATH) has the
   version of the project's venv (the flow runs in the first, the stages in the second);
 - ``prefect api``: ``PREFECT_API_URL`` is set and its ``/health`` answers;
@@ -118,7 +120,24 @@ def check_dvc_remote(repo: Path) -> Check:
             default = value
     if not urls:
         return Check("dvc remote", False, f"{repo / '.dvc/config'}: no DVC remote configured: a release's images could not be pushed (dvc remote add -d NAME URL)")
-    return Check("dvc remote", True, ", ".join(f"{name} {url}" + (" (default)" if name == default else "") for name, url in urls.items()))
+    listed = ", ".join(f"{name} {url}" + (" (default)" if name == default else "") for name, url in urls.items())
+    if not default:
+        return Check("dvc remote", False, f"{listed}: no default remote, so `dvc push` and consumers do not know where the data goes (dvc remote default NAME)")
+    # what a consumer of a tag sees: the committed config only
+    from defectforge.publish.remotes import committed_default, working_default
+
+    committed = committed_default(repo)
+    if committed is None or not committed.url:
+        work = working_default(repo)
+        fix = ("git add .dvc/config && git commit (defectforge publish also commits it)" if work is not None and work.url
+               else "it is in .dvc/config.local or the global config: dvc remote add -d --project NAME URL, then commit .dvc/config")
+        return Check("dvc remote", False, f"{listed}; but the committed .dvc/config (git show HEAD:.dvc/config) has no default remote, "
+                                          f"so a published tag does not say where its data is: {fix}")
+    if not committed.portable:
+        return Check("dvc remote", False, f"{listed}; but the committed default remote {committed.name} has the relative URL {committed.url!r}, "
+                                          "which each consumer resolves inside its own copy: use an absolute path or URL")
+    note = "" if committed.name == default else f"; consumers of a tag use the committed default {committed.name} {committed.url}"
+    return Check("dvc remote", True, listed + f" (committed){note}")
 
 
 def _python_version(python: str) -> str | None:

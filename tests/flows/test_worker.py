@@ -74,11 +74,15 @@ def test_doctor_passes_with_remotes_venv_on_path_and_an_api(tmp_path, run_cmd, m
     # a path longer than a terminal line: `dvc remote list` wraps it (the doctor misread that)
     store = tmp_path / ("store-" + "x" * 100)
     run_cmd([sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(store)], repo)
+    # not committed yet: a published tag would not say where its data is
+    rc, lines = _doctor(repo, monkeypatch, f"{BIN}{os.pathsep}{os.environ['PATH']}", health_server)
+    assert rc == 2 and "the committed .dvc/config (git show HEAD:.dvc/config) has no default remote" in lines["dvc remote"]
+    run_cmd(["git", "commit", "-qm", "dvc remote", "--", ".dvc/config"], repo)
     rc, lines = _doctor(repo, monkeypatch, f"{BIN}{os.pathsep}{os.environ['PATH']}", health_server)
     assert rc == 0, lines
     assert lines["path"] == f"path: ok (dvc, prefect, defectforge from {BIN})"
     assert lines["git remote"].startswith("git remote: ok (origin file://") and "reachable" in lines["git remote"]
-    assert lines["dvc remote"] == f"dvc remote: ok (store {store} (default))"
+    assert lines["dvc remote"] == f"dvc remote: ok (store {store} (default) (committed))"
     assert lines["python"].startswith("python: ok (worker 3.")
     assert lines["prefect api"] == f"prefect api: ok ({health_server} reachable)"
     assert lines["gpu"].startswith("gpu: ") and "FAIL" not in lines["gpu"]  # information, never a failure

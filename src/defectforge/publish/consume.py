@@ -3,6 +3,7 @@
     import defectforge
     table = defectforge.load("data/release/manifest.parquet", filters={"defect_type": "crack"})
     table = defectforge.load(name="sample", version=3, repo="https://git.example.com/factory.git")
+    table = defectforge.load(name="sample", version=3, repo=URL, remote="s3://bucket/dvc")  # remote not in the tag's config
     ds = defectforge.ManifestDataset(table)   # (image, mask, row) items
 
 Filters (``{"defect_type": "crack", "method": ["inversion"], "qc_pass": True}``) are
@@ -86,6 +87,7 @@ def load(
     columns: list[str] | None = None,
     within: str | os.PathLike | None = None,
     verify: bool = True,
+    remote: str | None = None,
 ) -> pa.Table:
     """The manifest of a dataset version as a pyarrow Table (``.to_pandas()`` for pandas).
 
@@ -100,6 +102,11 @@ def load(
     the repository for ``name``/``version`` and, for a ``path``, the project holding the
     manifest (nearest folder up with ``.git``, ``.dvc`` or ``dvc.yaml``; else the
     manifest's own folder). An absolute or escaping root is refused.
+
+    ``remote`` (remote reads only): where the version's data is, when the tag's committed
+    ``.dvc/config`` does not say (a factory whose remote is private): a URL or absolute path
+    of the DVC remote, or the name of a remote the repository's config defines. It is
+    recorded in the table, so :class:`ManifestDataset` fetches the files from there too.
 
     ``verify`` (default True) is recorded in the table: a :class:`ManifestDataset` made from
     it checks every file it reads against the row's hash unless told otherwise.
@@ -125,8 +132,10 @@ def load(
     import dvc.api
 
     rev = tag_name(name, v)
+    if remote and not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", remote) and ("/" in remote or os.sep in remote or remote.startswith(".")):
+        remote = os.path.abspath(remote)  # a path, relative to where load is called, recorded absolute
     try:
-        data = dvc.api.read(rel, repo=repo, rev=rev, mode="rb")
+        data = dvc.api.read(rel, repo=repo, rev=rev, mode="rb", **_remote_kwargs(remote))
     except Exception as exc:  # noqa: BLE001 - dvc raises many kinds; one line for the user
         raise DefectforgeError(f"load: cannot read {rel} at {rev} from {repo}: {exc.__class__.__name__}: {exc}") from None
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,16 +151,36 @@ def load(
     root_in_repo = posixpath.normpath(posixpath.join(posixpath.dirname(rel), stored.replace("\\", "/")))
     if root_in_repo == ".." or root_in_repo.startswith("../") or posixpath.isabs(root_in_repo):
         raise DefectforgeError(f"load: {rel} at {rev}: dataset_root metadata {stored!r} escapes the repository; refusing to read files there")
-    return _with_origin(table, root=root_in_repo, repo=repo, rev=rev, verify=verify)
+    return _with_origin(table, root=root_in_repo, repo=repo, rev=rev, verify=verify, remote=remote)
 
 
-def _with_origin(table: pa.Table, *, root: str, repo: str | None = None, rev: str | None = None, verify: bool = True) -> pa.Table:
+REMOTE_NAME = "defectforge-consumer"  # the name given to a remote passed as a URL
+
+
+def _remote_kwargs(remote: str | None) -> dict[str, Any]:
+    """dvc.api / DVCFileSystem arguments for ``remote``: a name as is; a URL or path as the default
+    remote (merged over whatever the tag's config says)."""
+    if not remote:
+        return {}
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", remote):
+        url = remote
+    elif os.sep in remote or "/" in remote or remote.startswith("."):
+        url = os.path.abspath(remote)  # a path, relative to the consumer's working directory
+    else:
+        return {"remote": remote}
+    return {"config": {"core": {"remote": REMOTE_NAME}, "remote": {REMOTE_NAME: {"url": url}}}}
+
+
+def _with_origin(table: pa.Table, *, root: str, repo: str | None = None, rev: str | None = None, verify: bool = True,
+                 remote: str | None = None) -> pa.Table:
     meta = dict(table.schema.metadata or {})
     meta[b"defectforge.load.root"] = str(root).encode()
     meta[b"defectforge.load.verify"] = b"1" if verify else b"0"
     if repo is not None:
         meta[b"defectforge.load.repo"] = repo.encode()
         meta[b"defectforge.load.rev"] = (rev or "").encode()
+        if remote:
+            meta[b"defectforge.load.remote"] = remote.encode()
     return table.replace_schema_metadata(meta)
 
 
@@ -213,6 +242,7 @@ class ManifestDataset:
         self.root = str(root) if root is not None else meta[b"defectforge.load.root"].decode()
         self.repo = None if root is not None else (meta.get(b"defectforge.load.repo", b"").decode() or None)
         self.rev = meta.get(b"defectforge.load.rev", b"").decode() or None
+        self.remote = meta.get(b"defectforge.load.remote", b"").decode() or None
         self.verify = verify if verify is not None else meta.get(b"defectforge.load.verify", b"1") != b"0"
         self.transform = transform
         self._opener = opener
@@ -261,7 +291,7 @@ class ManifestDataset:
         if self._fs is None:
             from dvc.api import DVCFileSystem
 
-            self._fs = DVCFileSystem(self.repo, rev=self.rev)
+            self._fs = DVCFileSystem(self.repo, rev=self.rev, **_remote_kwargs(self.remote))
         path = "/" + posixpath.normpath(full).lstrip("/")
         try:
             data = self._fs.read_bytes(path)

@@ -16,9 +16,20 @@ teams consume:
 3. commit the summary, the ``.dvc`` file, ``dvc.yaml``, ``dvc.lock``, ``params.yaml``
    and the git-tracked (``cache: false``) metric files of ``dvc.yaml``, tag the commit
    ``dataset/<name>/v<N>``;
-4. with ``push`` (the default): ``dvc push`` (a DVC remote is required: without one the
-   version's pixels would exist on this machine only), then ``git push`` of the branch
-   and the tag to the branch's upstream remote (or ``origin``, or the only remote).
+4. with ``push`` (the default): ``dvc push`` of that version's ``.dvc`` output only (not the
+   models or other stage outputs in the cache), then ``git push`` of the branch and the tag
+   to the branch's upstream remote (or ``origin``, or the only remote).
+
+A version must be readable from its tag alone, so the default DVC remote must be in the
+committed ``.dvc/config``: when the working ``.dvc/config`` names a default remote that HEAD's
+does not (``dvc remote add -d`` after the last commit), the release commit carries
+``.dvc/config`` and says so; a default remote that lives only in ``.dvc/config.local`` (or
+the global config), or a relative remote path, is refused unless ``private_remote`` (then
+consumers pass the remote themselves: ``load(..., remote=URL)``, ``dvc get --remote-config
+url=URL``). Publishing an unchanged release again pushes what is missing (its data, its tag):
+a version made with ``push=False`` is pushed by the next plain publish. A detached HEAD is
+refused; files of earlier versions deleted from the working tree are restored from HEAD, and
+``releases/<name>/.gitignore`` keeps every earlier version's line.
 
 Consumers read a version with :func:`defectforge.load` (local or through ``dvc.api``
 at the tag), ``dvc get <repo> releases/<name>/v<N> --rev dataset/<name>/v<N>``, or in a
@@ -42,6 +53,7 @@ from defectforge.data.io import atomic_dir
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import PATH_COLUMNS
+from defectforge.publish.remotes import DefaultRemote, committed_default, working_default
 
 TAG_PREFIX = "dataset"
 
@@ -57,7 +69,8 @@ class Published:
     tag: str
     created: bool
     summary: dict
-    pushed: tuple[str, ...] = ()  # what was pushed: "dvc", "git <remote>"
+    pushed: tuple[str, ...] = ()  # what was pushed, one line each ("dvc store: ...", "git origin: ...")
+    notes: tuple[str, ...] = ()   # what publish did besides the version (config committed, files restored)
 
 
 def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -156,12 +169,145 @@ def _push_remote(repo: Path) -> str | None:
     return remotes[0] if len(remotes) == 1 else None
 
 
+def _branch(repo: Path) -> str:
+    """The checked-out branch; a detached HEAD is refused (the release commit would belong to no branch)."""
+    branch = _git(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False)
+    if not branch:
+        at = _git(repo, "rev-parse", "--short", "HEAD", check=False) or "no commit"
+        raise DefectforgeError(f"publish: HEAD is detached (at {at}, e.g. left by an interrupted `dvc exp run`); "
+                               "check out your branch (git checkout main) and publish again")
+    return branch
+
+
+def _restore_deleted(repo: Path) -> list[str]:
+    """Files under ``releases/`` (and ``.dvc/config``) that HEAD has and the working tree lost
+    (``dvc exp apply`` deletes them), checked out again from HEAD: a later version never drops
+    an earlier one's files."""
+    if _run(["git", "rev-parse", "-q", "--verify", "HEAD"], repo, check=False).returncode != 0:
+        return []
+    gone = _git(repo, "diff", "--name-only", "--diff-filter=D", "HEAD", "--", "releases", ".dvc/config", check=False).splitlines()
+    gone = [g for g in gone if g.strip()]
+    # a working .dvc/config that lost HEAD's default remote (an older copy put back) would push nowhere
+    if ".dvc/config" not in gone and committed_default(repo) is not None and working_default(repo) is None:
+        gone.append(".dvc/config")
+    if gone:
+        _git(repo, "checkout", "HEAD", "--", *gone)
+    return gone
+
+
+def _keep_gitignore_lines(repo: Path, gitignore: str) -> None:
+    """Add back every line HEAD's ``gitignore`` has that the working one lost (a rewrite by
+    ``dvc add`` after the file was deleted keeps only the new version)."""
+    r = _run(["git", "show", f"HEAD:{gitignore}"], repo, check=False)
+    if r.returncode != 0:
+        return
+    f = repo / gitignore
+    have = f.read_text().splitlines() if f.is_file() else []
+    lost = [line for line in r.stdout.splitlines() if line.strip() and line not in have]
+    if lost:
+        f.write_text("\n".join(lost + have) + "\n")
+
+
+def _remote_plan(repo: Path, push: bool, private_remote: bool) -> tuple[bool, str | None, list[str]]:
+    """(commit ``.dvc/config``?, the DVC remote to push to, notes). Refuses a push whose tag
+    would not say where the data is, unless ``private_remote``."""
+    head = committed_default(repo)
+    work = working_default(repo)
+    local = working_default(repo, local=True)
+    effective = local or work
+    notes: list[str] = []
+    commit_config = work is not None and bool(work.url) and work != head
+    at_tag = work if commit_config else head
+    if commit_config:
+        notes.append(f"committed .dvc/config with the default DVC remote {work.name} ({work.url}): the tag alone locates the data")
+    if not push:
+        return commit_config, None, notes
+    if effective is None:
+        raise DefectforgeError(f"{repo}: no DVC remote configured, so the version's images would exist only on this machine; "
+                               "add one (`dvc remote add -d NAME URL`) or publish with --no-push")
+    if private_remote:
+        if at_tag is None or at_tag.name != effective.name:
+            notes.append(f"the DVC remote {effective.name} is not in the committed .dvc/config: consumers pass it themselves "
+                         "(defectforge.load(..., remote=URL), dvc get --remote-config url=URL)")
+        return commit_config, effective.name, notes
+    where = ".dvc/config.local" if local is not None and local.name != getattr(work, "name", None) else "the global DVC config"
+    if at_tag is None or not at_tag.url:
+        raise DefectforgeError(f"publish: the default DVC remote {effective.name} is set in {where}, not in the committed .dvc/config, "
+                               "so the tag would not say where the data is; add it to the project (dvc remote add -d --project NAME URL) "
+                               "or publish with --private-remote (consumers then pass remote=URL to defectforge.load)")
+    if not at_tag.portable:
+        raise DefectforgeError(f"publish: the default DVC remote {at_tag.name} has the relative URL {at_tag.url!r}, which a consumer "
+                               f"resolves inside its own copy; use an absolute path or URL (dvc remote modify {at_tag.name} url ...)")
+    return commit_config, at_tag.name, notes
+
+
+def _dvc_push(repo: Path, remote: str, dvcfile: str) -> str:
+    """``dvc push -r remote dvcfile`` (that version only); one line saying what went where."""
+    import yaml
+
+    out = (yaml.safe_load((repo / dvcfile).read_text()) or {}).get("outs") or [{}]
+    nfiles, size = out[0].get("nfiles"), out[0].get("size")
+    r = _dvc(repo, "push", "-r", remote, dvcfile)
+    said = [line.strip() for line in (r.stdout + r.stderr).splitlines() if re.search(r"pushed|up to date", line, re.I)]
+    what = dvcfile[: -len(".dvc")]
+    extent = f"{nfiles} files, {size} bytes" if nfiles is not None else f"{size} bytes"
+    return f"dvc {remote}: {what} ({extent}): {said[-1] if said else 'done'}"
+
+
+def _git_push(repo: Path, tag: str, branch: str | None) -> str | None:
+    """Push ``tag`` (and ``branch``) to the push remote; what was pushed, or None without a git remote."""
+    remote = _push_remote(repo)
+    if remote is None:
+        return None
+    on_remote = _run(["git", "ls-remote", "--tags", remote, f"refs/tags/{tag}"], repo, check=False).stdout.strip()
+    if branch:  # the branch only when the remote's differs from ours
+        theirs = _run(["git", "ls-remote", "--heads", remote, f"refs/heads/{branch}"], repo, check=False).stdout.split()[:1]
+        if theirs == [_git(repo, "rev-parse", branch, check=False)]:
+            branch = None
+    refs = [f"refs/heads/{branch}:refs/heads/{branch}"] if branch else []
+    refs += [] if on_remote else [f"refs/tags/{tag}:refs/tags/{tag}"]
+    if not refs:
+        return None
+    _git(repo, "push", "-q", remote, *refs)
+    return f"git {remote}: " + ", ".join(r.split(":")[0].split("/", 2)[-1] for r in refs)
+
+
+def _push_unchanged(repo: Path, name: str, last: dict, branch: str, private_remote: bool) -> Published:
+    """An unchanged release already published as ``last``: push its data and tag where they are missing."""
+    tag, version = last["tag"], last["version"]
+    dvcfile = f"releases/{name}/v{version}.dvc"
+    if not (repo / dvcfile).is_file():
+        raise DefectforgeError(f"publish: {dvcfile} is not in the working tree, so {tag} cannot be pushed from here; "
+                               f"run `git checkout {tag} -- {dvcfile} && dvc push {dvcfile} && git push origin {tag}`")
+    at_tag = committed_default(repo, tag)
+    notes: list[str] = []
+    if at_tag is None or not at_tag.url:
+        if not private_remote:
+            raise DefectforgeError(f"publish: {tag} was committed without a default DVC remote in .dvc/config, so its data cannot "
+                                   "be found from the tag; push it with --private-remote (consumers then pass remote=URL to "
+                                   "defectforge.load) or publish a changed release as a new version")
+        remote = (working_default(repo, local=True) or working_default(repo) or DefaultRemote("", "")).name
+        if not remote:
+            raise DefectforgeError(f"{repo}: no DVC remote configured to push {tag} to (dvc remote add -d NAME URL)")
+        notes.append(f"{tag} names no DVC remote: consumers pass remote=URL to defectforge.load")
+    else:
+        remote = at_tag.name
+    pushed = [_dvc_push(repo, remote, dvcfile)]
+    # the branch goes too only when the tag is on it (pushing it otherwise is not this command's business)
+    on_branch = _run(["git", "merge-base", "--is-ancestor", tag, branch], repo, check=False).returncode == 0
+    g = _git_push(repo, tag, branch if on_branch else None)
+    if g:
+        pushed.append(g)
+    return Published(name, version, tag, False, last, tuple(pushed), tuple(notes))
+
+
 def publish(
     repo: str | os.PathLike,
     name: str,
     *,
     release_dir: str = "data/release",
     push: bool = True,
+    private_remote: bool = False,
 ) -> Published:
     """Publish ``release_dir`` of the DVC project ``repo`` as the next version of ``name``."""
     repo = Path(repo).resolve()
@@ -169,16 +315,21 @@ def publish(
     info_file = rel / "release.json"
     if not info_file.is_file():
         raise DefectforgeError(f"{info_file}: no release to publish (run `dvc repro` first)")
+    branch = _branch(repo)
     current = json.loads(info_file.read_text())
     content = current["dataset_version"].split("@")[-1]
+    restored = _restore_deleted(repo)
     versions = list_versions(repo, name)
     if versions and versions[-1].get("content_hash") == content:
         last = versions[-1]
-        return Published(name, last["version"], last["tag"], False, last)
+        if not push:
+            return Published(name, last["version"], last["tag"], False, last)
+        done = _push_unchanged(repo, name, last, branch, private_remote)
+        return Published(done.name, done.version, done.tag, False, done.summary, done.pushed,
+                         tuple(f"restored from HEAD: {p}" for p in restored) + done.notes)
     version = (versions[-1]["version"] + 1) if versions else 1
-    if push and not _dvc(repo, "remote", "list").stdout.strip():
-        raise DefectforgeError(f"{repo}: no DVC remote configured, so the version's images would exist only on this machine; "
-                               "add one (`dvc remote add -d NAME URL`) or publish with --no-push")
+    commit_config, dvc_remote, notes = _remote_plan(repo, push, private_remote)
+    notes = [f"restored from HEAD: {p}" for p in restored] + notes
     label = f"{name}/v{version}"
     target = repo / "releases" / name / f"v{version}"
     manifest = rel / "manifest.parquet"
@@ -210,7 +361,9 @@ def publish(
     }
     (target.parent / f"v{version}.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _dvc(repo, "add", "-q", str(target.relative_to(repo)))
+    _keep_gitignore_lines(repo, f"releases/{name}/.gitignore")
     files = [f"releases/{name}/v{version}.json", f"releases/{name}/v{version}.dvc", f"releases/{name}/.gitignore"]
+    files += [".dvc/config"] if commit_config else []
     files += [f for f in ("dvc.yaml", "dvc.lock", "params.yaml") if (repo / f).is_file()]
     files += _git_tracked_outputs(repo)
     _git(repo, "add", "--", *files)
@@ -219,12 +372,8 @@ def publish(
     _git(repo, "tag", "-a", tag, "-m", f"defectforge dataset {label}")
     pushed: list[str] = []
     if push:
-        _dvc(repo, "push", "-q")
-        pushed.append("dvc")
-        remote = _push_remote(repo)
-        if remote is not None:
-            branch = _git(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False)
-            refs = ([f"refs/heads/{branch}:refs/heads/{branch}"] if branch else []) + [f"refs/tags/{tag}:refs/tags/{tag}"]
-            _git(repo, "push", "-q", remote, *refs)
-            pushed.append(f"git {remote}")
-    return Published(name, version, tag, True, summary, tuple(pushed))
+        pushed.append(_dvc_push(repo, dvc_remote, f"releases/{name}/v{version}.dvc"))
+        g = _git_push(repo, tag, branch)
+        if g:
+            pushed.append(g)
+    return Published(name, version, tag, True, summary, tuple(pushed), tuple(notes))
