@@ -84,6 +84,18 @@ class DataParams(_Section):
             raise ValueError(f"{v!r}: {problem}")
         return v
 
+    @field_validator("mask_rule")
+    @classmethod
+    def _plain_mask_rule(cls, v: str) -> str:
+        from defectforge.data.adapters import _mask_rule_parts  # lazy: adapters imports this module
+        from defectforge.errors import ParamsError
+
+        try:
+            _mask_rule_parts(v)
+        except ParamsError as exc:
+            raise ValueError(str(exc).removeprefix("data.mask_rule ")) from None
+        return v
+
 
 class SplitParams(_Section):
     """AnomalyDiffusion's lowest-third rule or the DDIM-inversion paper's k-fold."""

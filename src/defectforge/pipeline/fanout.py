@@ -15,7 +15,39 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from defectforge.errors import DefectforgeError
+from defectforge.errors import DefectforgeError, ParamsError
+
+CONNECT_TIMEOUT_S = 5.0  # how long a scheduler at generate.scheduler has to answer (Dask's default retries for 30 s)
+
+
+def _unreachable(address: str, why: str) -> ParamsError:
+    return ParamsError(f"generate.scheduler: no Dask scheduler answered at {address} ({why}); start one there "
+                       "(`dask scheduler`) or leave generate.scheduler empty for a local cluster of generate.workers")
+
+
+def check_scheduler(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse, in one line naming ``address``, a ``tcp://host:port`` where nothing accepts a
+    connection (refused, unresolvable or silent for ``timeout`` s): a plain socket connect,
+    before the stage writes anything. Other schemes are left to the client's own timeout."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address if "://" in address else f"tcp://{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise _unreachable(address, f"not an address: {exc}") from None
+    if parts.scheme != "tcp":
+        return
+    if not host or not port:
+        raise _unreachable(address, "no host:port in it")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.timeout:
+        raise _unreachable(address, f"no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise _unreachable(address, exc.strerror or exc.__class__.__name__) from None
 
 
 def _work(work: Callable[..., Any], args: tuple, kwargs: dict, shards: list[int]) -> list[int]:
@@ -44,7 +76,11 @@ def run_on_dask(work: Callable[..., Any], args: tuple, n_shards: int, *, workers
 
     cluster = None
     if scheduler:
-        client = Client(scheduler, timeout="20s")
+        check_scheduler(scheduler)
+        try:
+            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S:g}s")
+        except (OSError, TimeoutError, ValueError) as exc:  # it accepted a socket but spoke no Dask in time
+            raise _unreachable(scheduler, str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__) from None
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)

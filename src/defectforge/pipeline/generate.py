@@ -41,12 +41,17 @@ anything under it is created or removed.
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -64,10 +69,11 @@ from defectforge.data.io import (
     read_mask,
     sha256_bytes,
     sha256_file,
+    umask_mode,
 )
-from defectforge.errors import DataError, ParamsError
+from defectforge.errors import DataError, OutputError, ParamsError, writing
 from defectforge.manifest.io import ShardedWriter, manifest_info, read_manifest
-from defectforge.manifest.validate import PLAN_FILE, check_manifest, write_plan_info
+from defectforge.manifest.validate import PLAN_FILE, check_complete, check_manifest, write_plan_info
 from defectforge.masks.target import LocationPrior, sample_target_mask
 from defectforge.methods import GenerationMethod, get_method_class
 from defectforge.seeding import derive_seed
@@ -84,19 +90,40 @@ def run(
     suite passed. The stage stays one DVC stage however many machines do the work, so
     there is one ``dvc repro`` and one workspace lock. A method folder of an earlier run
     that ``generate.methods`` no longer asks for is removed - only if defectforge made it.
-    Nothing is created or removed before the output folder is claimed and the split
-    manifest planned without error.
+    Nothing but the folder and its lock file (:func:`lock_output`: a second run into the same
+    folder refuses, naming this one) is created, and nothing removed, before the output folder
+    is claimed and the split manifest planned without error. A run that fails before it commits
+    a shard removes what it made (:func:`_undo_uncommitted`); a full disk is one line.
     """
     out_root = Path(out_dir)
     _claim_root(out_root)  # refuse a user's folder before even reading the split
+    existed = out_root.is_dir()
+    fresh = not existed or not any(c.name != LOCK_FILE for c in out_root.iterdir())
+    before = {c.name for c in out_root.iterdir() if c.is_dir()} if existed else set()
+    with writing(out_root, "generate output", "free space (or give an --out on another device) and rerun the same "
+                 "command: committed shards are kept"), lock_output(out_root, "generate"):
+        try:
+            _run(p, split, out_root, checkpoints, progress)
+        except BaseException:
+            _undo_uncommitted(out_root, p.methods, fresh=fresh, existed=existed, before=before)
+            raise
+    return out_root
+
+
+def _run(p: GenerateParams, split, out_root: Path, checkpoints, progress: bool) -> None:
     src_root = read_split_info(split)["dataset_root"]
     _claim_root(out_root, inputs=(src_root,))
     split_df = read_manifest(split).to_pandas()
     _check_placements(p, split_df)
+    if p.scheduler:  # an address where no scheduler listens, in one line before anything is written
+        from defectforge.pipeline.fanout import check_scheduler
+
+        check_scheduler(p.scheduler)
     if p.uses_generated_masks():  # every such type's mask model, before anything is written
         _check_mask_models(split_df, checkpoints, p.placement_for)
     if "defectdiffu" in p.methods and checkpoints is not None:  # its mask source against each type's fine-tune
         _check_defectdiffu_masks(p.defectdiffu.mask_source, split_df, checkpoints)
+    _check_checkpoints(p, split_df, checkpoints)
     for name in p.methods:  # a bad split fails here, before anything is written
         plan_samples(split_df, method=name, n_per_defect=p.n_per_defect, seed=p.seed, params_sha256=p.method_sha256(name))
         claim_dir(out_root / name, f"generate method folder of {name}", markers=(PLAN_FILE,))
@@ -115,8 +142,117 @@ def run(
                         kwargs={"checkpoints": None if checkpoints is None else str(checkpoints)}, desc=f"generate[{name}]", progress=progress)
         else:
             run_method(p, name, split, out_root, checkpoints=checkpoints, progress=progress)
+    check_complete(out_root)  # a shard file outside the plan (junk named like a shard) is named in one line
     check_manifest(out_root)
-    return out_root
+
+
+def _committed(method_dir: Path) -> bool:
+    return any((method_dir / "manifest").glob("part-*.parquet"))
+
+
+def _undo_uncommitted(out_root: Path, methods, *, fresh: bool, existed: bool, before: set[str]) -> None:
+    """After a failed run: remove what it made that holds no committed shard, so a run that
+    failed before finishing one shard (disk full, a bad --checkpoints) leaves no plan file,
+    empty manifest folder or orphan images that look like a started output.
+
+    A method folder this run created is removed unless a shard of it was committed (then it is
+    a half-made output that resumes, and release/validate say so); a root that was new is removed,
+    one that was empty emptied, when no method folder in it committed anything. Older folders are
+    left as they were.
+    """
+    if not out_root.is_dir() or out_root.is_symlink():
+        return
+    nothing = not any(c.is_dir() and _committed(c) for c in out_root.iterdir() if not c.is_symlink())
+    if not existed and nothing:
+        shutil.rmtree(out_root, ignore_errors=True)  # its lock file too: the lock's context tolerates that
+        return
+    made = [out_root / m for m in methods if m not in before and (out_root / m).is_dir()]
+    for d in made:
+        if not _committed(d):
+            shutil.rmtree(d, ignore_errors=True)
+    if fresh and nothing:
+        for c in out_root.iterdir():
+            if c.name == LOCK_FILE:
+                continue  # the lock's own context removes it
+            shutil.rmtree(c, ignore_errors=True) if c.is_dir() and not c.is_symlink() else c.unlink(missing_ok=True)
+
+
+LOCK_FILE = ".defectforge.lock"  # in a generate output folder while a run writes into it
+
+
+@contextmanager
+def lock_output(folder: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if missing) while a ``what`` run writes into it.
+
+    The lock is ``flock`` on ``folder/.defectforge.lock``, which records the holder (pid, host,
+    start time); a second run into the same folder refuses at once with one line naming the
+    holder. The kernel drops the lock when the process dies (kill -9 included), so a stale
+    file never blocks a resume. The file is removed when the run ends, so it is never part
+    of the output.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise OutputError(f"{folder}: another {what} run is writing into this folder ({holder}); wait for it to "
+                              "finish, or give another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and lock: lock the new one
+    try:
+        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode() + b"\n")
+        yield
+    finally:
+        try:
+            path.unlink(missing_ok=True)  # still locked: a run that opened it meanwhile retries on the new file
+        finally:
+            os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """The holder recorded in a lock file, as words ("pid 12, host h, started 2026-11-02T10:00:00Z")."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        return f"held by pid {int(info['pid'])} on host {str(info['host'])[:100]}, started {str(info['started'])[:40]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its holder has not recorded itself yet"
+
+
+def _check_checkpoints(p: GenerateParams, split: pd.DataFrame, checkpoints) -> None:
+    """Every method that paints with fine-tuned models finds the finetune folder's index and a
+    checkpoint for each defect type of the split, before anything is written."""
+    from defectforge.diffusion.sampling import CHECKPOINT_INDEX
+
+    needs = [m for m in p.methods if METHOD_NEEDS_CHECKPOINTS.get(m)]
+    if not needs:
+        return
+    if checkpoints is None:
+        raise DataError(f"generate: method {needs[0]!r} needs the finetune stage's checkpoints (--checkpoints)")
+    index = Path(checkpoints) / CHECKPOINT_INDEX
+    if not Path(checkpoints).is_dir() or not index.is_file():
+        raise DataError(f"{checkpoints}: no fine-tuned checkpoints here (no {CHECKPOINT_INDEX}); --checkpoints must be the "
+                        f"folder the finetune command wrote (method {needs[0]} needs it)")
+    try:
+        have = json.loads(index.read_text())
+        if not isinstance(have, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{index}: unreadable checkpoint index ({exc.__class__.__name__}); run finetune again") from None
+    missing = [f"{c}/{d}" for c, d in _train_types(split) if f"{c}/{d}" not in have]
+    if missing:
+        raise DataError(f"{index}: no fine-tuned checkpoint for {', '.join(missing[:5])}"
+                        f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''} of the split; run finetune on this split")
 
 
 def _hashed_placement(p: GenerateParams) -> str:
@@ -182,6 +318,8 @@ def _claim_root(out_root: Path, inputs: tuple = ()) -> Path:
     entries = [c for c in out_root.iterdir() if not c.name.startswith(".")] if out_root.is_dir() and not out_root.is_symlink() else []
     legacy = bool(entries) and all(c.is_dir() and not c.is_symlink() and (c / PLAN_FILE).is_file() for c in entries)
     check_apart(out_root, ROOT_WHAT, inputs)
+    if out_root.is_dir() and not out_root.is_symlink() and {c.name for c in out_root.iterdir()} == {LOCK_FILE}:
+        return out_root  # only a run's lock file (it made the folder and has not marked it yet): as good as empty
     return out_root if legacy else claim_dir(out_root, ROOT_WHAT)
 
 
@@ -300,7 +438,8 @@ def prepare_output(
     split = read_manifest(split_manifest).to_pandas()
     specs = plan_samples(split, method=method_name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256, models_sha256=models_sha256)
     _reset_if_plan_changed(Path(out_dir), specs, shard_size, split=split_manifest, root=Path(out_dir).parent, checkpoints=checkpoints)
-    ShardedWriter(Path(out_dir) / "manifest", kind="synthetic", dataset_root=out_dir, clean=True)  # stale temporaries, once
+    writer = ShardedWriter(Path(out_dir) / "manifest", kind="synthetic", dataset_root=out_dir, clean=True)  # stale temporaries, once
+    _check_shard_files(writer, len(specs), shard_size)
     return (len(specs) + shard_size - 1) // shard_size
 
 
@@ -358,6 +497,8 @@ def generate_shards(
     prefix = "" if prefix == "." else prefix + "/"
     # the whole run cleans stale temporaries; a fan-out worker (``shards`` given) leaves them to the driver
     writer = ShardedWriter(out_dir / "manifest", kind="synthetic", dataset_root=root, clean=shards is None)
+    if shards is None:  # a fan-out's driver checked them once (prepare_output)
+        _check_shard_files(writer, len(specs), shard_size)
     todo = [i for i in (shards if shards is not None else range(n_shards)) if not writer.done(i)]
     by_id = split.set_index("image_id")
     crash_after = int(os.environ.get("DEFECTFORGE_TEST_CRASH_AFTER_SHARDS", "0"))  # test hook: simulate a kill
@@ -411,47 +552,72 @@ def generate_shards(
             bar.update(1)
         pending.clear()
 
-    for shard in todo:
-        rows, pending = [], []
-        for spec in specs[shard * shard_size : (shard + 1) * shard_size]:
-            key = (spec.category, spec.defect_type)
-            if pending and (key != current or len(pending) == batch_size):  # a batch: consecutive samples of one type in this shard
-                flush(pending, rows)
-            if key not in real_defects:
-                reals = by_id[(by_id["split"] == "train") & (by_id["category"] == spec.category) & (by_id["defect_type"] == spec.defect_type)]
-                real_defects[key] = [
-                    (read_image(checked(r.image_path, r.image_sha256)), read_mask(checked(r.mask_path, r.mask_sha256))) for r in reals.itertuples()
-                ]
-                real_ids[key] = [str(i) for i in reals.index]
-            if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
-                method.prepare(spec.category, spec.defect_type, real_defects[key])
-                type_placement = placement_for(*key)
-                prior = LocationPrior.fit([m for _, m in real_defects[key]], [i for i, _ in real_defects[key]]) if type_placement == "prior" else None
-                mask_model = None
-                if type_placement == "generated":
-                    from defectforge.masks.generated import MASK_MODEL_DIR, load_mask_model
+    try:  # the bar's line is ended also on an error, so the error starts a line of its own
+        for shard in todo:
+            rows, pending = [], []
+            for spec in specs[shard * shard_size : (shard + 1) * shard_size]:
+                key = (spec.category, spec.defect_type)
+                if pending and (key != current or len(pending) == batch_size):  # a batch: consecutive samples of one type in this shard
+                    flush(pending, rows)
+                if key not in real_defects:
+                    reals = by_id[(by_id["split"] == "train") & (by_id["category"] == spec.category) & (by_id["defect_type"] == spec.defect_type)]
+                    real_defects[key] = [
+                        (read_image(checked(r.image_path, r.image_sha256)), read_mask(checked(r.mask_path, r.mask_sha256))) for r in reals.itertuples()
+                    ]
+                    real_ids[key] = [str(i) for i in reals.index]
+                if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
+                    method.prepare(spec.category, spec.defect_type, real_defects[key])
+                    type_placement = placement_for(*key)
+                    prior = LocationPrior.fit([m for _, m in real_defects[key]], [i for i, _ in real_defects[key]]) if type_placement == "prior" else None
+                    mask_model = None
+                    if type_placement == "generated":
+                        from defectforge.masks.generated import MASK_MODEL_DIR, load_mask_model
 
-                    mask_model = load_mask_model(Path(mask_models) / spec.category / spec.defect_type / MASK_MODEL_DIR)
-                current = key
-            normal_row = by_id.loc[spec.normal_id]
-            normal = read_image(checked(normal_row.image_path, normal_row.image_sha256))
-            rng = np.random.default_rng(spec.seed)
-            target, placed = None, type_placement
-            if mask_model is not None:
-                target = mask_model.sample(normal.shape[:2], spec.seed)
-                placed = f"generated/{mask_model.kind}" if target is not None else "foreground (mask model drew no mask inside the real shape range)"
-            if target is None:
-                target, _ = sample_target_mask([m for _, m in real_defects[key]], normal, rng, placement=type_placement if type_placement != "generated" else "foreground",
-                                                   prior=prior, **method.target_mask_options())
-            pending.append((spec, normal, target, placed, normal_row, key))
-        if pending:
-            flush(pending, rows)
-        writer.write(shard, rows)
-        written += 1
-        if crash_after and written >= crash_after:
-            os._exit(137)
-    bar.close()
+                        mask_model = load_mask_model(Path(mask_models) / spec.category / spec.defect_type / MASK_MODEL_DIR)
+                    current = key
+                normal_row = by_id.loc[spec.normal_id]
+                normal = read_image(checked(normal_row.image_path, normal_row.image_sha256))
+                rng = np.random.default_rng(spec.seed)
+                target, placed = None, type_placement
+                if mask_model is not None:
+                    target = mask_model.sample(normal.shape[:2], spec.seed)
+                    placed = f"generated/{mask_model.kind}" if target is not None else "foreground (mask model drew no mask inside the real shape range)"
+                if target is None:
+                    target, _ = sample_target_mask([m for _, m in real_defects[key]], normal, rng, placement=type_placement if type_placement != "generated" else "foreground",
+                                                       prior=prior, **method.target_mask_options())
+                pending.append((spec, normal, target, placed, normal_row, key))
+            if pending:
+                flush(pending, rows)
+            writer.write(shard, rows)
+            written += 1
+            if crash_after and written >= crash_after:
+                os._exit(137)
+    finally:
+        bar.close()
     return writer.dir
+
+
+def _check_shard_files(writer: ShardedWriter, samples: int, shard_size: int) -> None:
+    """Every file named like a shard is a committed shard of this plan (readable, its planned row
+    count, its index planned); a junk file in its place would be skipped as done, or read as
+    rows. Refused with one line naming the file, before anything is generated."""
+    import pyarrow.parquet as pq
+
+    n = (samples + shard_size - 1) // shard_size
+    for f in writer.shards():
+        index = f.name[len("part-"): -len(".parquet")]
+        if not index.isdigit() or int(index) >= n:
+            raise DataError(f"{f}: a file named like a manifest shard outside this run's plan of {n} shard(s); "
+                            "generate did not write it - remove it and rerun")
+        try:
+            rows = pq.read_metadata(f).num_rows
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError for a file that is not Parquet
+            raise DataError(f"{f}: named like a manifest shard but not a readable Parquet file ({exc.__class__.__name__}); "
+                            "generate did not write it - remove it and rerun (the shard is made again)") from None
+        expected = min(shard_size, samples - int(index) * shard_size)
+        if rows != expected:
+            raise DataError(f"{f}: a manifest shard of {rows} rows where this plan has {expected}; generate did not write "
+                            "it - remove it and rerun (the shard is made again)")
 
 
 def _reset_if_plan_changed(out_dir: Path, specs: list[SampleSpec], shard_size: int, *, split=None, root=None, checkpoints=None) -> None:
