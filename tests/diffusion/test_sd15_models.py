@@ -108,9 +108,6 @@ def test_sd15_directory_builds_and_loads(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.nightly
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="MaskedCrossAttnProcessor's region path mixes a float32 m' with bfloat16 attention (attention.py); "
-                          "remove this mark when the guided call runs in bf16")
 def test_sd15_inpainting_bf16_directory_builds_and_loads(tmp_path):
     """``dtype=bfloat16`` writes half the bytes (about 2 GB) and loads with ``torch_dtype``; the inpainting
     UNet takes [z_t, m, (1 - m) z_0] (9 channels) through the library's guided call."""
