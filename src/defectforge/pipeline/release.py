@@ -22,7 +22,7 @@ import pandas as pd
 
 from defectforge.config import ReleaseParams
 from defectforge.data.io import atomic_dir, claim_dir
-from defectforge.errors import DataError
+from defectforge.errors import DataError, writing
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
 from defectforge.manifest.validate import check_complete, check_manifest
@@ -74,6 +74,7 @@ def run(
     new folder is built beside it and swapped in, and a failure leaves neither a
     half-written release nor a temporary folder behind.
     """
+    _check_swappable(out_dir)
     claim_dir(out_dir, "release folder")  # refuse a user's folder before any work
     refined = Path(refined)
     dataset_root = Path(manifest_info(refined)["dataset_root"])
@@ -81,9 +82,22 @@ def run(
     if verify:
         verify_hashes(read_manifest(refined).to_pandas(), dataset_root, source=str(refined))
     version = f"{p.name}@{content_version(refined)}"
-    with atomic_dir(out_dir, "release folder") as tmp:
+    with writing(out_dir, "release folder", "free space (or give an --out on another device) and rerun; the previous "
+                 "release, if any, is untouched"), atomic_dir(out_dir, "release folder") as tmp:
         _write_release(p, refined, tmp, version, dataset_root, quality, detector, split)
     return Path(out_dir) / "manifest.parquet"
+
+
+def _check_swappable(out_dir: str | os.PathLike) -> None:
+    """The release folder is built beside ``out_dir`` and renamed into its place: ``.``, ``..``,
+    ``/`` or any folder holding the current directory cannot be renamed that way (and must not be
+    replaced). Refused in one line, before a temporary folder is made beside it."""
+    out = Path(out_dir)
+    real = Path(os.path.realpath(out))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if out.name in ("", ".", "..") or real == cwd or real in cwd.parents or real == real.parent:
+        raise DataError(f"{out_dir}: the release folder is replaced as a whole, so it cannot be the current folder or one "
+                        "holding it; give a folder of its own, e.g. --out data/release")
 
 
 def _write_release(p: ReleaseParams, refined: Path, tmp: Path, version: str, dataset_root: Path, quality, detector, split) -> None:
