@@ -54,6 +54,33 @@ def image_glob_problem(pattern: str) -> str | None:
     return None
 
 
+MASK_RULE_FIELDS = ("stem", "name", "suffix", "category", "defect_type")
+
+
+def mask_rule_parts(rule: str) -> list[tuple[str, str | None]]:
+    """``rule`` as (literal text, field name or None) pairs; only the documented fields, plainly named.
+
+    ``{{`` and ``}}`` are literal braces. A field with an attribute or index (``{stem.x}``,
+    ``{stem[0]}``), a conversion (``{stem!r}``) or a format spec (``{stem:>5000}``) is refused:
+    the rule only ever substitutes a name's text.
+    """
+    import string
+
+    fields = " ".join("{" + f + "}" for f in MASK_RULE_FIELDS)
+    try:
+        parsed = list(string.Formatter().parse(rule))
+    except ValueError as exc:
+        raise ParamsError(f"data.mask_rule {rule!r}: invalid pattern ({exc}); fields: {fields}") from None
+    parts = []
+    for literal, field, spec, conversion in parsed:
+        if field is not None and (field not in MASK_RULE_FIELDS or spec or conversion):
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ParamsError(f"data.mask_rule {rule!r}: {shown} is not a field; use only {fields} (plain names, "
+                              "no attributes, indexes, conversions or format specs)")
+        parts.append((literal, field))
+    return parts
+
+
 class SampleParams(_Section):
     """The built-in sample (MVTec AD layout, made deterministically)."""
 
@@ -87,11 +114,8 @@ class DataParams(_Section):
     @field_validator("mask_rule")
     @classmethod
     def _plain_mask_rule(cls, v: str) -> str:
-        from defectforge.data.adapters import _mask_rule_parts  # lazy: adapters imports this module
-        from defectforge.errors import ParamsError
-
         try:
-            _mask_rule_parts(v)
+            mask_rule_parts(v)
         except ParamsError as exc:
             raise ValueError(str(exc).removeprefix("data.mask_rule ")) from None
         return v

@@ -96,7 +96,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from defectforge.config import image_glob_problem
+from defectforge.config import image_glob_problem, mask_rule_parts as _mask_rule_parts
 from defectforge.data.io import IMAGE_SUFFIXES, _decode
 from defectforge.errors import DataError, ParamsError
 
@@ -456,33 +456,6 @@ def _relative(root: Path, path: Path) -> str:
     if rel == ".." or rel.startswith("../"):
         raise DataError(f"{path}: path escapes the dataset root {root}")
     return rel
-
-
-MASK_RULE_FIELDS = ("stem", "name", "suffix", "category", "defect_type")
-
-
-def _mask_rule_parts(rule: str) -> list[tuple[str, str | None]]:
-    """``rule`` as (literal text, field name or None) pairs; only the documented fields, plainly named.
-
-    ``{{`` and ``}}`` are literal braces. A field with an attribute or index (``{stem.x}``,
-    ``{stem[0]}``), a conversion (``{stem!r}``) or a format spec (``{stem:>5000}``) is refused:
-    the rule only ever substitutes a name's text.
-    """
-    import string
-
-    fields = " ".join("{" + f + "}" for f in MASK_RULE_FIELDS)
-    try:
-        parsed = list(string.Formatter().parse(rule))
-    except ValueError as exc:
-        raise ParamsError(f"data.mask_rule {rule!r}: invalid pattern ({exc}); fields: {fields}") from None
-    parts = []
-    for literal, field, spec, conversion in parsed:
-        if field is not None and (field not in MASK_RULE_FIELDS or spec or conversion):
-            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            raise ParamsError(f"data.mask_rule {rule!r}: {shown} is not a field; use only {fields} (plain names, "
-                              "no attributes, indexes, conversions or format specs)")
-        parts.append((literal, field))
-    return parts
 
 
 def _apply_mask_rule(rule: str, **values: str) -> str:
