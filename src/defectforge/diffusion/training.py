@@ -52,6 +52,8 @@ import math
 import os
 import sys
 import time
+import contextlib
+import importlib.util
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -459,6 +461,9 @@ def finetune(
     device: str = "auto",
     progress: bool = True,
     category: str | None = None,
+    precision: str = "fp32",
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
 ) -> dict:
     """Fine-tune ``base`` (tiny dir, diffusers SD dir or hub id) on one defect type.
 
@@ -479,7 +484,22 @@ def finetune(
     AdaBLDM option: ``trimap_control`` trains a trimap ControlNet (diffusion/control.py) after
     the UNet, for ``trimap_control_steps`` (default ``steps``) with the UNet and tokens frozen,
     and saves it in ``controlnet/``; the UNet and tokens are the bytes they are without it.
+
+    Memory options (docs/gpu-memory-plan.md): ``precision`` "bf16" / "fp16" runs each step's
+    forward pass under ``torch.autocast`` (mixed precision: the weights, gradients and AdamW
+    states stay fp32, the saved checkpoint too; "fp16" is CUDA-only and scales the loss with a
+    ``GradScaler``; "bf16" also runs on CPU). ``gradient_checkpointing`` recomputes the UNet
+    blocks' activations in the backward pass instead of keeping them
+    (``unet.enable_gradient_checkpointing()``). ``optimizer`` "adamw8bit": bitsandbytes'
+    AdamW8bit (2 bytes of state per parameter instead of 8; an optional package). All three
+    leave the defaults ("fp32", off, "adamw") the bytes they were.
     """
+    if optimizer not in ("adamw", "adamw8bit"):
+        raise ParamsError(f"finetune.optimizer: must be 'adamw' or 'adamw8bit', got {optimizer!r}")
+    if optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ParamsError("finetune.optimizer: adamw8bit needs the bitsandbytes package (pip install bitsandbytes)")
+    if precision not in PRECISIONS:
+        raise ParamsError(f"finetune.precision: must be one of {tuple(PRECISIONS)}, got {precision!r}")
     if mode not in ("unet", "lora"):
         raise ParamsError(f"finetune.mode: must be 'unet' or 'lora', got {mode!r}")
     if not defects:
@@ -513,6 +533,12 @@ def finetune(
     lr = lr if lr is not None else (1e-4 if mode == "unet" else 1e-3)
 
     comps = load_pipeline_components(base, device=device)
+    if precision == "fp16" and comps.device.type != "cuda":
+        raise ParamsError(f"finetune.precision: fp16 autocast needs a CUDA device, got {comps.device.type}; use bf16 (CPU and CUDA)")
+    if gradient_checkpointing:
+        if not getattr(comps.unet, "_supports_gradient_checkpointing", False):
+            raise ParamsError(f"finetune.gradient_checkpointing: {type(comps.unet).__name__} does not support it")
+        comps.unet.enable_gradient_checkpointing()
     if hasattr(comps.prompts, "product"):  # the text prompts name the product (c_p, c_f)
         comps.prompts.product = category
     if tdia:
@@ -585,8 +611,17 @@ def finetune(
         step_kw.update(mask_module=module, mask_weight=mask_module)
     if tdia:
         extra["tdia"] = True
-    rows, seconds = _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect_type, seed, progress, f"finetune {defect_type}", step_kw)
+    if precision != "fp32":
+        extra["precision"] = precision
+    if gradient_checkpointing:
+        extra["gradient_checkpointing"] = True
+    if optimizer != "adamw":
+        extra["optimizer"] = optimizer
+    rows, seconds = _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect_type, seed, progress, f"finetune {defect_type}", step_kw,
+                                 precision=precision, optimizer=optimizer)
     comps.unet.eval()
+    if gradient_checkpointing:
+        comps.unet.disable_gradient_checkpointing()
     if trimap_control:  # AdaBLDM's spatial guidance, trained on the frozen fine-tuned model
         with fixed_threads():
             extra.update(train_trimap_controlnet(comps, make_batch, trimap_control_steps or steps, lr, defect_type, seed, loss_norm, progress))
@@ -675,13 +710,27 @@ def train_trimap_controlnet(comps, make_batch, steps: int, lr: float, defect: st
             "trimap_control_loss_last": round(float(np.mean(losses[-k:])), 6)}
 
 
-def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw=None, threads: int = TRAIN_THREADS):
+def _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw=None, threads: int = TRAIN_THREADS,
+                 precision: str = "fp32", optimizer: str = "adamw"):
     """AdamW with warm-up and cosine decay; the defect tokens get their own learning rate.
 
     ``step_kw``: keyword arguments of :func:`disentangled_step` (loss norm, attention loss).
-    Runs with ``threads`` torch threads (:func:`fixed_threads`)."""
+    Runs with ``threads`` torch threads (:func:`fixed_threads`); ``precision``: see :func:`finetune`."""
     with fixed_threads(threads):
-        return _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw)
+        return _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw, precision, optimizer)
+
+
+# finetune.precision: the autocast dtype of the forward pass (None: plain fp32)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The forward pass's context: ``torch.autocast`` at ``precision`` on ``device``'s type, or
+    a no-op for "fp32" (so the fp32 path is the code it was)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def _curve_keys(step_kw: dict) -> tuple[str, ...]:
@@ -689,7 +738,17 @@ def _curve_keys(step_kw: dict) -> tuple[str, ...]:
             + (("aal",) if step_kw.get("aal") else ()) + (("mask",) if step_kw.get("mask_weight", 0) > 0 else ()))
 
 
-def _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw):
+def _adamw(groups, optimizer: str):
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=1e-4)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ParamsError("finetune.optimizer: adamw8bit needs the bitsandbytes package (pip install bitsandbytes)") from e
+    return bnb.optim.AdamW8bit(groups, weight_decay=1e-4)
+
+
+def _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed, progress, desc, step_kw, precision="fp32", optimizer="adamw"):
     step_kw = step_kw or {}
     keys = _curve_keys(step_kw)
     from tqdm import tqdm
@@ -698,7 +757,8 @@ def _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed
     tokens = [p for p in params if id(p) not in trainable_ids]
     groups = [dict(g) for g in param_groups] + ([{"params": tokens, "lr": token_lr}] if tokens else [])
     base_lrs = [g["lr"] for g in groups]
-    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
+    opt = _adamw(groups, optimizer)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     gen = torch.Generator().manual_seed(seed)
     rows, t0 = [], time.perf_counter()
     acc, n_acc = dict.fromkeys(keys, 0.0), 0
@@ -707,11 +767,19 @@ def _loop(comps, params, param_groups, token_lr, steps, make_batch, defect, seed
         for g, lr0 in zip(opt.param_groups, base_lrs):
             g["lr"] = _lr_at(step, steps, lr0, warmup=min(50, steps // 10 + 1))
         x, m, inside, *outside = make_batch()  # a 4th entry: the product conditions of Algorithm 1
-        out = disentangled_step(comps, x, m, inside, defect, gen, outside=outside[0] if outside else None, **step_kw)
+        with autocast_for(comps.device, precision):
+            out = disentangled_step(comps, x, m, inside, defect, gen, outside=outside[0] if outside else None, **step_kw)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        if scaler is None:
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        else:  # fp16: scale the loss so small gradients do not flush to zero; skip steps with inf/nan gradients
+            scaler.scale(out["loss"]).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
         for k in acc:
             acc[k] += out[k].item()
         n_acc += 1
