@@ -15,7 +15,7 @@ export OMP_NUM_THREADS ?= 1
 # dvc.yaml's stage commands say `python ...`: make it the project's interpreter
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test test-all install bench clean
+.PHONY: run test test-all install bench gpu-check clean
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# on a CUDA worker: the SD 1.5-size check (random weights, built offline) in under 8 minutes -> bench/results/gpu-check.json;
+# refuses in one line without a CUDA device. The pinned torch wheel is the CUDA build (torch.version.cuda set)
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf data/sample data/manifests data/models data/generated data/refined data/quality data/detector data/release
