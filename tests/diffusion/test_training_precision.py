@@ -29,7 +29,7 @@ class _Probe:
     """Records the dtype of the UNet's conv_out output and how often its first ResNet block runs."""
 
     def __init__(self, monkeypatch):
-        self.out_dtypes, self.mid_calls = [], 0
+        self.out_dtypes, self.mid_calls, self.frozen_dtypes = [], 0, set()
         from diffusers import UNet2DConditionModel
 
         orig = UNet2DConditionModel.forward
@@ -38,6 +38,7 @@ class _Probe:
             if not getattr(unet, "_probed", False):
                 unet._probed = True
                 unet.conv_out.register_forward_hook(lambda mod, i, o: self.out_dtypes.append(o.dtype))
+                self.frozen_dtypes = {p.dtype for p in unet.parameters() if not p.requires_grad}
                 block = unet.down_blocks[0].resnets[0]  # a wrapped forward: checkpoint's recompute skips module hooks
                 inner = block.forward
 
@@ -57,6 +58,8 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights(tiny_late
     fm = finetune(str(tiny_latent_dir), _defects(), "pit", tmp_path / "ft", mode=mode, steps=2, batch_size=2, lr=1e-2,
                   attention_loss=1.0, progress=False, device="cpu", precision="bf16")
     assert probe.out_dtypes and set(probe.out_dtypes) == {torch.bfloat16}  # the UNet really ran in bf16
+    # LoRA: the frozen base is held in bf16 (half the memory); full UNet: nothing frozen, fp32 master weights
+    assert probe.frozen_dtypes == ({torch.bfloat16} if mode == "lora" else set())
     assert fm["precision"] == "bf16" and np.isfinite(fm["loss_last"] if "loss_last" in fm else 0.0)
     curve = (tmp_path / "ft" / "training_curve.csv").read_text().splitlines()
     assert all(np.isfinite(float(x)) for x in curve[-1].split(",")[1:])

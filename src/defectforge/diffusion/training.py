@@ -488,7 +488,8 @@ def finetune(
     Memory options (docs/gpu-memory-plan.md): ``precision`` "bf16" / "fp16" runs each step's
     forward pass under ``torch.autocast`` (mixed precision: the weights, gradients and AdamW
     states stay fp32, the saved checkpoint too; "fp16" is CUDA-only and scales the loss with a
-    ``GradScaler``; "bf16" also runs on CPU). ``gradient_checkpointing`` recomputes the UNet
+    ``GradScaler``; "bf16" also runs on CPU); with ``mode="lora"`` the frozen base is loaded in
+    that dtype and only the adapters are fp32. ``gradient_checkpointing`` recomputes the UNet
     blocks' activations in the backward pass instead of keeping them
     (``unet.enable_gradient_checkpointing()``). ``optimizer`` "adamw8bit": bitsandbytes'
     AdamW8bit (2 bytes of state per parameter instead of 8; an optional package). All three
@@ -532,7 +533,10 @@ def finetune(
     normals = [_as_rgb(im, f"finetune normal {i}") for i, im in enumerate(normals or [])]
     lr = lr if lr is not None else (1e-4 if mode == "unet" else 1e-3)
 
-    comps = load_pipeline_components(base, device=device)
+    # LoRA under mixed precision: the frozen base in the autocast dtype (half its memory, and no cast copies of
+    # its weights kept for the backward pass); the adapters, tokens and modules that train stay fp32
+    half_base = mode == "lora" and precision != "fp32" and not trimap_control
+    comps = load_pipeline_components(base, device=device, dtype=PRECISIONS[precision] if half_base else torch.float32)
     if precision == "fp16" and comps.device.type != "cuda":
         raise ParamsError(f"finetune.precision: fp16 autocast needs a CUDA device, got {comps.device.type}; use bf16 (CPU and CUDA)")
     if gradient_checkpointing:
@@ -559,6 +563,8 @@ def finetune(
             LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
         )
         params = [p for p in comps.unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()  # fp32 adapters on a half base: AdamW updates need fp32 weights
     param_groups = [{"params": params, "lr": lr}]
     if comps.profile == "tiny":
         comps.prompts.requires_grad_(False)
