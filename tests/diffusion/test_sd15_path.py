@@ -3,10 +3,12 @@ finetune (LoRA, attention loss, DefectDiffu's condition dropout, AnomalyDiffusio
 generate (every diffusion method, attention captured), refine (Eq. 13) and quality.
 
 The nightly test runs at 256 px (the UNet's ``sample_size`` 32 in a view of the 512 px directory:
-the weights do not depend on it) with 2 training steps and 3 DDIM steps, about 15-25 minutes on
-one thread. Full-UNet fine-tuning is not run here: fp32 AdamW holds weights + gradients + two
-moments = 4 x 859.5 M x 4 B = 13.8 GB before activations, over the 12 GiB this machine allows
-(docs/sd15-memory.md has the plan for GPUs).
+the weights do not depend on it) with 2 training steps and 3 DDIM steps: 9.5 minutes on one thread
+(2 cores at load 6), peak RSS 8.3 GB; it reuses a built directory at $DEFECTFORGE_SD15_DIR
+(default /tmp/sd15-bench/model) or builds one (4.3 GB, about 25 s). Full-UNet fine-tuning is not
+run: fp32 AdamW holds weights + gradients + two moments = 4 x 859.52 M x 4 B = 13.75 GB (12.8 GiB)
+before the text encoder and VAE (0.83 GB) and the activations (about 2 GiB at 256 px, measured
+with LoRA), over the 12 GiB this machine allows (docs/gpu-memory-plan.md: the options on GPUs).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def run_stage(name: str, work: Path, model_dir: Path) -> Path:
     if name == "refine":
         return refine.run(ref, sp, work / "generated", work / "refined")
     if name == "quality":
-        quality.run(qual, sp, work / "refined", work / "quality", progress=False)
+        quality.run(qual, sp, work / "refined" / "manifest.parquet", work / "quality", progress=False)
         return work / "quality"
     raise ValueError(name)
 
@@ -111,40 +113,50 @@ def run_stages(work: Path, model_dir: Path) -> dict:
     return {name: run_stage(name, work, model_dir) for name in STAGES}
 
 
-@pytest.mark.slow
-@pytest.mark.nightly
-def test_sd15_pretrained_path_end_to_end(tmp_path):
+def check_outputs(work: Path) -> None:
+    """What each stage under ``work`` must have written (also run by bench/sd15_end_to_end.py)."""
+    import numpy as np
     import pandas as pd
+    from PIL import Image
 
     from defectforge.manifest.io import read_manifest
 
+    ft = work / "finetune" / "brick" / "crack"
+    meta = json.loads((ft / "defectforge_finetune.json").read_text())
+    assert meta["mode"] == "lora" and meta["profile"] == "pretrained"
+    m = json.loads((work / "finetune" / "checkpoints.json").read_text())["brick/crack"]["metrics"]
+    assert m["attention_loss"] == 1.0 and m["cond_dropout_product"] == 0.2 and m["anomaly_embedding"]["steps"] == 2
+    assert (ft / "lora" / "pytorch_lora_weights.safetensors").is_file() and (ft / "anomaly_embedding").is_dir()
+    curve = pd.read_csv(ft / "training_curve.csv")
+    assert curve["step"].tolist() == [2] and curve["attention"].gt(0).all() and curve.notna().all().all(), curve  # logged at the last step
+    for name in DIFFUSION:
+        rows = read_manifest(work / "generated" / name / "manifest").to_pandas()
+        assert len(rows) == 2 and (rows["width"] == 96).all(), (name, len(rows))  # pasted back into the 96 px source
+        saved = rows["attention_path"].notna() & rows["attention_path"].astype(str).ne("")
+        # Eq. 13's maps (inversion, blended) and DefectDiffu's mask attention are captured; AnomalyDiffusion keeps its mask
+        assert saved.all() if name != "anomalydiffusion" else not saved.any(), (name, rows["attention_path"].tolist())
+        for r in rows[saved].itertuples():  # the defect tokens' share, m' * A_def: it varies inside the mask and is larger there
+            att = np.asarray(Image.open(work / "generated" / r.attention_path), dtype=float)
+            inside = np.asarray(Image.open(work / "generated" / r.raw_mask_path)) > 0
+            assert np.unique(att[inside]).size > 1 and att[inside].mean() > att[~inside].mean(), (name, r.attention_path)
+    refined = read_manifest(work / "refined" / "manifest.parquet").to_pandas()
+    assert len(refined) == 8 and set(refined["method"]) == set(DIFFUSION)
+    src = refined.groupby("method")["mask_source"].agg(set)
+    assert src["anomalydiffusion"] == {"raw"} and all("raw" not in src[m] for m in DIFFUSION[:3]), src
+    assert (refined["mask_area"] > 0).all() and (refined["mask_area"] <= refined["raw_mask_area"]).all()  # inside the target mask
+    details = json.loads((work / "quality" / "details.json").read_text())
+    assert sorted(details["sets"]) == [f"brick/crack/{m}" for m in sorted(DIFFUSION)] and details["samples"] == 8
+    assert all(e["n_fake"] == 2 and e["fid"] is not None for e in details["sets"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.nightly
+def test_sd15_pretrained_path_end_to_end(tmp_path):
     torch.set_num_threads(1)
     full, built = sd15_model(tmp_path)
     try:
-        model = view_at(full, tmp_path / "sd15-256", 32)
-        out = run_stages(tmp_path, model)
-        ft = out["finetune"] / "brick" / "crack"
-        meta = json.loads((ft / "defectforge_finetune.json").read_text())
-        assert meta["mode"] == "lora" and meta["profile"] == "pretrained"
-        m = meta["metrics"]
-        assert m["attention_loss"] == 1.0 and m["cond_dropout_product"] == 0.2 and m["anomaly_embedding"]["steps"] == 2
-        assert (ft / "lora" / "pytorch_lora_weights.safetensors").is_file()
-        curve = pd.read_csv(ft / "training_curve.csv")
-        assert curve["step"].tolist() == [2] and curve["attention"].gt(0).all() and curve.notna().all().all(), curve  # logged at the last step
-        assert any(ft.rglob("*.safetensors")) and (ft / "anomaly_embedding").is_dir()
-        for name in DIFFUSION:
-            rows = read_manifest(out["generate"] / name / "manifest").to_pandas()
-            assert len(rows) == 2 and (rows["width"] == 96).all(), (name, len(rows))  # pasted back into the 96 px source
-            saved = rows["attention_path"].notna() & rows["attention_path"].astype(str).ne("")
-            # Eq. 13's maps (inversion, blended) and DefectDiffu's mask attention are captured; AnomalyDiffusion keeps its mask
-            assert saved.all() if name != "anomalydiffusion" else not saved.any(), (name, rows["attention_path"].tolist())
-        refined = read_manifest(out["refine"]).to_pandas()
-        assert len(refined) == 8 and set(refined["method"]) == set(DIFFUSION)
-        src = refined.groupby("method")["mask_source"].agg(set)
-        assert src["anomalydiffusion"] == {"raw"} and all("raw" not in src[m] for m in DIFFUSION[:3]), src
-        details = json.loads((out["quality"] / "details.json").read_text())
-        assert sorted(details["sets"]) == [f"brick/crack/{m}" for m in sorted(DIFFUSION)] and details["samples"] == 8
-        assert all(e["n_fake"] == 2 and e["fid"] is not None for e in details["sets"].values())
+        run_stages(tmp_path, view_at(full, tmp_path / "sd15-256", 32))
+        check_outputs(tmp_path)
     finally:
         if built:
             shutil.rmtree(full, ignore_errors=True)
