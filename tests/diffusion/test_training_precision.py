@@ -60,7 +60,7 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights(tiny_late
     assert probe.out_dtypes and set(probe.out_dtypes) == {torch.bfloat16}  # the UNet really ran in bf16
     # LoRA: the frozen base is held in bf16 (half the memory); full UNet: nothing frozen, fp32 master weights
     assert probe.frozen_dtypes == ({torch.bfloat16} if mode == "lora" else set())
-    assert fm["precision"] == "bf16" and np.isfinite(fm["loss_last"] if "loss_last" in fm else 0.0)
+    assert fm["precision"] == "bf16" and np.isfinite(fm["final_loss"])
     curve = (tmp_path / "ft" / "training_curve.csv").read_text().splitlines()
     assert all(np.isfinite(float(x)) for x in curve[-1].split(",")[1:])
     saved = load_file(next((tmp_path / "ft").rglob("*.safetensors")))
