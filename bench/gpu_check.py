@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -287,9 +288,12 @@ def finetune_memory(chk: Check, model_dir: Path, work: Path) -> dict:
         defects.append((img, m))
     configs = [
         ("lora", "fp32", False, "adamw", 1), ("lora", "bf16", False, "adamw", 1), ("lora", "bf16", False, "adamw", 8),
+        ("lora", "bf16", True, "adamw", 8), ("lora", "bf16", True, "adamw", 16),
         ("unet", "fp32", False, "adamw", 1), ("unet", "bf16", False, "adamw", 1), ("unet", "bf16", True, "adamw", 1),
         ("unet", "bf16", True, "adamw", 8),
     ]
+    if DEV == "cuda":  # fp16 autocast + GradScaler is CUDA-only: this is where that code path runs
+        configs += [("lora", "fp16", False, "adamw", 1), ("unet", "fp16", True, "adamw", 1)]
     if importlib.util.find_spec("bitsandbytes") is not None:
         configs += [("unet", "bf16", True, "adamw8bit", 1), ("unet", "bf16", True, "adamw8bit", 8)]
     out = {}
@@ -301,9 +305,11 @@ def finetune_memory(chk: Check, model_dir: Path, work: Path) -> dict:
         chk.reset()
         t0 = time.perf_counter()
         try:
-            finetune(str(model_dir), defects, "scratch", work / "ft-mem" / key, mode=mode, steps=2, batch_size=b, attention_loss=1.0,
-                     precision=prec, gradient_checkpointing=ckpt, optimizer=optim, device=DEV, progress=False)
-            out[key] = {"seconds": round(time.perf_counter() - t0, 1), **chk.peak()}
+            m = finetune(str(model_dir), defects, "scratch", work / "ft-mem" / key, mode=mode, steps=2, batch_size=b, attention_loss=1.0,
+                         precision=prec, gradient_checkpointing=ckpt, optimizer=optim, device=DEV, progress=False)
+            loss = [v for k, v in m.items() if "loss" in k and isinstance(v, (int, float))]
+            out[key] = {"seconds": round(time.perf_counter() - t0, 1), "seconds_per_step": m["seconds_per_step"], **chk.peak(),
+                        "losses_finite": all(math.isfinite(v) for v in loss)}
         except torch.cuda.OutOfMemoryError as e:
             out[key] = {"oom": str(e).splitlines()[0], **chk.peak()}
         shutil.rmtree(work / "ft-mem" / key, ignore_errors=True)
