@@ -182,6 +182,11 @@ class FinetuneParams(_Section):
     mask_tokens: int = Field(4, ge=1, le=64)              # k', tokens of the mask embedding e_m (textual-inversion kind)
     mask_model_flip: bool = True                          # left-right / up-down flips of the few real masks
     mask_model_downsample: Literal["cover", "area"] = "cover"  # cover: a pixel is defect when any pixel under it is
+    # memory (docs/gpu-memory-plan.md): autocast precision (weights, gradients and AdamW states stay fp32; fp16 needs
+    # CUDA), activation checkpointing, 8-bit AdamW (bitsandbytes, optional)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(1, ge=1, le=64)                  # processes fine-tuning defect types side by side (same bytes as 1)

@@ -111,3 +111,21 @@ def test_adamw8bit_keeps_uint8_states(tiny_latent_dir, tmp_path, monkeypatch):
     fm = finetune(str(tiny_latent_dir), _defects(), "pit", tmp_path / "ft", mode="unet", steps=2, batch_size=2, lr=1e-3,
                   progress=False, device="cpu", optimizer="adamw8bit")
     assert fm["optimizer"] == "adamw8bit" and torch.uint8 in seen
+
+
+def test_the_finetune_stage_hands_its_memory_options_to_training(monkeypatch, tmp_path):
+    """finetune.precision / gradient_checkpointing / optimizer reach diffusion.training.finetune."""
+    import numpy as np
+
+    import defectforge.diffusion as diffusion
+    import defectforge.pipeline.finetune as stage
+    from defectforge.config import parse_params
+
+    seen = {}
+    monkeypatch.setattr(diffusion, "finetune", lambda *a, **k: seen.update(k) or {})
+    monkeypatch.setattr(stage, "read_image", lambda path: np.zeros((8, 8, 3), np.uint8))
+    monkeypatch.setattr(stage, "read_mask", lambda path: np.ones((8, 8), bool))
+    monkeypatch.setattr("defectforge.diffusion.training.file_metrics", lambda m: m)
+    p = parse_params({"finetune": {"precision": "bf16", "gradient_checkpointing": True, "optimizer": "adamw8bit"}}).finetune
+    stage._train_one(p, "base", tmp_path, tmp_path, "cat", "crack", [("a.png", "a_mask.png")], [], False, False)
+    assert (seen["precision"], seen["gradient_checkpointing"], seen["optimizer"]) == ("bf16", True, "adamw8bit")

@@ -87,7 +87,7 @@ def _train_one(p: FinetuneParams, base, root: Path, tmp: Path, category: str, de
         cond_dropout_product=p.cond_dropout_product, cond_dropout_defect=p.cond_dropout_defect, aal=p.aal, aal_alpha=p.aal_alpha,
         tdia=p.tdia, mask_module=p.mask_module, mask_module_lr=p.mask_module_lr, trimap_control=p.trimap_control,
         trimap_control_steps=p.trimap_control_steps or None, seed=p.seed, device=p.device, progress=progress,
-        category=category,
+        category=category, precision=p.precision, gradient_checkpointing=p.gradient_checkpointing, optimizer=p.optimizer,
     )
     if p.anomaly_embedding:  # AnomalyDiffusion: masked textual inversion (Eq. 5-6) of e_a and E on the frozen base
         from defectforge.methods.anomalydiffusion import EMBEDDING_DIR, fit_anomaly_embedding
