@@ -3,8 +3,8 @@ finetune (LoRA, attention loss, DefectDiffu's condition dropout, AnomalyDiffusio
 generate (every diffusion method, attention captured), refine (Eq. 13) and quality.
 
 The nightly test runs at 256 px (the UNet's ``sample_size`` 32 in a view of the 512 px directory:
-the weights do not depend on it) with 2 training steps and 3 DDIM steps: 9.5 minutes on one thread
-(2 cores at load 6), peak RSS 8.3 GB; it reuses a built directory at $DEFECTFORGE_SD15_DIR
+the weights do not depend on it) with 2 training steps and 3 DDIM steps: 7 to 9.5 minutes on one
+thread (2 cores at load 2-6), peak RSS 8.2-8.3 GB; it reuses a built directory at $DEFECTFORGE_SD15_DIR
 (default /tmp/sd15-bench/model) or builds one (4.3 GB, about 25 s). Full-UNet fine-tuning is not
 run: fp32 AdamW holds weights + gradients + two moments = 4 x 859.52 M x 4 B = 13.75 GB (12.8 GiB)
 before the text encoder and VAE (0.83 GB) and the activations (about 2 GiB at 256 px, measured
