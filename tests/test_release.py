@@ -135,10 +135,10 @@ def test_publish_pull_load_and_no_change_no_version(project, tmp_path, run_cmd):
     assert _run(["git", "tag"], project).split() == ["dataset/sample/v1"]
     assert [v["version"] for v in list_versions(project, "sample")] == [1]
 
-    # a fresh clone pulls the tag from the DVC remote and reads the same rows
+    # a fresh clone pulls the tag's version from the DVC remote (publish pushes only the version) and reads the same rows
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", "--branch", "dataset/sample/v1", str(project), str(clone)], tmp_path)
-    _run([sys.executable, "-m", "dvc", "pull", "-q"], clone)
+    _run([sys.executable, "-m", "dvc", "pull", "-q", "releases/sample/v1"], clone)
     pulled = defectforge.load(name="sample", version=1, repo=str(clone))
     assert sorted(pulled.column("sample_id").to_pylist()) == sorted(rows.sample_id)
     ds = defectforge.ManifestDataset(pulled)
