@@ -20,10 +20,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -47,6 +46,11 @@ from defectforge.manifest.schema import (
     schema_for,
 )
 
+if TYPE_CHECKING:
+    import pandas as pd
+# pandas is imported where rows are written, never at import: reading a manifest (the
+# consumer side, defectforge.load) needs pyarrow and numpy only.
+
 
 def _to_table(rows: pd.DataFrame | pa.Table | list[dict], schema: pa.Schema, source: str) -> pa.Table:
     """``rows`` as a table of ``schema``: one pyarrow conversion per column, no loop over values.
@@ -59,6 +63,8 @@ def _to_table(rows: pd.DataFrame | pa.Table | list[dict], schema: pa.Schema, sou
     column with a missing value is refused here, naming the row (pyarrow's writer used
     to fail on it with a bare ArrowInvalid).
     """
+    import pandas as pd
+
     if isinstance(rows, pa.Table):
         df = rows
     elif isinstance(rows, pd.DataFrame):
@@ -87,6 +93,8 @@ _NUMPY_KINDS = {"int": "iu", "float": "iuf", "bool": "b"}
 
 def _fast_ok(values: pd.Series, field: pa.Field) -> bool:
     """Whether pyarrow's whole-column conversion of ``values`` gives what the per-value one gives."""
+    import pandas as pd
+
     dtype = values.dtype
     if dtype == object:
         return True  # Python objects: the same converter as a list, value by value (in C)
@@ -109,6 +117,8 @@ def _column(df: pd.DataFrame | pa.Table, field: pa.Field, source: str, *, is_pat
         col = df.column(field.name)
         if col.type != field.type:
             # what the per-value conversion did with a table: through pandas, this column only
+            import pandas as pd
+
             return _column(pd.DataFrame({field.name: col.to_pandas()}), field, source, is_path=is_path)
         arr = col
         if pa.types.is_floating(field.type) and pc.any(pc.is_nan(arr)).as_py():
@@ -156,6 +166,8 @@ def _present(v: Any) -> bool:
         return False
     if isinstance(v, float) and v != v:
         return False
+    import pandas as pd
+
     return v is not pd.NA
 
 

@@ -24,14 +24,15 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ClassVar, NamedTuple
-
-import pandas as pd
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from defectforge.data.io import sha256_file
 from defectforge.errors import DefectforgeError, ManifestError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import ID_COLUMN, PATH_COLUMNS, schema_for
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where a frame is made: the consumer side reads without pandas
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -69,6 +70,7 @@ def _gx_classes():
 
 _ENUMS = {"split": {"split": ["train", "test"]}}
 _SHA = r"^[0-9a-f]{64}$"
+METHOD_ID = r"^[a-z][a-z0-9-]*$"  # a registered method's id (copy-paste, anomalydiffusion, ...)
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$"
 
 
@@ -100,6 +102,8 @@ def build_suite(kind: str, root: str, methods: list[str] | None = None):
         suite.add_expectation(E.ExpectColumnValuesToNotBeInSet(column="defect_type", value_set=["good"]))
         if methods:
             suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="method", value_set=methods))
+        else:  # a method id; the manifest layer does not import the method registry (it sits below it)
+            suite.add_expectation(E.ExpectColumnValuesToMatchRegex(column="method", regex=METHOD_ID))
     return suite
 
 
@@ -125,10 +129,6 @@ def validate_frame(df: pd.DataFrame, *, kind: str, root: str | os.PathLike, meth
         pass
     bd = ctx.data_sources.add_pandas("manifest").add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
     frame = _frame(df, kind)
-    if methods is None and kind == "synthetic":
-        from defectforge.config import METHOD_NEEDS_CHECKPOINTS
-
-        methods = list(METHOD_NEEDS_CHECKPOINTS)
     suite = build_suite(kind, str(root), methods)
     result = bd.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
     failures = []
@@ -456,6 +456,8 @@ def verify_hashes(table, root: str | os.PathLike, workers: int | None = None) ->
     most 32): hashlib releases the GIL, so hashing and reading overlap. Each distinct
     file is hashed once. Mismatches come sorted by row id, then column.
     """
+    import pandas as pd
+
     df = table.to_pandas() if hasattr(table, "to_pandas") and not isinstance(table, pd.DataFrame) else table
     idcol = next((c for c in ("sample_id", "image_id") if c in df.columns), None)
     check_rows_confined(df, root)  # a link out of the root is refused, never hashed
