@@ -2,7 +2,7 @@
 ``detector.workers`` ((category, seed, run) detectors).
 
 Each job is a function of its own arguments and seed, so the results equal one worker's
-(tests/pipeline/test_reproducible.py, tests/test_evaluate.py). Workers are spawned (a clean
+(tests/pipeline/test_reproducible.py, tests/pipeline/test_evaluate.py). Workers are spawned (a clean
 torch in each) and inherit the stage's CPU-kernel pin (:func:`~defectforge.pipeline.entry.pin_cpu_isa`).
 """
 
