@@ -3,7 +3,7 @@
 A detector that squashes a 250 x 600 px image with 10 px defects to a 64 px short side
 never sees a defect wider than 3 px, and a 9 x 9 score pool averages those away: on
 Magnetic Tile it did not learn (real-only image AUROC 0.4-0.5) at settings that suit the
-built-in sample's 128 px images. What made it learn there (docs/magnetic-tile-detector-spread.md)
+built-in sample's 128 px images. What made it learn there (experiments/magnetic-tile-detector/magnetic-tile-detector-spread.md)
 follows from two sizes measured on the real training split of a category:
 
 - ``S``, the median short side of its images, and

@@ -15,7 +15,7 @@ Resolution. Every image keeps its aspect ratio: it is resized by a fixed factor
 ``scale`` (e.g. 0.5: the same pixel pitch for every image of a dataset), or, with
 ``scale=None``, so that its short side is ``size``. Squashing a 250 x 600 px Magnetic
 Tile image into a square erased thin cracks and small blowholes
-(docs/magnetic-tile-detector-spread.md, "Making it learn").
+(experiments/magnetic-tile-detector/magnetic-tile-detector-spread.md, "Making it learn").
 
 Training on patches. Each step takes ``batch_size`` random ``patch`` x ``patch`` crops
 at that resolution: half of them centred (with a random offset of up to a quarter

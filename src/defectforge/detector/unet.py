@@ -13,7 +13,7 @@ when training sees patches and evaluation whole images, whose statistics differ.
 ``norm="batch"`` (BatchNorm) is a fixed per-channel affine at evaluation (running
 statistics), the same for a patch and a whole image: on Magnetic Tile (64 px patches,
 whole-image evaluation) it raised real-only image AUROC from 0.60 to 0.73-0.76 at the
-same budget (docs/magnetic-tile-detector-spread.md, "Making it learn").
+same budget (experiments/magnetic-tile-detector/magnetic-tile-detector-spread.md, "Making it learn").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """An identity autoencoder behind AutoencoderKL's encode/decode interface.
 
 The tiny profile runs in pixel space: a tiny VAE at 64 px costs more than the UNet
-and shrinks a 13-px pit to 3 latent pixels (issue 3). Keeping the AutoencoderKL
+and shrinks a 13-px pit to 3 latent pixels. Keeping the AutoencoderKL
 interface (``encode(x).latent_dist``, ``decode(z).sample``, ``config.scaling_factor``)
 lets every method use one code path for both profiles; methods check
 :attr:`has_decoder` to know that there is no decoder to adapt (AdaBLDM's stage 4).

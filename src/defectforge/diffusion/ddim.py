@@ -28,7 +28,7 @@ Bounding the clean estimate (``bound_eps``), as diffusers' DDIMScheduler does wi
 so the DDIM step (3) lands on a point whose clean estimate is a valid image. Without
 it a small model's x0^ leaves [-1, 1] inside the defect mask and only the final
 uint8 conversion clamps: measured as saturated black / white / colour blobs
-(docs/realism-ablation.md).
+(experiments/realism-ablation/realism-ablation.md).
 """
 
 from __future__ import annotations

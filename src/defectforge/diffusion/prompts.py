@@ -35,8 +35,8 @@ consistency). Names the table does not list pass through cleaned (lower case, "_
 to spaces): Magnetic Tile's "Blowhole" is "blowhole". Without a category (a base model
 loaded outside the pipeline) the product name is :data:`GENERIC_PRODUCT`. The paper gives
 no text for the DDIM-inversion paper's C_m (``"mask"``); it stays "a masked region".
-The templates used to carry a DreamBooth rare identifier ("a photo of sks {defect}
-defect") and a generic "background" c_p; the paper uses the plain names.
+The templates use the plain names, as the paper does: no DreamBooth rare identifier
+("a photo of sks {defect} defect") and no generic "background" c_p.
 
 TDIA's fusion prompt c_f: with ``fusion=True`` :func:`build_context` appends it as a third
 group, ``[c_d, c_p, c_f]``, token kinds 1 / 0 / 2. The text encoder encodes it as the
@@ -157,10 +157,10 @@ class TokenPromptEncoder(nn.Module):
     def add_defect(self, defect: str, seed: int = 0) -> None:
         """New defect tokens start as fresh random vectors (like the other concepts at init).
 
-        Starting them next to the "good" tokens (textual inversion's init from a related
-        word) was tried on Magnetic Tile: the tokens stayed within 13 % of "good", the
-        fine-tuned UNet painted defects whatever the tokens said, and the
-        defect-vs-background guidance had nothing to amplify.
+        Not next to the "good" tokens (textual inversion's init from a related word): on
+        Magnetic Tile such tokens stay within 13 % of "good", the fine-tuned UNet paints
+        defects whatever the tokens say, and the defect-vs-background guidance has nothing
+        to amplify.
         """
         if defect in self.defects:
             return

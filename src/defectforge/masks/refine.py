@@ -49,7 +49,7 @@ def difference_mask(
 
     Not Eq. 13: an image-space alternative for models whose cross-attention carries no
     defect evidence (fine-tuned without ``finetune.attention_loss``, the defect tokens'
-    share is flat at about 1/2; see docs/eq13-attention.md). A target pixel is kept when its
+    share is flat at about 1/2; see experiments/eq13-attention/eq13-attention.md). A target pixel is kept when its
     absolute change (mean over channels) is at least ``fraction`` of the largest change
     inside the target; nothing is kept when that largest change is below ``min_change``
     gray levels (nothing was painted). Same morphology as :func:`refine_mask`; the

@@ -61,13 +61,13 @@ Departures from the reference, and why:
   (diffusion/control.py). Without one the trimap only clips m_d to the object. With
   ``trimap: false`` the condition marks m_d as defect on an all-object crop.
 
-Realism options (issue 8; ``BlendedConfig``; the plain sampler is ``clip_x0=False,
-gray_steps=False, feather=0``; measured in docs/realism-ablation.md):
+Realism options (``BlendedConfig``; the plain sampler is ``clip_x0=False,
+gray_steps=False, feather=0``; measured in experiments/realism-ablation/realism-ablation.md):
 
 * ``clip_x0`` (default on): x0^ clamped to [-1, 1] in every DDIM step and eps re-derived
   from it (:func:`~defectforge.diffusion.ddim.bound_eps`, diffusers' ``clip_sample``);
   without it the unbounded estimate shows as saturated plateaus inside m_d (on a real
-  Magnetic Tile run 66 % of in-mask pixels saturated, 0 % with the bound; issue 8).
+  Magnetic Tile run 66 % of in-mask pixels saturated, 0 % with the bound).
   ``latent_bound`` is the bound for latent profiles (0: off).
 * ``gray_steps`` (default on): grayscale sources get x0^ on the grey axis in every step.
 * ``feather`` (sigma in px, default 1.5): the latent blending, the image editing and the

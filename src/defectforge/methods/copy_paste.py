@@ -86,8 +86,8 @@ class CopyPaste(GenerationMethod):
         target = image[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
         # 4. brightness: scale the donor so its surroundings get the target's local mean. A gain,
         #    not an offset: shading is multiplicative, so a pit keeps its depth relative to the
-        #    surface; an offset pushed a dark pit pasted on darker brick below 0 (issue 8: the one
-        #    saturated copy-paste sample of `make run`, 32 % of its mask clipped to black)
+        #    surface; an offset pushes a dark pit pasted on darker brick below 0 (on the built-in
+        #    sample, 32 % of such a sample's mask clipped to black)
         if self.config.match_brightness and (~dmask).any():
             gain = target[~dmask].mean(axis=0) / np.maximum(pixels[~dmask].mean(axis=0), 1.0)
             pixels = pixels * np.clip(gain, GAIN_RANGE[0], GAIN_RANGE[1])

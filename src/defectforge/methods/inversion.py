@@ -39,24 +39,24 @@ With ``guidance = 1`` and ``background = "sampled"`` step 4 is exactly the paper
 background branch from the stored inversion path instead of re-sampling it (the
 "direct inversion" correction): with a small model the inversion error of Eq. (8)
 showed as a colour cast over the whole crop (measured on Magnetic Tile, see
-docs/diffusion-bench.md); reading the path removes it while the defect branch
+experiments/diffusion-bench/diffusion-bench.md); reading the path removes it while the defect branch
 still follows Eq. (9) inside the mask.
 
-Realism options (issue 8; ``InversionConfig``; the paper's sampler is ``clip_x0=False,
-gray_steps=False, feather=0, paste="crop"``; measured in docs/realism-ablation.md):
+Realism options (``InversionConfig``; the paper's sampler is ``clip_x0=False,
+gray_steps=False, feather=0, paste="crop"``; measured in experiments/realism-ablation/realism-ablation.md):
 
 * ``clip_x0`` (default on): in every step of Eq. (9) the clean estimate
   x0^ = (z*_t - sqrt(1 - a_t) eps*) / sqrt(a_t) is clamped to [-1, 1] and eps* re-derived
   from it (:func:`~defectforge.diffusion.ddim.bound_eps`, diffusers' ``clip_sample``).
   Without it a small model's x0^ leaves the image range inside the mask and only the
   final uint8 conversion clamps: pitch-black / white / pure-colour plateaus. On a real
-  Magnetic Tile run the in-mask saturated share fell from 67 % to 0 % (issue 8). For
+  Magnetic Tile run the in-mask saturated share falls from 67 % to 0 %. For
   latent profiles the bound is ``latent_bound`` (0: off), since SD latents are not in [-1, 1].
 * ``real_range`` (default on, pixel profile, with ``clip_x0``): inside the (feathered)
   mask the bound is tighter, the per-channel ``real_range_q`` / ``1 - real_range_q``
   quantiles of the type's real training defects' in-mask pixels (``prepare`` reads them;
   :meth:`~defectforge.methods.base.DiffusionMethod.x0_bound`). [-1, 1] still lets the
-  floor of a pit reach pure black where no real pit does (the built-in brick holes, issue 8).
+  floor of a pit reach pure black where no real pit does (the built-in brick holes).
 * What may be bounded. The background branch z^m_t is the DDIM path of the masked
   normal latent z_0^m = (1 - m) z_0: by Lemma 1 its clean estimate is (1 - m) z_0, exactly
   0 inside m, and Eq. (12)'s masked self-attention and Proposition 1 rest on

@@ -3,7 +3,7 @@
 FID / KID / LPIPS (:mod:`defectforge.metrics.quality`) compare feature statistics of a
 backbone; without its published weights they say little about what a person sees. The
 scores here measure the defect itself, inside its mask, against the real defects of the
-same type (issue 8, deliverable 2):
+same type:
 
 * **saturation** — the share of in-mask pixels at the ends of the value range: a pixel
   is saturated when any channel is ``<= SATURATION_LOW`` or ``>= SATURATION_HIGH``.
@@ -34,7 +34,7 @@ within 1 px of the mask edge, on both sides)::
 removes, in the channel where it is largest (so colour confetti counts as well as grey
 salt-and-pepper), away from the mask's own edge. A smooth pit or stain scores a few grey
 levels; an under-trained sampler's leftover noise ("confetti") scores several times its
-real defects' (issue 8: the built-in brick holes of the tiny model, 6-13 against 0.8-2.0).
+real defects' (the built-in brick holes of the tiny model: 6-13 against 0.8-2.0).
 
 ``|∇g|`` is the Sobel gradient magnitude in grey levels per pixel. ``edge_sharpness``
 says how much stronger the edges on the mask boundary are than the surface's own

@@ -32,7 +32,7 @@ def run(p: RefineParams, split: str | os.PathLike, generated: str | os.PathLike,
        actually changed the normal image inside the target mask. Needed when the
        joint softmax was never trained (``finetune.attention_loss: 0``): the defect
        tokens' share is then flat at about 1/2 and Eq. 13 keeps all or nothing
-       (docs/eq13-attention.md);
+       (experiments/eq13-attention/eq13-attention.md);
     3. ``raw-fallback`` - neither found anything: the raw target mask is kept and the
        quality stage flags the sample;
     4. ``raw`` - the method saved no attention (copy-paste: its mask is exact).

@@ -18,7 +18,7 @@ with e_m as the condition. Two mask models, one training loop (the loss of Eq. 9
                        the masks (one channel), the same loss with every weight
                        learning. A frozen base that never saw a binary image cannot be
                        steered into drawing one by four tokens; measured in
-                       docs/generated-masks.md.
+                       experiments/target-masks/generated-masks.md.
 
 Masks are whole-image masks squashed to ``resolution`` x ``resolution``, so the model
 learns shape *and* position together (Fray on the edges, blowholes on the face), as the
@@ -28,7 +28,7 @@ and thresholded at the middle of the value range. Training masks are downsampled
 crack one source pixel wide stays a connected line at full strength and a pit of a few
 pixels stays a dot; ``area`` (a pixel's value is the share of defect it covers) keeps
 thin shapes only as faint lines, which the threshold at the middle then drops: a quarter
-of Magnetic Tile's blowhole draws came out empty that way (docs/generated-masks.md).
+of Magnetic Tile's blowhole draws came out empty that way (experiments/target-masks/generated-masks.md).
 Horizontal and vertical flips augment the few real masks (``flip``; a part whose defects
 sit on one side only wants ``flip: false``).
 
