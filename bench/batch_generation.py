@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/batch-generation.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from defectforge.config import AnomalyDiffusionConfig, BlendedConfig
+    from defectforge.params.methods import AnomalyDiffusionConfig, BlendedConfig
     from defectforge.diffusion import build_tiny_components, save_tiny
     from defectforge.diffusion.models import load_pipeline_components
     from defectforge.methods.anomalydiffusion import AnomalyDiffusionMethod, fit_anomaly_embedding

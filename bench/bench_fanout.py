@@ -21,7 +21,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from defectforge.manifest.io import read_manifest  # noqa: E402
-from defectforge.config import DataParams, GenerateParams, SampleParams, SplitParams  # noqa: E402
+from defectforge.params.data import DataParams
+from defectforge.params.generate import GenerateParams
+from defectforge.params.sample import SampleParams
+from defectforge.params.split import SplitParams
 from defectforge.pipeline.generate import run as run_generate  # noqa: E402
 from defectforge.pipeline.ingest import run as run_ingest  # noqa: E402
 from defectforge.pipeline.sample import run as run_sample  # noqa: E402
@@ -73,12 +76,12 @@ def _single(p: GenerateParams, split: Path, out: Path, checkpoints: str | None) 
     """workers=1 through Dask too (a one-worker LocalCluster), so both runs pay the same overhead."""
     from defectforge.manifest.validate import check_manifest
     from defectforge.pipeline.fanout import run_on_dask
-    from defectforge.pipeline.generate import prepare_output, run_method
+    from defectforge.manifest.io import read_manifest
+    from defectforge.pipeline.generate import plan_method, prepare_output, run_plan
 
-    name = p.methods[0]
-    n = prepare_output(split, out / name, method_name=name, n_per_defect=p.n_per_defect, seed=p.seed, shard_size=p.shard_size,
-                       params_sha256=p.method_sha256(name))
-    run_on_dask(run_method, (p, name, str(split), str(out)), n, workers=1, kwargs={"checkpoints": checkpoints}, progress=False)
+    plan = plan_method(p, p.methods[0], read_manifest(split).to_pandas(), checkpoints)
+    n = prepare_output(split, out / plan.name, plan)
+    run_on_dask(run_plan, (plan, str(split), str(out)), n, workers=1, progress=False)
     check_manifest(out)
     return out
 

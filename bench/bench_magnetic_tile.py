@@ -36,11 +36,11 @@ from mt_detector import BENCH_DETECTOR  # noqa: E402
 from mt_models import DEFECTS, build  # noqa: E402
 
 from defectforge.data.io import read_image, read_mask  # noqa: E402
+from defectforge.params.file import parse_params
 from defectforge.pipeline.quality import QualityGateError, run as run_quality  # noqa: E402
 from defectforge.pipeline.detector import run as run_detector  # noqa: E402
 from defectforge.pipeline.refine import run as run_refine  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
-from defectforge.config import parse_params  # noqa: E402
 from defectforge.pipeline.generate import run as run_generate  # noqa: E402
 from defectforge.pipeline.release import run as run_release  # noqa: E402
 from defectforge.publish.report import largest_component  # noqa: E402

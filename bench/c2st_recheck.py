@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import yaml  # noqa: E402
 
-from defectforge.config import parse_params  # noqa: E402
+from defectforge.params.file import parse_params
 from defectforge.pipeline.quality import QualityGateError, run as run_quality  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

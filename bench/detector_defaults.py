@@ -29,8 +29,8 @@ import yaml  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from mt_detector import BENCH_DETECTOR  # noqa: E402
 
-from defectforge.config import parse_params  # noqa: E402
 from defectforge.detector.compare import absolute_intervals  # noqa: E402
+from defectforge.params.file import parse_params
 from defectforge.pipeline.detector import run as run_detector  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -57,12 +57,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mt_detector import BENCH_DETECTOR  # noqa: E402
 from mt_models import DEFECTS, build  # noqa: E402
 
-from defectforge.config import METHOD_NEEDS_CHECKPOINTS, REFERENCE_METHOD, parse_params  # noqa: E402
 from defectforge.data.io import atomic_write_json  # noqa: E402
 from defectforge.errors import DefectforgeError  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest  # noqa: E402
 from defectforge.manifest.schema import QC_COLUMNS  # noqa: E402
 from defectforge.manifest.validate import check_hashes  # noqa: E402
+from defectforge.params.detector import REFERENCE_METHOD
+from defectforge.params.file import parse_params
+from defectforge.params.generate import METHOD_NEEDS_CHECKPOINTS
 from defectforge.pipeline.detector import run as run_detector  # noqa: E402
 from defectforge.pipeline.generate import run as run_generate  # noqa: E402
 from defectforge.pipeline.ingest import run as run_ingest  # noqa: E402

@@ -46,7 +46,7 @@ from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
 from defectforge.masks.refine import difference_mask, refine_mask  # noqa: E402
 from defectforge.masks.target import sample_target_mask  # noqa: E402
 from defectforge.diffusion.sampling import category_checkpoints as checkpoints  # noqa: E402
-from defectforge.config import RefineParams  # noqa: E402
+from defectforge.params.refine import RefineParams
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFECTS = ["blowhole", "crack", "break"]

@@ -224,7 +224,8 @@ def unet_calls(chk: Check, model_dir: Path, repeats: int = 5) -> dict:
 
 def sample_split(work: Path) -> Path:
     """The built-in sample reduced to one category and one defect type, ingested and split."""
-    from defectforge.config import DataParams, SplitParams
+    from defectforge.params.data import DataParams
+    from defectforge.params.split import SplitParams
     from defectforge.data.sample import make_sample
     from defectforge.pipeline import ingest, split
 
@@ -238,7 +239,11 @@ def sample_split(work: Path) -> Path:
 
 
 def stages(chk: Check, model_dir: Path, work: Path) -> dict:
-    from defectforge.config import FinetuneParams, GenerateParams, PretrainParams, QualityParams, RefineParams
+    from defectforge.params.finetune import FinetuneParams
+    from defectforge.params.generate import GenerateParams
+    from defectforge.params.pretrain import PretrainParams
+    from defectforge.params.quality import QualityParams
+    from defectforge.params.refine import RefineParams
     from defectforge.pipeline import finetune, generate, pretrain, quality, refine
 
     sp = sample_split(work)

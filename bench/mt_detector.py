@@ -30,9 +30,11 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import torch  # noqa: E402
 
+from defectforge.params.detector import DetectorParams
+from defectforge.params.generate import GenerateParams
+from defectforge.params.refine import RefineParams
 from defectforge.pipeline.detector import run as run_detector  # noqa: E402
 from defectforge.pipeline.refine import run as run_refine  # noqa: E402
-from defectforge.config import DetectorParams, GenerateParams, RefineParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Magnetic Tile budget (measured in docs/magnetic-tile-detector-spread.md, "Making it learn"): images at half size with their

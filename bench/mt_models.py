@@ -28,9 +28,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from defectforge.params.file import parse_params
 from defectforge.pipeline.finetune import run as run_finetune  # noqa: E402
 from defectforge.pipeline.pretrain import run as run_pretrain  # noqa: E402
-from defectforge.config import parse_params  # noqa: E402
 from defectforge.pipeline.ingest import run as run_ingest  # noqa: E402
 from defectforge.pipeline.split import run as run_split  # noqa: E402
 

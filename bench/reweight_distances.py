@@ -34,10 +34,10 @@ import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 import defectforge.methods.anomalydiffusion as ad  # noqa: E402
-from defectforge.config import AnomalyDiffusionConfig  # noqa: E402
 from defectforge.data.io import read_image, read_mask  # noqa: E402
 from defectforge.diffusion.attention import adaptive_weight_map  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
+from defectforge.params.methods import AnomalyDiffusionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PCT = [5, 25, 50, 75, 95]

@@ -69,7 +69,7 @@ def repro_stage(repo: str, stage: str) -> str:
 
 @task(name="publish", **TASK)
 def publish(repo: str, name: str | None, push: bool) -> dict:
-    from defectforge.config import load_params
+    from defectforge.params.file import load_params
 
     return orchestrate.publish(repo, name or load_params(f"{repo}/params.yaml").release.name, push=push, log=_log_lines())
 

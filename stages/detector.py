@@ -3,14 +3,15 @@
 usage: python stages/detector.py PARAMS SPLIT_MANIFEST REFINED_MANIFEST QC_TABLE OUT_DIR
 """
 
-from defectforge.config import load_params
+from defectforge.params.detector import DetectorParams
+from defectforge.params.loader import load_section
 from defectforge.pipeline import detector
 from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, split: str, refined: str, qc: str, out_dir: str) -> None:
-    detector.run(load_params(params).detector, split, refined, qc, out_dir)
+    detector.run(load_section(params, "detector", DetectorParams), split, refined, qc, out_dir)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 usage: python stages/finetune.py PARAMS SPLIT_MANIFEST PRETRAIN_DIR OUT_DIR
 """
 
-from defectforge.config import load_params
+from defectforge.params.finetune import FinetuneParams
+from defectforge.params.generate import GenerateParams
+from defectforge.params.loader import load_section
 from defectforge.pipeline import finetune
 from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, split: str, pretrain_dir: str, out_dir: str) -> None:
-    p = load_params(params)
-    finetune.run(p.finetune, split, pretrain_dir, out_dir, needed=p.generate.model_needs())
+    own = load_section(params, "finetune", FinetuneParams)
+    generate = load_section(params, "generate", GenerateParams)
+    finetune.run(own, split, pretrain_dir, out_dir, needed=generate.model_needs())
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 usage: python stages/pretrain.py PARAMS SPLIT_MANIFEST OUT_DIR
 """
 
-from defectforge.config import load_params
+from defectforge.params.generate import GenerateParams
+from defectforge.params.loader import load_section
+from defectforge.params.pretrain import PretrainParams
 from defectforge.pipeline import pretrain
 from defectforge.pipeline.entry import stage
 
 
 @stage
 def main(params: str, split: str, out_dir: str) -> None:
-    p = load_params(params)
-    pretrain.run(p.pretrain, split, out_dir, needed=p.generate.model_needs())
+    own = load_section(params, "pretrain", PretrainParams)
+    generate = load_section(params, "generate", GenerateParams)
+    pretrain.run(own, split, out_dir, needed=generate.model_needs())
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def sample_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_manifests(sample_root, tmp_path_factory):
     """(source manifest, split manifest) of the small sample."""
-    from defectforge.config import DataParams, SplitParams
+    from defectforge.params.data import DataParams
+    from defectforge.params.split import SplitParams
     from defectforge.pipeline.ingest import run as run_ingest
     from defectforge.pipeline.split import run as run_split
 

@@ -11,7 +11,7 @@ from defectforge.data.io import read_image, read_mask
 from defectforge.errors import DataError
 from defectforge.manifest.io import read_manifest
 from defectforge.manifest.validate import validate_manifest
-from defectforge.config import GenerateParams
+from defectforge.params.generate import GenerateParams
 from defectforge.pipeline.generate import run as run_generate
 
 P = GenerateParams(n_per_defect=3, shard_size=2, seed=0)
@@ -63,14 +63,29 @@ def test_same_seed_same_dataset_other_seed_other_dataset(sample_manifests, tmp_p
     assert {x[1] for x in a}.isdisjoint({x[1] for x in c})
 
 
+def _killed_after(shards: int) -> str:
+    """Code that makes the process die (as ``kill -9`` would) right after its ``shards``-th committed shard."""
+    return (
+        "import os\n"
+        "from defectforge.manifest.io import ShardedWriter\n"
+        "_write, _done = ShardedWriter.write, []\n"
+        "def _write_then_die(self, *a, **k):\n"
+        "    out = _write(self, *a, **k)\n"
+        "    _done.append(1)\n"
+        f"    if len(_done) >= {shards}:\n"
+        "        os._exit(137)\n"
+        "    return out\n"
+        "ShardedWriter.write = _write_then_die\n"
+    )
+
+
 def test_killed_generation_resumes_without_duplicates(sample_manifests, tmp_path):
     _, split = sample_manifests
     code = (
-        "from defectforge.config import GenerateParams; from defectforge.pipeline.generate import run as run_generate; "
+        "from defectforge.params.generate import GenerateParams; from defectforge.pipeline.generate import run as run_generate; "
         f"run_generate(GenerateParams(n_per_defect=3, shard_size=2), {str(split)!r}, {str(tmp_path / 'gen')!r}, progress=False)"
     )
-    env = {**os.environ, "DEFECTFORGE_TEST_CRASH_AFTER_SHARDS": "2"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", _killed_after(2) + code], capture_output=True, text=True)
     assert r.returncode == 137, r.stderr
     assert len(list((tmp_path / "gen/copy-paste/manifest").glob("part-*.parquet"))) == 2
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -113,18 +128,18 @@ def test_dask_local_cluster_two_workers_gives_the_same_manifest(sample_manifests
 def test_a_fan_out_worker_leaves_the_other_workers_temporaries_alone(sample_manifests, tmp_path):
     """The flaky two-worker test: every worker's writer deleted every ``.*.tmp`` in the shared
     manifest folder, including another worker's shard being written. Only the driver cleans."""
-    from defectforge.pipeline.generate import prepare_output, run_method
+    from defectforge.manifest.io import read_manifest
+    from defectforge.pipeline.generate import plan_method, prepare_output, run_method
 
     _, split = sample_manifests
     out = tmp_path / "gen"
-    n = prepare_output(split, out / "copy-paste", method_name="copy-paste", n_per_defect=P.n_per_defect, seed=P.seed,
-                       shard_size=P.shard_size, params_sha256=P.method_sha256("copy-paste"))
+    plan = plan_method(P, "copy-paste", read_manifest(split).to_pandas())
+    n = prepare_output(split, out / "copy-paste", plan)
     in_flight = out / "copy-paste" / "manifest" / ".part-00001.parquet.x1y2.tmp"  # worker B, mid-write
     in_flight.write_bytes(b"partial")
     run_method(P, "copy-paste", split, out, shards=[0], progress=False)  # worker A
     assert in_flight.is_file() and n > 1
-    prepare_output(split, out / "copy-paste", method_name="copy-paste", n_per_defect=P.n_per_defect, seed=P.seed,
-                   shard_size=P.shard_size, params_sha256=P.method_sha256("copy-paste"))  # the next run's driver
+    prepare_output(split, out / "copy-paste", plan)  # the next run's driver
     assert not in_flight.exists()
 
 
@@ -169,7 +184,7 @@ def test_changed_code_does_not_reuse_old_shards(sample_manifests, tmp_path, monk
     out = tmp_path / "gen"
     first = set(read_manifest(run_generate(p, split, out, progress=False)).to_pandas().sample_id)
     assert set(read_manifest(run_generate(p, split, out, progress=False)).to_pandas().sample_id) == first  # resumed
-    monkeypatch.setattr(generate_stage, "package_sha256", lambda: "0" * 64)  # as after an edit of the code
+    monkeypatch.setattr(generate_stage, "package_sha256", lambda method: "0" * 64)  # as after an edit of the code
     again = set(read_manifest(run_generate(p, split, out, progress=False)).to_pandas().sample_id)
     assert not again & first
 
@@ -177,7 +192,8 @@ def test_changed_code_does_not_reuse_old_shards(sample_manifests, tmp_path, monk
 def test_generated_target_masks_come_from_the_types_mask_model(sample_manifests, tmp_path):
     """target_placement: generated draws each target from the type's mask model (Eq. 9), records it, and
     the sample ids change with the mask model (a retrained one regenerates)."""
-    from defectforge.masks.generated import MASK_MODEL_DIR, fit_mask_model, load_mask_model
+    from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR, load_mask_model
+    from defectforge.methods.anomalydiffusion.mask_training import fit_mask_model
     from defectforge.errors import ParamsError
     from defectforge.manifest.io import manifest_info
 
@@ -225,7 +241,8 @@ def test_placement_by_type_overrides_the_default_per_type(sample_manifests, tmp_
     names no defect type of the split is refused before anything is written."""
     from defectforge.errors import ParamsError
     from defectforge.manifest.io import manifest_info
-    from defectforge.masks.generated import MASK_MODEL_DIR, fit_mask_model
+    from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR
+    from defectforge.methods.anomalydiffusion.mask_training import fit_mask_model
 
     _, split = sample_manifests
     sp = read_manifest(split).to_pandas()
@@ -266,7 +283,7 @@ def test_defectdiffu_mask_source_is_checked_against_every_fine_tune_before_writi
     refused with the key's name before the output folder exists (the fine-tunes' json says which)."""
     import json
 
-    from defectforge.config import DefectDiffuConfig
+    from defectforge.params.methods import DefectDiffuConfig
     from defectforge.errors import ParamsError
 
     _, split = sample_manifests
@@ -289,7 +306,9 @@ _PROBE = '''
 import json, sys
 import numpy as np
 from defectforge.methods.base import GenerationMethod, GenerationResult
-from defectforge.pipeline.generate import generate_shards
+from defectforge.manifest.io import read_manifest
+from defectforge.params.generate import GenerateParams
+from defectforge.pipeline.generate import generate_shards, plan_method
 
 class BatchProbe(GenerationMethod):
     """Paints the mask with a value of the sample's seed and of the size of the batch it shared
@@ -310,9 +329,10 @@ class BatchProbe(GenerationMethod):
         return GenerationResult(out, mask.astype(bool))
 
 def run(split, out, batch_size, shard_size=3):
-    from defectforge.config import MethodConfig
-    return generate_shards(split, out, method=BatchProbe(MethodConfig()), n_per_defect=5, seed=0, shard_size=shard_size,
-                           params_sha256="probe-b%d" % batch_size, progress=False, batch_size=batch_size)
+    from defectforge.params.methods import MethodConfig
+    p = GenerateParams(n_per_defect=5, seed=0, shard_size=shard_size, batch_size=batch_size, target_placement="foreground")
+    plan = plan_method(p, BatchProbe.name, read_manifest(split).to_pandas())
+    return generate_shards(split, out, plan, BatchProbe(MethodConfig()), progress=False)
 '''
 
 
@@ -345,8 +365,7 @@ def test_batches_hold_one_type_within_one_shard(sample_manifests, tmp_path):
 def test_a_batched_run_killed_midway_resumes_to_the_same_manifest(sample_manifests, tmp_path):
     _, split = sample_manifests
     code = _PROBE + f"\nrun({str(split)!r}, {str(tmp_path / 'gen')!r}, 2)\n"
-    env = {**os.environ, "DEFECTFORGE_TEST_CRASH_AFTER_SHARDS": "3"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", _killed_after(3) + code], capture_output=True, text=True)
     assert r.returncode == 137, r.stderr
     assert len(list((tmp_path / "gen/manifest").glob("part-*.parquet"))) == 3
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -357,7 +376,7 @@ def test_a_batched_run_killed_midway_resumes_to_the_same_manifest(sample_manifes
 
 def test_batch_size_enters_the_diffusion_methods_ids_only():
     from defectforge.errors import ParamsError
-    from defectforge.config import parse_params
+    from defectforge.params.file import parse_params
 
     one, two, four = (GenerateParams(n_per_defect=4, shard_size=4, batch_size=b) for b in (1, 2, 4))
     for name in ("blended", "anomalydiffusion", "inversion", "defectdiffu"):

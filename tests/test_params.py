@@ -1,7 +1,7 @@
 import pytest
 
 from defectforge.errors import ParamsError
-from defectforge.config import Params, load_params, parse_params
+from defectforge.params.file import Params, load_params, parse_params
 
 
 def test_repo_params_file_is_valid():

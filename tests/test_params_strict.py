@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from defectforge.config import load_params, parse_params
 from defectforge.errors import ParamsError
+from defectforge.params.file import load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_valid_loose_forms_still_load():
     assert p.generate.inversion.guidance == 3.0
     assert p.data.on_bad == "fail"
     # a method config dumped to JSON (lists) is read back (samples store their config)
-    from defectforge.config import CopyPasteConfig
+    from defectforge.params.methods import CopyPasteConfig
 
     cfg = p.generate.copy_paste
     assert CopyPasteConfig(**cfg.to_dict()) == cfg

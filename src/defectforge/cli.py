@@ -24,7 +24,7 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file")
 
 
 def _params(path: Path):
-    from defectforge.config import load_params
+    from defectforge.params.file import load_params
 
     return load_params(path)
 
@@ -49,7 +49,8 @@ def ingest(
     params: Path = PARAMS,
 ):
     """Read a dataset folder into a validated source manifest (bad samples: see --on-bad)."""
-    from defectforge.config import DataParams, parse_params
+    from defectforge.params.data import DataParams
+    from defectforge.params.file import parse_params
     from defectforge.pipeline import ingest as stage
 
     p = _params(params).data if params.exists() else DataParams()
@@ -99,7 +100,7 @@ def generate(
     params: Path = PARAMS,
 ):
     """Generate synthetic defect images, masks and a sharded manifest."""
-    from defectforge.config import parse_params
+    from defectforge.params.file import parse_params
     from defectforge.pipeline import generate as stage
 
     p = _params(params).generate

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import yaml
 
 from defectforge.errors import DefectforgeError, ParamsError
-from defectforge.config import parse_params
+from defectforge.params.file import parse_params
 
 Log = Callable[[str], Any]
 PUBLISHED_MARK = "defectforge-published "

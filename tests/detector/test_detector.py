@@ -131,7 +131,7 @@ def test_prepared_tensors_train_like_items():
 
 def test_detector_params_seeds():
     from defectforge.errors import ParamsError
-    from defectforge.config import parse_params
+    from defectforge.params.file import parse_params
 
     assert parse_params({"detector": {"seeds": [4, 2]}}).detector.seeds == [4, 2]
     with pytest.raises(ParamsError, match="detector.seeds: .*distinct"):
@@ -237,7 +237,7 @@ def test_epochs_budget_counts_passes_over_each_runs_union():
 
 
 def test_detector_params_protocol_and_budget():
-    from defectforge.config import parse_params
+    from defectforge.params.file import parse_params
     from defectforge.errors import ParamsError
 
     d = parse_params({}).detector

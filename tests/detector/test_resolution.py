@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from defectforge.config import parse_params
 from defectforge.detector.resolution import MIN_DEFECT_PX, data_sizes, resolve
+from defectforge.params.file import parse_params
 
 
 AUTO = {"size": 64, "scale": "auto", "patch": "auto", "norm": "auto", "score_pool": "auto"}  # params.yaml's

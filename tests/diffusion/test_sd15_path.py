@@ -64,7 +64,11 @@ def one_type_sample(root: Path) -> Path:
 
 
 def stage_params(model_dir: Path):
-    from defectforge.config import FinetuneParams, GenerateParams, PretrainParams, QualityParams, RefineParams
+    from defectforge.params.finetune import FinetuneParams
+    from defectforge.params.generate import GenerateParams
+    from defectforge.params.pretrain import PretrainParams
+    from defectforge.params.quality import QualityParams
+    from defectforge.params.refine import RefineParams
 
     pre = PretrainParams(profile="pretrained", base=str(model_dir), device="cpu")
     fin = FinetuneParams(mode="lora", steps=2, batch_size=1, attention_loss=1.0, cond_dropout_product=0.2, cond_dropout_defect=0.2,
@@ -86,7 +90,8 @@ STAGES = ("data", "pretrain", "finetune", "generate", "refine", "quality")
 def run_stage(name: str, work: Path, model_dir: Path) -> Path:
     """One stage of ingest + split -> pretrain (pointer) -> finetune -> generate -> refine -> quality,
     reading the earlier stages' outputs from their fixed places under ``work``."""
-    from defectforge.config import DataParams, SplitParams
+    from defectforge.params.data import DataParams
+    from defectforge.params.split import SplitParams
     from defectforge.pipeline import finetune, generate, ingest, pretrain, quality, refine, split
 
     pre, fin, gen, ref, qual = stage_params(model_dir)

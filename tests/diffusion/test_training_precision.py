@@ -119,7 +119,7 @@ def test_the_finetune_stage_hands_its_memory_options_to_training(monkeypatch, tm
 
     import defectforge.diffusion as diffusion
     import defectforge.pipeline.finetune as stage
-    from defectforge.config import parse_params
+    from defectforge.params.file import parse_params
 
     seen = {}
     monkeypatch.setattr(diffusion, "finetune", lambda *a, **k: seen.update(k) or {})

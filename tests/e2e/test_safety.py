@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from defectforge.config import DataParams, GenerateParams, RefineParams, SplitParams
 from defectforge.data.io import OWNED, atomic_write_bytes, check_output_file, claim_dir, encode_png, read_image
 from defectforge.errors import DataError, DefectforgeError, ManifestError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.validate import write_checked
+from defectforge.params.data import DataParams
+from defectforge.params.generate import GenerateParams
+from defectforge.params.refine import RefineParams
+from defectforge.params.split import SplitParams
 from defectforge.pipeline.generate import run as run_generate
 from defectforge.pipeline.ingest import run as run_ingest
 from defectforge.pipeline.refine import run as run_refine

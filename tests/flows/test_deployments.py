@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_deployments_point_at_the_flow_with_a_schedule_and_the_gpu_pool():
     from flows.regenerate import regenerate
-    from defectforge.config import parse_params
+    from defectforge.params.file import parse_params
 
     from prefect.flows import load_flow_from_entrypoint
 
@@ -40,7 +40,7 @@ def _deployments():
 
 def test_each_deployment_sets_the_profile_it_claims():
     """The overrides on top of the real params.yaml, as the flow applies them."""
-    from defectforge.config import parse_params
+    from defectforge.params.file import parse_params
     from defectforge.orchestrate import override_params
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from defectforge.cli import main
-from defectforge.config import GenerateParams, RefineParams
 from defectforge.data.io import encode_png, read_image
 from defectforge.errors import ManifestError
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.manifest.validate import check_hashes, verify_hashes
+from defectforge.params.generate import GenerateParams
+from defectforge.params.refine import RefineParams
 from defectforge.pipeline.generate import run as run_generate
 from defectforge.pipeline.refine import run as run_refine
 

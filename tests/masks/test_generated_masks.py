@@ -227,7 +227,7 @@ def test_refuses_missing_or_empty(tmp_path):
 def test_finetune_stage_trains_a_mask_model_per_type(sample_manifests, tiny_base, tmp_path):
     import json
 
-    from defectforge.config import FinetuneParams
+    from defectforge.params.finetune import FinetuneParams
     from defectforge.pipeline.finetune import run as run_finetune
     from defectforge.pipeline.pretrain import BASE_POINTER
 

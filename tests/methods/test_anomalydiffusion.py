@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from defectforge.config import AnomalyDiffusionConfig
 from defectforge.errors import DataError
 from defectforge.methods.anomalydiffusion import (
     AnomalyDiffusionMethod,
@@ -28,6 +27,7 @@ from defectforge.methods.anomalydiffusion import (
     spatial_anomaly_embedding,
     train_anomaly_embedding,
 )
+from defectforge.params.methods import AnomalyDiffusionConfig
 
 torch.set_num_threads(1)
 R = 16
@@ -315,7 +315,7 @@ def test_generate_keeps_the_background_and_is_reproducible(trained):
 
 
 def test_finetune_stage_option_writes_the_embedding(sample_manifests, tiny_base, tmp_path):
-    from defectforge.config import FinetuneParams
+    from defectforge.params.finetune import FinetuneParams
     from defectforge.pipeline.finetune import run as run_finetune
     from defectforge.pipeline.pretrain import BASE_POINTER
 

@@ -13,11 +13,11 @@ import math
 import numpy as np
 import pytest
 
-from defectforge.config import CutPasteConfig, PerlinConfig
 from defectforge.errors import ParamsError
 from defectforge.methods import get_method_class, needs_checkpoints
 from defectforge.methods.cutpaste import CutPaste
 from defectforge.methods.perlin import Perlin, draem_blend, fade, perlin_2d, perlin_mask
+from defectforge.params.methods import CutPasteConfig, PerlinConfig
 
 H, W = 96, 128
 

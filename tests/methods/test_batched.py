@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from defectforge.config import AnomalyDiffusionConfig, BlendedConfig, DefectDiffuConfig, InversionConfig
 from defectforge.methods.base import BatchItem
+from defectforge.params.methods import AnomalyDiffusionConfig, BlendedConfig, DefectDiffuConfig, InversionConfig
 
 torch.set_num_threads(1)
 

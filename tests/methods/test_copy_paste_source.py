@@ -3,9 +3,10 @@ method's metadata, the real image's id in the manifest's ``defect_source_id``.""
 
 import numpy as np
 
-from defectforge.config import CopyPasteConfig, GenerateParams
 from defectforge.manifest.io import read_manifest
 from defectforge.methods.copy_paste import CopyPaste
+from defectforge.params.generate import GenerateParams
+from defectforge.params.methods import CopyPasteConfig
 from defectforge.pipeline.generate import run as run_generate
 
 

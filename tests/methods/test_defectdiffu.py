@@ -390,7 +390,7 @@ def test_a_model_without_null_tokens_is_one_clear_error(comps):
 
 
 def test_registered_with_its_params_section():
-    from defectforge.config import load_params
+    from defectforge.params.file import load_params
     from defectforge.methods import get_method_class, needs_checkpoints
     from defectforge.methods.defectdiffu import DefectDiffu
 
@@ -605,7 +605,7 @@ def test_finetune_and_generation_build_the_same_named_prompts(sd_dir, tmp_path, 
 def test_finetune_stage_gives_finetune_the_category(monkeypatch, tmp_path):
     """The finetune stage names the product: each (category, defect type) job passes its category."""
     import defectforge.diffusion as diffusion
-    from defectforge.config import FinetuneParams
+    from defectforge.params.finetune import FinetuneParams
     from defectforge.pipeline import finetune as stage
 
     got = {}

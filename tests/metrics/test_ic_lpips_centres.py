@@ -93,7 +93,9 @@ def test_empty_centres_skip_with_reason(fake_net):
 
 def test_quality_stage_takes_centres_from_the_training_defects(sample_manifests, tmp_path, monkeypatch):
     """The stage passes the split's train-row defects of the type as centres (and names them)."""
-    from defectforge.config import GenerateParams, QualityParams, RefineParams
+    from defectforge.params.generate import GenerateParams
+    from defectforge.params.quality import QualityParams
+    from defectforge.params.refine import RefineParams
     from defectforge.manifest.io import read_manifest
     from defectforge.pipeline.generate import run as run_generate
     from defectforge.pipeline.quality import run as run_quality

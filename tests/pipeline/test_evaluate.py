@@ -8,11 +8,14 @@ import pytest
 
 from defectforge.data.io import read_mask, write_png
 from defectforge.errors import DataError
+from defectforge.params.detector import DetectorParams
+from defectforge.params.generate import GenerateParams
+from defectforge.params.quality import QualityParams
+from defectforge.params.refine import RefineParams
 from defectforge.pipeline.quality import QualityGateError, run as run_quality
 from defectforge.pipeline.detector import run as run_detector
 from defectforge.pipeline.refine import run as run_refine
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
-from defectforge.config import DetectorParams, GenerateParams, QualityParams, RefineParams
 from defectforge.publish.card import headline_metrics
 from defectforge.pipeline.generate import run as run_generate
 
@@ -236,7 +239,7 @@ def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, t
     import subprocess
     import sys
 
-    code = ("import sys; from defectforge.config import DetectorParams; from defectforge.pipeline.detector import run; "
+    code = ("import sys; from defectforge.params.detector import DetectorParams; from defectforge.pipeline.detector import run; "
             "run(DetectorParams(epochs=1, size=32, base_channels=4, depth=2, seeds=[3, 7], workers=int(sys.argv[1])), "
             "sys.argv[2], sys.argv[3], None, sys.argv[4], progress=False)")
     for w in (1, 2):

@@ -11,8 +11,8 @@ import socket
 import pytest
 from cli_helpers import run_cli
 
-from defectforge.config import parse_params
 from defectforge.errors import ParamsError
+from defectforge.params.file import parse_params
 
 PARAMS = "generate:\n  methods: [copy-paste]\n  n_per_defect: 2\n  shard_size: 2\n"
 

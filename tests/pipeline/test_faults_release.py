@@ -10,7 +10,7 @@ import os
 import pytest
 from cli_helpers import run_cli
 
-from defectforge.config import GenerateParams
+from defectforge.params.generate import GenerateParams
 from defectforge.pipeline.generate import run as run_generate
 
 

@@ -9,8 +9,9 @@ import json
 import pytest
 from cli_helpers import run_cli
 
-from defectforge.config import GenerateParams, ReleaseParams
 from defectforge.errors import ManifestError
+from defectforge.params.generate import GenerateParams
+from defectforge.params.release import ReleaseParams
 from defectforge.pipeline import release
 from defectforge.pipeline.generate import run as run_generate
 

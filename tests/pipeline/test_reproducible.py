@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from defectforge.config import FinetuneParams, PretrainParams
+from defectforge.params.finetune import FinetuneParams
+from defectforge.params.finetune import FinetuneParams
+from defectforge.params.pretrain import PretrainParams
+from defectforge.params.pretrain import PretrainParams
 from defectforge.pipeline import entry
 from defectforge.pipeline import finetune as finetune_stage
 from defectforge.pipeline import pretrain as pretrain_stage
@@ -80,7 +83,6 @@ _FRESH = """
 import json, os, sys
 if sys.argv[1] == "one-core":
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before torch starts its threads
-from defectforge.config import FinetuneParams, PretrainParams
 from defectforge.pipeline import finetune, pretrain
 a = json.loads(sys.argv[2])
 if a["stage"] == "pretrain":
@@ -176,7 +178,7 @@ def test_stage_entry_pins_the_cpu_instruction_set(monkeypatch, has_avx2):
 def test_a_retrained_model_is_not_taken_for_done_shards(split, first_pretrain, tmp_path):
     """generate's output persists between DVC runs (a killed run resumes). When the finetune
     stage's models change, the samples they painted must be made again, not skipped as done."""
-    from defectforge.config import GenerateParams
+    from defectforge.params.generate import GenerateParams
     from defectforge.manifest.io import read_manifest
     from defectforge.pipeline import generate as generate_stage
 

@@ -199,7 +199,8 @@ def test_release_report_and_card_from_real_manifests(sample_manifests, tmp_path)
     """The release stage's wiring: grids read from a generated manifest and the split, QC merged
     (failures first), a second method's column, and the verdicts in report and card."""
     from defectforge.manifest.io import read_manifest, write_manifest
-    from defectforge.config import GenerateParams, ReleaseParams
+    from defectforge.params.generate import GenerateParams
+    from defectforge.params.release import ReleaseParams
     from defectforge.pipeline.generate import run as run_generate
     from defectforge.pipeline.release import run as run_release
 

@@ -9,9 +9,10 @@ import pytest
 from cli_helpers import run_cli
 
 import defectforge
-from defectforge.config import GenerateParams, ReleaseParams
 from defectforge.data.io import read_image, read_mask, write_png
 from defectforge.errors import DefectforgeError
+from defectforge.params.generate import GenerateParams
+from defectforge.params.release import ReleaseParams
 from defectforge.pipeline import release
 from defectforge.pipeline.generate import run as run_generate
 

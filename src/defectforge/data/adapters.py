@@ -96,9 +96,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from defectforge.config import image_glob_problem, mask_rule_parts as _mask_rule_parts
 from defectforge.data.io import IMAGE_SUFFIXES, _decode
 from defectforge.errors import DataError, ParamsError
+from defectforge.params.data import image_glob_problem, mask_rule_parts as _mask_rule_parts
 
 LAYOUTS = ("mvtec", "folder", "magnetic-tile")
 ON_BAD = ("fail", "skip")

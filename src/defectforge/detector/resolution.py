@@ -53,7 +53,7 @@ def data_sizes(pairs: Sequence[tuple[np.ndarray, np.ndarray]], types: Sequence[s
 
 
 def resolve(p, sizes: dict):
-    """``p`` (:class:`~defectforge.config.DetectorParams`) with every ``auto`` replaced by its
+    """``p`` (:class:`~defectforge.params.detector.DetectorParams`) with every ``auto`` replaced by its
     value for data of these ``sizes`` (:func:`data_sizes`)."""
     S, D = sizes["short_side"], sizes["defect_px"]
     scale = p.scale

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import importlib
 
-from defectforge.config import METHOD_NEEDS_CHECKPOINTS, REFERENCE_METHOD as REFERENCE, MethodConfig
 from defectforge.methods.base import DiffusionMethod, GenerationMethod, GenerationResult
+from defectforge.params.detector import REFERENCE_METHOD as REFERENCE
+from defectforge.params.methods import MethodConfig
 
-# name: module (the names, and whether each needs checkpoints, are declared in defectforge.config)
+# name: module (each class declares its config model and whether it needs checkpoints)
 METHODS: dict[str, str] = {
     "copy-paste": "defectforge.methods.copy_paste",
     "cutpaste": "defectforge.methods.cutpaste",
@@ -46,12 +47,8 @@ def get_method_class(name: str) -> type[GenerationMethod]:
 
 
 def needs_checkpoints(name: str) -> bool:
-    """Whether ``name`` needs the fine-tuned models (without importing the method)."""
-    if name not in METHOD_NEEDS_CHECKPOINTS:
-        from defectforge.errors import ParamsError
-
-        raise ParamsError(f"generate.methods: unknown method {name!r}; allowed: {registered_methods()}")
-    return METHOD_NEEDS_CHECKPOINTS[name]
+    """Whether ``name`` needs the fine-tuned models (its class's ``needs_checkpoints``)."""
+    return bool(get_method_class(name).needs_checkpoints)
 
 
 def registered_methods() -> list[str]:

@@ -2,7 +2,7 @@
 
 A method turns a defect-free image, a target mask and a defect type into a defect
 image. It never reads params.yaml: its configuration is its frozen
-``generate.<method>`` section (:mod:`defectforge.config`), stored (as JSON) beside
+``generate.<method>`` section (:mod:`defectforge.params.methods`), stored (as JSON) beside
 every sample it makes so the sample can be reproduced.
 
     result = method.generate(image, mask, defect="crack", seed=7)
@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from defectforge.config import MethodConfig
+from defectforge.params.methods import MethodConfig
 
 
 @dataclass
@@ -68,6 +68,8 @@ class GenerationMethod:
     # None: the sample's mask comes from the stage's target mask (an augmented real mask);
     # a method with its own mask model returns its mask_origin from mask_origin_of()
     own_mask: ClassVar[bool] = False
+    # whether the method needs the pretrain and finetune stages' checkpoints
+    needs_checkpoints: ClassVar[bool] = False
 
     def mask_origin_of(self, result: "GenerationResult") -> str | None:  # noqa: ARG002
         """The manifest's ``mask_origin`` of a sample whose mask this method made itself."""
@@ -138,6 +140,8 @@ class DiffusionMethod(GenerationMethod):
     ``checkpoint`` is a finetune / tiny / diffusers directory, a hub id, or
     ``{defect type: directory}``; models load lazily on first use.
     """
+
+    needs_checkpoints: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig, checkpoint=None):
         super().__init__(config)

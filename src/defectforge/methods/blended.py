@@ -90,8 +90,8 @@ from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_
 from defectforge.masks.crop import feather_mask
 from defectforge.diffusion.control import trimap_condition
 from defectforge.masks.trimap import DEFECT, OBJECT, make_trimap
-from defectforge.config import BlendedConfig
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
+from defectforge.params.methods import BlendedConfig
 
 
 def stage_steps(n: int, free_fraction: float, edit_fraction: float) -> tuple[int, int]:

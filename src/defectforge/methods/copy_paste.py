@@ -23,8 +23,8 @@ from scipy import ndimage
 
 from defectforge.errors import DataError
 from defectforge.masks.augment import random_transform
-from defectforge.config import CopyPasteConfig
 from defectforge.methods.base import GenerationMethod, GenerationResult
+from defectforge.params.methods import CopyPasteConfig
 
 
 GAIN_RANGE = (0.5, 2.0)  # step 4's brightness gain, per channel

@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from defectforge.config import CutPasteConfig
 from defectforge.methods.base import GenerationMethod, GenerationResult
+from defectforge.params.methods import CutPasteConfig
 
 
 def color_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:

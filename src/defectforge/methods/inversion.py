@@ -96,8 +96,8 @@ import torch
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
-from defectforge.config import InversionConfig
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
+from defectforge.params.methods import InversionConfig
 
 
 @torch.no_grad()

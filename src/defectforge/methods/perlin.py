@@ -32,9 +32,9 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from defectforge.config import PerlinConfig
 from defectforge.errors import DataError
 from defectforge.methods.base import GenerationMethod, GenerationResult
+from defectforge.params.methods import PerlinConfig
 
 
 def fade(t: np.ndarray) -> np.ndarray:

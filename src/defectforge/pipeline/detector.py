@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from defectforge.config import DetectorParams
 from defectforge.data.io import atomic_write_json, read_image, read_mask
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.metrics.detection import DETECTION_KEYS
+from defectforge.params.detector import DetectorParams
 from defectforge.pipeline.parallel import spawn_map
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from defectforge.config import FinetuneParams
 from defectforge.data.io import atomic_dir, atomic_write_text, read_image, read_mask
 from defectforge.diffusion.sampling import CHECKPOINT_INDEX
 from defectforge.errors import DataError
+from defectforge.params.finetune import FinetuneParams
 from defectforge.pipeline.entry import pin_cpu_isa
 from defectforge.pipeline.parallel import spawn_map
 from defectforge.pipeline.pretrain import base_model, train_rows
@@ -97,7 +97,7 @@ def _train_one(p: FinetuneParams, base, root: Path, tmp: Path, category: str, de
             spatial_tokens=p.spatial_tokens, steps=p.anomaly_steps, lr=p.anomaly_lr, batch_size=p.batch_size, seed=p.seed,
         )
     if p.mask_model != "none":  # AnomalyDiffusion mask generation: Eq. 9's model of where and what shape the masks are
-        from defectforge.masks.generated import MASK_MODEL_DIR, fit_mask_model
+        from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR, fit_mask_model
 
         if announce:
             print(f"finetune {category}/{defect}: mask model ({p.mask_model}), {p.mask_model_steps} steps", flush=True)

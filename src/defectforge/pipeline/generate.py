@@ -57,7 +57,6 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from defectforge.config import METHOD_NEEDS_CHECKPOINTS, GenerateParams, resolve_placement
 from defectforge.data.io import (
     OWNED,
     atomic_write_bytes,
@@ -76,6 +75,7 @@ from defectforge.manifest.io import ShardedWriter, manifest_info, read_manifest
 from defectforge.manifest.validate import PLAN_FILE, check_complete, check_manifest, write_plan_info
 from defectforge.masks.target import LocationPrior, sample_target_mask
 from defectforge.methods import GenerationMethod, get_method_class
+from defectforge.params.generate import METHOD_NEEDS_CHECKPOINTS, GenerateParams
 from defectforge.seeding import derive_seed
 
 ROOT_WHAT = "generate output folder"  # what the root's marker says it is
@@ -124,24 +124,23 @@ def _run(p: GenerateParams, split, out_root: Path, checkpoints, progress: bool) 
     if "defectdiffu" in p.methods and checkpoints is not None:  # its mask source against each type's fine-tune
         _check_defectdiffu_masks(p.defectdiffu.mask_source, split_df, checkpoints)
     _check_checkpoints(p, split_df, checkpoints)
+    plans = []
     for name in p.methods:  # a bad split fails here, before anything is written
-        plan_samples(split_df, method=name, n_per_defect=p.n_per_defect, seed=p.seed, params_sha256=p.method_sha256(name))
+        plans.append(plan_method(p, name, split_df, checkpoints))
         claim_dir(out_root / name, f"generate method folder of {name}", markers=(PLAN_FILE,))
     _mark_root(out_root)
     for child in sorted(out_root.iterdir()):
         if child.is_dir() and not child.is_symlink() and child.name not in p.methods and (child / PLAN_FILE).is_file():
             shutil.rmtree(child)
-    for name in p.methods:
+    for plan in plans:
         if p.workers > 1 or p.scheduler:
             from defectforge.pipeline.fanout import run_on_dask
 
-            n_shards = prepare_output(split, out_root / name, method_name=name, n_per_defect=p.n_per_defect, seed=p.seed,
-                                      shard_size=p.shard_size, params_sha256=p.method_sha256(name), models_sha256=models_sha256(name, checkpoints, _hashed_placement(p)),
-                                      checkpoints=checkpoints)
-            run_on_dask(run_method, (p, name, str(split), str(out_root)), n_shards, workers=p.workers, scheduler=p.scheduler,
-                        kwargs={"checkpoints": None if checkpoints is None else str(checkpoints)}, desc=f"generate[{name}]", progress=progress)
+            n_shards = prepare_output(split, out_root / plan.name, plan)
+            run_on_dask(run_plan, (plan, str(split), str(out_root)), n_shards, workers=p.workers, scheduler=p.scheduler,
+                        desc=f"generate[{plan.name}]", progress=progress)
         else:
-            run_method(p, name, split, out_root, checkpoints=checkpoints, progress=progress)
+            run_plan(plan, split, out_root, progress=progress)
     check_complete(out_root)  # a shard file outside the plan (junk named like a shard) is named in one line
     check_manifest(out_root)
 
@@ -296,7 +295,7 @@ def _check_defectdiffu_masks(mask_source: str, split: pd.DataFrame, checkpoints:
 def _check_mask_models(split: pd.DataFrame, checkpoints: str | os.PathLike | None, placement_for=None) -> None:
     """``target_placement: generated`` needs a trained mask model for every defect type of the split
     whose placement (``placement_for(category, type)``, default: all of them) is ``generated``."""
-    from defectforge.masks.generated import MASK_MODEL_DIR, MASK_MODEL_META
+    from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR, MASK_MODEL_META
 
     if checkpoints is None:
         raise ParamsError("generate.target_placement: generated needs the finetune folder with mask models (finetune.mask_model)")
@@ -345,14 +344,19 @@ def build_method(p: GenerateParams, name: str, checkpoints: str | os.PathLike | 
 def run_method(
     p: GenerateParams, name: str, split, out_root, *, checkpoints: str | os.PathLike | None = None, progress: bool = True, shards: list[int] | None = None
 ) -> Path:
-    """One method's samples (or some of its shards) into ``out_root/<name>/``; returns its shard folder."""
-    method = build_method(p, name, checkpoints)
-    return generate_shards(
-        split, Path(out_root) / name, dataset_root=out_root, method=method, n_per_defect=p.n_per_defect, seed=p.seed,
-        shard_size=p.shard_size, params_sha256=p.method_sha256(name), shards=shards, progress=progress, placement=p.target_placement,
-        placement_by_type=p.target_placement_by_type, models_sha256=models_sha256(name, checkpoints, _hashed_placement(p)),
-        mask_models=checkpoints if p.uses_generated_masks() else None, batch_size=p.batch_size, checkpoints=checkpoints,
-    )
+    """One method's samples (or some of its shards) into ``out_root/<name>/``, planned here (the
+    stage plans once in :func:`run` and calls :func:`run_plan`); returns its shard folder."""
+    split_df = read_manifest(split).to_pandas()
+    if p.uses_generated_masks():
+        _check_mask_models(split_df, checkpoints, p.placement_for)
+    return run_plan(plan_method(p, name, split_df, checkpoints), split, out_root, progress=progress, shards=shards)
+
+
+def run_plan(plan: "MethodPlan", split, out_root, *, progress: bool = True, shards: list[int] | None = None) -> Path:
+    """A planned method's samples (or some of its shards) into ``out_root/<name>/``; returns its
+    shard folder. A fan-out worker runs this with the driver's plan."""
+    method = build_method(plan.params, plan.name, plan.checkpoints)
+    return generate_shards(split, Path(out_root) / plan.name, plan, method, dataset_root=out_root, shards=shards, progress=progress)
 
 
 @dataclass(frozen=True)
@@ -363,6 +367,42 @@ class SampleSpec:
     defect_type: str
     normal_id: str
     seed: int
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """One method's run, planned once by the driver and handed down whole (to the local run or,
+    pickled, to every fan-out worker): the generate section, the method, its samples and the
+    hashes their ids were made from."""
+
+    params: GenerateParams
+    name: str
+    specs: tuple[SampleSpec, ...]
+    params_sha256: str
+    models_sha256: str = ""
+    checkpoints: str | None = None  # the finetune folder (models and mask models), if any
+
+    @property
+    def n_shards(self) -> int:
+        return (len(self.specs) + self.params.shard_size - 1) // self.params.shard_size
+
+    def shard(self, index: int) -> tuple[SampleSpec, ...]:
+        size = self.params.shard_size
+        return self.specs[index * size : (index + 1) * size]
+
+    @property
+    def mask_models(self) -> str | None:
+        """The folder of the types' mask models, when some type's target masks are generated."""
+        return self.checkpoints if self.params.uses_generated_masks() else None
+
+
+def plan_method(p: GenerateParams, name: str, split: pd.DataFrame, checkpoints: str | os.PathLike | None = None) -> MethodPlan:
+    """The plan of method ``name`` on the split manifest's rows ``split`` (a pure function of them,
+    the params and, for a method that paints with fine-tuned models, the finetune folder's content)."""
+    params_sha256 = p.method_sha256(name)
+    models = models_sha256(name, checkpoints, _hashed_placement(p))
+    specs = plan_samples(split, method=name, n_per_defect=p.n_per_defect, seed=p.seed, params_sha256=params_sha256, models_sha256=models)
+    return MethodPlan(p, name, tuple(specs), params_sha256, models, None if checkpoints is None else str(checkpoints))
 
 
 def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: int, params_sha256: str, models_sha256: str = "") -> list[SampleSpec]:
@@ -424,59 +464,48 @@ def models_sha256(name: str, checkpoints: str | os.PathLike | None, placement: s
     return h.hexdigest()
 
 
-def prepare_output(
-    split_manifest: str | os.PathLike, out_dir: str | os.PathLike, *, method_name: str, n_per_defect: int, seed: int, shard_size: int, params_sha256: str,
-    models_sha256: str = "",
-    checkpoints: str | os.PathLike | None = None,
-) -> int:
-    """Plan the run, clear ``out_dir`` if it holds another plan's shards; returns the shard count.
+def prepare_output(split_manifest: str | os.PathLike, out_dir: str | os.PathLike, plan: MethodPlan) -> int:
+    """Clear ``out_dir`` if it holds another plan's shards; returns the shard count.
 
     A distributed run calls this once in the driver before fanning out, so workers
     never race on clearing the folder.
     """
     read_split_info(split_manifest)
-    split = read_manifest(split_manifest).to_pandas()
-    specs = plan_samples(split, method=method_name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256, models_sha256=models_sha256)
-    _reset_if_plan_changed(Path(out_dir), specs, shard_size, split=split_manifest, root=Path(out_dir).parent, checkpoints=checkpoints)
+    _reset_if_plan_changed(Path(out_dir), plan.specs, plan.params.shard_size, split=split_manifest, root=Path(out_dir).parent,
+                           checkpoints=plan.checkpoints)
     writer = ShardedWriter(Path(out_dir) / "manifest", kind="synthetic", dataset_root=out_dir, clean=True)  # stale temporaries, once
-    _check_shard_files(writer, len(specs), shard_size)
-    return (len(specs) + shard_size - 1) // shard_size
+    _check_shard_files(writer, len(plan.specs), plan.params.shard_size)
+    return plan.n_shards
 
 
 def generate_shards(
     split_manifest: str | os.PathLike,
     out_dir: str | os.PathLike,
-    *,
+    plan: MethodPlan,
     method: GenerationMethod,
-    n_per_defect: int,
-    seed: int,
-    shard_size: int,
-    params_sha256: str,
+    *,
     shards: list[int] | None = None,
     progress: bool = True,
     dataset_root: str | os.PathLike | None = None,
-    placement: str = "foreground",
-    models_sha256: str = "",
-    mask_models: str | os.PathLike | None = None,
-    placement_by_type: dict[str, str] | None = None,
-    batch_size: int = 1,
-    checkpoints: str | os.PathLike | None = None,
 ) -> Path:
     """Generate every planned sample into ``out_dir`` (images/, masks/, raw_masks/, manifest/).
+
+    ``plan`` (:func:`plan_method`) holds the samples and the generate section; ``method`` is the
+    configured method object that makes them (:func:`build_method`).
 
     ``batch_size`` (``generate.batch_size``): consecutive samples of one defect type within a
     shard go to ``method.generate_batch`` together, at most ``batch_size`` at a time (1: one
     ``method.generate`` per sample). Batches never cross a shard, so a resumed or fanned-out
     shard forms the same batches as an uninterrupted run (module docstring).
 
-    ``placement`` (``generate.target_placement``) places each target mask on the object's
+    ``generate.target_placement`` places each target mask on the object's
     foreground, anywhere, or by the defect type's :class:`LocationPrior` (``prior``),
     learned from its real training masks; the row's ``mask_origin`` records it. With
-    ``generated``, the type's mask model in the finetune folder ``mask_models`` draws the
-    mask, shape and place (AnomalyDiffusion Eq. 9, :mod:`defectforge.masks.generated`);
+    ``generated``, the type's mask model in the plan's finetune folder draws the
+    mask, shape and place (AnomalyDiffusion Eq. 9, :mod:`defectforge.methods.anomalydiffusion.mask_model`);
     a model that draws only empty masks falls back to ``foreground`` and the row says so.
-    ``placement_by_type`` ({"type" or "category/type": placement}) overrides ``placement``
-    for those types (``generate.target_placement_by_type``).
+    ``target_placement_by_type`` ({"type" or "category/type": placement}) overrides
+    ``target_placement`` for those types.
 
     ``method.prepare(category, defect_type, real_train_defects)`` readies the method for
     a defect type (loads its checkpoint, or remembers the donors). ``shards`` restricts
@@ -489,32 +518,23 @@ def generate_shards(
     src_root = Path(info["dataset_root"])
     split = read_manifest(split_manifest).to_pandas()
     out_dir = Path(out_dir)
-    specs = plan_samples(split, method=method.name, n_per_defect=n_per_defect, seed=seed, params_sha256=params_sha256, models_sha256=models_sha256)
-    n_shards = (len(specs) + shard_size - 1) // shard_size
+    p, specs, shard_size, params_sha256 = plan.params, plan.specs, plan.params.shard_size, plan.params_sha256
     root = Path(dataset_root) if dataset_root is not None else out_dir
-    _reset_if_plan_changed(out_dir, specs, shard_size, split=split_manifest, root=root, checkpoints=checkpoints)
+    _reset_if_plan_changed(out_dir, specs, shard_size, split=split_manifest, root=root, checkpoints=plan.checkpoints)
     prefix = Path(os.path.relpath(out_dir.resolve(), root.resolve())).as_posix()
     prefix = "" if prefix == "." else prefix + "/"
     # the whole run cleans stale temporaries; a fan-out worker (``shards`` given) leaves them to the driver
     writer = ShardedWriter(out_dir / "manifest", kind="synthetic", dataset_root=root, clean=shards is None)
     if shards is None:  # a fan-out's driver checked them once (prepare_output)
         _check_shard_files(writer, len(specs), shard_size)
-    todo = [i for i in (shards if shards is not None else range(n_shards)) if not writer.done(i)]
+    todo = [i for i in (shards if shards is not None else range(plan.n_shards)) if not writer.done(i)]
     by_id = split.set_index("image_id")
-    crash_after = int(os.environ.get("DEFECTFORGE_TEST_CRASH_AFTER_SHARDS", "0"))  # test hook: simulate a kill
     real_defects: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
     real_ids: dict[tuple[str, str], list[str]] = {}  # the image ids of real_defects, same order
     current: tuple[str, str] | None = None
     prior: LocationPrior | None = None
     mask_model = None
-    by_type = dict(placement_by_type or {})
-
-    def placement_for(category: str, defect: str) -> str:
-        return resolve_placement(by_type, placement, category, defect)
-
-    if placement == "generated" or "generated" in by_type.values():
-        _check_mask_models(split, mask_models, placement_for)
-    type_placement = placement
+    type_placement = p.target_placement
     cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
     verified: set[str] = set()
 
@@ -528,8 +548,7 @@ def generate_shards(
             verified.add(rel)
         return path
 
-    bar = tqdm(total=sum(len(specs[i * shard_size : (i + 1) * shard_size]) for i in todo), desc=f"generate[{method.name}]", unit="img", disable=not progress)
-    written = 0
+    bar = tqdm(total=sum(len(plan.shard(i)) for i in todo), desc=f"generate[{method.name}]", unit="img", disable=not progress)
     from defectforge.methods.base import BatchItem
 
     def flush(pending: list, rows: list) -> None:
@@ -555,9 +574,9 @@ def generate_shards(
     try:  # the bar's line is ended also on an error, so the error starts a line of its own
         for shard in todo:
             rows, pending = [], []
-            for spec in specs[shard * shard_size : (shard + 1) * shard_size]:
+            for spec in plan.shard(shard):
                 key = (spec.category, spec.defect_type)
-                if pending and (key != current or len(pending) == batch_size):  # a batch: consecutive samples of one type in this shard
+                if pending and (key != current or len(pending) == p.batch_size):  # a batch: consecutive samples of one type in this shard
                     flush(pending, rows)
                 if key not in real_defects:
                     reals = by_id[(by_id["split"] == "train") & (by_id["category"] == spec.category) & (by_id["defect_type"] == spec.defect_type)]
@@ -567,13 +586,13 @@ def generate_shards(
                     real_ids[key] = [str(i) for i in reals.index]
                 if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
                     method.prepare(spec.category, spec.defect_type, real_defects[key])
-                    type_placement = placement_for(*key)
+                    type_placement = p.placement_for(*key)
                     prior = LocationPrior.fit([m for _, m in real_defects[key]], [i for i, _ in real_defects[key]]) if type_placement == "prior" else None
                     mask_model = None
                     if type_placement == "generated":
-                        from defectforge.masks.generated import MASK_MODEL_DIR, load_mask_model
+                        from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR, load_mask_model
 
-                        mask_model = load_mask_model(Path(mask_models) / spec.category / spec.defect_type / MASK_MODEL_DIR)
+                        mask_model = load_mask_model(Path(plan.mask_models) / spec.category / spec.defect_type / MASK_MODEL_DIR)
                     current = key
                 normal_row = by_id.loc[spec.normal_id]
                 normal = read_image(checked(normal_row.image_path, normal_row.image_sha256))
@@ -589,9 +608,6 @@ def generate_shards(
             if pending:
                 flush(pending, rows)
             writer.write(shard, rows)
-            written += 1
-            if crash_after and written >= crash_after:
-                os._exit(137)
     finally:
         bar.close()
     return writer.dir

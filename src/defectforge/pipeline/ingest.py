@@ -28,9 +28,9 @@ import json
 import os
 from pathlib import Path
 
-from defectforge.config import DataParams
 from defectforge.errors import DataError
 from defectforge.manifest.validate import write_checked
+from defectforge.params.data import DataParams
 
 QUARANTINE_FORMAT = "defectforge-quarantine/1"
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from defectforge.config import PretrainParams
 from defectforge.data.io import atomic_dir, atomic_write_text, read_image
 from defectforge.errors import DataError
 from defectforge.manifest.io import manifest_info, read_manifest
+from defectforge.params.pretrain import PretrainParams
 from defectforge.pipeline.entry import pin_cpu_isa
 
 BASE_POINTER = "base.json"

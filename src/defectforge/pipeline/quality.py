@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from defectforge.config import QualityParams
 from defectforge.data.io import atomic_write_json, atomic_write_text, read_image, read_mask
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.manifest.schema import QC_COLUMNS
+from defectforge.params.quality import QualityParams
 
 
 class QualityGateError(DefectforgeError):

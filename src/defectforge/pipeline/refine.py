@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from defectforge.config import RefineParams
 from defectforge.data.io import atomic_dir, atomic_write_bytes, encode_png, read_image, read_mask, sha256_bytes
 from defectforge.errors import DataError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.validate import check_manifest
 from defectforge.masks.refine import difference_mask, refine_mask
+from defectforge.params.refine import RefineParams
 
 
 def run(p: RefineParams, split: str | os.PathLike, generated: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

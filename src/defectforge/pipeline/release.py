@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from defectforge.config import ReleaseParams
 from defectforge.data.io import atomic_dir, claim_dir
 from defectforge.errors import DataError, writing
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
 from defectforge.manifest.validate import check_complete, check_manifest
+from defectforge.params.release import ReleaseParams
 from defectforge.publish.card import card, headline_metrics, provenance
 from defectforge.publish.report import build_report
 

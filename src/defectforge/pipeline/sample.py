@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from defectforge.config import SampleParams
+from defectforge.params.sample import SampleParams
 
 
 def run(p: SampleParams, out_dir: str | os.PathLike) -> Path:

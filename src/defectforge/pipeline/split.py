@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from defectforge.config import SplitParams
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.manifest.validate import write_checked
+from defectforge.params.split import SplitParams
 
 
 def run(p: SplitParams, source: str | os.PathLike, out: str | os.PathLike) -> Path:

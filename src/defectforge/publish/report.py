@@ -51,7 +51,7 @@ from PIL import Image
 from defectforge.data.io import atomic_write_text, encode_png, read_image, read_mask
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.metrics.detection import DETECTION_KEYS
-from defectforge.config import REFERENCE_METHOD as REFERENCE
+from defectforge.params.detector import REFERENCE_METHOD as REFERENCE
 
 BASELINE = "real-only"
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -814,9 +814,9 @@ def write_report(path: str | Path, **kwargs) -> Path:
 def method_order(present: Sequence[str], methods: Sequence[str] | None = None) -> list[str]:
     """The grid's method columns: ``copy-paste`` first, then ``methods`` (``generate.methods``;
     default: the registry's order), then any other method present, sorted."""
-    from defectforge.config import METHOD_NEEDS_CHECKPOINTS
+    from defectforge.methods import registered_methods
 
-    order = list(methods) if methods is not None else list(METHOD_NEEDS_CHECKPOINTS)
+    order = list(methods) if methods is not None else registered_methods()
     known = [m for m in order if m in present]
     rest = sorted(m for m in present if m not in known)
     out = known + rest

@@ -78,13 +78,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from defectforge.config import AnomalyDiffusionConfig
 from defectforge.diffusion.attention import AttentionReweight, adaptive_weight_map, dilate_mask, reweight_dilation_radius
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step
 from defectforge.diffusion.models import base_reference, resolve_base_reference
 from defectforge.diffusion.sampling import check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.errors import DataError, ParamsError
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
+from defectforge.params.methods import AnomalyDiffusionConfig
 
 EMBEDDING_DIR = "anomaly_embedding"  # inside a finetune checkpoint folder
 EMBEDDING_WEIGHTS = "anomaly_embedding.safetensors"

@@ -76,7 +76,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from defectforge.config import DefectDiffuConfig
 from defectforge.diffusion.attention import AttentionStore, StoreGroup, TokenMapStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, double_free, zero_shot_guidance
 from defectforge.diffusion.mask_module import predicted_mask
@@ -84,6 +83,7 @@ from defectforge.diffusion.prompts import build_context
 from defectforge.errors import ParamsError
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
+from defectforge.params.methods import DefectDiffuConfig
 
 # the three conditions of Eq. 4, in the order of the batched UNet call: (defect condition, product condition)
 CONDITIONS = (("good", "null"), ("good", "bg"), ("defect", "null"))
