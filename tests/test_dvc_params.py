@@ -1,7 +1,7 @@
 """dvc.yaml's ``params:`` cannot go stale: each stage lists exactly the params keys it reads.
 
-Each stage script runs with ``load_params`` answering a recording proxy of the real
-``params.yaml`` and its ``defectforge.pipeline`` modules replaced by stubs, so nothing is
+Each stage script runs with ``load_section`` answering a recording proxy of the real
+``params.yaml``'s section and its ``defectforge.pipeline`` modules replaced by stubs, so nothing is
 computed. The proxy records every leaf the script reads (``p.generate.methods``); a
 section handed to a pipeline function (``p.pretrain``) counts as read whole; a method
 called on a section (``p.generate.model_needs()``) counts as reading every field its
@@ -27,7 +27,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from defectforge.config import load_params
+from defectforge.params.file import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,9 @@ def stage_reads(stage: str, params_file: Path = ROOT / "params.yaml") -> set[str
     spec.loader.exec_module(mod)
     rec = Recorder()
     real = load_params(params_file)
-    mod.load_params = lambda _path: Proxy(real, "", rec)
+    assert hasattr(mod, "load_section"), f"{script}: does not load its sections with load_section"
+    mod.load_section = lambda _path, key, model: Proxy(getattr(real, key), key, rec) if model is type(getattr(real, key)) \
+        else pytest.fail(f"{script}: loads section {key!r} as {model.__name__}")
     stubbed = 0
     for name, value in list(vars(mod).items()):
         if isinstance(value, types.ModuleType) and value.__name__.startswith("defectforge.pipeline.") \
@@ -145,7 +147,7 @@ def stage_reads(stage: str, params_file: Path = ROOT / "params.yaml") -> set[str
     assert stubbed, f"{script}: no defectforge.pipeline module to stub; the check would run the stage"
     fn = mod.main.__wrapped__  # the function under @stage, without its exit handling
     fn(*[f"arg{i}" for i in range(len(inspect.signature(fn).parameters))])
-    assert rec.reads, f"{stage}: the script read no params at all (does it still call load_params?)"
+    assert rec.reads, f"{stage}: the script read no params at all (does it still call load_section?)"
     return rec.reads
 
 
