@@ -1,13 +1,13 @@
 """One table of every method on Magnetic Tile (issue 11): realism, KID / LPIPS / IC-LPIPS, detector deltas, time.
 
-    .venv/bin/python bench/methods_table.py --run bench/results/magnetic-tile-all-methods.json --log /tmp/mtall.log
+    .venv/bin/python experiments/magnetic-tile-methods/methods_table.py --run experiments/magnetic-tile-methods/magnetic-tile-all-methods.json --log /tmp/mtall.log
 
 Reads one measured run of `bench/bench_magnetic_tile.py` with all seven methods (one
 finetune, the same target masks, 5 paired detector seeds sharing one set of real-only
 runs); nothing is recomputed here. ``--log`` is that run's console log: the generate
 stage's per-method progress bars give the wall time per method (2 Dask workers), kept in
-bench/results/generate-times-all-methods.json so the table can be rebuilt without it.
-Writes docs/methods-comparison.md.
+experiments/magnetic-tile-methods/generate-times-all-methods.json so the table can be rebuilt without it.
+Writes experiments/magnetic-tile-methods/methods-comparison.md.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import json
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-R = ROOT / "bench" / "results"
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results
+R = HERE
 ORDER = ["copy-paste", "cutpaste", "perlin", "inversion", "blended", "defectdiffu", "anomalydiffusion"]
 TIMES = R / "generate-times-all-methods.json"
 
@@ -53,9 +54,9 @@ def main() -> None:
     lines = [
         "# Every method on Magnetic Tile: realism, quality, detector, time",
         "",
-        f"Written by `bench/methods_table.py` from one measured run, `bench/bench_magnetic_tile.py {' '.join(argv)}` "
-        "(numbers: `bench/results/magnetic-tile-all-methods.json`; its own page with the grid: "
-        "`docs/magnetic-tile-results-all-methods.md`). One fine-tune serves every diffusion method (area-normed loss, attention "
+        f"Written by `experiments/magnetic-tile-methods/methods_table.py` from one measured run, `bench/bench_magnetic_tile.py {' '.join(argv)}` "
+        "(numbers: `experiments/magnetic-tile-methods/magnetic-tile-all-methods.json`; its own page with the grid: "
+        "`experiments/magnetic-tile-methods/magnetic-tile-results-all-methods.md`). One fine-tune serves every diffusion method (area-normed loss, attention "
         "loss 3.0, Algorithm 1's condition dropout 0.2 / 0.2, AAL, and AnomalyDiffusion's anomaly embedding), 16 samples per type "
         "and method on the same target masks, the library's split, and 5 paired detector seeds sharing one set of real-only runs.",
         "",
@@ -89,7 +90,7 @@ def main() -> None:
                 f"| {cls} | {m} | {_f(s.get('saturation'), 4)} ({_f(s.get('saturation_real'), 4)}) | {_f(s.get('intensity_distance'))} "
                 f"| {_f(s.get('c2st_accuracy'))} ({_f(s.get('c2st_real_vs_real'))}) | {_f(s.get('kid_mean'), 4)} | {_f(s.get('lpips'))} "
                 f"| {_f(s.get('ic_lpips'))} | {ci(det.get((cls, m, 'pixel_ap')))} | {ci(det.get((cls, m, 'aupro')))} | {_f(times.get(m), 2)} |")
-    out = ROOT / "docs" / "methods-comparison.md"
+    out = HERE / "methods-comparison.md"
     if out.exists() and "\n## Findings" in out.read_text():
         old = out.read_text()
         lines += ["", old[old.index("## Findings"):].rstrip()]

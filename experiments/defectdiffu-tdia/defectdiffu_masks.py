@@ -1,12 +1,12 @@
 """DefectDiffu's masks on Magnetic Tile: does the mask match what was painted?
 
-    .venv/bin/python bench/defectdiffu_masks.py --split /tmp/mt/split.parquet \\
+    .venv/bin/python experiments/defectdiffu-tdia/defectdiffu_masks.py --split /tmp/mt/split.parquet \\
         --run attention=/tmp/mt/models/finetune-all-XXXX:attention module=/tmp/mt/models/finetune-tdia-YYYY:module
 
 Each ``--run`` is ``tag=finetune_dir:mask_source``. For each class (blowhole, crack, break):
 ``--n`` defect-free *test* images of the library's split, a target mask per image from
 the class's real *training* masks (:func:`defectforge.masks.target.sample_target_mask`,
-as the generate stage and bench/eq13_iou.py do; same seeds for every run), one
+as the generate stage and experiments/eq13-attention/eq13_iou.py do; same seeds for every run), one
 ``defectdiffu`` sample each with params.yaml's ``generate.defectdiffu`` settings and the
 run's ``mask_source``:
 
@@ -41,7 +41,8 @@ from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
 from defectforge.masks.refine import difference_mask  # noqa: E402
 from defectforge.masks.target import sample_target_mask  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results
 DEFECTS = ["blowhole", "crack", "break"]
 
 
@@ -112,7 +113,7 @@ def main() -> None:
     ap.add_argument("--run", nargs="+", required=True, help="tag=finetune_dir:mask_source ...")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/defectdiffu-masks.json"))
+    ap.add_argument("--out", default=str(HERE / "defectdiffu-masks.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(a.out)

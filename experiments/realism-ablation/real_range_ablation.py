@@ -1,7 +1,7 @@
 """real_range on / off with the same checkpoints (make run's data/models/finetune), seeds and
 target masks (the held-out real masks of the type), on the built-in sample.
 
-    .venv/bin/python bench/real_range_ablation.py   # after `make run`; results in docs/realism-ablation.md
+    .venv/bin/python experiments/realism-ablation/real_range_ablation.py   # after `make run`; results in experiments/realism-ablation/realism-ablation.md
 """
 import os, sys, json, numpy as np
 for k, v in {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"}.items(): os.environ.setdefault(k, v)
@@ -33,8 +33,7 @@ for cat, dt in [("brick", "hole"), ("brick", "crack"), ("gravel", "stain")]:
                 st = defect_stats(res.image, res.mask)
                 rows.append(dict(set=f"{cat}/{dt}", method=name, real_range=rr, sat=st["saturated_share"], sat_px=st["saturated_px"],
                                  mean=st["in_mask_mean"], speckle=st["speckle"]))
-Path('bench/results').mkdir(parents=True, exist_ok=True)
-json.dump(rows, open('bench/results/real-range-ablation.json', 'w'), indent=1)
+json.dump(rows, open(Path(__file__).resolve().parent / 'real-range-ablation.json', 'w'), indent=1)
 import pandas as pd
 df = pd.DataFrame(rows)
 df["flagged"] = (df.sat > 0.05) & (df.sat_px >= 16)

@@ -1,6 +1,6 @@
 """Re-read the two-sample test of finished Magnetic Tile runs with the quality stage as it is now.
 
-    .venv/bin/python bench/c2st_recheck.py --sets prior=/tmp/mt/refined-prior generated=/tmp/mt/refined-generated
+    .venv/bin/python experiments/c2st-recheck/c2st_recheck.py --sets prior=/tmp/mt/refined-prior generated=/tmp/mt/refined-generated
 
 Each ``--sets`` item is ``tag=refined_dir`` (a refine stage output of bench_magnetic_tile.py).
 The quality stage (params.yaml's ``quality`` section: repeated k-fold C2ST, ``c2st_repeats``)
@@ -25,7 +25,8 @@ import yaml  # noqa: E402
 from defectforge.params.file import parse_params
 from defectforge.pipeline.quality import QualityGateError, run as run_quality  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results
 
 
 def main() -> None:
@@ -33,8 +34,8 @@ def main() -> None:
     ap.add_argument("--split", default="/tmp/mt/split.parquet")
     ap.add_argument("--sets", nargs="+", required=True, help="tag=refined_dir ...")
     ap.add_argument("--work", default="/tmp/mt")
-    ap.add_argument("--json", default=str(ROOT / "bench/results/c2st-recheck.json"))
-    ap.add_argument("--md", default=str(ROOT / "docs/c2st-recheck.md"))
+    ap.add_argument("--json", default=str(HERE / "c2st-recheck.json"))
+    ap.add_argument("--md", default=str(HERE / "c2st-recheck.md"))
     a = ap.parse_args()
     p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text())).quality
     result = {}
@@ -53,7 +54,7 @@ def main() -> None:
     Path(a.json).write_text(json.dumps({"argv": sys.argv[1:], "quality": p.model_dump(mode="json"), "runs": result}, indent=2) + "\n")
     keys = sorted({k for r in result.values() for k in r})
     lines = ["# Two-sample test, repeated k-fold, on finished Magnetic Tile runs", "",
-             f"Written by `bench/c2st_recheck.py {' '.join(sys.argv[1:])}`: the quality stage with `c2st_repeats: {p.c2st_repeats}` "
+             f"Written by `experiments/c2st-recheck/c2st_recheck.py {' '.join(sys.argv[1:])}`: the quality stage with `c2st_repeats: {p.c2st_repeats}` "
              f"({p.c2st_folds}-fold, crops at {p.c2st_size} px) on the runs' images as they are. Accuracy = mean over the repeats, "
              "[95 % Wilson interval on the 2n held-out predictions]; 0.5 = indistinguishable.", "",
              "| class / method | " + " | ".join(result) + " |", "| --- |" + " --- |" * len(result)]

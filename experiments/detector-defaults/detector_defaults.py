@@ -1,6 +1,6 @@
 """Does the detector learn on real data at params.yaml's defaults? Real-only, paired seeds.
 
-    nice .venv/bin/python bench/detector_defaults.py --split /tmp/mt-dose/split.parquet \\
+    nice .venv/bin/python experiments/detector-defaults/detector_defaults.py --split /tmp/mt-dose/split.parquet \\
         --variant defaults='{}' \\
         --variant before='{"scale": null, "patch": null, "norm": "group", "score_pool": 9}' \\
         --variant tuned='<bench/mt_detector.py BENCH_DETECTOR>'
@@ -26,14 +26,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # mt_detector, mt_models
 from mt_detector import BENCH_DETECTOR  # noqa: E402
 
 from defectforge.detector.compare import absolute_intervals  # noqa: E402
 from defectforge.params.file import parse_params
 from defectforge.pipeline.detector import run as run_detector  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="name=JSON over params.yaml's detector section ('tuned': the bench's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--work", default="/tmp/detector-defaults")
-    ap.add_argument("--json", default=str(ROOT / "bench/results/detector-defaults.json"))
+    ap.add_argument("--json", default=str(HERE / "detector-defaults.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
     base = yaml.safe_load((ROOT / "params.yaml").read_text())["detector"]

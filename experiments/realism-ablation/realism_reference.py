@@ -16,7 +16,7 @@ class the way the quality stage scores a generated set:
 
 Usage::
 
-    python bench/realism_reference.py [--root ../shared/data/magnetic-tile] [--out docs/realism-reference.json]
+    python experiments/realism-ablation/realism_reference.py [--root ../shared/data/magnetic-tile] [--out experiments/realism-ablation/realism-reference.json]
 """
 
 from __future__ import annotations
