@@ -8,10 +8,6 @@ from pydantic import Field, field_validator, model_validator
 
 from defectforge.params.loader import Section
 
-# the model-free baseline the reports, realism scores and the synthetic protocol compare every method with
-REFERENCE_METHOD = "copy-paste"
-
-
 class DetectorParams(Section):
     """The U-Net detector trained real-only and real+synthetic, paired by seed, evaluated on held-out real images."""
 

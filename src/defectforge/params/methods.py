@@ -14,6 +14,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from defectforge.errors import ParamsError
 from defectforge.params.loader import Section, describe
 
+# the model-free baseline the reports, realism scores and the detector's synthetic protocol compare every method with
+REFERENCE_METHOD = "copy-paste"
+
 
 class _ConfigMeta(type(BaseModel)):
     """Direct construction (``InversionConfig(steps=0)``) raises :class:`ParamsError` naming
