@@ -21,8 +21,7 @@ from __future__ import annotations
 import importlib
 
 from defectforge.methods.base import DiffusionMethod, GenerationMethod, GenerationResult
-from defectforge.params.detector import REFERENCE_METHOD as REFERENCE
-from defectforge.params.methods import MethodConfig
+from defectforge.params.methods import REFERENCE_METHOD as REFERENCE, MethodConfig
 
 # name: module (each class declares its config model and whether it needs checkpoints)
 METHODS: dict[str, str] = {
