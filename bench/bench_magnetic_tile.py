@@ -9,8 +9,8 @@ Models come from :mod:`mt_models` (the library's split and stages: the base mode
 only the split's defect-free training images; reused when its inputs are unchanged).
 Then generate -> refine -> quality (FID/KID/LPIPS + realism scores) -> detector (real-only
 vs real+<method>, paired seeds, 95 % intervals) -> release (report.html), exactly the
-library functions the DVC stages call. Writes docs/magnetic-tile-results{suffix}.md (+ .json),
-docs/magnetic-tile-grid{suffix}.png and the report under WORK.
+library functions the DVC stages call. Writes magnetic-tile-results{suffix}.md, magnetic-tile{suffix}.json
+and magnetic-tile-grid{suffix}.png into --out-dir (a study's folder in experiments/), and the report under WORK.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ def main() -> None:
     ap.add_argument("--generate-workers", type=int, default=1, help="generate.workers (Dask processes; 1 = in-process)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--tag", default="", help="names this run's output folders under WORK (default: the finetune tag)")
-    ap.add_argument("--suffix", default="", help="docs file name suffix")
+    ap.add_argument("--suffix", default="", help="output file name suffix")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "experiments" / "magnetic-tile-methods",
+                    help="the study folder the write-up, results JSON and grid go to")
     ap.add_argument("--skip-detector", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -126,7 +128,7 @@ def main() -> None:
         timed("detector", run_detector, p.detector, split, refined, w / f"quality-{tag}/qc.parquet", w / f"detector-{tag}")
     timed("release", run_release, p.release, refined, w / f"release-{tag}", quality=w / f"quality-{tag}",
           detector=None if a.skip_detector else w / f"detector-{tag}", split=split)
-    grid = ROOT / "docs" / f"magnetic-tile-grid{a.suffix}.png"
+    grid = a.out_dir / f"magnetic-tile-grid{a.suffix}.png"
     render_grid(split, refined, w / f"quality-{tag}/qc.parquet", a.methods, grid)
     write_docs(w, tag, times, p, a, gate, grid, paths)
 
@@ -248,9 +250,9 @@ def write_docs(w: Path, tag: str, times: dict, p, a, gate: str, grid: Path, path
                          f"[{_f(r['ci_low'], 4)}, {_f(r['ci_high'], 4)}] | {r['n_seeds']} | {r['verdict']} |")
     lines += ["", "## Stage times (seconds)", "", "| " + " | ".join(times) + " |", "| " + " | ".join("---" for _ in times) + " |",
               "| " + " | ".join(str(v) for v in times.values()) + " |"]
-    out = ROOT / "docs" / f"magnetic-tile-results{a.suffix}.md"
+    out = a.out_dir / f"magnetic-tile-results{a.suffix}.md"
     out.write_text("\n".join(lines) + "\n")
-    (ROOT / "bench" / "results" / f"magnetic-tile{a.suffix}.json").write_text(
+    (a.out_dir / f"magnetic-tile{a.suffix}.json").write_text(
         json.dumps({"argv": sys.argv[1:], "times": times, "quality": q, "detector": d, "gate": gate}, indent=2, default=str) + "\n")
     print(out.read_text())
 

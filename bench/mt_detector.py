@@ -7,7 +7,7 @@
 Runs :func:`defectforge.pipeline.detector.run` (the library's detector stage) on the
 library's split with >= 5 paired seeds: per seed, real-only and real+<method> from the same
 initial weights, the same order of real images and the same step budget. Writes
-``bench/results/mt-detector.json`` and ``docs/magnetic-tile-detector.md``: per defect class
+``experiments/magnetic-tile-detector/mt-detector.json`` and ``magnetic-tile-detector.md`` beside it: per defect class
 and method the mean difference against real-only in pixel AP and AUPRO with its 95 %
 t-interval and verdict, and the sanity figure (real-only image AUROC, which must be clearly
 above 0.5 before any method is ranked).
@@ -37,7 +37,7 @@ from defectforge.pipeline.detector import run as run_detector  # noqa: E402
 from defectforge.pipeline.refine import run as run_refine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# Magnetic Tile budget (measured in docs/magnetic-tile-detector-spread.md, "Making it learn"): images at half size with their
+# Magnetic Tile budget (measured in experiments/magnetic-tile-detector/magnetic-tile-detector-spread.md, "Making it learn"): images at half size with their
 # aspect ratio, 64 px training patches, BatchNorm, image score from a 3 x 3 pool; params.yaml keeps the built-in sample's
 BENCH_DETECTOR = dict(epochs=20, batch_size=8, lr=3e-3, size=96, scale=0.5, patch=64, base_channels=8, depth=3, norm="batch", score_pool=3,
                       max_train_good=80, synthetic="qc_pass")
@@ -51,8 +51,8 @@ def main() -> None:
     ap.add_argument("--copy-paste", type=int, default=0, metavar="N", help="also generate N copy-paste samples per defect type here")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--workdir", default="/tmp/mt-detector")
-    ap.add_argument("--json", default=str(ROOT / "bench/results/mt-detector.json"))
-    ap.add_argument("--md", default=str(ROOT / "docs/magnetic-tile-detector.md"))
+    ap.add_argument("--json", default=str(ROOT / "experiments/magnetic-tile-detector/mt-detector.json"))
+    ap.add_argument("--md", default=str(ROOT / "experiments/magnetic-tile-detector/magnetic-tile-detector.md"))
     ap.add_argument("--render-only", action="store_true", help="no training: rewrite the json and markdown from WORKDIR/detector/details.json")
     ap.add_argument("--merge", nargs="+", default=None, metavar="WORKDIR",
                     help="no training: pool the per-seed runs of several workdirs (e.g. seeds run in parallel processes) and recompute the paired intervals")
@@ -144,7 +144,7 @@ def _ci(c: dict | None) -> str:
     return f"{c['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo is not None else f"{c['mean_diff']:+.3f} [unbounded]"
 
 
-def markdown(r: dict, cmd: str, json_path: str = "bench/results/mt-detector.json") -> str:
+def markdown(r: dict, cmd: str, json_path: str = "experiments/magnetic-tile-detector/mt-detector.json") -> str:
     from defectforge.detector.compare import t_interval
 
     from defectforge.pipeline.detector import run_label
@@ -164,7 +164,7 @@ def markdown(r: dict, cmd: str, json_path: str = "bench/results/mt-detector.json
         f"Adam lr {p['lr']} with cosine decay, {p['max_train_good']} defect-free training images.",
         "",
         "Before this setting (every image squashed to 96 x 96, GroupNorm, 168 steps) the real-only detector did not learn: image "
-        "AUROC 0.466 [0.323, 0.609] over 5 seeds, pixel AP 0.014 (docs/magnetic-tile-detector-spread.md, \"Making it learn\").",
+        "AUROC 0.466 [0.323, 0.609] over 5 seeds, pixel AP 0.014 (experiments/magnetic-tile-detector/magnetic-tile-detector-spread.md, \"Making it learn\").",
         "",
         "Δ = metric(real + method) − metric(real-only), mean over seeds with its 95 % t-interval; **helps** / **hurts** when "
         "the interval lies above / below 0, *no measurable effect* when it contains 0. Per class: that class's held-out defect "
