@@ -82,3 +82,60 @@ def test_generate_code_hash_follows_its_deps_only(tmp_path):
     assert h("defectforge.pipeline.generate", src) != before
     # and every file it hashes is one of the generate stage's deps
     assert closure_names("generate") >= {f.relative_to(src).as_posix() for f in code.closure(code.module_file("defectforge.pipeline.generate", src), src)}
+
+
+# ------------------------------------------------------------------ what an edit reruns
+def _entries(items) -> list[str]:
+    return [d if isinstance(d, str) else next(iter(d)) for d in items or []]
+
+
+def _overlap(a: str, b: str) -> bool:
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def reruns(*, file: str | None = None, key: str | None = None) -> set[str]:
+    """The stages ``dvc repro`` reruns after an edit of ``file`` (a path in the repository) or of
+    params key ``key``: each stage whose deps cover the file or whose ``params:`` cover the key,
+    then every stage whose deps take an output of a rerun stage, transitively."""
+    stages = _stages()
+    todo = {name for name, spec in stages.items()
+            if (file and any(_overlap(file, d) for d in _entries(spec["deps"])))
+            or (key and any(key == p or key.startswith(p + ".") for p in _entries(spec.get("params"))))}
+    done: set[str] = set()
+    while todo:
+        name = todo.pop()
+        done.add(name)
+        outs = [o for field in ("outs", "metrics", "plots") for o in _entries(stages[name].get(field))]
+        todo |= {other for other, spec in stages.items() if other not in done
+                 and any(_overlap(o, d) for o in outs for d in _entries(spec["deps"]))}
+    return done
+
+
+def _files(folder: str) -> list[str]:
+    return sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_an_edit_to_the_detector_reruns_detector_and_release_only():
+    files = _files("src/defectforge/detector") + ["src/defectforge/pipeline/detector.py", "src/defectforge/params/detector.py",
+                                                  "stages/detector.py"]
+    for f in files:
+        assert reruns(file=f) == {"detector", "release"}, f
+    for key in ("detector.epochs", "detector.seeds", "detector"):
+        assert reruns(key=key) == {"detector", "release"}, key
+
+
+def test_an_edit_to_a_method_reruns_neither_split_nor_the_models_when_it_is_a_method_param():
+    """A method's file is no dep of the stages before the models (sample, ingest, split); a method's
+    own params section (``generate.<method>``) is no param of pretrain or finetune either."""
+    for f in _files("src/defectforge/methods"):
+        assert not reruns(file=f) & {"sample", "ingest", "split"}, f
+        assert "generate" in reruns(file=f), f
+    for key in ("generate.copy_paste.feather", "generate.inversion.steps", "generate.n_per_defect"):
+        assert reruns(key=key) == {"generate", "refine", "quality", "detector", "release"}, key
+    assert {"pretrain", "finetune"} <= reruns(key="generate.methods")  # which methods need models is theirs to read
+
+
+def test_the_rerun_check_follows_outputs_downstream():
+    assert reruns(key="split.seed") == {"split", "pretrain", "finetune", "generate", "refine", "quality", "detector", "release"}
+    assert reruns(file="src/defectforge/params/refine.py") == {"refine", "quality", "detector", "release"}
