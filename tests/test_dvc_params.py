@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel
 
 from defectforge.params.file import load_params
+from defectforge.params.loader import parse_section, read_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,10 +135,10 @@ def stage_reads(stage: str, params_file: Path = ROOT / "params.yaml") -> set[str
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rec = Recorder()
-    real = load_params(params_file)
+    load_params(params_file)  # the whole file is valid
+    sections = read_sections(params_file)
     assert hasattr(mod, "load_section"), f"{script}: does not load its sections with load_section"
-    mod.load_section = lambda _path, key, model: Proxy(getattr(real, key), key, rec) if model is type(getattr(real, key)) \
-        else pytest.fail(f"{script}: loads section {key!r} as {model.__name__}")
+    mod.load_section = lambda _path, key, model: Proxy(parse_section(sections.get(key, {}), key, model), key, rec)
     stubbed = 0
     for name, value in list(vars(mod).items()):
         if isinstance(value, types.ModuleType) and value.__name__.startswith("defectforge.pipeline.") \

@@ -55,3 +55,32 @@ def test_section_hash_changes_with_values():
     a = parse_params({}).generate
     b = parse_params({"generate": {"seed": 1}}).generate
     assert a.sha256() != b.sha256() and a.sha256() == parse_params({}).generate.sha256()
+
+
+def test_the_stages_before_generate_read_what_the_method_classes_declare():
+    """pretrain and finetune read which methods need checkpoints from defectforge.params.needs
+    (so a method edit does not rerun them); it must say what the registered classes say
+    (``python -m defectforge.params.write_needs`` rewrites it)."""
+    from defectforge.params.needs import NEEDS_CHECKPOINTS, ModelNeeds
+    from defectforge.params.write_needs import declared
+
+    assert NEEDS_CHECKPOINTS == declared()
+    for generate in ({}, {"methods": ["copy-paste"]}, {"methods": ["copy-paste", "inversion"], "inversion": {"steps": 3}},
+                     {"methods": ["perlin"], "target_placement_by_type": {"crack": "generated"}},
+                     {"methods": ["blended", "anomalydiffusion"], "target_placement": "generated"}):
+        full = parse_params({"generate": generate}).generate
+        light = ModelNeeds.model_validate(generate)
+        assert light.model_needs() == full.model_needs(), generate
+
+
+def test_the_light_generate_view_refuses_what_the_full_one_refuses():
+    from defectforge.params.loader import parse_section
+    from defectforge.params.needs import ModelNeeds
+
+    for bad, message in (({"methods": ["nope"]}, "generate.methods.0: got 'nope'; allowed: 'copy-paste', 'cutpaste', 'perlin'"),
+                         ({"target_placement": "left"}, "generate.target_placement: got 'left'")):
+        with pytest.raises(ParamsError) as full:
+            parse_params({"generate": bad})
+        with pytest.raises(ParamsError) as light:
+            parse_section(bad, "generate", ModelNeeds)
+        assert message in str(full.value) and str(light.value) == str(full.value)

@@ -17,6 +17,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 
 from defectforge.params.loader import Section
 from defectforge.params.methods import MethodConfig
+from defectforge.params.needs import Placement, PlacementRules
 
 
 def _registered() -> dict[str, type]:
@@ -31,15 +32,9 @@ MethodName = Literal[tuple(METHOD_CLASSES)]  # type: ignore[valid-type]
 METHOD_NEEDS_CHECKPOINTS: dict[str, bool] = {name: bool(cls.needs_checkpoints) for name, cls in METHOD_CLASSES.items()}
 # generate.<section> of each method: its name with "-" as "_"
 METHOD_SECTIONS: dict[str, str] = {name: name.replace("-", "_") for name in METHOD_CLASSES}
-Placement = Literal["foreground", "anywhere", "prior", "generated"]
 
 
-def resolve_placement(by_type: dict[str, str], default: str, category: str, defect_type: str) -> str:
-    """A defect type's target placement: ``by_type["category/type"]``, else ``by_type["type"]``, else ``default``."""
-    return by_type.get(f"{category}/{defect_type}", by_type.get(defect_type, default))
-
-
-class _GenerateCommon(Section):
+class _GenerateCommon(PlacementRules, Section):
     """The knobs every method shares; :class:`GenerateParams` adds one section per registered method."""
 
     methods: list[MethodName] = Field(default_factory=lambda: ["copy-paste"], min_length=1)
@@ -80,15 +75,6 @@ class _GenerateCommon(Section):
         """What the pretrain and finetune stages must build models for: the diffusion methods,
         and the mask models when target masks are generated (empty: nothing to train)."""
         return self.diffusion_methods() + (["mask-model"] if self.uses_generated_masks() else [])
-
-    def placement_for(self, category: str, defect_type: str) -> str:
-        """The target placement of one defect type: ``target_placement_by_type`` ("category/type",
-        then "type"), else ``target_placement``."""
-        return resolve_placement(self.target_placement_by_type, self.target_placement, category, defect_type)
-
-    def uses_generated_masks(self) -> bool:
-        """Whether any defect type's target masks come from its mask model."""
-        return self.target_placement == "generated" or "generated" in self.target_placement_by_type.values()
 
     def diffusion_methods(self) -> list[str]:
         """The methods that need the pretrain and finetune stages' models."""
