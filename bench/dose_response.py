@@ -126,7 +126,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=1, help="generate.batch_size (diffusion methods' samples per UNet call)")
     ap.add_argument("--detector-json", default="{}", help="detector params over bench/mt_detector.py's BENCH_DETECTOR, e.g. '{\"epochs\": 1}'")
     ap.add_argument("--results", default=str(ROOT / "bench/results/dose-response.json"))
-    ap.add_argument("--docs-dir", default=str(ROOT / "docs"))
+    ap.add_argument("--docs-dir", default=str(ROOT / "experiments" / "dose-response"))
     ap.add_argument("--render-only", action="store_true", help="no training: redraw the PNGs and the table from --results")
     a = ap.parse_args(argv)
     for name in ("n", "model_free_n"):
