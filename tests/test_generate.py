@@ -308,7 +308,10 @@ import numpy as np
 from defectforge.methods.base import GenerationMethod, GenerationResult
 from defectforge.manifest.io import read_manifest
 from defectforge.params.generate import GenerateParams
+from defectforge.pipeline import generate as generate_stage
 from defectforge.pipeline.generate import generate_shards, plan_method
+
+generate_stage.package_sha256 = lambda *a: "probe-code"  # a test-only method has no registered code to hash
 
 class BatchProbe(GenerationMethod):
     """Paints the mask with a value of the sample's seed and of the size of the batch it shared

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
 
@@ -26,18 +26,15 @@ def _registered() -> dict[str, type]:
     return {name: get_method_class(name) for name in registered_methods()}
 
 
-METHOD_CLASSES = _registered()
-# The method names params.yaml accepts (registry order: the order the error message lists them in)
-MethodName = Literal[tuple(METHOD_CLASSES)]  # type: ignore[valid-type]
-METHOD_NEEDS_CHECKPOINTS: dict[str, bool] = {name: bool(cls.needs_checkpoints) for name, cls in METHOD_CLASSES.items()}
-# generate.<section> of each method: its name with "-" as "_"
-METHOD_SECTIONS: dict[str, str] = {name: name.replace("-", "_") for name in METHOD_CLASSES}
 
 
 class _GenerateCommon(PlacementRules, Section):
-    """The knobs every method shares; :class:`GenerateParams` adds one section per registered method."""
+    """The knobs every method shares; :func:`compose` adds one section per method and the ids
+    ``methods`` accepts."""
 
-    methods: list[MethodName] = Field(default_factory=lambda: ["copy-paste"], min_length=1)
+    # {method id: whether it needs the pretrain and finetune stages' checkpoints}, set by compose()
+    needs_checkpoints: ClassVar[dict[str, bool]] = {}
+    methods: list[str] = Field(default_factory=lambda: ["copy-paste"], min_length=1)
     n_per_defect: int = Field(8, ge=1, le=100000)
     seed: int = 0
     shard_size: int = Field(4, ge=1, le=10000)
@@ -78,22 +75,37 @@ class _GenerateCommon(PlacementRules, Section):
 
     def diffusion_methods(self) -> list[str]:
         """The methods that need the pretrain and finetune stages' models."""
-        return [m for m in self.methods if METHOD_NEEDS_CHECKPOINTS[m]]
+        return [m for m in self.methods if self.needs_checkpoints[m]]
 
     def method_sha256(self, method: str) -> str:
         """Hash of what determines one method's samples: the common knobs and its own section."""
-        common = self.model_dump(mode="json", exclude={"methods", "batch_size", "workers", "scheduler", *METHOD_SECTIONS.values()})
+        sections = {m.replace("-", "_") for m in self.needs_checkpoints}
+        common = self.model_dump(mode="json", exclude={"methods", "batch_size", "workers", "scheduler", *sections})
         own = getattr(self, method.replace("-", "_"), None)
         blob = {"common": common, "method": method, "own": own.model_dump(mode="json") if own is not None else None}
-        if self.batch_size > 1 and METHOD_NEEDS_CHECKPOINTS.get(method):  # a batched UNet call: other last bits, another sample
+        if self.batch_size > 1 and self.needs_checkpoints.get(method):  # a batched UNet call: other last bits, another sample
             blob["batch_size"] = self.batch_size
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-GenerateParams = create_model(
-    "GenerateParams",
-    __base__=_GenerateCommon,
-    __module__=__name__,
-    **{METHOD_SECTIONS[name]: (cls.config_class, cls.config_class()) for name, cls in METHOD_CLASSES.items()},
-)
-GenerateParams.__doc__ = "The generate section: the shared knobs and one section per registered method (its config model)."
+def compose(classes: dict[str, type]) -> type[_GenerateCommon]:
+    """The generate section's model for the methods ``classes`` (``{id: class}``, in the order
+    errors list them): the shared knobs, ``methods`` accepting those ids, and one section per
+    method (``generate.<id with - as _>``, its class's ``config_class``)."""
+    ids = Literal[tuple(classes)]  # type: ignore[valid-type]
+    model = create_model(
+        "GenerateParams",
+        __base__=_GenerateCommon,
+        __module__=__name__,
+        methods=(list[ids], Field(default_factory=lambda: ["copy-paste"], min_length=1)),
+        **{name.replace("-", "_"): (cls.config_class, cls.config_class()) for name, cls in classes.items()},
+    )
+    model.needs_checkpoints = {name: bool(cls.needs_checkpoints) for name, cls in classes.items()}
+    model.__doc__ = "The generate section: the shared knobs and one section per registered method (its config model)."
+    return model
+
+
+# the registered methods, in registry order (the order an error lists them in)
+METHOD_CLASSES = _registered()
+GenerateParams = compose(METHOD_CLASSES)
+METHOD_NEEDS_CHECKPOINTS: dict[str, bool] = dict(GenerateParams.needs_checkpoints)

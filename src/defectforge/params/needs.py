@@ -38,10 +38,8 @@ def resolve_placement(by_type: dict[str, str], default: str, category: str, defe
 
 
 class PlacementRules:
-    """The target-placement reading shared by the generate section and :class:`ModelNeeds`."""
-
-    target_placement: str
-    target_placement_by_type: dict[str, str]
+    """The target-placement reading shared by the generate section and :class:`ModelNeeds`
+    (both have the fields ``target_placement`` and ``target_placement_by_type``)."""
 
     def placement_for(self, category: str, defect_type: str) -> str:
         """The target placement of one defect type: ``target_placement_by_type`` ("category/type",
