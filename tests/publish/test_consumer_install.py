@@ -47,6 +47,11 @@ if sys.argv[4] == "items":
     image, mask, row = ds[0]
     out["image"] = list(image.shape)
     out["mask_sum"] = int(mask.sum())
+else:
+    try:
+        ds[0]
+    except Exception as exc:  # without torch: one line saying what to install
+        out["item_error"] = f"{type(exc).__name__}: {exc}"
 out["loaded"] = sorted(m for m in BLOCKED if m in sys.modules)
 print(json.dumps(out))
 """
@@ -83,6 +88,7 @@ def test_load_reads_a_release_without_the_factory_or_torch(tmp_path):
     out = _consume(proj, FACTORY + ["torch"], "table")
     assert out["rows"] == 2 and out["first_bytes"] > 0  # the filter reached Parquet, a file was read and checked
     assert out["loaded"] == []
+    assert out["item_error"].startswith("DefectforgeError") and "defectforge[dataset]" in out["item_error"]
 
 
 def test_manifest_dataset_items_need_only_torch_beyond_the_base(tmp_path):

@@ -317,7 +317,11 @@ class ManifestDataset:
         return data
 
     def __getitem__(self, i: int):
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise DefectforgeError("ManifestDataset items are torch tensors: pip install 'defectforge[dataset]' (or read "
+                                   "the files with read_bytes)") from None
 
         row = self.rows[i]
         img = np.asarray(Image.open(io.BytesIO(self._read_checked(row, "image_path", "image_sha256"))).convert("RGB"))
