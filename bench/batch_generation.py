@@ -69,8 +69,8 @@ def main() -> None:
     from defectforge.params.methods import AnomalyDiffusionConfig, BlendedConfig
     from defectforge.diffusion import build_tiny_components, save_tiny
     from defectforge.diffusion.models import load_pipeline_components
-    from defectforge.methods.anomalydiffusion import AnomalyDiffusionMethod, fit_anomaly_embedding
-    from defectforge.methods.blended import BlendedMethod
+    from defectforge.methods.anomalydiffusion import AnomalyDiffusion, fit_anomaly_embedding
+    from defectforge.methods.blended import Blended
 
     tmp = Path(tempfile.mkdtemp(prefix="batch-bench-"))
     comps = build_tiny_components(seed=0)
@@ -79,8 +79,8 @@ def main() -> None:
     it = _items(1)[0]
     fit_anomaly_embedding(tmp / "tiny", [(it.image, it.mask)], "pit", tmp / "ad" / "anomaly_embedding", device="cpu", steps=1, batch_size=1)
     methods = {
-        "blended": (BlendedMethod.from_pretrained(tmp / "tiny", BlendedConfig(steps=a.steps), device="cpu"), 2),
-        "anomalydiffusion": (AnomalyDiffusionMethod.from_pretrained({"pit": str(tmp / "ad")}, AnomalyDiffusionConfig(steps=a.steps), device="cpu"), 1),
+        "blended": (Blended.from_pretrained(tmp / "tiny", BlendedConfig(steps=a.steps), device="cpu"), 2),
+        "anomalydiffusion": (AnomalyDiffusion.from_pretrained({"pit": str(tmp / "ad")}, AnomalyDiffusionConfig(steps=a.steps), device="cpu"), 1),
     }
     ref = load_pipeline_components(tmp / "tiny", "cpu")
     ref.unet.eval()

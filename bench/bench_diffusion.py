@@ -44,8 +44,8 @@ def main() -> None:
 
     from defectforge.diffusion import build_tiny_components, load_pipeline_components, save_tiny
     from defectforge.diffusion.training import disentangled_step
-    from defectforge.methods.blended import BlendedConfig, BlendedMethod
-    from defectforge.methods.inversion import InversionConfig, InversionMethod
+    from defectforge.methods.blended import BlendedConfig, Blended
+    from defectforge.methods.inversion import InversionConfig, Inversion
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-diffusion-"))
     if args.model is None:
@@ -89,8 +89,8 @@ def main() -> None:
     mask = np.zeros((240, 320), bool)
     mask[100:114, 150:164] = True
     for name, method in (
-        ("inversion", InversionMethod.from_pretrained(model_dir, InversionConfig(steps=args.steps, guidance=2.0), device="cpu")),
-        ("blended", BlendedMethod.from_pretrained(model_dir, BlendedConfig(steps=args.steps, guidance=2.0), device="cpu")),
+        ("inversion", Inversion.from_pretrained(model_dir, InversionConfig(steps=args.steps, guidance=2.0), device="cpu")),
+        ("blended", Blended.from_pretrained(model_dir, BlendedConfig(steps=args.steps, guidance=2.0), device="cpu")),
     ):
         seeds = iter(range(1000))
         out[f"{name}_seconds_per_sample_steps{args.steps}"] = round(

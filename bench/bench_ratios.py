@@ -237,7 +237,7 @@ def cmd_sampler(args) -> dict:
 
     def ours():
         gen = torch.Generator().manual_seed(0)
-        # as BlendedMethod.generate with params.yaml's generate.blended (colour source, pixel profile)
+        # as Blended.generate with params.yaml's generate.blended (colour source, pixel profile)
         sample_blended(comps, z0, m, "crack", steps, w, 0.2, gen, AttentionStore(rows=[0]), 0.5,
                        bound=1.0, gray=False, soft=soft, chroma=chroma)
 
@@ -251,7 +251,7 @@ def cmd_sampler(args) -> dict:
     res = [
         entry("blended sampler step vs plain diffusers step", t["ours"], t["plain"], target=1.05, kind="ratio", unit="ms/step", scale=ms,
               what=f"methods.blended.sample_blended, {steps} steps, w_d {w} (2 UNet rows), x0 bound 1, chroma bound, feathered "
-                   "blend, attention capture (last half), as BlendedMethod.generate",
+                   "blend, attention capture (last half), as Blended.generate",
               reference="diffusers DDIMScheduler.step loop, same UNet / scheduler / rows / inpainting inputs / region mask",
               load=[l0, l1]),
     ]
@@ -276,7 +276,7 @@ def cmd_di(args) -> dict:
 
     def di():
         gen = torch.Generator().manual_seed(0)
-        # as InversionMethod.generate with params.yaml's generate.inversion: background read from the
+        # as Inversion.generate with params.yaml's generate.inversion: background read from the
         # inversion path, x0 bound, chroma bound, feathered mix, attention capture of the defect row
         sample_eq9(comps, z_T_m, z0, m, "crack", steps, w, gen, AttentionStore(rows=[1]), 0.5, path,
                    bound=1.0, gray=False, soft=soft, chroma=chroma)

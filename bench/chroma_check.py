@@ -10,8 +10,8 @@ torch.set_num_threads(1)
 from pathlib import Path
 from defectforge.manifest.io import read_manifest, manifest_info
 from defectforge.data.io import read_image, read_mask
-from defectforge.methods.inversion import InversionMethod, InversionConfig
-from defectforge.methods.blended import BlendedMethod, BlendedConfig
+from defectforge.methods.inversion import Inversion, InversionConfig
+from defectforge.methods.blended import Blended, BlendedConfig
 from defectforge.diffusion.sampling import category_checkpoints as checkpoints
 from defectforge.masks.target import sample_target_mask
 from defectforge.metrics.gates import gate_sample, GateThresholds
@@ -22,7 +22,7 @@ for cat, defect in [("gravel", "scratch"), ("gravel", "stain"), ("brick", "hole"
     tr = df[(df.split == "train") & (df.category == cat)]
     reals = [read_mask(root / r.mask_path) for r in tr[tr.defect_type == defect].itertuples()]
     goods = [read_image(root / r.image_path) for r in tr[tr.defect_type == "good"].itertuples()][:3]
-    for name, cls, cfgc in [("inversion", InversionMethod, InversionConfig), ("blended", BlendedMethod, BlendedConfig)]:
+    for name, cls, cfgc in [("inversion", Inversion, InversionConfig), ("blended", Blended, BlendedConfig)]:
         for chroma in (False, True):
             m = cls.from_pretrained(ck, cfgc(steps=20, chroma_steps=chroma))
             fails = []

@@ -74,7 +74,7 @@ def _refine(make, radius: int, enough):
 
 
 def evaluate(finetune_dir: Path, split: Path, n: int, steps: int, seed: int, classes: list[str] = DEFECTS, log=print) -> dict:
-    from defectforge.methods.inversion import InversionConfig, InversionMethod
+    from defectforge.methods.inversion import InversionConfig, Inversion
 
     rp = RefineParams()
     root = Path(manifest_info(split)["dataset_root"])
@@ -91,7 +91,7 @@ def evaluate(finetune_dir: Path, split: Path, n: int, steps: int, seed: int, cla
     kw = {k: v for k, v in given.items() if k in fields}
     kw.update(device="cpu", **({"steps": steps} if steps else {}))
     cfg = InversionConfig(**kw)
-    method = InversionMethod.from_pretrained(ckpts, cfg)
+    method = Inversion.from_pretrained(ckpts, cfg)
     goods = df[(df.split == "test") & (df.defect_type == "good")].sort_values("image_id")
     pick = np.random.default_rng(seed).choice(len(goods), size=min(n, len(goods)), replace=False)
     normals = [read_image(root / goods.iloc[int(i)].image_path) for i in sorted(pick)]

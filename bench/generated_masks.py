@@ -3,7 +3,7 @@
     .venv/bin/python bench/generated_masks.py --split /tmp/mt/split.parquet --steps 800 --draws 40 --repeats 3
 
 Per defect type (the library's split): a mask model (AnomalyDiffusion Eq. 9,
-:mod:`defectforge.masks.generated`) is fitted on the type's *training* masks, then
+:mod:`defectforge.methods.anomalydiffusion.mask_model`) is fitted on the type's *training* masks, then
 ``draws`` target masks are made on defect-free training images by each source:
 
 * ``augmented/foreground`` - today's default: an augmented real shape on the object;
@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 
 from defectforge.data.io import read_image, read_mask  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
-from defectforge.masks.generated import train_mask_model  # noqa: E402
+from defectforge.methods.anomalydiffusion.mask_training import train_mask_model  # noqa: E402
 from defectforge.masks.target import LocationPrior, sample_target_mask  # noqa: E402
 from defectforge.metrics.mask_shapes import mask_distances, mask_features  # noqa: E402
 

@@ -3,7 +3,7 @@
     .venv/bin/python bench/mask_gate_grid.py --models /tmp/mt/models/finetune-genmask/magnetic-tile --draws 60
 
 Per defect type: ``draws`` single draws of the type's mask model with the gate off, split by
-:func:`defectforge.masks.generated.in_shape_range` against the range of the type's real
+:func:`defectforge.methods.anomalydiffusion.mask_model.in_shape_range` against the range of the type's real
 training masks (the model's stored ``shape_range``), next to the real training masks. Writes
 docs/generated-masks-gate.png and prints the counts and the refused draws' area and elongation.
 A folder holds ``<type>/mask_model.json`` or ``<type>/mask_model/mask_model.json``.
@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from defectforge.data.io import read_image, read_mask
 from defectforge.manifest.io import manifest_info, read_manifest
-from defectforge.masks.generated import MASK_MODEL_DIR, in_shape_range, load_mask_model, shape_range
+from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR, in_shape_range, load_mask_model, shape_range
 from defectforge.metrics.mask_shapes import elongation
 
 ROOT = Path(__file__).resolve().parents[1]

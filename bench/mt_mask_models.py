@@ -23,7 +23,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from defectforge.data.io import read_mask  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
-from defectforge.masks.generated import MASK_MODEL_DIR, fit_mask_model  # noqa: E402
+from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR  # noqa: E402
+from defectforge.methods.anomalydiffusion.mask_training import fit_mask_model  # noqa: E402
 
 
 def main() -> None:

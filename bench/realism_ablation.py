@@ -37,8 +37,8 @@ from defectforge.data.io import read_image, read_mask
 from defectforge.pipeline.generate import plan_samples
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.masks.target import sample_target_mask
-from defectforge.methods.blended import BlendedConfig, BlendedMethod
-from defectforge.methods.inversion import InversionConfig, InversionMethod
+from defectforge.methods.blended import BlendedConfig, Blended
+from defectforge.methods.inversion import InversionConfig, Inversion
 from defectforge.metrics.realism import defect_stats, intensity_distance
 from defectforge.diffusion.sampling import category_checkpoints as checkpoints
 
@@ -144,8 +144,8 @@ def main(argv=None) -> int:
         specs = [s for s in plan_samples(df[df["category"] == cat], method="ablation", n_per_defect=args.n, seed=args.seed, params_sha256="ablation")
                  if s.defect_type in want]
         methods = {
-            "inversion": InversionMethod.from_pretrained({d: ck[d] for d in want}, InversionConfig(steps=args.steps), device="cpu"),
-            "blended": BlendedMethod.from_pretrained({d: ck[d] for d in want}, BlendedConfig(steps=args.steps), device="cpu"),
+            "inversion": Inversion.from_pretrained({d: ck[d] for d in want}, InversionConfig(steps=args.steps), device="cpu"),
+            "blended": Blended.from_pretrained({d: ck[d] for d in want}, BlendedConfig(steps=args.steps), device="cpu"),
         }
         by_id = df.set_index("image_id")
         for defect in want:

@@ -4,7 +4,7 @@
         --finetune /tmp/mt/models/finetune-rw-<key> --defects blowhole crack break --n 6
 
 For each defect type, ``--n`` normal test images get one of the type's real training masks
-(seeded, placed at the image centre) and go through :class:`AnomalyDiffusionMethod` with the
+(seeded, placed at the image centre) and go through :class:`AnomalyDiffusion` with the
 sampler's log on. Per DDIM step it records the distances d = mean_c (z_t - z_0)^2 over the
 (dilated) mask and what both forms of Eq. 7 make of them:
 
@@ -33,9 +33,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-import defectforge.methods.anomalydiffusion as ad  # noqa: E402
+import defectforge.methods.anomalydiffusion.method as ad  # noqa: E402
 from defectforge.data.io import read_image, read_mask  # noqa: E402
-from defectforge.diffusion.attention import adaptive_weight_map  # noqa: E402
+from defectforge.methods.anomalydiffusion.attention import adaptive_weight_map  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
 from defectforge.params.methods import AnomalyDiffusionConfig
 
@@ -96,7 +96,7 @@ def main() -> None:
             mask = centred(read_mask(root / r["mask_path"]), image.shape[:2])
             for on in (True, False):
                 cfg = AnomalyDiffusionConfig(steps=a.steps, device="cpu", reweight=on)
-                meth = ad.AnomalyDiffusionMethod.for_stage(cfg, a.finetune)
+                meth = ad.AnomalyDiffusion.for_stage(cfg, a.finetune)
                 meth.prepare(category, defect, [(read_image(root / x["image_path"]), read_mask(root / x["mask_path"])) for x in reals])
                 log.clear()
                 out = meth.generate(image, mask, defect, seed=i)

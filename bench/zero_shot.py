@@ -49,6 +49,7 @@ from defectforge.diffusion.training import finetune  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
 from defectforge.masks.target import sample_target_mask  # noqa: E402
 from defectforge.methods.defectdiffu import DefectDiffu, DefectDiffuConfig  # noqa: E402
+from defectforge.methods.defectdiffu.training import defectdiffu_hooks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,8 +97,8 @@ def main() -> None:
                 raise SystemExit(f"{given}: not a fine-tune folder (no defectforge_finetune.json)")
             finetune(a.base, [(read_image(src / r.image_path), read_mask(src / r.mask_path)) for r in rows.itertuples()], dt, out,
                      normals=[read_image(src / r.image_path) for r in goods.itertuples()], steps=a.steps, lr=3e-4, loss_norm="area",
-                     attention_loss=3.0, cond_dropout_product=0.2, cond_dropout_defect=0.2, seed=0, device="cpu", progress=False,
-                     category=cat)
+                     attention_loss=3.0, seed=0, device="cpu", progress=False,
+                     category=cat, hooks=defectdiffu_hooks(cond_dropout_product=0.2, cond_dropout_defect=0.2))
         models[key] = load_pipeline_components(str(out), device="cpu")
     train_s = time.perf_counter() - t0
     s_cat, s_dt = a.source.split("/")

@@ -19,10 +19,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from defectforge.diffusion.attention import (
+from defectforge.methods.anomalydiffusion.attention import (
     AttentionReweight,
-    MaskedCrossAttnProcessor,
+    ReweightedAttnProcessor,
     adaptive_weight_map,
+    install_reweighting,
     dilate_mask,
     reweight_dilation_radius,
 )
@@ -137,7 +138,7 @@ def test_dilation_radius_and_dilation():
 def _layer():
     torch.manual_seed(3)
     attn = Attention(query_dim=4, cross_attention_dim=3, heads=1, dim_head=4)
-    attn.set_processor(MaskedCrossAttnProcessor("t"))
+    attn.set_processor(ReweightedAttnProcessor("t"))
     return attn.eval()
 
 
@@ -192,11 +193,13 @@ def test_wrong_token_count_is_refused():
 
 
 def test_through_the_tiny_unet_unit_weights_reproduce_eq10_11_and_weights_matter():
-    """comps.eps passes ``reweight`` to every cross-attention layer; w_m = 1 leaves Eq. 10-11 as is."""
+    """comps.eps passes ``reweight`` to every cross-attention layer; w_m = 1 leaves Eq. 10-11 as is,
+    and a layer without the re-weighting processor refuses the weights instead of ignoring them."""
     from defectforge.diffusion import build_tiny_components
 
     comps = build_tiny_components(seed=0)
     comps.prompts.add_defect("crack")
+    install_reweighting(comps.unet)  # AnomalyDiffusion's processor on the cross-attention layers
     ctx, kinds = comps.context("defect", "crack")
     r = comps.resolution
     z = torch.randn(1, 3, r, r, generator=torch.Generator().manual_seed(0))
@@ -209,3 +212,6 @@ def test_through_the_tiny_unet_unit_weights_reproduce_eq10_11_and_weights_matter
         other = comps.eps(z, 500, ctx, kinds, m, reweight=AttentionReweight(w))
     torch.testing.assert_close(ones, base, rtol=1e-4, atol=1e-5)
     assert (other - base).abs().max() > 1e-4
+    plain = build_tiny_components(seed=0)
+    with pytest.raises(ValueError, match="re-weighting"), torch.no_grad():
+        plain.eps(z, 500, ctx, kinds, m, reweight=AttentionReweight(w))

@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import Attention
 
 from defectforge.diffusion.attention import (
     TOKEN_KIND,
-    MaskedCrossAttnProcessor,
+    TDIAAttnProcessor,
     TokenMapStore,
     cross_attention_order,
     tdia_parts,
@@ -28,6 +28,7 @@ from defectforge.diffusion.mask_module import (
     predicted_mask,
 )
 from defectforge.diffusion.prompts import build_context
+from defectforge.methods.defectdiffu.training import MaskModuleLoss, defectdiffu_hooks
 from defectforge.errors import ParamsError
 
 
@@ -60,15 +61,15 @@ def test_tdia_cuts_the_forward_order_of_cross_attention_into_three_parts(tiny, t
     assert not uses_tdia(tiny.unet)
     tiny.set_tdia(True)
     assert uses_tdia(tiny.unet) and tiny.tdia
-    assert {n: p.part for n, p in tiny.unet.attn_processors.items() if p.part} == parts
-    assert all(p.part is None for n, p in tiny.unet.attn_processors.items() if ".attn1." in n)  # self-attention untouched
+    assert {n: p.part for n, p in tiny.unet.attn_processors.items() if isinstance(p, TDIAAttnProcessor)} == parts
+    assert not any(isinstance(p, TDIAAttnProcessor) for n, p in tiny.unet.attn_processors.items() if ".attn1." in n)  # self-attention untouched
 
 
 # ------------------------------------------------------------------ TDIA: the routing
 def _layer(part):
     torch.manual_seed(0)
     attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
-    attn.set_processor(MaskedCrossAttnProcessor("x", part))
+    attn.set_processor(TDIAAttnProcessor("x", part))
     return attn.eval()
 
 
@@ -228,7 +229,7 @@ def test_mask_loss_trains_the_defect_part_and_not_the_fusion_part(tiny):
     m = torch.zeros(2, 1, 64, 64)
     m[:, :, 20:40, 16:30] = 1
     out = disentangled_step(tiny, x, m, ["defect", "good"], "crack", torch.Generator().manual_seed(0),
-                            mask_module=module, mask_weight=1.0)
+                            hooks=[MaskModuleLoss(1.0, module=module)])
     tiny.unet.zero_grad()
     out["mask"].backward()
     grads = {n: mod.to_k.weight.grad for n, mod in tiny.unet.named_modules() if n.endswith("attn2")}
@@ -257,7 +258,7 @@ def test_mask_module_without_tdia_reads_every_layer_joint_softmax(tiny):
 
     module = Spy(len(layers) * 4, 3)
     out = disentangled_step(tiny, torch.rand(2, 3, 64, 64) * 2 - 1, torch.ones(2, 1, 64, 64), ["defect", "defect"], "crack",
-                            torch.Generator().manual_seed(0), mask_module=module, mask_weight=2.0, attention_loss=1.0)
+                            torch.Generator().manual_seed(0), hooks=[MaskModuleLoss(2.0, module=module)], attention_loss=1.0)
     assert seen[0].shape == (2, 24, 64, 64) and "attention" in out and out["mask"] > 0
     # per pixel the 4 defect tokens' joint-softmax columns sum to the share: inside (0, 1)
     share = seen[0][:, :4].sum(1)
@@ -270,8 +271,7 @@ def test_finetune_with_tdia_and_the_module_saves_and_loads_both(tmp_path):
 
     normals, defects = _dark_patches(0, 72, (80, 160), (slice(30, 40), slice(30, 44)), 20)
     pretrain(normals, tmp_path / "tiny", steps=2, batch_size=2, progress=False, device="cpu")
-    fm = finetune(tmp_path / "tiny", defects, "pit", tmp_path / "ft", normals=normals, steps=2, batch_size=2,
-                  tdia=True, mask_module=1.0, cond_dropout_product=0.2, progress=False, device="cpu")
+    fm = finetune(tmp_path / "tiny", defects, "pit", tmp_path / "ft", normals=normals, steps=2, batch_size=2, progress=False, device="cpu", hooks=defectdiffu_hooks(tdia=True, mask_module=1.0, cond_dropout_product=0.2))
     assert fm["tdia"] and fm["mask_weight"] == 1.0
     assert (tmp_path / "ft" / MASK_MODULE_DIR / "mask_module.safetensors").is_file()
     header = (tmp_path / "ft" / "training_curve.csv").read_text().splitlines()[0]
@@ -282,7 +282,7 @@ def test_finetune_with_tdia_and_the_module_saves_and_loads_both(tmp_path):
     base = load_pipeline_components(tmp_path / "tiny", "cpu")
     assert not base.tdia and base.mask_module is None
     with pytest.raises(ParamsError, match="finetune.tdia"):
-        finetune(tmp_path / "tiny", defects, "pit", tmp_path / "ft2", steps=1, tdia=True, attention_loss=1.0, progress=False, device="cpu")
+        finetune(tmp_path / "tiny", defects, "pit", tmp_path / "ft2", steps=1, attention_loss=1.0, progress=False, device="cpu", hooks=defectdiffu_hooks(tdia=True))
     assert not (tmp_path / "ft2").exists()
 
 
@@ -294,8 +294,7 @@ def tdia_checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("tdia")
     normals, defects = _dark_patches(1, 64, (90, 150), (slice(24, 40), slice(20, 44)), 30)
     pretrain(normals, d / "tiny", steps=2, batch_size=2, progress=False, device="cpu")
-    finetune(d / "tiny", defects, "pit", d / "ft", normals=normals, steps=3, batch_size=2, tdia=True, mask_module=1.0,
-             cond_dropout_product=0.2, progress=False, device="cpu")
+    finetune(d / "tiny", defects, "pit", d / "ft", normals=normals, steps=3, batch_size=2, progress=False, device="cpu", hooks=defectdiffu_hooks(tdia=True, mask_module=1.0, cond_dropout_product=0.2))
     return d / "ft"
 
 
@@ -308,7 +307,7 @@ def _image():
 
 
 def test_defectdiffu_mask_from_the_module_is_its_thresholded_m_pre(tdia_checkpoint, monkeypatch):
-    import defectforge.methods.defectdiffu as dd
+    import defectforge.methods.defectdiffu.method as dd
     from defectforge.methods.defectdiffu import DefectDiffu, DefectDiffuConfig, iterative_threshold
 
     calls = []
@@ -348,8 +347,8 @@ def test_module_source_needs_a_trained_module(tmp_path):
     m = np.zeros((64, 64), bool)
     m[10:20, 10:20] = True
     pretrain(normals, tmp_path / "tiny", steps=1, batch_size=2, progress=False, device="cpu")
-    finetune(tmp_path / "tiny", [(normals[0], m)], "pit", tmp_path / "ft", steps=1, batch_size=2, cond_dropout_product=0.2,
-             progress=False, device="cpu")
+    finetune(tmp_path / "tiny", [(normals[0], m)], "pit", tmp_path / "ft", steps=1, batch_size=2,
+             progress=False, device="cpu", hooks=defectdiffu_hooks(cond_dropout_product=0.2))
     img, mask = _image()
     method = DefectDiffu.from_pretrained(str(tmp_path / "ft"), DefectDiffuConfig(steps=2, device="cpu", mask_source="module", real_range=False))
     with pytest.raises(ParamsError, match="finetune.mask_module"):
@@ -393,7 +392,7 @@ def test_training_step_loss_m_is_eq6_on_the_defect_rows_only(tiny):
     m[2, :, 40:60, 0:10] = 1
     x = torch.rand(3, 3, 64, 64) * 2 - 1
     out = disentangled_step(tiny, x, m, ["good", "defect", "defect"], "crack",
-                            torch.Generator().manual_seed(0), mask_module=module, mask_weight=0.5)
+                            torch.Generator().manual_seed(0), hooks=[MaskModuleLoss(0.5, module=module)])
     pred = seen[0]
     assert pred.shape == (2, 3, 64, 64)  # rows 1 and 2: the C_def rows
     expected = ((pred - (2 * m[1:] - 1).expand(-1, 3, -1, -1)) ** 2).mean()
@@ -417,8 +416,7 @@ def test_pretrained_profile_offline_tdia_and_module_through_the_same_code(tiny_l
         m[20:40, 16:44] = True
         img[m] = 30
         defects.append((img, m))
-    fm = finetune(str(tiny_latent_dir), defects, "pit", tmp_path / "ft", mode="lora", steps=2, batch_size=2, lr=1e-2,
-                  tdia=True, mask_module=1.0, progress=False, device="cpu")
+    fm = finetune(str(tiny_latent_dir), defects, "pit", tmp_path / "ft", mode="lora", steps=2, batch_size=2, lr=1e-2, progress=False, device="cpu", hooks=defectdiffu_hooks(tdia=True, mask_module=1.0))
     assert fm["profile"] == "pretrained" and fm["tdia"]
     ft = load_pipeline_components(tmp_path / "ft", "cpu")
     assert ft.tdia and uses_tdia(ft.unet) and any("lora" in n for n, _ in ft.unet.named_parameters())

@@ -8,19 +8,18 @@ import torch
 
 from defectforge.diffusion.models import build_tiny_components
 from defectforge.errors import DataError
-from defectforge.masks.generated import (
+from defectforge.methods.anomalydiffusion.mask_model import (
     MASK_MODEL_DIR,
     MaskModel,
     _scheduler,
-    eq9_loss,
     load_mask_model,
     in_shape_range,
     masks_to_tensor,
     save_mask_model,
     shape_range,
     tensor_to_mask,
-    train_mask_model,
 )
+from defectforge.methods.anomalydiffusion.mask_training import eq9_loss, train_mask_model
 
 
 class _Out:
@@ -250,7 +249,7 @@ def test_finetune_stage_trains_a_mask_model_per_type(sample_manifests, tiny_base
 def test_textual_inversion_on_the_pretrained_profile_offline(tmp_path):
     """Eq. 9 on a Stable-Diffusion-layout model: masks through the VAE, e_m in the UNet's context space."""
     from defectforge.diffusion.models import build_tiny_latent_model
-    from defectforge.masks.generated import fit_mask_model
+    from defectforge.methods.anomalydiffusion.mask_training import fit_mask_model
 
     base = build_tiny_latent_model(tmp_path / "sd")
     metrics = fit_mask_model(base, [_square(64, 5, 5, 20, 20), _square(64, 30, 20, 10, 30)], tmp_path / "mm", kind="textual-inversion",

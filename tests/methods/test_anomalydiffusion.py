@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from defectforge.errors import DataError
 from defectforge.methods.anomalydiffusion import (
-    AnomalyDiffusionMethod,
+    AnomalyDiffusion,
     SpatialEncoder,
     fit_anomaly_embedding,
     masked_diffusion_loss,
@@ -225,9 +225,12 @@ def test_reweighting_reaches_the_real_attention_processors():
     """With the tiny UNet (real MaskedCrossAttnProcessor), the sampler's re-weighted steps equal a
     hand loop that hands the hand-computed w_m to comps.eps, and w_m changes eps (so it is used)."""
     from defectforge.diffusion import build_tiny_components
-    from defectforge.diffusion.attention import AttentionReweight
+    from defectforge.methods.anomalydiffusion.attention import AttentionReweight
+
+    from defectforge.methods.anomalydiffusion.attention import install_reweighting
 
     comps = build_tiny_components(seed=0)
+    install_reweighting(comps.unet)
     r = comps.resolution
     g = torch.Generator().manual_seed(1)
     y = torch.rand(1, 3, r, r, generator=g) * 2 - 1
@@ -290,7 +293,7 @@ def test_masked_textual_inversion_learns_only_from_inside_the_mask():
 def test_refuses_to_run_without_a_trained_embedding(tiny_base, tmp_path):
     image, _, m = _defect()
     (tmp_path / "crack").mkdir()
-    meth = AnomalyDiffusionMethod.from_pretrained(tmp_path / "crack", AnomalyDiffusionConfig(steps=2, device="cpu"))
+    meth = AnomalyDiffusion.from_pretrained(tmp_path / "crack", AnomalyDiffusionConfig(steps=2, device="cpu"))
     with pytest.raises(DataError, match=r"anomaly_embedding: no trained anomaly embedding .* finetune.anomaly_embedding: true"):
         meth.generate(image, m, "crack", 0)
 
@@ -299,19 +302,19 @@ def test_generate_keeps_the_background_and_is_reproducible(trained):
     ft, metrics = trained
     image, _, m = _defect(1)
     cfg = AnomalyDiffusionConfig(steps=3, device="cpu", feather=0)
-    meth = AnomalyDiffusionMethod.from_pretrained(ft, cfg)
+    meth = AnomalyDiffusion.from_pretrained(ft, cfg)
     r1 = meth.generate(image, m, "crack", 7)
     r2 = meth.generate(image, m, "crack", 7)
     assert np.array_equal(r1.image, r2.image) and r1.image.shape == image.shape
     assert np.array_equal(r1.image[~m], image[~m]) and (r1.image[m] != image[m]).any()
     assert r1.metadata["reweight"] is True and r1.metadata["anomaly_embedding"]["tokens"] == 8
-    off = AnomalyDiffusionMethod.from_pretrained(ft, AnomalyDiffusionConfig(steps=3, device="cpu", feather=0, reweight=False))
+    off = AnomalyDiffusion.from_pretrained(ft, AnomalyDiffusionConfig(steps=3, device="cpu", feather=0, reweight=False))
     assert not np.array_equal(off.generate(image, m, "crack", 7).image, r1.image)  # Eq. 7-8 change the sample
     meta = json.loads((ft / "anomaly_embedding" / "anomaly_embedding.json").read_text())
     assert meta["trained"] and meta["defect_type"] == "crack" and meta["metrics"]["steps"] == 3
     assert len(meth.checkpoint_for("crack")) == 64
     with pytest.raises(DataError, match="anomaly embedding of 'crack', asked for 'dent'"):
-        AnomalyDiffusionMethod.from_pretrained({"dent": ft}, cfg).generate(image, m, "dent", 0)
+        AnomalyDiffusion.from_pretrained({"dent": ft}, cfg).generate(image, m, "dent", 0)
 
 
 def test_finetune_stage_option_writes_the_embedding(sample_manifests, tiny_base, tmp_path):
@@ -333,14 +336,14 @@ def test_finetune_stage_option_writes_the_embedding(sample_manifests, tiny_base,
         assert entry["metrics"]["anomaly_embedding"]["steps"] == 2
     # the generate stage's path: for_stage(finetune folder) + prepare(category, defect) + generate
     category, defect = sorted(index)[0].split("/")
-    meth = AnomalyDiffusionMethod.for_stage(AnomalyDiffusionConfig(steps=2, device="cpu", feather=0), out)
+    meth = AnomalyDiffusion.for_stage(AnomalyDiffusionConfig(steps=2, device="cpu", feather=0), out)
     meth.prepare(category, defect, [])
     image, _, m = _defect(2)
     r = meth.generate(image, m, defect, 0)
     assert np.array_equal(r.image[~m], image[~m]) and len(meth.checkpoint_for(defect)) == 64
     without = run_finetune(FinetuneParams(steps=1, batch_size=2, device="cpu"), split, pre, tmp_path / "ft2", progress=False)
     assert not list(without.rglob("anomaly_embedding.json"))
-    meth = AnomalyDiffusionMethod.for_stage(AnomalyDiffusionConfig(steps=2, device="cpu"), without)
+    meth = AnomalyDiffusion.for_stage(AnomalyDiffusionConfig(steps=2, device="cpu"), without)
     meth.prepare(category, defect, [])
     with pytest.raises(DataError, match="no trained anomaly embedding"):
         meth.generate(image, m, defect, 0)
@@ -359,7 +362,7 @@ def test_pretrained_profile_path_offline_with_a_tiny_latent_model(tmp_path):
     defect[m] = 20
     metrics = fit_anomaly_embedding(base, [(defect, m)], "crack", tmp_path / "ft" / "anomaly_embedding", device="cpu", steps=2, batch_size=2)
     assert metrics["steps"] == 2
-    meth = AnomalyDiffusionMethod.from_pretrained(tmp_path / "ft", AnomalyDiffusionConfig(steps=2, device="cpu", feather=0))
+    meth = AnomalyDiffusion.from_pretrained(tmp_path / "ft", AnomalyDiffusionConfig(steps=2, device="cpu", feather=0))
     r = meth.generate(image, m, "crack", 3)
     assert r.metadata["profile"] == "pretrained" and r.metadata["resolution"] == 16
     assert np.array_equal(r.image[~m], image[~m]) and (r.image[m] != image[m]).any()

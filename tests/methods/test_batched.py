@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from defectforge.methods.base import BatchItem
+from defectforge.methods.defectdiffu.training import defectdiffu_hooks
 from defectforge.params.methods import AnomalyDiffusionConfig, BlendedConfig, DefectDiffuConfig, InversionConfig
 
 torch.set_num_threads(1)
@@ -59,16 +60,16 @@ def _items(n=3):
 
 
 def _methods(tiny_dir, ad_dir):
-    from defectforge.methods.anomalydiffusion import AnomalyDiffusionMethod
-    from defectforge.methods.blended import BlendedMethod
+    from defectforge.methods.anomalydiffusion import AnomalyDiffusion
+    from defectforge.methods.blended import Blended
     from defectforge.methods.defectdiffu import DefectDiffu
-    from defectforge.methods.inversion import InversionMethod
+    from defectforge.methods.inversion import Inversion
 
     return {
-        "blended": BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=5, edit_fraction=0.2)),
-        "anomalydiffusion": AnomalyDiffusionMethod.from_pretrained({"pit": str(ad_dir)}, AnomalyDiffusionConfig(steps=5)),
+        "blended": Blended.from_pretrained(tiny_dir, BlendedConfig(steps=5, edit_fraction=0.2)),
+        "anomalydiffusion": AnomalyDiffusion.from_pretrained({"pit": str(ad_dir)}, AnomalyDiffusionConfig(steps=5)),
         # Eq. 6's noised background draws from each sample's generator in every step, besides Theorem 1's noise
-        "inversion": InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=5, defect_background="noised")),
+        "inversion": Inversion.from_pretrained(tiny_dir, InversionConfig(steps=5, defect_background="noised")),
         # the mask is the sample's own attention rows, thresholded inside its own target mask
         "defectdiffu": DefectDiffu.from_pretrained(tiny_dir, DefectDiffuConfig(steps=5, attention_fraction=0.4)),
     }
@@ -125,8 +126,7 @@ def module_dir(tmp_path_factory):
     m[24:40, 20:44] = True
     defect[m] = 30
     pretrain([normal], d / "tiny", steps=2, batch_size=2, progress=False, device="cpu")
-    finetune(d / "tiny", [(defect, m)], "pit", d / "ft", normals=[normal], steps=3, batch_size=2, tdia=True, mask_module=1.0,
-             cond_dropout_product=0.2, progress=False, device="cpu")
+    finetune(d / "tiny", [(defect, m)], "pit", d / "ft", normals=[normal], steps=3, batch_size=2, progress=False, device="cpu", hooks=defectdiffu_hooks(tdia=True, mask_module=1.0, cond_dropout_product=0.2))
     return d / "ft"
 
 

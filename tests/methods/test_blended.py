@@ -9,7 +9,7 @@ import torch
 from defectforge.errors import ParamsError
 from defectforge.masks.crop import feather_radius
 from defectforge.methods import get_method_class
-from defectforge.methods.blended import BlendedConfig, BlendedMethod, adapt_decoder
+from defectforge.methods.blended import BlendedConfig, Blended, adapt_decoder
 
 torch.set_num_threads(1)
 
@@ -51,20 +51,20 @@ def _dilate(mask, r):
 
 
 def test_registered():
-    assert get_method_class("blended") is BlendedMethod
+    assert get_method_class("blended") is Blended
 
 
 def test_outside_the_mask_bit_for_bit_tiny_profile(tiny_dir):
     """Feathered paste (default): every pixel farther than the feather's reach from the
     mask keeps its bytes, the rim is blended; feather = 0: every pixel outside the mask."""
     img, mask = _inputs()
-    r = BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=4), device="cpu").generate(img, mask, "pit", 0)
+    r = Blended.from_pretrained(tiny_dir, BlendedConfig(steps=4), device="cpu").generate(img, mask, "pit", 0)
     assert r.image.shape == img.shape and r.image.dtype == np.uint8
     reach = _dilate(r.mask, feather_radius(BlendedConfig().feather))
     assert np.array_equal(r.image[~reach], img[~reach])
     rim = reach & ~r.mask
     assert not np.array_equal(r.image[rim], img[rim])  # the seam is blended, not a hard edge
-    hard = BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=4, feather=0), device="cpu").generate(img, mask, "pit", 0)
+    hard = Blended.from_pretrained(tiny_dir, BlendedConfig(steps=4, feather=0), device="cpu").generate(img, mask, "pit", 0)
     assert np.array_equal(hard.image[~hard.mask], img[~hard.mask])
     assert not np.array_equal(r.image[r.mask], img[r.mask])
     assert r.metadata["decoder_adaptation"].startswith("skipped")
@@ -74,7 +74,7 @@ def test_outside_the_mask_bit_for_bit_tiny_profile(tiny_dir):
 def test_mask_paste_keeps_the_background_bytes_latent_profile(latent_dir):
     """paste: mask (the former behaviour): only the feathered defect region changes."""
     img, mask = _inputs()
-    r = BlendedMethod.from_pretrained(str(latent_dir), BlendedConfig(steps=4, adapt_steps=5, adapt_lr=1e-3, paste="mask"),
+    r = Blended.from_pretrained(str(latent_dir), BlendedConfig(steps=4, adapt_steps=5, adapt_lr=1e-3, paste="mask"),
                                       device="cpu").generate(img, mask, "pit", 0)
     reach = _dilate(r.mask, feather_radius(BlendedConfig().feather))
     assert np.array_equal(r.image[~reach], img[~reach])
@@ -102,7 +102,7 @@ def test_output_is_the_adapted_decoders_crop(latent_dir, monkeypatch):
     img, mask = _inputs()
     cfg = BlendedConfig(steps=4, adapt_steps=30, adapt_lr=1e-3)
     assert cfg.paste == "crop"
-    r = BlendedMethod.from_pretrained(str(latent_dir), cfg, device="cpu").generate(img, mask, "pit", 0)
+    r = Blended.from_pretrained(str(latent_dir), cfg, device="cpu").generate(img, mask, "pit", 0)
     comps, z = seen["comps"], seen["z"]
     with torch.no_grad():
         adapted = to_uint8(comps.decode(z, decoder=seen["ae"]))
@@ -297,7 +297,7 @@ def test_trimap_keeps_defects_on_the_object(tiny_dir):
     img[24:72, 24:72] = 180  # object on a dark, plain background
     mask = np.zeros((96, 96), bool)
     mask[14:34, 40:50] = True  # starts off the object
-    r = BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=3), device="cpu").generate(img, mask, "pit", 0)
+    r = Blended.from_pretrained(tiny_dir, BlendedConfig(steps=3), device="cpu").generate(img, mask, "pit", 0)
     assert r.metadata["mask_pixels_off_object"] > 0
     assert not r.mask[14:22].any() and (r.mask <= mask).all()
     reach = _dilate(r.mask, feather_radius(BlendedConfig().feather))
@@ -306,7 +306,7 @@ def test_trimap_keeps_defects_on_the_object(tiny_dir):
 
 def test_same_seed_same_output(tiny_dir):
     img, mask = _inputs()
-    method = BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=2), device="cpu")
+    method = Blended.from_pretrained(tiny_dir, BlendedConfig(steps=2), device="cpu")
     assert np.array_equal(method.generate(img, mask, "pit", 9).image, method.generate(img, mask, "pit", 9).image)
 
 
@@ -318,7 +318,7 @@ def test_bad_config():
 def test_grayscale_sources_stay_grayscale(tiny_dir):
     img, mask = _inputs()
     gray = np.repeat(img[..., :1], 3, axis=2)
-    r = BlendedMethod.from_pretrained(tiny_dir, BlendedConfig(steps=2), device="cpu").generate(gray, mask, "pit", 0)
+    r = Blended.from_pretrained(tiny_dir, BlendedConfig(steps=2), device="cpu").generate(gray, mask, "pit", 0)
     assert r.metadata["grayscale_output"]
     assert np.array_equal(r.image[..., 0], r.image[..., 1]) and np.array_equal(r.image[..., 1], r.image[..., 2])
 
@@ -377,7 +377,7 @@ def test_generate_passes_the_trimap_through_the_controlnet(control_dir, monkeypa
     img[16:80, 16:80] = 170
     mask = np.zeros((96, 96), bool)
     mask[10:40, 40:50] = True  # partly off the object: the trimap clips it
-    method = BlendedMethod.from_pretrained(str(out), BlendedConfig(steps=4, feather=0), device="cpu")
+    method = Blended.from_pretrained(str(out), BlendedConfig(steps=4, feather=0), device="cpu")
     comps = method.models.get("pit")
     seen = []
     real = comps.controlnet.forward
@@ -398,12 +398,12 @@ def test_generate_passes_the_trimap_through_the_controlnet(control_dir, monkeypa
     want = trimap_condition(torch.from_numpy(make_trimap(img, mask)[ys, xs].astype(np.float32))[None, None], comps.resolution)
     assert torch.equal(seen[0][:1], want.expand_as(seen[0][:1]))
     monkeypatch.undo()
-    without = BlendedMethod.from_pretrained(str(out), BlendedConfig(steps=4, feather=0), device="cpu")
+    without = Blended.from_pretrained(str(out), BlendedConfig(steps=4, feather=0), device="cpu")
     without.models.get("pit").controlnet = None
     plain = without.generate(img, mask, "pit", 0)
     assert not np.array_equal(plain.image, r.image)
     # blended.control: false is the same ablation on a fine-tune that has a ControlNet
-    off = BlendedMethod.from_pretrained(str(out), BlendedConfig(steps=4, feather=0, control=False), device="cpu")
+    off = Blended.from_pretrained(str(out), BlendedConfig(steps=4, feather=0, control=False), device="cpu")
     seen.clear()
     monkeypatch.setattr(off.models.get("pit").controlnet, "forward", spy)
     r_off = off.generate(img, mask, "pit", 0)
@@ -449,7 +449,7 @@ def test_pretrained_profile_trains_and_uses_its_trimap_controlnet(latent_dir, tm
                  trimap_control_steps=3, device="cpu", progress=False)
     assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file() and m["trimap_control_steps"] == 3
     cfg = dict(steps=3, feather=0, adapt_steps=1)
-    on = BlendedMethod.from_pretrained(str(out), BlendedConfig(**cfg), device="cpu")
+    on = Blended.from_pretrained(str(out), BlendedConfig(**cfg), device="cpu")
     assert on.models.get("pit").controlnet is not None
     calls = []
     real = on.models.get("pit").controlnet.forward
@@ -462,5 +462,5 @@ def test_pretrained_profile_trains_and_uses_its_trimap_controlnet(latent_dir, tm
     r_on = on.generate(img, mask, "pit", 0)
     assert r_on.metadata["trimap_control"] and r_on.metadata["profile"] == "pretrained" and len(calls) == 3
     assert calls[0][-1] == on.models.get("pit").resolution  # the trimap at the crop's pixel size
-    r_off = BlendedMethod.from_pretrained(str(out), BlendedConfig(**cfg, control=False), device="cpu").generate(img, mask, "pit", 0)
+    r_off = Blended.from_pretrained(str(out), BlendedConfig(**cfg, control=False), device="cpu").generate(img, mask, "pit", 0)
     assert not r_off.metadata["trimap_control"] and not np.array_equal(r_on.image, r_off.image)

@@ -19,6 +19,7 @@ from torch import nn
 
 from defectforge.diffusion.ddim import double_free, guided
 from defectforge.diffusion.prompts import build_context
+from defectforge.methods.defectdiffu.training import AdaptiveAttention
 
 from test_equations import _inputs  # the same seeded z0 and mask as the Eq. 8 / 9 tests
 
@@ -62,7 +63,7 @@ class PromptOracle(nn.Module):
         self.inputs.append(x.detach().clone())
         self.kinds.append(kw["token_kinds"].clone())
         store = kw.get("attention_store")
-        if store is not None and getattr(store, "with_grad", False):  # training: two "layers", 16x16 and 8x8
+        if store is not None and store.records_share:  # training: two "layers", 16x16 and 8x8
             v_in = torch.cat([self.v(c[k][None]) for c, k in zip(encoder_hidden_states, kw["token_kinds"])])
             share = torch.sigmoid(torch.tanh(x[:, :3].mean(1)) + 2 * v_in[:, 0])
             store.add_share("oracle", share.flatten(1), m[:, 0].flatten(1))
@@ -151,7 +152,7 @@ def test_null_tokens_are_their_own_condition(comps):
 
 # ------------------------------------------------------------------ Algorithm 1
 def test_algorithm1_drops_the_right_conditions_with_the_right_probability():
-    from defectforge.diffusion.training import double_free_dropout
+    from defectforge.methods.defectdiffu.training import double_free_dropout
 
     n, p1, p2 = 20000, 0.2, 0.3
     inside = ["good", "defect"] * (n // 2)
@@ -402,7 +403,7 @@ def test_registered_with_its_params_section():
 
 # ------------------------------------------------------------------ AAL, Eq. 7-10
 def test_aal_by_hand_with_both_clamps_and_the_middle():
-    from defectforge.diffusion.training import adaptive_attention_loss
+    from defectforge.methods.defectdiffu.training import adaptive_attention_loss
 
     g = torch.Generator().manual_seed(4)
     mask = torch.zeros(3, 1, 8, 8)
@@ -436,11 +437,11 @@ def test_training_step_adds_aal_on_the_defect_rows(comps):
     x, m = x.expand(2, -1, -1, -1).clone(), m.expand(2, -1, -1, -1).clone()
     kw = dict(outside=["bg", "bg"])
     plain = disentangled_step(comps, x, m, ["good", "defect"], "crack", torch.Generator().manual_seed(0), **kw)
-    out = disentangled_step(comps, x, m, ["good", "defect"], "crack", torch.Generator().manual_seed(0), aal=True, **kw)
+    out = disentangled_step(comps, x, m, ["good", "defect"], "crack", torch.Generator().manual_seed(0), hooks=[AdaptiveAttention()], **kw)
     assert float(out["aal"].detach()) > 0
     torch.testing.assert_close(out["loss"], plain["loss"] + out["aal"])
     # by hand: the step's draws (t, eps), the oracle's share of the defect row (16x16 and 8x8 "layers"), Eq. 7-10
-    from defectforge.diffusion.training import AAL_RANGE
+    from defectforge.methods.defectdiffu.training import AAL_RANGE
 
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, comps.scheduler.config.num_train_timesteps, (2,), generator=g)
@@ -458,7 +459,7 @@ def test_training_step_adds_aal_on_the_defect_rows(comps):
     expected = r_hand * float(((m[1:2] * e_pred - m[1:2] * eps[1:2]) ** 2).mean())
     assert float(out["aal"].detach()) == pytest.approx(expected, rel=1e-4)
     # no defect row, no AAL term
-    none = disentangled_step(comps, x, m, ["good", "good"], "crack", torch.Generator().manual_seed(0), aal=True, **kw)
+    none = disentangled_step(comps, x, m, ["good", "good"], "crack", torch.Generator().manual_seed(0), hooks=[AdaptiveAttention()], **kw)
     assert float(none["aal"].detach()) == 0.0
 
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from defectforge.diffusion.ddim import bound_eps, ddim_step, guided
 from defectforge.diffusion.sampling import to_uint8
-from defectforge.methods.blended import BlendedConfig, BlendedMethod, sample_blended
-from defectforge.methods.inversion import InversionConfig, InversionMethod, invert_masked, sample_eq9
+from defectforge.methods.blended import BlendedConfig, Blended, sample_blended
+from defectforge.methods.inversion import InversionConfig, Inversion, invert_masked, sample_eq9
 
 torch.set_num_threads(1)
 R = 16  # latent / pixel side of the oracle model
@@ -248,7 +248,7 @@ def test_to_uint8_saturates_instead_of_wrapping():
     assert to_uint8(x)[0, :, 0].tolist() == [0, 0, 128, 255, 255, 255]
 
 
-@pytest.mark.parametrize("cls,cfg", [(InversionMethod, InversionConfig), (BlendedMethod, BlendedConfig)])
+@pytest.mark.parametrize("cls,cfg", [(Inversion, InversionConfig), (Blended, BlendedConfig)])
 def test_output_range_with_an_overshooting_model(cls, cfg):
     """An oracle whose noise prediction is always < -1 (x0^ runs far above 1): without the
     bound the sample leaves [-1, 1] and the image ends at the top of the range, never
@@ -258,7 +258,7 @@ def test_output_range_with_an_overshooting_model(cls, cfg):
     img = rng.integers(60, 200, (40, 40, 3), dtype=np.uint8)
     mask = np.zeros((40, 40), bool)
     mask[14:24, 15:25] = True
-    extra = {"trimap": False} if cls is BlendedMethod else {}
+    extra = {"trimap": False} if cls is Blended else {}
     z0 = torch.from_numpy(img[12:28, 12:28]).permute(2, 0, 1)[None].float() / 127.5 - 1
     m = torch.zeros(1, 1, R, R)
     m[..., 2:12, 3:13] = 1

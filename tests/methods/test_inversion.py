@@ -10,7 +10,7 @@ import torch
 from defectforge.errors import DefectforgeError, ParamsError
 from defectforge.masks.refine import refine_mask
 from defectforge.methods import get_method_class
-from defectforge.methods.inversion import InversionConfig, InversionMethod
+from defectforge.methods.inversion import InversionConfig, Inversion
 
 torch.set_num_threads(1)
 
@@ -48,12 +48,12 @@ def _outside(box, shape):
 
 
 def test_registered():
-    assert get_method_class("inversion") is InversionMethod
+    assert get_method_class("inversion") is Inversion
 
 
 def test_outside_the_crop_is_byte_identical_and_result_is_well_formed(tiny_dir):
     img, mask = _inputs()
-    method = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=3, background="sampled"), device="cpu")
+    method = Inversion.from_pretrained(tiny_dir, InversionConfig(steps=3, background="sampled"), device="cpu")
     r = method.generate(img, mask, "crack", seed=1)
     assert r.image.dtype == np.uint8 and r.image.shape == img.shape
     assert np.array_equal(r.mask, mask)
@@ -72,7 +72,7 @@ def test_inverted_background_keeps_the_crop_outside_the_mask(tiny_dir):
     pixel outside the mask comes back with its own bytes even with paste="crop"."""
     img, mask = _inputs()
     cfg = InversionConfig(steps=2, paste="crop", feather=0)
-    r = InversionMethod.from_pretrained(tiny_dir, cfg, device="cpu").generate(img, mask, "crack", 3)
+    r = Inversion.from_pretrained(tiny_dir, cfg, device="cpu").generate(img, mask, "crack", 3)
     assert r.metadata["crop_box"]["height"] == 64
     assert np.array_equal(r.image[~mask], img[~mask])
 
@@ -80,7 +80,7 @@ def test_inverted_background_keeps_the_crop_outside_the_mask(tiny_dir):
 def test_paste_mask_keeps_every_pixel_outside_the_mask(tiny_dir):
     img, mask = _inputs()
     cfg = InversionConfig(steps=2, paste="mask", background="sampled", feather=0)
-    r = InversionMethod.from_pretrained(tiny_dir, cfg, device="cpu").generate(img, mask, "crack", 3)
+    r = Inversion.from_pretrained(tiny_dir, cfg, device="cpu").generate(img, mask, "crack", 3)
     assert np.array_equal(r.image[~mask], img[~mask])
 
 
@@ -91,7 +91,7 @@ def test_feathered_paste_keeps_every_pixel_beyond_its_reach(tiny_dir):
 
     img, mask = _inputs()
     for cfg in (InversionConfig(steps=2, background="sampled"), InversionConfig(steps=2, defect_background="noised")):
-        r = InversionMethod.from_pretrained(tiny_dir, cfg, device="cpu").generate(img, mask, "crack", 3)
+        r = Inversion.from_pretrained(tiny_dir, cfg, device="cpu").generate(img, mask, "crack", 3)
         reach = mask.copy()
         k = feather_radius(cfg.feather)
         reach[50 - k : 62 + k, 70 - k : 90 + k] = True  # the rectangle mask dilated by k
@@ -102,7 +102,7 @@ def test_feathered_paste_keeps_every_pixel_beyond_its_reach(tiny_dir):
 
 def test_same_seed_same_output_other_seed_other_defect(tiny_dir):
     img, mask = _inputs()
-    method = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=2), device="cpu")
+    method = Inversion.from_pretrained(tiny_dir, InversionConfig(steps=2), device="cpu")
     a, b, c = (method.generate(img, mask, "crack", s).image for s in (5, 5, 6))
     assert np.array_equal(a, b) and not np.array_equal(a[mask], c[mask])
 
@@ -123,7 +123,7 @@ def test_whole_image_mode_and_small_images(tiny_dir):
     img, mask = _inputs(40, 50)
     mask[:] = False
     mask[10:20, 10:20] = True
-    method = InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=2, crop=False), device="cpu")
+    method = Inversion.from_pretrained(tiny_dir, InversionConfig(steps=2, crop=False), device="cpu")
     r = method.generate(img, mask, "crack", 0)
     assert r.image.shape == img.shape and r.metadata["crop_box"] == {"top": 0, "left": 0, "height": 40, "width": 50}
     far = _beyond_reach(mask, method.config.feather)
@@ -134,7 +134,7 @@ def test_whole_image_mode_and_small_images(tiny_dir):
 
 def test_pretrained_profile_through_the_same_code(latent_dir):
     img, mask = _inputs()
-    method = InversionMethod.from_pretrained(str(latent_dir), InversionConfig(steps=3), device="cpu")
+    method = Inversion.from_pretrained(str(latent_dir), InversionConfig(steps=3), device="cpu")
     r = method.generate(img, mask, "scratch", seed=0)  # the text encoder knows any defect name
     assert r.metadata["profile"] == "pretrained" and r.metadata["resolution"] == 16
     box = r.metadata["crop_box"]
@@ -160,6 +160,6 @@ def test_bad_config_and_unknown_defect(tiny_dir):
         InversionConfig(feather=-1)
     img, mask = _inputs()
     with pytest.raises(DefectforgeError, match="no learned tokens"):
-        InversionMethod.from_pretrained(tiny_dir, InversionConfig(steps=1), device="cpu").generate(img, mask, "dent", 0)
+        Inversion.from_pretrained(tiny_dir, InversionConfig(steps=1), device="cpu").generate(img, mask, "dent", 0)
     with pytest.raises(DefectforgeError, match="no fine-tuned checkpoint"):
-        InversionMethod.from_pretrained({"crack": tiny_dir}, InversionConfig(steps=1), device="cpu").generate(img, mask, "dent", 0)
+        Inversion.from_pretrained({"crack": tiny_dir}, InversionConfig(steps=1), device="cpu").generate(img, mask, "dent", 0)

@@ -63,13 +63,22 @@ through its inpainting channels. The mask generation module (Eq. 6,
 :mod:`defectforge.diffusion.mask_module`) reads the defect part's per-token maps, which
 a :class:`TokenMapStore` collects (all cross-attention layers' inside-token columns of
 the joint softmax when TDIA is off).
+
+Processors, one per behaviour, all with the one call shape diffusers hands
+``cross_attention_kwargs`` to (:class:`AttnProcessorBase`): :class:`MaskedCrossAttnProcessor`
+(plain attention, or Eq. 10-11 when a region mask and token kinds are given) and
+:class:`TDIAAttnProcessor` (a cross-attention layer of one TDIA part). AnomalyDiffusion's
+re-weighting processor (Eq. 8) lives with its method
+(``defectforge.methods.anomalydiffusion.attention``). Stores implement
+:class:`AttentionStoreProtocol` (subclass :class:`BaseStore`); a processor asks a store what it
+records through the protocol's flags, never by looking for attributes.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +117,64 @@ def tdia_parts(unet) -> dict[str, str]:
     return out
 
 
-class TokenMapStore:
+
+@runtime_checkable
+class AttentionStoreProtocol(Protocol):
+    """What a processor may hand a store (``attention_store`` of ``cross_attention_kwargs``).
+
+    The flags say which records a store takes; a processor computes a record only when asked:
+
+    ``records_maps``       :meth:`add`: per layer, the inside tokens' joint-softmax share and
+                           the weights Eq. 10 used (no gradient; sampling, Eq. 13)
+    ``records_share``      :meth:`add_share`: the same share with its gradient, and m' (training)
+    ``records_tokens``     :meth:`add_token_maps`: per-token maps (DefectDiffu's mask module)
+    """
+
+    rows: list[int] | None
+    active: bool
+    records_maps: bool
+    records_share: bool
+    records_tokens: bool
+
+    def add(self, name: str, joint: torch.Tensor, effective: torch.Tensor) -> None: ...
+
+    def add_share(self, name: str, share: torch.Tensor, region: torch.Tensor) -> None: ...
+
+    def add_token_maps(self, name: str, maps: torch.Tensor, h: int, w: int) -> None: ...
+
+    def next_step(self) -> None: ...
+
+    def members(self) -> list["AttentionStoreProtocol"]: ...
+
+
+class BaseStore:
+    """:class:`AttentionStoreProtocol` with every record switched off and ignored: a store
+    overrides the records it takes and sets their flags."""
+
+    rows: list[int] | None = None
+    active: bool = True
+    records_maps = False
+    records_share = False
+    records_tokens = False
+
+    def add(self, name: str, joint: torch.Tensor, effective: torch.Tensor) -> None:
+        pass
+
+    def add_share(self, name: str, share: torch.Tensor, region: torch.Tensor) -> None:
+        pass
+
+    def add_token_maps(self, name: str, maps: torch.Tensor, h: int, w: int) -> None:
+        pass
+
+    def next_step(self) -> None:
+        pass
+
+    def members(self) -> list["AttentionStoreProtocol"]:
+        """The stores behind this one (itself; a :class:`StoreGroup` its members)."""
+        return [self]
+
+
+class TokenMapStore(BaseStore):
     """Per-token cross-attention maps for the mask generation module (DefectDiffu Eq. 6).
 
     The processor calls :meth:`add_token_maps` on the layers the module reads: the defect
@@ -118,7 +184,7 @@ class TokenMapStore:
     order: ``steps[k][name] = (R, L_in, h, w)``; :meth:`next_step` opens a new step.
     """
 
-    collect_tokens = True
+    records_tokens = True
 
     def __init__(self, rows: list[int] | None = None, with_grad: bool = False):
         self.rows = rows
@@ -143,43 +209,49 @@ class TokenMapStore:
         return [s for s in self.steps if s]
 
 
-class StoreGroup:
+class StoreGroup(BaseStore):
     """Several stores behind one ``attention_store`` keyword (e.g. the attention-loss collector
-    and the mask module's token maps in one training step): each call goes to the members
-    that take it."""
+    and the mask module's token maps in one training step): a record goes to every member
+    (a member that does not take it ignores it); the group takes what any member takes."""
 
-    def __init__(self, *stores):
+    def __init__(self, *stores: AttentionStoreProtocol | None):
         self.stores = [s for s in stores if s is not None]
-        self.collect_tokens = any(getattr(s, "collect_tokens", False) for s in self.stores)
-        self.with_grad = any(getattr(s, "with_grad", False) for s in self.stores)
-        if any(hasattr(s, "add") for s in self.stores):
-            self.add = self._add
+        self.records_tokens = any(s.records_tokens for s in self.stores)
+        self.records_share = any(s.records_share for s in self.stores)
+        self.records_maps = any(s.records_maps for s in self.stores)
 
-    def _forward(self, method: str, *args) -> None:
+    def add(self, *args) -> None:
         for s in self.stores:
-            if hasattr(s, method):
-                getattr(s, method)(*args)
-
-    def _add(self, *args) -> None:
-        self._forward("add", *args)
+            s.add(*args)
 
     def add_share(self, *args) -> None:
-        self._forward("add_share", *args)
+        for s in self.stores:
+            s.add_share(*args)
 
     def add_token_maps(self, *args) -> None:
-        self._forward("add_token_maps", *args)
+        for s in self.stores:
+            s.add_token_maps(*args)
+
+    def next_step(self) -> None:
+        for s in self.stores:
+            s.next_step()
+
+    def members(self) -> list[AttentionStoreProtocol]:
+        return list(self.stores)
 
     def set_active(self, on: bool) -> None:
         for s in self.stores:
             s.active = on
 
 
-class AttentionStore:
+class AttentionStore(BaseStore):
     """Collects cross-attention maps of selected batch rows across steps and layers.
 
     ``rows``: which rows of the UNet batch to keep (e.g. the defect branch only).
     ``active``: set False to skip steps (e.g. only the last half of sampling).
     """
+
+    records_maps = True
 
     def __init__(self, rows: list[int] | None = None):
         self.rows = rows
@@ -213,7 +285,7 @@ class AttentionStore:
         return acc / n
 
 
-class AttentionShareCollector:
+class AttentionShareCollector(BaseStore):
     """Training-time collector: the inside tokens' joint-softmax share with gradient.
 
     ``rows``: which rows of the UNet batch the attention loss applies to (e.g. the
@@ -221,7 +293,7 @@ class AttentionShareCollector:
     processor calls :meth:`add_share` once per cross-attention layer.
     """
 
-    with_grad = True
+    records_share = True
 
     def __init__(self, rows: list[int]):
         self.rows = list(rows)
@@ -252,86 +324,7 @@ class AttentionShareCollector:
         return float(s[m].mean()) if m.any() else float("nan"), float(s[~m].mean()) if (~m).any() else float("nan")
 
 
-def reweight_dilation_radius(t: int, width: int, per_1000: float = 8.0) -> int:
-    """Radius (latent pixels) by which the mask is dilated at timestep ``t`` before Eq. 1 and Eq. 7.
-
-    The authors' sampler (sjtuplayer/anomalydiffusion, ``ldm/models/diffusion/ddim.py``,
-    ``ddim_sampling`` with ``adaptive_mask``) dilates m by ``(t + 100) * 8 // 1000`` latent
-    pixels at their default 200 DDIM steps (``* 16`` at 50 steps) on a 32 x 32 latent: 8 px at
-    t = 900, 0 px below t = 25. The radius is scaled here to the latent's width so the share of
-    the crop it covers does not depend on the model's resolution.
-    """
-    return int((int(t) + 100) * per_1000 * width / 32.0 // 1000)
-
-
-def dilate_mask(m: torch.Tensor, radius: int) -> torch.Tensor:
-    """Square (Chebyshev) dilation of a (B, 1, H, W) mask by ``radius`` pixels (max pooling;
-    the authors' ``Dilation2d`` is the same max over a (2r + 1)^2 window)."""
-    if radius <= 0:
-        return m
-    return F.max_pool2d(m, kernel_size=2 * radius + 1, stride=1, padding=radius)
-
-
-def adaptive_weight_map(z_t: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, w_max: float = 1.5) -> torch.Tensor:
-    """Eq. 7 (AnomalyDiffusion) as the authors' code computes it; (B, 1, H, W).
-
-    The paper writes w_m = ||m||_1 Softmax(f(||m y - m x^_0||_2^2)) with f(x) = 1/x. Applied
-    literally, the softmax of 1/d over a few hundred in-mask pixels with realistic distances
-    (d ~ 0.003 to 0.3) puts a weight of ~||m||_1 on one pixel and ~0 on all others: the
-    anomaly tokens are switched off almost everywhere in the mask. The authors' sampler
-    (``ldm/models/diffusion/ddim.py``, ``ddim_sampling``, "replace the softmax") does instead,
-    per batch row, with m the *dilated* mask (:func:`dilate_mask`) and distances in latent space:
-
-        d   = mean_c (m (z_t - z_0))^2                 z_t the current sample, z_0 = Enc(y)
-        w   = ||m||_1 (m / d) / sum(m / d)             linear normalisation of f(d) = 1/d
-        w_m = clamp(w, 1, w_max) inside m, 1 outside   (w_max = 1.5)
-
-    so the weights stay in [1, 1.5]: in-mask pixels whose sample is still close to the normal
-    image (small d: the least noticeable ones) get their anomaly-token attention amplified up
-    to 1.5x, none is switched off. Where this departs from the authors' code: a pixel with
-    d = 0 exactly (they map it to -1 before 1/d, which lowers the normaliser) is left out of
-    the normaliser and gets weight 1; a row with no positive d gets 1 everywhere, as theirs.
-    """
-    m = m.to(z_t.dtype).expand(z_t.shape[0], 1, -1, -1)
-    d = ((m * (z_t - z0)) ** 2).mean(dim=1, keepdim=True)  # mean over latent channels, as the authors
-    pos = (m > 0) & (d > 0)
-    inv = torch.where(pos, m / torch.where(pos, d, torch.ones_like(d)), torch.zeros_like(d))
-    total = inv.flatten(1).sum(1).view(-1, 1, 1, 1)
-    area = m.flatten(1).sum(1).view(-1, 1, 1, 1)
-    w = area * inv / total.clamp_min(torch.finfo(inv.dtype).tiny)
-    w = torch.where(pos, w.clamp(1.0, w_max), torch.ones_like(w))  # 1 outside m and where d = 0
-    return torch.where(total > 0, w, torch.ones_like(w))
-
-
-@dataclass
-class AttentionReweight:
-    """Adaptive attention re-weighting (AnomalyDiffusion Eq. 7-8) for ``cross_attention_kwargs``.
-
-    ``weights``: w_m (B or 1, 1, H, W) from :func:`adaptive_weight_map`, at any resolution
-    whose aspect matches the layers' query grids (area-averaged to each grid); ``tokens``:
-    (L,) or (B, L) bool, the context tokens (the anomaly embedding's) whose attention logits
-    are multiplied by w_m (None: all tokens).
-    """
-
-    weights: torch.Tensor
-    tokens: torch.Tensor | None = None
-
-    def column_weights(self, n_query: int, batch: int, n_tokens: int, device) -> torch.Tensor:
-        """(B, 1, N, L): w_m' on the re-weighted columns, 1 on the others."""
-        w, _, _ = _resize_region(self.weights.to(device), n_query, batch)  # area average, (B, N, 1)
-        w = w[:, None]  # (B, 1, N, 1)
-        if self.tokens is None:
-            return w.expand(-1, -1, -1, n_tokens)
-        tok = self.tokens.to(device).bool()
-        if tok.ndim == 1:
-            tok = tok[None].expand(batch, -1)
-        if tok.shape[-1] != n_tokens:
-            raise ValueError(f"reweight.tokens has {tok.shape[-1]} entries, the context has {n_tokens} tokens")
-        tok = tok[:, None, None, :]  # (B, 1, 1, L)
-        return torch.where(tok, w, torch.ones_like(w))
-
-
-def _resize_region(region_mask: torch.Tensor, n_query: int, batch: int) -> tuple[torch.Tensor, int, int]:
+def resize_region(region_mask: torch.Tensor, n_query: int, batch: int) -> tuple[torch.Tensor, int, int]:
     """Resize (B or 1, 1, H0, W0) to the layer's query grid; returns (B, N, 1), h, w."""
     h0, w0 = region_mask.shape[-2:]
     scale = math.sqrt(h0 * w0 / n_query)
@@ -344,20 +337,32 @@ def _resize_region(region_mask: torch.Tensor, n_query: int, batch: int) -> tuple
     return m.reshape(batch, h * w, 1), h, w
 
 
-class MaskedCrossAttnProcessor:
-    """Attention processor for every attention layer of the UNet.
+def _grid(region_mask: torch.Tensor, n_query: int) -> tuple[int, int]:
+    """The (h, w) query grid of a layer with ``n_query`` queries for a mask or latent of this aspect."""
+    h0, w0 = region_mask.shape[-2:]
+    s = math.sqrt(h0 * w0 / n_query)
+    return round(h0 / s), round(w0 / s)
 
-    Self-attention (no encoder states) is standard scaled-dot-product attention. For
-    cross-attention, keyword arguments arrive through ``cross_attention_kwargs``:
-    ``region_mask`` (B, 1, H, W) float in [0, 1], ``token_kinds`` (L,) or (B, L) bool,
-    ``attention_store`` (AttentionStore or None), ``reweight`` (:class:`AttentionReweight`
-    or None: AnomalyDiffusion's m'_c = m_c * w_m, Eq. 7-8).
+
+class AttnProcessorBase:
+    """The one call shape of every defectforge attention processor (diffusers passes
+    ``cross_attention_kwargs`` to a processor only as named parameters of its ``__call__``, so
+    all of them name the same ones). It does what every processor does around the attention
+    itself (norms, projections, heads, output projection, residual) and hands
+    ``(q, k, v)`` (B, heads, N or L, d) to :meth:`attend`, which a subclass writes.
+
+    ``cross_attention_kwargs``: ``region_mask`` (B, 1, H, W) float in [0, 1] (m'),
+    ``token_kinds`` (L,) or (B, L) (bool: inside tokens; long under TDIA: :data:`TOKEN_KIND`),
+    ``attention_store`` (an :class:`AttentionStoreProtocol` or None) and ``reweight``
+    (AnomalyDiffusion's weights, taken only by its own processor).
     """
 
-    def __init__(self, name: str = "", part: str | None = None, mask_layer: bool = True):
+    def __init__(self, name: str = ""):
         self.name = name
-        self.part = part  # TDIA part of a cross-attention layer (None: Eq. 10-11 routing)
-        self.mask_layer = mask_layer  # the mask generation module reads this layer's token maps
+
+    def attend(self, attn: Attention, q, k, v, batch: int, is_cross: bool, *, attention_mask, region_mask, token_kinds,
+               attention_store: AttentionStoreProtocol | None, reweight) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -368,8 +373,8 @@ class MaskedCrossAttnProcessor:
         temb: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
         token_kinds: torch.Tensor | None = None,
-        attention_store: AttentionStore | AttentionShareCollector | None = None,
-        reweight: AttentionReweight | None = None,
+        attention_store: AttentionStoreProtocol | None = None,
+        reweight=None,
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -397,55 +402,8 @@ class MaskedCrossAttnProcessor:
         if attn.norm_k is not None:
             k = attn.norm_k(k)
 
-        token_store = attention_store if getattr(attention_store, "collect_tokens", False) else None
-        if is_cross and self.part is not None and token_kinds is not None:
-            if reweight is not None:
-                raise ValueError("attention re-weighting (AnomalyDiffusion) is not defined for a TDIA model")
-            out = self._tdia(attn, q, k, v, batch, token_kinds, token_store, region_mask)
-        elif is_cross and reweight is not None:
-            out = self._reweighted(attn, q, k, v, batch, region_mask, token_kinds, reweight, attention_mask)
-        elif not is_cross or region_mask is None or token_kinds is None:
-            mask = None
-            if attention_mask is not None:
-                mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
-                mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            n_query = q.shape[2]
-            m, _, _ = _resize_region(region_mask.to(q.device), n_query, batch)  # m' (B, N, 1)
-            m = m[:, None]  # (B, 1, N, 1)
-            inside = token_kinds.to(q.device).bool()
-            if inside.ndim == 1:
-                inside = inside[None].expand(batch, -1)
-            inside = inside[:, None, None, :]  # (B, 1, 1, L)
-            scores = (q @ k.transpose(-1, -2)) * attn.scale  # Q K^T / tau, (B, h, N, L)
-            m = m.to(scores.dtype)  # the mask is float32; the model may run in bf16 / fp16
-            # M_in (M_def or M_m) and M_bg are softmaxes over the inside and the outside token columns. Both come
-            # from one exp, shifted by each column group's own row max (as a softmax is), and Eq. 10 / 11,
-            # m' (M_in V_in) + (1 - m') (M_bg V_bg), is one product of V with their m'-weighted sum.
-            neg = torch.finfo(scores.dtype).min
-            row_max = torch.where(inside, scores.masked_fill(~inside, neg).amax(-1, keepdim=True),
-                                  scores.masked_fill(inside, neg).amax(-1, keepdim=True))
-            e = torch.exp(scores - row_max.detach())
-            tiny = torch.finfo(scores.dtype).tiny
-            s_in = (e * inside).sum(-1, keepdim=True).clamp_min(tiny)  # (B, h, N, 1)
-            s_bg = (e * ~inside).sum(-1, keepdim=True).clamp_min(tiny)
-            out = (e * torch.where(inside, m / s_in, (1.0 - m) / s_bg)) @ v
-            if token_store is not None and self.mask_layer:  # Eq. 6 module input: inside-token columns of the joint softmax
-                h, w = _grid(region_mask, n_query)
-                joint = torch.softmax(scores, dim=-1).mean(1)  # (B, N, L)
-                token_store.add_token_maps(self.name, joint[:, :, inside[0, 0, 0]], h, w)
-            if getattr(attention_store, "with_grad", False):
-                # training: the joint share with its gradient, for the attention loss
-                share = (torch.softmax(scores, dim=-1) * inside).sum(-1).mean(1)  # (B, N)
-                attention_store.add_share(self.name, share, m[:, 0, :, 0])
-            elif hasattr(attention_store, "add"):
-                with torch.no_grad():
-                    joint = torch.softmax(scores, dim=-1)
-                    share = (joint * inside).sum(-1).mean(1)  # inside-token share of the joint softmax
-                    used = (m * (e * inside) / s_in).sum(-1).mean(1)  # weights Eq. 10 actually puts on them (m' M_in)
-                    h, w = _grid(region_mask, n_query)
-                    attention_store.add(self.name, share.view(batch, h, w), used.view(batch, h, w))
+        out = self.attend(attn, q, k, v, batch, is_cross, attention_mask=attention_mask, region_mask=region_mask,
+                          token_kinds=token_kinds, attention_store=attention_store, reweight=reweight)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
@@ -457,8 +415,90 @@ class MaskedCrossAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-    def _tdia(self, attn, q, k, v, batch, token_kinds, token_store, region_mask):
-        """TDIA: this layer attends only to its part's prompt (see module docstring)."""
+def plain_attention(attn: Attention, q, k, v, batch: int, attention_mask) -> torch.Tensor:
+    """softmax(Q K^T / tau) V (scaled dot-product attention, with diffusers' attention mask)."""
+    mask = None
+    if attention_mask is not None:
+        mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
+        mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def inside_columns(token_kinds: torch.Tensor, batch: int, device) -> torch.Tensor:
+    """(B, 1, 1, L) bool: the inside tokens (C_def, C_m or C_good) of each row's context."""
+    inside = token_kinds.to(device).bool()
+    if inside.ndim == 1:
+        inside = inside[None].expand(batch, -1)
+    return inside[:, None, None, :]
+
+
+class MaskedCrossAttnProcessor(AttnProcessorBase):
+    """Self-attention and cross-attention without a region mask or token kinds: plain
+    attention. Cross-attention with both: Eq. 10-11, and the records a store asks for
+    (:class:`AttentionStoreProtocol`): the joint share (sampling, Eq. 13), the share with its
+    gradient (the attention loss), the inside tokens' per-token maps (the mask module)."""
+
+    def attend(self, attn, q, k, v, batch, is_cross, *, attention_mask, region_mask, token_kinds, attention_store, reweight):
+        if is_cross and reweight is not None:
+            raise ValueError(f"{self.name}: attention re-weighting needs AnomalyDiffusion's processor "
+                             "(defectforge.methods.anomalydiffusion.attention.install_reweighting)")
+        if not is_cross or region_mask is None or token_kinds is None:
+            return plain_attention(attn, q, k, v, batch, attention_mask)
+        n_query = q.shape[2]
+        m, _, _ = resize_region(region_mask.to(q.device), n_query, batch)  # m' (B, N, 1)
+        m = m[:, None]  # (B, 1, N, 1)
+        inside = inside_columns(token_kinds, batch, q.device)  # (B, 1, 1, L)
+        scores = (q @ k.transpose(-1, -2)) * attn.scale  # Q K^T / tau, (B, h, N, L)
+        m = m.to(scores.dtype)  # the mask is float32; the model may run in bf16 / fp16
+        # M_in (M_def or M_m) and M_bg are softmaxes over the inside and the outside token columns. Both come
+        # from one exp, shifted by each column group's own row max (as a softmax is), and Eq. 10 / 11,
+        # m' (M_in V_in) + (1 - m') (M_bg V_bg), is one product of V with their m'-weighted sum.
+        neg = torch.finfo(scores.dtype).min
+        row_max = torch.where(inside, scores.masked_fill(~inside, neg).amax(-1, keepdim=True),
+                              scores.masked_fill(inside, neg).amax(-1, keepdim=True))
+        e = torch.exp(scores - row_max.detach())
+        tiny = torch.finfo(scores.dtype).tiny
+        s_in = (e * inside).sum(-1, keepdim=True).clamp_min(tiny)  # (B, h, N, 1)
+        s_bg = (e * ~inside).sum(-1, keepdim=True).clamp_min(tiny)
+        out = (e * torch.where(inside, m / s_in, (1.0 - m) / s_bg)) @ v  # Eq. (10) / (11)
+        if attention_store is None:
+            return out
+        if attention_store.records_tokens:  # Eq. 6 module input: inside-token columns of the joint softmax
+            h, w = _grid(region_mask, n_query)
+            joint = torch.softmax(scores, dim=-1).mean(1)  # (B, N, L)
+            attention_store.add_token_maps(self.name, joint[:, :, inside[0, 0, 0]], h, w)
+        if attention_store.records_share:
+            # training: the joint share with its gradient, for the attention loss
+            share = (torch.softmax(scores, dim=-1) * inside).sum(-1).mean(1)  # (B, N)
+            attention_store.add_share(self.name, share, m[:, 0, :, 0])
+        elif attention_store.records_maps:
+            with torch.no_grad():
+                joint = torch.softmax(scores, dim=-1)
+                share = (joint * inside).sum(-1).mean(1)  # inside-token share of the joint softmax
+                used = (m * (e * inside) / s_in).sum(-1).mean(1)  # weights Eq. 10 actually puts on them (m' M_in)
+                h, w = _grid(region_mask, n_query)
+                attention_store.add(self.name, share.view(batch, h, w), used.view(batch, h, w))
+        return out
+
+
+class TDIAAttnProcessor(MaskedCrossAttnProcessor):
+    """A cross-attention layer of TDIA part ``part`` (DefectDiffu Sec. 3.2): with token kinds it
+    attends only to its part's prompt, Attn_P(z, C) = Softmax(Q K_P^T / tau) V_P; the defect
+    part hands its per-token maps to a store that records them (the mask module's input).
+    Without token kinds it is a :class:`MaskedCrossAttnProcessor`."""
+
+    def __init__(self, name: str = "", part: str = "defect"):
+        super().__init__(name)
+        if part not in TDIA_PARTS:
+            raise ValueError(f"TDIA part must be one of {TDIA_PARTS}, got {part!r}")
+        self.part = part
+
+    def attend(self, attn, q, k, v, batch, is_cross, *, attention_mask, region_mask, token_kinds, attention_store, reweight):
+        if not is_cross or token_kinds is None:
+            return super().attend(attn, q, k, v, batch, is_cross, attention_mask=attention_mask, region_mask=region_mask,
+                                  token_kinds=token_kinds, attention_store=attention_store, reweight=reweight)
+        if reweight is not None:
+            raise ValueError("attention re-weighting (AnomalyDiffusion) is not defined for a TDIA model")
         kinds = token_kinds.to(q.device).long()
         if kinds.ndim == 1:
             kinds = kinds[None].expand(batch, -1)
@@ -468,65 +508,26 @@ class MaskedCrossAttnProcessor:
                              "(build it with build_context(..., fusion=True))")
         scores = (q @ k.transpose(-1, -2)) * attn.scale  # (B, h, N, L)
         p = torch.softmax(scores.masked_fill(~own[:, None, None, :], torch.finfo(scores.dtype).min), dim=-1)
-        if token_store is not None and self.part == "defect":
+        if attention_store is not None and attention_store.records_tokens and self.part == "defect":
             n_query = q.shape[2]
             side = math.isqrt(n_query)
             h, w = _grid(region_mask, n_query) if region_mask is not None else (side, n_query // side)
-            token_store.add_token_maps(self.name, p.mean(1)[:, :, own[0]], h, w)
+            attention_store.add_token_maps(self.name, p.mean(1)[:, :, own[0]], h, w)
         return p @ v
-
-    @staticmethod
-    def _reweighted(attn, q, k, v, batch, region_mask, token_kinds, reweight: AttentionReweight, attention_mask):
-        """RW-Attn(Q, K, V) (AnomalyDiffusion Eq. 8) as the authors' code applies it.
-
-        The paper writes m'_c = m_c * w_m on the attention map m_c = Softmax(Q K^T / sqrt(d)).
-        The authors' ``CrossAttention.forward`` (``ldm/modules/attention.py``) multiplies the
-        *logits* of the anomaly tokens' columns by w_m and takes the softmax after:
-        m'_c = Softmax(w_m * Q K^T / sqrt(d)) on those columns, 1 on the others. That is what
-        is done here: with w_m in [1, 1.5] it sharpens the anomaly tokens' attention where w_m
-        > 1 and leaves every row a distribution (the post-softmax product would not sum to 1).
-        With ``region_mask`` and ``token_kinds`` the re-weighted logits go through the Eq. 10-11
-        routing m' M_in + (1 - m') M_bg instead of one softmax.
-        """
-        if attention_mask is not None:
-            raise ValueError("attention re-weighting does not take an attention_mask")
-        scores = (q @ k.transpose(-1, -2)) * attn.scale  # Q K^T / sqrt(d), (B, h, N, L)
-        n_query, n_tokens = q.shape[2], k.shape[2]
-        w = reweight.column_weights(n_query, batch, n_tokens, q.device).to(scores.dtype)  # (B, 1, N, L)
-        scores = scores * w  # Eq. 8 as in the authors' code: w_m on the logits
-        if region_mask is None or token_kinds is None:
-            m_c = torch.softmax(scores, dim=-1)
-        else:
-            m, _, _ = _resize_region(region_mask.to(q.device), n_query, batch)
-            m = m[:, None].to(scores.dtype)
-            inside = token_kinds.to(q.device).bool()
-            if inside.ndim == 1:
-                inside = inside[None].expand(batch, -1)
-            inside = inside[:, None, None, :]
-            neg = torch.finfo(scores.dtype).min
-            m_c = m * torch.softmax(scores.masked_fill(~inside, neg), dim=-1) + (1.0 - m) * torch.softmax(
-                scores.masked_fill(inside, neg), dim=-1)
-        return m_c @ v  # m'_c V
-
-
-def _grid(region_mask: torch.Tensor, n_query: int) -> tuple[int, int]:
-    """The (h, w) query grid of a layer with ``n_query`` queries for a mask or latent of this aspect."""
-    h0, w0 = region_mask.shape[-2:]
-    s = math.sqrt(h0 * w0 / n_query)
-    return round(h0 / s), round(w0 / s)
 
 
 def install_masked_attention(unet, tdia: bool = False) -> None:
     """Put a :class:`MaskedCrossAttnProcessor` on every attention layer of ``unet``; with
-    ``tdia`` its cross-attention layers get their TDIA part (:func:`tdia_parts`).
+    ``tdia`` its cross-attention layers get a :class:`TDIAAttnProcessor` of their part (:func:`tdia_parts`).
 
     Undo with ``unet.set_attn_processor(AttnProcessor2_0())`` (``set_default_attn_processor``
     raises once custom processors are set).
     """
     parts = tdia_parts(unet) if tdia else {}
-    unet.set_attn_processor({name: MaskedCrossAttnProcessor(name, parts.get(name)) for name in unet.attn_processors})
+    unet.set_attn_processor({name: TDIAAttnProcessor(name, parts[name]) if name in parts else MaskedCrossAttnProcessor(name)
+                             for name in unet.attn_processors})
 
 
 def uses_tdia(unet) -> bool:
     """Whether ``unet``'s processors route cross-attention by TDIA part."""
-    return any(getattr(p, "part", None) is not None for p in unet.attn_processors.values())
+    return any(isinstance(p, TDIAAttnProcessor) for p in unet.attn_processors.values())

@@ -23,15 +23,10 @@ UNet call. Options of ``finetune``: ``loss_norm`` ("all" | "area", how Eq. 5's s
 norms are normalised, see :mod:`defectforge.diffusion.losses`) and ``attention_loss``
 (weight of the attention loss that trains the defect tokens' joint-softmax share, the
 input of Eq. 13, towards m'; see :class:`~defectforge.diffusion.attention.AttentionShareCollector`).
-DefectDiffu's Algorithm 1 (double-free condition dropout, ../shared/seeds/defectdiffu-consistency-modeling.txt
-Sec. 3.3): with ``cond_dropout_product`` = p_1 and ``cond_dropout_defect`` = p_2 each C_1 row's
-conditions are dropped as :func:`double_free_dropout` says (product c_p = C_bg -> the null
-tokens, defect c_d -> good), so the null condition and eps(c_d, 0) that Eq. 4 evaluates at
-sampling are trained; on the tiny profile the null tokens are learned with the defect tokens.
-
-``aal`` adds DefectDiffu's adaptive attention-enhanced loss (Eq. 7-10,
-:func:`adaptive_attention_loss`) on the C_1 rows with C_def: Eq. (11)'s objective without
-its mask-module term, whose counterpart here is the attention loss.
+A method's own parts of training (DefectDiffu's condition dropout, AAL, mask module and
+TDIA) plug in as :class:`TrainingHook` objects (``hooks``), which live in the method's package
+(:mod:`defectforge.methods.defectdiffu.training`); the step and the loop run them in order
+and know nothing of any one method.
 
 Outputs: safetensors weights, ``training_curve.csv`` (step, loss, matching,
 regulariser, and attention when that loss is on: a DVC plot) and a metrics dict.
@@ -55,14 +50,14 @@ import time
 import contextlib
 import importlib.util
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from defectforge.diffusion.attention import AttentionShareCollector, StoreGroup, TokenMapStore
-from defectforge.diffusion.mask_module import MASK_MODULE_DIR, MaskGenerationModule, mask_features, mask_loss, module_input
+from defectforge.diffusion.attention import AttentionShareCollector, AttentionStoreProtocol, StoreGroup
 from defectforge.diffusion.losses import NORMS, disentangled_loss, masked_noising
 from defectforge.diffusion.models import (
     FINETUNE_FILE,
@@ -109,7 +104,7 @@ def _log_timing(desc: str, metrics: dict, threads: int = TRAIN_THREADS) -> None:
 
 
 # ------------------------------------------------------------------ data
-def _as_rgb(img: np.ndarray, where: str) -> np.ndarray:
+def as_rgb(img: np.ndarray, where: str) -> np.ndarray:
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
@@ -140,7 +135,7 @@ def random_mask(res: int, rng: np.random.Generator) -> np.ndarray:
     return m
 
 
-def _dihedral(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, rotate: bool) -> tuple[np.ndarray, np.ndarray]:
+def dihedral(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, rotate: bool) -> tuple[np.ndarray, np.ndarray]:
     """A random flip and quarter turn of a training crop: exact (no interpolation), so the
     surface texture the model learns is never smoothed (unlike :mod:`defectforge.masks.augment`)."""
     if rng.random() < 0.5:
@@ -175,72 +170,122 @@ def random_defect_crop(image: np.ndarray, mask: np.ndarray, res: int, rng: np.ra
     return resize_image(image[sl], (res, res)), resize_mask(mask[sl], (res, res))
 
 
-def _to_tensor(imgs: list[np.ndarray], masks: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensor(imgs: list[np.ndarray], masks: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     m = torch.from_numpy(np.stack(masks)).float()[:, None]
     return x.to(device), m.to(device)
 
 
-# ------------------------------------------------------------------ DefectDiffu Algorithm 1
-def double_free_dropout(inside: list[str], p1: float, p2: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
-    """Algorithm 1 (double-free) for a batch: ``inside[i]`` is row i's defect condition
-    ("defect" = c_d^r or "good"); returns (defect condition, product condition) per row,
-    the product condition being "bg" (c_p) or "null" (0):
+# ------------------------------------------------------------------ a method's part of training
+@dataclass
+class StepState:
+    """What one training step hands its hooks: the batch, the model's outputs and the rows.
 
-        1: with probability p_1, c_p -> 0
-        2: if c_d^r is not good:
-        3:     with probability p_2, c_d -> good
-        4:     with probability p_1, c_p -> 0
-
-    As written, a defect row has its product condition dropped by line 1 or line 4, i.e.
-    with probability 1 - (1 - p_1)^2. Three uniform draws per row, in that order."""
-    out_d, out_p = [], []
-    for c_d in inside:
-        c_p = "bg"
-        if rng.random() < p1:  # line 1
-            c_p = "null"
-        if c_d != "good":  # line 2
-            if rng.random() < p2:  # line 3
-                c_d = "good"
-            if rng.random() < p1:  # line 4
-                c_p = "null"
-        out_d.append(c_d)
-        out_p.append(c_p)
-    return out_d, out_p
-
-
-# ------------------------------------------------------------------ DefectDiffu AAL, Eq. 7-10
-AAL_RANGE = (2.0, 8.0)  # Eq. (9): R = min(max(Rat, 2), 8)
-
-
-def adaptive_attention_loss(maps: list[torch.Tensor], mask: torch.Tensor, eps_pred: torch.Tensor, eps: torch.Tensor,
-                            alpha: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """DefectDiffu's adaptive attention-enhanced loss (../shared/seeds/defectdiffu-consistency-modeling.txt Sec. 3.5).
-
-    ``maps``: the defect tokens' cross-attention maps, one (B, h_l, w_l) tensor per layer
-    (their share of the joint softmax, Eq. 5); ``mask`` (B, 1, H, W) the real mask at the
-    latent size of ``eps_pred`` / ``eps`` (B, C, H, W). Returns (loss_d, R (B,)).
-
-        Map  = 1/M sum_i softmax(Q_i K^T / sqrt(d))                                   (7)
-        Rat  = sum (1 - mask) Map / (sum mask Map + alpha)                            (8)
-        R    = clamp(Rat, 2, 8)                                                       (9)
-        loss_d = R || mask eps_theta - mask eps ||^2                                  (10)
-
-    The layers' maps differ in size: each is upsampled (bilinear) to the largest one before
-    the mean of Eq. 7, and the mask is scaled to that size (area) for Eq. 8, as the paper
-    scales the real mask to Map. R is a weight: no gradient flows through it. The squared
-    norm of Eq. 10 is the mean over the row's elements (as Eq. 5's "all" norm), averaged over rows.
+    ``x``, ``mask``: the pixel batch (B, 3, H, W) and masks (B, 1, H, W); ``z0``, ``m``: their
+    latents; ``eps`` the noise, ``eps_def`` the C_1 rows' prediction (B, C, h, w);
+    ``defect_rows``: the C_1 rows whose inside tokens are C_def; ``collector``: the attention
+    share collector of the step (rows ``defect_rows`` first), or None.
     """
-    if not maps:
-        raise RuntimeError("adaptive_attention_loss: no cross-attention maps were collected")
-    size = max((mp.shape[-2:] for mp in maps), key=lambda hw: hw[0] * hw[1])
-    att = torch.stack([F.interpolate(mp.detach().float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-                       for mp in maps]).mean(0)  # Eq. (7)
-    small = F.interpolate(mask.float(), size=size, mode="area")[:, 0]
-    rat = ((1 - small) * att).sum((1, 2)) / ((small * att).sum((1, 2)) + alpha)  # Eq. (8)
-    r = rat.clamp(*AAL_RANGE)  # Eq. (9)
-    per_row = ((mask * eps_pred - mask * eps) ** 2).flatten(1).mean(1)
-    return (r * per_row).mean(), r  # Eq. (10)
+
+    comps: DiffusionComponents
+    x: torch.Tensor
+    mask: torch.Tensor
+    z0: torch.Tensor
+    m: torch.Tensor
+    eps: torch.Tensor
+    eps_def: torch.Tensor
+    defect_rows: list[int]
+    collector: AttentionShareCollector | None = None
+
+
+class TrainingHook(Protocol):
+    """A method's part of :func:`finetune` and :func:`disentangled_step`, plugged in instead of
+    a branch inside them (a method package implements it; :class:`BaseTrainingHook` has every
+    part switched off). Hooks run in the order given.
+
+    ``needs_share``: the step collects the defect rows' attention share (:class:`StepState`
+    ``collector``) even without the attention loss.
+    """
+
+    needs_share: bool
+
+    def check(self, *, attention_loss: float, hooks: Sequence["TrainingHook"]) -> None:
+        """Refuse options this hook cannot be combined with (:class:`ParamsError`)."""
+
+    def configure(self, comps: DiffusionComponents, seed: int) -> None:
+        """Before anything trains: set the model up (e.g. route its attention); ``seed``: the run's."""
+
+    def tokens(self, comps: DiffusionComponents, seed: int) -> list[torch.Tensor]:
+        """Extra prompt tokens to learn at the token learning rate (tiny profile)."""
+
+    def param_groups(self, comps: DiffusionComponents, defect_type: str) -> list[dict]:
+        """Extra optimiser groups (``{"params": [...], "lr": ...}``)."""
+
+    def conditions(self, inside: list[str], outside: list[str] | None) -> tuple[list[str], list[str] | None]:
+        """Each C_1 row's (inside, outside) condition of a batch (default: unchanged)."""
+
+    def store(self, state: StepState) -> AttentionStoreProtocol | None:
+        """A store the step's UNet call should fill for :meth:`extra_loss`, or None."""
+
+    def extra_loss(self, state: StepState, out: dict[str, torch.Tensor]) -> None:
+        """Add this hook's named loss terms to ``out`` and to ``out["loss"]``."""
+
+    def curve_keys(self) -> tuple[str, ...]:
+        """The entries of ``out`` this hook adds (columns of the training curve)."""
+
+    def step_log(self) -> dict:
+        """Options of the step, for the metrics."""
+
+    def run_log(self) -> dict:
+        """Options of the run, for the metrics."""
+
+    def meta(self) -> dict:
+        """Entries of the finetune folder's ``defectforge_finetune.json`` (how to load it)."""
+
+    def save(self, out: Path) -> None:
+        """Write what this hook trained into the finetune folder ``out``."""
+
+
+class BaseTrainingHook:
+    """:class:`TrainingHook` with every part switched off."""
+
+    needs_share = False
+
+    def check(self, *, attention_loss: float, hooks) -> None:
+        pass
+
+    def configure(self, comps, seed: int) -> None:
+        pass
+
+    def tokens(self, comps, seed: int) -> list[torch.Tensor]:
+        return []
+
+    def param_groups(self, comps, defect_type: str) -> list[dict]:
+        return []
+
+    def conditions(self, inside, outside):
+        return inside, outside
+
+    def store(self, state: StepState) -> AttentionStoreProtocol | None:
+        return None
+
+    def extra_loss(self, state: StepState, out: dict) -> None:
+        pass
+
+    def curve_keys(self) -> tuple[str, ...]:
+        return ()
+
+    def step_log(self) -> dict:
+        return {}
+
+    def run_log(self) -> dict:
+        return {}
+
+    def meta(self) -> dict:
+        return {}
+
+    def save(self, out: Path) -> None:
+        pass
 
 
 # ------------------------------------------------------------------ one step
@@ -256,10 +301,7 @@ def disentangled_step(
     attention_loss: float = 0.0,
     attention_rows: str = "defect",
     outside: list[str] | None = None,
-    aal: bool = False,
-    aal_alpha: float = 1e-3,
-    mask_module=None,
-    mask_weight: float = 0.0,
+    hooks: Sequence[TrainingHook] = (),
     trimap: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Eq. (5)-(7) on a batch: x (B, 3, H, W) in [-1, 1], mask (B, 1, H, W) in {0, 1};
@@ -270,11 +312,10 @@ def disentangled_step(
     C_1 whose inside tokens are C_def ("defect"), and also on every C_2 row
     ("defect+mask"); the result then has an "attention" entry.
 
-    ``mask_module`` (DefectDiffu's mask generation module) with ``mask_weight`` = lambda adds
-    lambda loss_m (Eq. 6, 11) on the C_def rows: the module reads those rows' per-token
-    attention maps (with their gradient, so the UNet's attention learns too) and predicts
-    the real mask's features; the result then has a "mask" entry. Under TDIA
-    (``comps.tdia``) the contexts carry the fusion prompt and each part sees its own prompt.
+    ``hooks``: a method's loss terms (:class:`TrainingHook`, e.g. DefectDiffu's AAL and mask
+    module loss): each may ask for a store in the UNet call and adds its named terms after
+    Eq. 5 and the attention loss, in order. Under TDIA (``comps.tdia``) the contexts carry the
+    fusion prompt and each part sees its own prompt.
 
     ``trimap`` (B, 1, H, W) in {0, 1, 2} with ``comps.controlnet``: AdaBLDM's trimap condition
     (diffusion/control.py) on the C_1 rows; the C_2 rows (background inside m) see the same
@@ -299,13 +340,15 @@ def disentangled_step(
     # the inpainting channels carry the clean background (1 - m) * z_0 for both branches
     collector = None
     defect_rows = [i for i, k in enumerate(inside) if k == "defect"]
-    if attention_loss > 0 or aal:
-        rows = list(defect_rows)  # first: AAL reads the defect rows' maps from the front
+    if attention_loss > 0 or any(h.needs_share for h in hooks):
+        rows = list(defect_rows)  # first: a hook reads the defect rows' shares from the front
         if attention_loss > 0 and attention_rows == "defect+mask":
             rows += list(range(b, 2 * b))
         collector = AttentionShareCollector(rows) if rows else None
-    token_maps = TokenMapStore(defect_rows, with_grad=True) if mask_module is not None and mask_weight > 0 and defect_rows else None
-    store = StoreGroup(collector, token_maps) if token_maps is not None else collector
+    state = StepState(comps, x, mask, z0, m, eps, eps[:0], defect_rows, collector)
+    hook_stores = [h.store(state) for h in hooks]
+    hook_stores = [st for st in hook_stores if st is not None]
+    store = StoreGroup(collector, *hook_stores) if hook_stores else collector
     control = None
     if trimap is not None:
         from defectforge.diffusion.control import trimap_condition
@@ -320,29 +363,9 @@ def disentangled_step(
         att = collector.loss() if collector is not None else torch.zeros((), device=out["loss"].device)
         out["attention"] = att
         out["loss"] = out["loss"] + attention_loss * att
-    if aal:  # DefectDiffu Eq. (7)-(10) on the C_def rows, added as in Eq. (11)
-        if collector is not None and defect_rows:
-            h0, w0 = m.shape[-2:]
-            n_d = len(defect_rows)
-            maps = []
-            for share in collector.shares:  # (rows, N) per layer -> (n_d, h, w)
-                sc = math.sqrt(h0 * w0 / share.shape[1])
-                maps.append(share[:n_d].reshape(n_d, round(h0 / sc), round(w0 / sc)))
-            idx = torch.tensor(defect_rows, device=eps.device)
-            loss_d, _ = adaptive_attention_loss(maps, m[idx], eps_def[idx], eps[idx], aal_alpha)
-        else:
-            loss_d = torch.zeros((), device=out["loss"].device)
-        out["aal"] = loss_d
-        out["loss"] = out["loss"] + loss_d
-    if mask_module is not None and mask_weight > 0:  # DefectDiffu Eq. (6), the lambda term of Eq. (11)
-        if token_maps is not None:
-            idx = torch.tensor(defect_rows, device=eps.device)
-            m_f = mask_module(module_input(token_maps.steps[-1], tuple(z0.shape[-2:])))  # M_f
-            loss_m = mask_loss(m_f, mask_features(comps, mask[idx]))  # vs Mask_f
-        else:
-            loss_m = torch.zeros((), device=out["loss"].device)
-        out["mask"] = loss_m
-        out["loss"] = out["loss"] + mask_weight * loss_m
+    state.eps_def = eps_def
+    for h in hooks:  # a method's terms, e.g. DefectDiffu's Eq. (11)
+        h.extra_loss(state, out)
     return out
 
 
@@ -401,7 +424,7 @@ def pretrain(
         raise DataError("pretrain: no defect-free images given")
     if steps < 1 or batch_size < 1:
         raise ParamsError(f"pretrain: steps and batch_size must be >= 1 (got {steps}, {batch_size})")
-    images = [_as_rgb(im, f"pretrain image {i}") for i, im in enumerate(images)]
+    images = [as_rgb(im, f"pretrain image {i}") for i, im in enumerate(images)]
     comps = build_tiny_components(seed=seed, device=resolve_device(device))
     res = comps.resolution
     rng = np.random.default_rng(seed)
@@ -409,10 +432,10 @@ def pretrain(
     def make_batch():
         crops, masks = [], []
         for _ in range(batch_size):
-            img, m = _dihedral(random_normal_crop(images, res, rng), random_mask(res, rng), rng, rotate)
+            img, m = dihedral(random_normal_crop(images, res, rng), random_mask(res, rng), rng, rotate)
             crops.append(img)
             masks.append(m)
-        x, m = _to_tensor(crops, masks, comps.device)
+        x, m = to_tensor(crops, masks, comps.device)
         return x, m, ["good"] * batch_size
 
     comps.unet.train()
@@ -447,13 +470,7 @@ def finetune(
     loss_norm: str = "all",
     attention_loss: float = 0.0,
     attention_rows: str = "defect",
-    cond_dropout_product: float = 0.0,
-    cond_dropout_defect: float = 0.0,
-    aal: bool = False,
-    aal_alpha: float = 1e-3,
-    tdia: bool = False,
-    mask_module: float = 0.0,
-    mask_module_lr: float = 1e-3,
+    hooks: Sequence[TrainingHook] = (),
     trimap_control: bool = False,
     trimap_control_steps: int | None = None,
     rotate: bool = True,
@@ -476,10 +493,8 @@ def finetune(
     (tiny) and ``training_curve.csv``; returns metrics. Default ``lr``: 1e-4 for
     "unet" (DreamBooth), 1e-3 for "lora".
 
-    DefectDiffu options: ``tdia`` routes cross-attention by TDIA part with the fusion
-    prompt (:func:`~defectforge.diffusion.attention.tdia_parts`; recorded in the folder, so
-    sampling routes the same way); ``mask_module`` = lambda > 0 trains the mask generation
-    module with loss_m (Eq. 6, 11) at ``mask_module_lr`` and saves it in ``mask_module/``.
+    ``hooks``: a method's parts of the fine-tune (:class:`TrainingHook`), e.g. DefectDiffu's
+    condition dropout, AAL, mask module and TDIA (``defectforge.methods.defectdiffu.training``).
 
     AdaBLDM option: ``trimap_control`` trains a trimap ControlNet (diffusion/control.py) after
     the UNet, for ``trimap_control_steps`` (default ``steps``) with the UNet and tokens frozen,
@@ -511,26 +526,19 @@ def finetune(
         raise ParamsError(f"finetune.loss_norm: must be one of {NORMS}, got {loss_norm!r}")
     if attention_loss < 0:
         raise ParamsError(f"finetune.attention_loss: must be >= 0, got {attention_loss}")
-    if aal and not aal_alpha > 0:
-        raise ParamsError(f"finetune.aal_alpha: must be > 0, got {aal_alpha}")
-    for key, p in (("cond_dropout_product", cond_dropout_product), ("cond_dropout_defect", cond_dropout_defect)):
-        if not 0 <= p < 1:
-            raise ParamsError(f"finetune.{key}: must be in [0, 1), got {p}")
-    if tdia and (attention_loss > 0 or aal):
-        raise ParamsError("finetune.tdia: cannot be combined with attention_loss or aal (both read the defect tokens' share of "
-                          "the joint softmax over [c_d, c_p], which TDIA's per-part softmax does not have)")
-    if mask_module < 0 or mask_module_lr <= 0:
-        raise ParamsError(f"finetune.mask_module: must be >= 0 (lambda of Eq. 11), got {mask_module}; mask_module_lr > 0")
+    hooks = list(hooks)
+    for h in hooks:
+        h.check(attention_loss=attention_loss, hooks=hooks)
     if attention_rows not in ("defect", "defect+mask"):
         raise ParamsError(f"finetune.attention_rows: must be 'defect' or 'defect+mask', got {attention_rows!r}")
     pairs = []
     for i, (img, m) in enumerate(defects):
-        img = _as_rgb(img, f"finetune defect {i}")
+        img = as_rgb(img, f"finetune defect {i}")
         m = np.asarray(m).astype(bool)
         if m.shape != img.shape[:2] or not m.any():
             raise DataError(f"finetune defect {i}: mask {m.shape} is empty or does not match image {img.shape[:2]}")
         pairs.append((img, m))
-    normals = [_as_rgb(im, f"finetune normal {i}") for i, im in enumerate(normals or [])]
+    normals = [as_rgb(im, f"finetune normal {i}") for i, im in enumerate(normals or [])]
     lr = lr if lr is not None else (1e-4 if mode == "unet" else 1e-3)
 
     # LoRA under mixed precision: the frozen base in the autocast dtype (half its memory, and no cast copies of
@@ -545,8 +553,8 @@ def finetune(
         comps.unet.enable_gradient_checkpointing()
     if hasattr(comps.prompts, "product"):  # the text prompts name the product (c_p, c_f)
         comps.prompts.product = category
-    if tdia:
-        comps.set_tdia(True)
+    for h in hooks:
+        h.configure(comps, seed)
     res = comps.resolution
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -572,19 +580,13 @@ def finetune(
         tok = comps.prompts.defect_parameters(defect_type)
         for p in tok:
             p.requires_grad_(True)
-        if cond_dropout_product > 0:  # Algorithm 1 drops c_p to the null tokens: learn them too
-            comps.prompts.add_null(seed=seed)
-            tok = tok + [comps.prompts.tokens["null"]]
-            comps.prompts.tokens["null"].requires_grad_(True)
+        for h in hooks:
+            tok = tok + h.tokens(comps, seed)
         params = params + tok
-    module = None
-    if mask_module > 0:  # G of Eq. 6, from scratch: channels = layers read x the defect prompt's tokens
-        layers = comps.mask_module_layers()
-        n_tokens = len(comps.prompts.embed("defect", defect_type))
-        module = MaskGenerationModule(len(layers) * n_tokens, comps.latent_channels, layers=layers).to(comps.device)
-        module.train()
-        param_groups = param_groups + [{"params": list(module.parameters()), "lr": mask_module_lr}]
-        params = params + list(module.parameters())
+    for h in hooks:
+        for g in h.param_groups(comps, defect_type):
+            param_groups = param_groups + [g]
+            params = params + list(g["params"])
     n_prior = int(round(prior_fraction * batch_size)) if normals else 0
 
     def make_batch():
@@ -596,27 +598,19 @@ def finetune(
             else:
                 img, m = random_defect_crop(*pairs[int(rng.integers(len(pairs)))], res, rng)
                 inside.append("defect")
-            img, m = _dihedral(img, m, rng, rotate)
+            img, m = dihedral(img, m, rng, rotate)
             crops.append(img)
             masks.append(m)
-        x, m = _to_tensor(crops, masks, comps.device)
-        if dropout:
-            return (x, m, *double_free_dropout(inside, cond_dropout_product, cond_dropout_defect, drop_rng))
-        return x, m, inside
+        x, m = to_tensor(crops, masks, comps.device)
+        outside = None
+        for h in hooks:  # e.g. DefectDiffu's Algorithm 1, from the hook's own generator
+            inside, outside = h.conditions(inside, outside)
+        return (x, m, inside) if outside is None else (x, m, inside, outside)
 
-    # Algorithm 1 draws from its own generator, so the batches themselves do not change with it
-    dropout = cond_dropout_product > 0 or cond_dropout_defect > 0
-    drop_rng = np.random.default_rng([seed, 1])
     comps.unet.train()
     # token embeddings learn faster than the UNet (textual inversion uses ~5e-3)
-    step_kw = {"loss_norm": loss_norm, "attention_loss": attention_loss, "attention_rows": attention_rows}
-    extra = {"cond_dropout_product": cond_dropout_product, "cond_dropout_defect": cond_dropout_defect} if dropout else {}
-    if aal:
-        step_kw.update(aal=True, aal_alpha=aal_alpha)
-    if module is not None:
-        step_kw.update(mask_module=module, mask_weight=mask_module)
-    if tdia:
-        extra["tdia"] = True
+    step_kw = {"loss_norm": loss_norm, "attention_loss": attention_loss, "attention_rows": attention_rows, "hooks": hooks}
+    extra = {k: v for h in hooks for k, v in h.run_log().items()}
     if precision != "fp32":
         extra["precision"] = precision
     if gradient_checkpointing:
@@ -645,14 +639,14 @@ def finetune(
         )
     if comps.profile == "tiny":
         comps.prompts.save(out / "prompt_encoder")
-    if module is not None:
-        module.eval().save_pretrained(out / MASK_MODULE_DIR)
+    for h in hooks:
+        h.save(out)
     if trimap_control:
         from defectforge.diffusion.control import CONTROLNET_DIR
 
         comps.controlnet.eval().save_pretrained(out / CONTROLNET_DIR, safe_serialization=True)
     base_ref = base_reference(base, out)
-    logged = {k: v for k, v in step_kw.items() if k != "mask_module"}
+    logged = {**{k: v for k, v in step_kw.items() if k != "hooks"}, **{k: v for h in hooks for k, v in h.step_log().items()}}
     metrics = _metrics(
         rows, seconds, steps, batch_size, sum(p.numel() for p in params),
         {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile, **logged, **extra},
@@ -661,10 +655,8 @@ def finetune(
             "metrics": file_metrics(metrics)}
     if category is not None:
         meta["category"] = category
-    if tdia:
-        meta["tdia"] = True
-    if module is not None:
-        meta["mask_module"] = True
+    for h in hooks:
+        meta.update(h.meta())
     if trimap_control:
         meta["trimap_control"] = True
     (out / FINETUNE_FILE).write_text(json.dumps(meta, indent=2))
@@ -741,7 +733,7 @@ def autocast_for(device: torch.device, precision: str):
 
 def _curve_keys(step_kw: dict) -> tuple[str, ...]:
     return (("loss", "matching", "regulariser") + (("attention",) if step_kw.get("attention_loss", 0) > 0 else ())
-            + (("aal",) if step_kw.get("aal") else ()) + (("mask",) if step_kw.get("mask_weight", 0) > 0 else ()))
+            + tuple(k for h in step_kw.get("hooks", ()) for k in h.curve_keys()))
 
 
 def _adamw(groups, optimizer: str):

@@ -19,7 +19,7 @@ Notation:
                     the reference uses classifier-free guidance against the empty prompt)
     N, i            DDIM steps and the step index (0 = noisiest)
 
-Steps of :meth:`BlendedMethod.generate` (N steps; n_free = round(free_fraction N),
+Steps of :meth:`Blended.generate` (N steps; n_free = round(free_fraction N),
 n_edit = round(edit_fraction N); the reference runs N = 50 with n_free = 26, n_edit = 5):
 
 1. Trimap: object foreground estimate (:func:`defectforge.masks.foreground.estimate_foreground`);
@@ -266,7 +266,7 @@ def sample_blended_batch(comps, rows: list[BlendRow], defect: str, steps: int, g
     return zs
 
 
-class BlendedMethod(DiffusionMethod):
+class Blended(DiffusionMethod):
     """AdaBLDM three-stage blended latent diffusion with online decoder adaptation (see module docstring)."""
 
     name = "blended"

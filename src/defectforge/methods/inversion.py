@@ -15,7 +15,7 @@ Notation:
     w_d             ``guidance``: defect-vs-good guidance under the same context, eps(C_good) + w_d (eps(C_1) - eps(C_good))
                     (:func:`~defectforge.diffusion.ddim.guided`; not DefectDiffu's Eq. 4, which needs a null condition)
 
-Steps of :meth:`InversionMethod.generate`:
+Steps of :meth:`Inversion.generate`:
 
 1. Crop around the target mask at the model's resolution (or the whole image).
 2. DDIM-invert the masked normal latent, Eq. (8):
@@ -247,7 +247,7 @@ def sample_eq9_batch(comps, rows: list[Eq9Row], defect: str, steps: int, guidanc
     return list(zip(z_stars, z_ms))
 
 
-class InversionMethod(DiffusionMethod):
+class Inversion(DiffusionMethod):
     """DDIM inversion with disentangled background (see module docstring)."""
 
     name = "inversion"

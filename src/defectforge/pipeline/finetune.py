@@ -73,6 +73,7 @@ def _train_one(p: FinetuneParams, base, root: Path, tmp: Path, category: str, de
     """Fine-tune one (category, defect type) into ``tmp/<category>/<defect>``; its file metrics."""
     from defectforge.diffusion import finetune
     from defectforge.diffusion.training import file_metrics
+    from defectforge.methods.defectdiffu.training import defectdiffu_hooks
 
     pin_cpu_isa()  # a spawned worker: the same kernels as the stage's own process
     defects = [(read_image(root / i), read_mask(root / m)) for i, m in defect_paths]
@@ -84,20 +85,23 @@ def _train_one(p: FinetuneParams, base, root: Path, tmp: Path, category: str, de
         base, defects, defect, target, normals=normals, mode=p.mode, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
         token_lr=p.token_lr, lora_rank=p.lora_rank, prior_fraction=p.prior_fraction, loss_norm=p.loss_norm,
         attention_loss=p.attention_loss, attention_rows=p.attention_rows,
-        cond_dropout_product=p.cond_dropout_product, cond_dropout_defect=p.cond_dropout_defect, aal=p.aal, aal_alpha=p.aal_alpha,
-        tdia=p.tdia, mask_module=p.mask_module, mask_module_lr=p.mask_module_lr, trimap_control=p.trimap_control,
+        hooks=defectdiffu_hooks(cond_dropout_product=p.cond_dropout_product, cond_dropout_defect=p.cond_dropout_defect, aal=p.aal,
+                                aal_alpha=p.aal_alpha, tdia=p.tdia, mask_module=p.mask_module, mask_module_lr=p.mask_module_lr),
+        trimap_control=p.trimap_control,
         trimap_control_steps=p.trimap_control_steps or None, seed=p.seed, device=p.device, progress=progress,
         category=category, precision=p.precision, gradient_checkpointing=p.gradient_checkpointing, optimizer=p.optimizer,
     )
     if p.anomaly_embedding:  # AnomalyDiffusion: masked textual inversion (Eq. 5-6) of e_a and E on the frozen base
-        from defectforge.methods.anomalydiffusion import EMBEDDING_DIR, fit_anomaly_embedding
+        from defectforge.methods.anomalydiffusion.embedding import EMBEDDING_DIR
+        from defectforge.methods.anomalydiffusion.training import fit_anomaly_embedding
 
         metrics["anomaly_embedding"] = fit_anomaly_embedding(
             base, defects, defect, target / EMBEDDING_DIR, device=p.device, anomaly_tokens=p.anomaly_tokens,
             spatial_tokens=p.spatial_tokens, steps=p.anomaly_steps, lr=p.anomaly_lr, batch_size=p.batch_size, seed=p.seed,
         )
     if p.mask_model != "none":  # AnomalyDiffusion mask generation: Eq. 9's model of where and what shape the masks are
-        from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR, fit_mask_model
+        from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR
+        from defectforge.methods.anomalydiffusion.mask_training import fit_mask_model
 
         if announce:
             print(f"finetune {category}/{defect}: mask model ({p.mask_model}), {p.mask_model_steps} steps", flush=True)

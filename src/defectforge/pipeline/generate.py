@@ -429,7 +429,7 @@ def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: i
         for j in range(n_per_defect):
             s = derive_seed(seed, category, defect, j)
             normal = normals[s % len(normals)]
-            key = f"{method}|{params_sha256}|{package_sha256()}|{category}|{defect}|{normal}|{sha[normal]}|{donors}|{s}" + (f"|{models_sha256}" if models_sha256 else "")
+            key = f"{method}|{params_sha256}|{package_sha256(method)}|{category}|{defect}|{normal}|{sha[normal]}|{donors}|{s}" + (f"|{models_sha256}" if models_sha256 else "")
             sid = hashlib.sha256(key.encode()).hexdigest()[:20]
             specs.append(SampleSpec(len(specs), sid, category, defect, normal, s))
     if not specs:
@@ -437,16 +437,18 @@ def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: i
     return specs
 
 
-def package_sha256() -> str:
-    """The defectforge code that makes a sample: :func:`~defectforge.code.code_sha256` of this
-    module, i.e. every module it can import. Part of every sample id, so that after a code
-    change DVC's rerun of this stage (whose output persists for resume) makes the samples
-    again instead of keeping the old code's as done. Those modules are exactly the ones
-    dvc.yaml must list as generate's deps (tests/test_dvc_deps.py), so an edit elsewhere (the
-    report, say) changes no sample id and a from-scratch ``dvc repro`` matches the lock."""
-    from defectforge.code import code_sha256
+def package_sha256(method: str) -> str:
+    """The defectforge code that makes a sample of ``method``: the files of this stage module
+    and of the method's own module or package, and what they import
+    (:func:`defectforge.methods.code_sha256`), not the other methods'. Part of every sample id,
+    so that after a code change DVC's rerun of this stage (whose output persists for resume)
+    makes that method's samples again instead of keeping the old code's as done, while an edit
+    to one method's files leaves the other methods' samples in place. Every such file is a
+    dep of the stage in dvc.yaml (tests/test_dvc_deps.py), so an edit elsewhere (the report,
+    say) changes no sample id and a from-scratch ``dvc repro`` matches the lock."""
+    from defectforge.methods import code_sha256
 
-    return code_sha256(__name__)
+    return code_sha256(method, stage=__name__)
 
 
 def models_sha256(name: str, checkpoints: str | os.PathLike | None, placement: str = "foreground") -> str:

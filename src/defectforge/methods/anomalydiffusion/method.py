@@ -68,272 +68,23 @@ naming the missing folder): an untrained E is never used.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-from defectforge.diffusion.attention import AttentionReweight, adaptive_weight_map, dilate_mask, reweight_dilation_radius
-from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step
-from defectforge.diffusion.models import base_reference, resolve_base_reference
+from defectforge.diffusion.ddim import chroma_range
 from defectforge.diffusion.sampling import check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.errors import DataError, ParamsError
+from defectforge.methods.anomalydiffusion.attention import install_reweighting
+from defectforge.methods.anomalydiffusion.embedding import EMBEDDING_DIR, EMBEDDING_WEIGHTS, load_anomaly_embedding, spatial_anomaly_embedding
+from defectforge.methods.anomalydiffusion.sampler import ADRow, sample_anomalydiffusion_batch
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
 from defectforge.params.methods import AnomalyDiffusionConfig
 
-EMBEDDING_DIR = "anomaly_embedding"  # inside a finetune checkpoint folder
-EMBEDDING_WEIGHTS = "anomaly_embedding.safetensors"
-EMBEDDING_META = "anomaly_embedding.json"
-FORMAT = "defectforge-anomalydiffusion/1"
 
-
-# ------------------------------------------------------------------ spatial anomaly embedding
-
-
-class SpatialEncoder(nn.Module):
-    """E: mask (B, 1, R, R) in {0, 1} -> spatial embedding e_s (B, n, D).
-
-    Three stride-2 conv stages; 1x1 laterals fused top-down (p3 = l3, p2 = l2 + up(p3),
-    p1 = l1 + up(p2)); each level pooled to ``grid`` x ``grid`` (location survives) and
-    flattened; n linear heads, one token each.
-    """
-
-    def __init__(self, n_tokens: int, dim: int, width: int = 16, grid: int = 4):
-        super().__init__()
-        self.n_tokens, self.dim, self.width, self.grid = n_tokens, dim, width, grid
-        chans = [width, 2 * width, 4 * width]
-        self.stages = nn.ModuleList()
-        c_in = 1
-        for c in chans:
-            self.stages.append(nn.Sequential(nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.SiLU()))
-            c_in = c
-        self.laterals = nn.ModuleList([nn.Conv2d(c, width, 1) for c in chans])
-        self.heads = nn.ModuleList([nn.Linear(3 * width * grid * grid, dim) for _ in range(n_tokens)])
-
-    def forward(self, m: torch.Tensor) -> torch.Tensor:
-        feats, h = [], m.float() * 2 - 1
-        for stage in self.stages:
-            h = stage(h)
-            feats.append(h)
-        lat = [lateral(f) for lateral, f in zip(self.laterals, feats)]
-        fused = [lat[2]]
-        for level in (1, 0):  # top-down, FPN-style
-            fused.insert(0, lat[level] + F.interpolate(fused[0], size=lat[level].shape[-2:], mode="nearest"))
-        pooled = torch.cat([F.adaptive_avg_pool2d(p, self.grid).flatten(1) for p in fused], dim=1)
-        return torch.stack([head(pooled) for head in self.heads], dim=1)  # (B, n, D)
-
-    def config(self) -> dict:
-        return {"n_tokens": self.n_tokens, "dim": self.dim, "width": self.width, "grid": self.grid}
-
-
-def spatial_anomaly_embedding(e_a: torch.Tensor, encoder: SpatialEncoder, m: torch.Tensor) -> torch.Tensor:
-    """e = {e_a, e_s}: the k anomaly tokens followed by the n tokens E(m); (B, k + n, D)."""
-    e_s = encoder(m)
-    return torch.cat([e_a[None].expand(e_s.shape[0], -1, -1).to(e_s.dtype), e_s], dim=1)
-
-
-def masked_diffusion_loss(eps: torch.Tensor, eps_pred: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Eq. 5, L_dif = ||m * (eps - eps_theta)||_2^2, averaged over the masked entries."""
-    m = m.to(eps.dtype).expand_as(eps)
-    return ((m * (eps - eps_pred)) ** 2).sum() / m.sum().clamp_min(1.0)
-
-
-def train_anomaly_embedding(comps, defects: list[tuple[np.ndarray, np.ndarray]], *, anomaly_tokens: int = 4,
-                            spatial_tokens: int = 4, steps: int = 200, lr: float = 5e-3, batch_size: int = 4,
-                            seed: int = 0, rotate: bool = True) -> tuple[torch.Tensor, SpatialEncoder, dict]:
-    """Masked textual inversion (Eq. 5-6) of e_a and E on the frozen ``comps``.
-
-    The UNet (and autoencoder, prompts) get no gradient and are left exactly as they
-    were; returns (e_a (k, D), E, metrics with the loss at the start and the end).
-    """
-    from defectforge.diffusion.training import _as_rgb, _dihedral, _to_tensor, random_defect_crop
-
-    if not defects:
-        raise DataError("anomalydiffusion: no real defect images to learn the anomaly embedding from")
-    pairs = []
-    for i, (img, m) in enumerate(defects):
-        img, m = _as_rgb(np.asarray(img), f"anomaly embedding defect {i}"), np.asarray(m).astype(bool)
-        if m.shape != img.shape[:2] or not m.any():
-            raise DataError(f"anomaly embedding defect {i}: mask {m.shape} is empty or does not match image {img.shape[:2]}")
-        pairs.append((img, m))
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    dim = int(comps.unet.config.cross_attention_dim)
-    res, dev = comps.resolution, comps.device
-    comps.unet.requires_grad_(False)
-    e_a = nn.Parameter(torch.randn(anomaly_tokens, dim, generator=gen).to(dev) * 0.5)
-    encoder = SpatialEncoder(spatial_tokens, dim).to(dev)
-    opt = torch.optim.Adam([e_a, *encoder.parameters()], lr=lr)
-    n_train = comps.scheduler.config.num_train_timesteps
-    alphas = comps.scheduler.alphas_cumprod.to(dev)
-    losses = []
-    for _ in range(steps):
-        crops, masks = [], []
-        for _ in range(batch_size):
-            img, m = random_defect_crop(*pairs[int(rng.integers(len(pairs)))], res, rng)
-            img, m = _dihedral(img, m, rng, rotate)
-            crops.append(img)
-            masks.append(m)
-        x, m = _to_tensor(crops, masks, dev)
-        with torch.no_grad():
-            z0 = comps.encode(x)
-        ml = comps.latent_mask(m)
-        t = torch.randint(0, n_train, (batch_size,), generator=gen).to(dev)
-        eps = torch.randn(z0.shape, generator=gen).to(dev, z0.dtype)
-        z_t = add_noise(z0, eps, alphas[t].view(-1, 1, 1, 1).to(z0.dtype))
-        e = spatial_anomaly_embedding(e_a, encoder, m)
-        eps_pred = comps.eps(z_t, t, e, None, ml, cond_image=z0)  # token_kinds None: plain cross-attention
-        loss = masked_diffusion_loss(eps, eps_pred, ml)  # Eq. (5)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    k = max(1, len(losses) // 10)
-    metrics = {"steps": steps, "batch_size": batch_size, "lr": lr, "anomaly_tokens": anomaly_tokens, "spatial_tokens": spatial_tokens,
-               "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])), "n_defects": len(pairs)}
-    encoder.requires_grad_(False)
-    return e_a.detach(), encoder.eval(), metrics
-
-
-def save_anomaly_embedding(folder: str | Path, e_a: torch.Tensor, encoder: SpatialEncoder, *, base: str, defect_type: str, metrics: dict) -> Path:
-    """Write ``anomaly_embedding.safetensors`` (e_a, E) and ``anomaly_embedding.json`` (base, shapes, metrics)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {"e_a": e_a.detach().cpu().contiguous(), **{f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}}
-    save_file(tensors, str(folder / EMBEDDING_WEIGHTS))
-    meta = {"format": FORMAT, "base": base_reference(base, folder), "defect_type": defect_type, "encoder": encoder.config(), "trained": True, "metrics": metrics}
-    (folder / EMBEDDING_META).write_text(json.dumps(meta, indent=2))
-    return folder
-
-
-def fit_anomaly_embedding(base: str | Path, defects, defect_type: str, out_dir: str | Path, *, device: str = "auto", **kw) -> dict:
-    """The finetune stage's option: load the frozen ``base``, train e_a and E (Eq. 6), save them in ``out_dir``."""
-    from defectforge.diffusion.models import load_pipeline_components
-    from defectforge.diffusion.training import fixed_threads
-
-    comps = load_pipeline_components(base, device=device)
-    comps.unet.eval()
-    with fixed_threads():  # the same thread count as the other training loops: reproducible bytes
-        e_a, encoder, metrics = train_anomaly_embedding(comps, defects, **kw)
-    save_anomaly_embedding(out_dir, e_a, encoder, base=str(base), defect_type=defect_type, metrics=metrics)
-    return metrics
-
-
-def load_anomaly_embedding(folder: str | Path, device) -> tuple[torch.Tensor, SpatialEncoder, dict, Path]:
-    """(e_a, E, meta, base path or id) from a folder written by :func:`save_anomaly_embedding`."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    meta_path, weights = folder / EMBEDDING_META, folder / EMBEDDING_WEIGHTS
-    if not meta_path.is_file() or not weights.is_file():
-        raise DataError(f"{folder}: no trained anomaly embedding ({EMBEDDING_META} + {EMBEDDING_WEIGHTS}); "
-                        "run finetune with finetune.anomaly_embedding: true")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT or not meta.get("trained"):
-        raise DataError(f"{meta_path}: not a trained anomaly embedding of format {FORMAT}")
-    state = load_file(str(weights))
-    encoder = SpatialEncoder(**meta["encoder"])
-    encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
-    return state["e_a"].to(device), encoder.to(device).eval().requires_grad_(False), meta, resolve_base_reference(meta["base"], folder)
-
-
-# ------------------------------------------------------------------ sampling
-
-
-@torch.no_grad()
-def sample_anomalydiffusion(comps, z0: torch.Tensor, m: torch.Tensor, e: torch.Tensor, steps: int,
-                            generator: torch.Generator, *, reweight: bool = True, w_max: float = 1.5, dilation: float = 8.0,
-                            bound: float | tuple = 0.0, gray: bool = False, soft: torch.Tensor | None = None,
-                            chroma: tuple | None = None, log: list | None = None) -> torch.Tensor:
-    """Eq. 1 with the adaptive re-weighting of Eq. 7-8 in every step; returns z_0.
-
-    ``z0`` = Enc(y) (latent of the normal crop), ``m`` the mask at latent size, ``e`` the
-    spatial anomaly embedding (1, k + n, D). z_T = sqrt(a_T) z0 + sqrt(1 - a_T) noise; per
-    step, following the authors' sampler (``ddim_sampling`` with ``adaptive_mask``):
-
-        m_t   = dilate(m, r(t))                                    (``reweight``; else m_t = m)
-        w_m   = Eq. 7(z_t, z0, m_t)    in [1, w_max], 1 outside m_t (:func:`adaptive_weight_map`)
-        eps   = eps(z_t, e, logits of e scaled by w_m)             (Eq. 8)
-        z     = DDIM(z_t, eps)
-        z     <- s z + (1 - s) (sqrt(a_{t-1}) z0 + sqrt(1 - a_{t-1}) noise')          (Eq. 1)
-
-    with s = max(``soft`` or m, m_{t-1}): the region left free widens with the dilation at
-    the noisy steps and shrinks to m at the end. One UNet call per step (the paper's x^_0
-    would need a second one; the authors measure the distance on z_t, see the module
-    docstring). Random draws from ``generator`` in that order (z_T's noise, then one per
-    step). ``log`` (a list) receives each step's (t, d, w_m), for tests and diagnostics.
-    """
-    row = ADRow(z0, m, e, generator, bound, gray, soft, chroma)
-    return sample_anomalydiffusion_batch(comps, [row], steps, reweight=reweight, w_max=w_max, dilation=dilation, log=log)[0]
-
-
-@dataclass
-class ADRow:
-    """One sample of :func:`sample_anomalydiffusion_batch`: its tensors (batch 1 each), its own
-    generator and options (the arguments of :func:`sample_anomalydiffusion`)."""
-
-    z0: torch.Tensor
-    m: torch.Tensor
-    e: torch.Tensor
-    generator: torch.Generator
-    bound: float | tuple = 0.0
-    gray: bool = False
-    soft: torch.Tensor | None = None
-    chroma: tuple | None = None
-
-
-@torch.no_grad()
-def sample_anomalydiffusion_batch(comps, rows: list[ADRow], steps: int, *, reweight: bool = True, w_max: float = 1.5,
-                                  dilation: float = 8.0, log: list | None = None) -> list[torch.Tensor]:
-    """:func:`sample_anomalydiffusion` for several samples at once; their z_0, in order.
-
-    One UNet call per step with one row per sample (its own e, mask, z_0 and w_m); the
-    re-weighting map, the bound, the DDIM step and Eq. 1's blending are computed row by row
-    exactly as for one sample, each sample drawing from its own generator, so a sample
-    differs from its batch-1 result only by the UNet's floating-point sums over a larger
-    batch. ``log`` gets the rows' (t, d, w_m) concatenated along the batch.
-    """
-    b = len(rows)
-    noises = [torch.randn(r.z0.shape, generator=r.generator).to(r.z0.device, r.z0.dtype) for r in rows]
-    ss = [r.m if r.soft is None else r.soft for r in rows]
-    sched = ddim_schedule(comps.scheduler, steps)
-    width = rows[0].z0.shape[-1]
-    zs = [add_noise(r.z0, nz, sched[0].alpha_t) for r, nz in zip(rows, noises)]
-    cat = (lambda ts: torch.cat(ts)) if b > 1 else (lambda ts: ts[0])  # batch 1 passes its tensors as they are
-    e_in, m_in, z0_in = cat([r.e for r in rows]), cat([r.m for r in rows]), cat([r.z0 for r in rows])
-    for i, st in enumerate(sched):
-        rw = None
-        if reweight:
-            ws, ds = [], []
-            for r, z in zip(rows, zs):
-                m_t = dilate_mask(r.m, reweight_dilation_radius(st.t, width, dilation))
-                ws.append(adaptive_weight_map(z, r.z0, m_t, w_max))  # Eq. (7), the authors' linear form
-                ds.append((m_t * (z - r.z0)) ** 2)
-            rw = AttentionReweight(cat(ws))  # Eq. (8): the anomaly tokens' logits times w_m
-            if log is not None:
-                log.append((st.t, cat(ds).mean(dim=1, keepdim=True), cat(ws)))
-        eps = comps.eps(cat(zs), st.t, e_in, None, m_in, cond_image=z0_in, reweight=rw)
-        t_prev = sched[i + 1].t if i + 1 < len(sched) else 0
-        for k, r in enumerate(rows):
-            e = bound_eps(zs[k], eps[k:k + 1], st.alpha_t, r.bound, r.gray, r.chroma)
-            z = ddim_step(zs[k], e, st.alpha_t, st.alpha_prev)
-            step_noise = torch.randn(r.z0.shape, generator=r.generator).to(r.z0.device, r.z0.dtype)
-            s_t = ss[k]
-            if reweight:
-                s_t = torch.maximum(ss[k], dilate_mask(r.m, reweight_dilation_radius(t_prev, width, dilation)))
-            zs[k] = s_t * z + (1 - s_t) * add_noise(r.z0, step_noise, st.alpha_prev)  # Eq. (1)
-    return zs
-
-
-class AnomalyDiffusionMethod(DiffusionMethod):
+class AnomalyDiffusion(DiffusionMethod):
     """AnomalyDiffusion (see module docstring). ``checkpoint``: a finetune folder with an
     ``anomaly_embedding/`` subfolder, or {defect type: such a folder}."""
 
@@ -372,6 +123,7 @@ class AnomalyDiffusionMethod(DiffusionMethod):
             if str(base) not in self._bases:
                 comps = load_pipeline_components(base, self.config.device)
                 comps.unet.eval()
+                install_reweighting(comps.unet)  # Eq. 8's processor on the cross-attention layers
                 self._bases[str(base)] = comps
             self._embeddings[key] = (self._bases[str(base)], e_a, encoder, meta, folder)
         return self._embeddings[key]
