@@ -1,6 +1,6 @@
 """Eq. 13 on Magnetic Tile: does the refined mask from attention match what was painted?
 
-    .venv/bin/python bench/eq13_iou.py --split /tmp/mt/split.parquet \
+    .venv/bin/python experiments/eq13-attention/eq13_iou.py --split /tmp/mt/split.parquet \
         --finetune before=/tmp/mt/models/finetune-before-XXXX after=/tmp/mt/models/finetune-after-YYYY
 
 For each fine-tune (a finetune stage output: checkpoints.json + one folder per defect
@@ -48,7 +48,8 @@ from defectforge.masks.target import sample_target_mask  # noqa: E402
 from defectforge.diffusion.sampling import category_checkpoints as checkpoints  # noqa: E402
 from defectforge.params.refine import RefineParams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results
 DEFECTS = ["blowhole", "crack", "break"]
 
 
@@ -153,7 +154,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="DDIM steps of the inversion method (0: params.yaml's generate.inversion.steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--classes", nargs="+", default=DEFECTS, help="evaluate only these classes (merged into --out)")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/eq13-iou.json"))
+    ap.add_argument("--out", default=str(HERE / "eq13-iou.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(a.out)

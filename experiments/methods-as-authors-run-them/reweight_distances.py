@@ -1,6 +1,6 @@
 """AnomalyDiffusion's attention re-weighting (Eq. 7) on the distances a real sampler produces.
 
-    .venv/bin/python bench/reweight_distances.py --split /tmp/mt/split.parquet \\
+    .venv/bin/python experiments/methods-as-authors-run-them/reweight_distances.py --split /tmp/mt/split.parquet \\
         --finetune /tmp/mt/models/finetune-rw-<key> --defects blowhole crack break --n 6
 
 For each defect type, ``--n`` normal test images get one of the type's real training masks
@@ -15,7 +15,7 @@ sampler's log on. Per DDIM step it records the distances d = mean_c (z_t - z_0)^
 
 It also measures the in-mask contrast of the samples (mean grey level inside the mask minus a
 4-px ring around it) with the re-weighting on and off (the paper's w/o-AAR ablation), the
-same seeds and images. Writes bench/results/reweight-distances.json.
+same seeds and images. Writes experiments/methods-as-authors-run-them/reweight-distances.json.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from defectforge.methods.anomalydiffusion.attention import adaptive_weight_map  
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
 from defectforge.params.methods import AnomalyDiffusionConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results
 PCT = [5, 25, 50, 75, 95]
 
 
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--defects", nargs="+", default=["blowhole", "crack", "break"])
     ap.add_argument("--n", type=int, default=6)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/reweight-distances.json"))
+    ap.add_argument("--out", default=str(HERE / "reweight-distances.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
     rows = read_manifest(a.split).to_pylist()

@@ -1,11 +1,11 @@
 """Colour drift on the built-in sample with and without chroma_steps (same checkpoints, targets, seeds).
 
-    .venv/bin/python bench/chroma_check.py PROJECT_DIR   # a project after `dvc repro` of finetune
+    .venv/bin/python experiments/realism-ablation/chroma_check.py PROJECT_DIR   # a project after `dvc repro` of finetune
 
 Prints per sample (in-mask chroma, source chroma, colour-drift gate, saturation gate).
 """
 import sys, json, numpy as np, torch
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "src"))
 torch.set_num_threads(1)
 from pathlib import Path
 from defectforge.manifest.io import read_manifest, manifest_info

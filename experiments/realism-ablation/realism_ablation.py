@@ -15,7 +15,7 @@ reference. Writes a JSON and a markdown table, and one PNG grid per defect type
 (rows: samples; columns: a real defect, then every variant, mask outlined in red
 just outside the mask).
 
-    python bench/realism_ablation.py --split /tmp/mt/split.parquet \\
+    python experiments/realism-ablation/realism_ablation.py --split /tmp/mt/split.parquet \\
         --checkpoints /tmp/mt/models/finetune-before-xxx --category magnetic-tile \\
         --defects blowhole,crack,break --n 8 --steps 20 --name magnetic-tile
 """
@@ -42,7 +42,8 @@ from defectforge.methods.inversion import InversionConfig, Inversion
 from defectforge.metrics.realism import defect_stats, intensity_distance
 from defectforge.diffusion.sampling import category_checkpoints as checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results
 
 OLD = {"clip_x0": False, "gray_steps": False, "feather": 0.0}  # the sampler before issue 8
 
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--name", default="sample")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--grid-rows", type=int, default=4)
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -1,6 +1,6 @@
 """Generated target masks vs augmented ones on Magnetic Tile: which is closer to the real masks?
 
-    .venv/bin/python bench/generated_masks.py --split /tmp/mt/split.parquet --steps 800 --draws 40 --repeats 3
+    .venv/bin/python experiments/target-masks/generated_masks.py --split /tmp/mt/split.parquet --steps 800 --draws 40 --repeats 3
 
 Per defect type (the library's split): a mask model (AnomalyDiffusion Eq. 9,
 :mod:`defectforge.methods.anomalydiffusion.mask_model`) is fitted on the type's *training* masks, then
@@ -14,7 +14,7 @@ Each set is compared with the type's *held-out* real masks by
 :func:`defectforge.metrics.mask_shapes.mask_distances` (Wasserstein-1 on log area,
 elongation and position); ``repeats`` independent draw sets give the spread, and the
 training reals against the held-out reals give the floor (real-vs-real). Writes
-docs/generated-masks.md, bench/results/generated-masks.json and a grid of masks.
+experiments/target-masks/generated-masks.md, experiments/target-masks/generated-masks.json and a grid of masks.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from defectforge.methods.anomalydiffusion.mask_training import train_mask_model 
 from defectforge.masks.target import LocationPrior, sample_target_mask  # noqa: E402
 from defectforge.metrics.mask_shapes import mask_distances, mask_features  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results
 DEFECTS = ["blowhole", "break", "crack"]
 
 
@@ -128,16 +129,16 @@ def write(a, results: dict, grid_rows) -> None:
         draw.text((4, y + side // 2 - 6), name, fill=0)
         for c, m in enumerate(masks[:8]):
             canvas.paste(Image.fromarray(_tile(m, side)), (label + c * (side + 4), y))
-    grid = ROOT / "docs" / f"generated-masks{a.suffix}.png"
+    grid = HERE / f"generated-masks{a.suffix}.png"
     canvas.save(grid)
-    (ROOT / "bench" / "results" / f"generated-masks{a.suffix}.json").write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=2) + "\n")
+    (HERE / f"generated-masks{a.suffix}.json").write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=2) + "\n")
 
     def cell(v):
         return f"{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
 
     lines = [
         f"# Generated target masks vs augmented ones (Magnetic Tile){(' - ' + a.suffix.strip('-')) if a.suffix else ''}", "",
-        "Run by `bench/generated_masks.py " + " ".join(sys.argv[1:]) + "` on a 2-core CPU. Distances (Wasserstein-1) between each set of "
+        "Run by `experiments/target-masks/generated_masks.py " + " ".join(sys.argv[1:]) + "` on a 2-core CPU. Distances (Wasserstein-1) between each set of "
         f"{a.draws} target masks and the type's held-out real masks: log10 area, elongation, position (mean of relative y, relative x and "
         f"distance to the object box's edge). Mean [min, max] over {a.repeats} independent draw sets; lower is closer. The floor is the "
         "type's training reals against its held-out reals.", "",
@@ -155,7 +156,7 @@ def write(a, results: dict, grid_rows) -> None:
         m = r["model"]["metrics"]
         lines.append(f"| {d} | {r['n_train']} / {r['n_test']} | {r['train_seconds']} | {r['seconds_per_draw_all_sources']} | {r['empty_draws']} | "
                      f"{m['loss_first']:.4f} -> {m['loss_last']:.4f} |")
-    out = ROOT / "docs" / f"generated-masks{a.suffix}.md"
+    out = HERE / f"generated-masks{a.suffix}.md"
     if out.exists():  # keep the hand-written findings below the generated part
         old = out.read_text()
         if "\n## Findings" in old:

@@ -1,11 +1,11 @@
 """What the mask models' shape gate keeps and what it redraws, by eye (Magnetic Tile).
 
-    .venv/bin/python bench/mask_gate_grid.py --models /tmp/mt/models/finetune-genmask/magnetic-tile --draws 60
+    .venv/bin/python experiments/target-masks/mask_gate_grid.py --models /tmp/mt/models/finetune-genmask/magnetic-tile --draws 60
 
 Per defect type: ``draws`` single draws of the type's mask model with the gate off, split by
 :func:`defectforge.methods.anomalydiffusion.mask_model.in_shape_range` against the range of the type's real
 training masks (the model's stored ``shape_range``), next to the real training masks. Writes
-docs/generated-masks-gate.png and prints the counts and the refused draws' area and elongation.
+experiments/target-masks/generated-masks-gate.png and prints the counts and the refused draws' area and elongation.
 A folder holds ``<type>/mask_model.json`` or ``<type>/mask_model/mask_model.json``.
 """
 
@@ -23,7 +23,8 @@ from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR, in_shape_range, load_mask_model, shape_range
 from defectforge.metrics.mask_shapes import elongation
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--models", required=True, help="folder with one mask model per defect type")
     ap.add_argument("--defects", nargs="+", default=["crack", "blowhole", "break"])
     ap.add_argument("--draws", type=int, default=60)
-    ap.add_argument("--out", default=str(ROOT / "docs/generated-masks-gate.png"))
+    ap.add_argument("--out", default=str(HERE / "generated-masks-gate.png"))
     a = ap.parse_args()
     torch.set_num_threads(1)
     sp = read_manifest(a.split).to_pandas()

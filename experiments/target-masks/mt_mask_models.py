@@ -1,6 +1,6 @@
 """Add AnomalyDiffusion mask models (Eq. 9) to a copy of an existing Magnetic Tile fine-tune.
 
-    .venv/bin/python bench/mt_mask_models.py /tmp/mt/models/finetune-after-3b2c52bdbbf7 /tmp/mt/models/finetune-genmask
+    .venv/bin/python experiments/target-masks/mt_mask_models.py /tmp/mt/models/finetune-after-3b2c52bdbbf7 /tmp/mt/models/finetune-genmask
 
 Copies the finetune folder SRC to DST (once), then fits one mask model per defect type
 on the type's real *training* masks of the library's split (non-empty ones) into

@@ -1,6 +1,6 @@
 """DefectDiffu zero-shot (Sec. 3.6, Eq. 12) on the built-in sample: brick holes painted on gravel.
 
-    .venv/bin/python bench/zero_shot.py --split data/manifests/split.parquet --base data/models/base/model --steps 120
+    .venv/bin/python experiments/zero-shot/zero_shot.py --split data/manifests/split.parquet --base data/models/base/model --steps 120
 
 No real gravel hole exists: the gravel model (fine-tuned on gravel stains, with
 Algorithm 1's condition dropout) gives the product terms of Eq. 12, the brick-hole model
@@ -17,14 +17,14 @@ two categories from two split manifests, ``--source-model`` / ``--target-model``
 fine-tunes (of the same ``--base``), ``--reference`` names the real defects to compare with, and
 ``--name`` the output files, e.g. a brick hole on the tile:
 
-    .venv/bin/python bench/zero_shot.py --split data/manifests/split.parquet --target-split /tmp/mt/split.parquet \
+    .venv/bin/python experiments/zero-shot/zero_shot.py --split data/manifests/split.parquet --target-split /tmp/mt/split.parquet \
         --base /tmp/mt/models/base-be8796f19a98/model --source brick/hole --target magnetic-tile/break \
         --target-model /tmp/mt/models/finetune-all-fd6dee57cb94/magnetic-tile/break --reference magnetic-tile/blowhole \
         --name zero-shot-brick-on-tile
 
 Measured per sample: the in-mask contrast (mean grey level inside the mask minus the
 mean of a 4-px ring around it), against the real brick holes' and the real gravel
-stains'. Writes docs/zero-shot.md, docs/zero-shot.png and bench/results/zero-shot.json.
+stains'. Writes experiments/zero-shot/zero-shot.md, experiments/zero-shot/zero-shot.png and experiments/zero-shot/zero-shot.json.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ from defectforge.masks.target import sample_target_mask  # noqa: E402
 from defectforge.methods.defectdiffu import DefectDiffu, DefectDiffuConfig  # noqa: E402
 from defectforge.methods.defectdiffu.training import defectdiffu_hooks  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results
 
 
 def contrast(image: np.ndarray, mask: np.ndarray, ring: int = 4) -> float:
@@ -77,7 +78,7 @@ def main() -> None:
     ap.add_argument("--target-model", default=None, help="an existing fine-tune of the target category (a fine-tune of --base)")
     ap.add_argument("--reference", default=None, help="category/type of the target's split whose real defects are the reference "
                     "(default: --target)")
-    ap.add_argument("--name", default="zero-shot", help="stem of the docs/ and bench/results/ files")
+    ap.add_argument("--name", default="zero-shot", help="stem of the write-up, figure and JSON in this folder")
     a = ap.parse_args()
     torch.set_num_threads(1)
     splits = {}
@@ -137,13 +138,13 @@ def main() -> None:
     half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))
     summary = {"paired_contrast_diff_mean": float(diffs.mean()), "ci95": [float(diffs.mean() - half), float(diffs.mean() + half)],
                "n": len(diffs), "finetune_seconds": round(train_s, 1), "seconds_per_sample_3_generations": round(gen_s, 2)}
-    (ROOT / f"bench/results/{a.name}.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows, "reference": ref, "summary": summary}, indent=2) + "\n")
-    render(tiles, real_src, ROOT / f"docs/{a.name}.png", a)
+    (HERE / f"{a.name}.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows, "reference": ref, "summary": summary}, indent=2) + "\n")
+    render(tiles, real_src, HERE / f"{a.name}.png", a)
     med = lambda v: float(np.median(v))  # noqa: E731
     per = lambda key: ", ".join(f"{r[key]:.1f}" for r in rows)  # noqa: E731
     lines = [
         f"# DefectDiffu zero-shot (Eq. 12): {a.source} painted on {t_cat}", "",
-        "Run by `bench/zero_shot.py " + " ".join(sys.argv[1:]) + "` on a 2-core CPU, tiny profile. Two fine-tunes of one base "
+        "Run by `experiments/zero-shot/zero_shot.py " + " ".join(sys.argv[1:]) + "` on a 2-core CPU, tiny profile. Two fine-tunes of one base "
         f"(`{a.base}`; Algorithm 1's condition dropout p_1 = p_2 = 0.2): {a.source} (the source defect"
         + (f", `{a.source_model}`" if a.source_model else f", {a.steps} steps, area-normed loss + attention loss 3.0") + f") and {a.target} "
         "(the target category's product terms" + (f", `{a.target_model}`" if a.target_model else f", {a.steps} steps, area-normed loss + attention loss 3.0")
@@ -164,7 +165,7 @@ def main() -> None:
         f"product only {np.mean([r['product_only_change'] for r in rows]):.1f}, zero-shot {np.mean([r['zero_shot_change'] for r in rows]):.1f} grey levels.",
         f"Fine-tuning both models: {summary['finetune_seconds']} s; {summary['seconds_per_sample_3_generations']} s per seed for the three generations.",
     ]
-    out = ROOT / f"docs/{a.name}.md"
+    out = HERE / f"{a.name}.md"
     if out.exists() and "\n## Findings" in out.read_text():
         old = out.read_text()
         lines += ["", old[old.index("## Findings"):].rstrip()]
