@@ -72,7 +72,7 @@ def test_eq7_zero_difference_everywhere_gives_unit_weights():
 
 # In-mask distances d = mean_c (z_t - z_0)^2 recorded on Magnetic Tile (pixel-space tiny
 # profile fine-tuned with the anomaly embedding, 30 DDIM steps, 6 samples per type;
-# bench/reweight_distances.py, bench/results/reweight-distances.json): the 5th / 25th / 50th /
+# experiments/methods-as-authors-run-them/reweight_distances.py and reweight-distances.json beside it): the 5th / 25th / 50th /
 # 75th / 95th percentile over the dilated masks at a step (0 = noisiest of 30).
 REAL_D = {
     "blowhole step 0": [0.1364, 0.4597, 0.916, 1.572, 3.051],
