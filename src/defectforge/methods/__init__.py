@@ -91,7 +91,7 @@ def registered_methods() -> list[str]:
 
 # ------------------------------------------------------------------ the code a method's samples depend on
 def _imported(path: Path, src: Path) -> set[str]:
-    """The defectforge modules ``path`` names in an import (anywhere in it, as
+    """The defectforge modules ``path`` imports or names in a string (anywhere in it, as
     :func:`defectforge.code.imports` reads them), without their parent packages."""
     return set(_imported_text(path.read_text(), str(path), src))
 
@@ -108,6 +108,8 @@ def _imported_text(text: str, where: str, src: Path) -> frozenset[str]:
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("defectforge."):
+            names.add(node.value)  # a module loaded by its name
     return frozenset(n for n in names if n.startswith("defectforge.") and module_file(n, src) is not None)
 
 
