@@ -113,3 +113,36 @@ def test_masked_attention_runs_in_bf16_with_a_float32_mask(tiny):
     got = proc(half, h.bfloat16(), ctx.bfloat16(), region_mask=region, token_kinds=kinds)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
+def test_stores_follow_one_protocol_and_a_group_hands_each_record_to_every_member(tiny):
+    """A processor asks a store what it records by the protocol's flags: a group of a maps store
+    and a token-map store gets both records, each member the one it takes; a share collector in
+    the group turns the maps record into the share with its gradient (training)."""
+    from defectforge.diffusion.attention import (
+        AttentionShareCollector,
+        AttentionStoreProtocol,
+        BaseStore,
+        StoreGroup,
+        TokenMapStore,
+    )
+
+    for store in (AttentionStore(), TokenMapStore(), AttentionShareCollector([0]), StoreGroup(), BaseStore()):
+        assert isinstance(store, AttentionStoreProtocol)
+    attn, proc = _cross_attn_module(tiny.unet)
+    h = torch.randn(1, 16 * 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    tiny.prompts.add_defect("crack")
+    ctx, kinds = tiny.context("defect", "crack")
+    region = torch.zeros(1, 1, 64, 64)
+    region[..., 16:40, 8:32] = 1
+    maps, tokens = AttentionStore(), TokenMapStore()
+    group = StoreGroup(maps, None, tokens)
+    assert group.members() == [maps, tokens] and group.records_maps and group.records_tokens and not group.records_share
+    proc(attn, h, ctx, region_mask=region, token_kinds=kinds, attention_store=group)
+    assert len(maps) == 1 and list(tokens.steps[-1]) == [proc.name]
+    assert tokens.steps[-1][proc.name].shape == (1, int(kinds.sum()), 16, 16)
+    # the inside tokens' per-token maps sum to the share the maps store recorded
+    torch.testing.assert_close(tokens.steps[-1][proc.name].sum(1), maps.joint[proc.name][0], atol=1e-6, rtol=1e-5)
+    share = AttentionShareCollector([0])
+    proc(attn, h, ctx, region_mask=region, token_kinds=kinds, attention_store=StoreGroup(AttentionStore(), share))
+    assert len(share.shares) == 1 and share.shares[0].requires_grad is torch.is_grad_enabled()

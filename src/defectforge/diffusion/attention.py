@@ -239,10 +239,6 @@ class StoreGroup(BaseStore):
     def members(self) -> list[AttentionStoreProtocol]:
         return list(self.stores)
 
-    def set_active(self, on: bool) -> None:
-        for s in self.stores:
-            s.active = on
-
 
 class AttentionStore(BaseStore):
     """Collects cross-attention maps of selected batch rows across steps and layers.
