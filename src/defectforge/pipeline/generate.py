@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -437,6 +438,7 @@ def plan_samples(split: pd.DataFrame, *, method: str, n_per_defect: int, seed: i
     return specs
 
 
+@functools.lru_cache(maxsize=None)
 def package_sha256(method: str) -> str:
     """The defectforge code that makes a sample of ``method``: the files of this stage module
     and of the method's own module or package, and what they import
@@ -445,7 +447,8 @@ def package_sha256(method: str) -> str:
     makes that method's samples again instead of keeping the old code's as done, while an edit
     to one method's files leaves the other methods' samples in place. Every such file is a
     dep of the stage in dvc.yaml (tests/test_dvc_deps.py), so an edit elsewhere (the report,
-    say) changes no sample id and a from-scratch ``dvc repro`` matches the lock."""
+    say) changes no sample id and a from-scratch ``dvc repro`` matches the lock. Cached per
+    process (one walk per method, not one per sample)."""
     from defectforge.methods import code_sha256
 
     return code_sha256(method, stage=__name__)
