@@ -97,7 +97,7 @@ def test_grid_is_at_the_top_with_every_method_column_in_order():
     grids = [SampleGrid("brick / crack", [_pair(0)],
                         {"inversion": [_pair(1)], "blended": [_pair(2)], "copy-paste": [_pair(3)]})]
     html = render_report(title="t", grids=grids, quality_rows=REALISM_SETS, detector=DETECTOR, detector_rows=DETECTOR_ROWS)
-    heads = re.findall(r"<th>([a-z-]+) <small>\(\d+ samples", html)
+    heads = re.findall(r"<th>([a-z-]+)<br><small>\d+ samples?", html)
     assert heads == ["real", "copy-paste", "inversion", "blended"]
     positions = [html.index(h) for h in ("Samples: real vs synthetic", "Does the synthetic data help",
                                          "Realism of the synthetic defects", "Image quality")]
@@ -105,6 +105,45 @@ def test_grid_is_at_the_top_with_every_method_column_in_order():
     # each cell: plain image, mask and overlay (cropped around the mask) and the whole image
     for kind in ("image", "mask", "overlay", "whole"):
         assert html.count(f'alt="inversion {kind}"') == 1
+
+
+def _visible(html: str) -> str:
+    """The text a reader sees: tags (and their attributes, such as hover titles) removed."""
+    import html as _html
+
+    return _html.unescape(re.sub(r"<[^>]+>", " ", html))
+
+
+def test_grid_fits_a_laptop_screen_whatever_the_number_of_methods():
+    methods = ["copy-paste", "cutpaste", "perlin", "inversion", "blended", "defectdiffu", "anomalydiffusion"]
+    grids = [SampleGrid("brick / crack", [_pair(i) for i in range(6)], {m: [_pair(10 + i) for i in range(6)] for m in methods})]
+    html = render_report(title="t", grids=grids, max_per_cell=4)
+    table = html[html.index('<table class="samples">'):html.index("</table>", html.index('<table class="samples">'))]
+    rows = re.findall(r"<tr>(.*?)</tr>", table)
+    assert len(rows) == 1 + len(methods)  # a row per source: methods add rows, not columns
+    for r in rows:
+        assert r.count("<td>") <= 4  # at most max_per_cell samples side by side
+    # 4 samples of 3 crops at 64 px and a 32 px thumbnail, plus the source column: well inside 1,400 px
+    assert ".sample img{display:block;width:64px" in html and "max-width:1340px" in html
+
+
+def test_a_skip_reason_every_row_shares_is_said_once():
+    reason = "IS needs a trained classifier's p(y|x)"
+    rows = [{"defect_type": f"crack{i}", "method": "copy-paste", "fid": 1.0 + i, "is_mean": None, "is_std": None,
+             "is_skipped": reason} for i in range(5)]
+    html = render_report(title="t", quality_rows=rows)
+    assert _visible(html).count(reason) == 1
+    assert "<th>is_mean</th>" not in html and "<th>fid</th>" in html
+    rows[0] = {**rows[0], "is_mean": 3.2, "is_std": 0.1}  # one row has it: the column stays, the others say why
+    html = render_report(title="t", quality_rows=rows)
+    assert "<th>is_mean</th>" in html and _visible(html).count(reason) == 2 * 4  # is_mean and is_std of 4 rows
+
+
+def test_each_comparison_is_shown_once():
+    html = render_report(title="t", detector=DETECTOR, detector_rows=DETECTOR_ROWS)
+    verdicts = _visible(html[html.index("Does the synthetic data help"):html.index("Realism of the synthetic")])
+    assert verdicts.count("[-0.021, +0.043]") == 1  # the no-effect row: one table cell, no repeated list
+    assert verdicts.count("[-0.610, -0.430]") == 2  # the hurting row: its table cell and the warning above it
 
 
 def test_grid_puts_failures_first_with_their_reasons():
@@ -228,10 +267,10 @@ def test_release_report_and_card_from_real_manifests(sample_manifests, tmp_path)
     grid_blocks = [b for b in blocks if 'class="samples"' in b]
     assert len(grid_blocks) == cp.groupby(["category", "defect_type"]).ngroups
     for b in grid_blocks:
-        heads = re.findall(r"<th>([a-z-]+) <small>", b)
-        assert heads == ["real", "copy-paste", "inversion"]
-        cells = [re.findall(r"<td>(.*?)</td>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", b)[1:]]
-        inv = [re.match(r'<figure class="([a-z ]+)"', row[2]).group(1) for row in cells if row[2]]
+        heads = re.findall(r"<th>([a-z-]+)<br><small>", b)
+        assert heads == ["real", "copy-paste", "inversion"]  # a row per source
+        inv_row = re.findall(r"<tr>(.*?)</tr>", b)[2]
+        inv = re.findall(r'<figure class="([a-z ]+)"', inv_row)
         assert inv == ["sample fail", "sample"] and "QC fail: saturated" in b  # one of two failed, shown first
         assert "test " in b  # the real column holds held-out test defects
     assert "inversion: hurts pixel AP" in html and "did not learn on gravel" in html
@@ -321,7 +360,7 @@ def test_report_and_card_name_protocol_and_budget_beside_every_detector_number()
     assert "Protocol synthetic (synthetic defects + normal images in training, no real defect image), against copy-paste; budget epochs" in verdicts
     assert "perlin: hurts pixel AP (Δ -0.200, 95 % CI [-0.300, -0.100], 3 seeds; protocol mixed vs real-only, budget epochs)" in verdicts
     assert "perlin: helps pixel AP (Δ +0.070, 95 % CI [+0.020, +0.120], 3 seeds; protocol synthetic vs copy-paste, budget epochs)" in verdicts
-    assert "<th>mean Δ vs copy-paste</th>" in verdicts and "<th>protocol</th><th>budget</th>" in verdicts
+    assert "<caption>Δ against copy-paste</caption>" in verdicts and "<caption>Δ against real-only</caption>" in verdicts
     # gravel did not learn in the mixed protocol only: no mixed ranking, the synthetic one stands
     assert "The detector did not learn on gravel (protocol mixed, budget epochs; real-only image AUROC 0.480" in verdicts
     assert "+0.300" not in verdicts and "perlin: no measurable effect on pixel AP (Δ +0.010" in verdicts
@@ -329,7 +368,8 @@ def test_report_and_card_name_protocol_and_budget_beside_every_detector_number()
     assert "brick: perlin: hurts pixel AP (Δ -0.200, 95 % CI [-0.300, -0.100], 3 seeds; protocol mixed vs real-only, budget epochs)" in top
     assert "brick: perlin: helps pixel AP (Δ +0.070, 95 % CI [+0.020, +0.120], 3 seeds; protocol synthetic vs copy-paste, budget epochs)" in top
     raw = html[html.index("raw numbers"):]
-    assert "<th>budget</th>" in raw and "<th>protocol</th>" in raw and "synthetic/perlin" in raw and "+0.1100" not in raw
+    # the protocol differs between rows: a column; the budget is one for all: said in the headings, not on every row
+    assert "<th>protocol</th>" in raw and "<th>budget</th>" not in raw and "synthetic/perlin" in raw and "+0.1100" not in raw
 
     details = {"detector": PROTOCOLS}
     head = headline_metrics(details)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from defectforge.data.io import sha256_file
-from defectforge.errors import DefectforgeError, ManifestError
+from defectforge.errors import DataError, DefectforgeError, ManifestError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import ID_COLUMN, PATH_COLUMNS, schema_for
 
@@ -479,6 +479,17 @@ def verify_hashes(table, root: str | os.PathLike, workers: int | None = None) ->
             digests = dict(zip(files, pool.map(_sha256_or_none, files)))
     bad = [HashMismatch(rid, col, f, exp, digests[f]) for rid, col, f, exp in wanted if digests[f] != exp]
     return sorted(bad, key=lambda m: (m.row_id, m.column))
+
+
+def require_hashes(df, root: str | os.PathLike, *, source: str = "manifest", workers: int | None = None) -> None:
+    """Check each row's file hashes (image, mask, raw mask) against the files' bytes (:func:`verify_hashes`:
+    a thread pool, each file once). Raises :class:`DataError`, one line naming ``source``, the first bad row
+    and its file (and how many more are bad), when a file is missing or differs."""
+    bad = verify_hashes(df, root, workers)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{source}: {bad[0].line()}{more}; the file changed after it was recorded - regenerate it, "
+                        "or release with --no-verify to skip the check")
 
 
 def hash_failures(path: str | os.PathLike, workers: int | None = None) -> list[str]:

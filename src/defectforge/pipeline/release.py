@@ -5,7 +5,7 @@ samples always give the same version string. Publishing a release as a numbered
 version (git tag + ``dvc push``) is :mod:`defectforge.publish.versions`.
 
 Before anything is written, every row's ``image_sha256`` / ``mask_sha256`` is checked
-against its file (:func:`verify_hashes`, files hashed in parallel threads; ``verify=False``,
+against its file (:func:`~defectforge.manifest.validate.require_hashes`, files hashed in parallel threads; ``verify=False``,
 ``--no-verify`` on the command line, skips it): a file changed after generation is never published under the old hash.
 A generate output with a planned shard missing or uncommitted (a run that failed or was killed
 part-way) is refused first, whatever ``verify`` says (:func:`~defectforge.manifest.validate.check_complete`).
@@ -24,7 +24,7 @@ from defectforge.data.io import atomic_dir, claim_dir
 from defectforge.errors import DataError, writing
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
-from defectforge.manifest.validate import check_complete, check_manifest
+from defectforge.manifest.validate import check_complete, check_manifest, require_hashes
 from defectforge.params.release import ReleaseParams
 from defectforge.publish.card import card, headline_metrics, provenance
 from defectforge.publish.report import build_report
@@ -35,22 +35,6 @@ def content_version(manifest_dir: str | os.PathLike) -> str:
     df = read_manifest(manifest_dir, columns=["sample_id", "image_sha256", "mask_sha256"]).to_pandas().sort_values("sample_id")
     blob = "\n".join(f"{r.sample_id} {r.image_sha256} {r.mask_sha256}" for r in df.itertuples())
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def verify_hashes(df: pd.DataFrame, root: str | os.PathLike, *, source: str = "manifest", workers: int | None = None) -> None:
-    """Check each row's file hashes (image, mask, raw mask) against the files' bytes, hashed in parallel.
-
-    :func:`defectforge.manifest.validate.verify_hashes` does the hashing (a thread pool;
-    each file once). Raises :class:`DataError`, one line naming ``source``, the first bad
-    row and its file (and how many more are bad), when a file is missing or differs.
-    """
-    from defectforge.manifest.validate import verify_hashes as _mismatches
-
-    bad = _mismatches(df, root, workers)
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(f"{source}: {bad[0].line()}{more}; the file changed after it was recorded - regenerate it, "
-                        "or release with --no-verify to skip the check")
 
 
 def run(
@@ -80,7 +64,7 @@ def run(
     dataset_root = Path(manifest_info(refined)["dataset_root"])
     check_complete(refined)  # a half-made generate output is never released as a whole
     if verify:
-        verify_hashes(read_manifest(refined).to_pandas(), dataset_root, source=str(refined))
+        require_hashes(read_manifest(refined).to_pandas(), dataset_root, source=str(refined))
     version = f"{p.name}@{content_version(refined)}"
     with writing(out_dir, "release folder", "free space (or give an --out on another device) and rerun; the previous "
                  "release, if any, is untouched"), atomic_dir(out_dir, "release folder") as tmp:

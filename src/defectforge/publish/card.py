@@ -22,7 +22,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-from defectforge.publish.report import (NOT_LEARNED, SPECKLE_FLAG, absolute_sentence, describe_comparison, detector_findings,
+from defectforge.publish.findings import (NOT_LEARNED, SPECKLE_FLAG, absolute_sentence, describe_comparison, detector_findings,
                                         learned_by_protocol, not_learned_sentence, protocol_heading, protocol_tag, realism_by_method,
                                         realism_sentence, resolution_words, signed)
 
@@ -287,7 +287,7 @@ def limitations(df, details: dict | None, gates: dict | None) -> list[str]:
     if not det:
         out.append("No detector was trained: there is no evidence here that these samples help a detector.")
     else:
-        from defectforge.publish.report import detector_findings
+        from defectforge.publish.findings import detector_findings
 
         findings = detector_findings(det)
         out += [f"Detector did not learn: {t}" for k, t in findings if k == "not-learned"]

@@ -335,9 +335,9 @@ def publish(
     manifest = rel / "manifest.parquet"
     src_root = Path(manifest_info(manifest)["dataset_root"])
     df = read_manifest(manifest).to_pandas()
-    from defectforge.pipeline.release import verify_hashes
+    from defectforge.manifest.validate import require_hashes
 
-    verify_hashes(df, src_root, source=str(manifest))
+    require_hashes(df, src_root, source=str(manifest))
     with atomic_dir(target, "release version folder") as tmp:
         _copy_files(df, src_root, tmp)
         df["dataset_version"] = label
