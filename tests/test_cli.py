@@ -115,3 +115,38 @@ def test_manifest_with_escaping_path_is_rejected_on_read(tmp_path):
     pq.write_table(t, tmp_path / "evil.parquet")
     r = _cli("validate", tmp_path / "evil.parquet")
     assert r.returncode == 2 and "escapes the dataset root" in _error_line(r.stderr)
+
+
+def test_a_missing_argument_is_one_usage_line_exit_2():
+    r = _cli("validate")
+    assert r.returncode == 2 and r.stdout == ""
+    line = _error_line(r.stderr)
+    assert r.stderr.strip() == line and "MANIFEST" in line and "defectforge validate" in line and "--help" in line
+    r = _cli("validate", "--no-such-option", "x")
+    assert r.returncode == 2 and "--no-such-option" in _error_line(r.stderr)
+
+
+def test_list_versions_never_cuts_a_value_and_fits_120_columns(monkeypatch):
+    import re
+
+    from defectforge.publish import versions
+
+    methods = ["blended", "copy-paste", "cutpaste", "inversion", "perlin", "real-only"]
+    metrics = {f"{m}.image_auroc [protocol mixed, budget steps]": 0.912345 for m in methods}
+    metrics |= {f"realism.{m}.c2st_accuracy": 0.61 for m in methods[:-1]} | {"qc_pass_rate": 0.9833}
+    metrics |= {"detector.brick.learned": True, "detector.brick.copy-paste.pixel_ap": "helps (Δ +0.1)"}  # not numbers: not listed
+    row = {"tag": "dataset/sample/v2", "name": "sample", "version": 2, "samples": 12, "content_hash": "0123456789ab",
+           "published_at": "2026-12-08T00:00:00+00:00", "metrics": metrics}
+    monkeypatch.setattr(versions, "list_versions", lambda repo, name=None: [row, {**row, "tag": "dataset/sample/v3", "version": 3}])
+    r = _cli("list-versions")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines and max(map(len, lines)) <= 120
+    numeric = {f"{k.split(' [')[0]}={v:.3g}" for k, v in metrics.items() if isinstance(v, float)}
+    for tag in ("v2", "v3"):
+        i = next(i for i, line in enumerate(lines) if line.startswith(f"dataset/sample/{tag} ") and "12 samples" in line)
+        shown = [item for line in lines[i + 1:i + 3] for item in line.strip().split(", ")]
+        more = re.fullmatch(rf"\+(\d+) more in releases/sample/{tag}\.json", shown[-1])
+        assert more, shown
+        # every item is a whole key=value (none cut mid-value), and shown + counted = all numeric metrics
+        assert set(shown[:-1]) <= numeric and len(shown) - 1 + int(more.group(1)) == len(numeric)

@@ -171,14 +171,15 @@ def release(
 
 @app.command()
 def validate(
-    manifest: Path = typer.Argument(..., help="manifest file or shard folder"),
+    manifest: Path = typer.Argument(..., metavar="MANIFEST", help="manifest file or shard folder"),
     hashes: bool = typer.Option(True, "--hashes/--no-hashes", help="re-hash every row's files against image_sha256/mask_sha256 (parallel); skip with --no-hashes"),
     within: Optional[Path] = typer.Option(None, help="folder the manifest's dataset root must be in (default: a root above the "
                                           "manifest's project or through a symlink out of it is refused)"),
 ):
     """Run the Great Expectations suite on a manifest; exit 1 listing failures, exit 2 when a file's bytes do not match its
     hash or the generate output it reads is half-made (a planned shard missing)."""
-    from defectforge.manifest.validate import check_complete, check_hashes, check_root, validate_manifest
+    from defectforge.manifest.paths import check_root
+    from defectforge.manifest.validate import check_complete, check_hashes, validate_manifest
 
     try:
         check_root(manifest, within)  # the files it names are read only where they belong
@@ -205,7 +206,8 @@ def verify(
 ):
     """Check that every file a manifest names still hashes to its image_sha256 / mask_sha256 (exit 2 naming the rows that differ)."""
     from defectforge.manifest.io import read_manifest
-    from defectforge.manifest.validate import check_complete, check_hashes, check_root
+    from defectforge.manifest.paths import check_root
+    from defectforge.manifest.validate import check_complete, check_hashes
 
     manifest = path / "manifest.parquet" if path.is_dir() and (path / "manifest.parquet").is_file() else path
     check_root(manifest, within)
@@ -243,16 +245,14 @@ def publish(
 @app.command("list-versions")
 def list_versions(name: Optional[str] = typer.Argument(None), repo: Path = typer.Option(Path("."))):
     """Show the published dataset versions with their counts and headline metrics."""
-    from defectforge.publish.versions import list_versions as _list
+    from defectforge.publish.versions import format_versions, list_versions as _list
 
     rows = _list(repo, name)
     if not rows:
         typer.echo("no published versions")
         return
-    for v in rows:
-        metrics = v.get("metrics") or {}
-        head = ", ".join(f"{k}={metrics[k]:.3g}" for k in sorted(metrics) if isinstance(metrics[k], (int, float)))[:120]
-        typer.echo(f"{v['tag']:<32} {v.get('samples', '?'):>6} samples  {v.get('content_hash', '')}  {v.get('published_at', '')}  {head}")
+    for line in format_versions(rows):
+        typer.echo(line)
 
 
 @app.command()
@@ -294,7 +294,7 @@ def _report(exc: DefectforgeError) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False, prog_name="defectforge")
         if isinstance(rv, int) and rv:
             sys.exit(rv)
     except DefectforgeError as exc:
@@ -303,14 +303,43 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        usage, click_error, abort = _click_exceptions()
+        if isinstance(exc, usage) and type(exc).__name__ != "NoArgsIsHelpError":  # no arguments at all: the help
+            print(usage_line(exc), file=sys.stderr)
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click_error):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, abort):
             sys.exit(130)
         raise
+
+
+def _click_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(UsageError, ClickException, Abort) classes of click and of the copy of click that typer
+    vendors (``typer._click``, typer >= 0.26): typer raises its own, which click's do not catch."""
+    import click
+
+    mods = [click.exceptions]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        vendored = None
+    if vendored is not None and vendored is not click.exceptions:
+        mods.append(vendored)
+    return (tuple(m.UsageError for m in mods), tuple(m.ClickException for m in mods),
+            tuple(m.Abort for m in mods if hasattr(m, "Abort")))
+
+
+def usage_line(exc) -> str:
+    """A usage error in one line: ``error: <what> (usage: defectforge validate [OPTIONS] MANIFEST; --help for more)``."""
+    msg = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return f"error: {msg}"
+    usage = " ".join(ctx.get_usage().split())
+    usage = usage[len("Usage: "):] if usage.startswith("Usage: ") else usage
+    return f"error: {msg} (usage: {usage}; {ctx.command_path} --help for more)"
 
 
 if __name__ == "__main__":

@@ -105,6 +105,56 @@ def list_versions(repo: str | os.PathLike, name: str | None = None) -> list[dict
     return sorted(out, key=lambda v: (v["name"], v["version"]))
 
 
+LINE_WIDTH = 120  # list-versions fits a terminal this wide
+METRIC_LINES = 2  # lines of metrics under each version; the rest are counted, and are in releases/<name>/v<N>.json
+
+
+def _metric_text(key: str, value) -> str:
+    """``key=value`` of one numeric headline metric; the protocol / budget suffix of a mean key is dropped
+    (every detector entry of a run has the same, and the version's JSON keeps it)."""
+    return f"{key.split(' [', 1)[0]}={value:.3g}"
+
+
+def format_versions(rows: list[dict], width: int = LINE_WIDTH) -> list[str]:
+    """The lines of ``defectforge list-versions``: per version its tag, sample count, content hash and
+    publication time, then its numeric headline metrics as whole ``key=value`` items wrapped on at most
+    :data:`METRIC_LINES` indented lines of ``width`` columns; a value is never cut, the items that do not
+    fit are counted at the end (``+N more in releases/<name>/v<N>.json``)."""
+    out = []
+    for v in rows:
+        out.append(f"{v['tag']:<32} {v.get('samples', '?'):>6} samples  {v.get('content_hash', '')}  {v.get('published_at', '')}".rstrip())
+        metrics = v.get("metrics") or {}
+        items = [_metric_text(k, metrics[k]) for k in sorted(metrics)
+                 if isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)]
+        where = f"releases/{v.get('name', '?')}/v{v.get('version', '?')}.json"
+
+        def fits(line: list[str], note: str = "") -> bool:
+            return len("    " + ", ".join(line + ([note] if note else []))) <= width
+
+        lines: list[list[str]] = [[]]
+        shown = 0
+        for i, item in enumerate(items):
+            # on the last allowed line, room for the note counting what does not fit
+            rest = len(items) - i - 1
+            note = f"+{rest} more in {where}" if rest else ""
+            if fits(lines[-1] + [item], note if len(lines) == METRIC_LINES else ""):
+                lines[-1].append(item)
+            elif len(lines) < METRIC_LINES and fits([item], note if len(lines) + 1 == METRIC_LINES else ""):
+                lines.append([item])
+            else:
+                break
+            shown += 1
+        lines = [line for line in lines if line]
+        if shown < len(items):
+            note = f"+{len(items) - shown} more in {where}"
+            if lines and fits(lines[-1], note):
+                lines[-1].append(note)
+            else:
+                lines.append([note])
+        out += ["    " + ", ".join(line) for line in lines]
+    return out
+
+
 def _git_tracked_outputs(repo: Path) -> list[str]:
     """The files ``dvc.yaml`` keeps in git (``cache: false`` outs, metrics and plots) that exist."""
     import yaml
