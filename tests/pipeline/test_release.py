@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from defectforge.data.io import sha256_file, write_png
-from defectforge.errors import DataError
+from defectforge.data.files import sha256_file, write_png
+from defectforge.errors import DataError, DefectforgeError
 from defectforge.manifest.io import write_manifest
 from defectforge.params.release import ReleaseParams
 from defectforge.pipeline import release
@@ -206,3 +206,24 @@ def test_card_says_which_amount_of_synthetic_data_the_evidence_supports():
                    "tile/perlin: the evidence supports no amount: 377 samples had no measurable effect (Δ -0.010, 95 % CI [-0.040, +0.020])",
                    "tile/copy-paste: the evidence is against adding 399 samples (Δ -0.050, 95 % CI [-0.090, -0.010]): they hurt the detector"]
     assert "**How many synthetic samples the evidence supports**" in "\n".join(_measured({"detector": det}))
+
+
+def test_release_of_a_teams_own_data_under_the_default_name_says_how_to_name_it(tmp_path, capsys):
+    man, _ = _refined(tmp_path)
+    split = _split(tmp_path)  # a source with sample.json: the built-in sample's marker
+    release.run(ReleaseParams(), man, tmp_path / "r1", split=split)
+    assert "release.name" not in capsys.readouterr().err
+    (tmp_path / "src/sample.json").unlink()  # a team's own data
+    release.run(ReleaseParams(), man, tmp_path / "r2", split=split)
+    err = capsys.readouterr().err
+    assert "named sample@" in err and "-S release.name=<name>" in err and len(err.strip().splitlines()) == 1
+    release.run(ReleaseParams(name="magnetic-tile"), man, tmp_path / "r3", split=split)
+    assert capsys.readouterr().err == ""
+
+
+def test_release_name_is_bounded(tmp_path):
+    from defectforge.params.file import parse_params
+
+    with pytest.raises(DefectforgeError, match="release.name"):
+        parse_params({"release": {"name": "a" * 200_000}})
+    assert parse_params({"release": {"name": "a" * 64}}).release.name == "a" * 64

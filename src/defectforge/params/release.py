@@ -8,4 +8,6 @@ from defectforge.params.loader import Section
 
 
 class ReleaseParams(Section):
-    name: str = Field("sample", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    # The default names the built-in sample; the release stage says how to rename it when the data is a team's own.
+    # 64 characters: it becomes a folder, a git tag (dataset/<name>/v<n>) and part of every version string.
+    name: str = Field("sample", pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from defectforge.data.io import atomic_dir, claim_dir
+from defectforge.data.files import atomic_dir, claim_dir
 from defectforge.errors import DataError, writing
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
@@ -66,10 +67,21 @@ def run(
     if verify:
         require_hashes(read_manifest(refined).to_pandas(), dataset_root, source=str(refined))
     version = f"{p.name}@{content_version(refined)}"
+    if p.name == DEFAULT_NAME and split is not None and not is_builtin_sample(manifest_info(split)["dataset_root"]):
+        print(f"release: named {version} after the built-in sample (release.name's default); name your dataset with "
+              "`dvc exp run -S release.name=<name>` or release.name in params.yaml", file=sys.stderr)
     with writing(out_dir, "release folder", "free space (or give an --out on another device) and rerun; the previous "
                  "release, if any, is untouched"), atomic_dir(out_dir, "release folder") as tmp:
         _write_release(p, refined, tmp, version, dataset_root, quality, detector, split)
     return Path(out_dir) / "manifest.parquet"
+
+
+DEFAULT_NAME = ReleaseParams.model_fields["name"].default
+
+
+def is_builtin_sample(dataset_root: str | os.PathLike) -> bool:
+    """Whether a dataset root is the built-in sample's (the sample stage writes ``sample.json`` there)."""
+    return (Path(dataset_root) / "sample.json").is_file()
 
 
 def _check_swappable(out_dir: str | os.PathLike) -> None:
