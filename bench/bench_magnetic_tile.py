@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mt_detector import BENCH_DETECTOR  # noqa: E402
 from mt_models import DEFECTS, build  # noqa: E402
 
-from defectforge.data.io import read_image, read_mask  # noqa: E402
+from defectforge.data.codec import read_image, read_mask  # noqa: E402
 from defectforge.params.file import parse_params
 from defectforge.pipeline.quality import QualityGateError, run as run_quality  # noqa: E402
 from defectforge.pipeline.detector import run as run_detector  # noqa: E402

@@ -12,7 +12,7 @@ are compared, their repeats are interleaved (ABBA order) so a change of machine 
 hits both. ``bench/run_all.py`` runs all four and writes the summary table.
 
 Only the stable library modules are imported (defectforge.diffusion.*,
-defectforge.methods.blended / inversion, defectforge.manifest.*, defectforge.data.io).
+defectforge.methods.blended / inversion, defectforge.manifest.*, defectforge.data.codec / files).
 """
 
 from __future__ import annotations

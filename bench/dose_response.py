@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mt_detector import BENCH_DETECTOR  # noqa: E402
 from mt_models import DEFECTS, build  # noqa: E402
 
-from defectforge.data.io import atomic_write_json  # noqa: E402
+from defectforge.data.files import atomic_write_json  # noqa: E402
 from defectforge.errors import DefectforgeError  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest  # noqa: E402
 from defectforge.manifest.schema import QC_COLUMNS  # noqa: E402

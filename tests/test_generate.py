@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from defectforge.data.io import read_image, read_mask
+from defectforge.data.codec import read_image, read_mask
 from defectforge.errors import DataError
 from defectforge.manifest.io import read_manifest
 from defectforge.manifest.validate import validate_manifest

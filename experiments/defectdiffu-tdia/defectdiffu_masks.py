@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from defectforge.data.io import read_image, read_mask  # noqa: E402
+from defectforge.data.codec import read_image, read_mask  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
 from defectforge.masks.refine import difference_mask  # noqa: E402
 from defectforge.masks.target import sample_target_mask  # noqa: E402

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import defectforge.methods.inversion as inversion_mod  # noqa: E402
-from defectforge.data.io import read_image, read_mask  # noqa: E402
+from defectforge.data.codec import read_image, read_mask  # noqa: E402
 from defectforge.diffusion.attention import AttentionStore  # noqa: E402
 from defectforge.diffusion.sampling import make_crop  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 import defectforge.methods.anomalydiffusion.method as ad  # noqa: E402
-from defectforge.data.io import read_image, read_mask  # noqa: E402
+from defectforge.data.codec import read_image, read_mask  # noqa: E402
 from defectforge.methods.anomalydiffusion.attention import adaptive_weight_map  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
 from defectforge.params.methods import AnomalyDiffusionConfig

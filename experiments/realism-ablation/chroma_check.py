@@ -9,7 +9,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 torch.set_num_threads(1)
 from pathlib import Path
 from defectforge.manifest.io import read_manifest, manifest_info
-from defectforge.data.io import read_image, read_mask
+from defectforge.data.codec import read_image, read_mask
 from defectforge.methods.inversion import Inversion, InversionConfig
 from defectforge.methods.blended import Blended, BlendedConfig
 from defectforge.diffusion.sampling import category_checkpoints as checkpoints

@@ -7,7 +7,7 @@ import os, sys, json, numpy as np
 for k, v in {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"}.items(): os.environ.setdefault(k, v)
 from pathlib import Path
 import torch; torch.set_num_threads(1)
-from defectforge.data.io import read_image, read_mask
+from defectforge.data.codec import read_image, read_mask
 from defectforge.methods import get_method_class
 from defectforge.metrics.realism import defect_stats
 import defectforge.manifest.io as mio

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from defectforge.data.io import read_image, read_mask
+from defectforge.data.codec import read_image, read_mask
 from defectforge.pipeline.generate import plan_samples
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.masks.target import sample_target_mask

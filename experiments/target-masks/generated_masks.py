@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from defectforge.data.io import read_image, read_mask  # noqa: E402
+from defectforge.data.codec import read_image, read_mask  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
 from defectforge.methods.anomalydiffusion.mask_training import train_mask_model  # noqa: E402
 from defectforge.masks.target import LocationPrior, sample_target_mask  # noqa: E402

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from defectforge.data.io import read_image, read_mask
+from defectforge.data.codec import read_image, read_mask
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR, in_shape_range, load_mask_model, shape_range
 from defectforge.metrics.mask_shapes import elongation

@@ -21,7 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from defectforge.data.io import read_mask  # noqa: E402
+from defectforge.data.codec import read_mask  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
 from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR  # noqa: E402
 from defectforge.methods.anomalydiffusion.mask_training import fit_mask_model  # noqa: E402

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from defectforge.data.io import read_image, read_mask  # noqa: E402
+from defectforge.data.codec import read_image, read_mask  # noqa: E402
 from defectforge.diffusion.models import load_pipeline_components  # noqa: E402
 from defectforge.diffusion.training import finetune  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402

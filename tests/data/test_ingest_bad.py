@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from defectforge.data.adapters import BadSamplesError, ingest
-from defectforge.data.io import read_image, read_mask
+from defectforge.data.codec import read_image, read_mask
 from defectforge.errors import DataError, ParamsError
 
 from test_adapters import make_folder, make_magnetic_tile, write_image, write_mask

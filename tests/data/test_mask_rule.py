@@ -9,7 +9,7 @@ import pytest
 from cli_helpers import run_cli
 
 from defectforge.data.adapters import ingest
-from defectforge.data.io import write_png
+from defectforge.data.files import write_png
 from defectforge.errors import ParamsError
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from defectforge.data.io import OWNED, atomic_write_bytes, check_output_file, claim_dir, encode_png, read_image
+from defectforge.data.codec import encode_png, read_image
+from defectforge.data.files import OWNED, atomic_write_bytes, check_output_file, claim_dir
 from defectforge.errors import DataError, DefectforgeError, ManifestError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.validate import write_checked
@@ -202,7 +203,7 @@ def test_a_replaced_source_image_is_generated_again(sample_root, tmp_path):
     old, new = before.loc[[normal]], after.loc[[normal]]
     assert (new.source_sha256 != old.source_sha256.iloc[0]).all()
     assert set(new.image_sha256).isdisjoint(old.image_sha256)
-    from defectforge.data.io import sha256_file
+    from defectforge.data.files import sha256_file
 
     assert (new.source_sha256 == sha256_file(path)).all()
 

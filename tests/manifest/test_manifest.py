@@ -6,10 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from defectforge.data.io import sha256_file, write_png
+from defectforge.data.files import sha256_file, write_png
 from defectforge.errors import ManifestError
 from defectforge.manifest.io import ShardedWriter, assemble, manifest_info, read_manifest, write_manifest
-from defectforge.manifest.schema import SCHEMA_VERSION, check_relpath
+from defectforge.manifest.paths import check_relpath
+from defectforge.manifest.schema import SCHEMA_VERSION
 from defectforge.manifest.validate import check_manifest, validate_manifest
 
 

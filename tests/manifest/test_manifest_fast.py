@@ -12,8 +12,10 @@ import pytest
 
 from defectforge.errors import ManifestError
 from defectforge.manifest import io as mio
-from defectforge.manifest.io import check_paths, read_manifest, write_manifest
-from defectforge.manifest.schema import META_KIND, PATH_COLUMNS, check_relpath, schema_for
+from defectforge.manifest import paths as mpaths
+from defectforge.manifest.io import read_manifest, write_manifest
+from defectforge.manifest.paths import check_paths, check_relpath
+from defectforge.manifest.schema import META_KIND, PATH_COLUMNS, schema_for
 
 
 # ------------------------------------------------------------------ the per-value reference
@@ -173,6 +175,7 @@ def test_common_case_has_no_loop_over_rows(tmp_path, monkeypatch):
     check_relpath once per path and _present once per nullable value: 35 s for 1 M rows)."""
     calls = []
     monkeypatch.setattr(mio, "check_relpath", lambda *a, **k: calls.append(a) or check_relpath(*a, **k))
+    monkeypatch.setattr(mpaths, "check_relpath", lambda *a, **k: calls.append(a) or check_relpath(*a, **k))
     monkeypatch.setattr(mio, "_present", lambda v: calls.append(v) or True)
     df = pd.DataFrame(_synthetic(400))
     out = write_manifest(df, tmp_path / "m.parquet", kind="synthetic", dataset_root=tmp_path)

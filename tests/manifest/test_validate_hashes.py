@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from defectforge.cli import main
-from defectforge.data.io import encode_png, read_image
+from defectforge.data.codec import encode_png, read_image
 from defectforge.errors import ManifestError
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.manifest.validate import check_hashes, verify_hashes

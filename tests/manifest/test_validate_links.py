@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from cli_helpers import run_cli
 
-from defectforge.data.io import sha256_file, write_png
+from defectforge.data.files import sha256_file, write_png
 from defectforge.manifest.io import write_manifest
 from defectforge.manifest.schema import META_ROOT
 

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from defectforge.data.io import read_mask, write_png
+from defectforge.data.codec import read_mask
+from defectforge.data.files import write_png
 from defectforge.errors import DataError
 from defectforge.params.detector import DetectorParams
 from defectforge.params.generate import GenerateParams
@@ -123,7 +124,7 @@ def _confetti_copy(generated, dest, category, defect):
     """A copy of the generated samples whose (category, defect) images are saturated colour confetti in the mask."""
     import shutil
 
-    from defectforge.data.io import read_image
+    from defectforge.data.codec import read_image
 
     shutil.copytree(generated, dest)
     df = read_manifest(dest).to_pandas()

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import defectforge
-from defectforge.data.io import sha256_file, write_png
+from defectforge.data.files import sha256_file, write_png
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import write_manifest
 from defectforge.manifest.schema import META_ROOT

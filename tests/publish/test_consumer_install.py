@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectforge.data.io import sha256_file, write_png
+from defectforge.data.files import sha256_file, write_png
 from defectforge.manifest.io import write_manifest
 
 SRC = Path(__file__).resolve().parents[2] / "src"

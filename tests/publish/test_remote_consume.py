@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import defectforge
-from defectforge.data.io import sha256_file, write_png
+from defectforge.data.files import sha256_file, write_png
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import write_manifest
 from defectforge.pipeline.release import content_version

@@ -9,7 +9,8 @@ import pytest
 from cli_helpers import run_cli
 
 import defectforge
-from defectforge.data.io import read_image, read_mask, write_png
+from defectforge.data.codec import read_image, read_mask
+from defectforge.data.files import write_png
 from defectforge.errors import DefectforgeError
 from defectforge.params.generate import GenerateParams
 from defectforge.params.release import ReleaseParams

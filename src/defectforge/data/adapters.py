@@ -96,7 +96,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from defectforge.data.io import IMAGE_SUFFIXES, _decode
+from defectforge.data.codec import IMAGE_SUFFIXES, _decode
 from defectforge.errors import DataError, ParamsError
 from defectforge.params.data import image_glob_problem, mask_rule_parts as _mask_rule_parts
 

@@ -58,7 +58,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from defectforge.data.io import atomic_dir, atomic_write_text, write_png
+from defectforge.data.files import atomic_dir, atomic_write_text, write_png
 from defectforge.errors import DataError, ParamsError
 from defectforge.seeding import keyed_rng
 

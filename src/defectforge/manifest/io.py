@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from defectforge.data.io import umask_mode
+from defectforge.data.files import umask_mode
 from defectforge.errors import ManifestError
 from defectforge.manifest.schema import (
     HEX_COLUMNS,
@@ -42,9 +42,9 @@ from defectforge.manifest.schema import (
     SCHEMA_VERSION,
     SORT_KEYS,
     UNIQUE_COLUMNS,
-    check_relpath,
     schema_for,
 )
+from defectforge.manifest.paths import check_paths, check_relpath, to_numpy_bool
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -139,7 +139,7 @@ def _column(df: pd.DataFrame | pa.Table, field: pa.Field, source: str, *, is_pat
     if not field.nullable and arr.null_count:
         if not isinstance(df, pa.Table):
             _column_by_value(df[field.name], field, source, is_path=is_path)  # its error where it had one
-        row = int(np.flatnonzero(_to_numpy_bool(pc.is_null(arr)))[0])
+        row = int(np.flatnonzero(to_numpy_bool(pc.is_null(arr)))[0])
         raise ManifestError(f"{source}: column {field.name!r} is required but row {row} has no value ({arr.null_count} rows without one)")
     return arr
 
@@ -156,7 +156,7 @@ def _column_by_value(values: pd.Series, field: pa.Field, source: str, *, is_path
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
         raise ManifestError(f"{source}: column {field.name!r} does not fit {field.type}: {exc}") from None
     if not field.nullable and arr.null_count:
-        row = int(np.flatnonzero(_to_numpy_bool(pc.is_null(arr)))[0])
+        row = int(np.flatnonzero(to_numpy_bool(pc.is_null(arr)))[0])
         raise ManifestError(f"{source}: column {field.name!r} is required but row {row} has no value ({arr.null_count} rows without one)")
     return arr
 
@@ -169,88 +169,6 @@ def _present(v: Any) -> bool:
     import pandas as pd
 
     return v is not pd.NA
-
-
-def _to_numpy_bool(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    return arr.to_numpy(zero_copy_only=False)
-
-
-# ---------------------------------------------------------------- paths, vectorised
-# check_relpath changes or refuses a path only if it is empty, absolute, starts with a
-# drive letter, holds a backslash, '//' or a '.' / '..' segment, or ends with '/'. Those
-# rows are found with byte tests on the Arrow buffers (a superset: a row flagged by
-# mistake is merely checked one by one) and only they go through check_relpath, in row
-# order, so the first bad row raises the same error as before.
-_SLASH, _DOT, _COLON = ord("/"), ord("."), ord(":")
-_BACKSLASH, _BLOCK = ord("\\"), 1 << 20
-_INNER_RE = r"\\|//|/\.\.?/"
-
-
-def _has_inner(body: np.ndarray) -> bool:
-    """Whether the bytes hold a backslash, '//' or '/.' ('/./', '/../'), anywhere (block by
-    block, so the temporaries stay in cache)."""
-    for start in range(0, len(body), _BLOCK):
-        b = body[start : start + _BLOCK + 1]  # one byte of overlap: a pair across two blocks
-        nxt = b[1:]
-        if np.any(b == _BACKSLASH) or np.any((b[:-1] == _SLASH) & ((nxt == _SLASH) | (nxt == _DOT))):
-            return True
-    return False
-
-
-def _suspect_rows(chunk: pa.Array) -> np.ndarray:
-    """Rows of one string array that check_relpath may change or refuse (a superset)."""
-    n = len(chunk)
-    if n == 0:
-        return np.zeros(0, bool)
-    buffers = chunk.buffers()
-    width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
-    offsets = np.frombuffer(buffers[1], dtype=width, count=n + 1, offset=chunk.offset * np.dtype(width).itemsize).astype(np.int64)
-    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None and buffers[2].size else np.zeros(1, np.uint8)
-    starts, ends = offsets[:-1], offsets[1:]
-    length = ends - starts
-    top = len(data) - 1  # clipped gathers: a byte read past a short row's end is masked by its length below
-    first, second = data[np.minimum(starts, top)], data[np.minimum(starts + 1, top)]
-    last, before_last = data[np.clip(ends - 1, 0, top)], data[np.clip(ends - 2, 0, top)]
-    dot_or_slash_2 = (second == _DOT) | (second == _SLASH)
-    dot_or_slash_l = (before_last == _DOT) | (before_last == _SLASH)
-    flags = (
-        (length == 0)
-        | (first == _SLASH)
-        | (first >= 0x80)  # a non-ASCII first character: its second character is not the second byte
-        | ((length > 1) & (second == _COLON))
-        | ((first == _DOT) & ((length == 1) | dot_or_slash_2))
-        | ((length > 0) & (last == _SLASH))
-        | ((length > 0) & (last == _DOT) & ((length == 1) | dot_or_slash_l))
-    )
-    if _has_inner(data[offsets[0] : offsets[-1]]):
-        flags |= _to_numpy_bool(pc.match_substring_regex(chunk, _INNER_RE).fill_null(False))
-    if chunk.null_count:
-        flags &= _to_numpy_bool(chunk.is_valid())
-    return flags
-
-
-def check_paths(arr: pa.Array | pa.ChunkedArray, *, column: str = "path", source: str = "manifest") -> pa.Array | pa.ChunkedArray:
-    """:func:`~defectforge.manifest.schema.check_relpath` over a string column: the same
-    normalised values and the same error (on the first bad row), without a loop over the
-    rows that are already relative and normal."""
-    chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
-    out, changed = [], False
-    for chunk in chunks:
-        rows = np.flatnonzero(_suspect_rows(chunk))
-        if len(rows) == 0:
-            out.append(chunk)
-            continue
-        values = chunk.to_pylist()
-        for i in rows:
-            norm = check_relpath(values[i], column=column, source=source)
-            if norm != values[i]:
-                values[i], changed = norm, True
-        out.append(pa.array(values, type=chunk.type))
-    if not changed:
-        return arr
-    return pa.chunked_array(out, type=arr.type) if isinstance(arr, pa.ChunkedArray) else out[0]
 
 
 # ---------------------------------------------------------------- Parquet layout

@@ -7,12 +7,10 @@
 Every file carries its kind, the schema version and the dataset root (relative to
 the file's own folder) in the Parquet key-value metadata, so a manifest can be read
 and validated on its own. All paths in a manifest are POSIX paths relative to the
-dataset root; a path that escapes the root is rejected (:func:`check_relpath`).
+dataset root; a path that escapes the root is rejected (:func:`defectforge.manifest.paths.check_relpath`).
 """
 
 from __future__ import annotations
-
-import posixpath
 
 import pyarrow as pa
 
@@ -138,14 +136,3 @@ def schema_for(kind: str, dataset_root: str = ".", dataset_version: str | None =
     if dataset_version is not None:
         meta[META_DATASET_VERSION] = dataset_version.encode()
     return pa.schema(KINDS[kind], metadata=meta)
-
-
-def check_relpath(path: str | None, *, column: str = "path", source: str = "manifest") -> str | None:
-    """Return ``path`` normalised; raise ManifestError if absolute or escaping the root."""
-    if path is None:
-        return None
-    p = str(path).replace("\\", "/")
-    norm = posixpath.normpath(p)
-    if p.startswith("/") or (len(p) > 1 and p[1] == ":") or norm == ".." or norm.startswith("../"):
-        raise ManifestError(f"{source}: {column} {path!r} escapes the dataset root (paths must be relative and stay inside it)")
-    return norm

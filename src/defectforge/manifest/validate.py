@@ -26,9 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
-from defectforge.data.io import sha256_file
+from defectforge.data.files import sha256_file
 from defectforge.errors import DataError, DefectforgeError, ManifestError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
+from defectforge.manifest.paths import check_rows_confined
 from defectforge.manifest.schema import ID_COLUMN, PATH_COLUMNS, schema_for
 
 if TYPE_CHECKING:
@@ -160,91 +161,6 @@ def validate_frame(df: pd.DataFrame, *, kind: str, root: str | os.PathLike, meth
     return failures
 
 
-# --- confinement: what a manifest makes us read stays where it belongs ----------------
-# The one copy of these checks: ManifestDataset / load (publish.consume) use them too.
-_PROJECT_MARKERS = (".git", ".dvc", "dvc.yaml")
-
-
-def inside(path: str | os.PathLike, base: str | os.PathLike) -> bool:
-    """True if ``path`` is ``base`` or below it, both with symlinks resolved."""
-    p, b = os.path.realpath(path), os.path.realpath(base)
-    return p == b or os.path.commonpath([p, b]) == b
-
-
-def project_of(manifest: str | os.PathLike) -> Path:
-    """The project a manifest lives in: nearest folder up holding .git, .dvc or dvc.yaml; else its own folder."""
-    manifest = Path(manifest)
-    folder = manifest.resolve() if manifest.is_dir() else manifest.resolve().parent
-    for d in (folder, *folder.parents):
-        if any((d / m).exists() for m in _PROJECT_MARKERS):
-            return d
-    return folder
-
-
-def check_rows_confined(df: pd.DataFrame, root: str | os.PathLike, source: str = "manifest") -> None:
-    """Every row's file must resolve (symlinks followed) inside the real dataset root, as ingest
-    and ManifestDataset require: a link planted in the root that leads out is never read."""
-    idcol = next((c for c in ("sample_id", "image_id") if c in df.columns), None)
-    cols = [c for c in dict.fromkeys(c for kind_cols in PATH_COLUMNS.values() for c in kind_cols) if c in df.columns]
-    real_root = os.path.realpath(root)
-    folders: dict[str, bool] = {}  # each folder resolved once; per file only one lstat (is it a link?)
-
-    def escapes(rel: str) -> bool:
-        full = os.path.join(real_root, rel)
-        parent = os.path.dirname(full)
-        if parent not in folders:
-            folders[parent] = not inside(parent, real_root)
-        return folders[parent] or (os.path.islink(full) and not inside(full, real_root))
-
-    bad = []
-    ids = df[idcol].astype(str).tolist() if idcol else [str(i) for i in range(len(df))]
-    for col in cols:
-        for rid, rel in zip(ids, df[col].tolist()):
-            if isinstance(rel, str) and rel and escapes(rel):
-                bad.append((rid, rel))
-    if bad:
-        rid, rel = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ManifestError(f"{source}: row {rid}: {rel} resolves to {os.path.realpath(os.path.join(real_root, rel))}, outside the "
-                            f"dataset root {real_root} (through a symlink){more}; refusing to read it")
-
-
-def check_root(path: str | os.PathLike, within: str | os.PathLike | None = None) -> str:
-    """The manifest's dataset root, refused when it climbs above ``within`` or leads out of it through a symlink.
-
-    ``within`` defaults to the project holding the manifest (:func:`project_of`, as
-    :func:`defectforge.load` confines a path). Refused: a root that is a folder above
-    ``within`` (``../../..``) unless defectforge made it (its marker), and a root reached
-    through a symlink that resolves outside ``within``. A plain relative root beside the
-    project (real data kept elsewhere, ``../shared/data/x``) is accepted; pass ``within`` to
-    accept only roots inside one folder. Absolute roots are refused by :func:`manifest_info`.
-    """
-    import pyarrow.parquet as pq
-
-    from defectforge.data.io import OWNED
-    from defectforge.manifest.io import shard_files
-    from defectforge.manifest.schema import META_ROOT
-
-    path = Path(path)
-    info = manifest_info(path)
-    files = [path] if path.is_file() else shard_files(path)
-    stored = (pq.read_schema(files[0]).metadata or {}).get(META_ROOT, b".").decode()
-    root = info["dataset_root"]
-    base = os.path.realpath(within if within is not None else project_of(path))
-    real = os.path.realpath(root)
-    lexical = os.path.normpath(os.path.join(os.path.realpath(files[0].parent), stored))
-    if within is not None and not inside(real, base):
-        why = "is outside"
-    elif real != base and inside(base, real) and not os.path.isfile(os.path.join(real, OWNED)):
-        why = "is a folder above"
-    elif real != lexical and not inside(real, base):
-        why = "leads through a symlink out of"
-    else:
-        return root
-    raise ManifestError(f"{files[0]}: dataset_root metadata {stored!r} resolves to {real}, which {why} {base}; "
-                        "refusing to read files there")
-
-
 def validate_manifest(path: str | os.PathLike) -> list[str]:
     """Validate a manifest file or shard folder against its kind's suite (its rows must stay in its root)."""
     info = manifest_info(path)
@@ -315,7 +231,7 @@ def write_plan_info(folder: str | os.PathLike, *, plan_sha256: str, samples: int
     """Record a generate method folder's plan: the counts the completeness check needs and what resumes it."""
     import json
 
-    from defectforge.data.io import atomic_write_bytes
+    from defectforge.data.files import atomic_write_bytes
 
     info = {
         "plan_sha256": plan_sha256,

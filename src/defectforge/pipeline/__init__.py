@@ -18,7 +18,7 @@ release    :mod:`~defectforge.pipeline.release`       the versioned manifest, re
 Paths come from dvc.yaml's command lines (``stages/<stage>.py``, via
 :mod:`~defectforge.pipeline.entry`), from the CLI or from the Prefect flow; params come
 validated from :mod:`defectforge.params`. Every stage writes atomically: a folder is
-built beside its target and swapped in (:func:`defectforge.data.io.atomic_dir`), a
+built beside its target and swapped in (:func:`defectforge.data.files.atomic_dir`), a
 manifest is validated before it replaces the old one.
 """
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from defectforge.data.io import atomic_write_json, read_image, read_mask
+from defectforge.data.codec import read_image, read_mask
+from defectforge.data.files import atomic_write_json
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.metrics.detection import DETECTION_KEYS

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from defectforge.data.io import atomic_dir, atomic_write_text, read_image, read_mask
+from defectforge.data.codec import read_image, read_mask
+from defectforge.data.files import atomic_dir, atomic_write_text
 from defectforge.diffusion.sampling import CHECKPOINT_INDEX
 from defectforge.errors import DataError
 from defectforge.params.finetune import FinetuneParams

@@ -58,15 +58,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from defectforge.data.io import (
+from defectforge.data.codec import encode_png, read_image, read_mask
+from defectforge.data.files import (
     OWNED,
     atomic_write_bytes,
     check_apart,
     claim_dir,
-    encode_png,
     owned_marker_text,
-    read_image,
-    read_mask,
     sha256_bytes,
     sha256_file,
     umask_mode,

@@ -102,7 +102,7 @@ def _is_our_quarantine(path: Path) -> bool:
 def _write_quarantine(path: Path, p: DataParams, root: Path, out: Path, bad, *, checked, kept: int, written: bool) -> None:
     from collections import Counter
 
-    from defectforge.data.io import atomic_write_json
+    from defectforge.data.files import atomic_write_json
 
     atomic_write_json(path, {
         "format": QUARANTINE_FORMAT,

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from defectforge.data.io import atomic_dir, atomic_write_text, read_image
+from defectforge.data.codec import read_image
+from defectforge.data.files import atomic_dir, atomic_write_text
 from defectforge.errors import DataError
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.params.pretrain import PretrainParams

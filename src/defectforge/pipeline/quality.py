@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from defectforge.data.io import atomic_write_json, atomic_write_text, read_image, read_mask
+from defectforge.data.codec import read_image, read_mask
+from defectforge.data.files import atomic_write_json, atomic_write_text
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.manifest.schema import QC_COLUMNS

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from defectforge.data.io import atomic_dir, atomic_write_bytes, encode_png, read_image, read_mask, sha256_bytes
+from defectforge.data.codec import encode_png, read_image, read_mask
+from defectforge.data.files import atomic_dir, atomic_write_bytes, sha256_bytes
 from defectforge.errors import DataError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.validate import check_manifest

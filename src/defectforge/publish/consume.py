@@ -33,7 +33,7 @@ from PIL import Image
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.manifest.schema import META_ROOT
-from defectforge.manifest.validate import inside, project_of
+from defectforge.manifest.paths import inside, project_of
 from defectforge.publish.versions import tag_name
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"  # the release-name pattern of params release.name

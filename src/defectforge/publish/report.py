@@ -46,7 +46,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from defectforge.data.io import atomic_write_text, read_image, read_mask
+from defectforge.data.codec import read_image, read_mask
+from defectforge.data.files import atomic_write_text
 from defectforge.manifest.io import manifest_info, read_manifest
 from defectforge.metrics.detection import DETECTION_KEYS
 from defectforge.publish.findings import (BASELINE, NOT_LEARNED, REALISM_EXPLAINED, REALISM_KEYS, REFERENCE, SPECKLE_FLAG,

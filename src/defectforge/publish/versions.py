@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from defectforge.data.io import atomic_dir
+from defectforge.data.files import atomic_dir
 from defectforge.errors import DefectforgeError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import PATH_COLUMNS
