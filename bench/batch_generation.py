@@ -66,7 +66,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/batch-generation.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from defectforge.params.methods import AnomalyDiffusionConfig, BlendedConfig
+    from defectforge.methods.anomalydiffusion.config import AnomalyDiffusionConfig
+    from defectforge.methods.blended import BlendedConfig
     from defectforge.diffusion import build_tiny_components, save_tiny
     from defectforge.diffusion.models import load_pipeline_components
     from defectforge.methods.anomalydiffusion import AnomalyDiffusion, fit_anomaly_embedding

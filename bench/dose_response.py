@@ -62,7 +62,7 @@ from defectforge.errors import DefectforgeError  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest  # noqa: E402
 from defectforge.manifest.schema import QC_COLUMNS  # noqa: E402
 from defectforge.manifest.validate import check_hashes  # noqa: E402
-from defectforge.params.methods import REFERENCE_METHOD
+from defectforge.params.needs import REFERENCE_METHOD
 from defectforge.params.file import parse_params
 from defectforge.params.generate import METHOD_NEEDS_CHECKPOINTS
 from defectforge.pipeline.detector import run as run_detector  # noqa: E402

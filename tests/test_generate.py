@@ -283,7 +283,7 @@ def test_defectdiffu_mask_source_is_checked_against_every_fine_tune_before_writi
     refused with the key's name before the output folder exists (the fine-tunes' json says which)."""
     import json
 
-    from defectforge.params.methods import DefectDiffuConfig
+    from defectforge.methods.defectdiffu.config import DefectDiffuConfig
     from defectforge.errors import ParamsError
 
     _, split = sample_manifests
@@ -332,7 +332,7 @@ class BatchProbe(GenerationMethod):
         return GenerationResult(out, mask.astype(bool))
 
 def run(split, out, batch_size, shard_size=3):
-    from defectforge.params.methods import MethodConfig
+    from defectforge.methods.config import MethodConfig
     p = GenerateParams(n_per_defect=5, seed=0, shard_size=shard_size, batch_size=batch_size, target_placement="foreground")
     plan = plan_method(p, BatchProbe.name, read_manifest(split).to_pandas())
     return generate_shards(split, out, plan, BatchProbe(MethodConfig()), progress=False)

@@ -64,7 +64,7 @@ def test_valid_loose_forms_still_load():
     assert p.generate.inversion.guidance == 3.0
     assert p.data.on_bad == "fail"
     # a method config dumped to JSON (lists) is read back (samples store their config)
-    from defectforge.params.methods import CopyPasteConfig
+    from defectforge.methods.copy_paste import CopyPasteConfig
 
     cfg = p.generate.copy_paste
     assert CopyPasteConfig(**cfg.to_dict()) == cfg

@@ -52,7 +52,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def evaluate(finetune_dir: Path, mask_source: str, split: Path, n: int, seed: int, log=print) -> dict:
-    from defectforge.params.methods import DefectDiffuConfig
+    from defectforge.methods.defectdiffu.config import DefectDiffuConfig
     from defectforge.params.refine import RefineParams
     from defectforge.methods.defectdiffu import DefectDiffu
 

@@ -37,7 +37,7 @@ import defectforge.methods.anomalydiffusion.method as ad  # noqa: E402
 from defectforge.data.codec import read_image, read_mask  # noqa: E402
 from defectforge.methods.anomalydiffusion.attention import adaptive_weight_map  # noqa: E402
 from defectforge.manifest.io import manifest_info, read_manifest  # noqa: E402
-from defectforge.params.methods import AnomalyDiffusionConfig
+from defectforge.methods.anomalydiffusion.config import AnomalyDiffusionConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent  # this study's folder: its write-ups and results

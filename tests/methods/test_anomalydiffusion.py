@@ -27,7 +27,7 @@ from defectforge.methods.anomalydiffusion import (
     spatial_anomaly_embedding,
     train_anomaly_embedding,
 )
-from defectforge.params.methods import AnomalyDiffusionConfig
+from defectforge.methods.anomalydiffusion.config import AnomalyDiffusionConfig
 
 torch.set_num_threads(1)
 R = 16

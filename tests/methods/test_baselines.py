@@ -17,7 +17,8 @@ from defectforge.errors import ParamsError
 from defectforge.methods import get_method_class, needs_checkpoints
 from defectforge.methods.cutpaste import CutPaste
 from defectforge.methods.perlin import Perlin, draem_blend, fade, perlin_2d, perlin_mask
-from defectforge.params.methods import CutPasteConfig, PerlinConfig
+from defectforge.methods.cutpaste import CutPasteConfig
+from defectforge.methods.perlin import PerlinConfig
 
 H, W = 96, 128
 

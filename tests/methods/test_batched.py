@@ -14,7 +14,10 @@ import torch
 
 from defectforge.methods.base import BatchItem
 from defectforge.methods.defectdiffu.training import defectdiffu_hooks
-from defectforge.params.methods import AnomalyDiffusionConfig, BlendedConfig, DefectDiffuConfig, InversionConfig
+from defectforge.methods.anomalydiffusion.config import AnomalyDiffusionConfig
+from defectforge.methods.blended import BlendedConfig
+from defectforge.methods.defectdiffu.config import DefectDiffuConfig
+from defectforge.methods.inversion import InversionConfig
 
 torch.set_num_threads(1)
 

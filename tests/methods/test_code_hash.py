@@ -5,12 +5,14 @@ An edit to one method's files changes that method's hash only, so the generate s
 
 from __future__ import annotations
 
+import inspect
 import shutil
+from pathlib import Path
 
 import pytest
 
 from defectforge.code import SRC
-from defectforge.methods import code_files, code_sha256, registered_methods
+from defectforge.methods import code_files, code_sha256, get_method_class, registered_methods
 
 STAGE = "defectforge.pipeline.generate"
 
@@ -49,12 +51,30 @@ def test_the_hash_depends_on_the_files_not_on_where_they_are(src, tmp_path_facto
     # the stage itself, and what every method builds on
     ("pipeline/generate.py", set(registered_methods())),
     ("methods/base.py", set(registered_methods())),
+    ("methods/config.py", set(registered_methods())),
 ])
 def test_an_edit_changes_only_its_methods_code_hash(src, rel, changed):
     before = _hashes(src)
     _edit(src, rel)
     after = _hashes(src)
     assert {name for name in before if before[name] != after[name]} == changed
+
+
+@pytest.mark.parametrize("name", registered_methods())
+def test_an_edit_to_a_methods_config_class_changes_that_methods_hash_only(src, name):
+    """Each method declares its config model beside its code: editing the class (wherever the
+    method keeps it) remakes that method's samples, not the others' (a config kept in a module
+    shared by several methods fails this)."""
+    cls = get_method_class(name).config_class
+    rel = Path(inspect.getsourcefile(cls)).resolve().relative_to(SRC)
+    lines, start = inspect.getsourcelines(cls)
+    path = src / rel
+    text = path.read_text().splitlines(keepends=True)
+    assert text[start - 1] == lines[0] and lines[0].startswith(f"class {cls.__name__}(")
+    before = _hashes(src)
+    path.write_text("".join(text[:start] + ["    # an edit to the config class\n"] + text[start:]))
+    after = _hashes(src)
+    assert {m for m in before if before[m] != after[m]} == {name}
 
 
 def test_the_registry_is_not_part_of_a_method_and_adding_one_changes_no_hash(src):

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from defectforge.methods import GenerationMethod, GenerationResult, get_method_class, register, registered_methods, unregister
-from defectforge.params.methods import MethodConfig
+from defectforge.methods.config import MethodConfig
 
 torch.set_num_threads(1)
 

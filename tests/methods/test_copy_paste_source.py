@@ -6,7 +6,7 @@ import numpy as np
 from defectforge.manifest.io import read_manifest
 from defectforge.methods.copy_paste import CopyPaste
 from defectforge.params.generate import GenerateParams
-from defectforge.params.methods import CopyPasteConfig
+from defectforge.methods.copy_paste import CopyPasteConfig
 from defectforge.pipeline.generate import run as run_generate
 
 

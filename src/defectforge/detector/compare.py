@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from defectforge.errors import DefectforgeError
-from defectforge.params.methods import REFERENCE_METHOD
+from defectforge.params.needs import REFERENCE_METHOD
 
 HELPS, HURTS, NO_EFFECT, DID_NOT_LEARN = "helps", "hurts", "no measurable effect", "detector did not learn"
 VERDICTS = (HELPS, HURTS, NO_EFFECT, DID_NOT_LEARN)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from defectforge.methods.base import DiffusionMethod, GenerationMethod, GenerationResult
-from defectforge.params.methods import REFERENCE_METHOD as REFERENCE, MethodConfig
+from defectforge.methods.config import MethodConfig
 
 
 class Entry(NamedTuple):
@@ -157,5 +157,5 @@ def code_sha256(name: str, stage: str | None = None, src: Path | None = None) ->
     return h.hexdigest()
 
 
-__all__ = ["METHODS", "REFERENCE", "DiffusionMethod", "GenerationMethod", "GenerationResult", "MethodConfig", "Entry",
+__all__ = ["METHODS", "DiffusionMethod", "GenerationMethod", "GenerationResult", "MethodConfig", "Entry",
            "code_files", "code_sha256", "get_method_class", "needs_checkpoints", "register", "registered_methods", "unregister"]

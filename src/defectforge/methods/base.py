@@ -2,8 +2,9 @@
 
 A method turns a defect-free image, a target mask and a defect type into a defect
 image. It never reads params.yaml: its configuration is its frozen
-``generate.<method>`` section (:mod:`defectforge.params.methods`), stored (as JSON) beside
-every sample it makes so the sample can be reproduced.
+``generate.<method>`` section (the model its class names as ``config_class``, declared beside
+it; the shared bases in :mod:`defectforge.methods.config`), stored (as JSON) beside every
+sample it makes so the sample can be reproduced.
 
     result = method.generate(image, mask, defect="crack", seed=7)
     result.image        # uint8 (H, W, 3), same size as the input image
@@ -35,7 +36,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from defectforge.params.methods import MethodConfig
+from defectforge.methods.config import MethodConfig
 
 
 @dataclass

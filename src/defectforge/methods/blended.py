@@ -78,11 +78,14 @@ gray_steps=False, feather=0``; measured in experiments/realism-ablation/realism-
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided, predict_x0
@@ -91,7 +94,7 @@ from defectforge.masks.crop import feather_mask
 from defectforge.diffusion.control import trimap_condition
 from defectforge.masks.trimap import DEFECT, OBJECT, make_trimap
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
-from defectforge.params.methods import BlendedConfig
+from defectforge.methods.config import SamplingConfig
 
 
 def stage_steps(n: int, free_fraction: float, edit_fraction: float) -> tuple[int, int]:
@@ -264,6 +267,26 @@ def sample_blended_batch(comps, rows: list[BlendRow], defect: str, steps: int, g
                 z = add_noise(comps.encode(edited), edit_noise, st.alpha_prev)
             zs[k] = z
     return zs
+
+
+class BlendedConfig(SamplingConfig):
+    """AdaBLDM: free denoising, latent blending, pixel blending, decoder adaptation."""
+
+    section: ClassVar[str] = "blended"
+    free_fraction: float = Field(0.52, ge=0, lt=1)  # first share of steps denoised free from pure noise (reference: 26 of 50)
+    edit_fraction: float = Field(0.1, ge=0, lt=1)   # last share of steps with image editing (reference: 5 of 50)
+    trimap: bool = True                             # clip the mask to the estimated object foreground
+    adapt_steps: int = Field(200, ge=0, le=10000)   # online decoder adaptation, AdamW steps (reference: 200; 0 = off)
+    adapt_lr: float = Field(1e-4, gt=0, le=1)       # (reference: 1e-4)
+    adapt_weight: float = Field(100.0, ge=0, le=1e6)  # weight of the background term against the in-mask term (reference: 100)
+    paste: Literal["crop", "mask"] = "crop"         # crop: the adapted decoder's whole crop (reference); mask: only m_d
+    control: bool = True                            # feed the trimap to the fine-tune's ControlNet when it has one (false: ablation)
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> "BlendedConfig":
+        if self.free_fraction + self.edit_fraction > 1:
+            raise ValueError(f"free_fraction + edit_fraction must be <= 1, got {self.free_fraction} + {self.edit_fraction}")
+        return self
 
 
 class Blended(DiffusionMethod):

@@ -18,16 +18,46 @@ Steps of :meth:`CopyPaste.generate`:
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
 from scipy import ndimage
+from pydantic import Field, field_validator
 
 from defectforge.errors import DataError
 from defectforge.masks.augment import random_transform
 from defectforge.methods.base import GenerationMethod, GenerationResult
-from defectforge.params.methods import CopyPasteConfig
+from defectforge.methods.config import MethodConfig
 
 
 GAIN_RANGE = (0.5, 2.0)  # step 4's brightness gain, per channel
+
+
+class CopyPasteConfig(MethodConfig):
+    """Model-free baseline: cut a real defect with its mask and paste it on a normal image."""
+
+    section: ClassVar[str] = "copy_paste"
+    feather: float = Field(1.5, ge=0.0, le=20.0)          # Gaussian sigma (px) of the paste's alpha
+    max_rotation: float = Field(180.0, ge=0.0, le=180.0)  # target mask and donor: rotation in [-x, x] degrees
+    scale_range: tuple[float, float] = (0.8, 1.2)
+    flip: bool = True
+    match_brightness: bool = True
+    margin: int = Field(4, ge=0, le=64)                   # px of context cut around each donor mask
+
+    @field_validator("scale_range", mode="before")
+    @classmethod
+    def _pair_from_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v  # YAML and JSON have lists, no tuples
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"need 0 < low <= high, got {list(v)}")
+        return v
+
+    def target_mask_options(self) -> dict[str, Any]:
+        return {"max_rotation": self.max_rotation, "scale_range": tuple(self.scale_range), "flip": self.flip}
 
 
 class CopyPaste(GenerationMethod):

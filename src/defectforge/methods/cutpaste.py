@@ -27,14 +27,17 @@ Steps of :meth:`CutPaste.generate`:
 
 from __future__ import annotations
 
+from typing import Any, ClassVar, Literal
+
 import math
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from pydantic import Field, field_validator
 
 from defectforge.methods.base import GenerationMethod, GenerationResult
-from defectforge.params.methods import CutPasteConfig
+from defectforge.methods.config import MethodConfig
 
 
 def color_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -58,6 +61,31 @@ def color_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float) -
     for i in rng.permutation(4):
         t = ops[int(i)](t)
     return t.permute(1, 2, 0).numpy()
+
+
+class CutPasteConfig(MethodConfig):
+    """Model-free baseline: CutPaste (Li et al. 2021), a jittered cut of the image itself pasted elsewhere."""
+
+    section: ClassVar[str] = "cutpaste"
+    variant: Literal["patch", "scar", "both"] = "both"     # both: patch or scar with probability 1/2 (paper's 3-way)
+    area_ratio: tuple[float, float] = (0.02, 0.15)          # patch area as a share of the image (paper)
+    aspect: float = Field(0.3, gt=0, le=1)                  # patch aspect ratio log-uniform in [aspect, 1/aspect]
+    scar_width: tuple[int, int] = (2, 16)                   # px (paper)
+    scar_height: tuple[int, int] = (10, 25)                 # px (paper)
+    scar_rotation: float = Field(45.0, ge=0, le=180)        # degrees, uniform in [-x, x]
+    jitter: float = Field(0.1, ge=0, le=0.5)                # ColorJitter brightness = contrast = saturation = hue
+
+    @field_validator("area_ratio", "scar_width", "scar_height", mode="before")
+    @classmethod
+    def _pair_from_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v  # YAML and JSON have lists, no tuples
+
+    @field_validator("area_ratio", "scar_width", "scar_height")
+    @classmethod
+    def _range(cls, v):
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"need 0 < low <= high, got {list(v)}")
+        return v
 
 
 class CutPaste(GenerationMethod):

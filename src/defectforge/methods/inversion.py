@@ -88,6 +88,8 @@ gray_steps=False, feather=0, paste="crop"``; measured in experiments/realism-abl
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,7 +99,7 @@ from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
-from defectforge.params.methods import InversionConfig
+from defectforge.methods.config import SamplingConfig
 
 
 @torch.no_grad()
@@ -245,6 +247,15 @@ def sample_eq9_batch(comps, rows: list[Eq9Row], defect: str, steps: int, guidanc
                 z_star = (1 - ms) * z_m + ms * z_star
             z_stars[k], z_ms[k] = z_star, z_m
     return list(zip(z_stars, z_ms))
+
+
+class InversionConfig(SamplingConfig):
+    """DDIM inversion (Eq. 8), noise in the mask (Thm. 1), sampling with Eq. 9."""
+
+    section: ClassVar[str] = "inversion"
+    paste: Literal["crop", "mask"] = "mask"                 # mask: only (feathered) target-mask pixels change
+    background: Literal["inverted", "sampled"] = "inverted"  # read the background from the Eq. 8 path, or Eq. 9's
+    defect_background: Literal["inverted", "noised"] = "inverted"  # defect branch outside m: inverted path or noised z_0 (Eq. 6)
 
 
 class Inversion(DiffusionMethod):

@@ -27,14 +27,17 @@ The mask is M_a.
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import math
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+from pydantic import Field
 
 from defectforge.errors import DataError
 from defectforge.methods.base import GenerationMethod, GenerationResult
-from defectforge.params.methods import PerlinConfig
+from defectforge.methods.config import MethodConfig
 
 
 def fade(t: np.ndarray) -> np.ndarray:
@@ -147,6 +150,19 @@ def augment_source(source: np.ndarray, rng: np.random.Generator, n: int = 3) -> 
     for i in rng.choice(len(AUGMENTATIONS), size=n, replace=False):
         im = AUGMENTATIONS[int(i)](im, rng)
     return np.asarray(im.convert("RGB"))
+
+
+class PerlinConfig(MethodConfig):
+    """Model-free baseline: DRAEM's Perlin-noise anomalies (Zavrtanik et al. 2021)."""
+
+    section: ClassVar[str] = "perlin"
+    max_scale_exp: int = Field(6, ge=1, le=8)               # lattice 2^a x 2^b, a, b in {0, ..., x-1} (DRAEM: 6)
+    threshold: float = Field(0.5, ge=-1, lt=1)              # M_a = noise > threshold (DRAEM: 0.5)
+    beta_max: float = Field(0.8, ge=0, le=1)                # beta uniform in [0, x] (DRAEM: 0.8)
+    source: Literal["defects", "self"] = "defects"          # anomaly source A (DRAEM: DTD textures, not available offline)
+    placement: Literal["target", "anywhere"] = "anywhere"   # anywhere: DRAEM; target: inside the target mask's grown box
+    spread: float = Field(1.0, ge=0, le=10)                 # growth of the target box, as a share of its size
+    keep_gray: bool = True                                  # grey input: grey anomaly source (DRAEM pastes colour)
 
 
 class Perlin(GenerationMethod):

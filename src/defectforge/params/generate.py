@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, create_model, field_validator, model_validator
 
 from defectforge.params.loader import Section
-from defectforge.params.methods import MethodConfig
+from defectforge.methods.config import MethodConfig
 from defectforge.params.needs import Placement, PlacementRules
 
 

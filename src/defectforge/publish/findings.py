@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from defectforge.params.methods import REFERENCE_METHOD as REFERENCE
+from defectforge.params.needs import REFERENCE_METHOD as REFERENCE
 
 BASELINE = "real-only"
 

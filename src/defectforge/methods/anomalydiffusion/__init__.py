@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "AnomalyDiffusionConfig": "method",
+    "AnomalyDiffusionConfig": "config",
     "AnomalyDiffusion": "method",
     "ADRow": "sampler",
     "sample_anomalydiffusion": "sampler",

@@ -81,7 +81,7 @@ from defectforge.methods.anomalydiffusion.attention import install_reweighting
 from defectforge.methods.anomalydiffusion.embedding import EMBEDDING_DIR, EMBEDDING_WEIGHTS, load_anomaly_embedding, spatial_anomaly_embedding
 from defectforge.methods.anomalydiffusion.sampler import ADRow, sample_anomalydiffusion_batch
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
-from defectforge.params.methods import AnomalyDiffusionConfig
+from defectforge.methods.anomalydiffusion.config import AnomalyDiffusionConfig
 
 
 class AnomalyDiffusion(DiffusionMethod):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "DefectDiffuConfig": "method",
+    "DefectDiffuConfig": "config",
     "DefectDiffu": "method",
     "CONDITIONS": "sampler",
     "DEFECT_ROW": "sampler",

@@ -93,7 +93,7 @@ from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_
 from defectforge.errors import ParamsError
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
 from defectforge.methods.defectdiffu.sampler import DoubleFreeRow, attention_mask, sample_double_free_batch
-from defectforge.params.methods import DefectDiffuConfig
+from defectforge.methods.defectdiffu.config import DefectDiffuConfig
 
 
 class DefectDiffu(DiffusionMethod):

@@ -15,7 +15,7 @@ import torch
 from defectforge.diffusion.attention import AttentionStoreProtocol
 from defectforge.diffusion.ddim import add_noise, bound_eps, ddim_schedule, ddim_step, double_free, zero_shot_guidance
 from defectforge.diffusion.prompts import build_context
-from defectforge.params.methods import DefectDiffuConfig
+from defectforge.methods.defectdiffu.config import DefectDiffuConfig
 
 # the three conditions of Eq. 4, in the order of the batched UNet call: (defect condition, product condition)
 CONDITIONS = (("good", "null"), ("good", "bg"), ("defect", "null"))
