@@ -227,3 +227,13 @@ def test_release_name_is_bounded(tmp_path):
     with pytest.raises(DefectforgeError, match="release.name"):
         parse_params({"release": {"name": "a" * 200_000}})
     assert parse_params({"release": {"name": "a" * 64}}).release.name == "a" * 64
+
+
+def test_release_outside_a_project_records_the_code_that_ran(tmp_path):
+    import hashlib
+
+    man, _ = _refined(tmp_path)  # tmp_path: no checkout, no dvc.yaml above it
+    card = (release.run(ReleaseParams(name="own"), man, tmp_path / "release").parent / "README.md").read_text()
+    line = next(x for x in card.splitlines() if x.startswith("- code: sha256"))
+    assert hashlib.sha256().hexdigest() not in line  # never the hash of no file
+    assert "the installed defectforge package" in line and "outside a project" in line

@@ -203,15 +203,26 @@ def source_license(root: str | os.PathLike | None) -> tuple[str, str]:
 CODE_PATHS = ("src", "stages", "params.yaml", "dvc.yaml")
 
 
+PROJECT_CODE = "src/, stages/, params.yaml and dvc.yaml (the commit is the release tag's)"
+
+
 def code_sha256(folder: str | os.PathLike) -> str:
     """SHA-256 of the code and params that made the data: every file of ``src/`` and ``stages/``
     (git-tracked ones in a checkout), ``params.yaml`` and ``dvc.yaml``, by path and content,
     in the project holding ``folder`` (its git top level, else the nearest folder with dvc.yaml).
+    See :func:`code_record` for a folder in no project.
 
     Not the git commit: the commit that records a run's dvc.lock is always newer than the
     one the run started from, so a commit id in an output could never match the committed
     lock (docs/reproducibility.md). The release tag names the commit.
     """
+    return code_record(folder)[0]
+
+
+def code_record(folder: str | os.PathLike) -> tuple[str, str]:
+    """``(sha256, what it covers)``: the project's code as :func:`code_sha256` says; where ``folder``
+    lies in no project (no checkout, no dvc.yaml above it: the command line run elsewhere), the
+    files of the installed defectforge package that ran, never the hash of nothing."""
     root = Path(folder).resolve()
     top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
     if top.returncode == 0:
@@ -224,12 +235,18 @@ def code_sha256(folder: str | os.PathLike) -> str:
     else:
         files = sorted(p.relative_to(root).as_posix() for c in CODE_PATHS for p in ([root / c] if (root / c).is_file() else (root / c).rglob("*"))
                        if p.is_file() and "__pycache__" not in p.parts)
+    files = [f for f in files if (root / f).is_file()]
+    what = PROJECT_CODE
+    if not files:
+        import defectforge
+
+        root = Path(defectforge.__file__).resolve().parent
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        what = f"the installed defectforge package ({root}), run outside a project (no checkout or dvc.yaml at {Path(folder).resolve()})"
     h = hashlib.sha256()
     for f in files:
-        p = root / f
-        if p.is_file():
-            h.update(f.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
+        h.update(f.encode() + b"\0" + hashlib.sha256((root / f).read_bytes()).digest())
+    return h.hexdigest(), what
 
 
 def read_quarantine(folder: str | os.PathLike | None) -> list[dict]:
@@ -256,7 +273,8 @@ def provenance(df, *, source_root=None, project=None, quarantine_dir=None) -> di
     return {
         "source_dataset": name,
         "source_license": lic,
-        "code_sha256": code_sha256(project) if project is not None else "not recorded",
+        **(dict(zip(("code_sha256", "code_of"), code_record(project))) if project is not None
+           else {"code_sha256": "not recorded", "code_of": PROJECT_CODE}),
         "params_sha256": sorted({str(h) for h in df["params_sha256"].dropna()}),
         "methods": dict(sorted(methods.items())),
         "quarantine": read_quarantine(quarantine_dir),
@@ -301,7 +319,7 @@ def limitations(df, details: dict | None, gates: dict | None) -> list[str]:
 def _provenance_lines(prov: dict, limits: list[str]) -> list[str]:
     lines = ["", "## Provenance", "",
              f"- source dataset: {prov.get('source_dataset')} (licence: {prov.get('source_license')})",
-             f"- code: sha256 `{prov.get('code_sha256')}` of src/, stages/, params.yaml and dvc.yaml (the commit is the release tag's)",
+             f"- code: sha256 `{prov.get('code_sha256')}` of {prov.get('code_of', PROJECT_CODE)}",
              f"- params sha256: {', '.join(f'`{h}`' for h in prov.get('params_sha256') or []) or 'not recorded'}",
              "- methods (config as recorded per row in `method_config`):"]
     lines += [f"  - {m}: `{cfg}`" for m, cfg in (prov.get("methods") or {}).items()]
