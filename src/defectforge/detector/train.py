@@ -244,6 +244,46 @@ def train_detector(
     :func:`evaluate_detector`. Same arguments and seed give the same weights (CPU).
     """
     patch = size if patch is None else patch
+    _check_settings(epochs=epochs, batch_size=batch_size, size=size, patch=patch, depth=depth, lr=lr, budget=budget,
+                    real_set_size=real_set_size)
+    real = _as_prepared(train_items, size, scale, "train_items")
+    syn = _as_prepared(synthetic_items, size, scale, "synthetic_items") if synthetic_items is not None and len(synthetic_items) else None
+    plan = _plan(real, syn, epochs=epochs, batch_size=batch_size, budget=budget, real_set_size=real_set_size)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UNet(base_channels=base_channels, depth=depth, norm=norm)
+    model.config.update(size=size, scale=scale, patch=patch, score_pool=score_pool)
+    batches = _Batches(real, syn, plan, batch_size=batch_size, patch=patch, seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=plan.steps, eta_min=0.0)
+    curve: list[dict] = []
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(1, plan.steps + 1):
+        xb, yb = batches.next()
+        losses.append(_train_step(model, opt, sched, xb, yb, step=step, lr=lr))
+        if step % plan.steps_per_epoch == 0:
+            row = {"epoch": step // plan.steps_per_epoch, "step": step, "loss": float(np.mean(losses)),
+                   "lr": float(opt.param_groups[0]["lr"]), "seconds": round(time.perf_counter() - t0, 3)}
+            if val_items:
+                m = evaluate_detector(model, val_items)
+                row.update({f"val_{k}": m[k] for k in DETECTION_KEYS})
+                model.train()
+            curve.append(row)
+            _report(progress, row)
+            losses, t0 = [], time.perf_counter()
+    model.eval()
+    return model, curve
+
+
+# The steps of train_detector: the settings checked, the budget and pools planned (1.),
+# balanced batches drawn with paired randomness (2., 3.), one optimiser step (4.).
+
+
+def _check_settings(*, epochs, batch_size, size, patch, depth, lr, budget, real_set_size) -> None:
+    """Refuse a setting the detector cannot train with, naming its params key."""
     for key, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("size", size, 8), ("patch", patch, 8)):
         if not isinstance(v, int) or v < lo:
             raise DefectforgeError(f"detector.{key} must be an integer >= {lo}, got {v!r}")
@@ -255,8 +295,23 @@ def train_detector(
         raise DefectforgeError(f"detector.lr must be a positive number, got {lr!r}")
     if patch % 2 ** (depth - 1):
         raise DefectforgeError(f"detector.patch {patch} must be divisible by 2**(depth-1) = {2 ** (depth - 1)}")
-    real = _as_prepared(train_items, size, scale, "train_items")
-    syn = _as_prepared(synthetic_items, size, scale, "synthetic_items") if synthetic_items is not None and len(synthetic_items) else None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The pools a batch draws from and the number of steps (see :func:`train_detector`, 1. and 2.)."""
+
+    good: list[int]       # real defect-free images
+    defect: list[int]     # real defect images
+    syn_ok: list[int]     # synthetic samples with a defect pixel
+    n_def_slots: int      # batch slots that hold a crop around a defect pixel
+    p_syn: float          # probability that a defect slot takes a synthetic sample
+    steps_per_epoch: int
+    steps: int
+
+
+def _plan(real: Prepared, syn: Prepared | None, *, epochs: int, batch_size: int, budget: str,
+          real_set_size: int | None) -> _Plan:
     n_syn = len(syn) if syn is not None else 0
     is_defect = [len(p) > 0 for p in real.defect_pixels]
     good = [i for i, d in enumerate(is_defect) if not d]
@@ -264,63 +319,55 @@ def train_detector(
     syn_ok = [i for i in range(n_syn) if len(syn.defect_pixels[i])] if syn is not None else []
     epoch_size = len(real) + n_syn if budget == "epochs" else len(real) if real_set_size is None else real_set_size
     steps_per_epoch = math.ceil(epoch_size / batch_size)
-    steps = epochs * steps_per_epoch
     n_def_slots = 0 if not (defect or syn_ok) else batch_size if not good else max(1, batch_size // 2)
     p_syn = len(syn_ok) / (len(syn_ok) + len(defect)) if syn_ok else 0.0
+    return _Plan(good, defect, syn_ok, n_def_slots, p_syn, steps_per_epoch, epochs * steps_per_epoch)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UNet(base_channels=base_channels, depth=depth, norm=norm)
-    model.config.update(size=size, scale=scale, patch=patch, score_pool=score_pool)
-    gens = [torch.Generator().manual_seed(seed * 7919 + k) for k in range(1, 7)]
-    s_good, s_def, s_syn = _Stream(len(good), gens[0]), _Stream(len(defect), gens[1]), _Stream(len(syn_ok), gens[2])
-    g_mix, g_flip, g_crop = gens[3], gens[4], gens[5]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.0)
-    curve: list[dict] = []
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        # same number of draws from every generator per step, whatever the pools hold
-        use_syn = (torch.rand(n_def_slots, generator=g_mix) < p_syn).tolist()
-        flips = torch.rand(batch_size, 2, generator=g_flip) < 0.5
-        crops = torch.rand(batch_size, 3, generator=g_crop)
+
+class _Batches:
+    """Balanced batches of flipped crops; each random source has its own generator derived from
+    ``seed`` and is drawn from the same number of times per batch, whatever the pools hold."""
+
+    def __init__(self, real: Prepared, syn: Prepared | None, plan: _Plan, *, batch_size: int, patch: int, seed: int):
+        self.real, self.syn, self.plan, self.batch_size, self.patch = real, syn, plan, batch_size, patch
+        gens = [torch.Generator().manual_seed(seed * 7919 + k) for k in range(1, 7)]
+        self.s_good, self.s_def, self.s_syn = (_Stream(len(plan.good), gens[0]), _Stream(len(plan.defect), gens[1]),
+                                               _Stream(len(plan.syn_ok), gens[2]))
+        self.g_mix, self.g_flip, self.g_crop = gens[3], gens[4], gens[5]
+
+    def next(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        plan = self.plan
+        use_syn = (torch.rand(plan.n_def_slots, generator=self.g_mix) < plan.p_syn).tolist()
+        flips = torch.rand(self.batch_size, 2, generator=self.g_flip) < 0.5
+        crops = torch.rand(self.batch_size, 3, generator=self.g_crop)
         xb, yb = [], []
-        for k in range(batch_size):
-            if k < n_def_slots:
-                if (use_syn[k] or not defect) and syn_ok:
-                    src, i = syn, syn_ok[s_syn.next()]
+        for k in range(self.batch_size):
+            if k < plan.n_def_slots:
+                if (use_syn[k] or not plan.defect) and plan.syn_ok:
+                    src, i = self.syn, plan.syn_ok[self.s_syn.next()]
                 else:
-                    src, i = real, defect[s_def.next()]
+                    src, i = self.real, plan.defect[self.s_def.next()]
             else:
-                src, i = real, good[s_good.next()]
-            xi, yi = sample_patch(src.xs[i], src.ys[i], src.defect_pixels[i], patch, crops[k])
+                src, i = self.real, plan.good[self.s_good.next()]
+            xi, yi = sample_patch(src.xs[i], src.ys[i], src.defect_pixels[i], self.patch, crops[k])
             dims = [d for d, f in zip((-1, -2), flips[k].tolist()) if f]
             if dims:  # the same random flip for image and mask
                 xi, yi = xi.flip(dims), yi.flip(dims)
             xb.append(xi)
             yb.append(yi)
-        loss = _loss(model(torch.stack(xb)), torch.stack(yb))
-        if not torch.isfinite(loss.detach()):
-            raise DefectforgeError(f"detector loss became {loss.item()} at step {step} (lr={lr}); lower detector.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % steps_per_epoch == 0:
-            row = {"epoch": step // steps_per_epoch, "step": step, "loss": float(np.mean(losses)),
-                   "lr": float(opt.param_groups[0]["lr"]), "seconds": round(time.perf_counter() - t0, 3)}
-            if val_items:
-                m = evaluate_detector(model, val_items)
-                row.update({f"val_{k}": m[k] for k in DETECTION_KEYS})
-                model.train()
-            curve.append(row)
-            _report(progress, row)
-            losses, t0 = [], time.perf_counter()
-    model.eval()
-    return model, curve
+        return xb, yb
+
+
+def _train_step(model: UNet, opt, sched, xb: list[torch.Tensor], yb: list[torch.Tensor], *, step: int, lr: float) -> float:
+    """One Adam step on the batch and one step of the learning-rate schedule; the batch's loss."""
+    loss = _loss(model(torch.stack(xb)), torch.stack(yb))
+    if not torch.isfinite(loss.detach()):
+        raise DefectforgeError(f"detector loss became {loss.item()} at step {step} (lr={lr}); lower detector.lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 @torch.no_grad()

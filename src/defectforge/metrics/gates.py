@@ -133,112 +133,14 @@ def gate_sample(
         ``qc_saturated``, ``qc_colour_drift`` (None where not applicable).
     """
     t = thresholds
-    normal, generated = np.asarray(normal), np.asarray(generated)
-    raw = np.asarray(raw_mask).astype(bool)
-    for name, im in (("normal", normal), ("generated", generated)):
-        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
-            raise DataError(f"{name}: expected uint8 (H, W, 3), got {im.dtype} {im.shape}")
-    if generated.shape != normal.shape or raw.shape != normal.shape[:2]:
-        raise DataError(
-            f"shapes differ: normal {normal.shape}, generated {generated.shape}, raw_mask {raw.shape}"
-        )
-    refined = None if refined_mask is None else np.asarray(refined_mask).astype(bool)
-    if refined is not None and refined.shape != raw.shape:
-        raise DataError(f"refined_mask shape {refined.shape} != raw_mask shape {raw.shape}")
-
-    reasons: list[str] = []
+    normal, generated, raw, refined = _checked(normal, generated, raw_mask, refined_mask)
     defect = refined if refined is not None else raw
-    target = raw | defect
-
-    # 1. background preserved outside the dilated target.
-    outside = ~_dilate(target, t.bg_margin)
-    diff_out = normal[outside].astype(np.int16) - generated[outside].astype(np.int16)
-    bg_exact = bool(np.all(diff_out == 0))
-    bg_psnr = _psnr(normal[outside], generated[outside])
-    if bg_psnr < t.bg_psnr_min:
-        reasons.append(f"background changed outside the mask: PSNR {bg_psnr:.1f} dB < {t.bg_psnr_min}")
-
-    # 2. defect visible inside the mask.
-    if defect.any():
-        g = generated.astype(np.float64).mean(axis=2)
-        n = normal.astype(np.float64).mean(axis=2)
-        contrast = float(np.abs(g - n)[defect].mean())
-        if contrast < t.contrast_min:
-            reasons.append(f"defect not visible: mean contrast {contrast:.1f} < {t.contrast_min} grey levels")
-    else:
-        contrast = 0.0
-
-    # 3. mask sanity (the refined mask when there is one, else the raw target).
-    area = int(defect.sum())
-    raw_area = int(raw.sum())
-    ratio = area / raw_area if raw_area else None
-    inside = None
-    if area < t.area_min_px:
-        which = "refined" if refined is not None else "raw"
-        reasons.append(f"{which} mask empty or tiny: {area} px < {t.area_min_px}")
-    if area / defect.size > t.max_area_frac:
-        reasons.append(f"mask covers {area / defect.size:.0%} of the image > {t.max_area_frac:.0%}")
-    if refined is not None:
-        if raw_area == 0:
-            reasons.append("raw target mask is empty")
-        elif area and not (t.area_ratio_min <= ratio <= t.area_ratio_max):
-            reasons.append(
-                f"refined mask area {area} px is {ratio:.2f}x the target "
-                f"(allowed {t.area_ratio_min}-{t.area_ratio_max})"
-            )
-        if area:
-            inside = float((refined & _dilate(raw, t.inside_margin)).sum() / area)
-            if inside < t.inside_min:
-                reasons.append(f"refined mask outside the target: {inside:.0%} inside < {t.inside_min:.0%}")
-
-    # 4. attention-mask agreement.
-    att_inside = None
-    if attention is not None:
-        if np.isscalar(attention):
-            att_inside = float(attention)
-        else:
-            att = np.asarray(attention, dtype=np.float64)
-            if att.shape != raw.shape:
-                raise DataError(f"attention shape {att.shape} != mask shape {raw.shape}")
-            if not np.isfinite(att).all():
-                raise DefectforgeError("attention map contains NaN or infinite values")
-            att = np.clip(att, 0, None)
-            total = att.sum()
-            att_inside = float(att[_dilate(raw, t.inside_margin)].sum() / total) if total > 0 else 0.0
-        if not math.isfinite(att_inside):
-            raise DefectforgeError(f"attention agreement is {att_inside}")
-        if att_inside < t.attention_inside_min:
-            reasons.append(
-                f"attention disagrees with the mask: {att_inside:.0%} of its mass inside < {t.attention_inside_min:.0%}"
-            )
-
-    # 5./6. realism: saturation and colour drift inside the defect mask
-    real = real or {}
-    stats = defect_stats(generated, defect, ring=t.ring, reference=normal) if defect.any() else None
-    saturated = drifted = speckled = None
-    if stats is not None:
-        sat_real = float(real.get("saturated_share") or 0.0)
-        saturated = stats["saturated_share"] > sat_real + t.saturation_max and stats["saturated_px"] >= t.saturation_min_px
-        if saturated:
-            reasons.append(
-                f"saturated: {stats['saturated_share']:.0%} of in-mask pixels ({stats['saturated_px']:.0f} px) at "
-                f"0-{SATURATION_LOW} or {SATURATION_HIGH}-255 > {sat_real:.0%} (real defects) + {t.saturation_max:.0%}"
-            )
-        allowed = stats["chroma_source"] + t.chroma_margin + max(0.0, float(real.get("chroma_excess") or 0.0))
-        drifted = stats["chroma"] > allowed
-        if drifted:
-            reasons.append(
-                f"colour drift: in-mask chroma {stats['chroma']:.0f} > {allowed:.0f} grey levels "
-                f"(source around the mask {stats['chroma_source']:.0f} + margin)"
-            )
-
-        speckle_real = real.get("speckle")
-        if t.speckle_ratio_max is not None and speckle_real is not None:
-            allowed_speckle = t.speckle_ratio_max * max(float(speckle_real), 1.0)
-            speckled = stats["speckle"] > allowed_speckle
-            if speckled:
-                reasons.append(f"speckled: in-mask pixel noise {stats['speckle']:.1f} > {allowed_speckle:.1f} grey levels "
-                               f"({t.speckle_ratio_max:g} x the real defects' {float(speckle_real):.1f})")
+    reasons: list[str] = []
+    bg_psnr, bg_exact = _background_preserved(normal, generated, raw | defect, t, reasons)
+    contrast = _defect_visible(normal, generated, defect, t, reasons)
+    area, ratio, inside = _mask_sane(raw, refined, defect, t, reasons)
+    att_inside = _attention_agrees(attention, raw, t, reasons)
+    stats, saturated, drifted, speckled = _realistic(normal, generated, defect, real or {}, t, reasons)
 
     def r3(key):
         v = None if stats is None else stats[key]
@@ -264,6 +166,132 @@ def gate_sample(
         "qc_speckled": speckled,
     }
     return qc, not reasons, reasons
+
+
+# The checks of gate_sample, in the order of the module docstring. Each returns its
+# figures and appends the reasons the sample fails it to ``reasons``.
+
+
+def _checked(normal, generated, raw_mask, refined_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The inputs as arrays (masks as bool), refused when a dtype or a shape is wrong."""
+    normal, generated = np.asarray(normal), np.asarray(generated)
+    raw = np.asarray(raw_mask).astype(bool)
+    for name, im in (("normal", normal), ("generated", generated)):
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            raise DataError(f"{name}: expected uint8 (H, W, 3), got {im.dtype} {im.shape}")
+    if generated.shape != normal.shape or raw.shape != normal.shape[:2]:
+        raise DataError(
+            f"shapes differ: normal {normal.shape}, generated {generated.shape}, raw_mask {raw.shape}"
+        )
+    refined = None if refined_mask is None else np.asarray(refined_mask).astype(bool)
+    if refined is not None and refined.shape != raw.shape:
+        raise DataError(f"refined_mask shape {refined.shape} != raw_mask shape {raw.shape}")
+    return normal, generated, raw, refined
+
+
+def _background_preserved(normal, generated, target, t: GateThresholds, reasons: list[str]) -> tuple[float, bool]:
+    """1. PSNR and exact match outside the target dilated by ``bg_margin``."""
+    outside = ~_dilate(target, t.bg_margin)
+    diff_out = normal[outside].astype(np.int16) - generated[outside].astype(np.int16)
+    bg_exact = bool(np.all(diff_out == 0))
+    bg_psnr = _psnr(normal[outside], generated[outside])
+    if bg_psnr < t.bg_psnr_min:
+        reasons.append(f"background changed outside the mask: PSNR {bg_psnr:.1f} dB < {t.bg_psnr_min}")
+    return bg_psnr, bg_exact
+
+
+def _defect_visible(normal, generated, defect, t: GateThresholds, reasons: list[str]) -> float:
+    """2. Mean |generated - normal| of the grey levels inside the defect mask (0 when it is empty)."""
+    if not defect.any():
+        return 0.0
+    g = generated.astype(np.float64).mean(axis=2)
+    n = normal.astype(np.float64).mean(axis=2)
+    contrast = float(np.abs(g - n)[defect].mean())
+    if contrast < t.contrast_min:
+        reasons.append(f"defect not visible: mean contrast {contrast:.1f} < {t.contrast_min} grey levels")
+    return contrast
+
+
+def _mask_sane(raw, refined, defect, t: GateThresholds, reasons: list[str]) -> tuple[int, float | None, float | None]:
+    """3. (area, area / raw area, share inside the dilated target) of the refined mask, else the raw one."""
+    area = int(defect.sum())
+    raw_area = int(raw.sum())
+    ratio = area / raw_area if raw_area else None
+    inside = None
+    if area < t.area_min_px:
+        which = "refined" if refined is not None else "raw"
+        reasons.append(f"{which} mask empty or tiny: {area} px < {t.area_min_px}")
+    if area / defect.size > t.max_area_frac:
+        reasons.append(f"mask covers {area / defect.size:.0%} of the image > {t.max_area_frac:.0%}")
+    if refined is not None:
+        if raw_area == 0:
+            reasons.append("raw target mask is empty")
+        elif area and not (t.area_ratio_min <= ratio <= t.area_ratio_max):
+            reasons.append(
+                f"refined mask area {area} px is {ratio:.2f}x the target "
+                f"(allowed {t.area_ratio_min}-{t.area_ratio_max})"
+            )
+        if area:
+            inside = float((refined & _dilate(raw, t.inside_margin)).sum() / area)
+            if inside < t.inside_min:
+                reasons.append(f"refined mask outside the target: {inside:.0%} inside < {t.inside_min:.0%}")
+    return area, ratio, inside
+
+
+def _attention_agrees(attention, raw, t: GateThresholds, reasons: list[str]) -> float | None:
+    """4. Share of the attention mass inside the target dilated by ``inside_margin`` (None: no attention)."""
+    if attention is None:
+        return None
+    if np.isscalar(attention):
+        att_inside = float(attention)
+    else:
+        att = np.asarray(attention, dtype=np.float64)
+        if att.shape != raw.shape:
+            raise DataError(f"attention shape {att.shape} != mask shape {raw.shape}")
+        if not np.isfinite(att).all():
+            raise DefectforgeError("attention map contains NaN or infinite values")
+        att = np.clip(att, 0, None)
+        total = att.sum()
+        att_inside = float(att[_dilate(raw, t.inside_margin)].sum() / total) if total > 0 else 0.0
+    if not math.isfinite(att_inside):
+        raise DefectforgeError(f"attention agreement is {att_inside}")
+    if att_inside < t.attention_inside_min:
+        reasons.append(
+            f"attention disagrees with the mask: {att_inside:.0%} of its mass inside < {t.attention_inside_min:.0%}"
+        )
+    return att_inside
+
+
+def _realistic(normal, generated, defect, real: dict, t: GateThresholds, reasons: list[str]):
+    """5./6. Realism statistics inside the defect mask and the saturated / colour-drift / speckle
+    flags against the real defects' figures: (stats, saturated, drifted, speckled), all None
+    when the mask is empty (speckled also when it is not gated)."""
+    if not defect.any():
+        return None, None, None, None
+    stats = defect_stats(generated, defect, ring=t.ring, reference=normal)
+    sat_real = float(real.get("saturated_share") or 0.0)
+    saturated = stats["saturated_share"] > sat_real + t.saturation_max and stats["saturated_px"] >= t.saturation_min_px
+    if saturated:
+        reasons.append(
+            f"saturated: {stats['saturated_share']:.0%} of in-mask pixels ({stats['saturated_px']:.0f} px) at "
+            f"0-{SATURATION_LOW} or {SATURATION_HIGH}-255 > {sat_real:.0%} (real defects) + {t.saturation_max:.0%}"
+        )
+    allowed = stats["chroma_source"] + t.chroma_margin + max(0.0, float(real.get("chroma_excess") or 0.0))
+    drifted = stats["chroma"] > allowed
+    if drifted:
+        reasons.append(
+            f"colour drift: in-mask chroma {stats['chroma']:.0f} > {allowed:.0f} grey levels "
+            f"(source around the mask {stats['chroma_source']:.0f} + margin)"
+        )
+    speckled = None
+    speckle_real = real.get("speckle")
+    if t.speckle_ratio_max is not None and speckle_real is not None:
+        allowed_speckle = t.speckle_ratio_max * max(float(speckle_real), 1.0)
+        speckled = stats["speckle"] > allowed_speckle
+        if speckled:
+            reasons.append(f"speckled: in-mask pixel noise {stats['speckle']:.1f} > {allowed_speckle:.1f} grey levels "
+                           f"({t.speckle_ratio_max:g} x the real defects' {float(speckle_real):.1f})")
+    return stats, saturated, drifted, speckled
 
 
 def gate_set(quality: dict, pass_rate: float | None = None, thresholds: SetThresholds = SetThresholds(),

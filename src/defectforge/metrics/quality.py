@@ -242,88 +242,119 @@ def compute_quality(
                ic_lpips_n_centres=n_real if centres is None else len(x_centres))
 
     # 1. Features once per image; FID, KID, IS by torchmetrics on those features.
-    from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
-
     feat_net, logit_net, name = feature_backbone(backbone, weights)
     res["backbone"] = name
     f_real = _run(feat_net, x_real, batch_size)
     f_fake = _run(feat_net, x_fake, batch_size)
     _check_finite(f_real, f"{name} features of the real images")
     _check_finite(f_fake, f"{name} features of the fake images")
-    d = f_real.shape[1]
-
-    if n_real >= 2 and n_fake >= 2:
-        fid = FrechetInceptionDistance(feature=_Precomputed(d))
-        fid.update(f_real, real=True)
-        fid.update(f_fake, real=False)
-        res["fid"] = float(fid.compute())
-    else:
-        res["fid_skipped"] = f"needs >= 2 real and 2 fake images, got {n_real} real and {n_fake} fake"
-
-    sub = min(kid_subset_size, n_real, n_fake)
-    if sub >= 2:
-        with warnings.catch_warnings():  # "will save all extracted features": intended
-            warnings.simplefilter("ignore", UserWarning)
-            kid = KernelInceptionDistance(feature=_Precomputed(d), subsets=kid_subsets, subset_size=sub)
-        kid.update(f_real, real=True)
-        kid.update(f_fake, real=False)
-        with _seeded(seed):
-            km, ks = kid.compute()
-        res.update(kid_mean=float(km), kid_std=float(ks), kid_subset_size=sub)
-    else:
-        res["kid_skipped"] = f"needs >= 2 real and 2 fake images, got {n_real} real and {n_fake} fake"
-
-    splits = min(is_splits, n_fake // 2)
-    if logit_net is None:
-        res["is_skipped"] = (
-            f"IS needs a trained classifier's p(y|x); backbone {name} has none (give inception-v3 weights)"
-        )
-    elif splits >= 2:
-        logits = _run(logit_net, x_fake, batch_size)
-        _check_finite(logits, f"{name} logits of the fake images")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            isc = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits)
-        isc.update(logits)
-        with _seeded(seed):
-            im, istd = isc.compute()
-        res.update(is_mean=float(im), is_std=float(istd), is_splits=splits)
-    else:
-        res["is_skipped"] = f"needs >= 4 fake images (2 splits of 2), got {n_fake}"
+    res.update(_fid(f_real, f_fake))
+    res.update(_kid(f_real, f_fake, kid_subsets, kid_subset_size, seed))
+    res.update(_inception_score(logit_net, name, x_fake, is_splits, seed, batch_size))
 
     # 2. LPIPS: fake -> nearest real; IC-LPIPS: clusters of fakes around the centres.
     net, lname = cached_lpips_backbone(lpips_backbone, lpips_weights)
     res["lpips_backbone"] = lname
     ff = lpips_features(net, x_fake, batch_size) if n_fake >= 1 else None
-    if n_real >= 1 and n_fake >= 1:
-        dist = lpips_matrix(net, ff, lpips_features(net, x_real, batch_size))
-        _check_finite(dist, f"{lname} LPIPS distances")
-        res["lpips"] = float(dist.min(dim=1).values.mean())
-    else:
-        res["lpips_skipped"] = f"needs >= 1 real and 1 fake image, got {n_real} real and {n_fake} fake"
+    res.update(_lpips_to_nearest(net, lname, ff, x_real, batch_size))
     x_c = x_real if x_centres is None else x_centres
-    n_c = len(x_c)
-    if n_c >= 1 and n_fake >= 1:
-        k = n_c if n_clusters is None else max(1, min(n_clusters, n_c))
-        dc = lpips_matrix(net, ff, lpips_features(net, x_c[:k], batch_size))
-        _check_finite(dc, f"{lname} LPIPS distances to the IC-LPIPS centres")
-        assign = dc.argmin(dim=1)
-        ic, n_cl = ic_lpips_from(net, ff, assign)
-        res["ic_lpips"], res["ic_lpips_clusters"], res["ic_lpips_n_centres"] = ic, n_cl, k
-        if ic is None:
-            res["ic_lpips_skipped"] = (
-                f"no cluster of >= 2 fake images around the {k} {res['ic_lpips_centres']} centres ({n_fake} fake images)"
-            )
-    else:
-        res["ic_lpips_skipped"] = (
-            f"needs >= 1 centre ({res['ic_lpips_centres']}) and 1 fake image, got {n_c} centres and {n_fake} fake"
-        )
+    res.update(_ic_lpips(net, lname, ff, x_c, n_clusters, res["ic_lpips_centres"], batch_size))
 
     for key in QUALITY_KEYS:
         v = res[key]
         if v is not None and not math.isfinite(v):
             raise DefectforgeError(f"quality metric {key} is {v} (backbone {name}, lpips {lname})")
     return res
+
+
+# The metrics of compute_quality, one step each: each returns the result keys it sets
+# (its value, or its ``<metric>_skipped`` reason when the sets are too small).
+
+
+def _too_few(n_real: int, n_fake: int) -> str:
+    return f"needs >= 2 real and 2 fake images, got {n_real} real and {n_fake} fake"
+
+
+def _fid(f_real: torch.Tensor, f_fake: torch.Tensor) -> dict:
+    """FID from precomputed features (>= 2 images on each side)."""
+    from torchmetrics.image import FrechetInceptionDistance
+
+    n_real, n_fake = len(f_real), len(f_fake)
+    if not (n_real >= 2 and n_fake >= 2):
+        return {"fid_skipped": _too_few(n_real, n_fake)}
+    fid = FrechetInceptionDistance(feature=_Precomputed(f_real.shape[1]))
+    fid.update(f_real, real=True)
+    fid.update(f_fake, real=False)
+    return {"fid": float(fid.compute())}
+
+
+def _kid(f_real: torch.Tensor, f_fake: torch.Tensor, subsets: int, subset_size: int, seed: int) -> dict:
+    """KID from precomputed features; the subset size is capped at the number of images."""
+    from torchmetrics.image import KernelInceptionDistance
+
+    n_real, n_fake = len(f_real), len(f_fake)
+    sub = min(subset_size, n_real, n_fake)
+    if sub < 2:
+        return {"kid_skipped": _too_few(n_real, n_fake)}
+    with warnings.catch_warnings():  # "will save all extracted features": intended
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Precomputed(f_real.shape[1]), subsets=subsets, subset_size=sub)
+    kid.update(f_real, real=True)
+    kid.update(f_fake, real=False)
+    with _seeded(seed):
+        km, ks = kid.compute()
+    return {"kid_mean": float(km), "kid_std": float(ks), "kid_subset_size": sub}
+
+
+def _inception_score(logit_net: nn.Module | None, name: str, x_fake: torch.Tensor, splits: int, seed: int,
+                     batch_size: int) -> dict:
+    """IS of the fake images from the backbone's class logits; needs a trained classifier and >= 2 splits of 2."""
+    from torchmetrics.image import InceptionScore
+
+    n_fake = len(x_fake)
+    splits = min(splits, n_fake // 2)
+    if logit_net is None:
+        return {"is_skipped": f"IS needs a trained classifier's p(y|x); backbone {name} has none (give inception-v3 weights)"}
+    if splits < 2:
+        return {"is_skipped": f"needs >= 4 fake images (2 splits of 2), got {n_fake}"}
+    logits = _run(logit_net, x_fake, batch_size)
+    _check_finite(logits, f"{name} logits of the fake images")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        isc = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits)
+    isc.update(logits)
+    with _seeded(seed):
+        im, istd = isc.compute()
+    return {"is_mean": float(im), "is_std": float(istd), "is_splits": splits}
+
+
+def _lpips_to_nearest(net: nn.Module, lname: str, ff: list[torch.Tensor] | None, x_real: torch.Tensor,
+                      batch_size: int) -> dict:
+    """Mean over the fake images of the LPIPS distance to the nearest real image."""
+    n_real, n_fake = len(x_real), 0 if ff is None else len(ff[0])
+    if not (n_real >= 1 and n_fake >= 1):
+        return {"lpips_skipped": f"needs >= 1 real and 1 fake image, got {n_real} real and {n_fake} fake"}
+    dist = lpips_matrix(net, ff, lpips_features(net, x_real, batch_size))
+    _check_finite(dist, f"{lname} LPIPS distances")
+    return {"lpips": float(dist.min(dim=1).values.mean())}
+
+
+def _ic_lpips(net: nn.Module, lname: str, ff: list[torch.Tensor] | None, x_c: torch.Tensor, n_clusters: int | None,
+              centres_name: str, batch_size: int) -> dict:
+    """IC-LPIPS: each fake image joins its nearest centre (the first ``n_clusters`` of ``x_c``);
+    the mean over clusters of >= 2 members of their mean pairwise LPIPS."""
+    n_c, n_fake = len(x_c), 0 if ff is None else len(ff[0])
+    if not (n_c >= 1 and n_fake >= 1):
+        return {"ic_lpips_skipped": f"needs >= 1 centre ({centres_name}) and 1 fake image, got {n_c} centres and {n_fake} fake"}
+    k = n_c if n_clusters is None else max(1, min(n_clusters, n_c))
+    dc = lpips_matrix(net, ff, lpips_features(net, x_c[:k], batch_size))
+    _check_finite(dc, f"{lname} LPIPS distances to the IC-LPIPS centres")
+    assign = dc.argmin(dim=1)
+    ic, n_cl = ic_lpips_from(net, ff, assign)
+    out = {"ic_lpips": ic, "ic_lpips_clusters": n_cl, "ic_lpips_n_centres": k}
+    if ic is None:
+        out["ic_lpips_skipped"] = f"no cluster of >= 2 fake images around the {k} {centres_name} centres ({n_fake} fake images)"
+    return out
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
