@@ -289,16 +289,23 @@ def build_tiny_latent_model(out_dir: str | Path, seed: int = 0) -> Path:
     tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=te_cfg.max_position_embeddings)
     tok.save_pretrained(out / "tokenizer")
     DDIMScheduler(**config_json("tiny_latent_scheduler")).save_pretrained(out / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "vae": ["diffusers", "AutoencoderKL"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    _write_model_index(out, "StableDiffusionPipeline")
     return out
+
+
+_SD_COMPONENTS = {
+    "vae": ["diffusers", "AutoencoderKL"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+}
+
+
+def _write_model_index(out: Path, class_name: str, note: str | None = None) -> None:
+    """``model_index.json`` of a Stable Diffusion directory (the components diffusers loads), with ``note``."""
+    index = {"_class_name": class_name, **({"_defectforge_note": note} if note is not None else {}), **_SD_COMPONENTS}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -393,16 +400,8 @@ def build_sd15_model(out_dir: str | Path, *, inpainting: bool = False, seed: int
     te = config_json(names["text_encoder"])
     character_clip_tokenizer(te["max_position_embeddings"], te["vocab_size"]).save_pretrained(out / "tokenizer")
     DDIMScheduler(**config_json(names["scheduler"])).save_pretrained(out / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
-        "_defectforge_note": "random weights in the Stable Diffusion 1.5 architecture (build_sd15_model): real shapes, untrained",
-        "vae": ["diffusers", "AutoencoderKL"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    _write_model_index(out, "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+                       note="random weights in the Stable Diffusion 1.5 architecture (build_sd15_model): real shapes, untrained")
     return out
 
 
