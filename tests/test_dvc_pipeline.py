@@ -22,9 +22,10 @@ def test_dvc_repro_runs_the_dag_and_second_repro_does_nothing(tmp_path, reproduc
     assert (repo / "dvc.lock").is_file()
     # metrics and plots are DVC's
     shown = run_cmd(dvc + ["metrics", "show"], repo)
-    assert "data/detector/metrics.json" in shown and "real-only" in shown and "image_auroc" in shown
+    assert "data/detector/metrics.json" in shown and "learned" in shown and "copy-paste" in shown and "pass_rate" in shown
+    assert max(len(line) for line in shown.splitlines()) <= 120
     plots = run_cmd(dvc + ["plots", "show", "--json"], repo)
-    assert "curves.csv" in plots
+    assert "curves.csv" in plots and "delta_pixel_ap.csv" in plots
     # nothing changed: nothing runs
     again = run_cmd(dvc + ["repro"], repo)
     assert "Running stage" not in again

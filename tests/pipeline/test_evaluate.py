@@ -82,8 +82,10 @@ def test_quality_writes_per_sample_gates_and_named_backbones(sample_manifests, g
     for key, e in metrics["sets"].items():
         assert e["backbone"] == "random-vgg11-seed0" and e["lpips_backbone"].startswith("random-alexnet")
         assert e["fid"] is not None and e["is_mean"] is None and "classifier" in e["is_skipped"]
+    # `dvc metrics show`: the pass rate and, per method, the two-sample accuracy (skipped here: None); the sets in details.json
     short = json.loads((tmp_path / "q/metrics.json").read_text())
-    assert all("backbone" in e for e in short["sets"].values())
+    assert short == {"metric": "c2st", "pass_rate": metrics["pass_rate"], **{e["method"]: None for e in metrics["sets"].values()}}
+    assert pd.read_csv(tmp_path / "q/c2st.csv").empty  # no set ran the test
     # realism scores beside FID / KID / LPIPS, against the held-out reals (4 per type here)
     for key, e in metrics["sets"].items():
         # copy-paste's brightness matching clips a few pixels of the dark hole floors to 0: a small share, no sample flagged
@@ -92,7 +94,7 @@ def test_quality_writes_per_sample_gates_and_named_backbones(sample_manifests, g
         assert e["intensity_distance"] >= 0 and set(e["intensity_per_stat"]) == {"in_mask_mean", "in_mask_std", "contrast", "edge_sharpness"}
         assert e["c2st_accuracy"] is None and e["c2st_skipped"] == "needs >= 4 real and 4 synthetic crops, got 4 and 2"
         assert e["c2st_real_vs_real"] is None and "got 4" in e["c2st_real_vs_real_skipped"]
-        assert {"saturation", "c2st_accuracy", "intensity_distance", "contrast_median"} <= set(short["sets"][key])
+        assert {"saturation", "c2st_accuracy", "intensity_distance", "contrast_median"} <= set(e)
     assert qc.qc_saturated_share.notna().all() and not qc.qc_saturated.any() and not qc.qc_colour_drift.any()
     assert qc.qc_chroma.notna().all() and qc.qc_contrast_ring.notna().all()
 
@@ -226,12 +228,15 @@ def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, t
     assert row["mean_diff"] == pytest.approx(np.mean(diffs), abs=1e-4)
     half = 12.706204736174698 * np.std(diffs, ddof=1) / np.sqrt(2)  # t_{0.975, 1}
     assert row["ci_low"] == pytest.approx(np.mean(diffs) - half, abs=1e-4)
-    # flat metrics for `dvc metrics show`, and curves per seed
+    # headline for `dvc metrics show`: Δ pixel AP averaged over the categories that learned; every interval in delta_pixel_ap.csv
     flat = json.loads((out / "metrics.json").read_text())
-    assert set(flat) == {"brick/real-only", "brick/copy-paste", "gravel/real-only", "gravel/copy-paste"}
-    assert {"pixel_ap_diff", "pixel_ap_ci_low", "pixel_ap_ci_high", "pixel_ap_verdict", "aupro_verdict"} <= set(flat["brick/copy-paste"])
-    assert isinstance(flat["brick/real-only"]["learned"], bool)
-    assert all((e["protocol"], e["budget"]) == ("mixed", "steps") for e in flat.values())
+    ap = [c for c in rows if c["defect_type"] == "all" and c["metric"] == "pixel_ap"]
+    kept = [c["mean_diff"] for c in ap if c["verdict"] != "detector did not learn"]
+    assert flat == {"metric": "Δ px AP", "learned": f"{sum(v['learned'] for v in det['learned'].values())}/2",
+                    "copy-paste": pytest.approx(np.mean(kept), abs=1e-3) if kept else None}
+    deltas = pd.read_csv(out / "delta_pixel_ap.csv").set_index("label")
+    assert set(deltas.index) == {"brick/copy-paste", "gravel/copy-paste"}
+    assert deltas.loc["brick/copy-paste", "delta"] == pytest.approx(row["mean_diff"]) and deltas.loc["brick/copy-paste", "ci_low"] == pytest.approx(row["ci_low"])
     curves = pd.read_csv(out / "curves.csv")
     assert set(curves.seed) == {3, 7} and {"category", "run", "epoch", "loss"} <= set(curves.columns)
     # detector.workers = 2: the same runs on two spawned processes write the bytes of one
@@ -246,7 +251,7 @@ def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, t
     for w in (1, 2):
         r = subprocess.run([sys.executable, "-c", code, str(w), str(split), str(refined), str(tmp_path / f"w{w}")], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-    for name in ("details.json", "metrics.json", "curves.csv"):
+    for name in ("details.json", "metrics.json", "curves.csv", "delta_pixel_ap.csv"):
         assert (tmp_path / "w2" / name).read_bytes() == (tmp_path / "w1" / name).read_bytes(), name
 
 
@@ -309,10 +314,11 @@ def test_detector_protocols_train_on_their_sets_against_their_references(sample_
     assert row["mean_diff"] == pytest.approx(np.mean(diffs), abs=1e-4) and row["budget"] == "epochs"
     assert det["learned_by_protocol"]["synthetic"]["brick"]["reference"] == "copy-paste"
     # `dvc metrics show`: every entry names its protocol and budget
+    # `dvc metrics show`: one column per compared run of each protocol (its reference is not one)
     flat = json.loads((tmp_path / "d/metrics.json").read_text())
-    assert set(flat) == {f"{c}/{r}" for c in ("brick", "gravel") for r in ("real-only", "copy-paste", "perlin", "synthetic/copy-paste", "synthetic/perlin")}
-    assert all(e["budget"] == "epochs" and e["protocol"] == ("synthetic" if "synthetic/" in k else "mixed") for k, e in flat.items())
-    assert "pixel_ap_diff" in flat["brick/synthetic/perlin"] and "pixel_ap" in flat["brick/synthetic/copy-paste"]
+    assert set(flat) == {"metric", "learned", "copy-paste", "perlin", "synthetic/perlin"} and flat["metric"] == "Δ px AP"
+    deltas = pd.read_csv(tmp_path / "d/delta_pixel_ap.csv")
+    assert set(deltas["label"]) == {f"{c}/{r}" for c in ("brick", "gravel") for r in ("copy-paste", "perlin", "synthetic/perlin")}
 
 
 def test_synthetic_protocol_without_copy_paste_reports_absolute_numbers(sample_manifests, tmp_path, monkeypatch):
@@ -324,9 +330,11 @@ def test_synthetic_protocol_without_copy_paste_reports_absolute_numbers(sample_m
                        tmp_path / "d", progress=False)
     assert len(calls) == 4 and all(sum(len(d) > 0 for d in c["train"].defect_pixels) == 0 for c in calls)
     assert det["references"] == {"synthetic": None} and det["comparisons"] == [] and det["learned_by_protocol"] == {"synthetic": {}}
+    # no reference: `dvc metrics show` gives the absolute pixel AP, averaged over the categories
     flat = json.loads((tmp_path / "d/metrics.json").read_text())
-    assert set(flat) == {"brick/synthetic/perlin", "gravel/synthetic/perlin"}
-    assert all(e["reference"] == "none" and (e["protocol"], e["budget"]) == ("synthetic", "steps") and isinstance(e["pixel_ap"], float) for e in flat.values())
+    means = [r["mean"] for r in det["absolute"] if (r["defect_type"], r["metric"]) == ("all", "pixel_ap")]
+    assert flat == {"metric": "px AP", "synthetic/perlin": pytest.approx(np.mean(means), abs=1e-3)} and len(means) == 2
+    assert pd.read_csv(tmp_path / "d/delta_pixel_ap.csv").empty
     ab = [r for r in det["absolute"] if (r["category"], r["defect_type"], r["metric"]) == ("brick", "all", "pixel_ap")]
     assert len(ab) == 1 and ab[0]["run"] == "perlin" and ab[0]["ci_low"] <= ab[0]["mean"] <= ab[0]["ci_high"]
     from defectforge.publish.card import headline_metrics

@@ -32,7 +32,7 @@ def run(
     *,
     progress: bool = True,
 ) -> dict:
-    """Paired multi-seed detector runs per category; details.json, metrics.json, curves.csv.
+    """Paired multi-seed detector runs per category; details.json, metrics.json, curves.csv, delta_pixel_ap.csv.
 
     For every category and every seed in ``p.seeds``, by ``p.protocol``: ``mixed`` (the
     DDIM-inversion paper's, Sec. 4.3): one U-Net on the real training split alone
@@ -59,8 +59,8 @@ def run(
     (of the first protocol run), ``learned_by_protocol``, ``absolute`` (mean and 95 %
     interval of every run), ``per_category`` (means over seeds, ``all`` test set, keyed by
     :func:`run_label`), ``per_defect_type``, ``runs`` (every seed, with ``protocol``,
-    ``budget`` and ``steps``), ``mean`` and ``budget`` (the params); metrics.json is flat for
-    ``dvc metrics show``, every entry naming its protocol and budget.
+    ``budget`` and ``steps``), ``mean`` and ``budget`` (the params); metrics.json, curves.csv and delta_pixel_ap.csv:
+    :func:`write_dvc_files`.
     """
     from defectforge.detector import prepare_items
     from defectforge.detector.compare import BASELINE, COMPARED_METRICS, absolute_intervals, compare_protocols
@@ -164,28 +164,64 @@ def run(
                "resolution": resolution}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "details.json", details)
-    # metrics.json (what `dvc metrics show` prints): flat, one row per category/run on the whole test set,
-    # each naming its protocol and budget; a reference run and a run without a reference get their
-    # absolute means, the others their paired differences against the reference
-    flat: dict[str, dict] = {}
-    for category, (_, _, _, runs) in prepared.items():
-        for protocol, run in runs:
-            ref = references[protocol]
-            if ref is None or run == ref:
-                label = run_label(protocol, run)
-                e = flat[f"{category}/{label}"] = {**{k: results[category][label].get(k) for k in COMPARED_METRICS}, "protocol": protocol, "budget": p.budget}
-                if ref is None:
-                    e["reference"] = "none"
-                else:
-                    e["learned"] = learned_by[protocol][category]["learned"]
-    for c in comparisons:
-        if c["defect_type"] == "all":
-            e = flat.setdefault(f"{c['category']}/{run_label(c['protocol'], c['method'])}", {"protocol": c["protocol"], "budget": c["budget"]})
-            m = c["metric"]
-            e.update({f"{m}_diff": c["mean_diff"], f"{m}_ci_low": c["ci_low"], f"{m}_ci_high": c["ci_high"], f"{m}_verdict": c["verdict"]})
-    atomic_write_json(out_dir / "metrics.json", flat)
-    pd.DataFrame(curves, columns=["category", "run", "seed", "epoch", "step", "loss", "lr"]).to_csv(out_dir / "curves.csv", index=False)
+    write_dvc_files(details, curves, out_dir)
     return details
+
+
+CURVE_COLUMNS = ["category", "run", "seed", "epoch", "step", "loss", "lr"]
+DELTA_COLUMNS = ["label", "category", "run", "delta", "ci_low", "ci_high", "verdict", "group", "n_seeds", "reference"]
+HEADLINE_METRIC = "pixel_ap"  # the detector's headline in `dvc metrics show`: the defect-localisation score
+
+
+def dvc_metrics(details: dict) -> dict:
+    """metrics.json, the detector's line in ``dvc metrics show``: a few numbers that fit a terminal.
+
+    ``metric`` names what the run columns hold (``Δ px AP``); ``learned``: categories whose reference detector
+    learned / categories (the first protocol's sanity check, where it has a reference); one column per compared run (its label,
+    :func:`run_label`): the mean over those categories of its paired Δ pixel AP against the reference
+    (None where no category learned). A protocol without a reference gives its runs' absolute pixel AP,
+    averaged over categories. Every per-category number with its interval and verdict is in
+    details.json, pixel AP's with its interval in delta_pixel_ap.csv (the plot)."""
+    references = details.get("references") or {}
+    learned = details.get("learned") or {}
+    out: dict = {"metric": "Δ px AP" if any(r is not None for r in references.values()) else "px AP"}
+    if learned:  # no reference, no sanity check
+        out["learned"] = f"{sum(bool(v.get('learned')) for v in learned.values())}/{len(learned)}"
+    by_run: dict[str, list[float]] = {}
+    for c in details.get("comparisons") or []:
+        if c.get("defect_type") != "all" or c.get("metric") != HEADLINE_METRIC:
+            continue
+        values = by_run.setdefault(run_label(c["protocol"], c["method"]), [])
+        if c.get("verdict") != "detector did not learn" and isinstance(c.get("mean_diff"), (int, float)):
+            values.append(c["mean_diff"])
+    for r in details.get("absolute") or []:
+        if references.get(r.get("protocol"), "") is None and r.get("defect_type") == "all" and r.get("metric") == HEADLINE_METRIC:
+            by_run.setdefault(run_label(r["protocol"], r["run"]), []).append(r["mean"])
+    out.update({run: (round(float(np.mean(v)), 3) if v else None) for run, v in sorted(by_run.items())})
+    return out
+
+
+def deltas_table(details: dict) -> pd.DataFrame:
+    """delta_pixel_ap.csv: per category and compared run (``label`` = ``<category>/<run>``, one point in
+    the plot) the paired mean difference in pixel AP on the whole test set against the reference,
+    with its 95 % interval and verdict (``group``: the verdict, the plot's colour; ``reference``: 0, no
+    difference, the plot's vertical line)."""
+    rows = [{"label": f"{c['category']}/{run_label(c['protocol'], c['method'])}", "category": c["category"],
+             "run": run_label(c["protocol"], c["method"]), "delta": c.get("mean_diff"), "ci_low": c.get("ci_low"),
+             "ci_high": c.get("ci_high"), "verdict": c.get("verdict"), "group": c.get("verdict"), "n_seeds": c.get("n_seeds"),
+             "reference": 0.0}
+            for c in details.get("comparisons") or [] if c.get("defect_type") == "all" and c.get("metric") == HEADLINE_METRIC]
+    return pd.DataFrame(rows, columns=DELTA_COLUMNS)
+
+
+def write_dvc_files(details: dict, curves: list[dict], out_dir: str | os.PathLike) -> None:
+    """What DVC shows of the stage: metrics.json (:func:`dvc_metrics`, `dvc metrics show`), curves.csv
+    (every training run's loss per epoch: one line per category, run and seed in `dvc plots show`) and
+    delta_pixel_ap.csv (:func:`deltas_table`: Δ pixel AP per category and run with its interval)."""
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "metrics.json", dvc_metrics(details))
+    pd.DataFrame(curves, columns=CURVE_COLUMNS).to_csv(out_dir / "curves.csv", index=False)
+    deltas_table(details).to_csv(out_dir / "delta_pixel_ap.csv", index=False)
 
 
 def run_label(protocol: str, run: str) -> str:

@@ -41,9 +41,6 @@ def _real_defects(split: str | os.PathLike, which: str) -> pd.DataFrame:
 
 C2ST_MIN = 4           # crops per side for the classifier two-sample test
 REAL_VS_REAL_MIN = 8   # held-out real defects for the real-vs-real reference (two halves of >= 4)
-HEADLINE = ("fid", "kid_mean", "lpips", "ic_lpips", "is_mean", "pass_rate", "backbone", "lpips_backbone", "quality_skipped",
-            "saturation", "saturation_real", "intensity_distance", "contrast_median", "c2st_accuracy", "c2st_real_vs_real",
-            "saturated_samples", "colour_drift_samples", "intensity_distance_real_vs_real", "speckle_ratio")
 
 
 def _real_reference(p: QualityParams, ring: int, src_root: Path, rr: pd.DataFrame) -> dict:
@@ -119,8 +116,51 @@ def _realism(p: QualityParams, ref: dict, crops: list, stats: list[dict], flags:
     return out
 
 
+C2ST_COLUMNS = ["set", "category", "defect_type", "method", "c2st_accuracy", "ci_low", "ci_high", "c2st_real_vs_real", "pass_rate", "group", "reference"]
+
+
+def dvc_metrics(details: dict) -> dict:
+    """metrics.json, the quality stage's line in ``dvc metrics show``: a few numbers that fit a terminal.
+
+    ``metric`` names what the method columns hold (``c2st``); ``pass_rate`` over every sample;
+    one column per method: its two-sample (real vs synthetic crops) classifier accuracy averaged over
+    its sets (0.5: indistinguishable; None where every set skipped it). Every set's scores, with the
+    backbones, are in details.json; the accuracy per set with its interval in c2st.csv (the plot)."""
+    by_method: dict[str, list[float]] = {}
+    for e in (details.get("sets") or {}).values():
+        values = by_method.setdefault(e["method"], [])
+        if isinstance(e.get("c2st_accuracy"), (int, float)):
+            values.append(e["c2st_accuracy"])
+    return {"metric": "c2st", "pass_rate": details.get("pass_rate"),
+            **{m: (round(float(np.mean(v)), 3) if v else None) for m, v in sorted(by_method.items())}}
+
+
+def c2st_table(details: dict) -> pd.DataFrame:
+    """c2st.csv: per set (category/defect type/method) its two-sample accuracy with the 95 % interval,
+    the real-vs-real reference and the set's pass rate (``group``: the method, the plot's colour;
+    ``reference``: 0.5, chance, the plot's vertical line); sets that skipped the test are left out."""
+    rows = []
+    for key, e in (details.get("sets") or {}).items():
+        if not isinstance(e.get("c2st_accuracy"), (int, float)):
+            continue
+        ci = e.get("c2st_ci95") or [None, None]
+        rows.append({"set": key, "category": e["category"], "defect_type": e["defect_type"], "method": e["method"],
+                     "c2st_accuracy": e["c2st_accuracy"], "ci_low": ci[0], "ci_high": ci[1],
+                     "c2st_real_vs_real": e.get("c2st_real_vs_real"), "pass_rate": e.get("pass_rate"), "group": e["method"],
+                     "reference": 0.5})
+    return pd.DataFrame(rows, columns=C2ST_COLUMNS)
+
+
+def write_dvc_files(details: dict, out_dir: str | os.PathLike) -> None:
+    """What DVC shows of the stage: metrics.json (:func:`dvc_metrics`) and c2st.csv (:func:`c2st_table`)."""
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "metrics.json", dvc_metrics(details))
+    c2st_table(details).to_csv(out_dir / "c2st.csv", index=False)
+
+
 def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
-    """qc.parquet (per-sample gates), details.json / metrics.json (per set), gates.json; raises QualityGateError.
+    """qc.parquet (per-sample gates), details.json (per set), metrics.json / c2st.csv (:func:`write_dvc_files`), gates.json;
+    raises QualityGateError.
 
     Per (category, defect type, method), against the held-out real defects of the type:
     FID / KID / IS / LPIPS, IC-LPIPS around the type's real training defects, and the realism scores of
@@ -219,8 +259,7 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
         "samples": int(len(qc)),
     }
     atomic_write_json(out_dir / "details.json", metrics)
-    short = {**metrics, "sets": {k: {h: e[h] for h in HEADLINE if h in e} for k, e in metrics["sets"].items()}}
-    atomic_write_json(out_dir / "metrics.json", short)
+    write_dvc_files(metrics, out_dir)
     atomic_write_text(out_dir / "gates.json", json.dumps({"passed": not failures, "failures": failures}, indent=2) + "\n")
     if failures:
         raise QualityGateError(f"quality gate failed ({len(failures)}): " + "; ".join(failures) + f" - see {out_dir / 'gates.json'}")
