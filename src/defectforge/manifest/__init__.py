@@ -1,1 +1,2 @@
-"""Manifests: the Parquet schema, reading and writing, and validation (Great Expectations)."""
+"""Manifests: the Parquet schema, reading and writing (``io``), path safety (``paths``) and validation
+(Great Expectations)."""

@@ -103,7 +103,7 @@ def _suspect_rows(chunk: pa.Array) -> np.ndarray:
 
 
 def check_paths(arr: pa.Array | pa.ChunkedArray, *, column: str = "path", source: str = "manifest") -> pa.Array | pa.ChunkedArray:
-    """:func:`~defectforge.manifest.schema.check_relpath` over a string column: the same
+    """:func:`check_relpath` over a string column: the same
     normalised values and the same error (on the first bad row), without a loop over the
     rows that are already relative and normal."""
     chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
