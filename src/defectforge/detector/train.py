@@ -265,14 +265,8 @@ def train_detector(
         xb, yb = batches.next()
         losses.append(_train_step(model, opt, sched, xb, yb, step=step, lr=lr))
         if step % plan.steps_per_epoch == 0:
-            row = {"epoch": step // plan.steps_per_epoch, "step": step, "loss": float(np.mean(losses)),
-                   "lr": float(opt.param_groups[0]["lr"]), "seconds": round(time.perf_counter() - t0, 3)}
-            if val_items:
-                m = evaluate_detector(model, val_items)
-                row.update({f"val_{k}": m[k] for k in DETECTION_KEYS})
-                model.train()
-            curve.append(row)
-            _report(progress, row)
+            curve.append(_pass_row(model, opt, losses, step=step, plan=plan, t0=t0, val_items=val_items))
+            _report(progress, curve[-1])
             losses, t0 = [], time.perf_counter()
     model.eval()
     return model, curve
@@ -356,6 +350,18 @@ class _Batches:
             xb.append(xi)
             yb.append(yi)
         return xb, yb
+
+
+def _pass_row(model: UNet, opt, losses: list[float], *, step: int, plan: _Plan, t0: float, val_items) -> dict:
+    """The curve's row at the end of a pass: its mean loss, the learning rate, its seconds and,
+    with ``val_items``, the validation metrics (the model is back in training mode after)."""
+    row = {"epoch": step // plan.steps_per_epoch, "step": step, "loss": float(np.mean(losses)),
+           "lr": float(opt.param_groups[0]["lr"]), "seconds": round(time.perf_counter() - t0, 3)}
+    if val_items:
+        m = evaluate_detector(model, val_items)
+        row.update({f"val_{k}": m[k] for k in DETECTION_KEYS})
+        model.train()
+    return row
 
 
 def _train_step(model: UNet, opt, sched, xb: list[torch.Tensor], yb: list[torch.Tensor], *, step: int, lr: float) -> float:
