@@ -77,6 +77,18 @@ def test_pretrained_path_round_trip_with_tiny_latent_model(tiny_latent_dir):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
+def test_latent_model_index_names_each_component_folder(tiny_latent_dir):
+    """model_index.json is what diffusers reads to load a directory: one entry per component
+    folder written, with the library and class that load it."""
+    import json
+
+    index = json.loads((tiny_latent_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and "_defectforge_note" not in index
+    parts = {k: v for k, v in index.items() if not k.startswith("_")}
+    assert set(parts) == {d.name for d in tiny_latent_dir.iterdir() if d.is_dir()}
+    assert parts["vae"] == ["diffusers", "AutoencoderKL"] and parts["tokenizer"] == ["transformers", "CLIPTokenizer"]
+
+
 def test_offline_hub_id_fails_with_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DefectforgeError) as err:
