@@ -1,5 +1,6 @@
 """The command line's contract for bad input: one line naming the culprit, non-zero exit, nothing written."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,59 @@ def test_list_versions_never_cuts_a_value_and_fits_120_columns(monkeypatch):
         assert more, shown
         # every item is a whole key=value (none cut mid-value), and shown + counted = all numeric metrics
         assert set(shown[:-1]) <= numeric and len(shown) - 1 + int(more.group(1)) == len(numeric)
+
+
+def _cli_subprocess(repo, *args):
+    """The ``defectforge`` command as a user runs it: a fresh process in the project folder."""
+    r = subprocess.run([sys.executable, "-m", "defectforge.cli", *map(str, args)], cwd=repo, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_the_command_line_and_the_dag_write_the_same_bytes(reproduced, tmp_path):
+    """The stage scripts DVC runs and the ``defectforge`` subcommands are one entry per stage: the
+    same params, the same threads and kernels, the same bytes (the detector's metrics included)."""
+    repo = reproduced.copy(tmp_path)
+    d = repo / "data"
+    # outputs beside the DAG's (a manifest records its dataset root relative to its own folder)
+    _cli_subprocess(repo, "split", "--source", d / "manifests/source.parquet", "--out", d / "manifests/split-cli.parquet")
+    assert (d / "manifests/split-cli.parquet").read_bytes() == (d / "manifests/split.parquet").read_bytes()
+    _cli_subprocess(repo, "detector", "--split", d / "manifests/split.parquet", "--refined", d / "refined/manifest.parquet",
+                    "--qc", d / "quality/qc.parquet", "--out", d / "detector-cli")
+    for f in ("details.json", "metrics.json"):
+        assert (d / "detector-cli" / f).read_bytes() == (d / "detector" / f).read_bytes(), f
+
+
+def test_a_params_key_is_overridden_on_the_command_line_as_dvc_does(reproduced, tmp_path):
+    import yaml
+
+    repo = reproduced.copy(tmp_path)
+    source = repo / "data/manifests/source.parquet"
+    _cli_subprocess(repo, "split", "--source", source, "--out", repo / "data/manifests/cli.parquet", "-S", "split.scheme=kfold",
+                    "--set", "split.fold=1")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["split"].update(scheme="kfold", fold=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    r = subprocess.run([sys.executable, "stages/split.py", tmp_path / "params.yaml", source, repo / "data/manifests/dag.parquet"],
+                       cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cli, dag = (repo / "data/manifests/cli.parquet").read_bytes(), (repo / "data/manifests/dag.parquet").read_bytes()
+    assert cli == dag and cli != (repo / "data/manifests/split.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("assignment,words", [("split.seed", "expected KEY=VALUE"), ("split.seed=[1", "not valid YAML"),
+                                              ("split.seed=x", "split.seed"), ("split.scheme.x=1", "split.scheme is not a section")])
+def test_a_bad_override_is_one_line(tmp_path, assignment, words):
+    (tmp_path / "p.yaml").write_text("split:\n  scheme: third\n")
+    r = _cli("split", "--source", tmp_path / "s.parquet", "--out", tmp_path / "o.parquet", "--params", tmp_path / "p.yaml",
+             "-S", assignment)
+    assert r.returncode == 2 and r.stderr.count("\n") <= 2 and words in r.stderr, r.stderr
+
+
+def test_a_missing_params_file_means_the_defaults_for_every_stage_and_a_folder_is_refused(tmp_path):
+    r = _cli("split", "--source", tmp_path / "s.parquet", "--out", tmp_path / "o.parquet", "--params", tmp_path / "none.yaml")
+    assert "note: no " in r.stderr and "params file not found" not in r.stderr  # the defaults, then the missing source
+    (tmp_path / "dir.yaml").mkdir()
+    r = _cli("split", "--source", tmp_path / "s.parquet", "--out", tmp_path / "o.parquet", "--params", tmp_path / "dir.yaml")
+    assert r.returncode == 2 and "is a folder, not a params file" in r.stderr

@@ -15,26 +15,39 @@ from typing import Optional
 import typer
 
 from defectforge.errors import DefectforgeError
+from defectforge.pipeline.entry import prepare_process
 
-for _k, _v in {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_ENABLED": "false"}.items():
-    os.environ.setdefault(_k, _v)
+prepare_process()  # as the DVC stage scripts do, before anything imports torch: the same threads and kernels, the same bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="defectforge: synthetic industrial defect datasets.")
-PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file")
+DEFAULT_PARAMS = Path("params.yaml")
+PARAMS = typer.Option(DEFAULT_PARAMS, "--params", help="params file (default: params.yaml here; where there is none, the defaults)")
+SET = typer.Option(None, "--set", "-S", help="override a params key as dvc exp run -S does, e.g. -S detector.seeds=[0,1] "
+                   "(repeatable)")
 
 
-def _params(path: Path):
-    from defectforge.params.file import load_params
+def _params(path: Path, sets: Optional[list[str]] = None):
+    """params.yaml (``--params``) with the ``-S`` overrides, validated as the DVC stages validate it. Where
+    the params file does not exist, every stage takes the defaults and says so in one line (a folder or
+    an unreadable file given as ``--params`` is an error)."""
+    from defectforge.params.file import parse_params
+    from defectforge.params.loader import override, read_mapping
 
-    return load_params(path)
+    if not os.path.lexists(path):
+        print(f"note: no {path} here: the params defaults" + (" with the -S overrides" if sets else ""), file=sys.stderr)
+        data = {}
+    else:
+        data = read_mapping(path) or {}
+    return parse_params(override(data, sets or []), f"{path}" + (" with -S" if sets else ""))
 
 
 @app.command()
-def sample(out: Path = typer.Option(Path("data/sample"), help="output folder (MVTec AD layout)"), params: Path = PARAMS):
+def sample(out: Path = typer.Option(Path("data/sample"), help="output folder (MVTec AD layout)"), params: Path = PARAMS,
+        set_: Optional[list[str]] = SET):
     """Make the built-in sample dataset."""
     from defectforge.pipeline import sample as stage
 
-    typer.echo(stage.run(_params(params).sample, out))
+    typer.echo(stage.run(_params(params, set_).sample, out))
 
 
 @app.command()
@@ -47,13 +60,13 @@ def ingest(
     on_bad: Optional[str] = typer.Option(None, help="fail | skip: bad samples stop ingest, or are left out and listed "
                                          "in <out stem>.quarantine.json (default: params data.on_bad)"),
     params: Path = PARAMS,
+    set_: Optional[list[str]] = SET,
 ):
     """Read a dataset folder into a validated source manifest (bad samples: see --on-bad)."""
-    from defectforge.params.data import DataParams
     from defectforge.params.file import parse_params
     from defectforge.pipeline import ingest as stage
 
-    p = _params(params).data if params.exists() else DataParams()
+    p = _params(params, set_).data
     updates = {k: v for k, v in {"layout": layout, "mask_rule": mask_rule, "image_glob": image_glob, "on_bad": on_bad}.items() if v is not None}
     if updates:
         p = parse_params({"data": {**p.model_dump(), **updates}}, "command line").data
@@ -61,19 +74,21 @@ def ingest(
 
 
 @app.command()
-def split(source: Path = typer.Option(..., help="source manifest"), out: Path = typer.Option(..., help="split manifest to write"), params: Path = PARAMS):
+def split(source: Path = typer.Option(..., help="source manifest"), out: Path = typer.Option(..., help="split manifest to write"), params: Path = PARAMS,
+        set_: Optional[list[str]] = SET):
     """Assign train/test and folds (seeded) to a source manifest."""
     from defectforge.pipeline import split as stage
 
-    _summary(stage.run(_params(params).split, source, out))
+    _summary(stage.run(_params(params, set_).split, source, out))
 
 
 @app.command()
-def pretrain(split: Path = typer.Option(..., help="split manifest"), out: Path = typer.Option(..., help="model folder to write"), params: Path = PARAMS):
+def pretrain(split: Path = typer.Option(..., help="split manifest"), out: Path = typer.Option(..., help="model folder to write"), params: Path = PARAMS,
+        set_: Optional[list[str]] = SET):
     """Train (tiny profile) or record (pretrained profile) the base diffusion model."""
     from defectforge.pipeline import pretrain as stage
 
-    p = _params(params)
+    p = _params(params, set_)
     typer.echo(stage.run(p.pretrain, split, out, needed=p.generate.model_needs()))
 
 
@@ -83,11 +98,12 @@ def finetune(
     base: Path = typer.Option(..., help="the pretrain command's folder"),
     out: Path = typer.Option(..., help="checkpoint folder to write"),
     params: Path = PARAMS,
+    set_: Optional[list[str]] = SET,
 ):
     """Fine-tune one checkpoint per (category, defect type) from the base model."""
     from defectforge.pipeline import finetune as stage
 
-    p = _params(params)
+    p = _params(params, set_)
     typer.echo(stage.run(p.finetune, split, base, out, needed=p.generate.model_needs()))
 
 
@@ -98,12 +114,13 @@ def generate(
     checkpoints: Optional[Path] = typer.Option(None, help="the finetune command's folder (needed by the diffusion methods)"),
     method: Optional[list[str]] = typer.Option(None, help="override generate.methods (repeatable)"),
     params: Path = PARAMS,
+    set_: Optional[list[str]] = SET,
 ):
     """Generate synthetic defect images, masks and a sharded manifest."""
     from defectforge.params.file import parse_params
     from defectforge.pipeline import generate as stage
 
-    p = _params(params).generate
+    p = _params(params, set_).generate
     if method:
         p = parse_params({"generate": {**p.model_dump(), "methods": list(method)}}, "command line").generate
     _summary(stage.run(p, split, out, checkpoints=checkpoints))
@@ -115,11 +132,12 @@ def refine(
     generated: Path = typer.Option(..., help="the generate command's folder"),
     out: Path = typer.Option(..., help="refined folder to write"),
     params: Path = PARAMS,
+    set_: Optional[list[str]] = SET,
 ):
     """Refine the masks (Eq. 13 from attention; raw target mask otherwise)."""
     from defectforge.pipeline import refine as stage
 
-    _summary(stage.run(_params(params).refine, split, generated, out))
+    _summary(stage.run(_params(params, set_).refine, split, generated, out))
 
 
 @app.command()
@@ -128,11 +146,12 @@ def quality(
     refined: Path = typer.Option(..., help="the refine command's manifest"),
     out: Path = typer.Option(..., help="quality folder to write"),
     params: Path = PARAMS,
+    set_: Optional[list[str]] = SET,
 ):
     """Per-sample gates, FID/KID/LPIPS and realism scores; exit 2 when a set-level gate fails."""
     from defectforge.pipeline import quality as stage
 
-    m = stage.run(_params(params).quality, split, refined, out)
+    m = stage.run(_params(params, set_).quality, split, refined, out)
     typer.echo(f"{out}: {m['samples']} samples, pass rate {m['pass_rate']}")
 
 
@@ -143,11 +162,12 @@ def detector(
     qc: Optional[Path] = typer.Option(None, help="the quality command's qc.parquet (default: no quality filter)"),
     out: Path = typer.Option(..., help="detector folder to write"),
     params: Path = PARAMS,
+    set_: Optional[list[str]] = SET,
 ):
     """Train the detector real-only and real + synthetic (paired seeds); verdicts with 95 % intervals."""
     from defectforge.pipeline import detector as stage
 
-    d = stage.run(_params(params).detector, split, refined, qc, out)
+    d = stage.run(_params(params, set_).detector, split, refined, qc, out)
     for r in d["comparisons"]:
         if r.get("defect_type") == "all":
             typer.echo(f"{r['category']}/{r['method']} {r['metric']}: {r['verdict']} (protocol {r['protocol']} vs {r['reference']}, budget {r['budget']})")
@@ -162,11 +182,12 @@ def release(
     split: Optional[Path] = typer.Option(None, help="split manifest (for the report's real columns)"),
     verify: bool = typer.Option(True, help="check every row's image/mask sha256 against its file first"),
     params: Path = PARAMS,
+    set_: Optional[list[str]] = SET,
 ):
     """Write the versioned manifest, metrics, report and dataset card."""
     from defectforge.pipeline import release as stage
 
-    _summary(stage.run(_params(params).release, refined, out, quality=quality, detector=detector, split=split, verify=verify))
+    _summary(stage.run(_params(params, set_).release, refined, out, quality=quality, detector=detector, split=split, verify=verify))
 
 
 @app.command()

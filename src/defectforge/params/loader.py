@@ -18,6 +18,8 @@ dvc.yaml lists only those keys, so changing a knob reruns only the stages that u
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 from pathlib import Path
@@ -134,6 +136,10 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 def read_params_yaml(path: str | Path) -> Any:
     """The parsed params file (UTF-8, no aliases, no duplicate keys); ParamsError names the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a folder, not a params file")
+    if path.exists() and not path.is_file():
+        raise ParamsError(f"{path}: not a regular file (a params file is a YAML file)")
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
@@ -148,6 +154,33 @@ def read_params_yaml(path: str | Path) -> Any:
         raise ParamsError(cap(f"{path}: not valid YAML ({_yaml_problem(exc)})")) from None
     except RecursionError:
         raise ParamsError(f"{path}: not valid YAML (nested too deeply)") from None
+
+
+def override(data: dict[str, Any] | None, assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``data`` with each ``KEY=VALUE`` set, as ``dvc exp run -S`` does: a dotted key (a leading ``+``,
+    DVC's mark for a new key, is accepted), the value read as YAML (``3``, ``true``, ``[a, b]``,
+    ``{crack: generated}``). ParamsError names the assignment that cannot apply."""
+    out = copy.deepcopy(data) if data else {}
+    for a in assignments:
+        key, eq, raw = a.partition("=")
+        key = key.strip().lstrip("+")
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise ParamsError(f"-S {short(a)}: expected KEY=VALUE with a dotted key, e.g. -S generate.n_per_defect=8")
+        try:
+            value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            raise ParamsError(cap(f"-S {short(a)}: value is not valid YAML ({_yaml_problem(exc)})")) from None
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.setdefault(part, {})
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ParamsError(f"-S {short(a)}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
 
 
 def read_mapping(path: str | Path) -> dict[str, Any] | None:

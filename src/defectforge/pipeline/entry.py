@@ -57,12 +57,19 @@ def pin_cpu_isa() -> bool:
     return True
 
 
+def prepare_process() -> None:
+    """What every entry point (a DVC stage script, the ``defectforge`` command) sets before any
+    computation, so both give the same bytes: analytics off, :data:`THREADS`, :func:`pin_cpu_isa`.
+    A value the user set is kept."""
+    for k, v in {**ANALYTICS_OFF, **THREADS}.items():
+        os.environ.setdefault(k, v)
+    pin_cpu_isa()
+
+
 def stage(fn: Callable[..., object]) -> Callable[[], None]:
     @functools.wraps(fn)
     def main() -> None:
-        for k, v in {**ANALYTICS_OFF, **THREADS}.items():
-            os.environ.setdefault(k, v)
-        pin_cpu_isa()
+        prepare_process()
         try:
             fn(*sys.argv[1:])
         except DefectforgeError as exc:
