@@ -4,7 +4,7 @@ module, and their content hash.
 Reachable means: every ``import`` / ``from ... import`` anywhere in a module (imports
 inside functions run too), and every string naming a ``defectforge.*`` module (the method
 registry loads its modules by name), transitively, with the parent packages of each.
-``tests/test_dvc_deps.py`` uses the same walk to check that dvc.yaml lists each stage's
+``tests/project/test_dvc_deps.py`` uses the same walk to check that dvc.yaml lists each stage's
 modules as deps; :func:`code_sha256` of a stage's library module therefore changes only when
 DVC also sees a changed dep of that stage.
 """

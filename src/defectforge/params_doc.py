@@ -7,7 +7,7 @@ One table per section (nested sections, such as ``quality.gates`` or ``generate.
 get their own): key, type, default, bounds and the description. A description is the field's
 ``description=`` when it has one, else the comment on the line of its declaration or the
 comment lines right above it, so the reference says what the code says and cannot go stale
-(tests/test_params_doc.py compares the committed file with a fresh one).
+(tests/params/test_params_doc.py compares the committed file with a fresh one).
 """
 
 from __future__ import annotations

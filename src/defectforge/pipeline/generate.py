@@ -444,7 +444,7 @@ def package_sha256(method: str) -> str:
     so that after a code change DVC's rerun of this stage (whose output persists for resume)
     makes that method's samples again instead of keeping the old code's as done, while an edit
     to one method's files leaves the other methods' samples in place. Every such file is a
-    dep of the stage in dvc.yaml (tests/test_dvc_deps.py), so an edit elsewhere (the report,
+    dep of the stage in dvc.yaml (tests/project/test_dvc_deps.py), so an edit elsewhere (the report,
     say) changes no sample id and a from-scratch ``dvc repro`` matches the lock. Cached per
     process (one walk per method, not one per sample)."""
     from defectforge.methods import code_sha256

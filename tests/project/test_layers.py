@@ -17,7 +17,7 @@ import pytest
 
 from defectforge import code
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 PKG = SRC / "defectforge"
 
 LAYERS = [

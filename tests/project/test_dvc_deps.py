@@ -16,7 +16,7 @@ import yaml
 
 from defectforge import code
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from defectforge.params.file import load_params
 from defectforge.params.loader import parse_section, read_sections
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stages() -> dict[str, dict]:

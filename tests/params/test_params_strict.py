@@ -16,7 +16,7 @@ import pytest
 from defectforge.errors import ParamsError
 from defectforge.params.file import load_params, parse_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
