@@ -84,6 +84,23 @@ class Crop:
     m: torch.Tensor  # (1, 1, r, r) in {0, 1}
 
 
+@dataclass
+class SampleRow:
+    """One sample of a method's batched sampler: its latents (batch 1 each), its own generator,
+    and the per-sample options of :func:`~defectforge.diffusion.ddim.bound_eps` (``bound``,
+    ``gray``, ``chroma``) and of the background reset (``soft``: the feathered mask that
+    replaces ``m`` there). A method adds its own fields in a subclass; they are keyword-only
+    (``@dataclass(kw_only=True)``), since these fields have defaults."""
+
+    z0: torch.Tensor
+    m: torch.Tensor
+    generator: torch.Generator
+    bound: float | tuple = 0.0
+    gray: bool = False
+    soft: torch.Tensor | None = None
+    chroma: tuple | None = None
+
+
 def make_crop(comps: DiffusionComponents, image: np.ndarray, mask: np.ndarray, crop: bool, context: float) -> Crop:
     res = comps.resolution
     box = crop_box(mask, res, context) if crop else whole_box(mask.shape)

@@ -17,14 +17,14 @@ module             what
                    ``anomalydiffusion``)
 =================  =====================================================================
 
-This file imports nothing: a module that needs one part (the generate stage reads the Eq. 9
+This file imports nothing but the lazy-export helper: a module that needs one part (the generate stage reads the Eq. 9
 mask model for any method's target masks) does not depend on the others' code. Names are
 importable from here and load their module on first use.
 """
 
 from __future__ import annotations
 
-import importlib
+from defectforge.methods.lazy import lazy_exports
 
 _EXPORTS = {
     "AnomalyDiffusionConfig": "config",
@@ -52,10 +52,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

@@ -162,7 +162,7 @@ class AnomalyDiffusion(DiffusionMethod):
             gray = is_gray(image)
             soft, alpha = soft_masks(comps, crop, raw, cfg.feather)
             bound = self.x0_bound(defect, pixel, soft if cfg.feather > 0 else m)
-            rows.append(ADRow(z0, m, e, gen, bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
+            rows.append(ADRow(z0, m, gen, e=e, bound=bound, gray=cfg.gray_steps and gray and pixel, soft=soft if cfg.feather > 0 else None,
                               chroma=chroma_range(crop.x) if cfg.chroma_steps and pixel and not gray else None))
             prepared.append((it, raw, crop, gray, alpha, bound, e))
         zs = sample_anomalydiffusion_batch(comps, rows, cfg.steps, reweight=cfg.reweight, w_max=cfg.reweight_max, dilation=cfg.reweight_dilation)

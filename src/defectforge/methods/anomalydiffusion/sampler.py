@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from defectforge.diffusion.ddim import add_noise, bound_eps, ddim_schedule, ddim_step
+from defectforge.diffusion.sampling import SampleRow
 from defectforge.methods.anomalydiffusion.attention import (
     AttentionReweight,
     adaptive_weight_map,
@@ -42,23 +43,16 @@ def sample_anomalydiffusion(comps, z0: torch.Tensor, m: torch.Tensor, e: torch.T
     docstring). Random draws from ``generator`` in that order (z_T's noise, then one per
     step). ``log`` (a list) receives each step's (t, d, w_m), for tests and diagnostics.
     """
-    row = ADRow(z0, m, e, generator, bound, gray, soft, chroma)
+    row = ADRow(z0, m, generator, bound, gray, soft, chroma, e=e)
     return sample_anomalydiffusion_batch(comps, [row], steps, reweight=reweight, w_max=w_max, dilation=dilation, log=log)[0]
 
 
-@dataclass
-class ADRow:
-    """One sample of :func:`sample_anomalydiffusion_batch`: its tensors (batch 1 each), its own
-    generator and options (the arguments of :func:`sample_anomalydiffusion`)."""
+@dataclass(kw_only=True)
+class ADRow(SampleRow):
+    """One sample of :func:`sample_anomalydiffusion_batch` (the arguments of
+    :func:`sample_anomalydiffusion`): the shared row and its anomaly embedding ``e``."""
 
-    z0: torch.Tensor
-    m: torch.Tensor
     e: torch.Tensor
-    generator: torch.Generator
-    bound: float | tuple = 0.0
-    gray: bool = False
-    soft: torch.Tensor | None = None
-    chroma: tuple | None = None
 
 
 @torch.no_grad()

@@ -10,13 +10,13 @@ module          what
 ``method``      :class:`DefectDiffu`, the generation method (registry id ``defectdiffu``)
 ==============  =========================================================================
 
-This file imports nothing, so one part's code does not depend on the others'; names are
+This file imports nothing but the lazy-export helper, so one part's code does not depend on the others'; names are
 importable from here and load their module on first use.
 """
 
 from __future__ import annotations
 
-import importlib
+from defectforge.methods.lazy import lazy_exports
 
 _EXPORTS = {
     "DefectDiffuConfig": "config",
@@ -39,10 +39,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

@@ -15,6 +15,7 @@ import torch
 from defectforge.diffusion.attention import AttentionStoreProtocol
 from defectforge.diffusion.ddim import add_noise, bound_eps, ddim_schedule, ddim_step, double_free, zero_shot_guidance
 from defectforge.diffusion.prompts import build_context
+from defectforge.diffusion.sampling import SampleRow
 from defectforge.methods.defectdiffu.config import DefectDiffuConfig
 
 # the three conditions of Eq. 4, in the order of the batched UNet call: (defect condition, product condition)
@@ -51,17 +52,9 @@ def contexts(comps, defect: str | None, conditions=CONDITIONS) -> tuple[torch.Te
 
 
 @dataclass
-class DoubleFreeRow:
-    """One sample of :func:`sample_double_free_batch`: its tensors (batch 1 each), its own
-    generator and options (the arguments of :func:`sample_double_free`)."""
-
-    z0: torch.Tensor
-    m: torch.Tensor
-    generator: torch.Generator
-    bound: float | tuple = 0.0
-    gray: bool = False
-    soft: torch.Tensor | None = None
-    chroma: tuple | None = None
+class DoubleFreeRow(SampleRow):
+    """One sample of :func:`sample_double_free_batch` (the arguments of :func:`sample_double_free`):
+    the shared row, nothing more."""
 
 
 @torch.no_grad()
