@@ -4,6 +4,11 @@ Images are handled as ``uint8`` arrays of shape (H, W, 3) (grayscale sources are
 replicated to three channels so every method sees one format); masks as ``bool``
 arrays of shape (H, W). Greyscale sources deeper than 8 bits are scaled, not clipped.
 Writing files (atomically) is :mod:`defectforge.data.files`.
+
+Every file is read as it is displayed: an EXIF orientation tag (a phone or camera that stores
+the sensor's rows and says how to turn them) is applied, to images and masks alike, so a mask
+drawn on the displayed image lies on its defect. A palette mask (VOC style) is read by its
+index, 0 = background, whatever colour the palette gives the other indices.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from defectforge.errors import DataError
 
@@ -52,8 +57,11 @@ def _decode(path: str | os.PathLike, mode: str, what: str, data: bytes | None = 
     if data is None and not path.is_file():
         raise DataError(f"{path}: {what} file not found")
     try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as im:
-            im.load()
+        with Image.open(io.BytesIO(data) if data is not None else path) as opened:
+            opened.load()
+            im = ImageOps.exif_transpose(opened)  # a copy turned as displayed (or the image itself, untagged)
+            if mode == "L" and im.mode in ("P", "PA"):  # a palette mask: by index, not by the index's colour
+                return np.where(np.asarray(im.getchannel(0) if im.mode == "PA" else im) != 0, 255, 0).astype(np.uint8)
             if im.mode in _HIGH_DEPTH:
                 grey = _grey_to_uint8(im, path, what)
                 return np.repeat(grey[:, :, None], 3, axis=2) if mode == "RGB" else grey
@@ -75,7 +83,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_mask(path: str | os.PathLike, threshold: int = 128) -> np.ndarray:
-    """Read a mask as bool (H, W): a pixel is defect where its gray value >= threshold.
+    """Read a mask as bool (H, W): a pixel is defect where its gray value >= threshold (a palette
+    mask: where its index is not 0).
 
     Masks from real datasets are rarely clean 0/255 (JPEG ringing, anti-aliasing), so
     they are always thresholded rather than compared with 255. The threshold is on the
@@ -85,10 +94,12 @@ def read_mask(path: str | os.PathLike, threshold: int = 128) -> np.ndarray:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) from the header only; raises DataError if unreadable."""
+    """(width, height) as displayed, from the header only (an EXIF orientation of 5-8 swaps
+    them); raises DataError if unreadable."""
     try:
         with Image.open(path) as im:
-            return im.size
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            return (im.height, im.width) if turned else im.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__})") from None
 
