@@ -17,42 +17,22 @@ module             what
                    ``anomalydiffusion``)
 =================  =====================================================================
 
-This file imports nothing but the lazy-export helper: a module that needs one part (the generate stage reads the Eq. 9
-mask model for any method's target masks) does not depend on the others' code. Names are
-importable from here and load their module on first use.
+This file imports nothing but the lazy-export helper: a module that needs one part (the
+generate stage reads the Eq. 9 mask model for any method's target masks) does not depend on
+the others' code. Names are importable from here and load their module on first use.
 """
 
 from __future__ import annotations
 
 from defectforge.methods.lazy import lazy_exports
 
-_EXPORTS = {
-    "AnomalyDiffusionConfig": "config",
-    "AnomalyDiffusion": "method",
-    "ADRow": "sampler",
-    "sample_anomalydiffusion": "sampler",
-    "sample_anomalydiffusion_batch": "sampler",
-    "SpatialEncoder": "embedding",
-    "spatial_anomaly_embedding": "embedding",
-    "masked_diffusion_loss": "training",
-    "train_anomaly_embedding": "training",
-    "save_anomaly_embedding": "embedding",
-    "fit_anomaly_embedding": "training",
-    "load_anomaly_embedding": "embedding",
-    "EMBEDDING_DIR": "embedding",
-    "EMBEDDING_WEIGHTS": "embedding",
-    "EMBEDDING_META": "embedding",
-    "FORMAT": "embedding",
-    "AttentionReweight": "attention",
-    "ReweightedAttnProcessor": "attention",
-    "adaptive_weight_map": "attention",
-    "dilate_mask": "attention",
-    "install_reweighting": "attention",
-    "reweight_dilation_radius": "attention",
-}
-
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "config": ("AnomalyDiffusionConfig",),
+    "method": ("AnomalyDiffusion",),
+    "sampler": ("ADRow", "sample_anomalydiffusion", "sample_anomalydiffusion_batch"),
+    "embedding": ("SpatialEncoder", "spatial_anomaly_embedding", "save_anomaly_embedding",
+                  "load_anomaly_embedding", "EMBEDDING_DIR", "EMBEDDING_WEIGHTS", "EMBEDDING_META", "FORMAT"),
+    "training": ("masked_diffusion_loss", "train_anomaly_embedding", "fit_anomaly_embedding"),
+    "attention": ("AttentionReweight", "ReweightedAttnProcessor", "adaptive_weight_map", "dilate_mask",
+                  "install_reweighting", "reweight_dilation_radius"),
+})

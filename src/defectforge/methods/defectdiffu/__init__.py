@@ -18,28 +18,11 @@ from __future__ import annotations
 
 from defectforge.methods.lazy import lazy_exports
 
-_EXPORTS = {
-    "DefectDiffuConfig": "config",
-    "DefectDiffu": "method",
-    "CONDITIONS": "sampler",
-    "DEFECT_ROW": "sampler",
-    "DoubleFreeRow": "sampler",
-    "attention_mask": "sampler",
-    "contexts": "sampler",
-    "iterative_threshold": "sampler",
-    "sample_double_free": "sampler",
-    "sample_double_free_batch": "sampler",
-    "AdaptiveAttention": "training",
-    "DoubleFreeDropout": "training",
-    "MaskModuleLoss": "training",
-    "TDIA": "training",
-    "adaptive_attention_loss": "training",
-    "defectdiffu_hooks": "training",
-    "double_free_dropout": "training",
-}
-
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "config": ("DefectDiffuConfig",),
+    "method": ("DefectDiffu",),
+    "sampler": ("CONDITIONS", "DEFECT_ROW", "DoubleFreeRow", "attention_mask", "contexts",
+                "iterative_threshold", "sample_double_free", "sample_double_free_batch"),
+    "training": ("AdaptiveAttention", "DoubleFreeDropout", "MaskModuleLoss", "TDIA",
+                 "adaptive_attention_loss", "defectdiffu_hooks", "double_free_dropout"),
+})
