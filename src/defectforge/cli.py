@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from defectforge.errors import DefectforgeError
-from defectforge.pipeline.entry import prepare_process
+from defectforge.pipeline.entry import end_progress_lines, prepare_process
 
 prepare_process()  # as the DVC stage scripts do, before anything imports torch: the same threads and kernels, the same bytes
 
@@ -301,7 +301,10 @@ MAX_DETAILS = 50  # lines listed under it (an error with ``details``: every bad 
 
 
 def _report(exc: DefectforgeError) -> None:
-    """``error: <one line>`` on stderr, then the error's ``details`` (if any), one per line, indented."""
+    """``error: <one line>`` on stderr, then the error's ``details`` (if any), one per line, indented.
+
+    A progress bar still open is closed first: the error line starts a line of its own."""
+    end_progress_lines()
     line = str(exc)
     if len(line) > MAX_ERROR:
         line = line[: MAX_ERROR - 3] + "..."

@@ -88,6 +88,7 @@ import hashlib
 import io
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from defectforge.data.codec import IMAGE_SUFFIXES, _decode
+from defectforge.data.codec import IMAGE_SUFFIXES, _decode, too_large_message
 from defectforge.errors import DataError, ParamsError
 from defectforge.params.data import image_glob_problem, mask_rule_parts as _mask_rule_parts
 
@@ -144,7 +145,8 @@ class BadSample:
         return dict(self.__dict__)
 
 
-REASONS = ("unreadable image", "image has no pixels", "missing mask", "unreadable mask", "size mismatch", "empty mask")
+REASONS = ("unreadable image", "image has no pixels", "image too large", "not a regular file", "missing mask",
+           "unreadable mask", "size mismatch", "empty mask")
 
 
 class BadSamplesError(DataError):
@@ -236,6 +238,7 @@ def ingest(
             f"{root}: no images found for layout {layout!r} "
             f"(expected {_EXPECTED[layout]}, image_glob={image_glob!r})"
         )
+    _check_printable_ids(entries)
     _check_confined(root, entries)
     _check_unique_ids(entries)
 
@@ -356,6 +359,8 @@ def _find_magnetic_tile(root: Path, *, image_glob: str, mask_rule: str) -> list[
 
 def _read_entry(root: Path, e: _Entry, threshold: int) -> dict:
     """One row, or :class:`_Bad` naming the file and the reason."""
+    if not e.image.is_file():  # a FIFO, a device or a link to one: never opened (reading it may block)
+        raise _Bad("not a regular file", f"{e.image}: {_what_is(e.image)}, not an image file")
     data = _read_bytes(e.image, "image")
     width, height = _decode_size(e.image, data)
     row = {
@@ -374,6 +379,9 @@ def _read_entry(root: Path, e: _Entry, threshold: int) -> dict:
     if e.mask is None:
         return row
     if not e.mask.is_file():
+        if os.path.lexists(e.mask):  # something of that name is there, but no file to read
+            raise _Bad("not a regular file",
+                       f"{e.mask}: {_what_is(e.mask)}, not a mask file (the mask of defect image {e.image})", e.mask)
         raise _Bad("missing mask", f"{e.image}: no mask for this defect image (expected {e.mask})", e.mask)
     mdata = _read_bytes(e.mask, "mask")
     mask = _decode_mask(e.mask, mdata, threshold)
@@ -398,9 +406,13 @@ def _read_bytes(path: Path, what: str) -> bytes:
 def _decode_size(path: Path, data: bytes) -> tuple[int, int]:
     """Decode the whole image (catches truncated files) and return (width, height)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            width, height = im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                width, height = im.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise _Bad("image too large", too_large_message(path, "image", exc)) from None
     except _DECODE_ERRORS as exc:
         raise _Bad("unreadable image", f"{path}: unreadable or corrupt image ({exc.__class__.__name__})") from None
     if width == 0 or height == 0:
@@ -420,12 +432,15 @@ def _decode_mask(path: Path, data: bytes, threshold: int) -> np.ndarray:
 
 
 def _check_confined(root: Path, entries: list[_Entry]) -> None:
-    """Every image and mask must resolve (symlinks followed) inside the real dataset root."""
+    """Every image and mask must resolve (symlinks followed) inside the real dataset root.
+
+    A path that exists but is not a regular file (a link to a device, a FIFO) is never
+    opened: it is reported as a bad sample instead (see :func:`_read_entry`)."""
     real_root = root.resolve()
     escaping = []
     for e in entries:
         for path in (e.image, e.mask):
-            if path is None:
+            if path is None or (path.exists() and not path.is_file()):
                 continue
             real = path.resolve()
             if real != real_root and real_root not in real.parents:
@@ -437,6 +452,20 @@ def _check_confined(root: Path, entries: list[_Entry]) -> None:
         raise DataError(f"{path}: path escapes the dataset root {real_root}{via}; refusing to ingest it{more}")
 
 
+def _what_is(path: Path) -> str:
+    """``"a FIFO"``, ``"a link to a character device (/dev/null)"``, ...: what is at ``path``."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return f"a broken link (to {os.readlink(path)})" if path.is_symlink() else "not readable"
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file")]
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"a link to {kind} ({path.resolve()})" if path.is_symlink() else kind
+
+
 def _subdirs(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -446,8 +475,11 @@ def _subdirs(folder: Path) -> list[Path]:
 def _images(folder: Path, pattern: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
     if not folder.is_dir():
         return []
+    # anything named like an image except a folder: a FIFO, a link to a device or a broken link
+    # becomes a bad sample naming what is there (see _read_entry), never a silent drop
     return sorted(
-        p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
+        p for p in folder.glob(pattern)
+        if not p.is_dir() and not p.name.startswith(".") and p.suffix.lower() in suffixes
     )
 
 
@@ -465,6 +497,16 @@ def _apply_mask_rule(rule: str, **values: str) -> str:
 
 def _check_mask_rule(rule: str) -> None:
     _mask_rule_parts(rule)
+
+
+def _check_printable_ids(entries: list[_Entry]) -> None:
+    """An id (from folder and file names) with a control character (a newline, a tab, ...) would
+    break every line-oriented report and listing that shows it: refused, naming the file."""
+    bad = [e for e in entries if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in e.image_id)]
+    if bad:
+        more = f"; {len(bad) - 1} more such file(s)" if len(bad) > 1 else ""
+        raise DataError(f"{str(bad[0].image)!r}: image id {bad[0].image_id!r} holds a control character "
+                        f"(newline, tab, ...); rename the file or folder{more}")
 
 
 def _check_unique_ids(entries: list[_Entry]) -> None:

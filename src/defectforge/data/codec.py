@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,16 @@ def _grey_to_uint8(im: Image.Image, path: Path, what: str) -> np.ndarray:
     return ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
 
 
+def too_large_message(path, what: str, exc: Exception) -> str:
+    """One line for PIL's decompression-bomb warning or error: the file, its pixel count, what to do."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return (f"{path}: {what} has {pixels}, over the decoder's limit of {Image.MAX_IMAGE_PIXELS:,} "
+            f"(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); downscale the {what} to fewer pixels")
+
+
 def _decode(path: str | os.PathLike, mode: str, what: str, data: bytes | None = None) -> np.ndarray:
     """Decode the whole file (or ``data``, its bytes) as uint8 in ``mode`` ("RGB" or "L").
 
@@ -57,7 +68,11 @@ def _decode(path: str | os.PathLike, mode: str, what: str, data: bytes | None = 
     if data is None and not path.is_file():
         raise DataError(f"{path}: {what} file not found")
     try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as opened:
+        # PIL only warns (on stderr, a raw multi-line warning) between its pixel limit and twice it
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data) if data is not None else path)
+        with opened:
             opened.load()
             im = ImageOps.exif_transpose(opened)  # a copy turned as displayed (or the image itself, untagged)
             if mode == "L" and im.mode in ("P", "PA"):  # a palette mask: by index, not by the index's colour
@@ -66,6 +81,8 @@ def _decode(path: str | os.PathLike, mode: str, what: str, data: bytes | None = 
                 grey = _grey_to_uint8(im, path, what)
                 return np.repeat(grey[:, :, None], 3, axis=2) if mode == "RGB" else grey
             return np.asarray(im.convert(mode), dtype=np.uint8)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(too_large_message(path, what, exc)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: unreadable or corrupt {what} ({exc.__class__.__name__})") from None
 

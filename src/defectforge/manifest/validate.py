@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from defectforge.data.files import sha256_file
 from defectforge.errors import DataError, DefectforgeError, ManifestError
-from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
+from defectforge.manifest.io import manifest_info, read_manifest, shard_files, write_manifest
 from defectforge.manifest.paths import check_rows_confined
 from defectforge.manifest.schema import ID_COLUMN, PATH_COLUMNS, schema_for
 
@@ -161,14 +161,74 @@ def validate_frame(df: pd.DataFrame, *, kind: str, root: str | os.PathLike, meth
     return failures
 
 
+MADE_BY = {"source": "ingest's output", "split": "the split stage's output",
+           "synthetic": "the generate or refine stage's output"}
+
+
+def require_kind(path: str | os.PathLike, kind: str, role: str) -> dict[str, str]:
+    """:func:`manifest_info` of ``path`` when it is a ``kind`` manifest; otherwise one line saying
+    which kind was given and which one ``role`` (``"release --refined"``) expects."""
+    info = manifest_info(path)
+    if info["kind"] != kind:
+        raise ManifestError(f"{path}: is a {info['kind']} manifest ({MADE_BY.get(info['kind'], 'unknown')}), "
+                            f"but {role} takes a {kind} manifest ({MADE_BY[kind]})")
+    return info
+
+
+def stored_type_problems(path: str | os.PathLike, kind: str) -> list[str]:
+    """Columns whose stored Parquet type is not the schema's, one line each.
+
+    The reader casts what it can (a ``width`` stored as the strings ``"32"`` reads as int32),
+    so only the stored schema shows that a file was not written as a manifest of its kind.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = schema_for(kind)
+    p = Path(path)
+    files = [p] if p.is_file() else shard_files(p)
+    problems: dict[str, list[str]] = {}
+    for f in files:
+        for field in pq.read_schema(f):
+            if field.name not in schema.names:
+                continue
+            want = schema.field(field.name).type
+            got = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+            if not got.equals(want):
+                problems.setdefault(f"{field.name}: stored as {field.type}, the {kind} schema says {want}", []).append(f.name)
+    return [line + ("" if len(files) == 1 else f" (in {len(names)} of {len(files)} shards, e.g. {names[0]})")
+            for line, names in problems.items()]
+
+
+def _control_character_problems(df: pd.DataFrame, kind: str) -> list[str]:
+    """Ids and names holding a control character (a newline, a tab, ...): they break every
+    line-oriented report and file listing that shows them."""
+    problems = []
+    for col in dict.fromkeys([ID_COLUMN[kind], "category", "defect_type"]):
+        if col not in df.columns:
+            continue
+        bad = [v for v in df[col].dropna().astype(str) if has_control_character(v)]
+        if bad:
+            problems.append(f"{col}: {len(bad)} row(s) hold a control character (newline, tab, ...), e.g. {bad[:3]}")
+    return problems
+
+
+def has_control_character(text: str) -> bool:
+    """True if ``text`` holds a C0/C1 control character (``\\n``, ``\\t``, ``\\x7f``, ...)."""
+    return any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in text)
+
+
 def validate_manifest(path: str | os.PathLike) -> list[str]:
     """Validate a manifest file or shard folder against its kind's suite (its rows must stay in its root)."""
     info = manifest_info(path)
+    types = stored_type_problems(path, info["kind"])
+    if types:  # the suite would check values the reader cast, not what is stored
+        return types
     df = read_manifest(path).to_pandas()
     if df.empty:
         return [f"{path}: manifest has no rows"]
     check_rows_confined(df, info["dataset_root"], str(path))
-    return validate_frame(df, kind=info["kind"], root=info["dataset_root"])
+    return _control_character_problems(df, info["kind"]) + validate_frame(df, kind=info["kind"], root=info["dataset_root"])
 
 
 def check_manifest(path: str | os.PathLike) -> None:

@@ -69,8 +69,10 @@ def run(
     from defectforge.pipeline.entry import pin_cpu_isa
 
     pin_cpu_isa()  # the kernels of the DVC stage (and of the workers), when nothing has computed yet
+    from defectforge.manifest.validate import require_kind
+
     out_dir = Path(out_dir)
-    src_root = Path(manifest_info(split)["dataset_root"])
+    src_root = Path(require_kind(split, "split", "detector --split")["dataset_root"])
     sp = read_manifest(split).to_pandas()
     syn = _synthetic_for_detector(p, refined, qc)
     results, per_type, rows, curves = {}, {}, [], []
@@ -271,8 +273,10 @@ def _synthetic_for_detector(p: DetectorParams, refined, qc) -> pd.DataFrame:
     if len(qcs) != len(manifests):
         raise DefectforgeError(f"detector: {len(manifests)} synthetic manifests but {len(qcs)} qc tables")
     frames = []
+    from defectforge.manifest.validate import require_kind
+
     for man, q in zip(manifests, qcs):
-        root = Path(manifest_info(man)["dataset_root"])
+        root = Path(require_kind(man, "synthetic", "detector --refined")["dataset_root"])
         df = read_manifest(man).to_pandas()
         if q is not None:
             df = df.drop(columns=["qc_pass"], errors="ignore").merge(pd.read_parquet(q)[["sample_id", "qc_pass"]], on="sample_id", how="left")

@@ -66,6 +66,21 @@ def prepare_process() -> None:
     pin_cpu_isa()
 
 
+def end_progress_lines() -> None:
+    """Close every progress bar still open, so what is printed next starts on a line of its own.
+
+    A tqdm bar draws on stderr without a newline; an error raised while one is open (and not
+    closed by its ``with`` or ``finally``) would otherwise be printed at the end of the bar's
+    line. Closing redraws the bar and ends its line; a closed bar's second close does nothing.
+    """
+    std = sys.modules.get("tqdm.std")  # never imported here: no tqdm loaded, no bar open
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar whose stream is gone: nothing to end
+            pass
+
+
 def stage(fn: Callable[..., object]) -> Callable[[], None]:
     @functools.wraps(fn)
     def main() -> None:
@@ -73,6 +88,7 @@ def stage(fn: Callable[..., object]) -> Callable[[], None]:
         try:
             fn(*sys.argv[1:])
         except DefectforgeError as exc:
+            end_progress_lines()
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
 

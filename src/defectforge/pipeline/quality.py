@@ -182,9 +182,11 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
     gates = thresholds_from_dict(p.gates, GateThresholds)
     set_gates = thresholds_from_dict(p.set_gates, SetThresholds)
     out_dir = Path(out_dir)
-    src_root = Path(manifest_info(split)["dataset_root"])
+    from defectforge.manifest.validate import require_kind
+
+    src_root = Path(require_kind(split, "split", "quality --split")["dataset_root"])
     split_df = read_manifest(split).to_pandas().set_index("image_id")
-    root = Path(manifest_info(refined)["dataset_root"])
+    root = Path(require_kind(refined, "synthetic", "quality --refined")["dataset_root"])
     df = read_manifest(refined).to_pandas().sort_values("sample_id")
     # 1. the held-out real defects of every type there are samples of
     reals = _real_defects(split, "test")

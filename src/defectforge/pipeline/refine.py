@@ -16,7 +16,7 @@ from defectforge.data.codec import encode_png, read_image, read_mask
 from defectforge.data.files import atomic_dir, atomic_write_bytes, sha256_bytes
 from defectforge.errors import DataError
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
-from defectforge.manifest.validate import check_manifest
+from defectforge.manifest.validate import check_manifest, require_kind
 from defectforge.masks.refine import difference_mask, refine_mask
 from defectforge.params.refine import RefineParams
 
@@ -46,7 +46,7 @@ def run(p: RefineParams, split: str | os.PathLike, generated: str | os.PathLike,
     if gen_info["kind"] != "synthetic":
         raise DataError(f"{generated}: is a {gen_info['kind']} manifest; refine needs the generate stage's folder or manifest")
     gen_root = Path(gen_info["dataset_root"])
-    src_root = Path(manifest_info(split)["dataset_root"])
+    src_root = Path(require_kind(split, "split", "refine --split")["dataset_root"])
     sources = read_manifest(split, columns=["image_id", "image_path"]).to_pandas().set_index("image_id")["image_path"]
     root = Path(os.path.commonpath([gen_root.resolve(), out_dir.resolve()]))
     df = read_manifest(generated).to_pandas().sort_values("sample_id").reset_index(drop=True)

@@ -25,7 +25,7 @@ from defectforge.data.files import atomic_dir, claim_dir
 from defectforge.errors import DataError, writing
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
-from defectforge.manifest.validate import check_complete, check_manifest, require_hashes
+from defectforge.manifest.validate import check_complete, check_manifest, require_hashes, require_kind
 from defectforge.params.release import ReleaseParams
 from defectforge.publish.card import card, headline_metrics, provenance
 from defectforge.publish.report import build_report
@@ -62,7 +62,9 @@ def run(
     _check_swappable(out_dir)
     claim_dir(out_dir, "release folder")  # refuse a user's folder before any work
     refined = Path(refined)
-    dataset_root = Path(manifest_info(refined)["dataset_root"])
+    dataset_root = Path(require_kind(refined, "synthetic", "release --refined")["dataset_root"])
+    if split is not None:
+        require_kind(split, "split", "release --split")
     check_complete(refined)  # a half-made generate output is never released as a whole
     if verify:
         require_hashes(read_manifest(refined).to_pandas(), dataset_root, source=str(refined))

@@ -1,0 +1,38 @@
+"""A manifest of the wrong kind given to a stage is named as such in one line (which kind was
+given, which one the option takes), not as a missing column or a traceback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cli_helpers import run_cli
+
+from defectforge.data.files import sha256_file, write_png
+from defectforge.manifest.io import write_manifest
+
+
+@pytest.fixture
+def split_manifest(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_png(data / "a.png", np.full((16, 16, 3), 90, np.uint8))
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    write_png(data / "a_mask.png", mask)
+    row = dict(image_id="cat/crack/000", category="cat", defect_type="crack", image_path="a.png", mask_path="a_mask.png",
+               width=16, height=16, image_sha256=sha256_file(data / "a.png"), mask_sha256=sha256_file(data / "a_mask.png"),
+               mask_area=16, origin="test", split="test", fold=0)
+    return write_manifest([row], tmp_path / "split.parquet", kind="split", dataset_root=data)
+
+
+@pytest.mark.parametrize("command", ["release", "quality", "detector"])
+def test_a_split_given_as_refined_output_is_named(tmp_path, split_manifest, command):
+    args = [command, "--refined", split_manifest, "--out", tmp_path / "out", "--params", tmp_path / "none.yaml"]
+    if command != "release":
+        args += ["--split", split_manifest]
+    r = run_cli(*args)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert errors == [f"error: {split_manifest}: is a split manifest (the split stage's output), but {command} --refined "
+                      "takes a synthetic manifest (the generate or refine stage's output)"], r.stderr
+    assert not (tmp_path / "out").exists()
