@@ -36,3 +36,16 @@ def test_a_split_given_as_refined_output_is_named(tmp_path, split_manifest, comm
     assert errors == [f"error: {split_manifest}: is a split manifest (the split stage's output), but {command} --refined "
                       "takes a synthetic manifest (the generate or refine stage's output)"], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_release_check_failing_names_the_release_not_its_temporary_folder(tmp_path):
+    from test_release import _refined
+
+    manifest, rows = _refined(tmp_path)
+    write_manifest(rows + rows[:1], manifest, kind="synthetic", dataset_root=tmp_path / "data")  # a sample twice
+    out = tmp_path / "release"
+    r = run_cli("release", "--refined", manifest, "--out", out, "--params", tmp_path / "none.yaml", "--no-verify")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr
+    assert errors[0].startswith(f"error: {out / 'manifest.parquet'}: ") and "be unique" in errors[0], errors[0]
+    assert ".tmp" not in errors[0] and not out.exists()

@@ -260,16 +260,16 @@ def write_checked(df, out, *, kind: str, dataset_root) -> Path:
         check_manifest(tmp)
         os.replace(tmp, out)
     except DefectforgeError as exc:
-        raise type(exc)(_untemp(str(exc), tmp, out)) from None
+        raise type(exc)(untemp(str(exc), tmp, out)) from None
     except OSError as exc:
-        raise ManifestError(f"{out}: cannot write ({exc.strerror or _untemp(str(exc), tmp, out)})") from None
+        raise ManifestError(f"{out}: cannot write ({exc.strerror or untemp(str(exc), tmp, out)})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return out
 
 
-def _untemp(message: str, tmp: Path, out: Path) -> str:
+def untemp(message: str, tmp: Path, out: Path) -> str:
     """``message`` with every spelling of the temporary file's path replaced by ``out``."""
     for spelling in {str(tmp.resolve()), str(tmp), tmp.name}:
         message = message.replace(spelling, str(out) if spelling != tmp.name else out.name)

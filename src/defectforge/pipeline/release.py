@@ -22,10 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 from defectforge.data.files import atomic_dir, claim_dir
-from defectforge.errors import DataError, writing
+from defectforge.errors import DataError, ManifestError, writing
 from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
-from defectforge.manifest.validate import check_complete, check_manifest, require_hashes, require_kind
+from defectforge.manifest.validate import check_complete, check_manifest, require_hashes, require_kind, untemp
 from defectforge.params.release import ReleaseParams
 from defectforge.publish.card import card, headline_metrics, provenance
 from defectforge.publish.report import build_report
@@ -74,7 +74,10 @@ def run(
               "`dvc exp run -S release.name=<name>` or release.name in params.yaml", file=sys.stderr)
     with writing(out_dir, "release folder", "free space (or give an --out on another device) and rerun; the previous "
                  "release, if any, is untouched"), atomic_dir(out_dir, "release folder") as tmp:
-        _write_release(p, refined, tmp, version, dataset_root, quality, detector, split)
+        try:
+            _write_release(p, refined, tmp, version, dataset_root, quality, detector, split)
+        except ManifestError as exc:  # checked while still in the temporary folder: name the release's own path
+            raise ManifestError(untemp(str(exc), tmp, Path(out_dir))) from None
     return Path(out_dir) / "manifest.parquet"
 
 
