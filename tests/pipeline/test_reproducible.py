@@ -83,6 +83,8 @@ _FRESH = """
 import json, os, sys
 if sys.argv[1] == "one-core":
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before torch starts its threads
+from defectforge.params.finetune import FinetuneParams
+from defectforge.params.pretrain import PretrainParams
 from defectforge.pipeline import finetune, pretrain
 a = json.loads(sys.argv[2])
 if a["stage"] == "pretrain":

@@ -181,7 +181,7 @@ def dvc_metrics(details: dict) -> dict:
     ``metric`` names what the run columns hold (``Δ px AP``); ``learned``: categories whose reference detector
     learned / categories (the first protocol's sanity check, where it has a reference); one column per compared run (its label,
     :func:`run_label`): the mean over those categories of its paired Δ pixel AP against the reference
-    (None where no category learned). A protocol without a reference gives its runs' absolute pixel AP,
+    (``not learned`` where no category learned). A protocol without a reference gives its runs' absolute pixel AP,
     averaged over categories. Every per-category number with its interval and verdict is in
     details.json, pixel AP's with its interval in delta_pixel_ap.csv (the plot)."""
     references = details.get("references") or {}
@@ -199,7 +199,8 @@ def dvc_metrics(details: dict) -> dict:
     for r in details.get("absolute") or []:
         if references.get(r.get("protocol"), "") is None and r.get("defect_type") == "all" and r.get("metric") == HEADLINE_METRIC:
             by_run.setdefault(run_label(r["protocol"], r["run"]), []).append(r["mean"])
-    out.update({run: (round(float(np.mean(v)), 3) if v else None) for run, v in sorted(by_run.items())})
+    # a run with no number (no category learned) says so: DVC leaves a null out of the table altogether
+    out.update({run: (round(float(np.mean(v)), 3) if v else "not learned") for run, v in sorted(by_run.items())})
     return out
 
 
