@@ -233,7 +233,7 @@ def test_detector_paired_seeds_write_the_contract(sample_manifests, generated, t
     ap = [c for c in rows if c["defect_type"] == "all" and c["metric"] == "pixel_ap"]
     kept = [c["mean_diff"] for c in ap if c["verdict"] != "detector did not learn"]
     assert flat == {"metric": "Δ px AP", "learned": f"{sum(v['learned'] for v in det['learned'].values())}/2",
-                    "copy-paste": pytest.approx(np.mean(kept), abs=1e-3) if kept else None}
+                    "copy-paste": pytest.approx(np.mean(kept), abs=1e-3) if kept else "not learned"}
     deltas = pd.read_csv(out / "delta_pixel_ap.csv").set_index("label")
     assert set(deltas.index) == {"brick/copy-paste", "gravel/copy-paste"}
     assert deltas.loc["brick/copy-paste", "delta"] == pytest.approx(row["mean_diff"]) and deltas.loc["brick/copy-paste", "ci_low"] == pytest.approx(row["ci_low"])
