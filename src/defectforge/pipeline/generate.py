@@ -50,7 +50,7 @@ import os
 import shutil
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -516,46 +516,143 @@ def generate_shards(
     ``dataset_root`` (default ``out_dir``) is the root the manifest's paths are relative
     to: the generate stage puts each method in ``<root>/<method>/`` under one root.
     Returns the manifest shard folder.
+
+    The steps: :func:`_open_shards` (the folder, its writer and the shards left to do), then per
+    shard :meth:`_ShardRun.shard_rows` - :meth:`~_ShardRun.enter_type` when the defect type
+    changes, :meth:`~_ShardRun.target_for` per sample, :meth:`~_ShardRun.flush` per batch - and
+    the shard's commit.
     """
     info = read_split_info(split_manifest)
-    src_root = Path(info["dataset_root"])
     split = read_manifest(split_manifest).to_pandas()
     out_dir = Path(out_dir)
-    p, specs, shard_size, params_sha256 = plan.params, plan.specs, plan.params.shard_size, plan.params_sha256
     root = Path(dataset_root) if dataset_root is not None else out_dir
-    _reset_if_plan_changed(out_dir, specs, shard_size, split=split_manifest, root=root, checkpoints=plan.checkpoints)
-    prefix = Path(os.path.relpath(out_dir.resolve(), root.resolve())).as_posix()
-    prefix = "" if prefix == "." else prefix + "/"
+    writer, todo = _open_shards(split_manifest, out_dir, plan, root, shards)
+    sources = _SourceFiles(Path(info["dataset_root"]), split_manifest)
+    run = _ShardRun(plan, method, out_dir, _relative_prefix(out_dir, root), split.set_index("image_id"), sources)
+    bar = tqdm(total=sum(len(plan.shard(i)) for i in todo), desc=f"generate[{method.name}]", unit="img", disable=not progress)
+    try:  # the bar's line is ended also on an error, so the error starts a line of its own
+        for shard in todo:
+            writer.write(shard, run.shard_rows(plan.shard(shard), bar))
+    finally:
+        bar.close()
+    return writer.dir
+
+
+def _open_shards(split_manifest, out_dir: Path, plan: MethodPlan, root: Path, shards: list[int] | None) -> tuple[ShardedWriter, list[int]]:
+    """Ready ``out_dir`` for ``plan`` (cleared if it holds another plan's shards) and return its
+    manifest writer and the shard indices still to do (of ``shards``, default all)."""
+    _reset_if_plan_changed(out_dir, plan.specs, plan.params.shard_size, split=split_manifest, root=root, checkpoints=plan.checkpoints)
     # the whole run cleans stale temporaries; a fan-out worker (``shards`` given) leaves them to the driver
     writer = ShardedWriter(out_dir / "manifest", kind="synthetic", dataset_root=root, clean=shards is None)
     if shards is None:  # a fan-out's driver checked them once (prepare_output)
-        _check_shard_files(writer, len(specs), shard_size)
+        _check_shard_files(writer, len(plan.specs), plan.params.shard_size)
     todo = [i for i in (shards if shards is not None else range(plan.n_shards)) if not writer.done(i)]
-    by_id = split.set_index("image_id")
-    real_defects: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
-    real_ids: dict[tuple[str, str], list[str]] = {}  # the image ids of real_defects, same order
-    current: tuple[str, str] | None = None
-    prior: LocationPrior | None = None
-    mask_model = None
-    type_placement = p.target_placement
-    cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
-    verified: set[str] = set()
+    return writer, todo
 
-    def checked(rel: str, expected: str | None) -> Path:
+
+def _relative_prefix(out_dir: Path, root: Path) -> str:
+    """The prefix of the manifest's paths: ``out_dir`` relative to the dataset ``root`` ("" when equal)."""
+    prefix = Path(os.path.relpath(out_dir.resolve(), root.resolve())).as_posix()
+    return "" if prefix == "." else prefix + "/"
+
+
+@dataclass
+class _SourceFiles:
+    """The split's source files under ``root``, each checked once against the split's hash before use."""
+
+    root: Path
+    split_manifest: str | os.PathLike
+    verified: set[str] = field(default_factory=set)
+
+    def checked(self, rel: str, expected: str | None) -> Path:
         """The source file ``rel``, after checking its bytes still hash to the split's value."""
-        path = src_root / rel
-        if rel not in verified and expected is not None and path.is_file():
+        path = self.root / rel
+        if rel not in self.verified and expected is not None and path.is_file():
             if sha256_file(path) != expected:
-                raise DataError(f"{path}: source file changed since ingest (its SHA-256 differs from {split_manifest}); "
+                raise DataError(f"{path}: source file changed since ingest (its SHA-256 differs from {self.split_manifest}); "
                                 "run ingest and split again")
-            verified.add(rel)
+            self.verified.add(rel)
         return path
 
-    bar = tqdm(total=sum(len(plan.shard(i)) for i in todo), desc=f"generate[{method.name}]", unit="img", disable=not progress)
-    from defectforge.methods.base import BatchItem
 
-    def flush(pending: list, rows: list) -> None:
+class _ShardRun:
+    """The state of one method's run over its shards: the real defects read so far (per defect
+    type), and the defect type the method is prepared for, with its placement and its location
+    prior or mask model."""
+
+    def __init__(self, plan: MethodPlan, method: GenerationMethod, out_dir: Path, prefix: str, by_id: pd.DataFrame,
+                 sources: _SourceFiles) -> None:
+        self.plan, self.method, self.out_dir, self.prefix, self.by_id, self.sources = plan, method, out_dir, prefix, by_id, sources
+        self.cfg_json = json.dumps(method.config.to_dict(), sort_keys=True, default=str)
+        self.real_defects: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.real_ids: dict[tuple[str, str], list[str]] = {}  # the image ids of real_defects, same order
+        self.current: tuple[str, str] | None = None
+        self.prior: LocationPrior | None = None
+        self.mask_model = None
+        self.type_placement = plan.params.target_placement
+
+    def shard_rows(self, specs: tuple[SampleSpec, ...], bar) -> list[dict]:
+        """The manifest rows of one shard's samples, generated (and their files written) in
+        batches of consecutive samples of one type, at most ``batch_size`` each."""
+        rows: list[dict] = []
+        pending: list[tuple] = []
+        for spec in specs:
+            key = (spec.category, spec.defect_type)
+            if pending and (key != self.current or len(pending) == self.plan.params.batch_size):
+                self.flush(pending, rows, bar)
+            self.enter_type(key)
+            normal_row = self.by_id.loc[spec.normal_id]
+            normal = read_image(self.sources.checked(normal_row.image_path, normal_row.image_sha256))
+            target, placed = self.target_for(spec, normal)
+            pending.append((spec, normal, target, placed, normal_row, key))
+        if pending:
+            self.flush(pending, rows, bar)
+        return rows
+
+    def enter_type(self, key: tuple[str, str]) -> None:
+        """Read the type's real training defects (once), and (re)fit whenever the defect type
+        changes, so any shard order is right: the method, the placement, its prior or mask model."""
+        category, defect = key
+        if key not in self.real_defects:
+            by_id = self.by_id
+            reals = by_id[(by_id["split"] == "train") & (by_id["category"] == category) & (by_id["defect_type"] == defect)]
+            self.real_defects[key] = [
+                (read_image(self.sources.checked(r.image_path, r.image_sha256)), read_mask(self.sources.checked(r.mask_path, r.mask_sha256)))
+                for r in reals.itertuples()
+            ]
+            self.real_ids[key] = [str(i) for i in reals.index]
+        if key == self.current:
+            return
+        reals = self.real_defects[key]
+        self.method.prepare(category, defect, reals)
+        self.type_placement = self.plan.params.placement_for(*key)
+        self.prior = LocationPrior.fit([m for _, m in reals], [i for i, _ in reals]) if self.type_placement == "prior" else None
+        self.mask_model = None
+        if self.type_placement == "generated":
+            from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR, load_mask_model
+
+            self.mask_model = load_mask_model(Path(self.plan.mask_models) / category / defect / MASK_MODEL_DIR)
+        self.current = key
+
+    def target_for(self, spec: SampleSpec, normal: np.ndarray) -> tuple[np.ndarray, str]:
+        """The sample's target mask and how it was placed: drawn by the type's mask model, or (none,
+        or it drew no mask) an augmented real mask placed by the type's placement."""
+        rng = np.random.default_rng(spec.seed)
+        target, placed = None, self.type_placement
+        if self.mask_model is not None:
+            target = self.mask_model.sample(normal.shape[:2], spec.seed)
+            placed = f"generated/{self.mask_model.kind}" if target is not None else "foreground (mask model drew no mask inside the real shape range)"
+        if target is None:
+            placement = self.type_placement if self.type_placement != "generated" else "foreground"
+            target, _ = sample_target_mask([m for _, m in self.real_defects[(spec.category, spec.defect_type)]], normal, rng,
+                                           placement=placement, prior=self.prior, **self.method.target_mask_options())
+        return target, placed
+
+    def flush(self, pending: list, rows: list, bar) -> None:
         """Generate the pending samples (one type) together and append their manifest rows in plan order."""
+        from defectforge.methods.base import BatchItem
+
+        method = self.method
         if len(pending) == 1:
             spec, normal, target, _, _, _ = pending[0]
             results = [method.generate(normal, target, spec.defect_type, spec.seed)]
@@ -563,57 +660,21 @@ def generate_shards(
             results = method.generate_batch([BatchItem(normal, target, spec.defect_type, spec.seed) for spec, normal, target, *_ in pending])
         for (spec, _, target, placed, normal_row, key), result in zip(pending, results):
             src = result.metadata.get("defect_source_index")  # a method that pastes a real defect says which
-            if method.own_mask:
-                origin = method.mask_origin_of(result)
-            elif not placed.startswith("generated/"):
-                origin = f"augmented-real/{placed}"
-            else:  # a method that pastes a real shape (copy-paste) only takes the generated mask's place
-                origin = placed if np.array_equal(result.mask, target) else f"augmented-real/centred on {placed}"
-            rows.append(_write_sample(out_dir, prefix, spec, normal_row, result, method, cfg_json, params_sha256,
-                                      defect_source_id=real_ids[key][src] if src is not None else None, mask_origin=origin))
+            rows.append(_write_sample(self.out_dir, self.prefix, spec, normal_row, result, method, self.cfg_json, self.plan.params_sha256,
+                                      defect_source_id=self.real_ids[key][src] if src is not None else None,
+                                      mask_origin=self.mask_origin(result, target, placed)))
             bar.update(1)
         pending.clear()
 
-    try:  # the bar's line is ended also on an error, so the error starts a line of its own
-        for shard in todo:
-            rows, pending = [], []
-            for spec in plan.shard(shard):
-                key = (spec.category, spec.defect_type)
-                if pending and (key != current or len(pending) == p.batch_size):  # a batch: consecutive samples of one type in this shard
-                    flush(pending, rows)
-                if key not in real_defects:
-                    reals = by_id[(by_id["split"] == "train") & (by_id["category"] == spec.category) & (by_id["defect_type"] == spec.defect_type)]
-                    real_defects[key] = [
-                        (read_image(checked(r.image_path, r.image_sha256)), read_mask(checked(r.mask_path, r.mask_sha256))) for r in reals.itertuples()
-                    ]
-                    real_ids[key] = [str(i) for i in reals.index]
-                if key != current:  # (re)fit whenever the defect type changes, so any shard order is right
-                    method.prepare(spec.category, spec.defect_type, real_defects[key])
-                    type_placement = p.placement_for(*key)
-                    prior = LocationPrior.fit([m for _, m in real_defects[key]], [i for i, _ in real_defects[key]]) if type_placement == "prior" else None
-                    mask_model = None
-                    if type_placement == "generated":
-                        from defectforge.methods.anomalydiffusion.mask_model import MASK_MODEL_DIR, load_mask_model
-
-                        mask_model = load_mask_model(Path(plan.mask_models) / spec.category / spec.defect_type / MASK_MODEL_DIR)
-                    current = key
-                normal_row = by_id.loc[spec.normal_id]
-                normal = read_image(checked(normal_row.image_path, normal_row.image_sha256))
-                rng = np.random.default_rng(spec.seed)
-                target, placed = None, type_placement
-                if mask_model is not None:
-                    target = mask_model.sample(normal.shape[:2], spec.seed)
-                    placed = f"generated/{mask_model.kind}" if target is not None else "foreground (mask model drew no mask inside the real shape range)"
-                if target is None:
-                    target, _ = sample_target_mask([m for _, m in real_defects[key]], normal, rng, placement=type_placement if type_placement != "generated" else "foreground",
-                                                       prior=prior, **method.target_mask_options())
-                pending.append((spec, normal, target, placed, normal_row, key))
-            if pending:
-                flush(pending, rows)
-            writer.write(shard, rows)
-    finally:
-        bar.close()
-    return writer.dir
+    def mask_origin(self, result, target: np.ndarray, placed: str) -> str | None:
+        """The row's ``mask_origin``: the method's own word when it makes its masks, else how the
+        target mask was placed."""
+        if self.method.own_mask:
+            return self.method.mask_origin_of(result)
+        if not placed.startswith("generated/"):
+            return f"augmented-real/{placed}"
+        # a method that pastes a real shape (copy-paste) only takes the generated mask's place
+        return placed if np.array_equal(result.mask, target) else f"augmented-real/centred on {placed}"
 
 
 def _check_shard_files(writer: ShardedWriter, samples: int, shard_size: int) -> None:
