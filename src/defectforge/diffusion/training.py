@@ -510,6 +510,72 @@ def finetune(
     AdamW8bit (2 bytes of state per parameter instead of 8; an optional package). All three
     leave the defaults ("fp32", off, "adamw") the bytes they were.
     """
+    _check_finetune_args(defects, defect_type, mode=mode, prior_fraction=prior_fraction, loss_norm=loss_norm, attention_loss=attention_loss,
+                         attention_rows=attention_rows, precision=precision, optimizer=optimizer)
+    hooks = list(hooks)
+    for h in hooks:
+        h.check(attention_loss=attention_loss, hooks=hooks)
+    _check_attention_rows(attention_rows)
+    pairs = _defect_pairs(defects)
+    normals = [as_rgb(im, f"finetune normal {i}") for i, im in enumerate(normals or [])]
+    lr = lr if lr is not None else (1e-4 if mode == "unet" else 1e-3)
+
+    comps = _load_for_finetune(base, device, mode=mode, precision=precision, trimap_control=trimap_control,
+                               gradient_checkpointing=gradient_checkpointing, category=category)
+    for h in hooks:
+        h.configure(comps, seed)
+    res = comps.resolution
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    params, param_groups = _trainable(comps, mode, lr, lora_rank, defect_type, hooks, seed)
+    n_prior = int(round(prior_fraction * batch_size)) if normals else 0
+    make_batch = _batch_maker(comps, pairs, normals, n_prior, batch_size, res, rng, rotate, hooks)
+
+    comps.unet.train()
+    # token embeddings learn faster than the UNet (textual inversion uses ~5e-3)
+    step_kw = {"loss_norm": loss_norm, "attention_loss": attention_loss, "attention_rows": attention_rows, "hooks": hooks}
+    extra = _run_log(hooks, precision, gradient_checkpointing, optimizer)
+    rows, seconds = _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect_type, seed, progress, f"finetune {defect_type}", step_kw,
+                                 precision=precision, optimizer=optimizer)
+    comps.unet.eval()
+    if gradient_checkpointing:
+        comps.unet.disable_gradient_checkpointing()
+    if trimap_control:  # AdaBLDM's spatial guidance, trained on the frozen fine-tuned model
+        with fixed_threads():
+            extra.update(train_trimap_controlnet(comps, make_batch, trimap_control_steps or steps, lr, defect_type, seed, loss_norm, progress))
+
+    out = Path(out_dir)
+    _save_weights(comps, out, mode, hooks, trimap_control)
+    logged = {**{k: v for k, v in step_kw.items() if k != "hooks"}, **{k: v for h in hooks for k, v in h.step_log().items()}}
+    metrics = _metrics(
+        rows, seconds, steps, batch_size, sum(p.numel() for p in params),
+        {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile, **logged, **extra},
+    )
+    _write_meta(out, base, mode, defect_type, comps.profile, metrics, category, hooks, trimap_control)
+    _write_curve(out / CURVE_FILE, rows, ["step", *_curve_keys(step_kw)])
+    if progress:
+        _log_timing(f"finetune {defect_type}", metrics)
+    return metrics
+
+
+def _write_meta(out: Path, base, mode: str, defect_type: str, profile: str, metrics: dict, category: str | None, hooks: list,
+                trimap_control: bool) -> None:
+    """``defectforge_finetune.json``: what the folder holds and how to load it, with the run's metrics."""
+    meta = {"format": "defectforge-finetune/1", "base": base_reference(base, out), "mode": mode, "defect_type": defect_type,
+            "profile": profile, "metrics": file_metrics(metrics)}
+    if category is not None:
+        meta["category"] = category
+    for h in hooks:
+        meta.update(h.meta())
+    if trimap_control:
+        meta["trimap_control"] = True
+    (out / FINETUNE_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _check_finetune_args(defects, defect_type: str, *, mode: str, prior_fraction: float, loss_norm: str, attention_loss: float,
+                         attention_rows: str, precision: str, optimizer: str) -> None:
+    """The fine-tune's options, each refused in one line naming its param (the hooks' own checks
+    and ``attention_rows`` follow, in that order)."""
     if optimizer not in ("adamw", "adamw8bit"):
         raise ParamsError(f"finetune.optimizer: must be 'adamw' or 'adamw8bit', got {optimizer!r}")
     if optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
@@ -526,11 +592,15 @@ def finetune(
         raise ParamsError(f"finetune.loss_norm: must be one of {NORMS}, got {loss_norm!r}")
     if attention_loss < 0:
         raise ParamsError(f"finetune.attention_loss: must be >= 0, got {attention_loss}")
-    hooks = list(hooks)
-    for h in hooks:
-        h.check(attention_loss=attention_loss, hooks=hooks)
+
+
+def _check_attention_rows(attention_rows: str) -> None:
     if attention_rows not in ("defect", "defect+mask"):
         raise ParamsError(f"finetune.attention_rows: must be 'defect' or 'defect+mask', got {attention_rows!r}")
+
+
+def _defect_pairs(defects) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The real defects as (RGB uint8 image, bool mask) pairs; an empty or mismatched mask is refused."""
     pairs = []
     for i, (img, m) in enumerate(defects):
         img = as_rgb(img, f"finetune defect {i}")
@@ -538,9 +608,12 @@ def finetune(
         if m.shape != img.shape[:2] or not m.any():
             raise DataError(f"finetune defect {i}: mask {m.shape} is empty or does not match image {img.shape[:2]}")
         pairs.append((img, m))
-    normals = [as_rgb(im, f"finetune normal {i}") for i, im in enumerate(normals or [])]
-    lr = lr if lr is not None else (1e-4 if mode == "unet" else 1e-3)
+    return pairs
 
+
+def _load_for_finetune(base, device, *, mode: str, precision: str, trimap_control: bool, gradient_checkpointing: bool,
+                       category: str | None) -> DiffusionComponents:
+    """The base model, ready to train: its dtype, gradient checkpointing and the product its prompts name."""
     # LoRA under mixed precision: the frozen base in the autocast dtype (half its memory, and no cast copies of
     # its weights kept for the backward pass); the adapters, tokens and modules that train stay fp32
     half_base = mode == "lora" and precision != "fp32" and not trimap_control
@@ -553,13 +626,12 @@ def finetune(
         comps.unet.enable_gradient_checkpointing()
     if hasattr(comps.prompts, "product"):  # the text prompts name the product (c_p, c_f)
         comps.prompts.product = category
-    for h in hooks:
-        h.configure(comps, seed)
-    res = comps.resolution
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
+    return comps
 
-    # trainable parameters
+
+def _trainable(comps: DiffusionComponents, mode: str, lr: float, lora_rank: int, defect_type: str, hooks: list, seed: int) -> tuple[list, list[dict]]:
+    """(every trained parameter, the optimizer's parameter groups): the UNet (mode "unet") or LoRA
+    adapters on it, the defect type's token (tiny profile) and what the hooks add."""
     comps.unet.requires_grad_(False)
     if mode == "unet":
         comps.unet.requires_grad_(True)
@@ -587,7 +659,13 @@ def finetune(
         for g in h.param_groups(comps, defect_type):
             param_groups = param_groups + [g]
             params = params + list(g["params"])
-    n_prior = int(round(prior_fraction * batch_size)) if normals else 0
+    return params, param_groups
+
+
+def _batch_maker(comps: DiffusionComponents, pairs, normals, n_prior: int, batch_size: int, res: int, rng: np.random.Generator,
+                 rotate: bool, hooks: list):
+    """The training batch source: ``n_prior`` crops of normals with random masks, the rest crops
+    around real defects, each under a random dihedral transform; the hooks set the conditions."""
 
     def make_batch():
         crops, masks, inside = [], [], []
@@ -607,9 +685,11 @@ def finetune(
             inside, outside = h.conditions(inside, outside)
         return (x, m, inside) if outside is None else (x, m, inside, outside)
 
-    comps.unet.train()
-    # token embeddings learn faster than the UNet (textual inversion uses ~5e-3)
-    step_kw = {"loss_norm": loss_norm, "attention_loss": attention_loss, "attention_rows": attention_rows, "hooks": hooks}
+    return make_batch
+
+
+def _run_log(hooks: list, precision: str, gradient_checkpointing: bool, optimizer: str) -> dict:
+    """The run's own entries of the metrics: the hooks' and the memory options that are not the default."""
     extra = {k: v for h in hooks for k, v in h.run_log().items()}
     if precision != "fp32":
         extra["precision"] = precision
@@ -617,16 +697,12 @@ def finetune(
         extra["gradient_checkpointing"] = True
     if optimizer != "adamw":
         extra["optimizer"] = optimizer
-    rows, seconds = _loop_groups(comps, params, param_groups, token_lr, steps, make_batch, defect_type, seed, progress, f"finetune {defect_type}", step_kw,
-                                 precision=precision, optimizer=optimizer)
-    comps.unet.eval()
-    if gradient_checkpointing:
-        comps.unet.disable_gradient_checkpointing()
-    if trimap_control:  # AdaBLDM's spatial guidance, trained on the frozen fine-tuned model
-        with fixed_threads():
-            extra.update(train_trimap_controlnet(comps, make_batch, trimap_control_steps or steps, lr, defect_type, seed, loss_norm, progress))
+    return extra
 
-    out = Path(out_dir)
+
+def _save_weights(comps: DiffusionComponents, out: Path, mode: str, hooks: list, trimap_control: bool) -> None:
+    """The trained weights into ``out`` (safetensors): ``unet/`` or ``lora/``, the tiny profile's
+    ``prompt_encoder/``, what the hooks save and the trimap ControlNet."""
     out.mkdir(parents=True, exist_ok=True)
     if mode == "unet":
         comps.unet.save_pretrained(out / "unet", safe_serialization=True)
@@ -645,25 +721,6 @@ def finetune(
         from defectforge.diffusion.control import CONTROLNET_DIR
 
         comps.controlnet.eval().save_pretrained(out / CONTROLNET_DIR, safe_serialization=True)
-    base_ref = base_reference(base, out)
-    logged = {**{k: v for k, v in step_kw.items() if k != "hooks"}, **{k: v for h in hooks for k, v in h.step_log().items()}}
-    metrics = _metrics(
-        rows, seconds, steps, batch_size, sum(p.numel() for p in params),
-        {"mode": mode, "defect_type": defect_type, "n_defects": len(pairs), "n_normals": len(normals), "profile": comps.profile, **logged, **extra},
-    )
-    meta = {"format": "defectforge-finetune/1", "base": base_ref, "mode": mode, "defect_type": defect_type, "profile": comps.profile,
-            "metrics": file_metrics(metrics)}
-    if category is not None:
-        meta["category"] = category
-    for h in hooks:
-        meta.update(h.meta())
-    if trimap_control:
-        meta["trimap_control"] = True
-    (out / FINETUNE_FILE).write_text(json.dumps(meta, indent=2))
-    _write_curve(out / CURVE_FILE, rows, ["step", *_curve_keys(step_kw)])
-    if progress:
-        _log_timing(f"finetune {defect_type}", metrics)
-    return metrics
 
 
 def batch_trimaps(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

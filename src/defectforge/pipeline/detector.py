@@ -62,10 +62,8 @@ def run(
     ``budget`` and ``steps``), ``mean`` and ``budget`` (the params); metrics.json, curves.csv and delta_pixel_ap.csv:
     :func:`write_dvc_files`.
     """
-    from defectforge.detector import prepare_items
-    from defectforge.detector.compare import BASELINE, COMPARED_METRICS, absolute_intervals, compare_protocols
-    from defectforge.detector.resolution import data_sizes, resolve, resolved_fields
-
+    import defectforge.detector.resolution  # noqa: F401 - the detector's modules load before the ISA pin, as they always have
+    from defectforge.detector.compare import absolute_intervals
     from defectforge.pipeline.entry import pin_cpu_isa
 
     pin_cpu_isa()  # the kernels of the DVC stage (and of the workers), when nothing has computed yet
@@ -75,87 +73,23 @@ def run(
     src_root = Path(require_kind(split, "split", "detector --split")["dataset_root"])
     sp = read_manifest(split).to_pandas()
     syn = _synthetic_for_detector(p, refined, qc)
-    results, per_type, rows, curves = {}, {}, [], []
+    results, per_type = {}, {}
     prepared, jobs = {}, []  # category -> (train_real, test_t, groups, runs); (category, seed, run) in run order
     resolved, resolution = {}, {}  # category -> its DetectorParams with auto resolved; what was chosen and from what
     for category in sorted(sp["category"].unique()):
-        c = sp[sp["category"] == category]
-        tr = c[c["split"] == "train"]
-        good = tr[tr["defect_type"] == "good"]
-        if p.max_train_good is not None and len(good) > p.max_train_good:
-            # one fixed subset (random_state 0) for every seed and run: the seeds vary the model, not the data
-            tr = pd.concat([tr[tr["defect_type"] != "good"], good.sample(n=p.max_train_good, random_state=0)])
-        te = c[c["split"] == "test"]
-        test = _load_pairs(src_root, te)
-        if not any(m.any() for _, m in test):
-            results[category] = {"skipped": f"category {category!r} has no held-out real defect images to evaluate on"}
+        made = _prepare_category(p, category, sp[sp["category"] == category], syn, src_root, progress)
+        if isinstance(made, str):
+            results[category] = {"skipped": made}
             continue
-        real_pairs = _load_pairs(src_root, tr)
-        # auto resolution, patches, norm and score pool from this category's real training data
-        sizes = data_sizes(real_pairs, list(tr["defect_type"]))
-        pc = resolve(p, sizes)
-        resolution[category] = {**resolved_fields(pc), "short_side_px": sizes["short_side"], "defect_px": sizes["defect_px"],
-                                "defect_px_by_type": sizes["defect_px_by_type"]}
-        if progress:
-            print(f"detector[{category}] resolution: " + ", ".join(f"{k} {v}" for k, v in resolved_fields(pc).items())
-                  + f" (images' short side {sizes['short_side']:.0f} px, smallest defects {sizes['defect_px'] or 0:.1f} px across)", flush=True)
-        train_real = prepare_items(real_pairs, pc.size, f"{category} real training images", scale=pc.scale)
-        test_t = prepare_items(test, pc.size, f"{category} test images", scale=pc.scale)
-        types = list(te["defect_type"])
-        groups = {"all": None, **{t: [i for i, d in enumerate(types) if d in (t, "good")] for t in sorted(set(types) - {"good"})}}
-        synthetic = {}
-        for method in sorted(syn["method"].unique()):
-            s = syn[(syn["category"] == category) & (syn["method"] == method)]
-            if len(s):
-                synthetic[method] = prepare_items([(read_image(Path(r.abs_image)), read_mask(Path(r.abs_mask))) for r in s.itertuples()], pc.size, f"{category}/{method} synthetic samples", scale=pc.scale)
-        # (protocol, run) -> (real training items, synthetic items): mixed trains real-only and
-        # real + each method's samples; synthetic trains each method's samples + the real
-        # normals only (no real defect image)
-        runs = {}
-        if p.protocol in ("mixed", "both"):
-            runs[("mixed", BASELINE)] = (train_real, None)
-            runs.update({("mixed", m): (train_real, s) for m, s in synthetic.items()})
-        if p.protocol in ("synthetic", "both"):
-            normals = _normals_only(train_real)
-            runs.update({("synthetic", m): (normals, s) for m, s in synthetic.items()})
-        prepared[category] = (train_real, test_t, groups, runs)
-        resolved[category] = pc
-        jobs += [(category, seed, run) for seed in p.seeds for run in runs]
-
-    def job_args(job):
-        category, seed, run = job
-        train_real, test_t, groups, runs = prepared[category]
-        # real_set_size: the steps budget is counted from the whole real training split in every protocol
-        return resolved[category], *runs[run], test_t, groups, seed, len(train_real)
-
-    # every (category, seed, protocol, run) is one independent training: on p.workers processes, in order
-    for (category, seed, (protocol, run)), (evaluated, curve) in zip(jobs, spawn_map(_train_and_evaluate, map(job_args, jobs), p.workers, len(jobs))):
-        train, extra = prepared[category][3][(protocol, run)]
-        # no training time in the rows: details.json feeds the release, which must not
-        # change with the machine's speed (docs/reproducibility.md); it goes to the log
-        for dt, m in evaluated.items():
-            rows.append({"category": category, "defect_type": dt, "run": run, "seed": seed, "protocol": protocol, "budget": p.budget,
-                         **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
-                         "train_real": len(train), "train_synthetic": 0 if extra is None else len(extra), "steps": curve[-1]["step"]})
-            if dt == "all" and progress:
-                print(f"detector[{category}/{run_label(protocol, run)}/seed {seed}, budget {p.budget}: {curve[-1]['step']} steps] loss {curve[-1]['loss']:.4f}; "
-                      f"image AUROC {m['image_auroc']}, pixel AP {m['pixel_ap']}, AUPRO {m['aupro']}; {sum(r['seconds'] for r in curve):.1f} s", flush=True)
-        curves += [{"category": category, "run": run_label(protocol, run), "seed": seed, "epoch": r["epoch"], "step": r["step"],
-                    "loss": round(float(r["loss"]), 5), "lr": r["lr"]} for r in curve]
+        resolved[category], resolution[category], prepared[category] = made
+        jobs += [(category, seed, run) for seed in p.seeds for run in prepared[category][3]]
+    rows, curves = _train_jobs(p, jobs, prepared, resolved, progress)
     for category, (_, _, groups, runs) in prepared.items():
         mine = [r for r in rows if r["category"] == category]
         results[category] = {run_label(*k): _seed_summary([r for r in mine if (r["protocol"], r["run"]) == k and r["defect_type"] == "all"]) for k in runs}
         per_type[category] = {dt: {run_label(*k): _seed_summary([r for r in mine if (r["protocol"], r["run"]) == k and r["defect_type"] == dt]) for k in runs}
                               for dt in groups if dt != "all"}
-    comparisons, learned_by, references = compare_protocols(rows, p.budget)
-    for protocol in ("mixed", "synthetic") if p.protocol == "both" else (p.protocol,):
-        references.setdefault(protocol, None)  # a protocol with no run at all (no synthetic samples): no reference
-        learned_by.setdefault(protocol, {})
-    for category, r in results.items():
-        if "skipped" in r:
-            for protocol in learned_by:
-                learned_by[protocol][category] = {"learned": False, "reason": r["skipped"], "image_auroc_real_only": None, "image_auroc_ci_low": None,
-                                                  "n_seeds": 0, "protocol": protocol, "budget": p.budget}
+    comparisons, learned_by, references = _compare(p, rows, results)
     # learned: the sanity check of the first protocol run (mixed's real-only when it ran); all of them in learned_by_protocol
     learned = next(iter(learned_by.values()), {})
     summary = _mean_over_categories(results)
@@ -169,6 +103,102 @@ def run(
     write_dvc_files(details, curves, out_dir)
     return details
 
+
+def _prepare_category(p: DetectorParams, category: str, c: pd.DataFrame, syn: pd.DataFrame, src_root: Path, progress: bool):
+    """One category's training and test items and its runs, or (a string) why it is skipped:
+    (its DetectorParams with auto resolved, what was resolved and from what,
+    (train_real, test_t, groups, runs))."""
+    from defectforge.detector import prepare_items
+    from defectforge.detector.resolution import data_sizes, resolve, resolved_fields
+
+    tr = c[c["split"] == "train"]
+    good = tr[tr["defect_type"] == "good"]
+    if p.max_train_good is not None and len(good) > p.max_train_good:
+        # one fixed subset (random_state 0) for every seed and run: the seeds vary the model, not the data
+        tr = pd.concat([tr[tr["defect_type"] != "good"], good.sample(n=p.max_train_good, random_state=0)])
+    te = c[c["split"] == "test"]
+    test = _load_pairs(src_root, te)
+    if not any(m.any() for _, m in test):
+        return f"category {category!r} has no held-out real defect images to evaluate on"
+    real_pairs = _load_pairs(src_root, tr)
+    # auto resolution, patches, norm and score pool from this category's real training data
+    sizes = data_sizes(real_pairs, list(tr["defect_type"]))
+    pc = resolve(p, sizes)
+    resolution = {**resolved_fields(pc), "short_side_px": sizes["short_side"], "defect_px": sizes["defect_px"],
+                  "defect_px_by_type": sizes["defect_px_by_type"]}
+    if progress:
+        print(f"detector[{category}] resolution: " + ", ".join(f"{k} {v}" for k, v in resolved_fields(pc).items())
+              + f" (images' short side {sizes['short_side']:.0f} px, smallest defects {sizes['defect_px'] or 0:.1f} px across)", flush=True)
+    train_real = prepare_items(real_pairs, pc.size, f"{category} real training images", scale=pc.scale)
+    test_t = prepare_items(test, pc.size, f"{category} test images", scale=pc.scale)
+    types = list(te["defect_type"])
+    groups = {"all": None, **{t: [i for i, d in enumerate(types) if d in (t, "good")] for t in sorted(set(types) - {"good"})}}
+    synthetic = {}
+    for method in sorted(syn["method"].unique()):
+        s = syn[(syn["category"] == category) & (syn["method"] == method)]
+        if len(s):
+            synthetic[method] = prepare_items([(read_image(Path(r.abs_image)), read_mask(Path(r.abs_mask))) for r in s.itertuples()], pc.size, f"{category}/{method} synthetic samples", scale=pc.scale)
+    return pc, resolution, (train_real, test_t, groups, _runs(p, train_real, synthetic))
+
+
+def _runs(p: DetectorParams, train_real, synthetic: dict) -> dict:
+    """(protocol, run) -> (real training items, synthetic items): mixed trains real-only and
+    real + each method's samples; synthetic trains each method's samples + the real
+    normals only (no real defect image)."""
+    from defectforge.detector.compare import BASELINE
+
+    runs = {}
+    if p.protocol in ("mixed", "both"):
+        runs[("mixed", BASELINE)] = (train_real, None)
+        runs.update({("mixed", m): (train_real, s) for m, s in synthetic.items()})
+    if p.protocol in ("synthetic", "both"):
+        normals = _normals_only(train_real)
+        runs.update({("synthetic", m): (normals, s) for m, s in synthetic.items()})
+    return runs
+
+
+def _train_jobs(p: DetectorParams, jobs: list, prepared: dict, resolved: dict, progress: bool) -> tuple[list[dict], list[dict]]:
+    """Train and evaluate every (category, seed, protocol, run), one independent training each, on
+    ``p.workers`` processes, in order; returns (the per-seed rows, the training curves' rows)."""
+    rows, curves = [], []
+
+    def job_args(job):
+        category, seed, run = job
+        train_real, test_t, groups, runs = prepared[category]
+        # real_set_size: the steps budget is counted from the whole real training split in every protocol
+        return resolved[category], *runs[run], test_t, groups, seed, len(train_real)
+
+    for (category, seed, (protocol, run)), (evaluated, curve) in zip(jobs, spawn_map(_train_and_evaluate, map(job_args, jobs), p.workers, len(jobs))):
+        train, extra = prepared[category][3][(protocol, run)]
+        # no training time in the rows: details.json feeds the release, which must not
+        # change with the machine's speed (docs/reproducibility.md); it goes to the log
+        for dt, m in evaluated.items():
+            rows.append({"category": category, "defect_type": dt, "run": run, "seed": seed, "protocol": protocol, "budget": p.budget,
+                         **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
+                         "train_real": len(train), "train_synthetic": 0 if extra is None else len(extra), "steps": curve[-1]["step"]})
+            if dt == "all" and progress:
+                print(f"detector[{category}/{run_label(protocol, run)}/seed {seed}, budget {p.budget}: {curve[-1]['step']} steps] loss {curve[-1]['loss']:.4f}; "
+                      f"image AUROC {m['image_auroc']}, pixel AP {m['pixel_ap']}, AUPRO {m['aupro']}; {sum(r['seconds'] for r in curve):.1f} s", flush=True)
+        curves += [{"category": category, "run": run_label(protocol, run), "seed": seed, "epoch": r["epoch"], "step": r["step"],
+                    "loss": round(float(r["loss"]), 5), "lr": r["lr"]} for r in curve]
+    return rows, curves
+
+
+def _compare(p: DetectorParams, rows: list[dict], results: dict) -> tuple[list, dict, dict]:
+    """(comparisons, learned by protocol, references) of the runs; every protocol asked for has an
+    entry, and a skipped category is 'not learned' in each, with its reason."""
+    from defectforge.detector.compare import compare_protocols
+
+    comparisons, learned_by, references = compare_protocols(rows, p.budget)
+    for protocol in ("mixed", "synthetic") if p.protocol == "both" else (p.protocol,):
+        references.setdefault(protocol, None)  # a protocol with no run at all (no synthetic samples): no reference
+        learned_by.setdefault(protocol, {})
+    for category, r in results.items():
+        if "skipped" in r:
+            for protocol in learned_by:
+                learned_by[protocol][category] = {"learned": False, "reason": r["skipped"], "image_auroc_real_only": None, "image_auroc_ci_low": None,
+                                                  "n_seeds": 0, "protocol": protocol, "budget": p.budget}
+    return comparisons, learned_by, references
 
 CURVE_COLUMNS = ["category", "run", "seed", "epoch", "step", "loss", "lr"]
 DELTA_COLUMNS = ["label", "category", "run", "delta", "ci_low", "ci_high", "verdict", "group", "n_seeds", "reference"]

@@ -171,13 +171,7 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
     ``saturated_samples`` / ``colour_drift_samples``: the share of samples that failed
     those per-sample gates.
     """
-    from dataclasses import replace
-
-    from tqdm import tqdm
-
-    from defectforge.metrics.gates import GateThresholds, SetThresholds, gate_sample, gate_set, thresholds_from_dict
-    from defectforge.metrics.quality import compute_quality, crop_around_mask
-    from defectforge.metrics.realism import defect_stats
+    from defectforge.metrics.gates import GateThresholds, SetThresholds, thresholds_from_dict
 
     gates = thresholds_from_dict(p.gates, GateThresholds)
     set_gates = thresholds_from_dict(p.set_gates, SetThresholds)
@@ -188,13 +182,28 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
     split_df = read_manifest(split).to_pandas().set_index("image_id")
     root = Path(require_kind(refined, "synthetic", "quality --refined")["dataset_root"])
     df = read_manifest(refined).to_pandas().sort_values("sample_id")
-    # 1. the held-out real defects of every type there are samples of
+    # 1. the held-out real defects of every type there are samples of, and the training ones (IC-LPIPS centres)
+    refs, centres = _references(p, split, src_root, df, gates.ring)
+    # 2. per sample: gates (saturation and colour drift against the reals' reference) and realism stats
+    qc, crops, stats, flags = _gate_samples(p, df, refs, split_df, src_root, root, gates, progress)
+    # 3. per set: FID / KID / LPIPS and the realism scores; set-level gates
+    sets, failures = _score_sets(p, df, qc, crops, refs, centres, stats, flags, set_gates)
+    metrics = _write_outputs(out_dir, qc, sets, failures)
+    if failures:
+        raise QualityGateError(f"quality gate failed ({len(failures)}): " + "; ".join(failures) + f" - see {out_dir / 'gates.json'}")
+    return metrics
+
+
+def _references(p: QualityParams, split, src_root: Path, df: pd.DataFrame, ring: int) -> tuple[dict, dict]:
+    """Per (category, defect type) of the samples: the held-out reals' reference (None without any)
+    and the IC-LPIPS cluster centres (AnomalyDiffusion): crops of the type's real training defects."""
+    from defectforge.metrics.quality import crop_around_mask
+
     reals = _real_defects(split, "test")
     refs = {}
     for category, defect in sorted(set(zip(df.category, df.defect_type))):
         rr = reals[(reals["category"] == category) & (reals["defect_type"] == defect)]
-        refs[(category, defect)] = None if rr.empty else _real_reference(p, gates.ring, src_root, rr)
-    # IC-LPIPS cluster centres (AnomalyDiffusion): the real training defects of the type
+        refs[(category, defect)] = None if rr.empty else _real_reference(p, ring, src_root, rr)
     trains = _real_defects(split, "train")
     centres = {}
     for category, defect in refs:
@@ -203,7 +212,19 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
             crop_around_mask(read_image(src_root / x.image_path), read_mask(src_root / x.mask_path), context=p.crop_context)
             for x in tr.itertuples()
         ] or None
-    # 2. per sample: gates (saturation and colour drift against the reals' reference) and realism stats
+    return refs, centres
+
+
+def _gate_samples(p: QualityParams, df: pd.DataFrame, refs: dict, split_df: pd.DataFrame, src_root: Path, root: Path, gates,
+                  progress: bool) -> tuple[pd.DataFrame, dict, dict, dict]:
+    """(the qc table, and per (category, defect type, method): the samples' crops, their realism
+    stats and their saturation / colour-drift flags)."""
+    from tqdm import tqdm
+
+    from defectforge.metrics.gates import gate_sample
+    from defectforge.metrics.quality import crop_around_mask
+    from defectforge.metrics.realism import defect_stats
+
     qc_rows, crops, stats = [], {}, {}
     flags: dict = {}
     for r in tqdm(df.itertuples(), total=len(df), desc="quality: per-sample gates", disable=not progress):
@@ -228,8 +249,18 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
         if qc["qc_saturated"] is not None:
             f["saturated"].append(bool(qc["qc_saturated"]))
             f["drift"].append(bool(qc["qc_colour_drift"]))
-    qc = pd.DataFrame(qc_rows)
-    # 3. per set: FID / KID / LPIPS and the realism scores; set-level gates
+    return pd.DataFrame(qc_rows), crops, stats, flags
+
+
+def _score_sets(p: QualityParams, df: pd.DataFrame, qc: pd.DataFrame, crops: dict, refs: dict, centres: dict, stats: dict,
+                flags: dict, set_gates) -> tuple[list[dict], list[str]]:
+    """Per (category, defect type, method): FID / KID / IS / LPIPS against the held-out reals, the
+    realism scores and the pass rate; and the set-level gates' failures."""
+    from dataclasses import replace
+
+    from defectforge.metrics.gates import gate_set
+    from defectforge.metrics.quality import compute_quality
+
     sets, failures = [], []
     only_realism = replace(set_gates, kid_max=None, fid_max=None, lpips_min=None, c2st_max=None,
                            intensity_distance_max=None, min_pass_rate=None)
@@ -249,6 +280,11 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
         # without held-out reals only the checks that need none (saturation, colour drift)
         failures += gate_set(entry, pass_rate, set_gates if "quality_skipped" not in entry else only_realism,
                              label=f"{category}/{defect}/{method}")
+    return sets, failures
+
+
+def _write_outputs(out_dir: Path, qc: pd.DataFrame, sets: list[dict], failures: list[str]) -> dict:
+    """qc.parquet, details.json, the DVC files and gates.json; returns the details."""
     out_dir.mkdir(parents=True, exist_ok=True)
     qc_path = out_dir / "qc.parquet"
     tmp = out_dir / ".qc.parquet.tmp"
@@ -263,6 +299,4 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
     atomic_write_json(out_dir / "details.json", metrics)
     write_dvc_files(metrics, out_dir)
     atomic_write_text(out_dir / "gates.json", json.dumps({"passed": not failures, "failures": failures}, indent=2) + "\n")
-    if failures:
-        raise QualityGateError(f"quality gate failed ({len(failures)}): " + "; ".join(failures) + f" - see {out_dir / 'gates.json'}")
     return metrics
