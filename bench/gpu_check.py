@@ -153,7 +153,7 @@ def unet_calls(chk: Check, model_dir: Path, repeats: int = 5) -> dict:
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from defectforge.diffusion.attention import AttentionStore, install_masked_attention
+    from defectforge.diffusion.attention import AttentionStore
     from defectforge.diffusion.models import load_pipeline_components
 
     out = {}
@@ -195,7 +195,7 @@ def unet_calls(chk: Check, model_dir: Path, repeats: int = 5) -> dict:
                 if name.startswith("plain"):
                     unet.set_attn_processor(AttnProcessor2_0())
                 else:
-                    install_masked_attention(unet, tdia=comps.tdia)
+                    comps.processors_on(unet)
                 sync()
                 chk.reset()
                 with torch.no_grad():

@@ -100,7 +100,7 @@ def main() -> None:
 
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from defectforge.diffusion.attention import AttentionStore, install_masked_attention
+    from defectforge.diffusion.attention import AttentionStore
     from defectforge.diffusion.models import load_pipeline_components
 
     if a.rebuild or not (model_dir / "model_index.json").is_file():
@@ -157,7 +157,7 @@ def main() -> None:
                 if kind == "plain":
                     unet.set_attn_processor(AttnProcessor2_0())
                 else:
-                    install_masked_attention(unet, tdia=comps.tdia)
+                    comps.processors_on(unet)
                 with torch.no_grad():
                     t0 = time.perf_counter()
                     out = plain(rows) if kind == "plain" else ours(rows, capture=kind == "ours")
@@ -166,7 +166,7 @@ def main() -> None:
                 if rep > 0:
                     times[name].append(dt)
                 print(f"{size}px {name} rep {rep}: {dt:.2f} s", flush=True)
-        install_masked_attention(unet, tdia=comps.tdia)
+        comps.processors_on(unet)
         med = {k: statistics.median(v) for k, v in times.items()}
         low = {k: min(v) for k, v in times.items()}
         rows_out[str(size)] = {

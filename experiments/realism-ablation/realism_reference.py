@@ -30,7 +30,7 @@ import numpy as np
 
 from defectforge.data.codec import read_image, read_mask
 from defectforge.metrics.gates import GateThresholds, gate_sample, real_reference
-from defectforge.metrics.quality import crop_around_mask
+from defectforge.metrics.fidelity import crop_around_mask
 from defectforge.metrics.realism import c2st_accuracy, defect_stats, intensity_distance, pooled_saturation
 
 CLASSES = ("MT_Blowhole", "MT_Crack", "MT_Break")

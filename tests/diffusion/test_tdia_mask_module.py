@@ -10,15 +10,16 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from defectforge.diffusion.attention import (
+from defectforge.diffusion.attention import TokenMapStore, cross_attention_order
+from defectforge.methods.defectdiffu.attention import (
     TOKEN_KIND,
     TDIAAttnProcessor,
-    TokenMapStore,
-    cross_attention_order,
+    mask_module_layers,
+    set_tdia,
     tdia_parts,
     uses_tdia,
 )
-from defectforge.diffusion.mask_module import (
+from defectforge.methods.defectdiffu.mask_module import (
     MASK_MODULE_DIR,
     MaskGenerationModule,
     decode_mask,
@@ -29,7 +30,7 @@ from defectforge.diffusion.mask_module import (
 )
 from defectforge.diffusion.prompts import build_context
 from defectforge.methods.defectdiffu.training import MaskModuleLoss, defectdiffu_hooks
-from defectforge.errors import ParamsError
+from defectforge.errors import DefectforgeError, ParamsError
 
 
 # ------------------------------------------------------------------ TDIA: the split
@@ -59,7 +60,7 @@ def test_tdia_cuts_the_forward_order_of_cross_attention_into_three_parts(tiny, t
     sd = load_pipeline_components(tiny_latent_dir, "cpu")  # the pretrained (SD) layout: one layer per part
     assert [tdia_parts(sd.unet)[n] for n in cross_attention_order(sd.unet)] == ["background", "defect", "fusion"]
     assert not uses_tdia(tiny.unet)
-    tiny.set_tdia(True)
+    set_tdia(tiny, True)
     assert uses_tdia(tiny.unet) and tiny.tdia
     assert {n: p.part for n, p in tiny.unet.attn_processors.items() if isinstance(p, TDIAAttnProcessor)} == parts
     assert not any(isinstance(p, TDIAAttnProcessor) for n, p in tiny.unet.attn_processors.items() if ".attn1." in n)  # self-attention untouched
@@ -221,8 +222,8 @@ def test_mask_loss_trains_the_defect_part_and_not_the_fusion_part(tiny):
     from defectforge.diffusion.training import disentangled_step
 
     tiny.prompts.add_defect("crack")
-    tiny.set_tdia(True)
-    layers = tiny.mask_module_layers()
+    set_tdia(tiny, True)
+    layers = mask_module_layers(tiny)
     assert [tdia_parts(tiny.unet)[n] for n in layers] == ["defect", "defect"]
     module = MaskGenerationModule(len(layers) * 4, 3, layers=layers)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -247,7 +248,7 @@ def test_mask_module_without_tdia_reads_every_layer_joint_softmax(tiny):
     from defectforge.diffusion.training import disentangled_step
 
     tiny.prompts.add_defect("crack")
-    layers = tiny.mask_module_layers()
+    layers = mask_module_layers(tiny)
     assert layers == cross_attention_order(tiny.unet)
     seen = []
 
@@ -281,6 +282,12 @@ def test_finetune_with_tdia_and_the_module_saves_and_loads_both(tmp_path):
     assert any(MASK_MODULE_DIR in str(f) for f in ft.files)  # a retrained module changes checkpoint_sha256
     base = load_pipeline_components(tmp_path / "tiny", "cpu")
     assert not base.tdia and base.mask_module is None
+    # a part no imported method package registered is refused, never loaded without it
+    meta_path = tmp_path / "ft" / "defectforge_finetune.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "speckle_module": True}))
+    with pytest.raises(DefectforgeError, match="'speckle_module' part that no imported method package loads"):
+        load_pipeline_components(tmp_path / "ft", "cpu")
     with pytest.raises(ParamsError, match="finetune.tdia"):
         finetune(tmp_path / "tiny", defects, "pit", tmp_path / "ft2", steps=1, attention_loss=1.0, progress=False, device="cpu", hooks=defectdiffu_hooks(tdia=True))
     assert not (tmp_path / "ft2").exists()
@@ -324,7 +331,7 @@ def test_defectdiffu_mask_from_the_module_is_its_thresholded_m_pre(tdia_checkpoi
     res = method.generate(img, mask, "pit", seed=0)
     steps, m_pre = calls[0]
     assert len(steps) == 2  # the last half of 4 DDIM steps
-    assert all(list(s) == method.models.get("pit").mask_module_layers() for s in steps)
+    assert all(list(s) == mask_module_layers(method.models.get("pit")) for s in steps)
     np.testing.assert_allclose(res.attention, m_pre[0].numpy() * mask, atol=1e-6)  # M_pre inside the target
     np.testing.assert_array_equal(res.image[~mask], img[~mask])
     assert res.metadata["tdia"] is True and res.metadata["mask_origin"].startswith("defectdiffu-module")
@@ -367,7 +374,7 @@ def test_tdia_store_captures_only_the_defect_part(tdia_checkpoint):
     with torch.no_grad():
         comps.eps(z, 50, ctx, kinds, torch.ones(3, 1, 64, 64), cond_image=z, store=store)
     maps = store.captured()[0]
-    assert list(maps) == comps.mask_module_layers() == comps.mask_module.config["layers"]
+    assert list(maps) == mask_module_layers(comps) == comps.mask_module.config["layers"]
     for a in maps.values():  # softmax over c_d's 4 tokens only: the maps sum to 1 per pixel
         assert a.shape[:2] == (1, 4)
         torch.testing.assert_close(a.sum(1), torch.ones_like(a.sum(1)))
@@ -377,7 +384,7 @@ def test_training_step_loss_m_is_eq6_on_the_defect_rows_only(tiny):
     from defectforge.diffusion.training import disentangled_step
 
     tiny.prompts.add_defect("crack")
-    tiny.set_tdia(True)
+    set_tdia(tiny, True)
     seen = []
 
     class Spy(MaskGenerationModule):
@@ -421,7 +428,7 @@ def test_pretrained_profile_offline_tdia_and_module_through_the_same_code(tiny_l
     ft = load_pipeline_components(tmp_path / "ft", "cpu")
     assert ft.tdia and uses_tdia(ft.unet) and any("lora" in n for n, _ in ft.unet.named_parameters())
     n = ft.prompts.tokenizer.model_max_length  # the module reads the defect part's 77-token (here n-token) maps
-    assert ft.mask_module.config["in_channels"] == len(ft.mask_module_layers()) * n
+    assert ft.mask_module.config["in_channels"] == len(mask_module_layers(ft)) * n
     img, mask = _image()
     res = DefectDiffu.from_pretrained(str(tmp_path / "ft"), DefectDiffuConfig(steps=3, device="cpu", feather=0.0, mask_source="module",
                                                                               attention_fraction=0.5)).generate(img, mask, "pit", seed=0)

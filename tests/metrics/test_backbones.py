@@ -14,7 +14,7 @@ from defectforge.metrics.backbones import (
     resolve_feature_backbone,
     resolve_lpips_backbone,
 )
-from defectforge.metrics.quality import compute_quality
+from defectforge.metrics.fidelity import compute_fidelity
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +41,15 @@ def test_inception_from_safetensors(tmp_path):
 
 
 @pytest.mark.slow
-def test_compute_quality_with_inception(inception_file):
+def test_compute_fidelity_with_inception(inception_file):
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
-    q = compute_quality(imgs, imgs, backbone="inception-v3", weights=inception_file, size=32)
+    q = compute_fidelity(imgs, imgs, backbone="inception-v3", weights=inception_file, size=32)
     assert q["backbone"] == "inception-v3"
     assert abs(q["fid"]) < 1e-3
     assert q["is_mean"] is not None and q["is_mean"] >= 1.0 - 1e-6
     # IS of copies of one image: p(y|x) = p(y), so KL = 0 and IS = 1 exactly.
-    q1 = compute_quality(imgs, [imgs[0]] * 4, backbone="inception-v3", weights=inception_file, size=32)
+    q1 = compute_fidelity(imgs, [imgs[0]] * 4, backbone="inception-v3", weights=inception_file, size=32)
     assert q1["is_mean"] == pytest.approx(1.0, abs=1e-5)
 
 

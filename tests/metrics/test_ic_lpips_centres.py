@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-import defectforge.metrics.quality as quality
-from defectforge.metrics.quality import compute_quality
+import defectforge.metrics.fidelity as fidelity
+from defectforge.metrics.fidelity import compute_fidelity
 
 SIZE = 16
 
@@ -62,7 +62,7 @@ FAKES = [(210, 50, 40), (180, 40, 70), (40, 60, 210), (70, 40, 180), (120, 60, 1
 @pytest.fixture
 def fake_net(monkeypatch):
     net = _FakeLPIPS().eval()
-    monkeypatch.setattr(quality, "cached_lpips_backbone", lambda name, weights: (net, "fake-mean-colour"))
+    monkeypatch.setattr(fidelity, "cached_lpips_backbone", lambda name, weights: (net, "fake-mean-colour"))
     return net
 
 
@@ -70,7 +70,7 @@ def test_ic_lpips_uses_training_centres_by_hand(fake_net):
     want, n_want = _hand_ic_lpips(FAKES, TRAIN)
     wrong, _ = _hand_ic_lpips(FAKES, HELD_OUT)
     assert n_want == 2 and abs(want - wrong) > 0.01  # the case separates the two protocols
-    q = compute_quality([_flat(c) for c in HELD_OUT], [_flat(c) for c in FAKES], size=SIZE,
+    q = compute_fidelity([_flat(c) for c in HELD_OUT], [_flat(c) for c in FAKES], size=SIZE,
                         centres=[_flat(c) for c in TRAIN], centres_name="train")
     assert q["ic_lpips"] == pytest.approx(want, rel=1e-4)
     assert q["ic_lpips_clusters"] == n_want
@@ -81,13 +81,13 @@ def test_ic_lpips_uses_training_centres_by_hand(fake_net):
 
 
 def test_without_centres_the_real_set_is_named(fake_net):
-    q = compute_quality([_flat(c) for c in HELD_OUT], [_flat(c) for c in FAKES], size=SIZE)
+    q = compute_fidelity([_flat(c) for c in HELD_OUT], [_flat(c) for c in FAKES], size=SIZE)
     want, _ = _hand_ic_lpips(FAKES, HELD_OUT)
     assert q["ic_lpips"] == pytest.approx(want, rel=1e-4) and q["ic_lpips_centres"] == "real"
 
 
 def test_empty_centres_skip_with_reason(fake_net):
-    q = compute_quality([_flat(c) for c in HELD_OUT], [_flat(c) for c in FAKES], size=SIZE, centres=[])
+    q = compute_fidelity([_flat(c) for c in HELD_OUT], [_flat(c) for c in FAKES], size=SIZE, centres=[])
     assert q["ic_lpips"] is None and "got 0 centres" in q["ic_lpips_skipped"]
 
 
@@ -103,13 +103,13 @@ def test_quality_stage_takes_centres_from_the_training_defects(sample_manifests,
 
     _, split = sample_manifests
     seen = []
-    real_cq = quality.compute_quality
+    real_cq = fidelity.compute_fidelity
 
     def spy(real, fake, **kw):
         seen.append((len(real), None if kw.get("centres") is None else len(kw["centres"])))
         return real_cq(real, fake, **kw)
 
-    monkeypatch.setattr(quality, "compute_quality", spy)
+    monkeypatch.setattr(fidelity, "compute_fidelity", spy)
     gen = run_generate(GenerateParams(n_per_defect=2, shard_size=4), split, tmp_path / "gen", progress=False)
     refined = run_refine(RefineParams(), split, gen, tmp_path / "refined")
     metrics = run_quality(QualityParams(size=32), split, refined, tmp_path / "q", progress=False)

@@ -45,31 +45,15 @@ a class-balanced binary cross-entropy between the share s and m', balanced becau
 2-3 % mask would otherwise be outvoted by the background (DefectDiffu's adaptive ratio,
 Eq. 8-9, addresses the same imbalance).
 
-TDIA (DefectDiffu's text-guided disentangled integrated architecture, Sec. 3.2 of
-../shared/seeds/defectdiffu-consistency-modeling.txt). The paper splits a DiT's stack of
-blocks into a background, a defect and a fusion part, each fed its own prompt: c_p, c_d
-and the fusion prompt c_f ("A photo of {defect name} {product name}"). Here the same
-split is made on the UNet's cross-attention layers: :func:`tdia_parts` takes them in the
-order the forward pass runs them (down, mid, up) and cuts that sequence into three
-consecutive parts of (nearly) equal length, background first, then defect, then fusion.
-The context is ``[c_d, c_p, c_f]`` with token kinds 1 / 0 / 2 (:data:`TOKEN_KIND`,
-:func:`defectforge.diffusion.prompts.build_context` with ``fusion=True``), and a layer
-of part P attends only to the tokens of its own prompt:
-
-    Attn_P(z, C) = Softmax(Q K_P^T / tau) V_P,      K_P, V_P: the tokens of P's prompt
-
-There is no spatial routing under TDIA (no m' in the attention): the UNet still sees m
-through its inpainting channels. The mask generation module (Eq. 6,
-:mod:`defectforge.diffusion.mask_module`) reads the defect part's per-token maps, which
-a :class:`TokenMapStore` collects (all cross-attention layers' inside-token columns of
-the joint softmax when TDIA is off).
+Method-specific processors subclass :class:`MaskedCrossAttnProcessor` in their method's package:
+DefectDiffu's TDIA (``defectforge.methods.defectdiffu.attention``) and AnomalyDiffusion's
+re-weighting (Eq. 8, ``defectforge.methods.anomalydiffusion.attention``). A :class:`TokenMapStore`
+collects the per-token maps DefectDiffu's mask module reads (all cross-attention layers'
+inside-token columns of the joint softmax, or TDIA's defect part).
 
 Processors, one per behaviour, all with the one call shape diffusers hands
-``cross_attention_kwargs`` to (:class:`AttnProcessorBase`): :class:`MaskedCrossAttnProcessor`
-(plain attention, or Eq. 10-11 when a region mask and token kinds are given) and
-:class:`TDIAAttnProcessor` (a cross-attention layer of one TDIA part). AnomalyDiffusion's
-re-weighting processor (Eq. 8) lives with its method
-(``defectforge.methods.anomalydiffusion.attention``). Stores implement
+``cross_attention_kwargs`` to (:class:`AttnProcessorBase`): here :class:`MaskedCrossAttnProcessor`
+(plain attention, or Eq. 10-11 when a region mask and token kinds are given). Stores implement
 :class:`AttentionStoreProtocol` (subclass :class:`BaseStore`); a processor asks a store what it
 records through the protocol's flags, never by looking for attributes.
 """
@@ -85,10 +69,6 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 
-# token kinds of a TDIA context [c_d, c_p, c_f]: which prompt each token belongs to
-TOKEN_KIND = {"defect": 1, "background": 0, "fusion": 2}
-TDIA_PARTS = ("background", "defect", "fusion")
-
 
 def cross_attention_order(unet) -> list[str]:
     """The UNet's cross-attention processors (``attn2``) in the order its forward pass runs them."""
@@ -99,23 +79,6 @@ def cross_attention_order(unet) -> list[str]:
         return (group.get(parts[0], 3), *[int(p) for p in parts if p.isdigit()])
 
     return sorted((n for n in unet.attn_processors if ".attn2." in f".{n}"), key=key)
-
-
-def tdia_parts(unet) -> dict[str, str]:
-    """TDIA's split: the cross-attention layers in forward order, cut into three consecutive
-    parts (background, defect, fusion) of sizes differing by at most one (the last the largest)."""
-    names = cross_attention_order(unet)
-    n = len(names)
-    if n < 3:
-        raise ValueError(f"TDIA needs at least 3 cross-attention layers, this UNet has {n}")
-    sizes = [n // 3, n // 3, n - 2 * (n // 3)]
-    out, i = {}, 0
-    for part, size in zip(TDIA_PARTS, sizes):
-        for name in names[i:i + size]:
-            out[name] = part
-        i += size
-    return out
-
 
 
 @runtime_checkable
@@ -333,7 +296,7 @@ def resize_region(region_mask: torch.Tensor, n_query: int, batch: int) -> tuple[
     return m.reshape(batch, h * w, 1), h, w
 
 
-def _grid(region_mask: torch.Tensor, n_query: int) -> tuple[int, int]:
+def grid_of(region_mask: torch.Tensor, n_query: int) -> tuple[int, int]:
     """The (h, w) query grid of a layer with ``n_query`` queries for a mask or latent of this aspect."""
     h0, w0 = region_mask.shape[-2:]
     s = math.sqrt(h0 * w0 / n_query)
@@ -348,7 +311,7 @@ class AttnProcessorBase:
     ``(q, k, v)`` (B, heads, N or L, d) to :meth:`attend`, which a subclass writes.
 
     ``cross_attention_kwargs``: ``region_mask`` (B, 1, H, W) float in [0, 1] (m'),
-    ``token_kinds`` (L,) or (B, L) (bool: inside tokens; long under TDIA: :data:`TOKEN_KIND`),
+    ``token_kinds`` (L,) or (B, L) (bool: inside tokens; long under TDIA: ``defectforge.methods.defectdiffu.attention.TOKEN_KIND``),
     ``attention_store`` (an :class:`AttentionStoreProtocol` or None) and ``reweight``
     (AnomalyDiffusion's weights, taken only by its own processor).
     """
@@ -460,7 +423,7 @@ class MaskedCrossAttnProcessor(AttnProcessorBase):
         if attention_store is None:
             return out
         if attention_store.records_tokens:  # Eq. 6 module input: inside-token columns of the joint softmax
-            h, w = _grid(region_mask, n_query)
+            h, w = grid_of(region_mask, n_query)
             joint = torch.softmax(scores, dim=-1).mean(1)  # (B, N, L)
             attention_store.add_token_maps(self.name, joint[:, :, inside[0, 0, 0]], h, w)
         if attention_store.records_share:
@@ -472,58 +435,15 @@ class MaskedCrossAttnProcessor(AttnProcessorBase):
                 joint = torch.softmax(scores, dim=-1)
                 share = (joint * inside).sum(-1).mean(1)  # inside-token share of the joint softmax
                 used = (m * (e * inside) / s_in).sum(-1).mean(1)  # weights Eq. 10 actually puts on them (m' M_in)
-                h, w = _grid(region_mask, n_query)
+                h, w = grid_of(region_mask, n_query)
                 attention_store.add(self.name, share.view(batch, h, w), used.view(batch, h, w))
         return out
 
 
-class TDIAAttnProcessor(MaskedCrossAttnProcessor):
-    """A cross-attention layer of TDIA part ``part`` (DefectDiffu Sec. 3.2): with token kinds it
-    attends only to its part's prompt, Attn_P(z, C) = Softmax(Q K_P^T / tau) V_P; the defect
-    part hands its per-token maps to a store that records them (the mask module's input).
-    Without token kinds it is a :class:`MaskedCrossAttnProcessor`."""
-
-    def __init__(self, name: str = "", part: str = "defect"):
-        super().__init__(name)
-        if part not in TDIA_PARTS:
-            raise ValueError(f"TDIA part must be one of {TDIA_PARTS}, got {part!r}")
-        self.part = part
-
-    def attend(self, attn, q, k, v, batch, is_cross, *, attention_mask, region_mask, token_kinds, attention_store, reweight):
-        if not is_cross or token_kinds is None:
-            return super().attend(attn, q, k, v, batch, is_cross, attention_mask=attention_mask, region_mask=region_mask,
-                                  token_kinds=token_kinds, attention_store=attention_store, reweight=reweight)
-        if reweight is not None:
-            raise ValueError("attention re-weighting (AnomalyDiffusion) is not defined for a TDIA model")
-        kinds = token_kinds.to(q.device).long()
-        if kinds.ndim == 1:
-            kinds = kinds[None].expand(batch, -1)
-        own = kinds == TOKEN_KIND[self.part]  # (B, L)
-        if not bool(own.any(dim=1).all()):
-            raise ValueError(f"TDIA layer {self.name} ({self.part} part): the context has no {self.part} tokens "
-                             "(build it with build_context(..., fusion=True))")
-        scores = (q @ k.transpose(-1, -2)) * attn.scale  # (B, h, N, L)
-        p = torch.softmax(scores.masked_fill(~own[:, None, None, :], torch.finfo(scores.dtype).min), dim=-1)
-        if attention_store is not None and attention_store.records_tokens and self.part == "defect":
-            n_query = q.shape[2]
-            side = math.isqrt(n_query)
-            h, w = _grid(region_mask, n_query) if region_mask is not None else (side, n_query // side)
-            attention_store.add_token_maps(self.name, p.mean(1)[:, :, own[0]], h, w)
-        return p @ v
-
-
-def install_masked_attention(unet, tdia: bool = False) -> None:
-    """Put a :class:`MaskedCrossAttnProcessor` on every attention layer of ``unet``; with
-    ``tdia`` its cross-attention layers get a :class:`TDIAAttnProcessor` of their part (:func:`tdia_parts`).
+def install_masked_attention(unet) -> None:
+    """Put a :class:`MaskedCrossAttnProcessor` on every attention layer of ``unet``.
 
     Undo with ``unet.set_attn_processor(AttnProcessor2_0())`` (``set_default_attn_processor``
     raises once custom processors are set).
     """
-    parts = tdia_parts(unet) if tdia else {}
-    unet.set_attn_processor({name: TDIAAttnProcessor(name, parts[name]) if name in parts else MaskedCrossAttnProcessor(name)
-                             for name in unet.attn_processors})
-
-
-def uses_tdia(unet) -> bool:
-    """Whether ``unet``'s processors route cross-attention by TDIA part."""
-    return any(isinstance(p, TDIAAttnProcessor) for p in unet.attn_processors.values())
+    unet.set_attn_processor({name: MaskedCrossAttnProcessor(name) for name in unet.attn_processors})

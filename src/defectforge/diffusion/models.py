@@ -33,6 +33,16 @@ from defectforge.diffusion.prompts import TextPromptEncoder, TokenPromptEncoder,
 from defectforge.errors import DefectforgeError
 
 FINETUNE_FILE = "defectforge_finetune.json"
+# What a method's training hooks add to a fine-tune folder, by the key their ``meta()`` sets to true in
+# defectforge_finetune.json: key -> load(comps, folder, device), which returns the weight files it read.
+# The method's package registers its own (:func:`register_finetune_part`; DefectDiffu: "tdia", "mask_module").
+FINETUNE_PARTS: dict = {}
+_CORE_PARTS = ("trimap_control",)  # loaded here (the shared ControlNet)
+
+
+def register_finetune_part(key: str, load) -> None:
+    """Load a fine-tune folder whose defectforge_finetune.json sets ``key`` with ``load(comps, folder, device)``."""
+    FINETUNE_PARTS[key] = load
 TINY_CLASS = "DefectforgeTinyPipeline"
 
 
@@ -62,6 +72,7 @@ class DiffusionComponents:
     files: list[Path] = field(default_factory=list)  # weight files, for checkpoint_sha256
     defect_type: str | None = None  # set for finetune directories
     tdia: bool = False  # DefectDiffu's TDIA routing (finetune.tdia): contexts carry the fusion prompt
+    install_processors: object = None  # a method's processors for a UNet (TDIA's), when not install_masked_attention
     mask_module: torch.nn.Module | None = None  # DefectDiffu's mask generation module (Eq. 6), when trained
     controlnet: torch.nn.Module | None = None  # AdaBLDM's trimap ControlNet (diffusion/control.py), when trained
 
@@ -110,20 +121,10 @@ class DiffusionComponents:
         ctx, kinds = build_context(self.prompts, inside, defect, outside, fusion=self.tdia)
         return ctx.to(self.device), kinds.to(self.device)
 
-    def set_tdia(self, on: bool) -> None:
-        """Route cross-attention by TDIA part (:func:`~defectforge.diffusion.attention.tdia_parts`) or not."""
-        self.tdia = bool(on)
-        install_masked_attention(self.unet, tdia=self.tdia)
-
-    def mask_module_layers(self) -> list[str]:
-        """The cross-attention layers whose token maps the mask module reads, in forward order:
-        TDIA's defect part, or every cross-attention layer without TDIA."""
-        from defectforge.diffusion.attention import cross_attention_order, tdia_parts
-
-        if self.tdia:
-            parts = tdia_parts(self.unet)
-            return [n for n in cross_attention_order(self.unet) if parts[n] == "defect"]
-        return cross_attention_order(self.unet)
+    def processors_on(self, unet: torch.nn.Module) -> None:
+        """Put this model's attention processors on ``unet`` (another copy of its UNet): a method's
+        (``install_processors``, e.g. TDIA's) or the masked cross-attention of every model."""
+        (self.install_processors or install_masked_attention)(unet)
 
     def eps(
         self,
@@ -466,6 +467,20 @@ def resolve_base_reference(ref: str, folder: str | os.PathLike) -> str | Path:
     return path if path.is_dir() else ref
 
 
+def _load_parts(path: Path, meta: dict, comps: DiffusionComponents, device: torch.device) -> list[Path]:
+    """The method parts of a fine-tune (:data:`FINETUNE_PARTS`), in the order its json lists them; a
+    part whose method package was not imported is refused in one line, never left out."""
+    files = []
+    for key, value in meta.items():
+        if value is not True or key in _CORE_PARTS:
+            continue
+        if key not in FINETUNE_PARTS:
+            raise DefectforgeError(f"{path / FINETUNE_FILE}: the fine-tune has a {key!r} part that no imported method package "
+                                   "loads (import the method that trained it, e.g. defectforge.methods.defectdiffu.attention)")
+        files += FINETUNE_PARTS[key](comps, path, device)
+    return files
+
+
 def _load_finetune(path: Path, device: torch.device, dtype: torch.dtype) -> DiffusionComponents:
     from diffusers import UNet2DConditionModel
 
@@ -487,12 +502,8 @@ def _load_finetune(path: Path, device: torch.device, dtype: torch.dtype) -> Diff
         files.append(path / "prompt_encoder" / "token_embeddings.safetensors")
     elif hasattr(comps.prompts, "product"):  # the product name the fine-tune's text prompts were trained with
         comps.prompts.product = meta.get("category")
-    comps.set_tdia(bool(meta.get("tdia", False)))
-    if meta.get("mask_module"):
-        from defectforge.diffusion.mask_module import MASK_MODULE_DIR, MaskGenerationModule
-
-        comps.mask_module = MaskGenerationModule.from_pretrained(path / MASK_MODULE_DIR, device)
-        files += sorted((path / MASK_MODULE_DIR).glob("*.safetensors"))
+    install_masked_attention(comps.unet)
+    files += _load_parts(path, meta, comps, device)
     if meta.get("trimap_control"):
         from diffusers import ControlNetModel
 

@@ -89,11 +89,13 @@ from pydantic import Field, model_validator
 
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided, predict_x0
-from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
+from defectforge.diffusion.sampling import SampleRow, attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.masks.crop import feather_mask
 from defectforge.diffusion.control import trimap_condition
 from defectforge.masks.trimap import DEFECT, OBJECT, make_trimap
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
+# a fine-tune may carry DefectDiffu's TDIA or mask module (finetune.tdia / mask_module): its package registers how they load
+import defectforge.methods.defectdiffu.attention  # noqa: F401
 from defectforge.methods.config import SamplingConfig
 
 
@@ -163,20 +165,14 @@ def adapt_decoder(comps, z: torch.Tensor, x: torch.Tensor, defect: torch.Tensor,
                 "in_mask_drift_mse_after": after["in_mask_drift_mse"]}
 
 
-@dataclass
-class BlendRow:
-    """One sample of a batched :func:`sample_blended_batch`: its tensors (batch 1 each),
-    its own generator and its own options (the arguments of :func:`sample_blended`)."""
+@dataclass(kw_only=True)
+class BlendRow(SampleRow):
+    """One sample of a batched :func:`sample_blended_batch`: a :class:`SampleRow` with the normal
+    crop in pixels, the pixel blending mask and the trimap condition (the arguments of
+    :func:`sample_blended`)."""
 
-    z0: torch.Tensor
-    m: torch.Tensor
-    generator: torch.Generator
     x: torch.Tensor | None = None
     pixel_mask: torch.Tensor | None = None
-    bound: float | tuple = 0.0
-    gray: bool = False
-    soft: torch.Tensor | None = None
-    chroma: tuple | None = None
     control: torch.Tensor | None = None
 
 
@@ -201,7 +197,7 @@ def sample_blended(comps, z0: torch.Tensor, m: torch.Tensor, defect: str, steps:
     ``control``: the trimap condition for ``comps.controlnet`` (both guidance rows, as the
     reference gives its unconditional branch the control too).
     """
-    row = BlendRow(z0, m, generator, x, pixel_mask, bound, gray, soft, chroma, control)
+    row = BlendRow(z0, m, generator, x=x, pixel_mask=pixel_mask, bound=bound, gray=gray, soft=soft, chroma=chroma, control=control)
     return sample_blended_batch(comps, [row], defect, steps, guidance, free_fraction, store, attention_fraction, edit_fraction=edit_fraction)[0]
 
 

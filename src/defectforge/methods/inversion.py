@@ -97,8 +97,10 @@ import torch
 
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided
-from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
+from defectforge.diffusion.sampling import SampleRow, attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
+# a fine-tune may carry DefectDiffu's TDIA or mask module (finetune.tdia / mask_module): its package registers how they load
+import defectforge.methods.defectdiffu.attention  # noqa: F401
 from defectforge.methods.config import SamplingConfig
 
 
@@ -138,20 +140,13 @@ def invert_masked_batch(comps, z0s: list[torch.Tensor], ms: list[torch.Tensor], 
     return zs
 
 
-@dataclass
-class Eq9Row:
-    """One sample of :func:`sample_eq9_batch`: its tensors (batch 1 each), its own generator,
-    its inversion path (or None) and its options (the arguments of :func:`sample_eq9`)."""
+@dataclass(kw_only=True)
+class Eq9Row(SampleRow):
+    """One sample of :func:`sample_eq9_batch`: a :class:`SampleRow` with Theorem 1's z_T^m and its
+    inversion path (or None); the options are the arguments of :func:`sample_eq9`."""
 
     z_T_m: torch.Tensor
-    z0: torch.Tensor
-    m: torch.Tensor
-    generator: torch.Generator
     trajectory: list | None = None
-    bound: float | tuple = 0.0
-    gray: bool = False
-    soft: torch.Tensor | None = None
-    chroma: tuple | None = None
 
 
 @torch.no_grad()
@@ -178,7 +173,7 @@ def sample_eq9(comps, z_T_m: torch.Tensor, z0: torch.Tensor, m: torch.Tensor, de
     bind z* inside the (soft) mask only; z^m gets the [-1, 1] / grey bound times (1 - m),
     so m * z^m_t = 0 at every step (module docstring, "What may be bounded").
     """
-    row = Eq9Row(z_T_m, z0, m, generator, trajectory, bound, gray, soft, chroma)
+    row = Eq9Row(z0, m, generator, z_T_m=z_T_m, trajectory=trajectory, bound=bound, gray=gray, soft=soft, chroma=chroma)
     return sample_eq9_batch(comps, [row], defect, steps, guidance, store, attention_fraction, noised_background=noised_background)[0]
 
 

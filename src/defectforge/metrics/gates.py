@@ -298,7 +298,7 @@ def gate_set(quality: dict, pass_rate: float | None = None, thresholds: SetThres
              label: str = "") -> list[str]:
     """Readable failures of a generated set (empty list = the set passes).
 
-    ``quality`` is a :func:`~defectforge.metrics.quality.compute_quality` result,
+    ``quality`` is a :func:`~defectforge.metrics.fidelity.compute_fidelity` result,
     with the quality stage's realism keys (``saturation``, ``c2st_accuracy``,
     ``intensity_distance``, and ``saturated_samples`` / ``colour_drift_samples``: the
     share of its samples that failed the saturation / colour-drift gate);

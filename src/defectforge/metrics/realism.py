@@ -1,6 +1,6 @@
 """Realism scores of synthetic defects that need no downloaded weights.
 
-FID / KID / LPIPS (:mod:`defectforge.metrics.quality`) compare feature statistics of a
+FID / KID / LPIPS (:mod:`defectforge.metrics.fidelity`) compare feature statistics of a
 backbone; without its published weights they say little about what a person sees. The
 scores here measure the defect itself, inside its mask, against the real defects of the
 same type:
@@ -236,7 +236,7 @@ def crop_features(crops: Sequence[np.ndarray], size: int = 32) -> np.ndarray:
     |Laplacian| (fine texture); and the mean grey and mean gradient in four rings around
     the crop centre (the crops are centred on the defect, so these see its profile).
     """
-    from defectforge.metrics.quality import images_to_tensor
+    from defectforge.metrics.fidelity import images_to_tensor
 
     x = images_to_tensor(crops, "crops", size).numpy()  # uint8 (N, 3, s, s)
     yy, xx = np.mgrid[0:size, 0:size]

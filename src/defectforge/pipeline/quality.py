@@ -46,7 +46,7 @@ REAL_VS_REAL_MIN = 8   # held-out real defects for the real-vs-real reference (t
 def _real_reference(p: QualityParams, ring: int, src_root: Path, rr: pd.DataFrame) -> dict:
     """Held-out real defects of one type: crops, per-sample realism stats, gate reference, real-vs-real C2ST."""
     from defectforge.metrics.gates import real_reference
-    from defectforge.metrics.quality import crop_around_mask
+    from defectforge.metrics.fidelity import crop_around_mask
     from defectforge.metrics.realism import c2st_accuracy, defect_stats, intensity_distance
 
     crops, stats = [], []
@@ -197,7 +197,7 @@ def run(p: QualityParams, split: str | os.PathLike, refined: str | os.PathLike, 
 def _references(p: QualityParams, split, src_root: Path, df: pd.DataFrame, ring: int) -> tuple[dict, dict]:
     """Per (category, defect type) of the samples: the held-out reals' reference (None without any)
     and the IC-LPIPS cluster centres (AnomalyDiffusion): crops of the type's real training defects."""
-    from defectforge.metrics.quality import crop_around_mask
+    from defectforge.metrics.fidelity import crop_around_mask
 
     reals = _real_defects(split, "test")
     refs = {}
@@ -222,7 +222,7 @@ def _gate_samples(p: QualityParams, df: pd.DataFrame, refs: dict, split_df: pd.D
     from tqdm import tqdm
 
     from defectforge.metrics.gates import gate_sample
-    from defectforge.metrics.quality import crop_around_mask
+    from defectforge.metrics.fidelity import crop_around_mask
     from defectforge.metrics.realism import defect_stats
 
     qc_rows, crops, stats = [], {}, {}
@@ -259,7 +259,7 @@ def _score_sets(p: QualityParams, df: pd.DataFrame, qc: pd.DataFrame, crops: dic
     from dataclasses import replace
 
     from defectforge.metrics.gates import gate_set
-    from defectforge.metrics.quality import compute_quality
+    from defectforge.metrics.fidelity import compute_fidelity
 
     sets, failures = [], []
     only_realism = replace(set_gates, kid_max=None, fid_max=None, lpips_min=None, c2st_max=None,
@@ -269,7 +269,7 @@ def _score_sets(p: QualityParams, df: pd.DataFrame, qc: pd.DataFrame, crops: dic
         if ref is None:
             entry = {"quality_skipped": f"no held-out real {category}/{defect} images to compare with"}
         else:
-            entry = compute_quality(ref["crops"], fake, backbone=p.backbone, weights=p.weights, lpips_backbone=p.lpips_backbone,
+            entry = compute_fidelity(ref["crops"], fake, backbone=p.backbone, weights=p.weights, lpips_backbone=p.lpips_backbone,
                                     lpips_weights=p.lpips_weights, size=p.size,
                                     centres=centres[(category, defect)], centres_name="train")
         entry.update(_realism(p, ref, fake, stats.get((category, defect, method), []), flags[(category, defect, method)]))

@@ -104,7 +104,7 @@ def failures_first(entries: Sequence) -> list[Sample]:
 
 def _crops(s: Sample) -> list[np.ndarray]:
     """Plain image, mask and overlay, each cropped around the mask; then the whole overlay."""
-    from defectforge.metrics.quality import crop_around_mask
+    from defectforge.metrics.fidelity import crop_around_mask
 
     img = np.asarray(s.image)
     if img.ndim == 2:
@@ -333,7 +333,7 @@ def render_report(
 
     Args:
         grids: one :class:`SampleGrid` per (category, defect type), shown at the top.
-        quality_rows: :func:`~defectforge.metrics.quality.compute_quality` dicts, each
+        quality_rows: :func:`~defectforge.metrics.fidelity.compute_fidelity` dicts, each
             with ``defect_type`` and ``method`` added (and optionally ``pass_rate`` and the
             realism keys ``saturation``, ``c2st_accuracy``, ...).
         detector_rows: raw per-run rows, each with ``run`` (``real-only``, a method) and

@@ -15,9 +15,9 @@ module         what
 ``method``     :class:`DefectDiffu`, the generation method (this docstring's steps)
 =============  ==========================================================================
 
-The mask generation module G (Eq. 6) and TDIA's attention processor live in the shared core
-(:mod:`defectforge.diffusion.mask_module`, :class:`defectforge.diffusion.attention.TDIAAttnProcessor`)
-because the model loader restores them with a fine-tuned checkpoint.
+The mask generation module G (Eq. 6, ``mask_module``) and TDIA's attention processor
+(``attention``) live in this package; the model loader restores them with a fine-tuned checkpoint
+through the parts ``attention`` registers (:func:`defectforge.diffusion.models.register_finetune_part`).
 
 Notation:
 
@@ -50,7 +50,7 @@ Steps of :meth:`DefectDiffu.generate`:
    generated outside it). ``mask_source="target"`` keeps the target mask instead.
 
    ``mask_source="module"`` (the paper's mask branch, Sec. 3.4): the mask generation
-   module G (Eq. 6, :mod:`defectforge.diffusion.mask_module`, trained by
+   module G (Eq. 6, :mod:`defectforge.methods.defectdiffu.mask_module`, trained by
    ``finetune.mask_module`` = lambda of Eq. 11) maps the per-token attention maps of
    each captured step to M_pre^t = D(G(A^t)); M_pre = mean_t M_pre^t, binarised inside
    the target mask by the same iterative threshold.
@@ -63,7 +63,7 @@ and threshold them inside its own target mask.
 TDIA (Sec. 3.2, ``finetune.tdia``): the paper splits a DiT into background / defect /
 fusion blocks with the prompts c_p, c_d and c_f = "A photo of {defect} {product}". Here
 the UNet's cross-attention layers, in forward order, are cut into those three parts
-(:func:`defectforge.diffusion.attention.tdia_parts`), and every condition pair (c_d, c_p)
+(:func:`defectforge.methods.defectdiffu.attention.tdia_parts`), and every condition pair (c_d, c_p)
 of Eq. 4 becomes the context [c_d, c_p, c_f(c_d, c_p)] (the fusion prompt of the pair:
 with the null condition it is the defect prompt alone). A TDIA model has no joint
 softmax over [c_d, c_p], so its masks come from the module (``mask_source: module``) or
@@ -88,10 +88,11 @@ import torch
 
 from defectforge.diffusion.attention import AttentionStore, StoreGroup, TokenMapStore
 from defectforge.diffusion.ddim import chroma_range
-from defectforge.diffusion.mask_module import predicted_mask
 from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
 from defectforge.errors import ParamsError
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
+from defectforge.methods.defectdiffu.attention import uses_tdia  # noqa: F401 - also registers how its fine-tunes load
+from defectforge.methods.defectdiffu.mask_module import predicted_mask
 from defectforge.methods.defectdiffu.sampler import DoubleFreeRow, attention_mask, sample_double_free_batch
 from defectforge.methods.defectdiffu.config import DefectDiffuConfig
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from defectforge.diffusion.attention import TokenMapStore
-from defectforge.diffusion.mask_module import MASK_MODULE_DIR, MaskGenerationModule, mask_features, mask_loss, module_input
+from defectforge.methods.defectdiffu.attention import mask_module_layers, set_tdia
+from defectforge.methods.defectdiffu.mask_module import MASK_MODULE_DIR, MaskGenerationModule, mask_features, mask_loss, module_input
 from defectforge.diffusion.training import BaseTrainingHook, StepState, TrainingHook
 from defectforge.errors import ParamsError
 
@@ -135,7 +136,7 @@ class TDIA(BaseTrainingHook):
                               "the joint softmax over [c_d, c_p], which TDIA's per-part softmax does not have)")
 
     def configure(self, comps, seed: int) -> None:
-        comps.set_tdia(True)
+        set_tdia(comps, True)
 
     def run_log(self) -> dict:
         return {"tdia": True}
@@ -189,7 +190,7 @@ class MaskModuleLoss(BaseTrainingHook):
         self._maps: TokenMapStore | None = None
 
     def param_groups(self, comps, defect_type: str) -> list[dict]:
-        layers = comps.mask_module_layers()
+        layers = mask_module_layers(comps)
         n_tokens = len(comps.prompts.embed("defect", defect_type))
         self.module = MaskGenerationModule(len(layers) * n_tokens, comps.latent_channels, layers=layers).to(comps.device)
         self.module.train()

@@ -8,8 +8,8 @@ import torch
 
 from defectforge.errors import DataError, DefectforgeError
 from defectforge.metrics.backbones import resolve_lpips_backbone
-from defectforge.metrics.quality import (
-    compute_quality,
+from defectforge.metrics.fidelity import (
+    compute_fidelity,
     ic_lpips_from,
     images_to_tensor,
     lpips_features,
@@ -31,7 +31,7 @@ def sets():
 
 def test_identical_sets_give_zero_fid_kid_lpips(sets):
     a, _ = sets
-    q = compute_quality(a, a, size=SIZE)
+    q = compute_fidelity(a, a, size=SIZE)
     assert q["backbone"] == "random-vgg11-seed0"
     assert q["lpips_backbone"] == "random-alexnet-seed0+uniform-lin"
     assert abs(q["fid"]) < 1e-4
@@ -42,8 +42,8 @@ def test_identical_sets_give_zero_fid_kid_lpips(sets):
 
 def test_different_sets_give_clearly_positive_fid_kid(sets):
     a, b = sets
-    same = compute_quality(a, a, size=SIZE)
-    diff = compute_quality(a, b, size=SIZE)
+    same = compute_fidelity(a, a, size=SIZE)
+    diff = compute_fidelity(a, b, size=SIZE)
     assert diff["fid"] > 100 * max(abs(same["fid"]), 1e-6)
     assert diff["fid"] > 0.1
     assert diff["kid_mean"] > 1e-3 and diff["kid_mean"] > 100 * abs(same["kid_mean"])
@@ -52,17 +52,17 @@ def test_different_sets_give_clearly_positive_fid_kid(sets):
 
 def test_random_backbone_is_skipped_with_reason(sets):
     a, b = sets
-    q = compute_quality(a, b, size=SIZE)
+    q = compute_fidelity(a, b, size=SIZE)
     assert q["is_mean"] is None and "trained classifier" in q["is_skipped"]
 
 
 def test_too_few_samples_are_skipped_with_reason(sets):
     a, b = sets
-    q = compute_quality(a[:1], b[:3], size=SIZE)
+    q = compute_fidelity(a[:1], b[:3], size=SIZE)
     assert q["fid"] is None and q["fid_skipped"] == "needs >= 2 real and 2 fake images, got 1 real and 3 fake"
     assert q["kid_mean"] is None and q["kid_std"] is None and "needs >= 2" in q["kid_skipped"]
     assert q["lpips"] is not None and q["lpips_skipped"] is None
-    q = compute_quality([], b[:3], size=SIZE)
+    q = compute_fidelity([], b[:3], size=SIZE)
     assert q["lpips"] is None and "needs >= 1 real" in q["lpips_skipped"]
     assert q["ic_lpips"] is None and q["ic_lpips_skipped"]
 
@@ -72,9 +72,9 @@ def test_nan_or_float_input_is_one_line_error(sets):
     bad = a[0].astype(np.float32)
     bad[0, 0, 0] = np.nan
     with pytest.raises(DefectforgeError, match=r"fake\[1\]: image contains NaN"):
-        compute_quality(a, [a[0], bad], size=SIZE)
+        compute_fidelity(a, [a[0], bad], size=SIZE)
     with pytest.raises(DataError, match=r"real\[0\]: expected a uint8 image"):
-        compute_quality([a[0].astype(np.float32)], a, size=SIZE)
+        compute_fidelity([a[0].astype(np.float32)], a, size=SIZE)
 
 
 def test_cached_lpips_equals_torchmetrics_forward(sets):
@@ -105,12 +105,12 @@ def test_ic_lpips_by_hand(sets):
 def test_ic_lpips_clusters_fakes_around_reals(sets):
     a, b = sets
     # two reals far apart; fakes = 3 near a-like + 3 near b-like
-    q = compute_quality([a[0], b[0]], a[1:4] + b[1:4], size=SIZE)
+    q = compute_fidelity([a[0], b[0]], a[1:4] + b[1:4], size=SIZE)
     assert q["ic_lpips_clusters"] == 2 and q["ic_lpips"] > 0
 
 
 def test_crop_around_mask():
-    from defectforge.metrics.quality import crop_around_mask
+    from defectforge.metrics.fidelity import crop_around_mask
 
     im = np.arange(100 * 80 * 3, dtype=np.uint32).reshape(100, 80, 3).astype(np.uint8)
     m = np.zeros((100, 80), bool)

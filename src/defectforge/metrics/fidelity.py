@@ -1,4 +1,7 @@
-"""Image-quality metrics of a synthetic defect set against the real defect images.
+"""Fidelity metrics (FID / KID / IS / LPIPS / IC-LPIPS) of a synthetic defect set against the real defect images.
+
+Named apart from the ``quality`` stage that runs them and from the per-sample gates
+(:mod:`defectforge.metrics.gates`) it applies beside them.
 
 The seed papers measure generation quality with
 
@@ -11,7 +14,7 @@ The seed papers measure generation quality with
   few-shot images the generator learned from; "one-third of the anomaly data for
   training"), every generated image is assigned to its nearest centre (lowest
   LPIPS), the mean pairwise LPIPS inside each cluster is taken, and averaged over
-  clusters. ``compute_quality`` takes those centres as ``centres``; without them it
+  clusters. ``compute_fidelity`` takes those centres as ``centres``; without them it
   falls back to the ``real`` set and says so in ``ic_lpips_centres``.
 
 FID, KID and IS are computed by torchmetrics (``FrechetInceptionDistance``,
@@ -31,7 +34,7 @@ Example::
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
     >>> real = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
-    >>> q = compute_quality(real, real, size=64)
+    >>> q = compute_fidelity(real, real, size=64)
     >>> q["backbone"], abs(q["fid"]) < 1e-3
     ('random-vgg11-seed0', True)
 """
@@ -190,7 +193,7 @@ def ic_lpips_from(net: nn.Module, f_fake: list[torch.Tensor], assign: torch.Tens
 # --------------------------------------------------------------------------- main API
 
 
-def compute_quality(
+def compute_fidelity(
     real: Sequence[np.ndarray],
     fake: Sequence[np.ndarray],
     *,
@@ -267,7 +270,7 @@ def compute_quality(
     return res
 
 
-# The metrics of compute_quality, one step each: each returns the result keys it sets
+# The metrics of compute_fidelity, one step each: each returns the result keys it sets
 # (its value, or its ``<metric>_skipped`` reason when the sets are too small).
 
 
