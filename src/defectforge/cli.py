@@ -41,13 +41,40 @@ def _params(path: Path, sets: Optional[list[str]] = None):
     return parse_params(override(data, sets or []), f"{path}" + (" with -S" if sets else ""))
 
 
+def _out_folder(out: Path, what: str, *inputs: Optional[Path]) -> None:
+    """Refuse ``--out`` (one line, exit 2, nothing written) when it is ``.``, ``..``, the current folder by any
+    spelling or one holding it, ``/``, a project's root, or a folder holding one of ``inputs`` (or their
+    manifests' dataset roots); the same check every stage's own output folder goes through."""
+    from defectforge.data.files import check_out_place
+    from defectforge.manifest.io import manifest_info
+
+    roots = []
+    for i in inputs:
+        if i is None:
+            continue
+        try:
+            roots.append(manifest_info(i)["dataset_root"])
+        except (DefectforgeError, OSError):
+            pass  # not a manifest (a model folder), or unreadable: the stage says so
+    check_out_place(out, f"--out ({what})", [*inputs, *roots])
+
+
+def _kind(path: Path, kind: str, role: str) -> None:
+    """Refuse a manifest of another kind than ``kind`` for ``role`` (``"generate --split"``) in one line."""
+    from defectforge.manifest.validate import require_kind
+
+    require_kind(path, kind, role)
+
+
 @app.command()
 def sample(out: Path = typer.Option(Path("data/sample"), help="output folder (MVTec AD layout)"), params: Path = PARAMS,
         set_: Optional[list[str]] = SET):
     """Make the built-in sample dataset."""
     from defectforge.pipeline import sample as stage
 
-    typer.echo(stage.run(_params(params, set_).sample, out))
+    p = _params(params, set_).sample
+    _out_folder(out, "sample folder")
+    typer.echo(stage.run(p, out))
 
 
 @app.command()
@@ -79,7 +106,9 @@ def split(source: Path = typer.Option(..., help="source manifest"), out: Path = 
     """Assign train/test and folds (seeded) to a source manifest."""
     from defectforge.pipeline import split as stage
 
-    _summary(stage.run(_params(params, set_).split, source, out))
+    p = _params(params, set_).split
+    _kind(source, "source", "split --source")
+    _summary(stage.run(p, source, out))
 
 
 @app.command()
@@ -89,6 +118,8 @@ def pretrain(split: Path = typer.Option(..., help="split manifest"), out: Path =
     from defectforge.pipeline import pretrain as stage
 
     p = _params(params, set_)
+    _kind(split, "split", "pretrain --split")
+    _out_folder(out, "pretrain folder", split)
     typer.echo(stage.run(p.pretrain, split, out, needed=p.generate.model_needs()))
 
 
@@ -104,6 +135,8 @@ def finetune(
     from defectforge.pipeline import finetune as stage
 
     p = _params(params, set_)
+    _kind(split, "split", "finetune --split")
+    _out_folder(out, "finetune folder", split, base)
     typer.echo(stage.run(p.finetune, split, base, out, needed=p.generate.model_needs()))
 
 
@@ -121,6 +154,8 @@ def generate(
     from defectforge.pipeline import generate as stage
 
     p = _params(params, set_).generate
+    _kind(split, "split", "generate --split")
+    _out_folder(out, "generate output", split, checkpoints)
     if method:
         p = parse_params({"generate": {**p.model_dump(), "methods": list(method)}}, "command line").generate
     _summary(stage.run(p, split, out, checkpoints=checkpoints))
@@ -137,7 +172,10 @@ def refine(
     """Refine the masks (Eq. 13 from attention; raw target mask otherwise)."""
     from defectforge.pipeline import refine as stage
 
-    _summary(stage.run(_params(params, set_).refine, split, generated, out))
+    p = _params(params, set_).refine
+    _kind(split, "split", "refine --split")
+    _out_folder(out, "refine output folder", split, generated)
+    _summary(stage.run(p, split, generated, out))
 
 
 @app.command()
@@ -151,7 +189,11 @@ def quality(
     """Per-sample gates, FID/KID/LPIPS and realism scores; exit 2 when a set-level gate fails."""
     from defectforge.pipeline import quality as stage
 
-    m = stage.run(_params(params, set_).quality, split, refined, out)
+    p = _params(params, set_).quality
+    _kind(split, "split", "quality --split")
+    _kind(refined, "synthetic", "quality --refined")
+    _out_folder(out, "quality folder", split, refined)
+    m = stage.run(p, split, refined, out)
     typer.echo(f"{out}: {m['samples']} samples, pass rate {m['pass_rate']}")
 
 
@@ -167,7 +209,11 @@ def detector(
     """Train the detector real-only and real + synthetic (paired seeds); verdicts with 95 % intervals."""
     from defectforge.pipeline import detector as stage
 
-    d = stage.run(_params(params, set_).detector, split, refined, qc, out)
+    p = _params(params, set_).detector
+    _kind(split, "split", "detector --split")
+    _kind(refined, "synthetic", "detector --refined")
+    _out_folder(out, "detector folder", split, refined, qc)
+    d = stage.run(p, split, refined, qc, out)
     for r in d["comparisons"]:
         if r.get("defect_type") == "all":
             typer.echo(f"{r['category']}/{r['method']} {r['metric']}: {r['verdict']} (protocol {r['protocol']} vs {r['reference']}, budget {r['budget']})")
@@ -187,7 +233,9 @@ def release(
     """Write the versioned manifest, metrics, report and dataset card."""
     from defectforge.pipeline import release as stage
 
-    _summary(stage.run(_params(params, set_).release, refined, out, quality=quality, detector=detector, split=split, verify=verify))
+    p = _params(params, set_).release
+    _out_folder(out, "release folder", refined, quality, detector, split)
+    _summary(stage.run(p, refined, out, quality=quality, detector=detector, split=split, verify=verify))
 
 
 @app.command()

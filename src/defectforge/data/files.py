@@ -24,10 +24,46 @@ from defectforge.data.codec import encode_png
 from defectforge.errors import DataError
 
 
+_NODE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def node_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, in words ("a fifo", "a folder", "a regular file")."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((what for test, what in _NODE_KINDS if test(mode)), "not a file")
+
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """None when ``path`` (symlinks followed) is a regular file; else what it is, in words
+    ("a fifo", "a character device", "a folder", ...). Missing files give None: the caller's
+    open says so. Decided by ``os.stat`` without opening: opening a fifo blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else node_kind(mode)
+
+
+class NotRegularFile(DataError):
+    """A path that should be a regular file is a fifo, a device, a socket or a folder."""
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a file's bytes. A path that is not a regular file (a fifo, which would block
+    the read forever, a device, a socket, a folder) raises :class:`NotRegularFile`, never opened
+    as such: checked with ``stat`` first, and again on the opened descriptor (opened non-blocking)."""
+    why = not_regular(path)
+    if why is not None:
+        raise NotRegularFile(f"{path}: not a regular file ({why})")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # replaced between the stat and the open
+        os.close(fd)
+        raise NotRegularFile(f"{path}: not a regular file ({node_kind(mode)})")
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -115,8 +151,42 @@ def _marked_as(folder: Path) -> str | None:
     return first[len(_MARK):].split(";")[0] if first.startswith(_MARK) else None
 
 
+_PROJECT_MARKERS = (".git", ".dvc", "dvc.yaml")  # a folder holding one is a project's root
+
+
+def check_out_place(out: str | os.PathLike, what: str = "output folder", inputs=()) -> None:
+    """Refuse, in one line and before anything is written, an output folder that no run may replace or fill:
+    ``.``, ``..`` or any spelling of the current folder or one holding it (``./``, ``sub/..``, a link
+    to it), ``/``, a project's root (a folder holding .git, .dvc or dvc.yaml), and a folder holding
+    (or being) one of ``inputs`` (the files and folders the run reads). Symlinks are resolved."""
+    path = Path(out)
+    real = Path(os.path.realpath(path))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    why = None
+    if real == real.parent:
+        why = "is the file system's root"
+    elif real == cwd:
+        why = "is the current folder"
+    elif path.name in ("", ".", ".."):
+        why = f"ends in {path.name or '.'!r} (name the folder itself)"
+    elif real in cwd.parents:
+        why = "holds the current folder"
+    elif any((real / m).exists() for m in _PROJECT_MARKERS):
+        why = "is a project's root (it holds " + next(m for m in _PROJECT_MARKERS if (real / m).exists()) + ")"
+    else:
+        for src in inputs:
+            if src is not None and (real == Path(os.path.realpath(src)) or real in Path(os.path.realpath(src)).parents):
+                why = f"holds the input {src}"
+                break
+    if why is not None:
+        raise DataError(f"{out}: {what} {why}; a run replaces or fills its output folder, so give a folder of its own, "
+                        "e.g. --out data/<stage>")
+
+
 def check_apart(out: str | os.PathLike, what: str, inputs) -> None:
-    """Refuse ``out`` if, symlinks resolved, it is one of the folders ``inputs``, inside one, or holds one."""
+    """Refuse ``out`` if, symlinks resolved, it is one of the folders ``inputs``, inside one, or holds one,
+    or is a place no output folder may be (:func:`check_out_place`)."""
+    check_out_place(out, what)
     real = Path(os.path.realpath(out))
     for src in inputs:
         if src is None:

@@ -333,7 +333,7 @@ def assemble(
     shards = shard_files(shard_dir)
     if expected_shards is not None and len(shards) != expected_shards:
         raise ManifestError(f"{shard_dir}: {len(shards)} shards found, {expected_shards} expected (run not finished)")
-    tables = [pq.read_table(s) for s in shards]
+    tables = [read_parquet(s) for s in shards]
     if not tables:
         raise ManifestError(f"{shard_dir}: no shards to assemble")
     df = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).to_pandas()
@@ -346,16 +346,55 @@ def assemble(
     return write_manifest(df, out, kind=kind, dataset_root=dataset_root, dataset_version=dataset_version)
 
 
+# ---------------------------------------------------------------- reading Parquet files
+# Every Parquet file defectforge reads (manifests, their shards, qc tables) is opened
+# through these two, so a file that is not Parquet, or is truncated or torn, is one
+# ManifestError naming it, never pyarrow's bare ArrowInvalid.
+_UNREADABLE = (pa.ArrowException, OSError, ValueError)
+
+
+def _unreadable(path: str | os.PathLike, exc: BaseException) -> ManifestError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ManifestError(f"{path}: not a readable Parquet file ({first})")
+
+
+def _check_regular(path: str | os.PathLike) -> None:
+    """Refuse (before opening: opening a fifo blocks) a path that is not a regular file."""
+    from defectforge.data.files import not_regular
+
+    why = not_regular(path)
+    if why is not None:
+        raise ManifestError(f"{path}: not a regular file ({why}); a manifest is a Parquet file or a folder of them")
+
+
+def read_parquet_schema(path: str | os.PathLike) -> pa.Schema:
+    """The stored schema (with metadata) of the Parquet file ``path``; a file that is not one is one ManifestError."""
+    _check_regular(path)
+    try:
+        return pq.read_schema(path)
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from None
+
+
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """The Parquet file ``path`` as a table (``columns``: only those); a file that is not Parquet, or
+    is truncated, is one ManifestError naming it."""
+    _check_regular(path)
+    try:
+        return pq.read_table(path, columns=columns)
+    except _UNREADABLE as exc:
+        if "No match for FieldRef" in str(exc):
+            raise ManifestError(f"{path}: has no column(s) {columns}") from None
+        raise _unreadable(path, exc) from None
+
+
 def manifest_info(path: str | os.PathLike) -> dict[str, str]:
     """Kind, schema version, absolute dataset root and dataset version of a manifest file or shard folder."""
     path = Path(path)
     files = [path] if path.is_file() else shard_files(path)
     if not files:
         raise ManifestError(f"{path}: no manifest file found")
-    try:
-        meta = pq.read_schema(files[0]).metadata or {}
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ManifestError(f"{files[0]}: not a readable Parquet file ({exc})") from None
+    meta = read_parquet_schema(files[0]).metadata or {}
     if META_KIND not in meta:
         raise ManifestError(f"{files[0]}: not a defectforge manifest (no {META_KIND.decode()} metadata)")
     stored_root = meta.get(META_ROOT, b".").decode()
@@ -390,12 +429,12 @@ def _filter_expression(filters: dict[str, Any] | None) -> ds.Expression | None:
 def _type_problem(source: str | list[str], schema: pa.Schema) -> str | None:
     """Which stored column cannot be read as the schema's type, in words (None: none found)."""
     for f in [source] if isinstance(source, str) else source:
-        stored = pq.read_schema(f)
+        stored = read_parquet_schema(f)
         for field in stored:
             if field.name in schema.names and not field.type.equals(schema.field(field.name).type):
                 want = schema.field(field.name).type
                 try:
-                    pq.read_table(f, columns=[field.name]).column(0).cast(want)
+                    read_parquet(f, columns=[field.name]).column(0).cast(want)
                 except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
                     return (f"column {field.name!r} is stored as {field.type} and cannot be read as {want} "
                             f"({str(exc).splitlines()[0]})")
@@ -419,10 +458,14 @@ def read_manifest(
         raise ManifestError(f"{path}: cannot filter on unknown columns {unknown}")
     p = Path(path)
     source = str(p) if p.is_file() else [str(s) for s in shard_files(p)]
-    dataset = ds.dataset(source, format="parquet", schema=schema)
+    for f in [source] if isinstance(source, str) else source:
+        _check_regular(f)  # a fifo named like a shard would block the reader
     try:
+        dataset = ds.dataset(source, format="parquet", schema=schema)
         table = dataset.to_table(filter=_filter_expression(filters), columns=list(columns) if columns else None)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+    except _UNREADABLE as exc:
+        # a shard that is not Parquet (junk named like one, a torn copy) is named by the
+        # schema read (ManifestError); else a column stored as another type; else pyarrow's first line
         raise ManifestError(f"{path}: {_type_problem(source, schema) or str(exc).splitlines()[0]}") from None
     for col in PATH_COLUMNS[info["kind"]]:
         if col in table.column_names:

@@ -5,6 +5,8 @@
   or a whole Arrow column at a time (row by row only where a byte test flags a row);
 * :func:`check_rows_confined`: every row's file resolves, symlinks followed, inside the
   real dataset root, so a link planted in the root that leads out is never read;
+* :func:`check_rows_regular`: every row's file is a regular file (never a fifo, device,
+  socket or folder), decided by ``stat`` without opening it;
 * :func:`check_root`: the dataset root a manifest names does not climb above its project
   or lead out of it through a symlink (:func:`project_of`, :func:`inside`).
 
@@ -172,6 +174,30 @@ def check_rows_confined(df: pd.DataFrame, root: str | os.PathLike, source: str =
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ManifestError(f"{source}: row {rid}: {rel} resolves to {os.path.realpath(os.path.join(real_root, rel))}, outside the "
                             f"dataset root {real_root} (through a symlink){more}; refusing to read it")
+
+
+def check_rows_regular(df: pd.DataFrame, root: str | os.PathLike, source: str = "manifest") -> None:
+    """Every row's existing file must be a regular file (symlinks followed): a fifo would block
+    whoever opens it, a device or socket feed it bytes that are no image, a folder is no file.
+    Decided by ``os.stat``, nothing is opened. Missing files are left to the suite and the hash
+    check (they say "missing"). Raises ManifestError, one line naming the first such row and file."""
+    from defectforge.data.files import not_regular
+
+    idcol = next((c for c in ("sample_id", "image_id") if c in df.columns), None)
+    cols = [c for c in dict.fromkeys(c for kind_cols in PATH_COLUMNS.values() for c in kind_cols) if c in df.columns]
+    ids = df[idcol].astype(str).tolist() if idcol else [str(i) for i in range(len(df))]
+    bad = []
+    for col in cols:
+        for rid, rel in zip(ids, df[col].tolist()):
+            if isinstance(rel, str) and rel:
+                why = not_regular(os.path.join(root, rel))
+                if why is not None:
+                    bad.append((rid, col, rel, why))
+    if bad:
+        rid, col, rel, why = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ManifestError(f"{source}: row {rid}: {col} {os.path.join(root, rel)} is not a regular file ({why}){more}; "
+                            "refusing to read it")
 
 
 def check_root(path: str | os.PathLike, within: str | os.PathLike | None = None) -> str:

@@ -26,10 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
-from defectforge.data.files import sha256_file
+from defectforge.data.files import NotRegularFile, sha256_file
 from defectforge.errors import DataError, DefectforgeError, ManifestError
-from defectforge.manifest.io import manifest_info, read_manifest, shard_files, write_manifest
-from defectforge.manifest.paths import check_rows_confined
+from defectforge.manifest.io import manifest_info, read_manifest, read_parquet_schema, shard_files, write_manifest
+from defectforge.manifest.paths import check_rows_confined, check_rows_regular
 from defectforge.manifest.schema import ID_COLUMN, PATH_COLUMNS, schema_for
 
 if TYPE_CHECKING:
@@ -182,14 +182,13 @@ def stored_type_problems(path: str | os.PathLike, kind: str) -> list[str]:
     so only the stored schema shows that a file was not written as a manifest of its kind.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = schema_for(kind)
     p = Path(path)
     files = [p] if p.is_file() else shard_files(p)
     problems: dict[str, list[str]] = {}
     for f in files:
-        for field in pq.read_schema(f):
+        for field in read_parquet_schema(f):
             if field.name not in schema.names:
                 continue
             want = schema.field(field.name).type
@@ -228,6 +227,7 @@ def validate_manifest(path: str | os.PathLike) -> list[str]:
     if df.empty:
         return [f"{path}: manifest has no rows"]
     check_rows_confined(df, info["dataset_root"], str(path))
+    check_rows_regular(df, info["dataset_root"], str(path))  # a fifo would block the suite's reads, a device feed them
     return _control_character_problems(df, info["kind"]) + validate_frame(df, kind=info["kind"], root=info["dataset_root"])
 
 
@@ -408,15 +408,25 @@ class HashMismatch(NamedTuple):
     path: str  # the file, absolute (the manifest's relative path under ``root``)
     expected: str
     actual: str | None  # None: the file is missing or unreadable
+    problem: str | None = None  # what the path is when it is not a regular file ("a fifo"); never opened then
 
     def line(self) -> str:
+        if self.problem is not None:
+            return f"row {self.row_id}: {self.path}: not a regular file ({self.problem}), so {self.column} cannot be checked"
         got = "file missing or unreadable" if self.actual is None else f"file hashes to {self.actual[:12]}..."
         return f"row {self.row_id}: {self.path}: {self.column} {self.expected[:12]}... does not match ({got})"
 
 
+_NOT_REGULAR = "not a regular file: "  # prefix of a digest slot that holds what the path is instead
+
+
 def _sha256_or_none(path: str) -> str | None:
+    """The file's hex SHA-256; None when missing or unreadable; ``_NOT_REGULAR + what`` for a fifo,
+    device, socket or folder (checked before opening: :func:`sha256_file`)."""
     try:
         return sha256_file(path)
+    except NotRegularFile as exc:
+        return _NOT_REGULAR + str(exc).rsplit("(", 1)[-1].rstrip(")")
     except OSError:
         return None
 
@@ -453,7 +463,13 @@ def verify_hashes(table, root: str | os.PathLike, workers: int | None = None) ->
     else:
         with ThreadPoolExecutor(max_workers=n) as pool:
             digests = dict(zip(files, pool.map(_sha256_or_none, files)))
-    bad = [HashMismatch(rid, col, f, exp, digests[f]) for rid, col, f, exp in wanted if digests[f] != exp]
+    bad = []
+    for rid, col, f, exp in wanted:
+        got = digests[f]
+        if got is not None and got.startswith(_NOT_REGULAR):
+            bad.append(HashMismatch(rid, col, f, exp, None, got[len(_NOT_REGULAR):]))
+        elif got != exp:
+            bad.append(HashMismatch(rid, col, f, exp, got))
     return sorted(bad, key=lambda m: (m.row_id, m.column))
 
 
@@ -473,6 +489,7 @@ def hash_failures(path: str | os.PathLike, workers: int | None = None) -> list[s
     info = manifest_info(path)
     df = read_manifest(path).to_pandas()
     check_rows_confined(df, info["dataset_root"], str(path))
+    check_rows_regular(df, info["dataset_root"], str(path))
     return [m.line() for m in verify_hashes(df, info["dataset_root"], workers)]
 
 
