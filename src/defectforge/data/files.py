@@ -167,10 +167,10 @@ def check_out_place(out: str | os.PathLike, what: str = "output folder", inputs=
         why = "is the file system's root"
     elif real == cwd:
         why = "is the current folder"
-    elif path.name in ("", ".", ".."):
-        why = f"ends in {path.name or '.'!r} (name the folder itself)"
     elif real in cwd.parents:
         why = "holds the current folder"
+    elif path.name in ("", ".", ".."):
+        why = f"ends in {path.name or '.'!r} (name the folder itself)"
     elif any((real / m).exists() for m in _PROJECT_MARKERS):
         why = "is a project's root (it holds " + next(m for m in _PROJECT_MARKERS if (real / m).exists()) + ")"
     else:
