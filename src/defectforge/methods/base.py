@@ -234,6 +234,10 @@ class DiffusionMethod(GenerationMethod):
             **extra,
         }
 
+    def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
+        """One sample: a batch of one (a subclass writes :meth:`_generate_batch`, or overrides this)."""
+        return self.generate_batch([BatchItem(image, mask, defect, seed)])[0]
+
     def generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
         """One result per item, in order; items of each defect type go to :meth:`_generate_batch` together."""
         groups: dict[str, list[int]] = {}
@@ -248,6 +252,18 @@ class DiffusionMethod(GenerationMethod):
     def _generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
         """Samples of one defect type (default: :meth:`generate` on each; a batched sampler overrides this)."""
         return [self.generate(it.image, it.mask, it.defect, it.seed) for it in items]
+
+    def _crop(self, comps, it: BatchItem):
+        """Step 1 of a diffusion sample: its inputs checked, its bool mask, its own generator and the
+        crop around the mask at the model's resolution (the config's ``crop`` and ``context``)."""
+        import torch
+
+        from defectforge.diffusion.sampling import check_inputs, make_crop
+
+        check_inputs(it.image, it.mask)
+        mask = it.mask.astype(bool)
+        generator = torch.Generator().manual_seed(int(it.seed))
+        return mask, generator, make_crop(comps, it.image, mask, self.config.crop, self.config.context)
 
     def _require_models(self) -> None:
         from defectforge.errors import ParamsError

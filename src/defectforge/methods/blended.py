@@ -291,9 +291,6 @@ class Blended(DiffusionMethod):
     name = "blended"
     config_class = BlendedConfig
 
-    def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
-        return self.generate_batch([BatchItem(image, mask, defect, seed)])[0]
-
     def _generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
         """Samples of one defect type, their UNet rows in one call per step (:func:`sample_blended_batch`)."""
         self._require_models()

@@ -97,7 +97,7 @@ import torch
 
 from defectforge.diffusion.attention import AttentionStore
 from defectforge.diffusion.ddim import add_noise, bound_eps, chroma_range, ddim_schedule, ddim_step, guided
-from defectforge.diffusion.sampling import SampleRow, attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
+from defectforge.diffusion.sampling import SampleRow, attention_to_image, is_gray, paste_back, soft_masks, to_uint8
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
 # a fine-tune may carry DefectDiffu's TDIA or mask module (finetune.tdia / mask_module): its package registers how they load
 import defectforge.methods.defectdiffu.attention  # noqa: F401
@@ -259,9 +259,6 @@ class Inversion(DiffusionMethod):
     name = "inversion"
     config_class = InversionConfig
 
-    def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
-        return self.generate_batch([BatchItem(image, mask, defect, seed)])[0]
-
     def _generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
         """Samples of one defect type: Eq. (8) and Eq. (9) with all their UNet rows in one call per step
         (:func:`invert_masked_batch`, :func:`sample_eq9_batch`)."""
@@ -273,10 +270,7 @@ class Inversion(DiffusionMethod):
         rows, prepared = [], []
         for it in items:
             image = it.image
-            check_inputs(image, it.mask)
-            mask = it.mask.astype(bool)
-            gen = torch.Generator().manual_seed(int(it.seed))
-            crop = make_crop(comps, image, mask, cfg.crop, cfg.context)  # 1.
+            mask, gen, crop = self._crop(comps, it)  # 1.
             z0 = comps.encode(crop.x)
             m = comps.latent_mask(crop.m)
             gray = is_gray(image)

@@ -75,7 +75,7 @@ import numpy as np
 import torch
 
 from defectforge.diffusion.ddim import chroma_range
-from defectforge.diffusion.sampling import check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
+from defectforge.diffusion.sampling import is_gray, paste_back, soft_masks, to_uint8
 from defectforge.errors import DataError, ParamsError
 from defectforge.methods.anomalydiffusion.attention import install_reweighting
 from defectforge.methods.anomalydiffusion.embedding import EMBEDDING_DIR, EMBEDDING_WEIGHTS, load_anomaly_embedding, spatial_anomaly_embedding
@@ -139,9 +139,6 @@ class AnomalyDiffusion(DiffusionMethod):
     def checkpoint_sha256(self) -> str | None:
         return None  # per defect type: checkpoint_for
 
-    def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
-        return self.generate_batch([BatchItem(image, mask, defect, seed)])[0]
-
     def _generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
         """Samples of one defect type, one UNet row each in every step (:func:`sample_anomalydiffusion_batch`)."""
         cfg = self.config
@@ -151,10 +148,7 @@ class AnomalyDiffusion(DiffusionMethod):
         rows, prepared = [], []
         for it in items:
             image = it.image
-            check_inputs(image, it.mask)
-            raw = it.mask.astype(bool)
-            gen = torch.Generator().manual_seed(int(it.seed))
-            crop = make_crop(comps, image, raw, cfg.crop, cfg.context)
+            raw, gen, crop = self._crop(comps, it)
             with torch.no_grad():
                 z0 = comps.encode(crop.x)
                 e = spatial_anomaly_embedding(e_a, encoder, crop.m)  # e = {e_a, E(m)}

@@ -88,7 +88,7 @@ import torch
 
 from defectforge.diffusion.attention import AttentionStore, StoreGroup, TokenMapStore
 from defectforge.diffusion.ddim import chroma_range
-from defectforge.diffusion.sampling import attention_to_image, check_inputs, is_gray, make_crop, paste_back, soft_masks, to_uint8
+from defectforge.diffusion.sampling import attention_to_image, is_gray, paste_back, soft_masks, to_uint8
 from defectforge.errors import ParamsError
 from defectforge.methods.base import BatchItem, DiffusionMethod, GenerationResult
 from defectforge.methods.defectdiffu.attention import uses_tdia  # noqa: F401 - also registers how its fine-tunes load
@@ -109,9 +109,6 @@ class DefectDiffu(DiffusionMethod):
 
     def mask_origin_of(self, result: GenerationResult) -> str:
         return result.metadata["mask_origin"]
-
-    def generate(self, image: np.ndarray, mask: np.ndarray, defect: str, seed: int) -> GenerationResult:
-        return self.generate_batch([BatchItem(image, mask, defect, seed)])[0]
 
     def _generate_batch(self, items: list[BatchItem]) -> list[GenerationResult]:
         """Samples of one defect type, every sample's Eq. (4) rows in one UNet call per step
@@ -139,10 +136,7 @@ class DefectDiffu(DiffusionMethod):
                               f"model ({reader.source}) does not have; use module (finetune.mask_module > 0) or target")
         rows, prepared = [], []
         for it in items:
-            check_inputs(it.image, it.mask)
-            target = it.mask.astype(bool)
-            gen = torch.Generator().manual_seed(int(it.seed))
-            crop = make_crop(comps, it.image, target, cfg.crop, cfg.context)  # 1.
+            target, gen, crop = self._crop(comps, it)  # 1.
             with torch.no_grad():
                 z0 = comps.encode(crop.x)
             m = comps.latent_mask(crop.m)
