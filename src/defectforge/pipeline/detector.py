@@ -17,7 +17,7 @@ import pandas as pd
 from defectforge.data.codec import read_image, read_mask
 from defectforge.data.files import atomic_write_json
 from defectforge.errors import DefectforgeError
-from defectforge.manifest.io import manifest_info, read_manifest
+from defectforge.manifest.io import manifest_info, read_manifest, read_parquet_schema
 from defectforge.metrics.detection import DETECTION_KEYS
 from defectforge.params.detector import DetectorParams
 from defectforge.pipeline.parallel import spawn_map
@@ -310,6 +310,7 @@ def _synthetic_for_detector(p: DetectorParams, refined, qc) -> pd.DataFrame:
         root = Path(require_kind(man, "synthetic", "detector --refined")["dataset_root"])
         df = read_manifest(man).to_pandas()
         if q is not None:
+            read_parquet_schema(q)  # a junk or torn file: one line naming it
             df = df.drop(columns=["qc_pass"], errors="ignore").merge(pd.read_parquet(q)[["sample_id", "qc_pass"]], on="sample_id", how="left")
         if p.synthetic == "qc_pass" and "qc_pass" in df:
             df = df[df["qc_pass"].fillna(q is None).astype(bool)]  # own column without a qc table: unknown rows stay

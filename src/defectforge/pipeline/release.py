@@ -23,7 +23,7 @@ import pandas as pd
 
 from defectforge.data.files import atomic_dir, claim_dir
 from defectforge.errors import DataError, ManifestError, writing
-from defectforge.manifest.io import manifest_info, read_manifest, write_manifest
+from defectforge.manifest.io import manifest_info, read_manifest, read_parquet_schema, write_manifest
 from defectforge.manifest.schema import QC_COLUMNS
 from defectforge.manifest.validate import check_complete, check_manifest, require_hashes, require_kind, untemp
 from defectforge.params.release import ReleaseParams
@@ -105,6 +105,7 @@ def _write_release(p: ReleaseParams, refined: Path, tmp: Path, version: str, dat
     df = read_manifest(refined).to_pandas()
     metrics: dict = {}
     if quality is not None:
+        read_parquet_schema(Path(quality) / "qc.parquet")  # a junk or torn file: one line naming it
         qc = pd.read_parquet(Path(quality) / "qc.parquet")
         df = df.drop(columns=[c for c in QC_COLUMNS if c in df.columns]).merge(qc, on="sample_id", how="left")
         metrics["quality"] = json.loads((Path(quality) / "details.json").read_text())
