@@ -127,3 +127,15 @@ def test_a_fifo_named_like_a_shard_is_refused_not_read(copy, request):
     _replace(shard, "fifo", request)
     with pytest.raises(ManifestError, match=f"{shard}: not a regular file \\(a fifo\\)"):
         read_manifest(manifest)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_consumer_read_refuses_it_too(copy, kind, request):
+    from defectforge.publish.consume import ManifestDataset
+    from defectforge.errors import DefectforgeError
+
+    root, manifest, row = copy
+    _replace(root / row.image_path, kind, request)
+    data = ManifestDataset(read_manifest(manifest), root=root)
+    with pytest.raises(DefectforgeError, match=f"{root / row.image_path}: not a regular file"):
+        data.read_bytes(row.image_path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import posixpath
 import re
 import tempfile
@@ -280,6 +281,9 @@ class ManifestDataset:
                 hasher.update(data)
             return data
         if self.repo is None:
+            mode = os.stat(full).st_mode if os.path.exists(full) else None
+            if mode is not None and not stat.S_ISREG(mode):  # a fifo would block the read, a device feed it forever
+                raise DefectforgeError(f"ManifestDataset: {full}: not a regular file (a fifo, device, socket or folder); refusing to read it")
             if hasher is None:
                 return Path(os.path.realpath(full)).read_bytes()
             buf = bytearray()
