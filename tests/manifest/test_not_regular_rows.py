@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import threading
 
 import pytest
@@ -76,11 +77,16 @@ def _replace(path, kind, request):
         finally:
             os.chdir(here)
         request.addfinalizer(s.close)
+    elif kind == "device":
+        try:  # /dev/null's numbers: reading it, if it were read, ends at once
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        except (PermissionError, OSError) as exc:
+            pytest.skip(f"cannot make a device node here ({exc})")
     else:
         path.mkdir()
 
 
-KINDS = {"fifo": "a fifo", "socket": "a socket", "folder": "a folder"}
+KINDS = {"fifo": "a fifo", "socket": "a socket", "device": "a character device", "folder": "a folder"}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
