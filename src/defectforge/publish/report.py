@@ -345,27 +345,8 @@ def render_report(
     """
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>"]
-    if meta:
-        items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(fmt(v))}</dd>" for k, v in meta.items())
-        parts.append(f'<dl class="meta">{items}</dl>')
-    findings = detector_findings(detector)
-    if findings:
-        items = "".join(f'<li class="{"v-helps" if k == "helps" else "v-hurts" if k != "single-seed" else ""}">'
-                        f"{esc(t)}</li>" for k, t in findings)
-        parts.append(f'<div class="{"warn" if any(k != "helps" for k, _ in findings) else "note"}">'
-                     f"<b>Findings of the detector:</b><ul>{items}</ul></div>")
-    for n in notes:
-        parts.append(f'<p class="note">{esc(n)}</p>')
-
-    parts.append("<h2>Samples: real vs synthetic</h2>")
-    if grids:
-        parts.append("<p>One row per source. Each sample: the plain image, the mask and the overlay (mask in red), cropped around the mask, "
-                     "then the whole image. Samples that failed their quality gate come first, framed in red with "
-                     f"the gate's reasons. At most {max_per_cell} samples per source.</p>")
-        parts.extend(_grid_section(g, max_per_cell) for g in grids)
-    else:
-        parts.append("<p><em>No samples.</em></p>")
-
+    parts += _header_parts(meta, detector, notes)
+    parts += _samples_parts(grids, max_per_cell)
     unlearned = {c for c, i in ((detector or {}).get("learned") or {}).items() if isinstance(i, dict) and i.get("learned") is False}
     single_seed = bool(detector_rows) and (detector is None or "comparisons" not in detector)
     parts.append("<h2>Does the synthetic data help the detector?</h2>")
@@ -375,11 +356,49 @@ def render_report(
         parts.append(_verdict_section({}))
     else:
         parts.append("<p><em>No detector runs.</em></p>")
-
     parts.append("<h2>Realism of the synthetic defects</h2>")
     parts.append(_realism_section(quality_rows))
+    parts += _image_quality_parts(quality_rows)
+    parts.append("<h2>Detector (U-Net) on held-out real images: raw numbers</h2>")
+    if detector_rows:
+        parts.append(_detector_section(detector_rows, baseline, unlearned, single_seed))
+    else:
+        parts.append("<p><em>No runs.</em></p>")
+    parts += _curves_parts(curves)
+    parts.append("</body></html>")
+    return "".join(parts)
 
-    parts.append("<h2>Image quality</h2>")
+
+def _header_parts(meta: dict | None, detector: dict | None, notes: Sequence[str]) -> list[str]:
+    """The run's facts, the detector's findings in words, and the notes."""
+    parts = []
+    if meta:
+        items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(fmt(v))}</dd>" for k, v in meta.items())
+        parts.append(f'<dl class="meta">{items}</dl>')
+    findings = detector_findings(detector)
+    if findings:
+        items = "".join(f'<li class="{"v-helps" if k == "helps" else "v-hurts" if k != "single-seed" else ""}">'
+                        f"{esc(t)}</li>" for k, t in findings)
+        parts.append(f'<div class="{"warn" if any(k != "helps" for k, _ in findings) else "note"}">'
+                     f"<b>Findings of the detector:</b><ul>{items}</ul></div>")
+    parts += [f'<p class="note">{esc(n)}</p>' for n in notes]
+    return parts
+
+
+def _samples_parts(grids: Sequence[SampleGrid], max_per_cell: int) -> list[str]:
+    """Real and synthetic samples side by side, one grid per (category, defect type)."""
+    parts = ["<h2>Samples: real vs synthetic</h2>"]
+    if not grids:
+        return parts + ["<p><em>No samples.</em></p>"]
+    parts.append("<p>One row per source. Each sample: the plain image, the mask and the overlay (mask in red), cropped around the mask, "
+                 "then the whole image. Samples that failed their quality gate come first, framed in red with "
+                 f"the gate's reasons. At most {max_per_cell} samples per source.</p>")
+    return parts + [_grid_section(g, max_per_cell) for g in grids]
+
+
+def _image_quality_parts(quality_rows: Sequence[dict]) -> list[str]:
+    """FID / KID / LPIPS / IS per set, with the backbones named once."""
+    parts = ["<h2>Image quality</h2>"]
     names = sorted({str(r.get(k)) for r in quality_rows for k in ("backbone", "lpips_backbone") if r.get(k)})
     if names:
         parts.append(f"<p>Backbones: {', '.join(f'<code>{esc(n)}</code>' for n in names)}.</p>")
@@ -389,29 +408,23 @@ def render_report(
                      "against each other on the same data and are <b>not comparable with published numbers</b>.</p>")
     # the backbones are named once above; the realism and C2ST details are in the realism section
     qcols = [c for c in QUALITY_COLUMNS if c not in ("backbone", "lpips_backbone") or len(names) > 2]
-    parts.append(table(quality_rows, qcols))
+    return parts + [table(quality_rows, qcols)]
 
-    parts.append("<h2>Detector (U-Net) on held-out real images: raw numbers</h2>")
-    if detector_rows:
-        parts.append(_detector_section(detector_rows, baseline, unlearned, single_seed))
-    else:
-        parts.append("<p><em>No runs.</em></p>")
 
-    parts.append("<h2>Training curves</h2>")
-    if curves:
-        ykeys = []
-        for rows in curves.values():
-            for r in rows:
-                for k, v in r.items():
-                    if k not in ("epoch", "lr", "seconds") and isinstance(v, (int, float)) and k not in ykeys:
-                        ykeys.append(k)
-        charts = [svg_line_chart({run: [(r.get("epoch", i + 1), r.get(k)) for i, r in enumerate(rows)]
-                                  for run, rows in curves.items()}, title=k) for k in ykeys]
-        parts.append(f'<div class="charts">{"".join(charts)}</div>')
-    else:
-        parts.append("<p><em>No curves.</em></p>")
-    parts.append("</body></html>")
-    return "".join(parts)
+def _curves_parts(curves: dict[str, Sequence[dict]] | None) -> list[str]:
+    """One chart per logged quantity, one line per run."""
+    parts = ["<h2>Training curves</h2>"]
+    if not curves:
+        return parts + ["<p><em>No curves.</em></p>"]
+    ykeys = []
+    for rows in curves.values():
+        for r in rows:
+            for k, v in r.items():
+                if k not in ("epoch", "lr", "seconds") and isinstance(v, (int, float)) and k not in ykeys:
+                    ykeys.append(k)
+    charts = [svg_line_chart({run: [(r.get("epoch", i + 1), r.get(k)) for i, r in enumerate(rows)]
+                              for run, rows in curves.items()}, title=k) for k in ykeys]
+    return parts + [f'<div class="charts">{"".join(charts)}</div>']
 
 
 def write_report(path: str | Path, **kwargs) -> Path:
