@@ -58,6 +58,33 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+# the dtypes the components can be loaded in (generate.precision; finetune's frozen LoRA base)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_dtype(precision: str, device: str | torch.device = "auto", param: str = "generate.precision") -> torch.dtype:
+    """The dtype the components load in for ``precision`` on ``device``. fp16 is refused off CUDA
+    (CPU fp16 kernels are missing or slow, and its range needs the CUDA loss scaling of training);
+    bf16 runs on CPU and CUDA.
+
+    >>> precision_dtype("bf16", "cpu")
+    torch.bfloat16
+    """
+    from defectforge.errors import ParamsError
+
+    if precision not in DTYPES:
+        raise ParamsError(f"{param}: must be one of {', '.join(DTYPES)}, got {precision!r}")
+    dev = resolve_device(device)
+    if precision == "fp16" and dev.type != "cuda":
+        raise ParamsError(f"{param}: fp16 needs a CUDA device, got {dev.type}; use bf16 (CPU and CUDA) or fp32")
+    return DTYPES[precision]
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of a module's weights (None: it has none, like the identity autoencoder)."""
+    return next((p.dtype for p in module.parameters()), None)
+
+
 @dataclass
 class DiffusionComponents:
     """What every method and training loop needs, whatever the profile."""
@@ -99,15 +126,21 @@ class DiffusionComponents:
         return getattr(self.autoencoder, "has_decoder", True)
 
     # ---- autoencoder ----
+    # A model loaded in bf16 / fp16 (generate.precision) takes its inputs in that dtype; latents,
+    # images and masks stay float32 between calls (the samplers' arithmetic keeps its precision),
+    # so only the UNet's output is in the model's dtype. In fp32 every cast below is a no-op.
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1], (B, 3, H, W) -> latent z_0 (scaled)."""
+        """Image in [-1, 1], (B, 3, H, W) -> latent z_0 (scaled), float32."""
         sf = self.autoencoder.config.scaling_factor
-        return self.autoencoder.encode(x).latent_dist.mode() * sf
+        dt = _dtype_of(self.autoencoder)
+        return self.autoencoder.encode(x if dt is None else x.to(dt)).latent_dist.mode().float() * sf
 
     def decode(self, z: torch.Tensor, decoder: torch.nn.Module | None = None) -> torch.Tensor:
+        """Latent (scaled) -> image in [-1, 1], float32."""
         sf = self.autoencoder.config.scaling_factor
         ae = decoder if decoder is not None else self.autoencoder
-        return ae.decode(z / sf).sample
+        dt = _dtype_of(ae)
+        return ae.decode(z / sf if dt is None else (z / sf).to(dt)).sample.float()
 
     def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Pixel mask (B, 1, H, W) -> latent mask: a latent pixel is inside if any pixel it covers is."""
@@ -165,7 +198,8 @@ class DiffusionComponents:
 
             down, mid = control_residuals(self.controlnet, x, t.to(z.device), context, control)
             extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        return self.unet(x, t.to(z.device), encoder_hidden_states=context, cross_attention_kwargs=kwargs, **extra).sample
+        dt = self.unet.dtype  # the model's dtype (generate.precision): its output comes back in it
+        return self.unet(x.to(dt), t.to(z.device), encoder_hidden_states=context.to(dt), cross_attention_kwargs=kwargs, **extra).sample
 
     def checkpoint_sha256(self) -> str:
         """SHA-256 over the weight files this model was loaded from (sorted by name)."""
@@ -215,10 +249,10 @@ def save_tiny(comps: DiffusionComponents, out_dir: str | Path, extra: dict | Non
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def _load_tiny(path: Path, device: torch.device) -> DiffusionComponents:
+def _load_tiny(path: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> DiffusionComponents:
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, torch_dtype=dtype)
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
     prompts = TokenPromptEncoder.load(path / "prompt_encoder")
     files = sorted((path / "unet").glob("*.safetensors")) + [path / "prompt_encoder" / "token_embeddings.safetensors"]
@@ -418,7 +452,7 @@ def load_pipeline_components(
             return _load_finetune(p, dev, dtype)
         index = p / "model_index.json"
         if index.is_file() and json.loads(index.read_text()).get("profile") == "tiny":
-            return _load_tiny(p, dev)
+            return _load_tiny(p, dev, dtype)
         if (p / "unet").is_dir():
             return _load_diffusers(str(p), dev, local=True, dtype=dtype)
         raise DefectforgeError(f"{p}: not a model directory (no {FINETUNE_FILE}, tiny model_index.json or unet/ folder)")

@@ -27,11 +27,13 @@ def check_inputs(image: np.ndarray, mask: np.ndarray) -> None:
 
 class ModelCache:
     """Loads components lazily: one directory for every defect (a pretrained SD dir,
-    whose text encoder knows any defect name) or a {defect: directory} mapping."""
+    whose text encoder knows any defect name) or a {defect: directory} mapping, in ``dtype``
+    (generate.precision)."""
 
-    def __init__(self, checkpoint: str | Path | dict | DiffusionComponents, device: str = "auto"):
+    def __init__(self, checkpoint: str | Path | dict | DiffusionComponents, device: str = "auto", dtype: torch.dtype = torch.float32):
         self.checkpoint = checkpoint
         self.device = device
+        self.dtype = dtype
         self._loaded: dict[str, DiffusionComponents] = {}
 
     def get(self, defect: str) -> DiffusionComponents:
@@ -42,9 +44,9 @@ class ModelCache:
             elif isinstance(self.checkpoint, dict):
                 if defect not in self.checkpoint:
                     raise DefectforgeError(f"no fine-tuned checkpoint for defect type {defect!r} (have: {sorted(self.checkpoint)})")
-                self._loaded[key] = load_pipeline_components(self.checkpoint[defect], self.device)
+                self._loaded[key] = load_pipeline_components(self.checkpoint[defect], self.device, self.dtype)
             else:
-                self._loaded[key] = load_pipeline_components(self.checkpoint, self.device)
+                self._loaded[key] = load_pipeline_components(self.checkpoint, self.device, self.dtype)
             self._loaded[key].unet.eval()
         return self._loaded[key]
 

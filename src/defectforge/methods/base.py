@@ -143,6 +143,7 @@ class DiffusionMethod(GenerationMethod):
     """
 
     needs_checkpoints: ClassVar[bool] = True
+    precision: str = "fp32"  # the dtype the models load in (generate.precision; set_precision)
 
     def __init__(self, config: MethodConfig, checkpoint=None):
         super().__init__(config)
@@ -176,15 +177,31 @@ class DiffusionMethod(GenerationMethod):
         from defectforge.diffusion.sampling import ModelCache, category_checkpoints
 
         if category not in self._caches:
-            self._caches[category] = ModelCache(category_checkpoints(self._finetuned, category), self.config.device)
+            self._caches[category] = ModelCache(category_checkpoints(self._finetuned, category), self.config.device, self.dtype)
         self.models = self._caches[category]
 
     @classmethod
-    def from_pretrained(cls, checkpoint, config: MethodConfig | None = None, device: str | None = None):
+    def from_pretrained(cls, checkpoint, config: MethodConfig | None = None, device: str | None = None, precision: str = "fp32"):
         config = config or cls.config_class()
         if device is not None and device != config.device:
             config = cls.config_class(**{**config.to_dict(), "device": device})
-        return cls(config, checkpoint)
+        return cls(config, checkpoint).set_precision(precision)
+
+    def set_precision(self, precision: str) -> "DiffusionMethod":
+        """Load the models in ``precision`` (fp32 | bf16 | fp16; fp16 on CUDA only), before they load."""
+        from defectforge.diffusion.models import precision_dtype
+
+        precision_dtype(precision, self.config.device)  # refuses fp16 off CUDA
+        self.precision = precision
+        if self.models is not None:
+            self.models.dtype = self.dtype
+        return self
+
+    @property
+    def dtype(self):
+        from defectforge.diffusion.models import DTYPES
+
+        return DTYPES[self.precision]
 
     @property
     def checkpoint_sha256(self) -> str | None:

@@ -42,6 +42,9 @@ class _GenerateCommon(PlacementRules, Section):
     # shard; > 1 is part of the diffusion methods' params hash: a batched UNet call changes the last bits
     batch_size: int = Field(1, ge=1, le=1024)
     workers: int = Field(1, ge=1, le=256)
+    # the dtype the diffusion methods load their models in (fp16 needs CUDA; bf16 runs on CPU too); not fp32 is part
+    # of their params hash: half-precision weights give other samples (docs/gpu-memory-plan.md)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     scheduler: str = ""
     # where target masks go: on the object's foreground | anywhere | drawn from where the type's real defects sit |
     # generated (shape and place) by the type's mask model (AnomalyDiffusion Eq. 9; finetune.mask_model)
@@ -64,6 +67,13 @@ class _GenerateCommon(PlacementRules, Section):
             raise ValueError(f"each method may be listed once, {', '.join(map(repr, dup))} is repeated")
         return v
 
+    def check_precision(self) -> None:
+        """Refuse ``precision`` where a diffusion method's device cannot run it (fp16 off CUDA), in one line."""
+        from defectforge.diffusion.models import precision_dtype
+
+        for name in self.diffusion_methods():
+            precision_dtype(self.precision, self.method_config(name).device)
+
     def method_config(self, method: str) -> MethodConfig:
         """The configuration of ``method`` (its section of this one)."""
         return getattr(self, method.replace("-", "_"))
@@ -80,11 +90,13 @@ class _GenerateCommon(PlacementRules, Section):
     def method_sha256(self, method: str) -> str:
         """Hash of what determines one method's samples: the common knobs and its own section."""
         sections = {m.replace("-", "_") for m in self.needs_checkpoints}
-        common = self.model_dump(mode="json", exclude={"methods", "batch_size", "workers", "scheduler", *sections})
+        common = self.model_dump(mode="json", exclude={"methods", "batch_size", "workers", "scheduler", "precision", *sections})
         own = getattr(self, method.replace("-", "_"), None)
         blob = {"common": common, "method": method, "own": own.model_dump(mode="json") if own is not None else None}
         if self.batch_size > 1 and self.needs_checkpoints.get(method):  # a batched UNet call: other last bits, another sample
             blob["batch_size"] = self.batch_size
+        if self.precision != "fp32" and self.needs_checkpoints.get(method):  # other weights' dtype, other samples
+            blob["precision"] = self.precision
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 

@@ -95,6 +95,7 @@ def run(
     a shard removes what it made (:func:`_undo_uncommitted`); a full disk is one line.
     """
     out_root = Path(out_dir)
+    p.check_precision()  # fp16 without CUDA, in one line before anything is written
     _claim_root(out_root)  # refuse a user's folder before even reading the split
     existed = out_root.is_dir()
     fresh = not existed or not any(c.name != LOCK_FILE for c in out_root.iterdir())
@@ -337,7 +338,8 @@ def read_split_info(split: str | os.PathLike) -> dict[str, str]:
 
 def build_method(p: GenerateParams, name: str, checkpoints: str | os.PathLike | None = None) -> GenerationMethod:
     """The configured method ``name`` as the stage runs it (diffusion methods need ``checkpoints``)."""
-    return get_method_class(name).for_stage(p.method_config(name), checkpoints)
+    method = get_method_class(name).for_stage(p.method_config(name), checkpoints)
+    return method.set_precision(p.precision) if p.needs_checkpoints.get(name) else method  # generate.precision: the models' dtype
 
 
 def run_method(

@@ -121,7 +121,7 @@ class AnomalyDiffusion(DiffusionMethod):
             if meta.get("defect_type") not in (None, defect):
                 raise DataError(f"{folder}: anomaly embedding of {meta.get('defect_type')!r}, asked for {defect!r}")
             if str(base) not in self._bases:
-                comps = load_pipeline_components(base, self.config.device)
+                comps = load_pipeline_components(base, self.config.device, self.dtype)
                 comps.unet.eval()
                 install_reweighting(comps.unet)  # Eq. 8's processor on the cross-attention layers
                 self._bases[str(base)] = comps
