@@ -64,19 +64,19 @@ def child(stage: str, work: Path, model: Path, out: Path) -> None:
     unet: dict = {}
     _count_unet_calls(unet)
     methods: dict = {}
-    if stage == "generate":  # seconds per method (run_method is looked up in the module at each call)
+    if stage == "generate":  # seconds per method (the stage runs each method's plan through run_plan, looked up at each call)
         from defectforge.pipeline import generate
 
-        run_method = generate.run_method
+        run_plan = generate.run_plan
 
-        def timed_method(p, name, *a, **k):
+        def timed_plan(plan, *a, **k):
             t = time.perf_counter()
             try:
-                return run_method(p, name, *a, **k)
+                return run_plan(plan, *a, **k)
             finally:
-                methods[name] = round(time.perf_counter() - t, 2)
+                methods[plan.name] = round(time.perf_counter() - t, 2)
 
-        generate.run_method = timed_method
+        generate.run_plan = timed_plan
     t0 = time.perf_counter()
     mod.run_stage(stage, work, model)
     seconds = time.perf_counter() - t0

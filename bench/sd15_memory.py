@@ -21,12 +21,20 @@ Each measurement runs in its own child process (peak RSS only grows, so one proc
 * ``lora_step_half_base``: ``lora_step`` with the frozen base loaded in ``--dtype`` (what finetune does
   for LoRA at precision bf16 / fp16) and fp32 adapters; ``lora_step_ckpt_half_base``: that with
   gradient checkpointing.
+* ``unet_steps_ckpt_8bit``: full-UNet fine-tuning as the plan recommends for 24 GB workers: every UNet
+  weight trainable in fp32, ``--dtype bf16`` autocast, gradient checkpointing, bitsandbytes' 8-bit
+  AdamW (finetune's ``optimizer="adamw8bit"``), ``--train-steps`` disentangled steps (batch 1, attention
+  loss on, gradient clipping as finetune), seconds per step recorded; ``unet_steps_ckpt``: the same with
+  plain fp32 AdamW (13.8 GB of weights, gradients and moments before activations). Not in the default
+  phases: they need 12-18 GiB free.
 
 The model directory is ``--model-dir`` (default /tmp/sd15-bench/model, as bench/sd15_path.py; built
 there when missing, never in the repository); the bf16 rows load ``<model-dir>-bf16``, the same
 model saved in bf16 (built when missing), as a worker loads a half-precision checkpoint.
-``--append`` adds rows to an existing result file. Full-UNet fine-tuning is not measured: fp32 weights,
-gradients and AdamW states alone are 13.8 GB, over this machine's 12 GiB budget; the plan computes it.
+``--append`` adds rows to an existing result file. bitsandbytes is not a project requirement: for the
+8-bit row put it on PYTHONPATH (``pip install --target /tmp/bnb-site bitsandbytes``).
+
+    PYTHONPATH=/tmp/bnb-site .venv/bin/python bench/sd15_memory.py --phases unet_steps_ckpt_8bit --dtypes bf16 --size 256 --append
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ import time
 from pathlib import Path
 
 GIB = 2**30
-PHASES = ("load", "generate", "vae", "vae_adapt", "lora_step", "lora_step_ckpt", "lora_step_half_base", "lora_step_ckpt_half_base")
+DEFAULT_PHASES = ("load", "generate", "vae", "vae_adapt", "lora_step", "lora_step_ckpt", "lora_step_half_base", "lora_step_ckpt_half_base")
+PHASES = DEFAULT_PHASES + ("unet_steps_ckpt_8bit", "unet_steps_ckpt")
 
 
 def peak_rss_gib() -> float:
@@ -56,7 +65,7 @@ def current_rss_gib() -> float:
     return float("nan")
 
 
-def child(phase: str, dtype_name: str, size: int, model_dir: str) -> dict:
+def child(phase: str, dtype_name: str, size: int, model_dir: str, train_steps: int = 1) -> dict:
     """One measurement, in this (child) process."""
     import torch
 
@@ -64,7 +73,7 @@ def child(phase: str, dtype_name: str, size: int, model_dir: str) -> dict:
     from defectforge.diffusion.models import load_pipeline_components
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    train = phase.startswith("lora_step")
+    train = phase.startswith(("lora_step", "unet_steps"))
     t0 = time.perf_counter()
     # a bf16 directory for the bf16 rows (as a GPU worker loads an fp16 checkpoint): converting fp32 files at load
     # holds both copies for a moment and would measure the conversion, not the stage
@@ -112,6 +121,34 @@ def child(phase: str, dtype_name: str, size: int, model_dir: str) -> dict:
         loss.backward()
         opt.step()
         row["trainable_parameters"] = sum(p.numel() for p in params)
+    elif phase.startswith("unet_steps"):
+        from defectforge.diffusion.training import _adamw, autocast_for, disentangled_step
+
+        comps.unet.requires_grad_(True)  # the full UNet, fp32 master weights (mixed precision: autocast casts them)
+        comps.unet.enable_gradient_checkpointing()
+        comps.unet.train()
+        params = [p for p in comps.unet.parameters() if p.requires_grad]
+        opt = _adamw([{"params": params, "lr": 1e-5}], "adamw8bit" if phase.endswith("_8bit") else "adamw")
+        x = torch.rand(1, 3, size, size, generator=g) * 2 - 1
+        mask = torch.zeros(1, 1, size, size)
+        mask[..., size // 4: size // 2, size // 4: size // 2] = 1
+        step_s, losses = [], []
+        for _ in range(train_steps):
+            ts = time.perf_counter()
+            with autocast_for(comps.device, dtype_name):
+                out = disentangled_step(comps, x, mask, ["defect"], "scratch", g, loss_norm="area", attention_loss=3.0)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step_s.append(round(time.perf_counter() - ts, 1))
+            losses.append(round(out["loss"].item(), 5))
+            assert torch.isfinite(out["loss"]).all()
+        states = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        row.update(unet_rows=2, trainable_parameters=sum(p.numel() for p in params), autocast=dtype_name != "fp32",
+                   gradient_checkpointing=True, optimizer=type(opt).__module__ + "." + type(opt).__name__,
+                   optimizer_state_gib=round(sum(v.numel() * v.element_size() for v in states) / GIB, 3),
+                   steps=train_steps, seconds_per_step=step_s, losses=losses)
     elif train:
         from peft import LoraConfig
 
@@ -143,7 +180,8 @@ def child(phase: str, dtype_name: str, size: int, model_dir: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    ap.add_argument("--phases", nargs="+", default=list(DEFAULT_PHASES), choices=PHASES)
+    ap.add_argument("--train-steps", type=int, default=2, help="optimiser steps of the unet_steps* phases")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--model-dir", default="/tmp/sd15-bench/model")
@@ -152,7 +190,7 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("PHASE", "DTYPE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print("ROW " + json.dumps(child(*a.child, a.size, a.model_dir)), flush=True)
+        print("ROW " + json.dumps(child(*a.child, a.size, a.model_dir, a.train_steps)), flush=True)
         return
     model_dir = Path(a.model_dir)
     if Path.cwd().resolve() in model_dir.resolve().parents:
@@ -166,13 +204,14 @@ def main() -> None:
     rows, load_before = [], os.getloadavg()[0]
     for phase in a.phases:
         for dt in a.dtypes:
-            r = subprocess.run([sys.executable, __file__, "--child", phase, dt, "--size", str(a.size), "--model-dir", str(model_dir)],
-                               capture_output=True, text=True)
+            r = subprocess.run([sys.executable, __file__, "--child", phase, dt, "--size", str(a.size), "--model-dir", str(model_dir),
+                                "--train-steps", str(a.train_steps)], capture_output=True, text=True)
             line = [x for x in r.stdout.splitlines() if x.startswith("ROW ")]
             if r.returncode != 0 or not line:
                 row = {"phase": phase, "dtype": dt, "size": a.size, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
             else:
                 row = json.loads(line[-1][4:])
+            row["load_average_1min_after"] = round(os.getloadavg()[0], 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
     result = {

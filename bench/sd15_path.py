@@ -27,6 +27,16 @@ Ratios: ``ours_1row / plain_1row`` and ``ours_guided_2rows / plain_cfg_2rows`` (
 at most 1.1x), of the medians and of the minima (the least disturbed repeat, the steadier figure
 on a shared machine). Variants are interleaved within each repeat (ABCD ABCD ...), so drift from
 other work on the machine hits all of them alike.
+
+``--sampler-steps N`` (N >= 3) adds the whole sampler step (``sampler_step`` in the result): the
+blended method (``Blended.generate``, batch 1, guidance 2: one 2-row UNet call per step, latent
+blending, the x0 bound, the DDIM update, the AttentionStore) against diffusers'
+``StableDiffusionInpaintPipeline`` over the same 4-channel UNet, which runs blended latent
+diffusion itself (classifier-free guidance at 2: one 2-row call, ``scheduler.step``, the latent
+blend), the same prompt embeddings, image size and N DDIM steps (``output_type="latent"``). A step
+is timed as the interval between the starts of consecutive UNet calls (N - 1 per run), so the
+setup before the first call (encoding, crop, masks) and the decode after the last are not in it.
+Runs alternate ours / plain for ``--repeats`` rounds after a warm-up.
 """
 
 from __future__ import annotations
@@ -81,6 +91,79 @@ def build(model_dir: Path, inpainting: bool, threads: int) -> dict:
             "disk_gib": round(size / GIB, 2)}
 
 
+def sampler_step(comps, size: int, steps: int, repeats: int, enc) -> dict:
+    """Seconds per whole sampler step: ours (blended, batch 1) vs StableDiffusionInpaintPipeline (see module doc)."""
+    import numpy as np
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from PIL import Image
+
+    from defectforge.methods.blended import Blended, BlendedConfig
+
+    if steps < 3:
+        raise SystemExit("--sampler-steps: at least 3 (N - 1 step intervals per run)")
+    sample_size = comps.unet.config.sample_size
+    comps.unet.register_to_config(sample_size=size // comps.vae_scale_factor)  # the library's resolution: sample_size x 8
+    starts: list[float] = []
+    forward = UNet2DConditionModel.forward
+
+    def timed(self, *x, **k):
+        starts.append(time.perf_counter())
+        return forward(self, *x, **k)
+
+    UNet2DConditionModel.forward = timed
+    cfg = BlendedConfig(steps=steps, device="cpu", adapt_steps=0, trimap=False, guidance=2.0)
+    ours = Blended.from_pretrained(comps, cfg)  # the loaded weights themselves: one copy for both
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 200, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), bool)
+    mask[size // 4: size // 2, size // 4: size // 2] = True
+    oc = ours.models.get("scratch")
+    pipe = StableDiffusionInpaintPipeline(vae=oc.autoencoder, text_encoder=oc.prompts.text_encoder, tokenizer=oc.prompts.tokenizer,
+                                          unet=oc.unet, scheduler=DDIMScheduler.from_config(oc.scheduler.config), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    text_d, text_null = enc.embed("defect", "scratch")[None], enc.embed("null")[None]
+
+    def run(kind: str) -> list[float]:
+        starts.clear()
+        if kind == "ours":
+            oc.processors_on(oc.unet)
+            ours.generate(image, mask, "scratch", seed=0)
+        else:
+            oc.unet.set_attn_processor(AttnProcessor2_0())
+            pipe(prompt_embeds=text_d, negative_prompt_embeds=text_null, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
+                 height=size, width=size, strength=1.0, num_inference_steps=steps, guidance_scale=2.0, output_type="latent",
+                 generator=torch.Generator().manual_seed(0))
+        assert len(starts) == steps, (kind, len(starts))
+        return [b - a for a, b in zip(starts, starts[1:])]
+
+    per: dict[str, list[float]] = {"ours_blended": [], "plain_inpaint_pipeline": []}
+    loads = []
+    for rep in range(repeats + 1):  # round 0 warms up
+        for kind, key in (("ours", "ours_blended"), ("plain", "plain_inpaint_pipeline")):
+            dts = run(kind)
+            if rep:
+                per[key] += dts
+            print(f"{size}px sampler step {kind} round {rep}: {[round(x, 2) for x in dts]}", flush=True)
+        loads.append(round(os.getloadavg()[0], 2))
+    UNet2DConditionModel.forward = forward
+    comps.processors_on(comps.unet)
+    comps.unet.register_to_config(sample_size=sample_size)
+    med = {k: statistics.median(v) for k, v in per.items()}
+    low = {k: min(v) for k, v in per.items()}
+    return {
+        "unet_rows_per_step": 2, "batch": 1, "ddim_steps": steps,
+        "seconds_per_step": {k: round(v, 3) for k, v in med.items()},
+        "seconds_per_step_min": {k: round(v, 3) for k, v in low.items()},
+        "seconds_all": {k: [round(x, 3) for x in v] for k, v in per.items()},
+        "ratio_ours_to_plain": round(med["ours_blended"] / med["plain_inpaint_pipeline"], 3),
+        "ratio_ours_to_plain_min": round(low["ours_blended"] / low["plain_inpaint_pipeline"], 3),
+        "load_average_1min_per_round": loads,
+        "peak_rss_gib_so_far": round(peak_rss_gib(), 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -89,6 +172,8 @@ def main() -> None:
     ap.add_argument("--inpainting", action="store_true", help="the 9-channel inpainting UNet instead of the text-to-image one")
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--sampler-steps", type=int, default=0, help="also time whole sampler steps with this many DDIM steps (0: off)")
+    ap.add_argument("--only-sampler", action="store_true", help="skip the single UNet-call variants")
     ap.add_argument("--out", default="bench/results/sd15-path.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -126,8 +211,11 @@ def main() -> None:
     ours_ctx = {1: ctx_d, 2: torch.cat([ctx_d, ctx_g])}
     t = torch.tensor([comps.scheduler.config.num_train_timesteps // 2])
 
-    rows_out = {}
-    for size in a.sizes:
+    rows_out, sampler_out = {}, {}
+    for size in a.sizes if a.sampler_steps else []:
+        sampler_out[str(size)] = sampler_step(comps, size, a.sampler_steps, a.repeats, enc)
+        print(size, "sampler_step", json.dumps(sampler_out[str(size)]), flush=True)
+    for size in [] if a.only_sampler else a.sizes:
         lat = size // comps.vae_scale_factor
         g = torch.Generator().manual_seed(size)
         z = torch.randn(1, comps.latent_channels, lat, lat, generator=g)
@@ -204,6 +292,7 @@ def main() -> None:
         "build": build_info,
         "load": load,
         "sizes": rows_out,
+        **({"sampler_step": sampler_out, "sampler_steps": a.sampler_steps} if sampler_out else {}),
         "peak_rss_gib": round(peak_rss_gib(), 2),
         "peak_rss_target_gib": 12,
     }
