@@ -24,6 +24,8 @@ DEFAULT_PARAMS = Path("params.yaml")
 PARAMS = typer.Option(DEFAULT_PARAMS, "--params", help="params file (default: params.yaml here; where there is none, the defaults)")
 SET = typer.Option(None, "--set", "-S", help="override a params key as dvc exp run -S does, e.g. -S detector.seeds=[0,1] "
                    "(repeatable)")
+SPLIT = typer.Option(..., help="split manifest")
+REFINED = typer.Option(..., help="the refine command's manifest")
 
 
 def _params(path: Path, sets: Optional[list[str]] = None):
@@ -57,6 +59,18 @@ def _out_folder(out: Path, what: str, *inputs: Optional[Path]) -> None:
         except (DefectforgeError, OSError):
             pass  # not a manifest (a model folder), or unreadable: the stage says so
     check_out_place(out, f"--out ({what})", [*inputs, *roots])
+
+
+def _checked(section: str, params: Path, sets: Optional[list[str]], out: Path, what: str, *inputs: Optional[Path],
+             split: Optional[Path] = None, refined: Optional[Path] = None):
+    """The command's params section, once its manifests' kinds and its ``--out`` place are checked."""
+    p = getattr(_params(params, sets), section)
+    if split is not None:
+        _kind(split, "split", f"{section} --split")
+    if refined is not None:
+        _kind(refined, "synthetic", f"{section} --refined")
+    _out_folder(out, what, split, *inputs)
+    return p
 
 
 def _kind(path: Path, kind: str, role: str) -> None:
@@ -125,7 +139,7 @@ def pretrain(split: Path = typer.Option(..., help="split manifest"), out: Path =
 
 @app.command()
 def finetune(
-    split: Path = typer.Option(..., help="split manifest"),
+    split: Path = SPLIT,
     base: Path = typer.Option(..., help="the pretrain command's folder"),
     out: Path = typer.Option(..., help="checkpoint folder to write"),
     params: Path = PARAMS,
@@ -142,7 +156,7 @@ def finetune(
 
 @app.command()
 def generate(
-    split: Path = typer.Option(..., help="split manifest"),
+    split: Path = SPLIT,
     out: Path = typer.Option(..., help="output dataset folder"),
     checkpoints: Optional[Path] = typer.Option(None, help="the finetune command's folder (needed by the diffusion methods)"),
     method: Optional[list[str]] = typer.Option(None, help="override generate.methods (repeatable)"),
@@ -162,45 +176,30 @@ def generate(
 
 
 @app.command()
-def refine(
-    split: Path = typer.Option(..., help="split manifest"),
-    generated: Path = typer.Option(..., help="the generate command's folder"),
-    out: Path = typer.Option(..., help="refined folder to write"),
-    params: Path = PARAMS,
-    set_: Optional[list[str]] = SET,
-):
+def refine(split: Path = SPLIT, generated: Path = typer.Option(..., help="the generate command's folder"),
+           out: Path = typer.Option(..., help="refined folder to write"), params: Path = PARAMS, set_: Optional[list[str]] = SET):
     """Refine the masks (Eq. 13 from attention; raw target mask otherwise)."""
     from defectforge.pipeline import refine as stage
 
-    p = _params(params, set_).refine
-    _kind(split, "split", "refine --split")
-    _out_folder(out, "refine output folder", split, generated)
+    p = _checked("refine", params, set_, out, "refine output folder", generated, split=split)
     _summary(stage.run(p, split, generated, out))
 
 
 @app.command()
-def quality(
-    split: Path = typer.Option(..., help="split manifest"),
-    refined: Path = typer.Option(..., help="the refine command's manifest"),
-    out: Path = typer.Option(..., help="quality folder to write"),
-    params: Path = PARAMS,
-    set_: Optional[list[str]] = SET,
-):
+def quality(split: Path = SPLIT, refined: Path = REFINED, out: Path = typer.Option(..., help="quality folder to write"),
+            params: Path = PARAMS, set_: Optional[list[str]] = SET):
     """Per-sample gates, FID/KID/LPIPS and realism scores; exit 2 when a set-level gate fails."""
     from defectforge.pipeline import quality as stage
 
-    p = _params(params, set_).quality
-    _kind(split, "split", "quality --split")
-    _kind(refined, "synthetic", "quality --refined")
-    _out_folder(out, "quality folder", split, refined)
+    p = _checked("quality", params, set_, out, "quality folder", refined, split=split, refined=refined)
     m = stage.run(p, split, refined, out)
     typer.echo(f"{out}: {m['samples']} samples, pass rate {m['pass_rate']}")
 
 
 @app.command()
 def detector(
-    split: Path = typer.Option(..., help="split manifest"),
-    refined: Path = typer.Option(..., help="the refine command's manifest"),
+    split: Path = SPLIT,
+    refined: Path = REFINED,
     qc: Optional[Path] = typer.Option(None, help="the quality command's qc.parquet (default: no quality filter)"),
     out: Path = typer.Option(..., help="detector folder to write"),
     params: Path = PARAMS,
@@ -209,10 +208,7 @@ def detector(
     """Train the detector real-only and real + synthetic (paired seeds); verdicts with 95 % intervals."""
     from defectforge.pipeline import detector as stage
 
-    p = _params(params, set_).detector
-    _kind(split, "split", "detector --split")
-    _kind(refined, "synthetic", "detector --refined")
-    _out_folder(out, "detector folder", split, refined, qc)
+    p = _checked("detector", params, set_, out, "detector folder", refined, qc, split=split, refined=refined)
     d = stage.run(p, split, refined, qc, out)
     for r in d["comparisons"]:
         if r.get("defect_type") == "all":

@@ -22,84 +22,52 @@ META_VERSION = b"defectforge.schema_version"
 META_ROOT = b"defectforge.dataset_root"
 META_DATASET_VERSION = b"defectforge.dataset_version"
 
-SOURCE_FIELDS = [
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("category", pa.string(), nullable=False),
-    pa.field("defect_type", pa.string(), nullable=False),
-    pa.field("image_path", pa.string(), nullable=False),
-    pa.field("mask_path", pa.string()),
-    pa.field("width", pa.int32(), nullable=False),
-    pa.field("height", pa.int32(), nullable=False),
-    pa.field("image_sha256", pa.string(), nullable=False),
-    pa.field("mask_sha256", pa.string()),
-    pa.field("mask_area", pa.int64(), nullable=False),
-    pa.field("origin", pa.string(), nullable=False),
-]
+_TYPES = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
+          "strings": pa.list_(pa.string())}
 
-SPLIT_FIELDS = SOURCE_FIELDS + [
-    pa.field("split", pa.string(), nullable=False),
-    pa.field("fold", pa.int32(), nullable=False),
-]
 
-# Per-sample quality figures are real columns (null until the quality stage ran).
-QC_FIELDS = [
-    pa.field("qc_bg_psnr", pa.float64()),
-    pa.field("qc_bg_exact", pa.bool_()),
-    pa.field("qc_defect_contrast", pa.float64()),
-    pa.field("qc_mask_area_ratio", pa.float64()),
-    pa.field("qc_mask_inside_frac", pa.float64()),
-    pa.field("qc_attention_inside", pa.float64()),
-    # realism figures inside the defect mask (defectforge.metrics.realism.defect_stats);
-    # manifests written before these columns existed read them as null
-    pa.field("qc_saturated_share", pa.float64()),
-    pa.field("qc_in_mask_mean", pa.float64()),
-    pa.field("qc_contrast_ring", pa.float64()),
-    pa.field("qc_edge_sharpness", pa.float64()),
-    pa.field("qc_chroma", pa.float64()),
-    pa.field("qc_chroma_source", pa.float64()),
-    pa.field("qc_speckle", pa.float64()),
-    pa.field("qc_saturated", pa.bool_()),
-    pa.field("qc_colour_drift", pa.bool_()),
-    pa.field("qc_speckled", pa.bool_()),
-    pa.field("qc_pass", pa.bool_()),
-    pa.field("qc_reasons", pa.list_(pa.string())),
-]
+def _fields(spec: str) -> list[pa.Field]:
+    """Fields from ``name:type`` words in order; a trailing ``!`` means the column may not be null."""
+    out = []
+    for word in spec.split():
+        name, kind = word.split(":")
+        out.append(pa.field(name, _TYPES[kind.rstrip("!")], nullable=not kind.endswith("!")))
+    return out
+
+
+SOURCE_FIELDS = _fields("""
+    image_id:string! category:string! defect_type:string! image_path:string! mask_path:string
+    width:int32! height:int32! image_sha256:string! mask_sha256:string mask_area:int64! origin:string!
+""")
+
+SPLIT_FIELDS = SOURCE_FIELDS + _fields("split:string! fold:int32!")
+
+# Per-sample quality figures are real columns (null until the quality stage ran). The realism figures inside
+# the defect mask (defectforge.metrics.realism.defect_stats, qc_saturated_share to qc_chroma_source) read as
+# null in manifests written before they existed.
+QC_FIELDS = _fields("""
+    qc_bg_psnr:float64 qc_bg_exact:bool qc_defect_contrast:float64 qc_mask_area_ratio:float64
+    qc_mask_inside_frac:float64 qc_attention_inside:float64
+    qc_saturated_share:float64 qc_in_mask_mean:float64 qc_contrast_ring:float64 qc_edge_sharpness:float64 qc_chroma:float64
+    qc_chroma_source:float64
+    qc_speckle:float64 qc_saturated:bool qc_colour_drift:bool qc_speckled:bool qc_pass:bool qc_reasons:strings
+""")
 QC_COLUMNS = [f.name for f in QC_FIELDS]
 
-SYNTHETIC_FIELDS = [
-    pa.field("sample_id", pa.string(), nullable=False),
-    pa.field("dataset_version", pa.string()),
-    pa.field("category", pa.string(), nullable=False),
-    pa.field("defect_type", pa.string(), nullable=False),
-    pa.field("method", pa.string(), nullable=False),
-    pa.field("image_path", pa.string(), nullable=False),
-    pa.field("mask_path", pa.string(), nullable=False),
-    pa.field("raw_mask_path", pa.string(), nullable=False),
-    pa.field("attention_path", pa.string()),
-    pa.field("source_image_id", pa.string(), nullable=False),
-    pa.field("source_sha256", pa.string(), nullable=False),
-    pa.field("defect_source_id", pa.string()),
-    pa.field("image_sha256", pa.string(), nullable=False),
-    pa.field("mask_sha256", pa.string(), nullable=False),
-    pa.field("raw_mask_sha256", pa.string(), nullable=False),
-    pa.field("seed", pa.int64(), nullable=False),
-    pa.field("params_sha256", pa.string(), nullable=False),
-    pa.field("checkpoint_sha256", pa.string()),
-    pa.field("method_config", pa.string(), nullable=False),
-    pa.field("width", pa.int32(), nullable=False),
-    pa.field("height", pa.int32(), nullable=False),
-    pa.field("mask_area", pa.int64(), nullable=False),
-    pa.field("raw_mask_area", pa.int64(), nullable=False),
-    # where the target mask came from: "augmented-real/<placement>" (a real training mask of the
-    # type, flipped/rotated/scaled, placed on the foreground, anywhere, or by the type's location
-    # prior) or the method's own mask model ("cutpaste-patch", "cutpaste-scar", "perlin-noise")
-    pa.field("mask_origin", pa.string()),
-    # how mask_path was made: "raw" (the method's own mask, exact: copy-paste), "attention"
-    # (Eq. 13 from the defect tokens' cross-attention), "difference" (where the image
-    # changed inside the target mask, when attention found nothing) or "raw-fallback"
-    # (nothing found; the raw target mask is kept and the quality stage flags the sample)
-    pa.field("mask_source", pa.string()),
-] + QC_FIELDS
+# mask_origin: where the target mask came from: "augmented-real/<placement>" (a real training mask of the type,
+# flipped/rotated/scaled, placed on the foreground, anywhere, or by the type's location prior) or the method's own
+# mask model ("cutpaste-patch", "cutpaste-scar", "perlin-noise").
+# mask_source: how mask_path was made: "raw" (the method's own mask, exact: copy-paste), "attention" (Eq. 13 from the
+# defect tokens' cross-attention), "difference" (where the image changed inside the target mask, when attention found
+# nothing) or "raw-fallback" (nothing found; the raw target mask is kept and the quality stage flags the sample).
+SYNTHETIC_FIELDS = _fields("""
+    sample_id:string! dataset_version:string category:string! defect_type:string! method:string!
+    image_path:string! mask_path:string! raw_mask_path:string! attention_path:string
+    source_image_id:string! source_sha256:string! defect_source_id:string
+    image_sha256:string! mask_sha256:string! raw_mask_sha256:string!
+    seed:int64! params_sha256:string! checkpoint_sha256:string method_config:string!
+    width:int32! height:int32! mask_area:int64! raw_mask_area:int64! mask_origin:string mask_source:string
+""") + QC_FIELDS
 
 KINDS = {"source": SOURCE_FIELDS, "split": SPLIT_FIELDS, "synthetic": SYNTHETIC_FIELDS}
 PATH_COLUMNS = {
