@@ -390,7 +390,7 @@ def test_batch_size_enters_the_diffusion_methods_ids_only():
     import hashlib
     import json
 
-    common = one.model_dump(mode="json", exclude={"methods", "batch_size", "workers", "scheduler", "copy_paste", "cutpaste", "perlin",
+    common = one.model_dump(mode="json", exclude={"methods", "batch_size", "workers", "scheduler", "precision", "copy_paste", "cutpaste", "perlin",
                                                   "inversion", "blended", "defectdiffu", "anomalydiffusion"})
     blob = json.dumps({"common": common, "method": "blended", "own": one.blended.model_dump(mode="json")}, sort_keys=True)
     assert one.method_sha256("blended") == hashlib.sha256(blob.encode()).hexdigest()
