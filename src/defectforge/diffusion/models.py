@@ -198,7 +198,9 @@ class DiffusionComponents:
 
             down, mid = control_residuals(self.controlnet, x, t.to(z.device), context, control)
             extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        dt = self.unet.dtype  # the model's dtype (generate.precision): its output comes back in it
+        # the weights' dtype (generate.precision): the output comes back in it; a module without weights
+        # (a test's stand-in UNet) takes its inputs as they are
+        dt = _dtype_of(self.unet) or x.dtype
         return self.unet(x.to(dt), t.to(z.device), encoder_hidden_states=context.to(dt), cross_attention_kwargs=kwargs, **extra).sample
 
     def checkpoint_sha256(self) -> str:
