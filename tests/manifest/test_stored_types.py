@@ -3,27 +3,15 @@ strings fails with one line naming the column and both types; an id with a newli
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from cli_helpers import run_cli
+from cli_helpers import one_image_manifest, run_cli
 
-from defectforge.data.files import sha256_file, write_png
-from defectforge.manifest.io import write_manifest
 from defectforge.manifest.validate import validate_manifest
 
 
 def _source(tmp_path, image_id="cat/crack/000"):
-    data = tmp_path / "data"
-    data.mkdir()
-    write_png(data / "a.png", np.full((16, 16, 3), 90, np.uint8))
-    mask = np.zeros((16, 16), bool)
-    mask[4:8, 4:8] = True
-    write_png(data / "a_mask.png", mask)
-    row = dict(image_id=image_id, category="cat", defect_type="crack", image_path="a.png", mask_path="a_mask.png",
-               width=16, height=16, image_sha256=sha256_file(data / "a.png"), mask_sha256=sha256_file(data / "a_mask.png"),
-               mask_area=16, origin="test")
-    return write_manifest([row], tmp_path / "source.parquet", kind="source", dataset_root=data)
+    return one_image_manifest(tmp_path, "source", image_id)
 
 
 def test_a_valid_manifest_passes(tmp_path):

@@ -3,26 +3,15 @@ given, which one the option takes), not as a missing column or a traceback."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import one_image_manifest, run_cli
 
-from defectforge.data.files import sha256_file, write_png
 from defectforge.manifest.io import write_manifest
 
 
 @pytest.fixture
 def split_manifest(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    write_png(data / "a.png", np.full((16, 16, 3), 90, np.uint8))
-    mask = np.zeros((16, 16), bool)
-    mask[4:8, 4:8] = True
-    write_png(data / "a_mask.png", mask)
-    row = dict(image_id="cat/crack/000", category="cat", defect_type="crack", image_path="a.png", mask_path="a_mask.png",
-               width=16, height=16, image_sha256=sha256_file(data / "a.png"), mask_sha256=sha256_file(data / "a_mask.png"),
-               mask_area=16, origin="test", split="test", fold=0)
-    return write_manifest([row], tmp_path / "split.parquet", kind="split", dataset_root=data)
+    return one_image_manifest(tmp_path, "split", split="test", fold=0)
 
 
 @pytest.mark.parametrize("command", ["release", "quality", "detector"])
